@@ -1,0 +1,91 @@
+"""The contract between transports and logical units.
+
+A transport (the iSCSI target, or a test) calls
+``unit.execute(nexus, cdb, data_out) -> Result | Future[Result]``. A pure
+logical unit answers synchronously with a ``Result``; the passthrough device,
+which forwards to a backend, may answer with an ``asyncio.Future`` that
+resolves to a ``Result``. The transport handles both without a Task per
+command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..scsi.constants import Status
+
+
+@dataclass(frozen=True, slots=True)
+class Nexus:
+    """An I_T nexus: (initiator port, target port). SPC-5 4.6, REFERENCE 4.
+
+    ``initiator`` is stored lower-cased: iSCSI names compare case-insensitively.
+    ``isid`` is the 48-bit session identifier; together they name the
+    initiator port (``name,i,0x<isid>``). ``target``/``tpgt`` name the target
+    port; ``rel_port`` is its relative target port identifier.
+    """
+
+    initiator: str
+    isid: int
+    target: str
+    tpgt: int = 1
+    rel_port: int = 1
+
+    @staticmethod
+    def make(initiator: str, isid: int, target: str, tpgt: int = 1, rel_port: int = 1) -> Nexus:
+        return Nexus(initiator.lower(), isid & 0xFFFFFFFFFFFF, target.lower(), tpgt, rel_port)
+
+    @property
+    def initiator_port(self) -> str:
+        return f"{self.initiator},i,0x{self.isid:012x}"
+
+    def __str__(self) -> str:
+        return f"{self.initiator_port}->{self.target},t,{self.tpgt}"
+
+
+@dataclass(slots=True)
+class Result:
+    """Outcome of one command. ``sense`` is set only for CHECK CONDITION."""
+
+    status: Status = Status.GOOD
+    data_in: bytes | bytearray | memoryview = b""
+    sense: bytes = b""
+
+    @property
+    def good(self) -> bool:
+        return self.status == Status.GOOD
+
+
+GOOD = Result()
+
+
+class ReservationConflict(Exception):  # noqa: N818 - named after the status it becomes
+    """The command ends with RESERVATION CONFLICT status (no sense data)."""
+
+
+@dataclass(slots=True)
+class TaskManagementOutcome:
+    """What a task management function did, for the transport to act on."""
+
+    aborted_nexuses: set[Nexus] = field(default_factory=set)
+
+
+class LogicalUnitLike(Protocol):
+    """What the iSCSI target needs from whatever it serves as a LUN."""
+
+    def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview) -> object:
+        """Return a ``Result`` or an ``asyncio.Future`` resolving to one."""
+        ...
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """The I_T nexus ended (session closed, not reinstated)."""
+        ...
+
+    def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
+        """LOGICAL UNIT RESET / TARGET WARM|COLD RESET received on ``nexus``."""
+        ...
+
+    def clear_task_set(self, nexus: Nexus) -> None:
+        """CLEAR TASK SET received on ``nexus`` (UA 2F/00 to the others)."""
+        ...
