@@ -85,6 +85,7 @@ class Opcode(IntEnum):
     WRITE_AND_VERIFY_12 = 0xAE
     VERIFY_12 = 0xAF
     SECURITY_PROTOCOL_OUT = 0xB5
+    READ_DEFECT_DATA_12 = 0xB7
 
 
 class ServiceActionIn16(IntEnum):

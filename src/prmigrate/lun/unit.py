@@ -1,0 +1,656 @@
+"""The logical unit: SPC-5 / SBC-4 command set over a file-backed block store.
+
+``execute(nexus, cdb, data_out) -> Result`` is synchronous and pure apart from
+file I/O. Order of checks for every command (SAM-5 5.14, SPC-5 5.15):
+
+1. the CDB is long enough for its group code, and the opcode is known
+   (else ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE 20/00);
+2. a pending unit attention for this nexus is reported, except to INQUIRY,
+   REPORT LUNS and REQUEST SENSE (which returns it as its data);
+3. the reservation table decides RESERVATION CONFLICT;
+4. the command runs.
+
+``CheckCondition`` / ``ReservationConflict`` become a ``Result`` only in
+``execute``; sense is descriptor format when the control page's D_SENSE is
+set. Any other exception is logged and answered with HARDWARE ERROR,
+INTERNAL TARGET FAILURE.
+
+Task management (SAM-5 7, pinned in tests/lun/test_unit.py):
+
+| event | SCSI-2 reservation | PR | mode pages | UA (to) |
+|---|---|---|---|---|
+| LOGICAL UNIT RESET | released | kept | kept | 29/03 (every other nexus) |
+| TARGET WARM RESET | released | kept | defaults | 29/02 (every other nexus) |
+| TARGET COLD RESET | released | kept | defaults | 29/01 (every nexus) |
+| I_T nexus loss | released if held by it | kept | kept | none; its queue dropped |
+| CLEAR TASK SET | kept | kept | kept | 2F/00 (nexuses whose tasks were aborted) |
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ..scsi import inquiry as inq
+from ..scsi.cdb import (
+    BYTCHK_MASK,
+    FUA,
+    PROTECT_MASK,
+    RW10,
+    RW12,
+    RW16,
+    WS_ANCHOR,
+    WS_NDOB,
+    WS_UNMAP,
+    BlockCdb,
+    CdbTooShort,
+    CompareAndWriteCdb,
+    InquiryCdb,
+    ModeSelectCdb,
+    ModeSenseCdb,
+    ReadCapacity10Cdb,
+    ReadDefectCdb,
+    ReportLunsCdb,
+    ReportOpcodesCdb,
+    RequestSenseCdb,
+    ServiceAction16Cdb,
+    StartStopCdb,
+    UnmapCdb,
+    decode_unmap_list,
+    invalid_cdb,
+    invalid_param,
+)
+from ..scsi.constants import MaintenanceIn, Opcode, ServiceActionIn16, Status
+from ..scsi.sense import CheckCondition, Sense, SenseField, encode_sense
+from .modepages import ModePages, PageControl
+from .opcodes import report_supported_opcodes
+from .store import BlockStore
+from .types import Nexus, ReservationConflict, Result
+from .ua import UnitAttentions
+
+log = logging.getLogger(__name__)
+
+# Limits advertised in the Block Limits VPD page (SBC-4 6.6.4), in blocks.
+MAX_TRANSFER_BYTES = 8 << 20
+OPTIMAL_TRANSFER_BYTES = 128 << 10
+MAX_UNMAP_LBA = 1 << 20
+MAX_UNMAP_DESCRIPTORS = 256
+MAX_WRITE_SAME_BYTES = 64 << 20
+MAX_COMPARE_AND_WRITE = 255
+
+# CDB length by group code (SPC-5 4.2.5.1): opcode bits 7:5.
+_GROUP_LEN = (6, 10, 10, 1, 16, 12, 1, 1)
+
+# Commands a pending UA does not interrupt (SAM-5 5.14 / SPC-5 5.15).
+_UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
+
+_GOOD = Status.GOOD
+_CHECK = Status.CHECK_CONDITION
+_RW10_unpack = RW10.unpack_from
+_RW16_unpack = RW16.unpack_from
+_RW12_unpack = RW12.unpack_from
+_U32 = struct.Struct(">I")
+
+
+def _lun_entry(lun: int) -> bytes:
+    """SAM-5 4.7: peripheral (00b) addressing below 256, flat space (01b) above."""
+    if lun < 256:
+        return bytes((0, lun, 0, 0, 0, 0, 0, 0))
+    return bytes((0x40 | ((lun >> 8) & 0x3F), lun & 0xFF, 0, 0, 0, 0, 0, 0))
+
+
+class LogicalUnit:
+    def __init__(
+        self,
+        store_path: Path | str,
+        size_bytes: int | None = None,
+        *,
+        lun: int = 0,
+        block_size: int = 512,
+        serial: str | None = None,
+        name: str | None = None,
+        state_dir: Path | None = None,
+        vendor: str = "PRMIGRAT",
+        product: str = "SHARED-LUN",
+        revision: str = "0001",
+        pr_factory: Callable[..., object] | None = None,
+    ) -> None:
+        if block_size < 512 or block_size & (block_size - 1):
+            raise ValueError(f"block size {block_size} is not a power of two >= 512")
+        self.lun = lun
+        self.block_size = block_size
+        self.store = BlockStore(store_path, size_bytes)
+        self.blocks = self.store.size // block_size
+        self.name = name or str(Path(store_path).resolve())
+        self.serial = serial or inq.naa6(self.name).hex()[-16:]
+        self.ident = inq.Identity(vendor, product, revision, self.serial, self.name)
+        self.ua = UnitAttentions()
+        self.modes = ModePages()
+        self.report_luns: Callable[[], list[int]] = lambda: [self.lun]
+        self.abort_hook: Callable[[set[Nexus]], None] | None = None
+        self.log = logging.LoggerAdapter(log, {"lun": lun})
+        if pr_factory is None:
+            from .pr import ReservationTable
+
+            pr_factory = ReservationTable
+        state_path = Path(state_dir) / f"lun{lun}-pr.json" if state_dir else None
+        self.pr = pr_factory(self.ua, state_path, abort_tasks=self._abort_tasks)
+        self._fd = self.store.fd
+        self._max_xfer = MAX_TRANSFER_BYTES // block_size
+        self.limits = inq.BlockLimits(
+            max_transfer=self._max_xfer,
+            optimal_transfer=OPTIMAL_TRANSFER_BYTES // block_size,
+            max_unmap_lba=MAX_UNMAP_LBA,
+            max_unmap_descriptors=MAX_UNMAP_DESCRIPTORS,
+            max_write_same=MAX_WRITE_SAME_BYTES // block_size,
+            max_compare_and_write=MAX_COMPARE_AND_WRITE,
+        )
+        self._std_inquiry = inq.standard_inquiry(self.ident)
+        self._dispatch: dict[int, Callable[[Nexus, bytes, bytes | memoryview], Result]] = {
+            Opcode.READ_10: self._read10,
+            Opcode.READ_16: self._read16,
+            Opcode.WRITE_10: self._write_block,
+            Opcode.WRITE_16: self._write_block,
+            Opcode.READ_6: self._read_block,
+            Opcode.READ_12: self._read12,
+            Opcode.WRITE_6: self._write_block,
+            Opcode.WRITE_12: self._write_block,
+            Opcode.TEST_UNIT_READY: self._test_unit_ready,
+            Opcode.INQUIRY: self._inquiry,
+            Opcode.REPORT_LUNS: self._report_luns,
+            Opcode.REQUEST_SENSE: self._request_sense,
+            Opcode.READ_CAPACITY_10: self._read_capacity10,
+            Opcode.SERVICE_ACTION_IN_16: self._service_action_in16,
+            Opcode.VERIFY_10: self._verify,
+            Opcode.VERIFY_12: self._verify,
+            Opcode.VERIFY_16: self._verify,
+            Opcode.WRITE_AND_VERIFY_10: self._write_block,
+            Opcode.WRITE_AND_VERIFY_12: self._write_block,
+            Opcode.WRITE_AND_VERIFY_16: self._write_block,
+            Opcode.SYNCHRONIZE_CACHE_10: self._synchronize_cache,
+            Opcode.SYNCHRONIZE_CACHE_16: self._synchronize_cache,
+            Opcode.WRITE_SAME_10: self._write_same,
+            Opcode.WRITE_SAME_16: self._write_same,
+            Opcode.UNMAP: self._unmap,
+            Opcode.COMPARE_AND_WRITE: self._compare_and_write,
+            Opcode.PRE_FETCH_10: self._prefetch,
+            Opcode.PRE_FETCH_16: self._prefetch,
+            Opcode.MODE_SENSE_6: self._mode_sense,
+            Opcode.MODE_SENSE_10: self._mode_sense,
+            Opcode.MODE_SELECT_6: self._mode_select,
+            Opcode.MODE_SELECT_10: self._mode_select,
+            Opcode.MAINTENANCE_IN: self._maintenance_in,
+            Opcode.START_STOP_UNIT: self._start_stop_unit,
+            Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL: self._prevent_allow,
+            Opcode.READ_DEFECT_DATA_10: self._read_defect_data,
+            Opcode.READ_DEFECT_DATA_12: self._read_defect_data,
+            Opcode.RESERVE_6: self._reserve,
+            Opcode.RESERVE_10: self._reserve,
+            Opcode.RELEASE_6: self._release,
+            Opcode.RELEASE_10: self._release,
+            Opcode.PERSISTENT_RESERVE_IN: self._pr_in,
+            Opcode.PERSISTENT_RESERVE_OUT: self._pr_out,
+        }
+
+    # ------------------------------------------------------------------ core
+    def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview = b"") -> Result:
+        try:
+            if not cdb:
+                raise CdbTooShort(-1, 6, 0)
+            op = cdb[0]
+            handler = self._dispatch.get(op)
+            if handler is None:
+                raise CheckCondition(Sense.INVALID_OPCODE, SenseField(cdb=True, field=0))
+            if len(cdb) < _GROUP_LEN[op >> 5]:
+                raise CdbTooShort(op, _GROUP_LEN[op >> 5], len(cdb))
+            ua = self.ua
+            if ua._q and nexus in ua._q and op not in _UA_EXEMPT:
+                sense = ua.pop(nexus)
+                return Result(_CHECK, b"", encode_sense(sense, self.modes.d_sense))
+            if self.pr.conflicts(nexus, cdb):
+                return Result(Status.RESERVATION_CONFLICT)
+            return handler(nexus, cdb, data_out)
+        except CheckCondition as e:
+            return Result(_CHECK, b"", e.encode(self.modes.d_sense))
+        except ReservationConflict:
+            return Result(Status.RESERVATION_CONFLICT)
+        except Exception:
+            self.log.exception("lun %d: internal error on CDB %s from %s", self.lun, bytes(cdb[:16]).hex(), nexus)
+            return Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE, self.modes.d_sense))
+
+    # ----------------------------------------------------- nexus / task mgmt
+    def attach(self, nexus: Nexus) -> None:
+        self.ua.attach(nexus)
+
+    def known(self, nexus: Nexus) -> bool:
+        return self.ua.known(nexus)
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        self.pr.nexus_lost(nexus)
+        self.ua.detach(nexus)
+
+    def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
+        self.pr.reset()
+        if cold:
+            self.modes = ModePages()
+            self.ua.establish_all(Sense.POWER_ON_OCCURRED)
+        elif target_reset:
+            self.modes = ModePages()
+            self.ua.establish_all(Sense.SCSI_BUS_RESET, except_nexus=nexus)
+        else:
+            self.ua.establish_all(Sense.BUS_DEVICE_RESET, except_nexus=nexus)
+        self.log.info(
+            "lun %d: %s reset from %s", self.lun, "cold" if cold else "warm target" if target_reset else "LU", nexus
+        )
+
+    def clear_task_set(self, nexus: Nexus, aborted: Iterable[Nexus] = ()) -> None:
+        """SAM-5 7.4 with TAS=0: 2F/00 to each other nexus that lost tasks."""
+        self.ua.establish_many(Sense.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, (n for n in aborted if n != nexus))
+
+    def _abort_tasks(self, nexuses: set[Nexus]) -> None:
+        if self.abort_hook is not None:
+            self.abort_hook(nexuses)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------- helpers
+    def _check_range(self, lba: int, blocks: int) -> None:
+        if lba + blocks > self.blocks:
+            raise CheckCondition(Sense.LBA_OUT_OF_RANGE)
+
+    def _check_writable(self) -> None:
+        if self.modes.swp:
+            raise CheckCondition(Sense.WRITE_PROTECTED)
+
+    def _data(self, data_out: bytes | memoryview, length: int, field: int) -> memoryview:
+        """The first ``length`` bytes of Data-Out; fewer is a CDB/transfer mismatch."""
+        if len(data_out) < length:
+            raise invalid_cdb(field)
+        return memoryview(data_out)[:length]
+
+    # ------------------------------------------------------- read / write
+    def _read10(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        _, flags, lba, _g, n, _c = _RW10_unpack(cdb)
+        return self._do_read(flags, lba, n)
+
+    def _read16(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        _, flags, lba, n, _g, _c = _RW16_unpack(cdb)
+        return self._do_read(flags, lba, n)
+
+    def _read12(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        _, flags, lba, n, _g, _c = _RW12_unpack(cdb)
+        return self._do_read(flags, lba, n)
+
+    def _read_block(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        c = BlockCdb.decode(cdb)
+        return self._do_read(c.flags, c.lba, c.blocks)
+
+    def _do_read(self, flags: int, lba: int, n: int) -> Result:
+        # SBC-4 5.16: RDPROTECT != 0 without protection information is invalid.
+        if flags & PROTECT_MASK:
+            raise invalid_cdb(1, 7)
+        if lba + n > self.blocks:
+            raise CheckCondition(Sense.LBA_OUT_OF_RANGE)
+        if n > self._max_xfer:
+            raise invalid_cdb(7)
+        if not n:
+            return Result()
+        bs = self.block_size
+        # The page cache is coherent with the image, so FUA reads need no flush.
+        return Result(_GOOD, os.pread(self._fd, n * bs, lba * bs))
+
+    def _write_block(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16), SBC-4 5.37-5.47."""
+        c = BlockCdb.decode(cdb)
+        flags = c.flags
+        if flags & PROTECT_MASK:
+            raise invalid_cdb(1, 7)
+        verify = cdb[0] in (Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16)
+        if verify and (flags & BYTCHK_MASK) >> 1 not in (0, 1):
+            raise invalid_cdb(1, 1)
+        self._check_writable()
+        self._check_range(c.lba, c.blocks)
+        if c.blocks > self._max_xfer:
+            raise invalid_cdb(7 if len(cdb) == 10 else 6 if len(cdb) == 12 else 10)
+        if not c.blocks:
+            return Result()
+        bs = self.block_size
+        length = c.blocks * bs
+        buf = self._data(data, length, 4 if cdb[0] == Opcode.WRITE_6 else 7)
+        self.store.write(c.lba * bs, buf)
+        # FUA (SBC-4 5.40) and WRITE AND VERIFY write through to the medium;
+        # with the write cache disabled (WCE=0) every write does.
+        if (flags & FUA and cdb[0] != Opcode.WRITE_6) or verify or not self.modes.wce:
+            self.store.flush(c.lba * bs, length)
+        return Result()
+
+    def _verify(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """VERIFY(10/12/16), SBC-4 5.33-5.35. BYTCHK 00b: medium check only;
+        01b: compare blocks; 11b: compare one block against each; 10b reserved."""
+        c = BlockCdb.decode(cdb)
+        if c.flags & PROTECT_MASK:
+            raise invalid_cdb(1, 7)
+        bytchk = (c.flags & BYTCHK_MASK) >> 1
+        if bytchk == 2:
+            raise invalid_cdb(1, 2)
+        self._check_range(c.lba, c.blocks)
+        if c.blocks > self._max_xfer:
+            raise invalid_cdb(7 if len(cdb) == 10 else 6)
+        if not c.blocks or bytchk == 0:
+            return Result()
+        bs = self.block_size
+        medium = self.store.read(c.lba * bs, c.blocks * bs)
+        field = 7 if len(cdb) == 10 else 6
+        expect = bytes(self._data(data, bs, field)) * c.blocks if bytchk == 3 else self._data(data, c.blocks * bs, field)
+        self._compare(medium, expect)
+        return Result()
+
+    @staticmethod
+    def _compare(medium: bytes, expect: bytes | memoryview) -> None:
+        if medium != expect:
+            exp = bytes(expect)
+            off = next(i for i in range(len(medium)) if medium[i] != exp[i])
+            # SBC-4 5.3 / 5.33: INFORMATION = offset of the first miscompare.
+            raise CheckCondition(Sense.MISCOMPARE_DURING_VERIFY, information=off)
+
+    def _compare_and_write(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """COMPARE AND WRITE, SBC-4 5.3: Data-Out is n verify blocks + n write blocks."""
+        c = CompareAndWriteCdb.decode(cdb)
+        if c.flags & PROTECT_MASK:
+            raise invalid_cdb(1, 7)
+        if c.blocks > MAX_COMPARE_AND_WRITE:
+            raise invalid_cdb(13)
+        self._check_writable()
+        self._check_range(c.lba, c.blocks)
+        if not c.blocks:
+            return Result()
+        bs = self.block_size
+        length = c.blocks * bs
+        if len(data) != 2 * length:
+            raise invalid_cdb(13)
+        view = memoryview(data)
+        self._compare(self.store.read(c.lba * bs, length), view[:length])
+        self.store.write(c.lba * bs, view[length:])
+        if c.flags & FUA or not self.modes.wce:
+            self.store.flush(c.lba * bs, length)
+        return Result()
+
+    def _synchronize_cache(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """SYNCHRONIZE CACHE(10/16), SBC-4 5.27: 0 blocks means to the end."""
+        c = BlockCdb.decode(cdb)
+        self._check_range(c.lba, c.blocks)
+        self.store.flush(c.lba * self.block_size, c.blocks * self.block_size)
+        return Result()
+
+    def _prefetch(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """PRE-FETCH(10/16), SBC-4 5.11. There is no LU cache of its own, so
+        blocks are never "transferred to the cache": status GOOD, not CONDITION
+        MET; the OS is hinted to read ahead."""
+        c = BlockCdb.decode(cdb)
+        self._check_range(c.lba, c.blocks)
+        bs = self.block_size
+        length = (c.blocks or self.blocks - c.lba) * bs
+        if hasattr(os, "posix_fadvise") and length:
+            os.posix_fadvise(self._fd, c.lba * bs, length, os.POSIX_FADV_WILLNEED)
+        return Result()
+
+    # ------------------------------------------------- provisioning
+    def _write_same(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """WRITE SAME(10/16), SBC-4 5.48/5.49.
+
+        - WRPROTECT != 0: INVALID FIELD IN CDB (no protection information).
+        - ANCHOR without UNMAP, or ANCHOR at all (ANC_SUP = 0): INVALID FIELD.
+        - 0 blocks: INVALID FIELD (WSNZ = 1 in Block Limits).
+        - more than MAXIMUM WRITE SAME LENGTH: INVALID FIELD.
+        - NDOB (16 only): no Data-Out, the block is zeros.
+        - UNMAP: the range is deallocated (reads back zero, LBPRZ = 1)
+          whatever the data, as the conformance suite expects.
+        """
+        c = BlockCdb.decode(cdb)
+        f = c.flags
+        sixteen = cdb[0] == Opcode.WRITE_SAME_16
+        if f & PROTECT_MASK:
+            raise invalid_cdb(1, 7)
+        if f & WS_ANCHOR:
+            raise invalid_cdb(1, 4)
+        ndob = sixteen and bool(f & WS_NDOB)
+        if not sixteen and f & WS_NDOB:
+            raise invalid_cdb(1, 0)
+        self._check_writable()
+        self._check_range(c.lba, c.blocks)
+        len_field = 10 if sixteen else 7
+        if c.blocks == 0 or c.blocks > self.limits.max_write_same:
+            raise invalid_cdb(len_field)
+        bs = self.block_size
+        if ndob:
+            block: bytes | memoryview = bytes(bs)
+        else:
+            if len(data) != bs:
+                raise invalid_cdb(len_field)
+            block = data
+        if f & WS_UNMAP or (ndob and not any(block)):
+            self.store.unmap(c.lba * bs, c.blocks * bs)
+        else:
+            self.store.write_same(c.lba * bs, block, c.blocks)
+        if not self.modes.wce:
+            self.store.flush(c.lba * bs, c.blocks * bs)
+        return Result()
+
+    def _unmap(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """UNMAP, SBC-4 5.32: all descriptors are checked before any is applied."""
+        c = UnmapCdb.decode(cdb)
+        if c.anchor:
+            raise invalid_cdb(1, 0)
+        if c.length == 0:
+            return Result()
+        if c.length < 8 or len(data) < c.length:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
+        self._check_writable()
+        descs = decode_unmap_list(memoryview(data)[: c.length])
+        if len(descs) > MAX_UNMAP_DESCRIPTORS:
+            raise invalid_param(2)
+        total = 0
+        for i, d in enumerate(descs):
+            if d.lba + d.blocks > self.blocks:
+                raise CheckCondition(Sense.LBA_OUT_OF_RANGE)
+            total += d.blocks
+            if d.blocks > MAX_UNMAP_LBA or total > MAX_UNMAP_LBA:
+                raise invalid_param(8 + 16 * i + 8)
+        bs = self.block_size
+        for d in descs:
+            self.store.unmap(d.lba * bs, d.blocks * bs)
+        return Result()
+
+    def _get_lba_status(self, lba: int, alloc: int) -> bytes:
+        """GET LBA STATUS, SBC-4 5.8: descriptors of mapped / deallocated runs
+        from ``lba``, as many as the allocation length holds (at least one)."""
+        if lba >= self.blocks:
+            raise CheckCondition(Sense.LBA_OUT_OF_RANGE)
+        bs = self.block_size
+        room = max(1, min(64, (alloc - 8) // 16))
+        out = bytearray()
+        pos = lba
+        while pos < self.blocks and len(out) < room * 16:
+            want = min(self.blocks - pos, 0xFFFFFFFF)
+            mapped, run = self.store.is_mapped(pos * bs, want * bs)
+            end_byte = pos * bs + run
+            end = -(-end_byte // bs) if mapped else end_byte // bs
+            end = max(end, pos + 1)
+            out += struct.pack(">QIB3x", pos, end - pos, 0 if mapped else 1)
+            pos = end
+        return struct.pack(">I4x", len(out) + 4) + bytes(out)
+
+    # --------------------------------------------------------- SPC basics
+    def _test_unit_ready(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        return Result()
+
+    def _inquiry(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        c = InquiryCdb.decode(cdb)
+        if c.cmddt:
+            raise invalid_cdb(1, 1)
+        if not c.evpd:
+            if c.page:
+                raise invalid_cdb(2)
+            return Result(_GOOD, self._std_inquiry[: c.alloc])
+        page = c.page
+        if page == inq.VpdPage.SUPPORTED:
+            out = inq.vpd_supported()
+        elif page == inq.VpdPage.UNIT_SERIAL:
+            out = inq.vpd_serial(self.ident)
+        elif page == inq.VpdPage.DEVICE_ID:
+            out = inq.vpd_device_id(self.ident, target=nexus.target, tpgt=nexus.tpgt, rel_port=nexus.rel_port)
+        elif page == inq.VpdPage.BLOCK_LIMITS:
+            out = inq.vpd_block_limits(self.limits)
+        elif page == inq.VpdPage.BLOCK_CHARACTERISTICS:
+            out = inq.vpd_block_characteristics()
+        elif page == inq.VpdPage.LOGICAL_BLOCK_PROVISIONING:
+            out = inq.vpd_lbp(lbprz=True)
+        else:
+            raise invalid_cdb(2)
+        return Result(_GOOD, out[: c.alloc])
+
+    def _report_luns(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """REPORT LUNS, SPC-5 6.33; clears 3F/0E for this nexus."""
+        c = ReportLunsCdb.decode(cdb)
+        if c.select not in (0x00, 0x01, 0x02):
+            raise invalid_cdb(2)
+        if c.alloc < 16:
+            raise invalid_cdb(6)
+        luns = sorted(set(self.report_luns())) if c.select != 0x01 else []
+        body = b"".join(_lun_entry(n) for n in luns)
+        self.ua.discard(nexus, Sense.REPORTED_LUNS_DATA_HAS_CHANGED)
+        return Result(_GOOD, (struct.pack(">I4x", len(body)) + body)[: c.alloc])
+
+    def _request_sense(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """REQUEST SENSE, SPC-5 6.39: a pending UA is returned (and cleared)."""
+        c = RequestSenseCdb.decode(cdb)
+        sense = self.ua.pop(nexus) or Sense.NO_SENSE
+        return Result(_GOOD, encode_sense(sense, c.desc)[: c.alloc])
+
+    def _read_capacity10(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        c = ReadCapacity10Cdb.decode(cdb)
+        if not c.pmi and c.lba:
+            raise invalid_cdb(2)  # SBC-4 5.19: LBA must be 0 when PMI is 0
+        last = min(self.blocks - 1, 0xFFFFFFFF)
+        return Result(_GOOD, struct.pack(">II", last, self.block_size))
+
+    def read_capacity16(self) -> bytes:
+        """READ CAPACITY(16) data, SBC-4 5.20.2: LBPME | LBPRZ, 1 block per physical block."""
+        b = bytearray(32)
+        struct.pack_into(">QI", b, 0, self.blocks - 1, self.block_size)
+        b[14] = 0x80 | 0x40  # LBPME, LBPRZ
+        return bytes(b)
+
+    def _service_action_in16(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        c = ServiceAction16Cdb.decode(cdb)
+        if c.action == ServiceActionIn16.READ_CAPACITY_16:
+            return Result(_GOOD, self.read_capacity16()[: c.alloc])
+        if c.action == ServiceActionIn16.GET_LBA_STATUS:
+            return Result(_GOOD, self._get_lba_status(c.lba, c.alloc)[: c.alloc])
+        raise invalid_cdb(1, 4)
+
+    # ------------------------------------------------------------ mode
+    def _mode_sense(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """MODE SENSE(6/10), SPC-5 6.14/6.15."""
+        c = ModeSenseCdb.decode(cdb)
+        if c.pc == PageControl.SAVED:
+            raise CheckCondition(Sense.SAVING_PARAMETERS_NOT_SUPPORTED)
+        if c.subpage not in (0x00, 0xFF):
+            raise invalid_cdb(3)
+        pages = self.modes.pages(c.page, c.pc)
+        if pages is None or (c.subpage == 0xFF and c.page != 0x3F):
+            raise invalid_cdb(2, 5)
+        bs = self.block_size
+        if c.dbd:
+            bd = b""
+        elif c.llbaa:
+            bd = struct.pack(">Q4xI", self.blocks, bs)
+        else:
+            bd = struct.pack(">IB", min(self.blocks, 0xFFFFFFFF), 0) + bs.to_bytes(3, "big")
+        dsp = (0x80 if self.modes.swp else 0) | 0x10  # WP, DPOFUA (SBC-4 6.5.1)
+        if c.ten:
+            body = bd + pages
+            hdr = struct.pack(">HBBBxH", 6 + len(body), 0, dsp, 1 if len(bd) == 16 else 0, len(bd))
+        else:
+            body = bd + pages
+            hdr = bytes((min(3 + len(body), 255), 0, dsp, len(bd)))
+        return Result(_GOOD, (hdr + body)[: c.alloc])
+
+    def _mode_select(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """MODE SELECT(6/10), SPC-5 6.12/6.13. Saving is not supported."""
+        c = ModeSelectCdb.decode(cdb)
+        if c.sp:
+            raise invalid_cdb(1, 0)
+        if c.length == 0:
+            return Result()
+        if not c.pf:
+            raise invalid_cdb(1, 4)
+        hlen = 8 if c.ten else 4
+        if c.length < hlen or len(data) < c.length:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
+        buf = memoryview(data)[: c.length]
+        bdl = struct.unpack_from(">H", buf, 6)[0] if c.ten else buf[3]
+        if hlen + bdl > c.length:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
+        if bdl not in (0, 8, 16):
+            raise invalid_param(6 if c.ten else 3)
+        if bdl:
+            blen = int.from_bytes(buf[hlen + bdl - 3 : hlen + bdl], "big")
+            if blen not in (0, self.block_size):
+                raise invalid_param(hlen + bdl - 3)
+        if self.modes.select(buf, hlen + bdl):
+            # SPC-5 6.12: other nexuses learn of changed shared parameters.
+            self.ua.establish_all(Sense.MODE_PARAMETERS_CHANGED, except_nexus=nexus)
+        return Result()
+
+    # -------------------------------------------------- misc SBC commands
+    def _start_stop_unit(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """START STOP UNIT, SBC-4 5.25: the medium is not removable, so LOEJ is
+        invalid; power conditions and START are accepted and the LU stays ready."""
+        c = StartStopCdb.decode(cdb)
+        if c.loej:
+            raise invalid_cdb(4, 1)
+        return Result()
+
+    def _prevent_allow(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """PREVENT ALLOW MEDIUM REMOVAL, SBC-4 5.13: nothing to lock (RMB = 0)."""
+        if cdb[4] & 0x03 > 1:
+            raise invalid_cdb(4, 1)
+        return Result()
+
+    def _read_defect_data(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """READ DEFECT DATA(10/12), SBC-4 5.17/5.18: an empty list."""
+        c = ReadDefectCdb.decode(cdb)
+        flags = (0x10 if c.plist else 0) | (0x08 if c.glist else 0) | c.fmt
+        out = bytes((0, flags, 0, 0, 0, 0, 0, 0)) if c.twelve else bytes((0, flags, 0, 0))
+        return Result(_GOOD, out[: c.alloc])
+
+    # ------------------------------------------------------ reservations
+    def _reserve(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        self.pr.reserve(nexus, cdb)
+        return Result()
+
+    def _release(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        self.pr.release(nexus, cdb)
+        return Result()
+
+    def _pr_in(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        return Result(_GOOD, self.pr.persistent_reserve_in(nexus, cdb))
+
+    def _pr_out(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        length = _U32.unpack_from(cdb, 5)[0]
+        if len(data) < length:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
+        self.pr.persistent_reserve_out(nexus, cdb, memoryview(data)[:length])
+        return Result()
+
+    # --------------------------------------- REPORT SUPPORTED OPERATION CODES
+    def _maintenance_in(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        if cdb[1] & 0x1F != MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
+            raise invalid_cdb(1, 4)
+        c = ReportOpcodesCdb.decode(cdb)
+        return Result(_GOOD, report_supported_opcodes(c)[: c.alloc])

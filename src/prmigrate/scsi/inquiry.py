@@ -1,0 +1,224 @@
+"""Standard INQUIRY data and VPD pages (SPC-5 6.6, 7.7; SBC-4 6.6).
+
+Pure encoders: the logical unit passes its identity and limits in, gets the
+full (untruncated) page back and truncates it to the allocation length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .constants import DeviceType, ProtocolId
+
+
+class VpdPage(IntEnum):
+    SUPPORTED = 0x00
+    UNIT_SERIAL = 0x80
+    DEVICE_ID = 0x83
+    BLOCK_LIMITS = 0xB0
+    BLOCK_CHARACTERISTICS = 0xB1
+    LOGICAL_BLOCK_PROVISIONING = 0xB2
+
+
+SUPPORTED_VPD = tuple(VpdPage)
+
+
+class VersionDescriptor(IntEnum):
+    """SPC-5 table 7.7.x version descriptor values."""
+
+    SAM_5 = 0x00A0
+    ISCSI = 0x0960
+    SPC_4 = 0x0460
+    SPC_5 = 0x05C0
+    SBC_3 = 0x04C0
+    SBC_4 = 0x0600
+
+
+# The standard VERSION field is 06h (SPC-4): the conformance suite accepts
+# 04h..06h only, and SPC-4 is what every initiator keys features on. The
+# descriptors also name SPC-5 / SBC-4, whose features we implement.
+STANDARD_VERSION = 0x06
+VERSION_DESCRIPTORS = (
+    VersionDescriptor.SAM_5,
+    VersionDescriptor.ISCSI,
+    VersionDescriptor.SPC_4,
+    VersionDescriptor.SBC_3,
+    VersionDescriptor.SPC_5,
+    VersionDescriptor.SBC_4,
+)
+
+# Placeholder IEEE company id for NAA designators; replace with an assigned
+# OUI before shipping. The 36 + 64 vendor bits come from a hash of the LU name.
+NAA_COMPANY_ID = 0x000000
+
+
+class CodeSet(IntEnum):
+    BINARY = 1
+    ASCII = 2
+    UTF8 = 3
+
+
+class Association(IntEnum):
+    LU = 0
+    TARGET_PORT = 1
+    TARGET_DEVICE = 2
+
+
+class DesignatorType(IntEnum):
+    VENDOR = 0
+    T10 = 1
+    EUI64 = 2
+    NAA = 3
+    RELATIVE_TARGET_PORT = 4
+    TARGET_PORT_GROUP = 5
+    LU_GROUP = 6
+    MD5 = 7
+    SCSI_NAME = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    vendor: str
+    product: str
+    revision: str
+    serial: str
+    name: str  # stable id the NAA designator derives from
+
+
+def _ascii(s: str, n: int) -> bytes:
+    b = s.encode("ascii", "replace")[:n]
+    return b.ljust(n, b" ")
+
+
+def standard_inquiry(ident: Identity, *, protect: bool = False) -> bytes:
+    """96 bytes of standard INQUIRY data (SPC-5 6.6.2)."""
+    b = bytearray(96)
+    b[0] = DeviceType.DIRECT_ACCESS  # peripheral qualifier 000b
+    b[2] = STANDARD_VERSION
+    b[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
+    b[4] = len(b) - 5
+    b[5] = 0x01 if protect else 0x00  # SCCS/ACC/TPGS=0/3PC=0
+    b[6] = 0x00
+    b[7] = 0x02  # CMDQUE
+    b[8:16] = _ascii(ident.vendor, 8)
+    b[16:32] = _ascii(ident.product, 16)
+    b[32:36] = _ascii(ident.revision, 4)
+    for i, vd in enumerate(VERSION_DESCRIPTORS):
+        struct.pack_into(">H", b, 58 + 2 * i, vd)
+    return bytes(b)
+
+
+def _vpd(page: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", DeviceType.DIRECT_ACCESS, page, len(payload)) + payload
+
+
+def vpd_supported() -> bytes:
+    return _vpd(VpdPage.SUPPORTED, bytes(SUPPORTED_VPD))
+
+
+def vpd_serial(ident: Identity) -> bytes:
+    return _vpd(VpdPage.UNIT_SERIAL, ident.serial.encode("ascii", "replace"))
+
+
+def naa6(name: str, company_id: int = NAA_COMPANY_ID) -> bytes:
+    """NAA IEEE Registered Extended (NAA 6) designator, 16 bytes (SPC-5 7.7.6.6.5)."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:13], "big")
+    vsid = h >> (104 - 36)  # 36 bits
+    ext = h & ((1 << 64) - 1)
+    hi = (6 << 60) | ((company_id & 0xFFFFFF) << 36) | vsid
+    return struct.pack(">QQ", hi, ext)
+
+
+def designator(codeset: int, assoc: int, dtype: int, data: bytes, piv: bool = False) -> bytes:
+    b0 = codeset & 0x0F
+    b1 = (assoc << 4) | dtype
+    if piv:
+        b0 |= ProtocolId.ISCSI << 4
+        b1 |= 0x80
+    return bytes((b0, b1, 0, len(data))) + data
+
+
+def _name_string(s: str) -> bytes:
+    """SCSI name string: UTF-8, NUL terminated, padded to a multiple of 4."""
+    b = s.encode() + b"\x00"
+    return b + bytes(-len(b) % 4)
+
+
+def vpd_device_id(
+    ident: Identity, *, target: str | None, tpgt: int, rel_port: int, port_group: int = 1
+) -> bytes:
+    """Device Identification (83h), SPC-5 7.7.6."""
+    d = designator(CodeSet.BINARY, Association.LU, DesignatorType.NAA, naa6(ident.name))
+    d += designator(
+        CodeSet.ASCII, Association.LU, DesignatorType.T10, _ascii(ident.vendor, 8) + ident.serial.encode()
+    )
+    d += designator(
+        CodeSet.BINARY, Association.TARGET_PORT, DesignatorType.RELATIVE_TARGET_PORT,
+        struct.pack(">HH", 0, rel_port), piv=True,
+    )
+    d += designator(
+        CodeSet.BINARY, Association.TARGET_PORT, DesignatorType.TARGET_PORT_GROUP,
+        struct.pack(">HH", 0, port_group), piv=True,
+    )
+    if target:
+        d += designator(
+            CodeSet.UTF8, Association.TARGET_PORT, DesignatorType.SCSI_NAME,
+            _name_string(f"{target},t,0x{tpgt:04x}"), piv=True,
+        )
+        d += designator(
+            CodeSet.UTF8, Association.TARGET_DEVICE, DesignatorType.SCSI_NAME,
+            _name_string(target), piv=True,
+        )
+    return _vpd(VpdPage.DEVICE_ID, d)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockLimits:
+    max_transfer: int  # blocks
+    optimal_transfer: int
+    max_unmap_lba: int
+    max_unmap_descriptors: int
+    max_write_same: int
+    max_compare_and_write: int = 1
+    optimal_granularity: int = 1
+    unmap_granularity: int = 1
+    max_prefetch: int = 0
+
+
+def vpd_block_limits(bl: BlockLimits) -> bytes:
+    """Block Limits (B0h), SBC-4 6.6.4; page length 3Ch."""
+    b = bytearray(0x3C)
+    # offsets below are of the full page minus the 4-byte header
+    b[0] = 0x01  # WSNZ: WRITE SAME with 0 blocks is rejected
+    b[1] = bl.max_compare_and_write
+    struct.pack_into(">H", b, 2, bl.optimal_granularity)
+    struct.pack_into(">I", b, 4, bl.max_transfer)
+    struct.pack_into(">I", b, 8, bl.optimal_transfer)
+    struct.pack_into(">I", b, 12, bl.max_prefetch)
+    struct.pack_into(">I", b, 16, bl.max_unmap_lba)
+    struct.pack_into(">I", b, 20, bl.max_unmap_descriptors)
+    struct.pack_into(">I", b, 24, bl.unmap_granularity)
+    struct.pack_into(">I", b, 28, 0x80000000)  # UGAVALID, alignment 0
+    struct.pack_into(">Q", b, 32, bl.max_write_same)
+    return _vpd(VpdPage.BLOCK_LIMITS, bytes(b))
+
+
+def vpd_block_characteristics() -> bytes:
+    """Block Device Characteristics (B1h), SBC-4 6.6.2: non-rotating medium."""
+    b = bytearray(0x3C)
+    struct.pack_into(">H", b, 0, 0x0001)  # MEDIUM ROTATION RATE: non-rotating
+    return _vpd(VpdPage.BLOCK_CHARACTERISTICS, bytes(b))
+
+
+def vpd_lbp(*, lbprz: bool = True) -> bytes:
+    """Logical Block Provisioning (B2h), SBC-4 6.6.6.
+
+    Byte 5: LBPU 80h (UNMAP), LBPWS 40h (WRITE SAME(16) UNMAP), LBPWS10 20h,
+    LBPRZ (bits 4:2, 001b = unmapped blocks read as zero); byte 6:
+    PROVISIONING TYPE 2 (thin).
+    """
+    b5 = 0x80 | 0x40 | 0x20 | (0x04 if lbprz else 0)
+    return _vpd(VpdPage.LOGICAL_BLOCK_PROVISIONING, bytes((0, b5, 0x02, 0)))
