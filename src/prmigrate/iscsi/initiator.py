@@ -1,0 +1,589 @@
+"""asyncio iSCSI initiator: a thin shell around ``InitiatorCore``.
+
+The shell owns the socket, the clock and the futures; everything about the
+protocol lives in :mod:`prmigrate.iscsi.initiator_core`. There is no Task per
+command: ``submit`` returns a Future that the core's events complete, and all
+bytes the core produces during one ``data_received`` (or one loop iteration
+of submits) go out in one ``write``.
+
+    session = await connect("iscsi://127.0.0.1:3260/iqn.x:t/1",
+                            initiator_name="iqn.x:host1", isid=0x23d000000001)
+    result = await session.submit(1, cdb, data_in_len=512)
+    await session.close()
+
+After a lost connection the session logs in again with the same ISID (session
+reinstatement keeps the I_T nexus, hence PR registrations) and re-issues
+every command that got no status; ``reconnect=False`` fails them instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ..lun.types import Result
+from ..scsi.constants import (
+    Opcode,
+    PrInAction,
+    PrOutAction,
+    PrType,
+    SenseKey,
+    ServiceActionIn16,
+    Status,
+)
+from ..scsi.sense import DecodedSense
+from .initiator_core import (
+    AsyncEventReceived,
+    CommandDone,
+    CommandFailed,
+    ConnectionFailed,
+    ConnectionLost,
+    Event,
+    InitiatorCore,
+    IscsiError,
+    LoginDone,
+    LoginError,
+    LoginFailed,
+    LoginRedirect,
+    LogoutDone,
+    Negotiated,
+    SessionConfig,
+    TaskAborted,
+    TextDone,
+    TmfDone,
+    UnitAttention,
+)
+from .pdu import AsyncMessage, TaskAttribute, TmfFunction, TmfResponse
+from .url import IscsiUrl, parse_portal, parse_url
+
+log = logging.getLogger(__name__)
+
+SIMPLE = TaskAttribute.SIMPLE
+ORDERED = TaskAttribute.ORDERED
+HEAD_OF_QUEUE = TaskAttribute.HEAD_OF_QUEUE
+
+_TICK = 0.5  # seconds between timer calls into the core
+_MAX_REDIRECTS = 8
+_UA_RETRIES = 4
+
+
+def _is_unit_attention(r: Result) -> bool:
+    return r.status == Status.CHECK_CONDITION and len(r.sense) > 2 and (
+        (r.sense[2] if r.sense[0] & 0x7F in (0x70, 0x71) else r.sense[1]) & 0xF
+    ) == SenseKey.UNIT_ATTENTION
+
+__all__ = [
+    "ConnectionLost",
+    "IscsiError",
+    "LoginError",
+    "ScsiError",
+    "Session",
+    "TmfError",
+    "connect",
+    "discover",
+]
+
+
+class ScsiError(IscsiError):
+    """A convenience helper's command did not end with GOOD status."""
+
+    def __init__(self, result: Result, what: str) -> None:
+        self.result = result
+        super().__init__(f"{what}: {describe_result(result)}")
+
+
+class TmfError(IscsiError):
+    def __init__(self, response: int) -> None:
+        try:
+            name = TmfResponse(response).name
+        except ValueError:
+            name = f"0x{response:02x}"
+        super().__init__(f"task management function failed: {name}")
+        self.response = response
+
+
+def describe_result(result: Result) -> str:
+    """``GOOD`` / ``RESERVATION CONFLICT`` / ``CHECK CONDITION: ILLEGAL
+    REQUEST: INVALID FIELD IN CDB``."""
+    from ..scsi.sense import SenseDecodeError, decode_sense
+
+    try:
+        text = Status(result.status).name.replace("_", " ")
+    except ValueError:
+        text = f"status 0x{int(result.status):02x}"
+    if result.status == Status.CHECK_CONDITION:
+        try:
+            text += ": " + decode_sense(result.sense).describe()
+        except SenseDecodeError:
+            text += " (no valid sense data)"
+    return text
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.session._on_data(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session._on_lost(self, exc)
+
+
+class Session:
+    """One iSCSI session (one connection at a time) to a target."""
+
+    def __init__(
+        self,
+        portal: str,
+        config: SessionConfig,
+        *,
+        login_timeout: float = 10.0,
+        reconnect: bool = True,
+        reconnect_timeout: float = 30.0,
+        on_async_event: Callable[[AsyncMessage, DecodedSense | None], Any] | None = None,
+        on_unit_attention: Callable[[int, DecodedSense], Any] | None = None,
+    ) -> None:
+        self.portal = portal
+        self.config = config
+        self.login_timeout = login_timeout
+        self.reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout
+        self.on_async_event = on_async_event
+        self.on_unit_attention = on_unit_attention
+        self.core = InitiatorCore(config)
+        self.reconnects = 0  # successful re-logins after a lost connection
+        self._loop = asyncio.get_running_loop()
+        self._proto: _Protocol | None = None
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._login_fut: asyncio.Future[Event] | None = None
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._reconnecting: asyncio.Future[None] | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def params(self) -> Negotiated:
+        return self.core.params
+
+    @property
+    def logged_in(self) -> bool:
+        return self.core.logged_in
+
+    @property
+    def isid(self) -> int:
+        return self.config.isid
+
+    # ----------------------------------------------------------------- login
+
+    async def _login(self) -> None:
+        """Connect and log in, following redirections (status class 1)."""
+        address = self.portal
+        for _ in range(_MAX_REDIRECTS):
+            host, port = parse_portal(address)
+            try:
+                _, proto = await asyncio.wait_for(
+                    self._loop.create_connection(lambda: _Protocol(self), host, port),
+                    self.login_timeout,
+                )
+            except (TimeoutError, OSError) as exc:
+                raise ConnectionLost(f"cannot connect to {address}: {exc}") from exc
+            self._proto = proto
+            self._login_fut = self._loop.create_future()
+            self.core.start_login(self._loop.time())
+            self._flush()
+            try:
+                ev = await asyncio.wait_for(asyncio.shield(self._login_fut), self.login_timeout)
+            except TimeoutError:
+                self._drop(proto)
+                raise LoginError(-1, f"login to {address} timed out") from None
+            finally:
+                self._login_fut = None
+            if isinstance(ev, LoginDone):
+                self._arm_timer()
+                return
+            self._drop(proto)
+            if isinstance(ev, LoginRedirect):
+                log.info("login redirected from %s to %s", address, ev.address)
+                address = ev.address
+                if ev.permanent:
+                    self.portal = ev.address
+                continue
+            if isinstance(ev, LoginFailed):
+                raise ev.error
+            raise ConnectionLost(f"connection to {address} lost during login")
+        raise LoginError(-1, "too many login redirections")
+
+    def _drop(self, proto: _Protocol | None) -> None:
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()
+
+    # ------------------------------------------------------------ byte path
+
+    def _on_data(self, proto: _Protocol, data: bytes) -> None:
+        if proto is not self._proto:
+            return
+        self._handle(self.core.receive_data(data, self._loop.time()))
+        self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self.core.data_to_send()
+        if out and self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.write(out)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _arm_timer(self) -> None:
+        if self._timer is None and not self._closing:
+            self._timer = self._loop.call_later(_TICK, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._timer = None
+        self._handle(self.core.handle_timer(self._loop.time()))
+        self._flush()
+        if self.core.logged_in:
+            self._arm_timer()
+
+    def _handle(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, CommandDone):
+                self._resolve(ev.handle, ev.result)
+            elif isinstance(ev, (TmfDone, TextDone, LogoutDone)):
+                self._resolve(ev.handle, ev)
+            elif isinstance(ev, CommandFailed):
+                fut = self._futures.pop(ev.handle, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ev.error)
+            elif isinstance(ev, UnitAttention):
+                if self.on_unit_attention is not None:
+                    self._callback(self.on_unit_attention, ev.lun, ev.sense)
+            elif isinstance(ev, AsyncEventReceived):
+                if self.on_async_event is not None:
+                    self._callback(self.on_async_event, ev.message, ev.sense)
+            elif isinstance(ev, (LoginDone, LoginRedirect, LoginFailed)):
+                if self._login_fut is not None and not self._login_fut.done():
+                    self._login_fut.set_result(ev)
+            elif isinstance(ev, ConnectionFailed):
+                log.warning("dropping connection to %s: %s", self.portal, ev.reason)
+                proto = self._proto
+                self._drop(proto)
+                self._on_lost(proto, None)  # at once: later bytes are not trusted
+                return
+
+    def _resolve(self, handle: int, value: object) -> None:
+        fut = self._futures.pop(handle, None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a caller's bug must not break the session
+            log.exception("callback %r failed", fn)
+
+    def _on_lost(self, proto: _Protocol | None, exc: Exception | None) -> None:
+        if proto is None or proto is not self._proto:
+            return
+        self._proto = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._login_fut is not None and not self._login_fut.done():
+            self._login_fut.set_result(ConnectionFailed(f"connection lost: {exc}"))
+        was_up = self.core.logged_in
+        retry = self.reconnect and not self._closing and was_up
+        self._handle(self.core.connection_lost(retry=retry))
+        if retry and self._reconnecting is None:
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+        elif not retry and was_up:
+            self._closed.set()
+
+    async def _reconnect(self) -> None:
+        """Log in again with the same ISID until it works or time runs out."""
+        deadline = self._loop.time() + self.reconnect_timeout
+        delay = 0.05
+        try:
+            while not self._closing:
+                try:
+                    await self._login()
+                    self.reconnects += 1
+                    log.info("session to %s reinstated (isid 0x%012x)", self.portal, self.isid)
+                    self._flush()
+                    return
+                except IscsiError as exc:
+                    if self._loop.time() + delay > deadline:
+                        log.error("giving up reconnecting to %s: %s", self.portal, exc)
+                        break
+                    log.info("reconnect to %s failed (%s); retrying", self.portal, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            self._handle(self.core.fail_all(ConnectionLost("reconnection failed")))
+            self._closed.set()
+        finally:
+            self._reconnecting = None
+
+    # ---------------------------------------------------------------- public
+
+    def _new_future(self, handle: int) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._futures[handle] = fut
+        self._schedule_flush()
+        return fut
+
+    def submit(
+        self,
+        lun: int,
+        cdb: bytes,
+        data_out: bytes | bytearray | memoryview = b"",
+        data_in_len: int = 0,
+        *,
+        attr: TaskAttribute = SIMPLE,
+    ) -> asyncio.Future[Result]:
+        """Queue a SCSI command; the Future resolves to its Result (any status)
+        or fails with an IscsiError (connection lost for good, rejected...)."""
+        if self._closing:
+            raise ConnectionLost("session is closed")
+        handle = self.core.submit(lun, cdb, data_out, data_in_len, attr, self._loop.time())
+        return self._new_future(handle)
+
+    async def _tmf(self, function: TmfFunction, lun: int = 0, ref: int | None = None) -> int:
+        handle = self.core.task_management(function, lun, ref, self._loop.time())
+        ev: TmfDone = await self._new_future(handle)
+        if ev.response != TmfResponse.FUNCTION_COMPLETE:
+            raise TmfError(ev.response)
+        return ev.response
+
+    async def abort_task(self, future: asyncio.Future[Result]) -> int:
+        """ABORT TASK for a Future returned by ``submit``."""
+        handle = next((h for h, f in self._futures.items() if f is future), None)
+        if handle is None:
+            raise KeyError("not an outstanding command of this session")
+        if self.core.cancel_queued(handle):  # never sent: nothing to ask the target
+            fut = self._futures.pop(handle)
+            fut.set_exception(TaskAborted("aborted before it was sent"))
+            return TmfResponse.FUNCTION_COMPLETE
+        return await self._tmf(TmfFunction.ABORT_TASK, 0, handle)
+
+    async def abort_task_set(self, lun: int) -> int:
+        return await self._tmf(TmfFunction.ABORT_TASK_SET, lun)
+
+    async def clear_task_set(self, lun: int) -> int:
+        return await self._tmf(TmfFunction.CLEAR_TASK_SET, lun)
+
+    async def lun_reset(self, lun: int) -> int:
+        return await self._tmf(TmfFunction.LOGICAL_UNIT_RESET, lun)
+
+    async def target_warm_reset(self) -> int:
+        return await self._tmf(TmfFunction.TARGET_WARM_RESET)
+
+    async def target_cold_reset(self) -> int:
+        return await self._tmf(TmfFunction.TARGET_COLD_RESET)
+
+    async def send_targets(self, what: str = "All") -> list[tuple[str, str]]:
+        ev: TextDone = await asyncio.wait_for(
+            self._new_future(self.core.send_targets(what, self._loop.time())),
+            self.config.command_timeout,
+        )
+        return ev.pairs
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Log out (if logged in) and close the connection."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        proto = self._proto
+        if self.core.logged_in and proto is not None:
+            try:
+                fut = self._new_future(self.core.logout(self._loop.time()))
+                await asyncio.wait_for(fut, timeout)
+            except (TimeoutError, IscsiError) as exc:
+                log.info("logout from %s failed: %s", self.portal, exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._handle(self.core.fail_all(ConnectionLost("session closed")))
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+        self._proto = None
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def drop_connection(self) -> None:
+        """Abort the TCP connection as if the network failed (tests, recovery)."""
+        self._drop(self._proto)
+
+    # ------------------------------------------------------- SCSI helpers
+
+    async def _run(self, lun: int, cdb: bytes, data_out: bytes = b"",
+                   data_in_len: int = 0) -> Result:
+        """Submit; a UNIT ATTENTION answer (already reported through
+        ``on_unit_attention``) is retried a few times, as a disk driver would."""
+        for _ in range(_UA_RETRIES):
+            r = await self.submit(lun, cdb, data_out, data_in_len)
+            if not _is_unit_attention(r):
+                break
+        return r
+
+    async def _good(self, lun: int, cdb: bytes, what: str, data_out: bytes = b"",
+                    data_in_len: int = 0) -> Result:
+        r = await self._run(lun, cdb, data_out, data_in_len)
+        if r.status != Status.GOOD:
+            raise ScsiError(r, what)
+        return r
+
+    async def test_unit_ready(self, lun: int) -> Result:
+        return await self._run(lun, bytes(6))
+
+    async def inquiry(self, lun: int, evpd_page: int | None = None, alloc: int = 255) -> bytes:
+        cdb = struct.pack(">BBBHB", Opcode.INQUIRY, 1 if evpd_page is not None else 0,
+                          evpd_page or 0, alloc, 0)
+        return bytes((await self._good(lun, cdb, "INQUIRY", data_in_len=alloc)).data_in)
+
+    async def read_capacity16(self, lun: int) -> tuple[int, int]:
+        """Returns (number of blocks, block size)."""
+        cdb = struct.pack(">BBQIBB", Opcode.SERVICE_ACTION_IN_16,
+                          ServiceActionIn16.READ_CAPACITY_16, 0, 32, 0, 0)
+        data = bytes((await self._good(lun, cdb, "READ CAPACITY(16)", data_in_len=32)).data_in)
+        if len(data) < 12:
+            raise IscsiError("short READ CAPACITY(16) data")
+        last, size = struct.unpack_from(">QI", data)
+        return last + 1, size
+
+    async def read(self, lun: int, lba: int, blocks: int, block_size: int = 512) -> bytes:
+        cdb = struct.pack(">BBQIBB", Opcode.READ_16, 0, lba, blocks, 0, 0)
+        r = await self._good(lun, cdb, "READ(16)", data_in_len=blocks * block_size)
+        return bytes(r.data_in)
+
+    async def write(self, lun: int, lba: int, data: bytes, block_size: int = 512) -> None:
+        if len(data) % block_size:
+            raise ValueError("data is not a whole number of blocks")
+        cdb = struct.pack(">BBQIBB", Opcode.WRITE_16, 0, lba, len(data) // block_size, 0, 0)
+        await self._good(lun, cdb, "WRITE(16)", data_out=data)
+
+    async def pr_in(self, lun: int, action: PrInAction | int, alloc: int = 8192) -> Result:
+        """PERSISTENT RESERVE IN; the Result is returned whatever its status
+        (unit attentions are retried)."""
+        from ..scsi.pr import pr_in_cdb
+
+        return await self._run(lun, pr_in_cdb(action, alloc), data_in_len=alloc)
+
+    async def pr_out(
+        self,
+        lun: int,
+        action: PrOutAction | int,
+        rtype: PrType | int,
+        params: bytes,
+        scope: int = 0,
+    ) -> Result:
+        """PERSISTENT RESERVE OUT with a ready parameter list; any status
+        returned (unit attentions are retried)."""
+        from ..scsi.pr import pr_out_cdb
+
+        return await self._run(lun, pr_out_cdb(action, rtype, scope, len(params)), params)
+
+
+async def connect(
+    url_or_portal: str | IscsiUrl,
+    target: str | None = None,
+    initiator_name: str = "iqn.2026-11.org.prmigrate:initiator",
+    isid: int = 0x23D000000001,
+    *,
+    header_digest: bool | str = False,
+    data_digest: bool | str = False,
+    chap: tuple[str, str] | None = None,
+    mutual: tuple[str, str] | None = None,
+    queue_depth: int = 64,
+    login_timeout: float = 10.0,
+    command_timeout: float = 30.0,
+    reconnect: bool = True,
+    reconnect_timeout: float = 30.0,
+    max_retries: int = 3,
+    on_async_event: Callable[[AsyncMessage, DecodedSense | None], Any] | None = None,
+    on_unit_attention: Callable[[int, DecodedSense], Any] | None = None,
+    **options: Any,
+) -> Session:
+    """Log in to ``target`` at a portal (``host[:port]``) or at an ``iscsi://``
+    URL (whose target and user%password are used unless given). ``target``
+    "" opens a discovery session. ``options`` go to SessionConfig
+    (initial_r2t, immediate_data, max_burst_length, first_burst_length,
+    max_recv_data_segment_length, max_outstanding_r2t, nop_interval...)."""
+    if isinstance(url_or_portal, str) and url_or_portal.lower().startswith("iscsi://"):
+        url_or_portal = parse_url(url_or_portal, require_lun=False)
+    if isinstance(url_or_portal, IscsiUrl):
+        portal = url_or_portal.portal
+        if target is None:
+            target = url_or_portal.target
+        if chap is None and url_or_portal.user is not None:
+            chap = (url_or_portal.user, url_or_portal.password or "")
+    else:
+        portal = url_or_portal
+    if target is None:
+        raise ValueError("no target name given")
+    config = SessionConfig(
+        initiator_name=initiator_name,
+        isid=isid & 0xFFFFFFFFFFFF,
+        target_name=target,
+        header_digest=header_digest,
+        data_digest=data_digest,
+        chap=chap,
+        mutual=mutual,
+        queue_depth=queue_depth,
+        command_timeout=command_timeout,
+        max_retries=max_retries,
+        **options,
+    )
+    session = Session(
+        portal, config, login_timeout=login_timeout, reconnect=reconnect,
+        reconnect_timeout=reconnect_timeout, on_async_event=on_async_event,
+        on_unit_attention=on_unit_attention,
+    )
+    await session._login()
+    return session
+
+
+async def discover(
+    portal: str,
+    initiator_name: str,
+    *,
+    isid: int = 0x23D000000000,
+    chap: tuple[str, str] | None = None,
+    mutual: tuple[str, str] | None = None,
+    login_timeout: float = 10.0,
+) -> list[tuple[str, list[str]]]:
+    """SendTargets=All over a discovery session: [(target, [address,tpgt...])]."""
+    if portal.lower().startswith("iscsi://"):
+        portal = parse_url(portal, require_lun=False).portal
+    session = await connect(portal, "", initiator_name, isid, chap=chap, mutual=mutual,
+                            login_timeout=login_timeout, command_timeout=login_timeout,
+                            reconnect=False)
+    try:
+        pairs = await session.send_targets("All")
+    finally:
+        await session.close()
+    out: list[tuple[str, list[str]]] = []
+    for k, v in pairs:
+        if k == "TargetName":
+            out.append((v, []))
+        elif k == "TargetAddress" and out:
+            out[-1][1].append(v)
+    return out
