@@ -45,9 +45,9 @@ from .initiator_core import (
     InitiatorCore,
     IscsiError,
     LoginDone,
-    LoginError,
     LoginFailed,
     LoginRedirect,
+    LoginTimeout,
     LogoutDone,
     Negotiated,
     SessionConfig,
@@ -56,7 +56,8 @@ from .initiator_core import (
     TmfDone,
     UnitAttention,
 )
-from .pdu import AsyncMessage, TaskAttribute, TmfFunction, TmfResponse
+from .login import LoginError, SessionParams
+from .pdu import AsyncMessage, LoginStatus, TaskAttribute, TmfFunction, TmfResponse
 from .url import IscsiUrl, parse_portal, parse_url
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ __all__ = [
     "ConnectionLost",
     "IscsiError",
     "LoginError",
+    "LoginTimeout",
     "ScsiError",
     "Session",
     "TmfError",
@@ -173,8 +175,14 @@ class Session:
     # ------------------------------------------------------------ properties
 
     @property
-    def params(self) -> Negotiated:
+    def params(self) -> SessionParams:
+        """Negotiated operational parameters (digests, burst lengths...)."""
         return self.core.params
+
+    @property
+    def negotiated(self) -> Negotiated:
+        """Parameters plus TSIH, target portal group tag and alias."""
+        return self.core.negotiated
 
     @property
     def logged_in(self) -> bool:
@@ -206,7 +214,7 @@ class Session:
                 ev = await asyncio.wait_for(asyncio.shield(self._login_fut), self.login_timeout)
             except TimeoutError:
                 self._drop(proto)
-                raise LoginError(-1, f"login to {address} timed out") from None
+                raise LoginTimeout(f"login to {address} timed out") from None
             finally:
                 self._login_fut = None
             if isinstance(ev, LoginDone):
@@ -222,7 +230,7 @@ class Session:
             if isinstance(ev, LoginFailed):
                 raise ev.error
             raise ConnectionLost(f"connection to {address} lost during login")
-        raise LoginError(-1, "too many login redirections")
+        raise LoginError(LoginStatus.TARGET_ERROR, "too many login redirections")
 
     def _drop(self, proto: _Protocol | None) -> None:
         if proto is not None and proto.transport is not None:
@@ -324,7 +332,7 @@ class Session:
                     log.info("session to %s reinstated (isid 0x%012x)", self.portal, self.isid)
                     self._flush()
                     return
-                except IscsiError as exc:
+                except (IscsiError, LoginError) as exc:
                     if self._loop.time() + delay > deadline:
                         log.error("giving up reconnecting to %s: %s", self.portal, exc)
                         break

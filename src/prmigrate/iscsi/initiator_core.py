@@ -28,17 +28,27 @@ Invariants kept here:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from ..lun.types import Result
 from ..scsi.constants import SenseKey, Status
 from ..scsi.sense import DecodedSense, SenseDecodeError, decode_sense
+from .chap import ChapClient, ChapCredentials
+from .login import (
+    LoginError,
+    LoginStages,
+    Negotiation,
+    Role,
+    SessionParams,
+    Stage,
+    decode_text,
+    encode_text,
+)
 from .pdu import (
     R2T,
     RESERVED_TAG,
@@ -94,13 +104,8 @@ class IscsiError(Exception):
     """Base of the initiator's errors."""
 
 
-class LoginError(IscsiError):
-    """Login failed; ``status`` is Status-Class << 8 | Status-Detail, or -1
-    for a failure found on our side (negotiation, authentication)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class LoginTimeout(IscsiError, TimeoutError):
+    """The target did not complete the login in time."""
 
 
 class ConnectionLost(IscsiError):
@@ -126,107 +131,15 @@ class TargetFailure(IscsiError):
 # --------------------------------------------------------------- negotiation
 
 
-class Rule(Enum):
-    """How a negotiated key's result is found (RFC 7143 6.2, 13)."""
-
-    OR = "or"  # boolean, Yes if either side says Yes
-    AND = "and"  # boolean, Yes only if both say Yes
-    MIN = "min"  # numerical minimum
-    MAX = "max"  # numerical maximum
-    LIST = "list"  # responder picks the first of the originator's list it supports
-    DECLARE = "declare"  # each side declares its own value
-
-
-# key -> (rule, default). RFC 7143 13.1-13.24.
-KEYS: dict[str, tuple[Rule, str]] = {
-    "HeaderDigest": (Rule.LIST, "None"),  # 13.1
-    "DataDigest": (Rule.LIST, "None"),  # 13.1
-    "MaxConnections": (Rule.MIN, "1"),  # 13.2
-    "InitialR2T": (Rule.OR, "Yes"),  # 13.10
-    "ImmediateData": (Rule.AND, "Yes"),  # 13.11
-    "MaxRecvDataSegmentLength": (Rule.DECLARE, "8192"),  # 13.12
-    "MaxBurstLength": (Rule.MIN, "262144"),  # 13.13
-    "FirstBurstLength": (Rule.MIN, "65536"),  # 13.14
-    "DefaultTime2Wait": (Rule.MAX, "2"),  # 13.15
-    "DefaultTime2Retain": (Rule.MIN, "20"),  # 13.16
-    "MaxOutstandingR2T": (Rule.MIN, "1"),  # 13.17
-    "DataPDUInOrder": (Rule.OR, "Yes"),  # 13.18
-    "DataSequenceInOrder": (Rule.OR, "Yes"),  # 13.19
-    "ErrorRecoveryLevel": (Rule.MIN, "0"),  # 13.20
-}
-_NOT_VALUES = ("Reject", "Irrelevant", "NotUnderstood")
-
-
-def negotiate(rule: Rule, ours: str, theirs: str) -> str:
-    """Result of one key given our offer and the target's answer or offer."""
-    if rule is Rule.OR:
-        return "Yes" if "Yes" in (ours, theirs) else "No"
-    if rule is Rule.AND:
-        return "Yes" if ours == theirs == "Yes" else "No"
-    if rule in (Rule.MIN, Rule.MAX):
-        a, b = int(ours), int(theirs)
-        return str(min(a, b) if rule is Rule.MIN else max(a, b))
-    if rule is Rule.LIST:
-        mine = ours.split(",")
-        for v in theirs.split(","):
-            if v in mine:
-                return v
-        raise ValueError(f"no common value in {ours!r} / {theirs!r}")
-    return theirs
-
-
-def decode_text(data: bytes) -> list[tuple[str, str]]:
-    """``key=value\\0`` pairs of a login/text data segment (RFC 7143 6.1)."""
-    out = []
-    for item in data.split(b"\0"):
-        if not item:
-            continue
-        k, sep, v = item.decode("utf-8", "replace").partition("=")
-        if not sep:
-            raise ValueError(f"text item without '=': {k!r}")
-        out.append((k, v))
-    return out
-
-
-def encode_text(pairs: list[tuple[str, str]] | dict[str, str]) -> bytes:
-    items = pairs.items() if isinstance(pairs, dict) else pairs
-    return b"".join(f"{k}={v}".encode() + b"\0" for k, v in items)
-
-
 @dataclass(frozen=True, slots=True)
 class Negotiated:
-    """Operational parameters in force after login."""
+    """What a login established: the negotiated parameters plus the
+    session identity the target gave."""
 
-    header_digest: bool = False
-    data_digest: bool = False
-    initial_r2t: bool = True
-    immediate_data: bool = True
-    max_burst: int = 262144
-    first_burst: int = 65536
-    target_mrdsl: int = 8192  # what we may send in one PDU
-    our_mrdsl: int = 8192  # what the target may send us
-    max_outstanding_r2t: int = 1
-    error_recovery_level: int = 0
+    params: SessionParams = field(default_factory=SessionParams)
     tsih: int = 0
     target_portal_group_tag: int = 0
     target_alias: str = ""
-
-
-def _chap_value(text: str) -> bytes:
-    """CHAP binary values: 0x hex or 0b base64 (RFC 7143 6.1)."""
-    import base64
-
-    if text[:2].lower() == "0x":
-        h = text[2:]
-        return bytes.fromhex(h if len(h) % 2 == 0 else "0" + h)
-    if text[:2].lower() == "0b":
-        return base64.b64decode(text[2:])
-    raise ValueError(f"bad CHAP binary value {text!r}")
-
-
-def chap_response(ident: int, secret: bytes, challenge: bytes) -> bytes:
-    """CHAP MD5 response: MD5(identifier || secret || challenge) (RFC 1994)."""
-    return hashlib.md5(bytes((ident & 0xFF,)) + secret + challenge).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,10 +171,11 @@ class SessionConfig:
         return not self.target_name
 
 
-def _digest_offer(v: bool | str) -> str:
+def _digest_offer(v: bool | str) -> tuple[str, ...]:
+    """True: CRC32C only; False: None only; a string: that list ("CRC32C,None")."""
     if isinstance(v, str):
-        return v
-    return "CRC32C" if v else "None"
+        return tuple(v.split(","))
+    return ("CRC32C",) if v else ("None",)
 
 
 # --------------------------------------------------------------------- events
@@ -269,7 +183,7 @@ def _digest_offer(v: bool | str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LoginDone:
-    params: Negotiated
+    negotiated: Negotiated
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,8 +293,7 @@ class State(Enum):
 
 
 # Login stages on the wire (RFC 7143 11.12.3).
-_CSG = {State.SECURITY: 0, State.OPERATIONAL: 1}
-_FFP = 3
+_CSG = {State.SECURITY: Stage.SECURITY, State.OPERATIONAL: Stage.OPERATIONAL}
 _MAX_LOGIN_EXCHANGES = 16
 
 
@@ -395,7 +308,6 @@ class InitiatorCore:
         self.config = config
         self._random = random_bytes
         self.state = State.FREE
-        self.params = Negotiated()
         self.cmdsn = 1
         self.exp_cmdsn = 1
         self.max_cmdsn = 1
@@ -411,17 +323,21 @@ class InitiatorCore:
         self._last_rx = 0.0
         self._ping_itt: int | None = None
         # login
+        self.negotiated = Negotiated()
         self._login_itt = 0
         self._login_exchanges = 0
-        self._offered: dict[str, str] = {}
-        self._agreed: dict[str, str] = {}
-        self._replies: list[tuple[str, str]] = []
-        self._chap_step = ""
-        self._chap_mutual_id = 0
-        self._chap_mutual_challenge = b""
+        self._stages = LoginStages()
+        self._neg = Negotiation(Role.INITIATOR)
+        self._chap: ChapClient | None = None
+        self._chap_started = False
         self._digests_pending = False
 
     # ---------------------------------------------------------------- plumbing
+
+    @property
+    def params(self) -> SessionParams:
+        """Negotiated operational parameters of the current login."""
+        return self.negotiated.params
 
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
@@ -455,38 +371,59 @@ class InitiatorCore:
     def start_login(self, now: float) -> None:
         """A new TCP connection is up: begin a login with the session's ISID
         and TSIH 0 (a new session, or reinstatement of an old one with the
-        same ISID)."""
+        same ISID, RFC 7143 6.3.5)."""
+        cfg = self.config
         self.state = State.SECURITY
-        self.params = Negotiated()
+        self.negotiated = Negotiated()
         self._reader = PduReader(max_data_length=8192)
         self._out.clear()
         self.exp_statsn = 0
         self._login_itt = self._next_itt()
         self._login_exchanges = 0
-        self._offered = {}
-        self._agreed = {}
-        self._replies = []
-        self._chap_step = ""
         self._last_rx = now
         self._ping_itt = None
-        cfg = self.config
-        keys = [("InitiatorName", cfg.initiator_name)]
+        self._stages = LoginStages()
+        self._chap_started = False
+        self._neg = Negotiation(Role.INITIATOR, self._local_values())
+        self._chap = (
+            ChapClient(ChapCredentials.make(*cfg.chap),
+                       ChapCredentials.make(*cfg.mutual) if cfg.mutual else None,
+                       self._random)
+            if cfg.chap else None
+        )
+        keys: list[tuple[str, str]] = [("InitiatorName", cfg.initiator_name)]
         if cfg.discovery:
             keys.append(("SessionType", "Discovery"))
         else:
             keys += [("SessionType", "Normal"), ("TargetName", cfg.target_name)]
-        if cfg.chap:
-            keys.append(("AuthMethod", "CHAP" if cfg.mutual else "CHAP,None"))
-            self._chap_step = "method"
-            self._login_request(keys, transit=False)
-        else:
-            keys.append(("AuthMethod", "None"))
-            self._login_request(keys, transit=True)
+        keys += self._neg.offer(["AuthMethod"])
+        # With CHAP on offer the target will not leave the security stage at
+        # once; without it we ask to move on right away.
+        self._login_request(keys, transit=self._chap is None)
+
+    def _local_values(self) -> dict[str, object]:
+        cfg = self.config
+        return {
+            "AuthMethod": (("CHAP",) if cfg.mutual else ("CHAP", "None")) if cfg.chap else ("None",),
+            "HeaderDigest": _digest_offer(cfg.header_digest),
+            "DataDigest": _digest_offer(cfg.data_digest),
+            "MaxRecvDataSegmentLength": cfg.max_recv_data_segment_length,
+            "InitialR2T": cfg.initial_r2t,
+            "ImmediateData": cfg.immediate_data,
+            "MaxBurstLength": cfg.max_burst_length,
+            "FirstBurstLength": min(cfg.first_burst_length, cfg.max_burst_length),
+            "MaxOutstandingR2T": cfg.max_outstanding_r2t,
+            "MaxConnections": 1,
+            "ErrorRecoveryLevel": 0,
+            "DefaultTime2Wait": 0,
+            "DefaultTime2Retain": 0,
+        }
 
     def _login_request(self, keys: list[tuple[str, str]], transit: bool) -> None:
         self._login_exchanges += 1
         csg = _CSG[self.state]
-        nsg = 1 if self.state is State.SECURITY else _FFP
+        nsg = Stage.OPERATIONAL if self.state is State.SECURITY else Stage.FULL_FEATURE
+        self._stages.offered(Stage(csg), nsg if transit else None)
         self._send(
             LoginRequest(
                 self.config.isid, 0, self._login_itt, self.config.cid, self.cmdsn,
@@ -495,47 +432,35 @@ class InitiatorCore:
         )
 
     def _operational_offer(self) -> list[tuple[str, str]]:
-        cfg = self.config
-        offer = [
-            ("HeaderDigest", _digest_offer(cfg.header_digest)),
-            ("DataDigest", _digest_offer(cfg.data_digest)),
-            ("MaxRecvDataSegmentLength", str(cfg.max_recv_data_segment_length)),
-        ]
-        if not cfg.discovery:
-            offer += [
-                ("InitialR2T", "Yes" if cfg.initial_r2t else "No"),
-                ("ImmediateData", "Yes" if cfg.immediate_data else "No"),
-                ("MaxBurstLength", str(cfg.max_burst_length)),
-                ("FirstBurstLength", str(cfg.first_burst_length)),
-                ("MaxOutstandingR2T", str(cfg.max_outstanding_r2t)),
-                ("MaxConnections", "1"),
-                ("ErrorRecoveryLevel", "0"),
-                ("DefaultTime2Wait", "2"),
-                ("DefaultTime2Retain", "0"),
-                ("DataPDUInOrder", "Yes"),
-                ("DataSequenceInOrder", "Yes"),
+        names = ["HeaderDigest", "DataDigest", "MaxRecvDataSegmentLength"]
+        if not self.config.discovery:
+            names += [
+                "InitialR2T", "ImmediateData", "MaxBurstLength", "FirstBurstLength",
+                "MaxOutstandingR2T", "MaxConnections", "ErrorRecoveryLevel",
+                "DefaultTime2Wait", "DefaultTime2Retain",
             ]
-        for k, v in offer:
-            if k != "MaxRecvDataSegmentLength":
-                self._offered[k] = v
-        return offer
+        return self._neg.offer(names)
 
     def _login_fail(self, status: int, message: str) -> list[Event]:
         self.state = State.FREE
         log.info("login to %s failed: %s", self.config.target_name or "discovery", message)
-        return [LoginFailed(LoginError(status, message))]
+        try:
+            st = LoginStatus(status)
+        except ValueError:
+            st = LoginStatus.TARGET_ERROR if status >> 8 == 3 else LoginStatus.INITIATOR_ERROR
+        return [LoginFailed(LoginError(st, message))]
 
     def _on_login_response(self, rsp: LoginResponse, now: float) -> list[Event]:
         if rsp.itt != self._login_itt:
-            return self._login_fail(-1, "login response with a foreign ITT")
+            return self._login_fail(LoginStatus.TARGET_ERROR, "login response with a foreign ITT")
         self.exp_statsn = (rsp.statsn + 1) & SN_MASK
         self._update_window(rsp.expcmdsn, rsp.maxcmdsn, force=True)
         try:
             pairs = decode_text(rsp.data)
-        except ValueError as exc:
-            return self._login_fail(-1, f"bad login text: {exc}")
+        except LoginError as exc:
+            return self._login_fail(LoginStatus.TARGET_ERROR, f"bad login text: {exc}")
         if rsp.status != LoginStatus.SUCCESS:
-            if rsp.status >> 8 == 1:
+            if rsp.status >> 8 == 1:  # redirection (RFC 7143 11.13.5)
                 addr = dict(pairs).get("TargetAddress")
                 if not addr:
                     return self._login_fail(rsp.status, "redirection without TargetAddress")
@@ -547,159 +472,83 @@ class InitiatorCore:
                 name = f"0x{rsp.status:04x}"
             return self._login_fail(rsp.status, f"target refused login: {name}")
         if rsp.cont:
-            return self._login_fail(-1, "continued login responses are not supported")
+            return self._login_fail(LoginStatus.TARGET_ERROR, "continued login responses are not supported")
         if self._login_exchanges > _MAX_LOGIN_EXCHANGES:
-            return self._login_fail(-1, "login does not converge")
+            return self._login_fail(LoginStatus.TARGET_ERROR, "login does not converge")
         try:
+            self._stages.response(rsp.csg, rsp.nsg, rsp.transit)
             if self.state is State.SECURITY:
                 return self._security_step(rsp, pairs)
             return self._operational_step(rsp, pairs, now)
-        except (ValueError, KeyError) as exc:
-            return self._login_fail(-1, f"negotiation failed: {exc}")
+        except LoginError as exc:
+            return self._login_fail(exc.status, f"login failed: {exc}")
 
     def _security_step(self, rsp: LoginResponse, pairs: list[tuple[str, str]]) -> list[Event]:
-        cfg = self.config
-        got = dict(pairs)
-        if rsp.csg != 0:
-            raise ValueError("login response in an unexpected stage")
-        method = got.get("AuthMethod")
-        if method is not None:
-            if method == "CHAP":
-                if not cfg.chap:
-                    raise ValueError("target chose CHAP but no CHAP credentials were given")
-                self._chap_step = "algorithm"
-                self._login_request([("CHAP_A", "5")], transit=False)
+        replies = self._neg.receive(pairs, Stage.SECURITY)
+        self._note_declared()
+        method = self._neg.results.get("AuthMethod")
+        chap_keys = {k: v for k, v in pairs if k.startswith("CHAP_")}
+        if method == "CHAP" and self._chap is not None and not self._chap.done:
+            if not self._chap_started:
+                self._chap_started = True
+                self._login_request(replies + self._chap.start(), transit=False)
                 return []
-            if method == "None":
-                if cfg.mutual:
-                    raise ValueError("target refused CHAP but mutual authentication was required")
-                self._chap_step = ""
-            else:
-                raise ValueError(f"unexpected AuthMethod {method!r}")
-        if "CHAP_C" in got:
-            if self._chap_step != "algorithm":
-                raise ValueError("unexpected CHAP challenge")
-            if got.get("CHAP_A") != "5":
-                raise ValueError(f"unsupported CHAP algorithm {got.get('CHAP_A')!r}")
-            assert cfg.chap is not None
-            user, secret = cfg.chap
-            ident = int(got["CHAP_I"], 0)
-            resp = chap_response(ident, secret.encode(), _chap_value(got["CHAP_C"]))
-            keys = [("CHAP_N", user), ("CHAP_R", "0x" + resp.hex())]
-            if cfg.mutual:
-                self._chap_mutual_id = self._random(1)[0]
-                self._chap_mutual_challenge = self._random(16)
-                keys += [("CHAP_I", str(self._chap_mutual_id)),
-                         ("CHAP_C", "0x" + self._chap_mutual_challenge.hex())]
-            self._chap_step = "response"
-            self._login_request(keys, transit=True)
+            if chap_keys or not self._chap.answered:
+                out = self._chap.step(chap_keys)
+                if out or not self._chap.done:
+                    # our response (and mutual challenge) goes with the wish to move on
+                    self._login_request(replies + out, transit=True)
+                    return []
+        if self.config.mutual and not (self._chap and self._chap.done):
+            raise LoginError(LoginStatus.AUTHENTICATION_FAILURE,
+                             "target did not authenticate itself (mutual CHAP)")
+        if self._chap is not None and method == "CHAP" and not self._chap.done:
+            raise LoginError(LoginStatus.AUTHENTICATION_FAILURE, "CHAP exchange incomplete")
+        if self._stages.stage is Stage.SECURITY:
+            self._login_request(replies, transit=True)
             return []
-        if self._chap_step == "response" and cfg.mutual:
-            if "CHAP_R" not in got:
-                raise ValueError("target did not answer the mutual CHAP challenge")
-            want = chap_response(self._chap_mutual_id, cfg.mutual[1].encode(),
-                                 self._chap_mutual_challenge)
-            if _chap_value(got["CHAP_R"]) != want:
-                raise ValueError("target failed mutual CHAP authentication")
-            if got.get("CHAP_N", cfg.mutual[0]) != cfg.mutual[0]:
-                raise ValueError(f"target authenticated as {got.get('CHAP_N')!r}")
-            self._chap_step = "done"
-        if self._chap_step in ("method", "algorithm"):
-            raise ValueError("target left the security stage without authenticating")
-        for k in ("TargetPortalGroupTag", "TargetAlias"):
-            if k in got:
-                self._agreed[k] = got[k]
-        if rsp.transit:
-            if rsp.nsg == _FFP:
-                raise ValueError("target skipped the operational stage")
-            self.state = State.OPERATIONAL
-            self._login_request(self._operational_offer(), transit=True)
-        else:
-            self._login_request([], transit=True)
+        self.state = State.OPERATIONAL
+        self._login_request(replies + self._operational_offer(), transit=True)
         return []
+
+    def _note_declared(self) -> None:
+        d = self._neg.declared
+        if "TargetPortalGroupTag" in d or "TargetAlias" in d:
+            self.negotiated = replace(
+                self.negotiated,
+                target_portal_group_tag=int(d.get("TargetPortalGroupTag", "0")),
+                target_alias=d.get("TargetAlias", ""),
+            )
 
     def _operational_step(
         self, rsp: LoginResponse, pairs: list[tuple[str, str]], now: float
     ) -> list[Event]:
-        replies: list[tuple[str, str]] = []
-        for k, v in pairs:
-            if k in ("TargetPortalGroupTag", "TargetAlias", "TargetAddress"):
-                self._agreed[k] = v
-                continue
-            if k == "MaxRecvDataSegmentLength":
-                self._agreed["TargetMRDSL"] = v
-                continue
-            rule_default = KEYS.get(k)
-            if rule_default is None:
-                if k in self._offered or k.startswith("X-") or k.startswith("X#"):
-                    continue
-                replies.append((k, "NotUnderstood"))
-                continue
-            rule, default = rule_default
-            if k in self._offered:  # an answer to our offer
-                if v in _NOT_VALUES:
-                    self._agreed[k] = default
-                elif rule is Rule.LIST:
-                    if v not in self._offered[k].split(","):
-                        raise ValueError(f"{k}={v} was not offered")
-                    self._agreed[k] = v
-                else:
-                    self._agreed[k] = negotiate(rule, self._offered[k], v)
-            else:  # the target offers: answer with the result
-                ours = self._our_value(k, default)
-                res = negotiate(rule, ours, v)
-                self._agreed[k] = res
-                replies.append((k, res))
-        if rsp.transit and rsp.nsg == _FFP:
+        replies = self._neg.receive(pairs, Stage.OPERATIONAL)
+        self._note_declared()
+        if self._stages.complete:
             if replies:
-                raise ValueError("target offered keys in its final login response")
+                raise LoginError(LoginStatus.TARGET_ERROR,
+                                 "target offered keys in its final login response")
             return self._login_complete(rsp, now)
         self._login_request(replies, transit=True)
         return []
 
-    def _our_value(self, key: str, default: str) -> str:
-        for k, v in self._operational_offer():
-            if k == key:
-                return v
-        return default
-
     def _login_complete(self, rsp: LoginResponse, now: float) -> list[Event]:
-        a = self._agreed
         cfg = self.config
-
-        def yes(key: str) -> bool:
-            return a.get(key, KEYS[key][1]) == "Yes"
-
-        def num(key: str) -> int:
-            return int(a.get(key, KEYS[key][1]))
-
-        self.params = Negotiated(
-            header_digest=a.get("HeaderDigest", "None") == "CRC32C",
-            data_digest=a.get("DataDigest", "None") == "CRC32C",
-            initial_r2t=yes("InitialR2T"),
-            immediate_data=yes("ImmediateData"),
-            max_burst=num("MaxBurstLength"),
-            first_burst=min(num("FirstBurstLength"), num("MaxBurstLength")),
-            target_mrdsl=int(a.get("TargetMRDSL", "8192")),
-            our_mrdsl=cfg.max_recv_data_segment_length,
-            max_outstanding_r2t=num("MaxOutstandingR2T"),
-            error_recovery_level=num("ErrorRecoveryLevel"),
-            tsih=rsp.tsih,
-            target_portal_group_tag=int(a.get("TargetPortalGroupTag", "0")),
-            target_alias=a.get("TargetAlias", ""),
-        )
-        if self.params.target_mrdsl < 512:
-            raise ValueError("target MaxRecvDataSegmentLength below 512")
+        params = self._neg.params()
+        if params.error_recovery_level != 0:
+            raise LoginError(LoginStatus.TARGET_ERROR, "only ErrorRecoveryLevel 0 is supported")
+        self.negotiated = replace(self.negotiated, params=params, tsih=rsp.tsih)
         self.state = State.FULL_FEATURE
         self._digests_pending = True
         self._last_rx = now
         log.info(
             "logged in to %s isid=0x%012x tsih=%d digests=%s/%s",
             cfg.target_name or "discovery", cfg.isid, rsp.tsih,
-            self.params.header_digest, self.params.data_digest,
+            params.header_digest, params.data_digest,
         )
         self._pump(now)
-        return [LoginDone(self.params)]
+        return [LoginDone(self.negotiated)]
 
     # ------------------------------------------------------------ receiving
 
@@ -727,7 +576,7 @@ class InitiatorCore:
                 self._digests_pending = False
                 reader.header_digest = self.params.header_digest
                 reader.data_digest = self.params.data_digest
-                reader.max_data_length = self.params.our_mrdsl
+                reader.max_data_length = self.params.max_recv_data_segment_length
         return events
 
     def _dispatch(self, raw: RawPdu, now: float) -> list[Event]:
@@ -824,13 +673,13 @@ class InitiatorCore:
         end = r2t.offset + r2t.length
         if end > len(cmd.data_out) or r2t.length == 0:
             raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"R2T for bytes {r2t.offset}..{end} of {len(cmd.data_out)}")
-        if r2t.length > self.params.max_burst:
+        if r2t.length > self.params.max_burst_length:
             raise ProtocolError(RejectReason.INVALID_PDU_FIELD, "R2T larger than MaxBurstLength")
         self._send_data_out(cmd, r2t.offset, end, r2t.ttt)
         return []
 
     def _send_data_out(self, cmd: _Command, start: int, end: int, ttt: int) -> None:
-        step = self.params.target_mrdsl
+        step = self.params.max_xmit_data_segment_length
         datasn = 0
         off = start
         while off < end:
@@ -900,7 +749,7 @@ class InitiatorCore:
         del self._other[rsp.itt]
         try:
             pairs = decode_text(bytes(req.text))
-        except ValueError as exc:
+        except LoginError as exc:
             raise ProtocolError(RejectReason.INVALID_PDU_FIELD, str(exc)) from exc
         return [TextDone(req.handle, pairs)]
 
@@ -998,8 +847,8 @@ class InitiatorCore:
         cmd.high = 0
         cmd.buf = bytearray(cmd.data_in_len) if cmd.data_in_len else None
         total = len(cmd.data_out)
-        immediate = min(total, p.first_burst, p.target_mrdsl) if p.immediate_data else 0
-        unsolicited_end = min(total, p.first_burst) if not p.initial_r2t else immediate
+        immediate = min(total, p.first_burst_length, p.max_xmit_data_segment_length) if p.immediate_data else 0
+        unsolicited_end = min(total, p.first_burst_length) if not p.initial_r2t else immediate
         more = unsolicited_end > immediate
         self._active[cmd.itt] = cmd
         self._send(
