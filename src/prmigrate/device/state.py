@@ -51,6 +51,11 @@ class DevicePrState:
 
     guests: dict[str, GuestPrState] = field(default_factory=dict)
     generation: int | None = None  # backend PRgeneration when last verified
+    # Guests whose tracked state may be stale (a unit attention, a PREEMPT
+    # whose outcome depends on others...) until a READ FULL STATUS or READ
+    # RESERVATION confirms it. Carried by the migration stream so that the
+    # destination verifies before it acts on the state.
+    unverified: set[str] = field(default_factory=set)
 
     def get(self, guest: str) -> GuestPrState:
         return self.guests.get(guest.lower(), GuestPrState())
@@ -65,11 +70,28 @@ class DevicePrState:
     def has_state(self) -> bool:
         return any(not g.empty for g in self.guests.values())
 
+    @property
+    def verified(self) -> bool:
+        return not self.unverified
+
+    def mark_unverified(self, guest: str) -> None:
+        self.unverified.add(guest.lower())
+
+    def mark_verified(self, guest: str) -> None:
+        self.unverified.discard(guest.lower())
+
+    def copy(self) -> DevicePrState:
+        """An independent copy (``GuestPrState`` values are immutable)."""
+        return DevicePrState(dict(self.guests), self.generation, set(self.unverified))
+
     def to_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "guests": {k: v.to_dict() for k, v in sorted(self.guests.items())},
             "generation": self.generation,
         }
+        if self.unverified:  # omitted when empty: readers of the first layout still agree
+            d["unverified"] = sorted(self.unverified)
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, object]) -> DevicePrState:
@@ -77,7 +99,33 @@ class DevicePrState:
         if not isinstance(guests, dict):
             raise ValueError("PR state: 'guests' must be a mapping")
         gen = d.get("generation")
+        unverified = d.get("unverified", [])
+        if not isinstance(unverified, list | tuple | set | frozenset):
+            raise ValueError("PR state: 'unverified' must be a list of guest names")
         return DevicePrState(
             {str(k).lower(): GuestPrState.from_dict(v) for k, v in guests.items()},
             None if gen is None else int(gen),  # type: ignore[call-overload]
+            {str(g).lower() for g in unverified},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One guest's tracked state changed, and why (one log line each)."""
+
+    guest: str
+    before: GuestPrState
+    after: GuestPrState
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.guest}: {describe_guest(self.before)} -> {describe_guest(self.after)} ({self.reason})"
+
+
+def describe_guest(s: GuestPrState) -> str:
+    if s.empty:
+        return "unregistered"
+    text = f"key 0x{s.key:x}" + (" aptpl" if s.aptpl else "")
+    if s.holder:
+        text += f", holds {s.rtype.short}" + (f" scope {s.scope}" if s.scope else "")
+    return text
