@@ -44,7 +44,8 @@ def _control() -> bytes:
     b = bytearray(12)
     b[0], b[1] = ModePage.CONTROL, 10
     b[3] = 0x10  # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
-    b[5] = 0x40  # TAS: aborted tasks of other nexuses end with TASK ABORTED
+    # TAS = 0: tasks of other nexuses aborted by a task management function
+    # leave UA 2F/00 COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 5.6).
     b[8:10] = b"\xff\xff"  # BUSY TIMEOUT PERIOD: unlimited
     return bytes(b)
 
