@@ -1,0 +1,765 @@
+"""The SPC-5 persistent reservation engine of one logical unit (REFERENCE 2-6).
+
+State: registrations keyed by initiator port (TransportID: name + ISID) and
+target port (relative target port identifier), at most one persistent
+reservation, an optional SCSI-2 reservation, PRgeneration and the APTPL flag.
+
+Rules, by service action (SPC-5 5.14.11 / 6.17):
+
+- REGISTER / REGISTER AND IGNORE EXISTING KEY: register, change key, or
+  unregister (SARK = 0). Unregistering the holder of a non-all-registrants
+  reservation releases it (registrants-only types: 2A/04 to the others);
+  an all-registrants reservation lives until its last registrant leaves.
+- RESERVE / RELEASE: no PRgeneration change; releasing an RO/AR type sends
+  2A/04 to the other registrants.
+- CLEAR: everything goes; 2A/03 to the other registrants.
+- PREEMPT (AND ABORT): see ``_preempt``; 2A/05 to every nexus that lost its
+  registration, 2A/04 to the remaining ones when type/scope changed.
+- REGISTER AND MOVE: the holder hands the reservation to another initiator port.
+- REPLACE LOST RESERVATION: this engine never loses reservation information
+  (RLR_C = 0 in REPORT CAPABILITIES), so the service action is not supported:
+  ILLEGAL REQUEST / INVALID FIELD IN CDB, nothing changes (SPC-5 6.17.1).
+
+A unit attention goes to the affected nexuses, never to the one whose command
+caused it. Pure: no I/O except the APTPL state file (``persist``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..scsi.constants import VALID_PR_TYPES, Opcode, PrInAction, PrOutAction, PrType
+from ..scsi.pr import (
+    BASIC_PARAMS_LEN,
+    FullStatusEntry,
+    PrDecodeError,
+    PrInCdb,
+    PrLengthError,
+    PrOutCdb,
+    PrOutParams,
+    ReadFullStatus,
+    ReadKeys,
+    ReadReservation,
+    RegisterAndMoveParams,
+    ReportCapabilities,
+)
+from ..scsi.sense import CheckCondition, Sense, SenseField
+from ..scsi.transport_id import TransportId
+from . import persist
+from .conflicts import Access, Relation, classify, pr_conflicts, scsi2_allowed
+from .types import Nexus, ReservationConflict
+
+__all__ = ["ReservationTable", "Registration", "Reservation", "UnitAttentionSink"]
+
+_GEN_MASK = 0xFFFFFFFF
+STATE_VERSION = 1
+SPEC_I_PT_BYTE = 20  # byte of SPEC_I_PT / ALL_TG_PT / APTPL in the parameter list
+
+PortKey = tuple[str, int, int]  # (initiator name, ISID, relative target port)
+RegId = tuple[str, int | None, int]  # (initiator name, ISID or None = any, rel port)
+
+
+class UnitAttentionSink(Protocol):
+    def establish(self, nexus: Nexus, sense: Sense) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One registered I_T nexus (or, with ``all_tg_pt``, initiator port on every target port)."""
+
+    key: int
+    tid: TransportId  # initiator port; isid None = every ISID (format 00b)
+    rel_port: int
+    all_tg_pt: bool = False
+    target: str = ""
+    tpgt: int = 1
+
+    @property
+    def ident(self) -> RegId:
+        return (self.tid.name.lower(), self.tid.isid, self.rel_port)
+
+    def matches(self, nexus: Nexus) -> bool:
+        return self.tid.matches(nexus) and (self.all_tg_pt or self.rel_port == nexus.rel_port)
+
+    def overlaps(self, other: Registration) -> bool:
+        """Both would register at least one common I_T nexus."""
+        if self.tid.name.lower() != other.tid.name.lower():
+            return False
+        if self.tid.isid is not None and other.tid.isid is not None:
+            if self.tid.isid != other.tid.isid:
+                return False
+        return self.all_tg_pt or other.all_tg_pt or self.rel_port == other.rel_port
+
+    def home_nexus(self) -> Nexus | None:
+        """The nexus this registration was made for (None for a format 00b TransportID)."""
+        if self.tid.isid is None:
+            return None
+        return Nexus(self.tid.name.lower(), self.tid.isid, self.target, self.tpgt, self.rel_port)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "name": self.tid.name,
+            "isid": self.tid.isid,
+            "rel_port": self.rel_port,
+            "all_tg_pt": self.all_tg_pt,
+            "target": self.target,
+            "tpgt": self.tpgt,
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Registration:
+        isid = d.get("isid")
+        return Registration(
+            key=int(d["key"]),
+            tid=TransportId(str(d["name"]), None if isid is None else int(isid)),
+            rel_port=int(d["rel_port"]),
+            all_tg_pt=bool(d.get("all_tg_pt", False)),
+            target=str(d.get("target", "")),
+            tpgt=int(d.get("tpgt", 1)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The persistent reservation. ``holder`` is None for all-registrants types."""
+
+    rtype: PrType
+    scope: int = 0
+    holder: RegId | None = None
+
+
+def _port_key(nexus: Nexus) -> PortKey:
+    return (nexus.initiator.lower(), nexus.isid, nexus.rel_port)
+
+
+def _cdb_field(byte: int, bit: int | None = None) -> SenseField:
+    return SenseField(cdb=True, field=byte, bit=bit)
+
+
+def _param_field(byte: int, bit: int | None = None) -> SenseField:
+    return SenseField(cdb=False, field=byte, bit=bit)
+
+
+# REPORT CAPABILITIES (SPC-5 6.16.4): CRH, SIP_C, ATP_C, PTPL_C, TMV; ALLOW
+# COMMANDS 001b (TEST UNIT READY allowed through WE and EA); all six types.
+CAPABILITIES = ReportCapabilities(
+    rlr_c=False,
+    crh=True,
+    sip_c=True,
+    atp_c=True,
+    ptpl_c=True,
+    tmv=True,
+    allow_commands=0b001,
+    type_mask=ReportCapabilities.mask_of(VALID_PR_TYPES),
+)
+
+
+class ReservationTable:
+    """Persistent (and SCSI-2) reservation state of one logical unit."""
+
+    def __init__(
+        self,
+        ua: UnitAttentionSink,
+        state_path: Path | None,
+        abort_tasks: Callable[[set[Nexus]], None] | None = None,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+    ) -> None:
+        self._ua = ua
+        self._state_path = Path(state_path) if state_path is not None else None
+        self._abort_tasks = abort_tasks
+        self._log = log if log is not None else logging.getLogger(__name__)
+        self._regs: dict[RegId, Registration] = {}
+        self._resv: Reservation | None = None
+        self._generation = 0
+        self._aptpl = False
+        self._scsi2: Nexus | None = None
+        self._nexuses: dict[PortKey, Nexus] = {}  # every nexus seen, for unit attentions
+        if self._state_path is not None:
+            self._load(self._state_path)
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def registrations(self) -> tuple[Registration, ...]:
+        return tuple(self._regs.values())
+
+    @property
+    def reservation(self) -> Reservation | None:
+        return self._resv
+
+    @property
+    def aptpl(self) -> bool:
+        return self._aptpl
+
+    @property
+    def scsi2_holder(self) -> Nexus | None:
+        return self._scsi2
+
+    def registration_of(self, nexus: Nexus) -> Registration | None:
+        """The registration ``nexus`` acts under (exact ISID first, then format 00b)."""
+        wildcard = None
+        for reg in self._regs.values():
+            if reg.matches(nexus):
+                if reg.tid.isid is not None:
+                    return reg
+                wildcard = wildcard or reg
+        return wildcard
+
+    def is_holder(self, nexus: Nexus) -> bool:
+        return self._relation(nexus, self.registration_of(nexus)) is Relation.HOLDER
+
+    # ------------------------------------------------------------ nexus events
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """I_T nexus loss: the SCSI-2 reservation it holds goes; registrations stay."""
+        if self._scsi2 is not None and _port_key(self._scsi2) == _port_key(nexus):
+            self._log.info("SCSI-2 reservation of %s released: I_T nexus loss", nexus)
+            self._scsi2 = None
+        self._nexuses.pop(_port_key(nexus), None)
+
+    def reset(self) -> None:
+        """LU / target reset: drops the SCSI-2 reservation, keeps persistent ones."""
+        if self._scsi2 is not None:
+            self._log.info("SCSI-2 reservation of %s released: reset", self._scsi2)
+            self._scsi2 = None
+
+    # ------------------------------------------------------------ conflict check
+
+    def conflicts(self, nexus: Nexus, cdb: bytes | bytearray | memoryview) -> bool:
+        """Would ``cdb`` from ``nexus`` end with RESERVATION CONFLICT? (SPC-5 5.14.2)"""
+        self._seen(nexus)
+        if len(cdb) == 0:
+            return False
+        op = cdb[0]
+        if self._scsi2 is not None:
+            # SPC-5 5.14.3: PR IN/OUT conflict while a SCSI-2 reservation exists.
+            if op in (Opcode.PERSISTENT_RESERVE_IN, Opcode.PERSISTENT_RESERVE_OUT):
+                return True
+            if _port_key(self._scsi2) != _port_key(nexus) and not scsi2_allowed(cdb):
+                return True
+        access = classify(cdb)
+        if access is Access.SCSI2:
+            return self._scsi2_conflict(nexus, op)
+        reg = self.registration_of(nexus)
+        rtype = self._resv.rtype if self._resv is not None else None
+        return pr_conflicts(access, rtype, self._relation(nexus, reg))
+
+    def _relation(self, nexus: Nexus, reg: Registration | None) -> Relation:
+        if reg is None:
+            return Relation.UNREGISTERED
+        resv = self._resv
+        if resv is not None and (resv.rtype.all_registrants or resv.holder == reg.ident):
+            return Relation.HOLDER
+        return Relation.REGISTERED
+
+    # ------------------------------------------------------------ SCSI-2
+
+    def _scsi2_conflict(self, nexus: Nexus, op: int) -> bool:
+        """RESERVE/RELEASE (6/10) with compatible reservation handling (CRH=1, SPC-5 5.14.3)."""
+        reserve = op in (Opcode.RESERVE_6, Opcode.RESERVE_10)
+        if self._regs:
+            reg = self.registration_of(nexus)
+            rel = self._relation(nexus, reg)
+            if reserve:
+                # GOOD without effect for a PR holder, or a registrant under RO/AR;
+                # RESERVATION CONFLICT otherwise.
+                if rel is Relation.HOLDER:
+                    return False
+                resv = self._resv
+                shared = resv is not None and (
+                    resv.rtype.registrants_only or resv.rtype.all_registrants
+                )
+                return not (rel is Relation.REGISTERED and shared)
+            # RELEASE: GOOD without effect from a registered nexus, else conflict.
+            return rel is Relation.UNREGISTERED
+        if reserve:
+            # SPC-2 7.21: RESERVE while another nexus holds the reservation conflicts.
+            return self._scsi2 is not None and _port_key(self._scsi2) != _port_key(nexus)
+        return False  # RELEASE by a non-holder is a GOOD no-op (SPC-2 7.19)
+
+    def reserve(self, nexus: Nexus, cdb: bytes | bytearray | memoryview) -> None:
+        """RESERVE(6) / RESERVE(10)."""
+        self._seen(nexus)
+        if len(cdb) > 1 and cdb[0] == Opcode.RESERVE_10 and cdb[1] & 0x12:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(1))  # 3RDPTY/LONGID
+        if self._scsi2_conflict(nexus, Opcode.RESERVE_6):
+            raise ReservationConflict()
+        if self._regs:
+            return  # CRH: GOOD, but no SCSI-2 reservation next to persistent state
+        if self._scsi2 is None:
+            self._log.info("SCSI-2 reservation taken by %s", nexus)
+        self._scsi2 = nexus
+
+    def release(self, nexus: Nexus, cdb: bytes | bytearray | memoryview) -> None:
+        """RELEASE(6) / RELEASE(10)."""
+        self._seen(nexus)
+        if self._scsi2_conflict(nexus, Opcode.RELEASE_6):
+            raise ReservationConflict()
+        if self._scsi2 is not None and _port_key(self._scsi2) == _port_key(nexus):
+            self._log.info("SCSI-2 reservation released by %s", nexus)
+            self._scsi2 = None
+
+    # ------------------------------------------------------------ PR IN
+
+    def persistent_reserve_in(self, nexus: Nexus, cdb: bytes | bytearray | memoryview) -> bytes:
+        """PERSISTENT RESERVE IN: the full reply truncated to the allocation length."""
+        self._seen(nexus)
+        if self._scsi2 is not None:
+            raise ReservationConflict()
+        try:
+            req = PrInCdb.decode(cdb)
+        except PrDecodeError as e:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(0)) from e
+        builder = self._PR_IN.get(req.action)
+        if builder is None:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(1, 4))
+        return builder(self)[: req.alloc_len]
+
+    def _read_keys(self) -> bytes:
+        return ReadKeys(self._generation, tuple(r.key for r in self._regs.values())).encode()
+
+    def _read_reservation(self) -> bytes:
+        resv = self._resv
+        if resv is None:
+            return ReadReservation(self._generation).encode()
+        key = 0  # all-registrants: RESERVATION KEY is zero (SPC-5 6.16.3.2)
+        if resv.holder is not None:
+            key = self._regs[resv.holder].key
+        return ReadReservation(self._generation, key, resv.scope, resv.rtype).encode()
+
+    def _report_capabilities(self) -> bytes:
+        return replace(CAPABILITIES, ptpl_a=self._aptpl).encode()
+
+    def _read_full_status(self) -> bytes:
+        resv = self._resv
+        entries = []
+        for reg in self._regs.values():
+            holder = resv is not None and (resv.rtype.all_registrants or resv.holder == reg.ident)
+            entries.append(
+                FullStatusEntry(
+                    key=reg.key,
+                    all_tg_pt=reg.all_tg_pt,
+                    holder=holder,
+                    scope=resv.scope if holder and resv is not None else 0,
+                    rtype=resv.rtype if holder and resv is not None else PrType.NONE,
+                    rel_tgt_port=reg.rel_port,
+                    transport_id=reg.tid,
+                )
+            )
+        return ReadFullStatus(self._generation, tuple(entries)).encode()
+
+    _PR_IN: dict[int, Callable[[ReservationTable], bytes]] = {
+        PrInAction.READ_KEYS: _read_keys,
+        PrInAction.READ_RESERVATION: _read_reservation,
+        PrInAction.REPORT_CAPABILITIES: _report_capabilities,
+        PrInAction.READ_FULL_STATUS: _read_full_status,
+    }
+
+    # ------------------------------------------------------------ PR OUT
+
+    def persistent_reserve_out(
+        self, nexus: Nexus, cdb: bytes | bytearray | memoryview, data: bytes | memoryview
+    ) -> None:
+        """PERSISTENT RESERVE OUT. Raises CheckCondition or ReservationConflict."""
+        self._seen(nexus)
+        if self._scsi2 is not None:
+            raise ReservationConflict()  # SPC-5 5.14.3
+        try:
+            req = PrOutCdb.decode(cdb)
+        except PrDecodeError as e:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(0)) from e
+        handler = self._PR_OUT.get(req.action)
+        if handler is None:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(1, 4))
+        params = memoryview(bytes(data))[: req.param_len]
+        if len(params) < req.param_len:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
+        handler(self, nexus, req, params)
+
+    # -- parameter list parsing
+
+    def _basic_params(self, req: PrOutCdb, mv: memoryview) -> PrOutParams:
+        """Decode the basic list; SPC-5 6.17.3 length and flag rules."""
+        if len(mv) < BASIC_PARAMS_LEN:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
+        flags = mv[SPEC_I_PT_BYTE]
+        register = req.action in (
+            PrOutAction.REGISTER,
+            PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY,
+        )
+        if flags & 0x08 and req.action != PrOutAction.REGISTER:
+            # SPEC_I_PT is only valid for REGISTER.
+            raise CheckCondition(
+                Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(SPEC_I_PT_BYTE, 3)
+            )
+        if flags & 0x04 and not register:
+            # ALL_TG_PT is only valid for REGISTER and REGISTER AND IGNORE EXISTING KEY.
+            raise CheckCondition(
+                Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(SPEC_I_PT_BYTE, 2)
+            )
+        try:
+            return PrOutParams.decode(mv)
+        except PrLengthError as e:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR) from e
+        except PrDecodeError as e:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST) from e
+
+    def _require_key(self, nexus: Nexus, rk: int) -> Registration:
+        """The caller's registration; RESERVATION CONFLICT if none or RK differs."""
+        reg = self.registration_of(nexus)
+        if reg is None or reg.key != rk:
+            raise ReservationConflict()
+        return reg
+
+    @staticmethod
+    def _check_scope_type(req: PrOutCdb) -> PrType:
+        if req.scope != 0:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(2, 7))
+        if req.rtype not in VALID_PR_TYPES:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(2, 3))
+        return PrType(req.rtype)
+
+    # -- REGISTER / REGISTER AND IGNORE EXISTING KEY (SPC-5 5.14.7)
+
+    def _register(self, nexus: Nexus, req: PrOutCdb, mv: memoryview) -> None:
+        p = self._basic_params(req, mv)
+        ignore = req.action == PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY
+        reg = self.registration_of(nexus)
+        if reg is None:
+            if not ignore and p.rk != 0:
+                raise ReservationConflict()
+            if p.sark == 0:
+                return  # GOOD, nothing registered, PRgeneration unchanged
+            new = [
+                Registration(
+                    p.sark,
+                    TransportId.of(nexus),
+                    nexus.rel_port,
+                    p.all_tg_pt,
+                    nexus.target,
+                    nexus.tpgt,
+                )
+            ]
+            if p.spec_i_pt:
+                new += self._spec_i_pt(nexus, p)
+            for r in new:
+                self._regs[r.ident] = r
+                self._log.info("registered %s key 0x%x", self._describe(r), r.key)
+        else:
+            if not ignore and p.rk != reg.key:
+                raise ReservationConflict()
+            if p.spec_i_pt:
+                raise CheckCondition(
+                    Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(SPEC_I_PT_BYTE, 3)
+                )
+            if p.sark == 0:
+                self._unregister(nexus, reg)
+            else:
+                self._regs[reg.ident] = replace(reg, key=p.sark)
+                self._log.info("%s key 0x%x -> 0x%x", self._describe(reg), reg.key, p.sark)
+        self._aptpl = p.aptpl
+        self._bump()
+        self._save()
+
+    def _spec_i_pt(self, nexus: Nexus, p: PrOutParams) -> list[Registration]:
+        """Registrations for the SPEC_I_PT TransportIDs: all or nothing (SPC-5 5.14.7.3)."""
+        caller = Registration(p.sark, TransportId.of(nexus), nexus.rel_port, p.all_tg_pt)
+        made: list[Registration] = [caller]
+        for tid in p.transport_ids:
+            r = Registration(p.sark, tid, nexus.rel_port, p.all_tg_pt, nexus.target, nexus.tpgt)
+            # A duplicate in the list, the caller itself, or an already registered
+            # I_T nexus makes the whole list invalid.
+            if any(r.overlaps(o) for o in made) or any(r.overlaps(o) for o in self._regs.values()):
+                raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST)
+            made.append(r)
+        return made[1:]
+
+    def _unregister(self, nexus: Nexus, reg: Registration) -> None:
+        """Remove ``reg`` at its own request (SPC-5 5.14.11.2.x)."""
+        del self._regs[reg.ident]
+        self._log.info("unregistered %s", self._describe(reg))
+        resv = self._resv
+        if resv is None:
+            return
+        if resv.rtype.all_registrants:
+            if not self._regs:  # the last registrant left
+                self._resv = None
+                self._log.info("%s reservation ended: no registrants left", resv.rtype.short)
+            return
+        if resv.holder == reg.ident:
+            self._resv = None
+            self._log.info("%s reservation released: holder unregistered", resv.rtype.short)
+            if resv.rtype.registrants_only:
+                self._notify(self._regs.values(), Sense.RESERVATIONS_RELEASED, nexus)
+
+    # -- RESERVE (SPC-5 5.14.9)
+
+    def _reserve(self, nexus: Nexus, req: PrOutCdb, mv: memoryview) -> None:
+        rtype = self._check_scope_type(req)
+        p = self._basic_params(req, mv)
+        reg = self._require_key(nexus, p.rk)
+        resv = self._resv
+        if resv is not None:
+            if self._relation(nexus, reg) is Relation.HOLDER:
+                if resv.rtype == rtype and resv.scope == req.scope:
+                    return  # same reservation again: GOOD, nothing changes
+            raise ReservationConflict()
+        holder = None if rtype.all_registrants else reg.ident
+        self._resv = Reservation(rtype, req.scope, holder)
+        self._log.info("%s reserved %s", self._describe(reg), rtype.short)
+        self._save()
+
+    # -- RELEASE (SPC-5 5.14.11.2)
+
+    def _release(self, nexus: Nexus, req: PrOutCdb, mv: memoryview) -> None:
+        p = self._basic_params(req, mv)
+        reg = self._require_key(nexus, p.rk)
+        resv = self._resv
+        if resv is None or self._relation(nexus, reg) is not Relation.HOLDER:
+            return  # no reservation, or not the holder: GOOD without effect
+        if int(req.rtype) != resv.rtype or req.scope != resv.scope:
+            raise CheckCondition(Sense.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
+        self._resv = None
+        self._log.info("%s released %s", self._describe(reg), resv.rtype.short)
+        if resv.rtype.registrants_only or resv.rtype.all_registrants:
+            self._notify(self._regs.values(), Sense.RESERVATIONS_RELEASED, nexus)
+        self._save()
+
+    # -- CLEAR (SPC-5 5.14.11.6)
+
+    def _clear(self, nexus: Nexus, req: PrOutCdb, mv: memoryview) -> None:
+        p = self._basic_params(req, mv)
+        self._require_key(nexus, p.rk)
+        others = list(self._regs.values())
+        self._regs.clear()
+        self._resv = None
+        self._log.info("cleared by %s: %d registrations", nexus, len(others))
+        self._notify(others, Sense.RESERVATIONS_PREEMPTED, nexus)
+        self._bump()
+        self._save()
+
+    # -- PREEMPT / PREEMPT AND ABORT (SPC-5 5.14.11.4, 5.14.11.5)
+
+    def _preempt(self, nexus: Nexus, req: PrOutCdb, mv: memoryview) -> None:
+        """Three cases, by what SARK names:
+
+        1. A reservation of a non-all-registrants type exists and SARK is the
+           holder's key: remove every registration with that key except the
+           caller's, give the caller the reservation with the CDB's type and
+           scope; if they changed, the remaining registrants get 2A/04.
+           (Also the migration takeover: RK = SARK = holder's key from a second
+           nexus registered with that key.)
+        2. An all-registrants reservation exists and SARK is 0: remove every
+           registration but the caller's; the caller gets a new reservation.
+        3. An all-registrants reservation exists and SARK != 0: remove every
+           registration with key SARK except the caller's (every registrant
+           is a holder, SPC-5 5.14.10, and a preempting holder keeps its
+           registration); the reservation and its type are untouched. This
+           is the takeover for all-registrants types.
+        4. Otherwise (no reservation, or SARK not the holder's key): remove
+           every registration with key SARK, the caller's included if it
+           matches (SPC-5 5.14.11.4.4 excepts the caller only from the unit
+           attention); the reservation is untouched.
+        In 3 and 4, SARK = 0 -> INVALID FIELD IN PARAMETER LIST and no
+        matching registration -> RESERVATION CONFLICT.
+        Every nexus that lost its registration, except the caller, gets 2A/05.
+        """
+        p = self._basic_params(req, mv)
+        reg = self._require_key(nexus, p.rk)
+        resv = self._resv
+        new_resv: Reservation | None = resv
+        if resv is not None and not resv.rtype.all_registrants and resv.holder is not None:
+            holder_key = self._regs[resv.holder].key
+        else:
+            holder_key = None
+        if holder_key is not None and p.sark == holder_key:
+            rtype = self._check_scope_type(req)
+            victims = [r for r in self._regs.values() if r.key == p.sark and r.ident != reg.ident]
+            new_resv = Reservation(rtype, req.scope, None if rtype.all_registrants else reg.ident)
+        elif resv is not None and resv.rtype.all_registrants and p.sark == 0:
+            rtype = self._check_scope_type(req)
+            victims = [r for r in self._regs.values() if r.ident != reg.ident]
+            new_resv = Reservation(rtype, req.scope, None if rtype.all_registrants else reg.ident)
+        else:
+            if p.sark == 0:
+                raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(8))
+            keep = reg.ident if resv is not None and resv.rtype.all_registrants else None
+            victims = [r for r in self._regs.values() if r.key == p.sark and r.ident != keep]
+            if not victims:
+                raise ReservationConflict()
+        for r in victims:
+            del self._regs[r.ident]
+            self._log.info("preempted %s (key 0x%x) by %s", self._describe(r), r.key, nexus)
+        if new_resv is not None and new_resv is not resv:
+            changed = resv is None or (resv.rtype, resv.scope) != (new_resv.rtype, new_resv.scope)
+            self._resv = new_resv
+            self._log.info("%s now holds %s", nexus, new_resv.rtype.short)
+            if changed:
+                self._notify(self._regs.values(), Sense.RESERVATIONS_RELEASED, nexus)
+        elif resv is not None and resv.rtype.all_registrants and not self._regs:
+            self._resv = None  # the last registrant of an all-registrants type was removed
+        preempted = self._notify(victims, Sense.REGISTRATIONS_PREEMPTED, nexus)
+        if req.action == PrOutAction.PREEMPT_AND_ABORT and self._abort_tasks is not None:
+            if preempted:
+                self._abort_tasks(preempted)
+        self._bump()
+        self._save()
+
+    # -- REGISTER AND MOVE (SPC-5 5.14.8)
+
+    def _register_and_move(self, nexus: Nexus, req: PrOutCdb, mv: memoryview) -> None:
+        try:
+            p = RegisterAndMoveParams.decode(mv)
+        except PrLengthError as e:
+            raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR) from e
+        except PrDecodeError as e:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(24)) from e
+        reg = self._require_key(nexus, p.rk)
+        resv = self._resv
+        if resv is None or resv.rtype.all_registrants or resv.holder != reg.ident:
+            raise ReservationConflict()  # only the holder of a single-holder type moves
+        if p.sark == 0:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(8))
+        if p.rel_tgt_port == 0:
+            raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(18))
+        dest = Registration(p.sark, p.transport_id, p.rel_tgt_port, False, nexus.target, nexus.tpgt)
+        if dest.overlaps(reg):
+            # The destination must be another I_T nexus than the caller's.
+            raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(24))
+        existing = next((r for r in self._regs.values() if r.overlaps(dest)), None)
+        if existing is not None:
+            dest = replace(existing, key=p.sark)
+        self._regs[dest.ident] = dest
+        self._resv = Reservation(resv.rtype, resv.scope, dest.ident)
+        if p.unreg:
+            del self._regs[reg.ident]
+        self._log.info(
+            "%s moved %s to %s%s",
+            self._describe(reg),
+            resv.rtype.short,
+            self._describe(dest),
+            " and unregistered" if p.unreg else "",
+        )
+        self._aptpl = p.aptpl
+        self._bump()
+        self._save()
+
+    # -- REPLACE LOST RESERVATION (SPC-5 5.14.12)
+
+    def _replace_lost(self, nexus: Nexus, req: PrOutCdb, mv: memoryview) -> None:
+        # Persistent reservation information is never lost here (RLR_C = 0): the
+        # service action is not supported in this state; no state changes.
+        raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(1, 4))
+
+    _PR_OUT: dict[int, Callable[[ReservationTable, Nexus, PrOutCdb, memoryview], None]] = {
+        PrOutAction.REGISTER: _register,
+        PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY: _register,
+        PrOutAction.RESERVE: _reserve,
+        PrOutAction.RELEASE: _release,
+        PrOutAction.CLEAR: _clear,
+        PrOutAction.PREEMPT: _preempt,
+        PrOutAction.PREEMPT_AND_ABORT: _preempt,
+        PrOutAction.REGISTER_AND_MOVE: _register_and_move,
+        PrOutAction.REPLACE_LOST_RESERVATION: _replace_lost,
+    }
+
+    # ------------------------------------------------------------ helpers
+
+    def _seen(self, nexus: Nexus) -> None:
+        self._nexuses[_port_key(nexus)] = nexus
+
+    def _nexuses_of(self, reg: Registration) -> set[Nexus]:
+        found = {n for n in self._nexuses.values() if reg.matches(n)}
+        home = reg.home_nexus()
+        if home is not None and not any(_port_key(n) == _port_key(home) for n in found):
+            found.add(home)
+        return found
+
+    def _notify(self, regs: Iterable[Registration], sense: Sense, cause: Nexus) -> set[Nexus]:
+        """Queue ``sense`` for every nexus of ``regs`` except the one that caused it."""
+        targets: dict[PortKey, Nexus] = {}
+        for reg in regs:
+            for n in self._nexuses_of(reg):
+                targets.setdefault(_port_key(n), n)
+        targets.pop(_port_key(cause), None)
+        for n in targets.values():
+            self._ua.establish(n, sense)
+        return set(targets.values())
+
+    def _bump(self) -> None:
+        self._generation = (self._generation + 1) & _GEN_MASK
+
+    @staticmethod
+    def _describe(reg: Registration) -> str:
+        where = "all target ports" if reg.all_tg_pt else f"port {reg.rel_port}"
+        return f"{reg.tid} on {where}"
+
+    # ------------------------------------------------------------ APTPL state
+
+    def _state(self) -> dict[str, Any]:
+        regs = list(self._regs.values())
+        resv = self._resv
+        resv_d: dict[str, Any] | None = None
+        if resv is not None:
+            holder = None
+            if resv.holder is not None:
+                holder = [r.ident for r in regs].index(resv.holder)
+            resv_d = {"type": int(resv.rtype), "scope": resv.scope, "holder": holder}
+        return {
+            "version": STATE_VERSION,
+            "generation": self._generation,
+            "aptpl": True,
+            "registrations": [r.to_dict() for r in regs],
+            "reservation": resv_d,
+        }
+
+    def _save(self) -> None:
+        """Persist registrations + reservation when APTPL is on; forget otherwise."""
+        if self._state_path is None:
+            return
+        if self._aptpl:
+            persist.save(self._state_path, self._state())
+        else:
+            persist.remove(self._state_path)
+
+    def _load(self, path: Path) -> None:
+        state = persist.load(path)
+        if state is None:
+            return
+        try:
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"unknown state version {state.get('version')!r}")
+            regs = [Registration.from_dict(d) for d in state.get("registrations", [])]
+            resv_d = state.get("reservation")
+            resv = None
+            if resv_d is not None:
+                rtype = PrType(int(resv_d["type"]))
+                if rtype not in VALID_PR_TYPES:
+                    raise ValueError("reservation type 0")
+                holder_ix = resv_d.get("holder")
+                holder = None if holder_ix is None else regs[int(holder_ix)].ident
+                if holder is None and not rtype.all_registrants:
+                    raise ValueError("reservation without a holder")
+                resv = Reservation(rtype, int(resv_d.get("scope", 0)), holder)
+            generation = int(state.get("generation", 0)) & _GEN_MASK
+        except (KeyError, ValueError, TypeError, IndexError, PrDecodeError) as e:
+            raise persist.PersistError(f"{path}: bad PR state: {e}") from e
+        self._regs = {r.ident: r for r in regs}
+        self._resv = resv
+        self._generation = generation
+        self._aptpl = True
+        self._log.info(
+            "restored %d registrations%s from %s (APTPL)",
+            len(regs),
+            f", {resv.rtype.short} reservation" if resv else "",
+            path,
+        )
