@@ -259,8 +259,11 @@ def test_ua_queue_rules() -> None:
 def test_lu_reset(lu: LogicalUnit) -> None:
     lu.reset(A)
     assert ("reset",) in lu.pr.calls
-    good(lu.execute(A, bytes(6), b""))  # the requester knows it reset
+    good(lu.execute(A, cdb("12 00 00 00 24 00"), b""))  # INQUIRY passes
+    check(lu.execute(A, bytes(6), b""), Sense.BUS_DEVICE_RESET)  # requester too (SAM-5 6.3.3)
     check(lu.execute(B, bytes(6), b""), Sense.BUS_DEVICE_RESET)
+    good(lu.execute(A, bytes(6), b""))
+    good(lu.execute(B, bytes(6), b""))
 
 
 def test_target_warm_reset_restores_mode_pages(lu: LogicalUnit) -> None:
@@ -268,8 +271,10 @@ def test_target_warm_reset_restores_mode_pages(lu: LogicalUnit) -> None:
     lu.ua.clear(B)
     lu.reset(A, target_reset=True)
     assert not lu.modes.d_sense
-    good(lu.execute(A, bytes(6), b""))
-    check(lu.execute(B, bytes(6), b""), Sense.SCSI_BUS_RESET)
+    r = lu.execute(A, bytes(6), b"")
+    assert r.sense[0] == 0x70  # fixed format again: D_SENSE back to default
+    check(r, Sense.SCSI_BUS_RESET)
+    check(lu.execute(B, bytes(6), b""), Sense.SCSI_BUS_RESET)  # supersedes 2A/01
 
 
 def test_target_cold_reset_reaches_every_nexus(lu: LogicalUnit) -> None:

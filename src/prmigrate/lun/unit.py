@@ -19,11 +19,17 @@ Task management (SAM-5 7, pinned in tests/lun/test_unit.py):
 
 | event | SCSI-2 reservation | PR | mode pages | UA (to) |
 |---|---|---|---|---|
-| LOGICAL UNIT RESET | released | kept | kept | 29/03 (every other nexus) |
-| TARGET WARM RESET | released | kept | defaults | 29/02 (every other nexus) |
-| TARGET COLD RESET | released | kept | defaults | 29/01 (every nexus) |
+| LOGICAL UNIT RESET | released | kept | kept | 29/03, every nexus |
+| TARGET WARM RESET | released | kept | defaults | 29/02, every nexus |
+| TARGET COLD RESET | released | kept | defaults | 29/01, every nexus |
 | I_T nexus loss | released if held by it | kept | kept | none; its queue dropped |
 | CLEAR TASK SET | kept | kept | kept | 2F/00 (nexuses whose tasks were aborted) |
+
+A reset reaches every nexus that has attached, the requester included (SAM-5
+6.3.3: the logical unit reset condition establishes the UA for every I_T
+nexus; libiscsi's MultipathIO.Reset checks each path, the resetting one too).
+After a cold reset the transport must not report the dropped sessions as
+``nexus_lost``: the returning nexuses are to see 29/01 POWER ON OCCURRED.
 """
 
 from __future__ import annotations
@@ -234,14 +240,15 @@ class LogicalUnit:
 
     def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
         self.pr.reset()
+        self.ua.attach(nexus)
         if cold:
             self.modes = ModePages()
             self.ua.establish_all(Sense.POWER_ON_OCCURRED)
         elif target_reset:
             self.modes = ModePages()
-            self.ua.establish_all(Sense.SCSI_BUS_RESET, except_nexus=nexus)
+            self.ua.establish_all(Sense.SCSI_BUS_RESET)
         else:
-            self.ua.establish_all(Sense.BUS_DEVICE_RESET, except_nexus=nexus)
+            self.ua.establish_all(Sense.BUS_DEVICE_RESET)
         self.log.info(
             "lun %d: %s reset from %s", self.lun, "cold" if cold else "warm target" if target_reset else "LU", nexus
         )
