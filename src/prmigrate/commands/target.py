@@ -1,0 +1,109 @@
+"""``prmigrate target``: serve file-backed logical units over iSCSI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+log = logging.getLogger("prmigrate.target")
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in _UNITS else ""
+    return int(t[: len(t) - len(unit)]) * _UNITS[unit]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_lun(text: str) -> tuple[int, Path]:
+    num, eq, path = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"--lun wants N=PATH, got {text!r}")
+    return int(num), Path(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", type=parse_listen, action="append", default=None,
+                        help="HOST:PORT to listen on (repeatable; default 127.0.0.1:3260)")
+    parser.add_argument("--iqn", required=True, help="target node name")
+    parser.add_argument("--lun", type=parse_lun, action="append", required=True, metavar="N=PATH",
+                        help="logical unit N backed by the file PATH (created when missing)")
+    parser.add_argument("--size", type=parse_size, default=None, help="size of images created (e.g. 256M)")
+    parser.add_argument("--state-dir", type=Path, default=None, help="where PR state is persisted (APTPL)")
+    parser.add_argument("--alias", default=None, help="TargetAlias")
+    parser.add_argument("--tpgt", type=int, default=1, help="target portal group tag")
+    parser.add_argument("--acl", action="append", default=None, metavar="INITIATOR_IQN",
+                        help="allow only these initiators (repeatable)")
+    parser.add_argument("--chap-user", default=None)
+    parser.add_argument("--chap-secret", default=None)
+    parser.add_argument("--mutual-user", default=None)
+    parser.add_argument("--mutual-secret", default=None)
+    parser.add_argument("--keepalive", type=float, default=None, help="NOP-In interval in seconds")
+    parser.add_argument("--max-recv", type=int, default=262144, help="our MaxRecvDataSegmentLength")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+
+
+def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from ..iscsi.target import ChapConfig, IscsiTarget, TargetNode, TargetSettings
+    from ..lun.unit import LogicalUnit
+
+    if (args.chap_user is None) != (args.chap_secret is None):
+        raise SystemExit("--chap-user and --chap-secret go together")
+    if (args.mutual_user is None) != (args.mutual_secret is None):
+        raise SystemExit("--mutual-user and --mutual-secret go together")
+    if args.mutual_user and not args.chap_user:
+        raise SystemExit("mutual CHAP needs --chap-user/--chap-secret")
+    if args.state_dir is not None:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+    luns = {}
+    for num, path in args.lun:
+        if num in luns:
+            raise SystemExit(f"LUN {num} given twice")
+        size = args.size
+        if not path.exists() and size is None:
+            raise SystemExit(f"{path} does not exist: give --size to create it")
+        luns[num] = LogicalUnit(path, size, lun=num, name=f"{args.iqn}/{num}", state_dir=args.state_dir)
+    chap = None
+    if args.chap_user:
+        chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)
+    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl else None, chap, args.tpgt, args.alias)
+    settings = TargetSettings(max_recv_data_segment_length=args.max_recv)
+    return IscsiTarget([node], settings, keepalive=args.keepalive), luns
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    target, luns = _build(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for host, port in args.listen or [("127.0.0.1", 3260)]:
+            for h, p in await target.start(host, port):
+                log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await target.close()
+        for lu in luns.values():
+            close = getattr(lu, "close", None)
+            if close is not None:
+                close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.uvloop:
+        import uvloop
+
+        return uvloop.run(_serve(args))
+    return asyncio.run(_serve(args))

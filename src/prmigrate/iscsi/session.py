@@ -1,0 +1,1067 @@
+"""Target-side iSCSI connection and session logic (RFC 7143, ErrorRecoveryLevel 0).
+
+No asyncio here: a :class:`Connection` is fed bytes (``data_received``),
+appends the response bytes of the whole batch to one list and hands it to the
+``send`` callable once per batch; ``close`` is called when the connection must
+end. Timers (keepalive) live in the asyncio layer (``target.py``).
+
+A logical unit's ``execute`` may return a ``Result`` or a future-like object
+(``add_done_callback``/``result``); the latter is completed by callback, with
+no Task per command. A completion that finds its connection gone is dropped.
+
+Phases of a connection: LOGIN (only Login Requests; stage machine and key
+negotiation from ``login.py``; CHAP from ``chap.py``) -> FULL_FEATURE
+(dispatch table by opcode) -> CLOSED. Every PDU in full feature phase goes
+through one table ``{opcode: handler}``; anything missing is rejected.
+
+Sequence numbers (RFC 7143 4.2.2): StatSN is assigned when a response is
+built; ExpCmdSN/MaxCmdSN are sampled at the same moment. Non-immediate
+commands outside [ExpCmdSN, MaxCmdSN] are dropped silently (4.2.2.1);
+in-window commands ahead of ExpCmdSN wait until the gap is filled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..lun.types import LogicalUnitLike, Nexus, Result
+from ..scsi.constants import Opcode as ScsiOp
+from ..scsi.constants import Status
+from ..scsi.sense import Sense, encode_sense
+from .chap import ChapAuthenticator, ChapCredentials
+from .digest import digest_bytes
+from .login import (
+    LoginError,
+    LoginStages,
+    Negotiation,
+    Role,
+    SessionParams,
+    Stage,
+    TextAccumulator,
+    decode_text,
+    encode_text,
+)
+from .pdu import (
+    _HDR_U32,
+    RESERVED_TAG,
+    SCSI_COMMAND,
+    Ahs,
+    AhsType,
+    AsyncEvent,
+    AsyncMessage,
+    LoginRequest,
+    LoginResponse,
+    LoginStatus,
+    LogoutReason,
+    LogoutRequest,
+    LogoutResponse,
+    LogoutResponseCode,
+    NopIn,
+    Opcode,
+    PduReader,
+    ProtocolError,
+    RawPdu,
+    RejectReason,
+    ResponseFlags,
+    TaskMgmtRequest,
+    TaskMgmtResponse,
+    TextRequest,
+    TextResponse,
+    TmfFunction,
+    TmfResponse,
+    decode_lun,
+    pack_scsi_response,
+)
+
+if TYPE_CHECKING:
+    from .target import IscsiTarget
+
+log = logging.getLogger("prmigrate.iscsi.target")
+
+SN_MOD = 1 << 32
+_HALF = 1 << 31
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
+_GOOD = Status.GOOD
+_CHECK = Status.CHECK_CONDITION
+
+
+def sn_diff(a: int, b: int) -> int:
+    """Serial number arithmetic (RFC 1982): a - b as a signed 32-bit distance."""
+    d = (a - b) & 0xFFFFFFFF
+    return d - SN_MOD if d >= _HALF else d
+
+
+# --------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True, slots=True)
+class ChapConfig:
+    """CHAP for a node: the initiator must answer as ``user``/``secret``;
+    with ``mutual_user``/``mutual_secret`` the target proves itself too."""
+
+    user: str
+    secret: str | bytes
+    mutual_user: str | None = None
+    mutual_secret: str | bytes | None = None
+
+    def authenticator(self) -> ChapAuthenticator:
+        secret = self.secret.encode() if isinstance(self.secret, str) else self.secret
+        mutual = None
+        if self.mutual_user is not None and self.mutual_secret is not None:
+            mutual = ChapCredentials.make(self.mutual_user, self.mutual_secret)
+        return ChapAuthenticator({self.user: secret}, mutual)
+
+
+@dataclass(eq=False)
+class TargetNode:
+    """One iSCSI target node: a name, its LUNs and who may log in."""
+
+    name: str
+    luns: dict[int, LogicalUnitLike]
+    acl: set[str] | None = None  # initiator names allowed (case-insensitive); None = all
+    chap: ChapConfig | None = None
+    tpgt: int = 1
+    alias: str | None = None
+    redirect: tuple[str, int, int] | None = None  # (host, port, tpgt): login answered 0x0101
+
+    def __post_init__(self) -> None:
+        if self.acl is not None:
+            self.acl = {a.lower() for a in self.acl}
+        for lu in self.luns.values():
+            self._present(lu)
+
+    def _present(self, lu: LogicalUnitLike) -> None:
+        # REPORT LUNS from any LU of the node lists every LUN of the node.
+        if hasattr(lu, "report_luns"):
+            lu.report_luns = lambda: sorted(self.luns)  # type: ignore[attr-defined]
+
+    def add_lun(self, lun: int, lu: LogicalUnitLike) -> None:
+        self.luns[lun] = lu
+        self._present(lu)
+
+    def allows(self, initiator: str) -> bool:
+        return self.acl is None or initiator.lower() in self.acl
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSettings:
+    """What the target offers / accepts in negotiation."""
+
+    max_recv_data_segment_length: int = 262144
+    max_burst_length: int = 1048576
+    first_burst_length: int = 262144
+    max_outstanding_r2t: int = 8
+    initial_r2t: bool = False
+    immediate_data: bool = True
+    header_digest: tuple[str, ...] = ("None", "CRC32C")
+    data_digest: tuple[str, ...] = ("None", "CRC32C")
+    cmd_window: int = 128  # MaxCmdSN - ExpCmdSN + 1
+    default_time2wait: int = 2
+    default_time2retain: int = 20
+
+    def local_keys(self) -> dict[str, object]:
+        return {
+            "MaxRecvDataSegmentLength": self.max_recv_data_segment_length,
+            "MaxBurstLength": self.max_burst_length,
+            "FirstBurstLength": self.first_burst_length,
+            "MaxOutstandingR2T": self.max_outstanding_r2t,
+            "InitialR2T": self.initial_r2t,
+            "ImmediateData": self.immediate_data,
+            "HeaderDigest": self.header_digest,
+            "DataDigest": self.data_digest,
+            "DefaultTime2Wait": self.default_time2wait,
+            "DefaultTime2Retain": self.default_time2retain,
+            "ErrorRecoveryLevel": 0,
+            "MaxConnections": 1,
+        }
+
+
+class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session']}] {msg}", kwargs  # type: ignore[index]
+
+
+@dataclass(eq=False)
+class Session:
+    """One iSCSI session (one connection: MaxConnections=1)."""
+
+    tsih: int
+    initiator: str
+    isid: int
+    node: TargetNode | None  # None: discovery session
+    nexus: Nexus | None
+    params: SessionParams
+    conn: Connection | None = None
+    exp_cmdsn: int = 0
+    window: int = 128
+
+    @property
+    def discovery(self) -> bool:
+        return self.node is None
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.initiator.lower(), self.isid, self.node.name.lower() if self.node else "")
+
+    def describe(self) -> str:
+        if self.nexus is not None:
+            return str(self.nexus)
+        return f"{self.initiator},i,0x{self.isid:012x}->discovery"
+
+
+# --------------------------------------------------------------------------
+# Tasks waiting for Data-Out
+
+
+@dataclass(slots=True)
+class _Burst:
+    offset: int
+    length: int
+    received: int = 0
+    next_datasn: int = 0
+
+
+@dataclass(slots=True)
+class WriteTask:
+    itt: int
+    lun: int
+    lu: LogicalUnitLike | None
+    cdb: bytes
+    edtl: int
+    read: bool
+    cmdsn: int
+    buf: bytearray
+    received: int
+    unsolicited_open: bool  # unsolicited Data-Out (TTT=ffffffff) may still come
+    unsolicited_datasn: int = 0
+    unsolicited_limit: int = 0
+    next_offset: int = 0  # next offset an R2T will ask for
+    r2tsn: int = 0
+    bursts: dict[int, _Burst] = field(default_factory=dict)
+
+
+class _Fatal(Exception):
+    """The connection must be dropped (ERL 0) after flushing what was queued."""
+
+
+# Block data transfer commands: opcode -> (CDB length, transfer length offset, size)
+_XFER_FIELD = {
+    ScsiOp.READ_6: (6, 4, 1),
+    ScsiOp.WRITE_6: (6, 4, 1),
+    ScsiOp.READ_10: (10, 7, 2),
+    ScsiOp.WRITE_10: (10, 7, 2),
+    ScsiOp.WRITE_AND_VERIFY_10: (10, 7, 2),
+    ScsiOp.READ_12: (12, 6, 4),
+    ScsiOp.WRITE_12: (12, 6, 4),
+    ScsiOp.WRITE_AND_VERIFY_12: (12, 6, 4),
+    ScsiOp.READ_16: (16, 10, 4),
+    ScsiOp.WRITE_16: (16, 10, 4),
+    ScsiOp.WRITE_AND_VERIFY_16: (16, 10, 4),
+}
+
+
+def scsi_transfer(cdb: bytes, block_size: int) -> tuple[int, int, int, int] | None:
+    """(bytes the CDB transfers, blocks, field offset, field size) for block
+    READ/WRITE commands; None for others."""
+    spec = _XFER_FIELD.get(cdb[0]) if cdb else None
+    if spec is None or len(cdb) < spec[0]:
+        return None
+    _, off, size = spec
+    blocks = int.from_bytes(cdb[off : off + size], "big")
+    if size == 1 and blocks == 0:
+        blocks = 256  # SBC-4: READ(6)/WRITE(6) length 0 means 256 blocks
+    return blocks * block_size, blocks, off, size
+
+
+def _inquiry_no_lun(cdb: bytes) -> bytes:
+    # SPC-5 6.7.2: peripheral qualifier 011b, device type 1Fh: no LU here.
+    alloc = int.from_bytes(cdb[3:5], "big") if len(cdb) >= 5 else 36
+    data = bytes((0x7F, 0, 6, 0x02, 31)) + bytes(3) + b"PRMIGRAT" + b"NO LUN".ljust(16) + b"0001"
+    return data[:alloc]
+
+
+# --------------------------------------------------------------------------
+# The connection
+
+
+class Connection:
+    """One TCP connection: login, then full feature phase.
+
+    ``send(parts)`` writes the concatenation of ``parts`` (one write per batch);
+    ``close()`` ends the transport. ``target`` is the registry of nodes and
+    sessions (:class:`IscsiTarget`).
+    """
+
+    LOGIN, FULL_FEATURE, CLOSED = 0, 1, 2
+
+    def __init__(
+        self,
+        target: IscsiTarget,
+        peer: str,
+        local_address: tuple[str, int] | None,
+        send: Callable[[list[Any]], None],
+        close: Callable[[], None],
+    ) -> None:
+        self.target = target
+        self.settings: TargetSettings = target.settings
+        self.peer = peer
+        self.local_address = local_address
+        self._send = send
+        self._close_transport = close
+        self.reader = PduReader(max_data_length=8192)  # RFC 7143 6.1: login text <= 8192 per PDU
+        self.state = Connection.LOGIN
+        self.out: list[Any] = []
+        self.session: Session | None = None
+        self.node: TargetNode | None = None
+        self.nexus: Nexus | None = None
+        self.luns: dict[int, LogicalUnitLike] = {}
+        self.params = SessionParams()
+        self.statsn = 0
+        self.exp_cmdsn = 0
+        self.window = self.settings.cmd_window
+        self.hd = False
+        self.dd = False
+        self.log = SessionLog(log, {"session": peer})
+        self.tasks: dict[int, WriteTask] = {}  # write commands waiting for data
+        self.pending: dict[int, tuple[Any, LogicalUnitLike]] = {}  # itt -> (future, LU)
+        self.queued: dict[int, RawPdu] = {}  # cmdsn -> command waiting for a gap
+        self._ttt = 0
+        self._text_rest: dict[int, bytes] = {}
+        self._in_batch = False
+        self._close_after_flush = False
+        self._nop_ttt: int | None = None
+        self._cold = False  # ended by TARGET COLD RESET: the LUs were reset already
+        # login state
+        self._stages = LoginStages()
+        self._text = TextAccumulator()
+        self._neg: Negotiation | None = None
+        self._login_first: LoginRequest | None = None
+        self._chap: ChapAuthenticator | None = None
+        self._auth_required = False
+        self._auth_done = False
+        self._discovery = False
+        self._initiator = ""
+        self._sent_tpgt = False
+        self.handlers: dict[int, Callable[[RawPdu], None]] = {
+            Opcode.SCSI_COMMAND: self._scsi_command,
+            Opcode.DATA_OUT: self._data_out,
+            Opcode.NOP_OUT: self._nop_out,
+            Opcode.TASK_MGMT_REQUEST: self._task_mgmt,
+            Opcode.TEXT_REQUEST: self._text_request,
+            Opcode.LOGOUT_REQUEST: self._logout,
+            Opcode.SNACK_REQUEST: self._snack,
+            Opcode.LOGIN_REQUEST: self._login_in_ffp,
+        }
+        # opcodes that carry a CmdSN subject to ordering
+        self._sequenced = frozenset(
+            {Opcode.SCSI_COMMAND, Opcode.NOP_OUT, Opcode.TASK_MGMT_REQUEST, Opcode.TEXT_REQUEST,
+             Opcode.LOGOUT_REQUEST}
+        )
+
+    # ------------------------------------------------------------ plumbing
+    @property
+    def max_cmdsn(self) -> int:
+        return (self.exp_cmdsn + self.window - 1) & 0xFFFFFFFF
+
+    @property
+    def closed(self) -> bool:
+        return self.state == Connection.CLOSED
+
+    def _next_statsn(self) -> int:
+        sn = self.statsn
+        self.statsn = (sn + 1) & 0xFFFFFFFF
+        return sn
+
+    def _emit(self, bhs: bytes, data: Any = b"") -> None:
+        """Queue one PDU (BHS already carries DataSegmentLength)."""
+        out = self.out
+        out.append(bhs)
+        if self.hd:
+            out.append(digest_bytes(bhs))
+        n = len(data)
+        if n:
+            out.append(data)
+            pad = _PADS[n & 3]
+            if pad:
+                out.append(pad)
+            if self.dd:
+                out.append(digest_bytes(data, pad))
+
+    def _emit_pdu(self, pdu: Any) -> None:
+        wire = pdu.encode()
+        data = pdu.data if hasattr(pdu, "data") else b""
+        self._emit(wire[:48], data)
+
+    def flush(self) -> None:
+        if self.out and self.state != Connection.CLOSED:
+            out, self.out = self.out, []
+            self._send(out)
+        else:
+            self.out = []
+        if self._close_after_flush:
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == Connection.CLOSED:
+            return
+        self._in_batch = True
+        try:
+            self.reader.feed(data)
+            while self.state != Connection.CLOSED and not self._close_after_flush:
+                try:
+                    raw = self.reader.next_pdu()
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    continue
+                if raw is None:
+                    break
+                try:
+                    self._dispatch(raw)
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                except _Fatal:
+                    self._close_after_flush = True
+                except Exception:  # never let one bad PDU take down the server
+                    self.log.exception("internal error on PDU %s", raw.bhs[:8].hex())
+                    self._close_after_flush = True
+        finally:
+            self._in_batch = False
+        self.flush()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        hdr = exc.header or b""
+        self.log.warning("rejected PDU (%s, reason %s): %s", hdr[:8].hex(), exc.reason.name, exc)
+        if self.state == Connection.FULL_FEATURE and hdr:
+            self._reject(exc.reason, hdr)
+        if exc.fatal or self.state == Connection.LOGIN:
+            self._close_after_flush = True
+
+    def _reject(self, reason: RejectReason, header: bytes, datasn: int = 0) -> None:
+        bhs = _HDR_U32.pack(
+            Opcode.REJECT, 0x80, reason << 8, 48, 0, RESERVED_TAG, 0, self._next_statsn(),
+            self.exp_cmdsn, self.max_cmdsn, datasn, 0, 0,
+        )
+        self._emit(bhs, bytes(header[:48]))
+
+    def _dispatch(self, raw: RawPdu) -> None:
+        if self.state == Connection.LOGIN:
+            if raw.opcode != Opcode.LOGIN_REQUEST:
+                self.log.warning("opcode 0x%02x before login completed: closing", raw.opcode)
+                raise _Fatal()
+            self._login(raw)
+            return
+        op = raw.opcode
+        handler = self.handlers.get(op)
+        if handler is None:
+            raise ProtocolError(RejectReason.COMMAND_NOT_SUPPORTED, f"opcode 0x{op:02x}", raw.bhs)
+        if op in self._sequenced and not (raw.bhs[0] & 0x40):
+            cmdsn = int.from_bytes(raw.bhs[24:28], "big")
+            d = sn_diff(cmdsn, self.exp_cmdsn)
+            if d != 0:
+                if 0 < d < self.window:
+                    self.queued[cmdsn] = raw  # wait for the gap (RFC 7143 4.2.2.1)
+                else:
+                    self.log.debug("CmdSN %d outside [%d, %d]: dropped", cmdsn, self.exp_cmdsn, self.max_cmdsn)
+                return
+            self.exp_cmdsn = (self.exp_cmdsn + 1) & 0xFFFFFFFF
+            handler(raw)
+            while self.queued and self.exp_cmdsn in self.queued and self.state == Connection.FULL_FEATURE:
+                nxt = self.queued.pop(self.exp_cmdsn)
+                self.exp_cmdsn = (self.exp_cmdsn + 1) & 0xFFFFFFFF
+                self.handlers[nxt.opcode](nxt)
+            return
+        handler(raw)
+
+    def close(self) -> None:
+        """End the connection; a session that ends with it loses its nexus."""
+        if self.state == Connection.CLOSED:
+            return
+        if self.out:
+            out, self.out = self.out, []
+            self._send(out)
+        self.state = Connection.CLOSED
+        self.tasks.clear()
+        self.pending.clear()
+        self.queued.clear()
+        self._close_transport()
+        self.target._connection_closed(self)
+
+    def connection_lost(self) -> None:
+        if self.state != Connection.CLOSED:
+            self.state = Connection.CLOSED
+            self.tasks.clear()
+            self.pending.clear()
+            self.target._connection_closed(self)
+
+    # ------------------------------------------------------------ login
+    def _login(self, raw: RawPdu) -> None:
+        req = LoginRequest.decode(raw)
+        first = self._login_first is None
+        if first:
+            self._login_first = req
+            self.statsn = req.exp_statsn
+            self.exp_cmdsn = req.cmdsn
+        try:
+            self._login_step(req, first)
+        except LoginError as exc:
+            self._login_reject(req, exc.status, str(exc))
+
+    def _login_reject(self, req: LoginRequest, status: LoginStatus, why: str, keys: bytes = b"") -> None:
+        rsp = LoginResponse(
+            isid=req.isid, tsih=0, itt=req.itt, statsn=self._next_statsn(), expcmdsn=self.exp_cmdsn,
+            maxcmdsn=self.exp_cmdsn, csg=0, nsg=0, transit=False, status=status, data=keys,
+        )
+        self._emit_pdu(rsp)
+        level = logging.INFO if status >> 8 == 1 else logging.WARNING
+        self.log.log(level, "login of %s (isid 0x%012x) refused: %s (0x%04x) %s",
+                     self._initiator or "?", req.isid, status.name, status, why)
+        self._close_after_flush = True
+
+    def _login_step(self, req: LoginRequest, first: bool) -> None:
+        f = self._login_first
+        assert f is not None
+        if req.version_min > 0:
+            raise LoginError(LoginStatus.UNSUPPORTED_VERSION, f"version {req.version_min}")
+        if not first and (req.isid != f.isid or req.tsih != f.tsih or req.cid != f.cid or req.itt != f.itt):
+            raise LoginError(LoginStatus.INITIATOR_ERROR, "ISID/TSIH/CID/ITT changed during login")
+        self._stages.request(req.csg, req.nsg, req.transit, req.cont)
+        pairs = self._text.add(req.data, req.cont)
+        if pairs is None:  # more text to come (C bit): acknowledge with an empty response
+            self._login_respond(req, Stage(req.csg), Stage(req.csg), False, b"", cont=False)
+            return
+        keys = dict(pairs)
+        answer: list[tuple[str, str]] = []
+        if self._neg is None:
+            self._login_declarations(req, keys)
+            if self.node is not None and self.node.redirect is not None:
+                host, port, tpgt = self.node.redirect
+                addr = f"[{host}]" if ":" in host else host
+                self._login_reject(req, LoginStatus.TARGET_MOVED_TEMPORARILY, "redirected",
+                                   encode_text([("TargetAddress", f"{addr}:{port},{tpgt}")]))
+                return
+        neg = self._neg
+        assert neg is not None
+        stage = Stage(req.csg)
+        if stage is Stage.OPERATIONAL and self._auth_required and not self._auth_done:
+            raise LoginError(LoginStatus.AUTHENTICATION_FAILURE, "authentication required")
+        answer += neg.receive(pairs, stage)
+        if stage is Stage.SECURITY:
+            answer += self._security(keys)
+        if not self._sent_tpgt and not self._discovery and self.node is not None:
+            answer.append(("TargetPortalGroupTag", str(self.node.tpgt)))
+            if self.node.alias:
+                answer.append(("TargetAlias", self.node.alias))
+            self._sent_tpgt = True
+        agree = req.transit
+        if stage is Stage.SECURITY and req.transit and not self._auth_done:
+            if self._chap is not None:
+                agree = False  # the CHAP exchange is still running
+            else:
+                raise LoginError(LoginStatus.AUTHENTICATION_FAILURE, "no acceptable AuthMethod")
+        if agree and req.nsg == Stage.FULL_FEATURE and neg.pending:
+            agree = False
+        csg, nsg, transit = self._stages.respond(agree)
+        if transit and nsg is Stage.FULL_FEATURE:
+            self._login_complete(req, neg, encode_text(answer))
+            return
+        self._login_respond(req, csg, nsg, transit, encode_text(answer))
+
+    def _login_respond(
+        self, req: LoginRequest, csg: Stage, nsg: Stage, transit: bool, data: bytes, cont: bool = False,
+        tsih: int = 0,
+    ) -> None:
+        rsp = LoginResponse(
+            isid=req.isid, tsih=tsih, itt=req.itt, statsn=self._next_statsn(), expcmdsn=self.exp_cmdsn,
+            maxcmdsn=self.max_cmdsn, csg=csg, nsg=nsg, transit=transit, cont=cont, data=data,
+        )
+        self._emit_pdu(rsp)
+
+    def _login_declarations(self, req: LoginRequest, keys: dict[str, str]) -> None:
+        initiator = keys.get("InitiatorName")
+        if not initiator:
+            raise LoginError(LoginStatus.MISSING_PARAMETER, "InitiatorName missing")
+        self._initiator = initiator
+        self.log = SessionLog(log, {"session": f"{initiator},i,0x{req.isid:012x} from {self.peer}"})
+        stype = keys.get("SessionType", "Normal")
+        if stype not in ("Normal", "Discovery"):
+            raise LoginError(LoginStatus.INITIATOR_ERROR, f"SessionType {stype}")
+        self._discovery = stype == "Discovery"
+        if req.tsih != 0:
+            raise LoginError(LoginStatus.SESSION_DOES_NOT_EXIST, "adding connections is not supported")
+        local = self.settings.local_keys()
+        if self._discovery:
+            auth = ("None",)
+        else:
+            name = keys.get("TargetName")
+            if not name:
+                raise LoginError(LoginStatus.MISSING_PARAMETER, "TargetName missing")
+            node = self.target.node(name)
+            if node is None:
+                raise LoginError(LoginStatus.NOT_FOUND, f"no target {name}")
+            self.node = node
+            if node.redirect is not None:
+                self._neg = Negotiation(Role.TARGET, local)
+                return
+            if not node.allows(initiator):
+                raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, f"{initiator} not in the ACL of {node.name}")
+            if node.chap is not None:
+                self._auth_required = True
+                self._chap = node.chap.authenticator()
+                auth = ("CHAP",)
+            else:
+                auth = ("None",)
+        local["AuthMethod"] = auth
+        self._neg = Negotiation(Role.TARGET, local)
+        if req.csg == Stage.OPERATIONAL and not self._auth_required:
+            self._auth_done = True
+
+    def _security(self, keys: dict[str, str]) -> list[tuple[str, str]]:
+        neg = self._neg
+        assert neg is not None
+        method = neg.results.get("AuthMethod")
+        if method == "None" or (method is None and "AuthMethod" not in neg.results and not self._auth_required
+                                and not any(k.startswith("CHAP_") for k in keys)):
+            if not self._auth_required:
+                self._auth_done = True
+            return []
+        if method == "CHAP" and self._chap is not None:
+            chap_keys = {k: v for k, v in keys.items() if k.startswith("CHAP_")}
+            if not chap_keys:
+                return []
+            out = self._chap.step(chap_keys)
+            if self._chap.done:
+                self._auth_done = True
+                self.log.info("CHAP authenticated as %s", self._chap.user)
+            return out
+        if self._auth_required:
+            raise LoginError(LoginStatus.AUTHENTICATION_FAILURE, "CHAP required")
+        return []
+
+    def _login_complete(self, req: LoginRequest, neg: Negotiation, text: bytes) -> None:
+        params = neg.params()
+        self.params = params
+        node = self.node
+        nexus = None
+        if node is not None:
+            nexus = Nexus.make(self._initiator, req.isid, node.name, node.tpgt)
+            self.luns = node.luns
+        self.nexus = nexus
+        session = Session(0, self._initiator, req.isid, node, nexus, params, self, self.exp_cmdsn, self.window)
+        reinstated = self.target._register_session(session)
+        self.session = session
+        self._login_respond(req, Stage.OPERATIONAL if req.csg == Stage.OPERATIONAL else Stage.SECURITY,
+                            Stage.FULL_FEATURE, True, text, tsih=session.tsih)
+        self.state = Connection.FULL_FEATURE
+        # digests and our MaxRecvDataSegmentLength apply from the next PDU on
+        self.hd, self.dd = params.header_digest, params.data_digest
+        self.reader.header_digest = self.hd
+        self.reader.data_digest = self.dd
+        self.reader.max_data_length = params.max_recv_data_segment_length
+        self.log.info(
+            "login %s session tsih %d%s (hd=%s dd=%s mrdsl=%d/%d burst=%d first=%d r2t=%s imm=%s)",
+            "discovery" if node is None else f"to {node.name}", session.tsih,
+            " (reinstated)" if reinstated else "", params.header_digest, params.data_digest,
+            params.max_recv_data_segment_length, params.max_xmit_data_segment_length,
+            params.max_burst_length, params.first_burst_length, params.initial_r2t, params.immediate_data,
+        )
+
+    def _login_in_ffp(self, raw: RawPdu) -> None:
+        raise ProtocolError(RejectReason.PROTOCOL_ERROR, "Login Request in full feature phase", raw.bhs)
+
+    # ------------------------------------------------------------ SCSI
+    def _scsi_command(self, raw: RawPdu) -> None:
+        _, b1, _, _, lunf, itt, edtl, cmdsn, _, cdb = SCSI_COMMAND.unpack_from(raw.bhs)
+        if self.node is None:
+            raise ProtocolError(RejectReason.PROTOCOL_ERROR, "SCSI command in a discovery session", raw.bhs)
+        if raw.ahs:
+            for a in Ahs.decode_all(raw.ahs):
+                if a.type == AhsType.EXTENDED_CDB:
+                    cdb += a.data
+        lun = decode_lun(lunf)
+        lu = self.luns.get(lun)
+        read = bool(b1 & 0x40)
+        write = bool(b1 & 0x20)
+        data = raw.data
+        n = len(data)
+        params = self.params
+        if n:
+            if not write:
+                raise ProtocolError(RejectReason.PROTOCOL_ERROR, "immediate data without W bit", raw.bhs)
+            if not params.immediate_data:
+                raise ProtocolError(RejectReason.PROTOCOL_ERROR, "ImmediateData=No but data sent", raw.bhs)
+            if n > edtl or n > params.first_burst_length:
+                raise ProtocolError(RejectReason.PROTOCOL_ERROR, "immediate data beyond EDTL/FirstBurst", raw.bhs)
+        if write and edtl > n:
+            if edtl > self.target.max_task_bytes:
+                raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"EDTL {edtl} too large", raw.bhs)
+            buf = bytearray(edtl)
+            if n:
+                buf[:n] = data
+            unsolicited = not params.initial_r2t and not (b1 & 0x80)
+            task = WriteTask(
+                itt, lun, lu, cdb, edtl, read, cmdsn, buf, n, unsolicited,
+                unsolicited_limit=min(params.first_burst_length, edtl), next_offset=n,
+            )
+            if itt in self.tasks or itt in self.pending:
+                raise ProtocolError(RejectReason.TASK_IN_PROGRESS, f"ITT 0x{itt:x} in use", raw.bhs)
+            self.tasks[itt] = task
+            if not unsolicited:
+                self._issue_r2ts(task)
+            return
+        self._execute(itt, lun, lu, cdb, data, edtl, write)
+
+    def _issue_r2ts(self, task: WriteTask) -> None:
+        params = self.params
+        limit = params.max_outstanding_r2t
+        while len(task.bursts) < limit and task.next_offset < task.edtl:
+            length = min(params.max_burst_length, task.edtl - task.next_offset)
+            self._ttt = ttt = (self._ttt + 1) & 0x7FFFFFFF
+            task.bursts[ttt] = _Burst(task.next_offset, length)
+            bhs = _HDR_U32.pack(
+                Opcode.R2T, 0x80, 0, 0, (task.lun << 48) if task.lun < 256 else ((0x4000 | task.lun) << 48),
+                task.itt, ttt, self.statsn, self.exp_cmdsn, self.max_cmdsn, task.r2tsn,
+                task.next_offset, length,
+            )
+            self._emit(bhs)
+            task.r2tsn += 1
+            task.next_offset += length
+
+    def _data_out(self, raw: RawPdu) -> None:
+        _, b1, _, _, _, itt, ttt, _, _, _, datasn, offset, _ = _HDR_U32.unpack_from(raw.bhs)
+        task = self.tasks.get(itt)
+        if task is None:
+            # data for a task that was aborted or never existed
+            raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"Data-Out for unknown ITT 0x{itt:x}", raw.bhs)
+        data = raw.data
+        n = len(data)
+        final = bool(b1 & 0x80)
+        if ttt == RESERVED_TAG:
+            if not task.unsolicited_open:
+                self._data_error(raw, "unsolicited Data-Out not expected")
+            if datasn != task.unsolicited_datasn or offset != task.received:
+                self._data_error(raw, f"unsolicited DataSN {datasn}/offset {offset} out of order")
+            if offset + n > task.unsolicited_limit:
+                self._data_error(raw, "unsolicited data beyond FirstBurstLength")
+            task.unsolicited_datasn += 1
+            task.buf[offset : offset + n] = data
+            task.received += n
+            if final:
+                task.unsolicited_open = False
+                task.next_offset = task.received
+                if task.received < task.edtl:
+                    self._issue_r2ts(task)
+        else:
+            burst = task.bursts.get(ttt)
+            if burst is None:
+                self._data_error(raw, f"Data-Out for unknown TTT 0x{ttt:x}")
+                return
+            if datasn != burst.next_datasn:
+                self._data_error(raw, f"DataSN {datasn}, expected {burst.next_datasn}")
+            if offset != burst.offset + burst.received:
+                self._data_error(raw, f"buffer offset {offset}, expected {burst.offset + burst.received}")
+            if burst.received + n > burst.length:
+                self._data_error(raw, "more data than the R2T asked for")
+            burst.next_datasn += 1
+            task.buf[offset : offset + n] = data
+            burst.received += n
+            task.received += n
+            if final:
+                if burst.received != burst.length:
+                    self._data_error(raw, "final Data-Out before the burst is complete")
+                del task.bursts[ttt]
+                self._issue_r2ts(task)
+        if task.received >= task.edtl and not task.bursts and not task.unsolicited_open:
+            del self.tasks[itt]
+            self._execute(itt, task.lun, task.lu, task.cdb, task.buf, task.edtl, True)
+
+    def _data_error(self, raw: RawPdu, why: str) -> None:
+        # ERL 0: a sequence error in Data-Out is a protocol error; reject and
+        # drop the connection (RFC 7143 7.1.4.x, 7.12).
+        self.log.warning("rejected Data-Out: %s", why)
+        self._reject(RejectReason.PROTOCOL_ERROR, raw.bhs)
+        raise _Fatal()
+
+    def _execute(
+        self, itt: int, lun: int, lu: LogicalUnitLike | None, cdb: bytes, data: Any, edtl: int, write: bool,
+    ) -> None:
+        """Run the command on the LU and answer it (now or when its future resolves)."""
+        flags = 0
+        residual = 0
+        if lu is None:
+            op = cdb[0] if cdb else -1
+            if op == ScsiOp.INQUIRY:
+                res = Result(_GOOD, _inquiry_no_lun(cdb))
+            elif op == ScsiOp.REPORT_LUNS and self.luns:
+                res = next(iter(self.luns.values())).execute(self.nexus, cdb, data)  # type: ignore[arg-type,assignment]
+            else:
+                res = Result(_CHECK, b"", encode_sense(Sense.LU_NOT_SUPPORTED))
+        else:
+            xfer = scsi_transfer(cdb, getattr(lu, "block_size", 512))
+            if xfer is not None and write:
+                # RFC 7143 / SAM-5 residuals: write what both lengths allow
+                scsi_len, blocks, off, size = xfer
+                if edtl > scsi_len:
+                    flags, residual = ResponseFlags.UNDERFLOW, edtl - scsi_len
+                    data = memoryview(data)[:scsi_len]
+                elif edtl < scsi_len:
+                    flags, residual = ResponseFlags.OVERFLOW, scsi_len - edtl
+                    bs = scsi_len // blocks
+                    keep = edtl // bs
+                    if keep == 0 and size == 1:
+                        self._respond(itt, Result(_GOOD), edtl, flags, residual, True)
+                        return
+                    c = bytearray(cdb)
+                    c[off : off + size] = keep.to_bytes(size, "big")
+                    cdb = bytes(c)
+                    data = memoryview(data)[: keep * bs]
+            try:
+                res = lu.execute(self.nexus, cdb, data)  # type: ignore[arg-type,assignment]
+            except Exception:
+                self.log.exception("LU %d raised on CDB %s", lun, bytes(cdb[:16]).hex())
+                res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
+            if type(res) is not Result and hasattr(res, "add_done_callback"):
+                fut = res
+                self.pending[itt] = (fut, lu)
+                fut.add_done_callback(lambda f: self._completed(itt, f, edtl, flags, residual, write))
+                return
+        self._respond(itt, res, edtl, flags, residual, write)  # type: ignore[arg-type]
+
+    def _completed(self, itt: int, fut: Any, edtl: int, flags: int, residual: int, write: bool) -> None:
+        entry = self.pending.get(itt)
+        if self.state != Connection.FULL_FEATURE or entry is None or entry[0] is not fut:
+            return  # connection gone or task aborted: drop
+        del self.pending[itt]
+        try:
+            res = fut.result()
+        except BaseException as exc:  # noqa: BLE001 - cancelled or failed backend
+            self.log.warning("LU result for ITT 0x%x failed: %r", itt, exc)
+            res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
+        self._respond(itt, res, edtl, flags, residual, write)
+        if not self._in_batch:
+            self.flush()
+
+    def _respond(self, itt: int, res: Result, edtl: int, flags: int, residual: int, write: bool) -> None:
+        status = res.status
+        data = res.data_in
+        n = len(data) if data else 0
+        if not write:
+            if n > edtl:
+                flags, residual = ResponseFlags.OVERFLOW, n - edtl
+                n = edtl
+            elif n < edtl:
+                flags, residual = ResponseFlags.UNDERFLOW, edtl - n
+        sense = res.sense
+        collapse = status == _GOOD and not sense
+        datasn = 0
+        if n:
+            view = memoryview(data)
+            mx = self.params.max_xmit_data_segment_length
+            burst = self.params.max_burst_length
+            off = 0
+            out = self.out
+            hd, dd = self.hd, self.dd
+            in_burst = 0
+            while off < n:
+                seg = min(mx, n - off, burst - in_burst)
+                end = off + seg
+                last = end == n
+                in_burst += seg
+                seq_end = last or in_burst == burst
+                if last and collapse:
+                    bhs = _HDR_U32.pack(
+                        Opcode.DATA_IN, 0x81 | flags, status, seg, 0, itt, RESERVED_TAG, self._next_statsn(),
+                        self.exp_cmdsn, self.max_cmdsn, datasn, off, residual,
+                    )
+                else:
+                    bhs = _HDR_U32.pack(
+                        Opcode.DATA_IN, 0x80 if seq_end else 0, 0, seg, 0, itt, RESERVED_TAG, 0,
+                        self.exp_cmdsn, self.max_cmdsn, datasn, off, 0,
+                    )
+                if seq_end:
+                    in_burst = 0
+                chunk = view[off:end]
+                out.append(bhs)
+                if hd:
+                    out.append(digest_bytes(bhs))
+                out.append(chunk)
+                pad = _PADS[seg & 3]
+                if pad:
+                    out.append(pad)
+                if dd:
+                    out.append(digest_bytes(chunk, pad))
+                datasn += 1
+                off = end
+            if collapse:
+                return
+        seg = (len(sense).to_bytes(2, "big") + sense) if sense else b""
+        bhs = pack_scsi_response(
+            itt, status, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn, flags, residual, seg,
+            exp_datasn=datasn,
+        )
+        self._emit(bhs, seg)
+
+    # ------------------------------------------------------------ NOP, text, logout
+    def _nop_out(self, raw: RawPdu) -> None:
+        _, _, _, _, lunf, itt, ttt, *_ = _HDR_U32.unpack_from(raw.bhs)
+        if itt == RESERVED_TAG:
+            if ttt == self._nop_ttt:
+                self._nop_ttt = None  # answer to our keepalive
+            return
+        rsp = NopIn(itt, RESERVED_TAG, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn,
+                    decode_lun(lunf) if decode_lun(lunf) >= 0 else 0, raw.data)
+        self._emit_pdu(rsp)
+
+    def ping(self) -> bool:
+        """Target-initiated NOP-In; False when the previous one was not answered."""
+        if self.state != Connection.FULL_FEATURE:
+            return True
+        if self._nop_ttt is not None:
+            return False
+        self._ttt = self._nop_ttt = (self._ttt + 1) & 0x7FFFFFFF
+        self._emit_pdu(NopIn(RESERVED_TAG, self._nop_ttt, self.statsn, self.exp_cmdsn, self.max_cmdsn))
+        self.flush()
+        return True
+
+    def _text_request(self, raw: RawPdu) -> None:
+        req = TextRequest.decode(raw)
+        if req.ttt != RESERVED_TAG:
+            rest = self._text_rest.pop(req.ttt, None)
+            if rest is None:
+                raise ProtocolError(RejectReason.INVALID_PDU_FIELD, "unknown Text TTT", raw.bhs)
+            self._send_text(req.itt, rest)
+            return
+        pairs = decode_text(req.data) if req.data else []
+        answer: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                answer += self._send_targets(value)
+            else:
+                answer.append((key, "NotUnderstood" if not key.startswith("X-") else "NotUnderstood"))
+        self._send_text(req.itt, encode_text(answer))
+
+    def _send_text(self, itt: int, text: bytes) -> None:
+        mx = self.params.max_xmit_data_segment_length
+        ttt = RESERVED_TAG
+        more = len(text) > mx
+        if more:
+            self._ttt = ttt = (self._ttt + 1) & 0x7FFFFFFF
+            self._text_rest[ttt] = text[mx:]
+            text = text[:mx]
+        self._emit_pdu(TextResponse(itt, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn, ttt,
+                                    final=not more, cont=more, data=text))
+
+    def _send_targets(self, which: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        host, port = self.local_address or ("127.0.0.1", 3260)
+        addr = f"[{host}]" if ":" in host else host
+        for node in self.target.nodes.values():
+            if which == "All" and self.node is None:
+                pass
+            elif which in ("", "All") and self.node is not None:
+                if node is not self.node:
+                    continue
+            elif which.lower() != node.name.lower():
+                continue
+            if not node.allows(self._initiator):
+                continue
+            out.append(("TargetName", node.name))
+            if node.redirect is not None:
+                rh, rp, rt = node.redirect
+                out.append(("TargetAddress", f"{rh}:{rp},{rt}"))
+            else:
+                out.append(("TargetAddress", f"{addr}:{port},{node.tpgt}"))
+        return out
+
+    def _logout(self, raw: RawPdu) -> None:
+        req = LogoutRequest.decode(raw)
+        if req.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            code = LogoutResponseCode.RECOVERY_NOT_SUPPORTED
+        elif req.reason == LogoutReason.CLOSE_CONNECTION and self._login_first and req.cid != self._login_first.cid:
+            code = LogoutResponseCode.CID_NOT_FOUND
+        elif req.reason in (LogoutReason.CLOSE_SESSION, LogoutReason.CLOSE_CONNECTION):
+            code = LogoutResponseCode.SUCCESS
+        else:
+            raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"logout reason {req.reason}", raw.bhs)
+        self._emit_pdu(LogoutResponse(req.itt, code, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn,
+                                      self.settings.default_time2wait, self.settings.default_time2retain))
+        self.log.info("logout (%s): %s", LogoutReason(req.reason).name if req.reason < 3 else req.reason,
+                      LogoutResponseCode(code).name)
+        if code == LogoutResponseCode.SUCCESS:
+            self._close_after_flush = True
+
+    def _snack(self, raw: RawPdu) -> None:
+        raise ProtocolError(RejectReason.COMMAND_NOT_SUPPORTED, "SNACK at ErrorRecoveryLevel 0", raw.bhs)
+
+    def send_async(self, event: AsyncEvent, parameter3: int = 0, parameter1: int = 0, parameter2: int = 0) -> None:
+        if self.state != Connection.FULL_FEATURE:
+            return
+        self._emit_pdu(AsyncMessage(event, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn,
+                                    parameter1=parameter1, parameter2=parameter2, parameter3=parameter3))
+        if not self._in_batch:
+            self.flush()
+
+    # ------------------------------------------------------------ task management
+    def abort_tasks(self, lu: LogicalUnitLike | None = None) -> set[int]:
+        """Forget tasks (all, or those of ``lu``); their answers are never sent."""
+        gone = set()
+        for itt, task in list(self.tasks.items()):
+            if lu is None or task.lu is lu:
+                del self.tasks[itt]
+                gone.add(itt)
+        for itt in list(self.pending):
+            if lu is None or self.pending[itt][1] is lu:
+                del self.pending[itt]
+                gone.add(itt)
+        return gone
+
+    def _task_mgmt(self, raw: RawPdu) -> None:
+        req = TaskMgmtRequest.decode(raw)
+        fn = req.function
+        lu = self.luns.get(req.lun)
+        nexus = self.nexus
+        resp = TmfResponse.FUNCTION_COMPLETE
+        cold = False
+        if self.node is None or nexus is None:
+            resp = TmfResponse.AUTHORIZATION_FAILED
+        elif fn == TmfFunction.ABORT_TASK:
+            rtt = req.referenced_itt
+            if rtt in self.tasks:
+                del self.tasks[rtt]
+            elif rtt in self.pending:
+                del self.pending[rtt]
+            else:
+                # RFC 7143 11.5.1: unknown task, RefCmdSN already received -> complete
+                queued = self.queued.pop(req.ref_cmdsn, None)
+                if queued is None and sn_diff(req.ref_cmdsn, self.exp_cmdsn) >= 0:
+                    resp = TmfResponse.TASK_DOES_NOT_EXIST
+        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
+            if lu is None:
+                resp = TmfResponse.LUN_DOES_NOT_EXIST
+            elif fn == TmfFunction.ABORT_TASK_SET:
+                self.abort_tasks(lu)
+            elif fn == TmfFunction.CLEAR_TASK_SET:
+                self.target._abort_lu(lu, None)
+                lu.clear_task_set(nexus)
+            else:
+                self.target._abort_lu(lu, None)
+                lu.reset(nexus)
+        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            cold = fn == TmfFunction.TARGET_COLD_RESET
+            for unit in self.luns.values():
+                self.target._abort_lu(unit, None)
+                unit.reset(nexus, cold=cold, target_reset=True)
+        elif fn == TmfFunction.TASK_REASSIGN:
+            resp = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
+        else:
+            resp = TmfResponse.NOT_SUPPORTED
+        self.log.info("task management %s lun %d: %s",
+                      TmfFunction(fn).name if fn in TmfFunction._value2member_map_ else fn, req.lun,
+                      TmfResponse(resp).name)
+        self._emit_pdu(TaskMgmtResponse(req.itt, resp, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn))
+        if cold and self.node is not None:
+            self.target._cold_reset(self.node)
+

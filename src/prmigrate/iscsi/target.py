@@ -1,0 +1,249 @@
+"""The asyncio iSCSI target (RFC 7143, ErrorRecoveryLevel 0).
+
+Public API (reused by the host daemon)::
+
+    node = TargetNode(name, luns={0: unit}, acl=None, chap=None, tpgt=1, alias=None)
+    node.redirect = ("127.0.0.3", 3260, 1)      # optional: every login gets 0x0101
+    target = IscsiTarget(nodes=[node], settings=TargetSettings(), keepalive=None)
+    await target.start("127.0.0.1", 3260)      # -> list of bound (host, port)
+    target.add_node(node); target.remove_node(name)
+    target.sessions(name) -> list[Session]      # .nexus, .tsih, .initiator, .isid
+    target.request_logout(name, initiator=None, wait=2) -> int   # Async Message event 1
+    target.drop_sessions(name, initiator=None) -> int            # nexus_lost to the LUs
+    await target.close()
+
+``TargetNode``, ``ChapConfig``, ``TargetSettings`` and ``Session`` come from
+``session.py``, where the per-connection protocol logic lives (no asyncio).
+This module only moves bytes: ``_IscsiProtocol`` feeds every ``data_received``
+to the connection, which parses all PDUs of the batch in place and sends all
+their responses with one ``transport.write``. No Task, coroutine or executor
+job per command. Optional keepalive: a NOP-In every ``keepalive`` seconds on
+idle connections; an unanswered one closes the connection.
+
+Logical units are any object with ``execute``/``nexus_lost``/``reset``/
+``clear_task_set`` (``lun.types.LogicalUnitLike``); optional attributes used
+when present: ``report_luns`` (set to list the node's LUNs), ``abort_hook``
+(PREEMPT AND ABORT drops the preempted nexuses' queued tasks), ``attach``
+(called for each new nexus), ``block_size`` (residual handling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from ..lun.types import LogicalUnitLike, Nexus
+from .pdu import AsyncEvent
+from .session import ChapConfig, Connection, Session, TargetNode, TargetSettings
+
+__all__ = ["ChapConfig", "IscsiTarget", "Session", "TargetNode", "TargetSettings"]
+
+log = logging.getLogger("prmigrate.iscsi.target")
+
+
+class _IscsiProtocol(asyncio.Protocol):
+    __slots__ = ("target", "conn", "transport", "_timer", "_active")
+
+    def __init__(self, target: IscsiTarget) -> None:
+        self.target = target
+        self.conn: Connection | None = None
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._active = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
+        write = transport.write
+
+        def send(parts: list[Any]) -> None:
+            write(b"".join(parts))
+
+        self.conn = Connection(self.target, peer_s, (local[0], local[1]) if local else None, send, transport.close)
+        self.target._connections.add(self.conn)
+        if self.target.keepalive:
+            self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        self._active = True
+        conn = self.conn
+        if conn is not None:
+            conn.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.conn is not None:
+            self.conn.connection_lost()
+            self.target._connections.discard(self.conn)
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.target.keepalive or 0, self._tick)
+
+    def _tick(self) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        if self._active:
+            self._active = False
+        elif not conn.ping():
+            conn.log.warning("keepalive NOP-In not answered: closing")
+            conn.close()
+            return
+        self._arm()
+
+
+class IscsiTarget:
+    """Registry of nodes and sessions plus the listening sockets."""
+
+    def __init__(
+        self,
+        nodes: Iterable[TargetNode] = (),
+        settings: TargetSettings | None = None,
+        keepalive: float | None = None,
+        max_task_bytes: int = 64 << 20,
+    ) -> None:
+        self.settings = settings or TargetSettings()
+        self.keepalive = keepalive
+        self.max_task_bytes = max_task_bytes
+        self.nodes: dict[str, TargetNode] = {}
+        self._sessions: dict[tuple[str, int, str], Session] = {}
+        self._connections: set[Connection] = set()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tsih = 0
+        for node in nodes:
+            self.add_node(node)
+
+    # ------------------------------------------------------------ nodes
+    def add_node(self, node: TargetNode) -> None:
+        self.nodes[node.name.lower()] = node
+        for lu in node.luns.values():
+            if hasattr(lu, "abort_hook"):
+                lu.abort_hook = self._abort_nexuses  # type: ignore[attr-defined]
+
+    def remove_node(self, name: str) -> TargetNode | None:
+        node = self.nodes.pop(name.lower(), None)
+        if node is not None:
+            self.drop_sessions(name)
+        return node
+
+    def node(self, name: str) -> TargetNode | None:
+        return self.nodes.get(name.lower())
+
+    # ------------------------------------------------------------ sessions
+    def sessions(self, node_name: str | None = None) -> list[Session]:
+        """Live sessions (of one node; ``None``: all, discovery included)."""
+        if node_name is None:
+            return list(self._sessions.values())
+        key = node_name.lower()
+        return [s for s in self._sessions.values() if s.node is not None and s.node.name.lower() == key]
+
+    def _select(self, node_name: str, initiator: str | None) -> list[Session]:
+        return [s for s in self.sessions(node_name) if initiator is None or s.initiator.lower() == initiator.lower()]
+
+    def request_logout(self, node_name: str, initiator: str | None = None, wait: int = 2) -> int:
+        """Ask sessions to log out (Async Message, event 1, Parameter3 = ``wait`` s)."""
+        chosen = self._select(node_name, initiator)
+        for s in chosen:
+            if s.conn is not None:
+                s.conn.log.info("asking the initiator to log out within %d s", wait)
+                s.conn.send_async(AsyncEvent.LOGOUT_REQUEST, parameter3=wait)
+        return len(chosen)
+
+    def drop_sessions(self, node_name: str, initiator: str | None = None) -> int:
+        """Close sessions now; their LUs are told the nexus is lost."""
+        chosen = self._select(node_name, initiator)
+        for s in chosen:
+            if s.conn is not None:
+                s.conn.log.info("session dropped by the target")
+                s.conn.close()
+            else:
+                self._end_session(s, nexus_lost=True)
+        return len(chosen)
+
+    def _register_session(self, session: Session) -> bool:
+        """Add a session at the end of its login; True when it reinstates one."""
+        key = session.key
+        old = self._sessions.get(key)
+        reinstated = False
+        if old is not None:
+            # RFC 7143 6.3.5: same initiator port + target: close the old
+            # session; the I_T nexus continues, so the LU is not told.
+            reinstated = True
+            self._sessions.pop(key, None)
+            if old.conn is not None:
+                old.conn.log.info("session reinstated by a new login: closing the old connection")
+                old.conn.session = None
+                old.conn.close()
+        self._tsih = self._tsih % 0xFFFF + 1
+        while any(s.tsih == self._tsih for s in self._sessions.values()):
+            self._tsih = self._tsih % 0xFFFF + 1
+        session.tsih = self._tsih
+        self._sessions[key] = session
+        if not reinstated and session.node is not None and session.nexus is not None:
+            for lu in session.node.luns.values():
+                attach = getattr(lu, "attach", None)
+                if attach is not None:
+                    attach(session.nexus)
+        return reinstated
+
+    def _connection_closed(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        s = conn.session
+        if s is not None and self._sessions.get(s.key) is s:
+            self._end_session(s, nexus_lost=not conn._cold)
+
+    def _end_session(self, s: Session, nexus_lost: bool) -> None:
+        self._sessions.pop(s.key, None)
+        s.conn = None
+        if s.node is not None and s.nexus is not None:
+            log.info("[%s] session tsih %d ended%s", s.describe(), s.tsih, "" if nexus_lost else " (reset)")
+            if nexus_lost:
+                for lu in s.node.luns.values():
+                    try:
+                        lu.nexus_lost(s.nexus)
+                    except Exception:
+                        log.exception("nexus_lost failed for %s", s.nexus)
+
+    def _abort_lu(self, lu: LogicalUnitLike, nexuses: set[Nexus] | None) -> None:
+        for conn in list(self._connections):
+            if nexuses is None or conn.nexus in nexuses:
+                conn.abort_tasks(lu)
+
+    def _abort_nexuses(self, nexuses: set[Nexus]) -> None:
+        for conn in list(self._connections):
+            if conn.nexus in nexuses:
+                conn.abort_tasks()
+
+    def _cold_reset(self, node: TargetNode) -> None:
+        """TARGET COLD RESET: every session of the node ends after its answer."""
+        for s in self.sessions(node.name):
+            if s.conn is not None:
+                s.conn._cold = True
+                s.conn._close_after_flush = True
+                if not s.conn._in_batch:
+                    s.conn.flush()
+
+    # ------------------------------------------------------------ server
+    async def start(self, host: str = "127.0.0.1", port: int = 3260) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _IscsiProtocol(self), host, port, reuse_address=True)
+        self._servers.append(server)
+        bound = [s.getsockname()[:2] for s in server.sockets]
+        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        return bound
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            conn.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
