@@ -280,13 +280,20 @@ class LogicalUnit:
         return memoryview(data_out)[:length]
 
     # ------------------------------------------------------- read / write
+    # READ(10) and READ(16) are the hot path: checks of _do_read inlined.
     def _read10(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
         _, flags, lba, _g, n, _c = _RW10_unpack(cdb)
-        return self._do_read(flags, lba, n)
+        if flags & PROTECT_MASK or lba + n > self.blocks or n > self._max_xfer or not n:
+            return self._do_read(flags, lba, n)
+        bs = self.block_size
+        return Result(_GOOD, os.pread(self._fd, n * bs, lba * bs))
 
     def _read16(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
         _, flags, lba, n, _g, _c = _RW16_unpack(cdb)
-        return self._do_read(flags, lba, n)
+        if flags & PROTECT_MASK or lba + n > self.blocks or n > self._max_xfer or not n:
+            return self._do_read(flags, lba, n)
+        bs = self.block_size
+        return Result(_GOOD, os.pread(self._fd, n * bs, lba * bs))
 
     def _read12(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
         _, flags, lba, n, _g, _c = _RW12_unpack(cdb)
