@@ -1,0 +1,389 @@
+"""The takeover plan: which PR OUT commands, from which nexus, in which phase.
+
+A pure function of the migrated ``DevicePrState``, of what the destination
+registered during setup, of what it observed on the target (PR IN), and of the
+target's known traits. The shell turns each ``PrOp`` into a CDB and parameter
+list (``PrOp.cdb()`` / ``PrOp.params()``, via ``scsi/pr.py``) and sends it on the
+named side's per-guest backend nexus, in order, stopping at the first failure.
+
+Phases (REFERENCE 1-2; SPC-5 5.14.11)
+-------------------------------------
+SETUP (destination, outside the pause)
+    REGISTER AND IGNORE EXISTING KEY, SARK = key, on each guest's destination
+    nexus. RAIEK rather than QEMU's REGISTER RK=0: it also succeeds when a
+    previous, failed attempt left the nexus registered. A key the target no
+    longer shows (observed READ KEYS / READ FULL STATUS) is NOT registered: the
+    guest was fenced (preempted by another node) and registering its key again
+    would undo the fence.
+
+RELEASE (source, inside the pause, before STATE is sent)
+    For a register-only guest, and for an all-registrants holder whose key the
+    destination already registered in setup, the source drops its own
+    registration: REGISTER RK = key, SARK = 0 from the source nexus while the
+    guest is held (as REGISTER AND IGNORE EXISTING KEY with SARK = 0, the
+    idempotent form of REGISTER RK = key SARK = 0: GOOD also when the
+    registration is already gone). Chosen over a destination PREEMPT (SARK = key, type WE)
+    because (a) it touches exactly one registration and never the reservation
+    (SPC-5 5.14.11.2.2: unregistering a non-holder has no other effect; an AR
+    reservation lives on through the destination's registration); (b) a
+    PREEMPT with SARK = key where another guest of the device holds the
+    reservation with that same key would preempt *the reservation*; (c) it
+    avoids both target quirks (TYPE=0 rejected; own registration dropped when
+    no reservation exists) and costs one round trip either way. The destination
+    PREEMPT variant is kept as ``register_only="preempt"`` for comparison, and
+    is used for a holder that the destination's PR IN shows is no longer a
+    holder (the source, planning without observing, did not release it).
+
+TAKEOVER (destination, inside the pause)
+    Keys that changed since setup are (re)registered first (RAIEK). Then, for
+    the holder of a WE / EA / RO reservation, ONE PERSISTENT RESERVE OUT
+    PREEMPT with RK = SARK = key and the same type and scope: it removes every
+    other registration with that key (the source's) and gives the reservation
+    to the caller atomically (SPC-5 5.14.11.4.3); the reservation is never
+    absent. Guests that unregistered since setup are unregistered (RAIEK SARK=0).
+
+FIXUP (destination, inside the pause, after the PREEMPT)
+    - other guests of the device whose key equals the preempted key lost their
+      destination registration too: register them again;
+    - when no reservation is known to exist and the target may drop the
+      preempting nexus's own registration (LIO), register it again;
+    - all-registrants: PREEMPT with a non-zero SARK removes only the matching
+      registrations and keeps the reservation (SPC-5 5.14.11.4.4), so an AR
+      guest that had to be registered inside the pause is moved that way.
+
+ROLLBACK (source, guest still held) and CLEANUP (destination)
+    See ``rollback_plan`` / ``cleanup_plan``: the source re-registers what it
+    released and, if the destination may have preempted, takes the reservation
+    back with a PREEMPT from its own nexus before the destination unregisters,
+    so that the reservation is never absent on that path either.
+
+``qemu_plan`` is QEMU 11's sequence (REGISTER RK=0 + PREEMPT, both inside the
+pause, type 0 passed through) for the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ..device.state import DevicePrState, GuestPrState
+from ..scsi.constants import PrOutAction, PrType
+from .errors import PlanError
+
+RAIEK = PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY
+
+
+class Side(Enum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+class Phase(Enum):
+    SETUP = "setup"
+    RELEASE = "release"
+    TAKEOVER = "takeover"
+    FIXUP = "fixup"
+    ROLLBACK = "rollback"
+    CLEANUP = "cleanup"
+
+
+@dataclass(frozen=True, slots=True)
+class PrOp:
+    """One PERSISTENT RESERVE OUT on one side's nexus for one guest."""
+
+    side: Side
+    guest: str
+    action: PrOutAction
+    rk: int = 0
+    sark: int = 0
+    rtype: PrType = PrType.NONE
+    scope: int = 0
+    inside_pause: bool = False
+    aptpl: bool = False
+    phase: Phase = Phase.SETUP
+    why: str = ""
+    # RESERVATION CONFLICT means "nothing to do" for this op: the shell counts
+    # it as completed and goes on (e.g. the rollback PREEMPT when the
+    # destination's registrations are already gone).
+    conflict_ok: bool = False
+
+    def cdb(self) -> bytes:
+        from ..scsi.pr import pr_out_cdb
+
+        return pr_out_cdb(self.action, self.rtype, self.scope)
+
+    def params(self) -> bytes:
+        from ..scsi.pr import pr_out_params
+
+        return pr_out_params(self.rk, self.sark, aptpl=self.aptpl)
+
+    def __str__(self) -> str:
+        t = f" type={self.rtype.short}" if self.rtype else ""
+        return f"{self.side.value}[{self.guest}] {self.action.name} rk={self.rk:#x} sark={self.sark:#x}{t} ({self.phase.value}: {self.why})"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetTraits:
+    """What the shell knows about the backend target (defaults: assume the worst)."""
+
+    read_full_status: bool = False
+    preempt_rejects_type_zero: bool = True  # LIO
+    preempt_drops_own_registration: bool = True  # LIO, when no reservation exists
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """The target's PR state as the destination read it (PR IN).
+
+    ``keys``: READ KEYS. ``reservation_key``: READ RESERVATION key (None = no
+    reservation; 0 for all-registrants types). ``source_keys``: with READ FULL
+    STATUS, the key registered on each guest's source nexus (None without RFS).
+    """
+
+    keys: frozenset[int] = frozenset()
+    reservation_key: int | None = None
+    reservation_type: PrType = PrType.NONE
+    source_keys: Mapping[str, int] | None = None
+
+    @staticmethod
+    def from_pr_in(read_keys: object, read_reservation: object, source_keys: Mapping[str, int] | None = None) -> Observed:
+        """From ``scsi.pr.ReadKeys`` / ``ReadReservation`` replies."""
+        rtype = getattr(read_reservation, "rtype", PrType.NONE)
+        return Observed(
+            frozenset(getattr(read_keys, "keys", ())),
+            getattr(read_reservation, "key", None),
+            PrType(rtype) if int(rtype) in PrType._value2member_map_ else PrType.NONE,
+            None if source_keys is None else {k.lower(): v for k, v in source_keys.items()},
+        )
+
+    def registered(self, guest: str, key: int) -> bool:
+        if self.source_keys is not None:
+            return self.source_keys.get(guest) == key
+        return key in self.keys
+
+    def holds(self, g: GuestPrState) -> bool:
+        """Does the target agree that ``g`` holds the reservation?"""
+        if self.reservation_key is None or not self.reservation_type:
+            return False
+        if g.rtype.all_registrants:
+            return self.reservation_type == g.rtype and g.key in self.keys
+        return self.reservation_key == g.key
+
+
+@dataclass(frozen=True, slots=True)
+class SetupPlan:
+    ops: tuple[PrOp, ...]
+    skipped: tuple[str, ...] = ()  # guests whose key the target no longer shows
+    notes: tuple[str, ...] = ()
+
+    @property
+    def registered(self) -> dict[str, int]:
+        return {op.guest: op.sark for op in self.ops}
+
+
+@dataclass(frozen=True, slots=True)
+class TakeoverPlan:
+    release: tuple[PrOp, ...] = ()  # source, inside the pause, before STATE
+    takeover: tuple[PrOp, ...] = ()  # destination, inside the pause
+    fixups: tuple[PrOp, ...] = ()  # destination, inside the pause, after takeover
+    notes: tuple[str, ...] = ()
+    effective: Mapping[str, GuestPrState] = field(default_factory=dict)  # after reconciling
+
+    @property
+    def destination_ops(self) -> tuple[PrOp, ...]:
+        return self.takeover + self.fixups
+
+    @property
+    def round_trips(self) -> int:
+        """Backend PR round trips inside the guest pause (both sides)."""
+        return len(self.release) + len(self.takeover) + len(self.fixups)
+
+    @property
+    def preempts(self) -> bool:
+        return any(op.action is PrOutAction.PREEMPT for op in self.takeover + self.fixups)
+
+
+def _guests(pr: DevicePrState) -> list[tuple[str, GuestPrState]]:
+    return sorted((name, g) for name, g in pr.guests.items() if g.registered)
+
+
+def check_state(pr: DevicePrState) -> None:
+    """SPC-5 5.14.9-10: holders are registered; one holder or all-registrants."""
+    holders = [g for g in pr.guests.values() if g.holder]
+    for g in holders:
+        if not g.registered or g.rtype not in _VALID:
+            raise PlanError(f"holder without key or type: {g}")
+    if len({g.rtype for g in holders}) > 1 or (len(holders) > 1 and not holders[0].rtype.all_registrants):
+        raise PlanError(f"more than one holder of a {holders[0].rtype.short} reservation")
+
+
+_VALID = frozenset(t for t in PrType if t is not PrType.NONE)
+
+
+def setup_plan(pr: DevicePrState, observed: Observed | None = None) -> SetupPlan:
+    check_state(pr)
+    ops, skipped, notes = [], [], []
+    for name, g in _guests(pr):
+        if observed is not None and not observed.registered(name, g.key):
+            skipped.append(name)
+            notes.append(f"{name}: key {g.key:#x} not on the target (fenced?): not registered")
+            continue
+        ops.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, aptpl=g.aptpl, phase=Phase.SETUP, why="register the guest's key ahead of the pause"))
+    return SetupPlan(tuple(ops), tuple(skipped), tuple(notes))
+
+
+def _reconcile(pr: DevicePrState, observed: Observed | None) -> tuple[dict[str, GuestPrState], list[str]]:
+    """The state to move: the tracked state, corrected by what the target shows."""
+    out: dict[str, GuestPrState] = {}
+    notes: list[str] = []
+    for name, g in _guests(pr):
+        if observed is not None and not observed.registered(name, g.key):
+            notes.append(f"{name}: key {g.key:#x} gone from the target: nothing to move")
+            continue
+        if g.holder and observed is not None and not observed.holds(g):
+            notes.append(f"{name}: target shows no {g.rtype.short} reservation for key {g.key:#x}: moved as a registration only")
+            g = GuestPrState(g.key, g.aptpl)
+        out[name] = g
+    return out, notes
+
+
+def takeover_plan(
+    pr: DevicePrState,
+    registered: Mapping[str, int] | None = None,
+    observed: Observed | None = None,
+    traits: TargetTraits = TargetTraits(),
+    *,
+    register_only: str = "release",
+) -> TakeoverPlan:
+    """Ops inside the pause. ``registered``: what the destination's setup
+    registered (guest -> key); ``register_only``: "release" (the source
+    unregisters, the default) or "preempt" (the destination preempts, WE type)."""
+    if register_only not in ("release", "preempt"):
+        raise ValueError(f"register_only must be 'release' or 'preempt', not {register_only!r}")
+    check_state(pr)
+    registered = {k.lower(): v for k, v in (registered or {}).items()}
+    eff, notes = _reconcile(pr, observed)
+    # A holder the target does not confirm: the source (which planned without
+    # observing) kept its registration, so the destination removes it.
+    demoted = {n for n, g in eff.items() if not g.holder and pr.get(n).holder}
+    release: list[PrOp] = []
+    register: list[PrOp] = []
+    takeover: list[PrOp] = []
+    fixups: list[PrOp] = []
+
+    # Keys that changed, appeared or disappeared since setup.
+    for name in sorted(registered):
+        if name not in eff:
+            register.append(PrOp(Side.DESTINATION, name, RAIEK, 0, 0, inside_pause=True, phase=Phase.TAKEOVER, why="guest unregistered since setup"))
+    for name, g in sorted(eff.items()):
+        if registered.get(name) != g.key:
+            register.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, inside_pause=True, aptpl=g.aptpl, phase=Phase.TAKEOVER, why="key changed since setup"))
+
+    # The holder of a single-holder reservation: one PREEMPT moves it.
+    holder = next(((n, g) for n, g in sorted(eff.items()) if g.holder and not g.rtype.all_registrants), None)
+    preempted_key = None
+    if holder is not None:
+        hname, h = holder
+        preempted_key = h.key
+        takeover.append(PrOp(Side.DESTINATION, hname, PrOutAction.PREEMPT, h.key, h.key, h.rtype, h.scope, True, h.aptpl, Phase.TAKEOVER, "move the reservation: RK = SARK = key"))
+        for name, g in sorted(eff.items()):
+            if name != hname and g.key == h.key:
+                fixups.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, inside_pause=True, aptpl=g.aptpl, phase=Phase.FIXUP, why="same key: removed by the PREEMPT"))
+        unverified = hname in getattr(pr, "unverified", ())
+        if traits.preempt_drops_own_registration and observed is None and unverified:
+            fixups.append(PrOp(Side.DESTINATION, hname, RAIEK, 0, h.key, inside_pause=True, aptpl=h.aptpl, phase=Phase.FIXUP, why="reservation not confirmed: target may drop the preempting nexus"))
+
+    # Everyone else: drop the source's registration.
+    for name, g in sorted(eff.items()):
+        if g.key == preempted_key:
+            continue  # the PREEMPT already removed the source's registration
+        on_dest_before_pause = registered.get(name) == g.key
+        if g.holder and not on_dest_before_pause:
+            # AR (SPC-5 5.14.11.4.4): non-zero SARK removes only the matching
+            # registrations (the source's) and keeps the reservation, which the
+            # destination shares as a registrant.
+            takeover.append(PrOp(Side.DESTINATION, name, PrOutAction.PREEMPT, g.key, g.key, g.rtype, g.scope, True, g.aptpl, Phase.TAKEOVER, "AR: remove the source's registration"))
+            if traits.preempt_drops_own_registration:
+                fixups.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, inside_pause=True, aptpl=g.aptpl, phase=Phase.FIXUP, why="target may drop the preempting nexus"))
+        elif (register_only == "preempt" or name in demoted) and not g.holder and not any(o.holder and o.key == g.key for o in eff.values()):
+            rtype = PrType.WRITE_EXCLUSIVE if traits.preempt_rejects_type_zero else PrType.NONE
+            takeover.append(PrOp(Side.DESTINATION, name, PrOutAction.PREEMPT, g.key, g.key, rtype, 0, True, g.aptpl, Phase.TAKEOVER, "register-only: remove the source's registration"))
+            if traits.preempt_drops_own_registration:
+                fixups.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, inside_pause=True, aptpl=g.aptpl, phase=Phase.FIXUP, why="target may drop the preempting nexus"))
+        else:
+            release.append(PrOp(Side.SOURCE, name, RAIEK, 0, 0, inside_pause=True, aptpl=g.aptpl, phase=Phase.RELEASE, why="drop the source's registration"))
+    return TakeoverPlan(tuple(release), tuple(register + takeover), tuple(fixups), tuple(notes), eff)
+
+
+def rollback_plan(
+    pr: DevicePrState,
+    *,
+    preempted: bool | None,
+    released: Iterable[str] = (),
+    registered_on_dest: Mapping[str, int] | None = None,
+) -> tuple[PrOp, ...]:
+    """Source ops that restore the source's registrations and reservation.
+
+    ``preempted``: whether the destination's PREEMPT ran (None: unknown, e.g.
+    the destination vanished; treated as True). ``released``: guests whose
+    source registration the RELEASE phase removed. ``registered_on_dest``
+    (setup) is accepted for the record; it does not narrow the plan. Every
+    op is idempotent, so running this when nothing happened is harmless:
+    RAIEK re-registers; PREEMPT RK = SARK = key from the source takes the
+    reservation back and removes the destination's registrations of that key
+    (the reservation is never absent); RESERVE with the same type is GOOD for
+    the holder and re-creates the reservation if it vanished.
+    """
+    check_state(pr)
+    guests = dict(_guests(pr))
+    released = {r.lower() for r in released}
+    ops: list[PrOp] = []
+
+    def reg(name: str, g: GuestPrState, why: str) -> None:
+        ops.append(PrOp(Side.SOURCE, name, RAIEK, 0, g.key, inside_pause=True, aptpl=g.aptpl, phase=Phase.ROLLBACK, why=why))
+
+    holder = next(((n, g) for n, g in sorted(guests.items()) if g.holder and not g.rtype.all_registrants), None)
+    took = preempted is not False
+    if holder is not None and took:
+        hname, h = holder
+        reg(hname, h, "make sure the source nexus is registered")
+        ops.append(PrOp(Side.SOURCE, hname, PrOutAction.PREEMPT, h.key, h.key, h.rtype, h.scope, True, h.aptpl, Phase.ROLLBACK, "take the reservation back", conflict_ok=True))
+        for name, g in sorted(guests.items()):
+            if g.key == h.key:
+                reg(name, g, "registration removed by the PREEMPT (or the target's quirk)")
+        ops.append(PrOp(Side.SOURCE, hname, PrOutAction.RESERVE, h.key, 0, h.rtype, h.scope, True, False, Phase.ROLLBACK, "re-create the reservation if it vanished"))
+        done = {n for n, g in guests.items() if g.key == h.key}
+    else:
+        done = set()
+    for name, g in sorted(guests.items()):
+        if name in done:
+            continue
+        # Preempted (or unknown): a destination PREEMPT of any key may have
+        # removed the source's registration; RAIEK is idempotent, so restore all.
+        if name in released or took:
+            reg(name, g, "undo the release")
+            if g.holder:  # all-registrants: RESERVE is GOOD for a holder, re-creates otherwise
+                ops.append(PrOp(Side.SOURCE, name, PrOutAction.RESERVE, g.key, 0, g.rtype, g.scope, True, False, Phase.ROLLBACK, "re-create the AR reservation if it vanished"))
+    return tuple(ops)
+
+
+def cleanup_plan(registered: Mapping[str, int]) -> tuple[PrOp, ...]:
+    """Destination: drop every registration it made. RAIEK with SARK = 0 is a
+    no-op on a nexus that is not (or no longer) registered, so it is safe
+    after the source's PREEMPT already removed them."""
+    return tuple(
+        PrOp(Side.DESTINATION, name, RAIEK, 0, 0, phase=Phase.CLEANUP, why="unregister what setup registered")
+        for name in sorted(registered)
+    )
+
+
+def qemu_plan(pr: DevicePrState) -> tuple[PrOp, ...]:
+    """QEMU 11 (REFERENCE 1): REGISTER RK=0 SARK=key, then PREEMPT RK=SARK=key
+    with the saved type (0 when none, which LIO rejects), scope 0; both on the
+    destination while loading state, i.e. inside the pause."""
+    ops: list[PrOp] = []
+    for name, g in _guests(pr):
+        ops.append(PrOp(Side.DESTINATION, name, PrOutAction.REGISTER, 0, g.key, inside_pause=True, phase=Phase.TAKEOVER, why="qemu: register"))
+        ops.append(PrOp(Side.DESTINATION, name, PrOutAction.PREEMPT, g.key, g.key, g.rtype if g.holder else PrType.NONE, 0, True, phase=Phase.TAKEOVER, why="qemu: preempt"))
+    return tuple(ops)

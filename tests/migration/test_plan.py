@@ -1,0 +1,376 @@
+"""Takeover plans, checked op by op and by running them on a model target."""
+
+from __future__ import annotations
+
+import pytest
+
+from prmigrate.device.state import DevicePrState, GuestPrState
+from prmigrate.migration.errors import PlanError
+from prmigrate.migration.plan import (
+    Observed,
+    Phase,
+    PrOp,
+    Side,
+    TargetTraits,
+    cleanup_plan,
+    qemu_plan,
+    rollback_plan,
+    setup_plan,
+    takeover_plan,
+)
+from prmigrate.scsi.constants import PrOutAction, PrType
+
+A = PrOutAction
+K1, K2 = 0xAAAA, 0xBBBB
+TYPES = [PrType(t) for t in (1, 3, 5, 6, 7, 8)]
+
+
+class Conflict(Exception):
+    pass
+
+
+class FakeTarget:
+    """A small SPC-5 PR model (REFERENCE 2) with LIO's two quirks as options."""
+
+    def __init__(self, *, lio: bool = False) -> None:
+        self.regs: dict[tuple[Side, str], int] = {}
+        self.holder: tuple[Side, str] | None = None  # None with an AR type: all registrants
+        self.rtype = PrType.NONE
+        self.scope = 0
+        self.lio = lio
+        self.log: list[str] = []
+
+    # -- observation
+    def observe(self) -> Observed:
+        key = None
+        if self.rtype:
+            key = 0 if self.rtype.all_registrants else self.regs[self.holder]  # type: ignore[index]
+        return Observed(frozenset(self.regs.values()), key, self.rtype)
+
+    def holds(self, n: tuple[Side, str]) -> bool:
+        if not self.rtype or n not in self.regs:
+            return False
+        return self.rtype.all_registrants or self.holder == n
+
+    # -- SPC-5 rules
+    def _unregister(self, n: tuple[Side, str]) -> None:
+        del self.regs[n]
+        if self.rtype.all_registrants and not self.regs:
+            self.rtype, self.holder = PrType.NONE, None
+        elif self.rtype and not self.rtype.all_registrants and self.holder == n:
+            self.rtype, self.holder = PrType.NONE, None
+
+    def run(self, op: PrOp) -> None:
+        n = (op.side, op.guest)
+        self.log.append(str(op))
+        registered = n in self.regs
+        if op.action is A.REGISTER:
+            if not registered:
+                if op.rk:
+                    raise Conflict("REGISTER rk from unregistered")
+                if op.sark:
+                    self.regs[n] = op.sark
+            elif op.rk != self.regs[n]:
+                raise Conflict("REGISTER rk mismatch")
+            elif op.sark == 0:
+                self._unregister(n)
+            else:
+                self.regs[n] = op.sark
+        elif op.action is A.REGISTER_AND_IGNORE_EXISTING_KEY:
+            if op.sark:
+                self.regs[n] = op.sark
+            elif registered:
+                self._unregister(n)
+        elif op.action is A.RESERVE:
+            if not registered:
+                raise Conflict("RESERVE unregistered")
+            if not self.rtype:
+                self.rtype, self.scope = op.rtype, op.scope
+                self.holder = None if op.rtype.all_registrants else n
+            elif not self.holds(n) or self.rtype != op.rtype:
+                raise Conflict("RESERVE conflicts")
+        elif op.action is A.PREEMPT:
+            if not registered or self.regs[n] != op.rk:
+                raise Conflict("PREEMPT from unregistered / rk mismatch")
+            if self.lio and op.rtype is PrType.NONE:
+                raise ValueError("LIO: PREEMPT with TYPE=0 -> INVALID FIELD IN CDB")
+            if self.rtype and not self.rtype.all_registrants and op.sark == self.regs[self.holder]:  # type: ignore[index]
+                for m in [m for m, k in self.regs.items() if k == op.sark and m != n]:
+                    del self.regs[m]
+                self.holder, self.rtype, self.scope = n, op.rtype, op.scope
+            elif self.rtype.all_registrants and op.sark == 0:
+                for m in [m for m in self.regs if m != n]:
+                    del self.regs[m]
+                self.rtype, self.scope = op.rtype, op.scope
+            else:
+                if op.sark == 0:
+                    raise ValueError("INVALID FIELD IN PARAMETER LIST")
+                victims = [m for m, k in self.regs.items() if k == op.sark and m != n]
+                if self.lio and not self.rtype:
+                    victims += [n]
+                if not victims:
+                    raise Conflict("PREEMPT: no registration with that key")
+                for m in victims:
+                    self._unregister(m)
+        else:
+            raise AssertionError(op)
+
+    def apply(self, ops: tuple[PrOp, ...] | list[PrOp]) -> None:
+        for op in ops:
+            try:
+                self.run(op)
+            except Conflict:
+                if not op.conflict_ok:
+                    raise
+
+    # -- set the scene
+    @staticmethod
+    def with_state(pr: DevicePrState, side: Side = Side.SOURCE, *, lio: bool = False) -> FakeTarget:
+        t = FakeTarget(lio=lio)
+        for name, g in pr.guests.items():
+            if g.key:
+                t.regs[(side, name)] = g.key
+            if g.holder:
+                t.rtype, t.scope = g.rtype, g.scope
+                t.holder = None if g.rtype.all_registrants else (side, name)
+        return t
+
+    def matches(self, pr: DevicePrState, side: Side) -> bool:
+        """The target shows ``pr`` on ``side``'s nexuses and nothing on the other side."""
+        other = Side.DESTINATION if side is Side.SOURCE else Side.SOURCE
+        if any(n[0] is other for n in self.regs):
+            return False
+        for name, g in pr.guests.items():
+            if self.regs.get((side, name), 0) != g.key:
+                return False
+            if g.holder and not (self.holds((side, name)) and self.rtype == g.rtype):
+                return False
+        return True
+
+
+def state(**guests: GuestPrState) -> DevicePrState:
+    return DevicePrState({k: v for k, v in guests.items()})
+
+
+def holder(key: int = K1, rtype: PrType = PrType.WRITE_EXCLUSIVE, aptpl: bool = False) -> GuestPrState:
+    return GuestPrState(key, aptpl, True, rtype, 0)
+
+
+def reg(key: int = K1) -> GuestPrState:
+    return GuestPrState(key)
+
+
+def migrate(pr: DevicePrState, *, lio: bool = False, register_only: str = "release", observe: bool = True) -> tuple[FakeTarget, int]:
+    """Run setup, release, takeover and fixups on a model target."""
+    t = FakeTarget.with_state(pr, lio=lio)
+    sp = setup_plan(pr, t.observe() if observe else None)
+    t.apply(sp.ops)
+    tp = takeover_plan(pr, sp.registered, t.observe() if observe else None, TargetTraits(), register_only=register_only)
+    t.apply(tp.release)
+    t.apply(tp.destination_ops)
+    return t, tp.round_trips
+
+
+# ------------------------------------------------------------------ per type
+
+
+@pytest.mark.parametrize("rtype", [t for t in TYPES if not t.all_registrants])
+def test_single_holder_is_one_preempt(rtype: PrType) -> None:
+    pr = state(g1=holder(K1, rtype, aptpl=True))
+    sp = setup_plan(pr)
+    assert sp.ops == (PrOp(Side.DESTINATION, "g1", A.REGISTER_AND_IGNORE_EXISTING_KEY, 0, K1, aptpl=True, phase=Phase.SETUP, why=sp.ops[0].why),)
+    assert not sp.ops[0].inside_pause
+    tp = takeover_plan(pr, sp.registered)
+    assert tp.release == () and tp.fixups == ()
+    (op,) = tp.takeover
+    assert (op.side, op.action, op.rk, op.sark, op.rtype, op.scope, op.inside_pause) == (Side.DESTINATION, A.PREEMPT, K1, K1, rtype, 0, True)
+    assert tp.round_trips == 1
+    for lio in (False, True):
+        t, rt = migrate(pr, lio=lio)
+        assert t.matches(pr, Side.DESTINATION) and rt == 1
+
+
+@pytest.mark.parametrize("rtype", [t for t in TYPES if t.all_registrants])
+def test_all_registrants_source_releases(rtype: PrType) -> None:
+    pr = state(g1=holder(K1, rtype), g2=holder(K2, rtype))
+    sp = setup_plan(pr)
+    tp = takeover_plan(pr, sp.registered)
+    assert tp.takeover == () and tp.fixups == ()
+    assert [(o.side, o.guest, o.action, o.sark) for o in tp.release] == [
+        (Side.SOURCE, "g1", A.REGISTER_AND_IGNORE_EXISTING_KEY, 0),
+        (Side.SOURCE, "g2", A.REGISTER_AND_IGNORE_EXISTING_KEY, 0),
+    ]
+    for lio in (False, True):
+        t, _ = migrate(pr, lio=lio)
+        assert t.matches(pr, Side.DESTINATION)
+        assert t.rtype == rtype  # the AR reservation never went away
+
+
+@pytest.mark.parametrize("rtype", [t for t in TYPES if t.all_registrants])
+def test_all_registrants_key_changed_after_setup_uses_preempt(rtype: PrType) -> None:
+    pr = state(g1=holder(K2, rtype))
+    tp = takeover_plan(pr, {"g1": K1})  # setup registered the old key
+    assert [o.action for o in tp.takeover] == [A.REGISTER_AND_IGNORE_EXISTING_KEY, A.PREEMPT]
+    assert tp.takeover[1].rtype == rtype and tp.takeover[1].sark == K2
+    assert [o.action for o in tp.fixups] == [A.REGISTER_AND_IGNORE_EXISTING_KEY]
+    t = FakeTarget.with_state(pr)
+    t.regs[(Side.DESTINATION, "g1")] = K1
+    t.apply(tp.release + tp.destination_ops)
+    assert t.matches(pr, Side.DESTINATION) and t.rtype == rtype
+
+
+def test_register_only_source_releases() -> None:
+    pr = state(g1=reg(K1))
+    tp = takeover_plan(pr, setup_plan(pr).registered)
+    assert tp.takeover == () and len(tp.release) == 1 and tp.round_trips == 1
+    assert tp.release[0].side is Side.SOURCE and tp.release[0].inside_pause
+    for lio in (False, True):
+        t, _ = migrate(pr, lio=lio)
+        assert t.matches(pr, Side.DESTINATION)
+
+
+def test_register_only_preempt_variant_uses_we_and_reregisters() -> None:
+    pr = state(g1=reg(K1))
+    tp = takeover_plan(pr, {"g1": K1}, register_only="preempt")
+    (p,) = tp.takeover
+    assert p.action is A.PREEMPT and p.rtype is PrType.WRITE_EXCLUSIVE  # LIO rejects TYPE=0
+    assert [o.action for o in tp.fixups] == [A.REGISTER_AND_IGNORE_EXISTING_KEY]  # LIO drops own
+    for lio in (False, True):
+        t, rt = migrate(pr, lio=lio, register_only="preempt")
+        assert t.matches(pr, Side.DESTINATION) and rt == 2
+    lenient = takeover_plan(pr, {"g1": K1}, traits=TargetTraits(True, False, False), register_only="preempt")
+    assert lenient.takeover[0].rtype is PrType.NONE and lenient.fixups == ()
+
+
+def test_no_pr_state_no_ops() -> None:
+    pr = DevicePrState()
+    assert setup_plan(pr).ops == ()
+    tp = takeover_plan(pr, {})
+    assert tp.round_trips == 0 and not tp.preempts
+    assert rollback_plan(pr, preempted=None) == ()
+    assert qemu_plan(pr) == ()
+
+
+def test_holder_and_register_only_guests() -> None:
+    pr = state(g1=holder(K1, PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY), g2=reg(K2))
+    t, rt = migrate(pr)
+    assert t.matches(pr, Side.DESTINATION) and rt == 2
+
+
+def test_shared_key_fixup_reregisters_other_guest() -> None:
+    pr = state(g1=holder(K1), g2=reg(K1))
+    tp = takeover_plan(pr, {"g1": K1, "g2": K1})
+    assert tp.release == ()  # the PREEMPT removes g2's source registration too
+    assert [(o.guest, o.phase) for o in tp.fixups] == [("g2", Phase.FIXUP)]
+    t, _ = migrate(pr)
+    assert t.matches(pr, Side.DESTINATION)
+
+
+def test_key_changed_or_dropped_since_setup() -> None:
+    pr = state(g1=holder(K2))
+    tp = takeover_plan(pr, {"g1": K1, "gone": K1})
+    assert [(o.guest, o.action, o.sark) for o in tp.takeover] == [
+        ("gone", A.REGISTER_AND_IGNORE_EXISTING_KEY, 0),
+        ("g1", A.REGISTER_AND_IGNORE_EXISTING_KEY, K2),
+        ("g1", A.PREEMPT, K2),
+    ]
+
+
+def test_fenced_key_is_not_registered_again() -> None:
+    pr = state(g1=holder(K1))
+    sp = setup_plan(pr, Observed(frozenset({K2}), K2, PrType.WRITE_EXCLUSIVE))
+    assert sp.ops == () and sp.skipped == ("g1",)
+    tp = takeover_plan(pr, {}, Observed(frozenset({K2}), K2, PrType.WRITE_EXCLUSIVE))
+    assert tp.round_trips == 0 and tp.notes
+
+
+def test_read_full_status_checks_the_source_nexus() -> None:
+    pr = state(g1=reg(K1), g2=reg(K1))
+    obs = Observed(frozenset({K1}), None, PrType.NONE, source_keys={"g1": K1})
+    assert setup_plan(pr, obs).skipped == ("g2",)
+
+
+def test_unconfirmed_holder_moves_as_registration_via_destination() -> None:
+    pr = state(g1=holder(K1))
+    obs = Observed(frozenset({K1}), None, PrType.NONE)  # the reservation is gone
+    tp = takeover_plan(pr, {"g1": K1}, obs)
+    assert tp.release == ()  # the source planned without observing: it did not release
+    assert tp.takeover[0].action is A.PREEMPT and tp.takeover[0].rtype is PrType.WRITE_EXCLUSIVE
+    t = FakeTarget(lio=True)
+    t.regs = {(Side.SOURCE, "g1"): K1, (Side.DESTINATION, "g1"): K1}
+    t.apply(tp.destination_ops)
+    assert t.regs == {(Side.DESTINATION, "g1"): K1} and not t.rtype
+
+
+def test_unverified_holder_without_observation_gets_lio_fixup() -> None:
+    pr = state(g1=holder(K1))
+    pr.unverified = {"g1"}
+    tp = takeover_plan(pr, {"g1": K1})
+    assert [o.action for o in tp.fixups] == [A.REGISTER_AND_IGNORE_EXISTING_KEY]
+
+
+def test_inconsistent_state_refused() -> None:
+    with pytest.raises(PlanError):
+        takeover_plan(state(g1=holder(K1), g2=holder(K2)), {})
+    with pytest.raises(PlanError):
+        setup_plan(state(g1=GuestPrState(0, False, True, PrType.WRITE_EXCLUSIVE)))
+
+
+# ------------------------------------------------------------------ rollback
+
+
+@pytest.mark.parametrize("rtype", TYPES)
+@pytest.mark.parametrize("lio", [False, True])
+def test_rollback_after_takeover_restores_source(rtype: PrType, lio: bool) -> None:
+    pr = state(g1=holder(K1, rtype), g2=reg(K2))
+    t = FakeTarget.with_state(pr, lio=lio)
+    sp = setup_plan(pr, t.observe())
+    t.apply(sp.ops)
+    tp = takeover_plan(pr, sp.registered, t.observe())
+    t.apply(tp.release + tp.destination_ops)
+    assert t.matches(pr, Side.DESTINATION)
+    t.apply(rollback_plan(pr, preempted=True, released=[o.guest for o in tp.release], registered_on_dest=sp.registered))
+    t.apply(cleanup_plan(sp.registered))
+    assert t.matches(pr, Side.SOURCE)
+
+
+@pytest.mark.parametrize("rtype", TYPES)
+def test_rollback_when_destination_dropped_first(rtype: PrType) -> None:
+    """The destination unregistered before the source reclaimed (its hold timer
+    fired): the reservation vanished; RESERVE re-creates it."""
+    pr = state(g1=holder(K1, rtype))
+    t, _ = migrate(pr)
+    t.apply(cleanup_plan({"g1": K1}))
+    t.apply(rollback_plan(pr, preempted=None, released=["g1"] if rtype.all_registrants else []))
+    assert t.matches(pr, Side.SOURCE)
+
+
+def test_rollback_before_preempt_only_reregisters_released() -> None:
+    pr = state(g1=holder(K1), g2=reg(K2))
+    ops = rollback_plan(pr, preempted=False, released=["g2"])
+    assert [(o.guest, o.action, o.sark) for o in ops] == [("g2", A.REGISTER_AND_IGNORE_EXISTING_KEY, K2)]
+    assert all(o.side is Side.SOURCE and o.phase is Phase.ROLLBACK for o in ops)
+
+
+def test_qemu_plan_two_round_trips_inside_pause() -> None:
+    pr = state(g1=holder(K1, PrType.EXCLUSIVE_ACCESS))
+    ops = qemu_plan(pr)
+    assert [(o.action, o.rk, o.sark, o.rtype) for o in ops] == [
+        (A.REGISTER, 0, K1, PrType.NONE),
+        (A.PREEMPT, K1, K1, PrType.EXCLUSIVE_ACCESS),
+    ]
+    assert all(o.inside_pause for o in ops)
+    t = FakeTarget.with_state(pr)
+    t.apply(ops)
+    assert t.holds((Side.DESTINATION, "g1"))
+    # QEMU passes type 0 for a register-only guest, which LIO refuses.
+    with pytest.raises(ValueError):
+        FakeTarget.with_state(state(g1=reg(K1)), lio=True).apply(qemu_plan(state(g1=reg(K1))))
+
+
+def test_prop_builds_cdb_and_params() -> None:
+    op = takeover_plan(state(g1=holder(K1, PrType.EXCLUSIVE_ACCESS, aptpl=True)), {"g1": K1}).takeover[0]
+    cdb, params = op.cdb(), op.params()
+    assert cdb[0] == 0x5F and cdb[1] & 0x1F == A.PREEMPT and cdb[2] == 0x03
+    assert params[:8] == K1.to_bytes(8, "big") and params[8:16] == K1.to_bytes(8, "big")
+    assert params[20] & 0x01  # APTPL carried
