@@ -244,6 +244,10 @@ class WriteTask:
     bursts: dict[int, _Burst] = field(default_factory=dict)
 
 
+class _Ignored(Exception):
+    """Stop handling the current PDU; nothing more to send."""
+
+
 class _Fatal(Exception):
     """The connection must be dropped (ERL 0) after flushing what was queued."""
 
@@ -334,6 +338,8 @@ class Connection:
         self._in_batch = False
         self._close_after_flush = False
         self._nop_ttt: int | None = None
+        self._failed_itts: set[int] = set()
+        self._skip_cmdsn: set[int] = set()
         self._cold = False  # ended by TARGET COLD RESET: the LUs were reset already
         # login state
         self._stages = LoginStages()
@@ -423,6 +429,8 @@ class Connection:
                     self._dispatch(raw)
                 except ProtocolError as exc:
                     self._protocol_error(exc)
+                except _Ignored:
+                    pass
                 except _Fatal:
                     self._close_after_flush = True
                 except Exception:  # never let one bad PDU take down the server
@@ -468,7 +476,10 @@ class Connection:
                     self.log.debug("CmdSN %d outside [%d, %d]: dropped", cmdsn, self.exp_cmdsn, self.max_cmdsn)
                 return
             self.exp_cmdsn = (self.exp_cmdsn + 1) & 0xFFFFFFFF
-            handler(raw)
+            if self._skip_cmdsn and cmdsn in self._skip_cmdsn:
+                self._skip_cmdsn.discard(cmdsn)  # aborted before it arrived
+            else:
+                handler(raw)
             while self.queued and self.exp_cmdsn in self.queued and self.state == Connection.FULL_FEATURE:
                 nxt = self.queued.pop(self.exp_cmdsn)
                 self.exp_cmdsn = (self.exp_cmdsn + 1) & 0xFFFFFFFF
@@ -683,6 +694,7 @@ class Connection:
                     cdb += a.data
         lun = decode_lun(lunf)
         lu = self.luns.get(lun)
+        self._failed_itts.discard(itt)
         read = bool(b1 & 0x40)
         write = bool(b1 & 0x20)
         data = raw.data
@@ -734,7 +746,9 @@ class Connection:
         _, b1, _, _, _, itt, ttt, _, _, _, datasn, offset, _ = _HDR_U32.unpack_from(raw.bhs)
         task = self.tasks.get(itt)
         if task is None:
-            # data for a task that was aborted or never existed
+            if itt in self._failed_itts:
+                return  # rest of a failed or aborted task's data
+            # data for a task that never existed
             raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"Data-Out for unknown ITT 0x{itt:x}", raw.bhs)
         data = raw.data
         n = len(data)
@@ -779,11 +793,19 @@ class Connection:
             self._execute(itt, task.lun, task.lu, task.cdb, task.buf, task.edtl, True)
 
     def _data_error(self, raw: RawPdu, why: str) -> None:
-        # ERL 0: a sequence error in Data-Out is a protocol error; reject and
-        # drop the connection (RFC 7143 7.1.4.x, 7.12).
-        self.log.warning("rejected Data-Out: %s", why)
-        self._reject(RejectReason.PROTOCOL_ERROR, raw.bhs)
-        raise _Fatal()
+        # A Data-Out sequence error (DataSN, offset, TTT, length) fails the
+        # task: CHECK CONDITION, ABORTED COMMAND / DATA PHASE ERROR; later
+        # Data-Out PDUs of the task are ignored. The connection stays up.
+        itt = int.from_bytes(raw.bhs[16:20], "big")
+        self.log.warning("rejected Data-Out for ITT 0x%x: %s", itt, why)
+        task = self.tasks.pop(itt, None)
+        self._failed_itts.add(itt)
+        if len(self._failed_itts) > 256:
+            self._failed_itts.pop()
+        if task is not None:
+            res = Result(_CHECK, b"", encode_sense(Sense.DATA_PHASE_ERROR))
+            self._respond(itt, res, task.edtl, 0, 0, True)
+        raise _Ignored()
 
     def _execute(
         self, itt: int, lun: int, lu: LogicalUnitLike | None, cdb: bytes, data: Any, edtl: int, write: bool,
@@ -1031,12 +1053,17 @@ class Connection:
             rtt = req.referenced_itt
             if rtt in self.tasks:
                 del self.tasks[rtt]
+                self._failed_itts.add(rtt)
             elif rtt in self.pending:
                 del self.pending[rtt]
-            else:
-                # RFC 7143 11.5.1: unknown task, RefCmdSN already received -> complete
-                queued = self.queued.pop(req.ref_cmdsn, None)
-                if queued is None and sn_diff(req.ref_cmdsn, self.exp_cmdsn) >= 0:
+            elif self.queued.pop(req.ref_cmdsn, None) is None:
+                # RFC 7143 11.6.1: a task not received yet whose RefCmdSN is
+                # before the TMF's CmdSN counts as received and aborted; a
+                # task that already completed does not exist any more.
+                d = sn_diff(req.ref_cmdsn, self.exp_cmdsn)
+                if 0 <= d < sn_diff(req.cmdsn, self.exp_cmdsn):
+                    self._skip_cmdsn.add(req.ref_cmdsn)
+                else:
                     resp = TmfResponse.TASK_DOES_NOT_EXIST
         elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
             if lu is None:
