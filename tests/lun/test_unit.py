@@ -94,7 +94,7 @@ def good(r: Result) -> bytes:
 # ------------------------------------------------------------------ dispatch
 def test_unknown_opcode(lu: LogicalUnit) -> None:
     check(lu.execute(A, cdb("ff 00 00 00 00 00"), b""), Sense.INVALID_OPCODE)
-    check(lu.execute(A, cdb("8b 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # ORWRITE
+    check(lu.execute(A, cdb("9c 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # WRITE ATOMIC(16)
 
 
 def test_short_and_empty_cdb(lu: LogicalUnit) -> None:
@@ -174,7 +174,7 @@ def test_vpd_block_limits_golden(lu: LogicalUnit) -> None:
     assert len(d) == 64 and d[:4] == bytes.fromhex("00b0003c")
     assert d[4] == 0x01 and d[5] == 255  # WSNZ, max COMPARE AND WRITE
     max_xfer, opt, _pf, max_unmap, max_desc, gran, uga = struct.unpack_from(">7I", d, 8)
-    assert max_xfer == (8 << 20) // BS and opt == (128 << 10) // BS
+    assert max_xfer == 65536 and opt == (128 << 10) // BS
     assert max_unmap == 1 << 20 and max_desc == MAX_UNMAP_DESCRIPTORS and gran == 1
     assert uga == 0x80000000
     assert struct.unpack_from(">Q", d, 36)[0] == (64 << 20) // BS
@@ -400,6 +400,16 @@ def test_write_and_verify(lu: LogicalUnit) -> None:
     check(lu.execute(A, rw10(0x2E, 7, 1, flags=0x06), b"w" * BS), Sense.INVALID_FIELD_IN_CDB)
 
 
+def test_orwrite(lu: LogicalUnit) -> None:
+    good(lu.execute(A, rw10(0x2A, 3, 2), b"\x00" * BS + b"\x0f" * BS))
+    good(lu.execute(A, rw16(0x8B, 3, 2), b"\xa5" * 2 * BS))
+    assert good(lu.execute(A, rw10(0x28, 3, 2), b"")) == b"\xa5" * BS + b"\xaf" * BS
+    good(lu.execute(A, rw16(0x8B, 3, 0), b""))
+    check(lu.execute(A, rw16(0x8B, BLOCKS - 1, 2), b"\x01" * 2 * BS), Sense.LBA_OUT_OF_RANGE)
+    check(lu.execute(A, rw16(0x8B, 3, 1, flags=0x20), b"\x01" * BS), Sense.INVALID_FIELD_IN_CDB)
+    check(lu.execute(A, rw16(0x8B, 3, 2), b"\x01" * BS), Sense.INVALID_FIELD_IN_CDB)
+
+
 # ---------------------------------------------------------- PRE-FETCH / misc
 def test_prefetch(lu: LogicalUnit) -> None:
     good(lu.execute(A, rw10(0x34, 0, 1, flags=0x02), b""))
@@ -512,6 +522,9 @@ def test_compare_and_write(lu: LogicalUnit) -> None:
     check(lu.execute(A, caw(9, 2), bytes(cmp) + b"z" * 2 * BS), Sense.MISCOMPARE_DURING_VERIFY, BS + 3)
     assert good(lu.execute(A, rw10(0x28, 9, 2), b"")) == b"n" * 2 * BS  # unchanged
     good(lu.execute(A, caw(9, 0), b""))
+    # 256 blocks wrap the one-byte NUMBER OF LOGICAL BLOCKS to 0: the Data-Out
+    # gives it away, and it is rejected rather than ignored
+    check(lu.execute(A, caw(9, 0), b"n" * 512 * BS), Sense.INVALID_FIELD_IN_CDB)
     check(lu.execute(A, caw(9, 1), b"n" * 4 * BS), Sense.INVALID_FIELD_IN_CDB)  # too much Data-Out
     check(lu.execute(A, caw(9, 3), b"n" * 4 * BS), Sense.INVALID_FIELD_IN_CDB)  # too little
     check(lu.execute(A, caw(BLOCKS - 1, 2), b"n" * 4 * BS), Sense.LBA_OUT_OF_RANGE)

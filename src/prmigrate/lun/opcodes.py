@@ -84,6 +84,7 @@ TABLE: tuple[OpInfo, ...] = (
     _rw16(Opcode.READ_16, 0x18),
     OpInfo(Opcode.COMPARE_AND_WRITE, None, _u(0x89, 0x18, *_LBA8, 0, 0, 0, 0xFF, 0x3F, 0)),
     _rw16(Opcode.WRITE_16, 0x18),
+    _rw16(Opcode.ORWRITE_16, 0x18),
     _rw16(Opcode.WRITE_AND_VERIFY_16, 0x12),
     _rw16(Opcode.VERIFY_16, 0x16),
     _rw16(Opcode.PRE_FETCH_16, 0x02),

@@ -80,7 +80,11 @@ from .ua import UnitAttentions
 log = logging.getLogger(__name__)
 
 # Limits advertised in the Block Limits VPD page (SBC-4 6.6.4), in blocks.
-MAX_TRANSFER_BYTES = 8 << 20
+# MAXIMUM TRANSFER LENGTH: 65536 blocks (32 MiB at 512 bytes, what the
+# conformance suite's 4-byte-length WRITE SAME test writes in one command),
+# at most 64 MiB for larger blocks.
+MAX_TRANSFER_BLOCKS = 65536
+MAX_TRANSFER_BYTES = 64 << 20
 OPTIMAL_TRANSFER_BYTES = 128 << 10
 MAX_UNMAP_LBA = 1 << 20
 MAX_UNMAP_DESCRIPTORS = 256
@@ -145,7 +149,7 @@ class LogicalUnit:
         state_path = Path(state_dir) / f"lun{lun}-pr.json" if state_dir else None
         self.pr = pr_factory(self.ua, state_path, abort_tasks=self._abort_tasks)
         self._fd = self.store.fd
-        self._max_xfer = MAX_TRANSFER_BYTES // block_size
+        self._max_xfer = min(MAX_TRANSFER_BLOCKS, MAX_TRANSFER_BYTES // block_size)
         self.limits = inq.BlockLimits(
             max_transfer=self._max_xfer,
             optimal_transfer=OPTIMAL_TRANSFER_BYTES // block_size,
@@ -182,6 +186,7 @@ class LogicalUnit:
             Opcode.WRITE_SAME_16: self._write_same,
             Opcode.UNMAP: self._unmap,
             Opcode.COMPARE_AND_WRITE: self._compare_and_write,
+            Opcode.ORWRITE_16: self._orwrite,
             Opcode.PRE_FETCH_10: self._prefetch,
             Opcode.PRE_FETCH_16: self._prefetch,
             Opcode.MODE_SENSE_6: self._mode_sense,
@@ -380,15 +385,39 @@ class LogicalUnit:
             raise invalid_cdb(13)
         self._check_writable()
         self._check_range(c.lba, c.blocks)
+        bs = self.block_size
+        length = c.blocks * bs
+        # The Data-Out must be exactly 2 x NUMBER OF LOGICAL BLOCKS; checked
+        # before the 0-block shortcut so that 256 blocks, which wraps the
+        # one-byte field to 0, is rejected instead of silently ignored.
+        if len(data) != 2 * length:
+            raise invalid_cdb(13)
+        if not c.blocks:
+            return Result()
+        view = memoryview(data)
+        self._compare(self.store.read(c.lba * bs, length), view[:length])
+        self.store.write(c.lba * bs, view[length:])
+        if c.flags & FUA or not self.modes.wce:
+            self.store.flush(c.lba * bs, length)
+        return Result()
+
+    def _orwrite(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """ORWRITE(16), SBC-4 5.10: the medium becomes medium OR Data-Out."""
+        c = BlockCdb.decode(cdb)
+        if c.flags & PROTECT_MASK:
+            raise invalid_cdb(1, 7)
+        self._check_writable()
+        self._check_range(c.lba, c.blocks)
+        if c.blocks > self._max_xfer:
+            raise invalid_cdb(10)
         if not c.blocks:
             return Result()
         bs = self.block_size
         length = c.blocks * bs
-        if len(data) != 2 * length:
-            raise invalid_cdb(13)
-        view = memoryview(data)
-        self._compare(self.store.read(c.lba * bs, length), view[:length])
-        self.store.write(c.lba * bs, view[length:])
+        buf = self._data(data, length, 10)
+        old = self.store.read(c.lba * bs, length)
+        merged = (int.from_bytes(old, "big") | int.from_bytes(buf, "big")).to_bytes(length, "big")
+        self.store.write(c.lba * bs, merged)
         if c.flags & FUA or not self.modes.wce:
             self.store.flush(c.lba * bs, length)
         return Result()
