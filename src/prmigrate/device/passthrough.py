@@ -1,0 +1,1033 @@
+"""The passthrough device: QEMU's ``scsi-block,migrate-pr=on`` as an asyncio shell.
+
+One ``PassthroughDevice`` per ``--device``. Towards the guest it is a logical
+unit (``lun/types.py``: ``execute(nexus, cdb, data_out) -> Result | Future``)
+served by the host daemon's iSCSI target; towards the shared LUN it is a set
+of iSCSI initiator sessions (``iscsi/initiator.py``). The rules live in the
+pure core it imports: ``snoop.py`` (what a PR OUT did), ``mask.py`` (what the
+guest may not see or do), ``identity.py`` (which backend nexus a guest
+uses), ``journal.py`` (crash-safe state), ``reconcile.py`` (backend's view).
+
+Forwarding
+----------
+Every guest command goes to the backend unchanged (same CDB and data-out)
+and the backend's status, sense and data come back unchanged. The data path
+is one ``Session.submit`` whose Future is handed straight to the target: no
+Task, no callback, no copy. The exceptions, each one small handler in
+``_SPECIAL``:
+
+* PERSISTENT RESERVE OUT: with migrate-pr on, SPEC_I_PT / ALL_TG_PT are
+  refused before they reach the backend (``mask.refuse_pr_out``). Otherwise
+  a journal intent is written, the command forwarded, and when the backend
+  answers the snooper observes it (only GOOD changes state). When the
+  outcome depends on other initiators the device verifies with READ FULL
+  STATUS (READ KEYS + READ RESERVATION when the backend answers INVALID
+  OPCODE / INVALID FIELD to it, like tgt) *before* the guest gets its answer,
+  so a drained device's state is always verified or explicitly marked not.
+* PERSISTENT RESERVE IN / REPORT CAPABILITIES: with migrate-pr on, SIP_C and
+  ATP_C are cleared in the answer (``mask.mask_pr_in``).
+* REPORT LUNS is answered by the device, like QEMU's SCSI bus does: the guest
+  sees its own LUN (``frontend_lun``), not the backend's LUN inventory.
+* Unit attentions 2A/03, 2A/04, 2A/05 and 29/xx in any backend answer mark
+  the guest's state unverified and start one (coalesced) verification; the
+  answer itself is forwarded untouched.
+
+Verification uses a separate *monitor* nexus (host initiator name, ISID
+``derive_isid(device, MONITOR)``) that never registers: a PR IN issued on a
+guest's own nexus could consume a unit attention meant for the guest.
+
+Identity
+--------
+``identity=guest``: each guest initiator NAME gets its own backend session
+(host initiator name, ISID from ``identity.backend_port``), opened on its first
+command. libiscsi picks a new ISID on each reconnect, so the guest's PR state
+is keyed by its name, never by its frontend ISID. ``identity=host``: one
+shared backend session for every guest (the seed's behaviour).
+
+SCSI-2 RESERVE semantics: when the last frontend nexus of a guest ends
+(``nexus_lost``), its backend session is logged out, so the LUN sees the
+I_T nexus loss and drops a RESERVE(6/10) that guest held. While the device
+is held (a migration is moving it) nexus loss does not close anything: the
+decision waits for ``release_held()`` (rollback) or ``close()``.
+
+Hooks for the migration service
+-------------------------------
+``hold()``
+    Stop forwarding guest commands: new ones are queued (not answered).
+``await drain()``
+    Wait until every forwarded command, snoop and verification is done.
+``release_held()``
+    Rollback: forward the queued commands in arrival order and resume.
+``discard_held()``
+    After a successful move: forget the queued commands without answering
+    (the guest re-issues them on the destination). The device stays held.
+``snapshot() -> DeviceSnapshot``
+    ``(config, identity, state, pending_uas)``; a tuple-like frozen record.
+    ``pending_uas``: state key -> sense bytes of unit attentions the device
+    took on the guest's nexus (its own commands) and still owes the guest.
+``restore(state, identity=None, pending_uas=None)``
+    Destination: adopt a migrated state (journaled at once).
+``await backend_session(guest) -> Session``
+    The guest's backend session, opened if needed.
+``await pr_out(guest, action, rtype, rk, sark, scope=0, aptpl=False) -> Result``
+    A PR OUT on the guest's backend nexus (the takeover's REGISTER and
+    PREEMPT), journaled and snooped like a guest's own; unit attentions it
+    meets are retried and owed to the guest.
+``await read_full_status() -> ReadFullStatus | None``
+    On the monitor nexus; None when the backend does not implement it.
+``await verify() -> tuple[StateChange, ...]``
+    Reconcile every tracked guest with the backend now.
+``await close()``
+    Log out every backend session.
+
+The contract extension ``execute(..., data_in_len=N)``: the target passes
+the guest's Expected Data Transfer Length for a read so it is forwarded
+as-is; without it the device derives one from the CDB (``expected_in_len``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ..iscsi import initiator as _initiator
+from ..iscsi.initiator import IscsiError, Session
+from ..iscsi.url import parse_url
+from ..lun.types import Nexus, Result
+from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, SenseKey, Status
+from ..scsi.pr import (
+    PrDecodeError,
+    ReadFullStatus,
+    ReadKeys,
+    ReadReservation,
+    pr_in_cdb,
+    pr_out_cdb,
+    pr_out_params,
+)
+from ..scsi.sense import CheckCondition, Sense, SenseDecodeError, decode_sense, encode_sense
+from .config import DeviceConfig
+from .identity import (
+    BackendPort,
+    DeviceIdentity,
+    IdentityMode,
+    backend_port,
+    derive_isid,
+    state_key,
+)
+from .journal import Intent, JournalError, PrJournal
+from .mask import PrFilter
+from .reconcile import ReconcileError
+from .snoop import PrSnooper, puts_state_in_doubt
+from .state import DevicePrState, StateChange, describe_guest
+
+log = logging.getLogger(__name__)
+
+MONITOR = ".monitor"  # not an iSCSI name: its derived ISID is no guest's
+_GOOD = Status.GOOD
+_CHECK = Status.CHECK_CONDITION
+_PR_IN_ALLOC = 8192
+_UA_RETRIES = 8
+# A pending UA owed to the guest does not interrupt these (SPC-5 5.15).
+_UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
+# Backend answers meaning "READ FULL STATUS is not implemented here".
+_NOT_IMPLEMENTED = frozenset(
+    {(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00), (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)}
+)
+
+
+class DeviceError(Exception):
+    """A device operation failed (backend unreachable, closed device...)."""
+
+
+class DeviceSnapshot(NamedTuple):
+    """What the migration stream carries for one device."""
+
+    config: DeviceConfig
+    identity: DeviceIdentity | None
+    state: DevicePrState
+    pending_uas: dict[str, list[bytes]]
+
+
+# ------------------------------------------------------ expected data-in
+
+
+def _be(cdb: bytes, start: int, n: int) -> int:
+    return int.from_bytes(cdb[start : start + n], "big") if len(cdb) >= start + n else 0
+
+
+def expected_in_len(cdb: bytes, block_size: int = 512) -> int:
+    """The data-in length a command asks for, from its CDB alone (SPC-5
+    allocation length fields, SBC-4 transfer lengths). Only used when the
+    transport did not pass the guest's Expected Data Transfer Length."""
+    if not cdb:
+        return 0
+    op = cdb[0]
+    rule = _IN_LEN.get(op)
+    if rule is not None:
+        return rule(cdb, block_size)
+    group = op >> 5
+    if group == 0:
+        return cdb[4] if len(cdb) > 4 else 0
+    if group in (1, 2):
+        return _be(cdb, 7, 2)
+    if group == 5:
+        return _be(cdb, 6, 4)
+    if group == 4:
+        return _be(cdb, 10, 4)
+    return 0
+
+
+_ZERO: Callable[[bytes, int], int] = lambda c, b: 0  # noqa: E731
+_IN_LEN: dict[int, Callable[[bytes, int], int]] = {
+    Opcode.READ_6: lambda c, b: ((c[4] if len(c) > 4 else 0) or 256) * b,
+    Opcode.READ_10: lambda c, b: _be(c, 7, 2) * b,
+    Opcode.READ_12: lambda c, b: _be(c, 6, 4) * b,
+    Opcode.READ_16: lambda c, b: _be(c, 10, 4) * b,
+    Opcode.INQUIRY: lambda c, b: _be(c, 3, 2),
+    Opcode.READ_CAPACITY_10: lambda c, b: 8,
+    Opcode.REPORT_LUNS: lambda c, b: _be(c, 6, 4),
+    Opcode.MAINTENANCE_IN: lambda c, b: _be(c, 6, 4),
+    Opcode.PERSISTENT_RESERVE_IN: lambda c, b: _be(c, 7, 2),
+    Opcode.READ_DEFECT_DATA_12: lambda c, b: _be(c, 6, 4),
+    # data-out or no-data commands of groups that would otherwise guess
+    Opcode.TEST_UNIT_READY: _ZERO,
+    Opcode.START_STOP_UNIT: _ZERO,
+    Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL: _ZERO,
+    Opcode.RESERVE_6: _ZERO,
+    Opcode.RELEASE_6: _ZERO,
+    Opcode.VERIFY_10: _ZERO,
+    Opcode.VERIFY_12: _ZERO,
+    Opcode.VERIFY_16: _ZERO,
+    Opcode.SYNCHRONIZE_CACHE_10: _ZERO,
+    Opcode.SYNCHRONIZE_CACHE_16: _ZERO,
+    Opcode.PRE_FETCH_10: _ZERO,
+    Opcode.PRE_FETCH_16: _ZERO,
+    Opcode.WRITE_6: _ZERO,
+    Opcode.WRITE_10: _ZERO,
+    Opcode.WRITE_12: _ZERO,
+    Opcode.WRITE_16: _ZERO,
+    Opcode.WRITE_SAME_10: _ZERO,
+    Opcode.WRITE_SAME_16: _ZERO,
+    Opcode.UNMAP: _ZERO,
+    Opcode.MODE_SELECT_6: _ZERO,
+    Opcode.MODE_SELECT_10: _ZERO,
+    Opcode.PERSISTENT_RESERVE_OUT: _ZERO,
+    Opcode.RESERVE_10: _ZERO,
+    Opcode.RELEASE_10: _ZERO,
+}
+
+
+# ------------------------------------------------------------ backends
+
+
+@dataclass(eq=False)
+class _Backend:
+    """One backend I_T nexus (a guest's, or the shared one with identity=host)."""
+
+    key: str  # state key: guest name, or SHARED_NEXUS
+    port: BackendPort
+    session: Session | None = None
+    opening: asyncio.Task[None] | None = None
+    closing: asyncio.Task[None] | None = None
+    waiting: list[tuple[bytes, Any, int, asyncio.Future[Result]]] = field(default_factory=list)
+    frontends: set[Nexus] = field(default_factory=set)
+    owed_uas: list[bytes] = field(default_factory=list)  # sense owed to the guest
+
+
+@dataclass(eq=False)
+class _Held:
+    nexus: Nexus
+    cdb: bytes
+    data_out: Any
+    data_in_len: int | None
+    future: asyncio.Future[Result]
+
+
+Connector = Callable[..., Any]  # iscsi.initiator.connect's signature
+
+
+class PassthroughDevice:
+    """A guest-facing logical unit forwarding to a shared backend LUN."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        host_initiator: str,
+        *,
+        state_dir: str | Path | None = None,
+        identity: DeviceIdentity | None = None,
+        state: DevicePrState | None = None,
+        frontend_lun: int = 0,
+        connect: Connector | None = None,
+        session_options: dict[str, Any] | None = None,
+        fsync: bool = True,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.host_initiator = host_initiator.lower()
+        self.identity = identity
+        self.frontend_lun = frontend_lun
+        self.migrate_pr = config.effective_migrate_pr
+        self.mode = IdentityMode(config.identity)
+        self.filter = PrFilter(self.migrate_pr)
+        self.url = parse_url(config.backend_url, require_lun=False)
+        self.portal = self.url.portal
+        self.target_iqn = config.target_iqn
+        self.lun = config.lun
+        self._connect = connect or _initiator.connect
+        self._session_options = dict(session_options or {})
+        self.snooper = PrSnooper(state, mode=self.mode)
+        self.journal: PrJournal | None = None
+        if state_dir is not None:
+            self.journal = PrJournal(Path(state_dir) / f"{config.name}.pr.json", fsync=fsync)
+        self.log = logging.LoggerAdapter(log, {"device": config.name})
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backends: dict[str, _Backend] = {}
+        self._monitor: Session | None = None
+        self._monitor_lock: asyncio.Lock | None = None
+        self._full_status: bool | None = None  # None: not known yet
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._verifying: asyncio.Task[Any] | None = None
+        self._verify_again = False
+        self._held: list[_Held] | None = None
+        self._closed = False
+        self.on_state_change: Callable[[PassthroughDevice, tuple[StateChange, ...]], Any] | None = None
+        self._special: dict[int, Callable[..., Any]] = {
+            Opcode.PERSISTENT_RESERVE_OUT: self._pr_out,
+            Opcode.PERSISTENT_RESERVE_IN: self._pr_in,
+            Opcode.REPORT_LUNS: self._report_luns,
+        }
+        for guest in self.snooper.state.guests:
+            self._note_port(guest)
+
+    # ------------------------------------------------------------- life
+    async def start(self, *, capture_identity: bool = True) -> None:
+        """Load the journal (reconciling after a crash mid PR OUT), open the
+        monitor session and capture the LUN's identity if not given."""
+        self._loop = asyncio.get_running_loop()
+        self._monitor_lock = asyncio.Lock()
+        if self.journal is not None and not self.snooper.state.guests:
+            try:
+                record = self.journal.load()
+            except JournalError as exc:
+                self.log.error("journal unreadable, starting empty: %s", exc)
+                record = None
+            if record is not None:
+                self.snooper.state = record.state.copy()
+                for guest in record.state.guests:
+                    self._note_port(guest)
+                self.log.info(
+                    "journal seq %d: %s", record.seq, self._describe_state() or "no PR state"
+                )
+                if record.needs_reconcile:
+                    self.log.warning(
+                        "%d PR OUT(s) were in flight at the last stop: reconciling",
+                        len(record.intents),
+                    )
+                    for guest in record.state.guests:
+                        self.snooper.state.mark_unverified(guest)
+        elif self.journal is not None:
+            self._save()
+        if capture_identity and self.identity is None:
+            self.identity = await self.capture_identity()
+        if self.snooper.state.unverified or (
+            self.journal is not None and self.journal.pending_intents
+        ):
+            await self.verify()
+            if self.journal is not None:
+                self.journal.clear_intents(self.snooper.state)
+
+    async def close(self) -> None:
+        """Log out of every backend session; pending guest commands fail."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in list(self._tasks):
+            t.cancel()
+        for b in self._backends.values():
+            for *_, fut in b.waiting:
+                if not fut.done():
+                    fut.set_exception(DeviceError("device closed"))
+            b.waiting.clear()
+        sessions = [b.session for b in self._backends.values() if b.session is not None]
+        if self._monitor is not None:
+            sessions.append(self._monitor)
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        for b in self._backends.values():
+            b.session = None
+        self._monitor = None
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("background task failed: %r", task.exception())
+
+    # --------------------------------------------------------- sessions
+    def _port(self, key: str) -> BackendPort:
+        guest = key if self.mode is IdentityMode.GUEST else "*"
+        return backend_port(self.mode, self.host_initiator, self.name, guest)
+
+    def _note_port(self, key: str) -> None:
+        self.snooper.transport_ids[key] = self._port(key).transport_id
+
+    def _backend(self, guest: str) -> _Backend:
+        key = state_key(self.mode, guest)
+        b = self._backends.get(key)
+        if b is None:
+            b = self._backends[key] = _Backend(key, self._port(key))
+            self._note_port(key)
+        return b
+
+    async def _open_session(self, isid: int, what: str, on_ua: Any = None) -> Session:
+        opts = dict(self._session_options)
+        opts.setdefault("queue_depth", 128)
+        session: Session = await self._connect(
+            self.url,
+            self.target_iqn,
+            self.host_initiator,
+            isid,
+            on_unit_attention=on_ua,
+            **opts,
+        )
+        self.log.info(
+            "backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isid,
+            self.target_iqn, what,
+        )
+        return session
+
+    async def _open(self, b: _Backend) -> None:
+        try:
+            if b.closing is not None:
+                await asyncio.shield(b.closing)
+            b.session = await self._open_session(
+                b.port.isid, f"guest {b.key}", lambda lun, sense: self._on_ua(b, sense)
+            )
+        except (IscsiError, OSError, TimeoutError) as exc:
+            self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
+            waiting, b.waiting = b.waiting, []
+            failed = Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
+            for *_, fut in waiting:
+                if not fut.done():
+                    fut.set_result(failed)
+            return
+        finally:
+            b.opening = None
+        waiting, b.waiting = b.waiting, []
+        for cdb, data_out, n, fut in waiting:
+            self._chain(self._submit_now(b.session, cdb, data_out, n), fut)
+
+    async def _close_backend(self, b: _Backend) -> None:
+        session, b.session = b.session, None
+        if session is not None:
+            self.log.info("guest %s left: closing its backend nexus (I_T nexus loss)", b.key)
+            await session.close()
+        b.closing = None
+
+    async def backend_session(self, guest: str) -> Session:
+        """The backend session of ``guest`` (opened if needed)."""
+        b = self._backend(guest)
+        while b.session is None:
+            if self._closed:
+                raise DeviceError("device closed")
+            if b.opening is None:
+                b.opening = self._spawn(self._open(b))
+            await asyncio.shield(b.opening)
+            if b.session is None:
+                raise DeviceError(f"cannot reach the backend for {guest}")
+        return b.session
+
+    async def _monitor_session(self) -> Session:
+        assert self._monitor_lock is not None
+        async with self._monitor_lock:
+            if self._monitor is None:
+                self._monitor = await self._open_session(
+                    derive_isid(self.name, MONITOR), "monitor"
+                )
+            return self._monitor
+
+    # ------------------------------------------------------ forwarding
+    def _submit_now(
+        self, session: Session, cdb: bytes, data_out: Any, n: int
+    ) -> asyncio.Future[Result] | Result:
+        try:
+            fut = session.submit(self.lun, cdb, data_out, 0 if len(data_out) else n)
+        except (IscsiError, ValueError) as exc:
+            self.log.warning("cannot forward CDB %s: %s", bytes(cdb[:16]).hex(), exc)
+            return Result(_CHECK, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB if isinstance(exc, ValueError) else Sense.COMMAND_ABORTED))
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+        return fut
+
+    def _submit(
+        self, b: _Backend, cdb: bytes, data_out: Any, n: int
+    ) -> asyncio.Future[Result] | Result:
+        s = b.session
+        if s is not None and b.closing is None:
+            return self._submit_now(s, cdb, data_out, n)
+        if self._closed:
+            return Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[Result] = loop.create_future()
+        b.waiting.append((cdb, data_out, n, fut))
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+        if b.opening is None:
+            b.opening = self._spawn(self._open(b))
+        return fut
+
+    @staticmethod
+    def _chain(src: asyncio.Future[Result] | Result, dst: asyncio.Future[Result]) -> None:
+        if isinstance(src, Result):
+            if not dst.done():
+                dst.set_result(src)
+            return
+
+        def done(f: asyncio.Future[Result]) -> None:
+            if dst.done():
+                return
+            if f.cancelled():
+                dst.cancel()
+            elif f.exception() is not None:
+                dst.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                dst.set_result(f.result())
+
+        src.add_done_callback(done)
+
+    def execute(
+        self,
+        nexus: Nexus,
+        cdb: bytes,
+        data_out: bytes | memoryview = b"",
+        data_in_len: int | None = None,
+    ) -> Result | asyncio.Future[Result]:
+        """The LU contract: forward ``cdb`` for the guest of ``nexus``."""
+        if self._held is not None:
+            loop = self._loop or asyncio.get_running_loop()
+            fut: asyncio.Future[Result] = loop.create_future()
+            self._held.append(_Held(nexus, cdb, data_out, data_in_len, fut))
+            return fut
+        b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
+        if b is None:
+            b = self._backend(nexus.initiator)
+        if nexus not in b.frontends:
+            b.frontends.add(nexus)
+        op = cdb[0] if cdb else -1
+        if b.owed_uas and op not in _UA_EXEMPT:
+            return Result(_CHECK, b"", b.owed_uas.pop(0))
+        if data_in_len is None:
+            data_in_len = expected_in_len(
+                cdb, self.identity.block_size if self.identity is not None else 512
+            )
+        special = self._special.get(op)
+        if special is not None:
+            return special(b, nexus, cdb, data_out, data_in_len)
+        return self._submit(b, cdb, data_out, data_in_len)
+
+    # --------------------------------------------------- special cases
+    def _report_luns(
+        self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int
+    ) -> Result:
+        """SPC-5 6.33, answered by the device: the guest's one LUN."""
+        if len(cdb) < 12:
+            return Result(_CHECK, b"", encode_sense(Sense.INVALID_OPCODE))
+        select, alloc = cdb[2], _be(cdb, 6, 4)
+        if select not in (0x00, 0x01, 0x02):
+            return self._invalid_cdb(2)
+        if alloc < 16:
+            return self._invalid_cdb(6)
+        if b.owed_uas and b.owed_uas[0][12:14] == b"\x3f\x0e":
+            b.owed_uas.pop(0)
+        luns = [] if select == 0x01 else [self.frontend_lun]
+        body = b"".join(
+            bytes((0, lun, 0, 0, 0, 0, 0, 0))
+            if lun < 256
+            else bytes((0x40 | (lun >> 8) & 0x3F, lun & 0xFF, 0, 0, 0, 0, 0, 0))
+            for lun in luns
+        )
+        return Result(_GOOD, (struct.pack(">I4x", len(body)) + body)[:alloc])
+
+    @staticmethod
+    def _invalid_cdb(byte: int) -> Result:
+        from ..scsi.cdb import invalid_cdb
+
+        return Result(_CHECK, b"", invalid_cdb(byte).encode())
+
+    def _pr_in(
+        self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int
+    ) -> asyncio.Future[Result] | Result:
+        sent = self._submit(b, cdb, data_out, n)
+        if not self.migrate_pr or len(cdb) < 2 or (cdb[1] & 0x1F) != PrInAction.REPORT_CAPABILITIES:
+            return sent
+        if isinstance(sent, Result):
+            return sent
+        loop = self._loop or asyncio.get_running_loop()
+        out: asyncio.Future[Result] = loop.create_future()
+
+        def masked(f: asyncio.Future[Result]) -> None:
+            if out.done():
+                return
+            if f.cancelled() or f.exception() is not None:
+                self._chain(f, out)
+                return
+            r = f.result()
+            if r.status == _GOOD:
+                r = Result(r.status, self.filter.mask_pr_in(cdb, r.data_in), r.sense)
+            out.set_result(r)
+
+        sent.add_done_callback(masked)
+        return out
+
+    def _pr_out(
+        self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int
+    ) -> asyncio.Future[Result] | Result:
+        refusal = self.filter.refuse_pr_out(cdb, data_out)
+        if refusal is not None:
+            self.log.info(
+                "refused PR OUT from %s with SPEC_I_PT/ALL_TG_PT (migrate-pr on)", nexus.initiator
+            )
+            return Result(_CHECK, b"", refusal.encode())
+        data = bytes(data_out)
+        intent = self._begin(b.key, bytes(cdb), data)
+        sent = self._submit(b, cdb, data, 0)
+        loop = self._loop or asyncio.get_running_loop()
+        out: asyncio.Future[Result] = loop.create_future()
+        self._inflight.add(out)
+        out.add_done_callback(self._inflight.discard)
+        guest = nexus.initiator
+
+        def answered(f: asyncio.Future[Result] | Result) -> None:
+            if isinstance(f, Result):
+                result = f
+            elif f.cancelled() or f.exception() is not None:
+                self._commit(intent, None)
+                self.snooper.state.mark_unverified(b.key)
+                self._schedule_verify()
+                self._chain(f, out)
+                return
+            else:
+                result = f.result()
+            if self._snoop(guest, bytes(cdb), data, result, intent):
+                self._spawn(self._verify_then(out, result))
+            elif not out.done():
+                out.set_result(result)
+
+        if isinstance(sent, Result):
+            answered(sent)
+        else:
+            sent.add_done_callback(answered)
+        return out
+
+    async def _verify_then(self, out: asyncio.Future[Result], result: Result) -> None:
+        try:
+            await self.verify()
+        except Exception as exc:  # the guest still gets the backend's answer
+            self.log.warning("verification failed: %s", exc)
+        if not out.done():
+            out.set_result(result)
+
+    def _snoop(
+        self, guest: str, cdb: bytes, data: bytes, result: Result, intent: Intent | None
+    ) -> bool:
+        """Feed one PR OUT answer to the snooper; journal; True: verify now."""
+        outcome = self.snooper.observe(guest, cdb, data, result)
+        action = outcome.action.name if outcome.action is not None else "PR OUT"
+        self.log.info(
+            "guest %s %s -> %s%s", outcome.guest or guest, action,
+            _initiator.describe_result(result),
+            f" ({outcome.note})" if outcome.note else "",
+        )
+        self._report(outcome.changes)
+        self._commit(intent, self.snooper.state if outcome.changed else None)
+        return outcome.verify
+
+    def _report(self, changes: tuple[StateChange, ...]) -> None:
+        for c in changes:
+            self.log.info("PR state %s", c.describe())
+        if changes and self.on_state_change is not None:
+            try:
+                self.on_state_change(self, changes)
+            except Exception:
+                self.log.exception("state change listener failed")
+
+    # ------------------------------------------------------------ journal
+    def _begin(self, key: str, cdb: bytes, data: bytes) -> Intent | None:
+        if self.journal is None:
+            return None
+        try:
+            return self.journal.begin(key, cdb, data)
+        except JournalError as exc:
+            self.log.error("journal: cannot record PR OUT intent: %s", exc)
+            return None
+
+    def _commit(self, intent: Intent | None, state: DevicePrState | None) -> None:
+        if self.journal is None:
+            return
+        try:
+            if intent is not None:
+                self.journal.commit(intent, state)
+            elif state is not None:
+                self.journal.save(state)
+        except JournalError as exc:
+            self.log.error("journal: cannot write PR state: %s", exc)
+
+    def _save(self) -> None:
+        self._commit(None, self.snooper.state)
+
+    # ------------------------------------------------------ unit attentions
+    def _on_ua(self, b: _Backend, sense: Any) -> None:
+        """A backend answer on ``b`` carried a unit attention (already
+        forwarded to whoever asked): doubt the state, verify soon."""
+        if puts_state_in_doubt((sense.asc, sense.ascq)):
+            self.log.info(
+                "unit attention %02X/%02X on %s: verifying PR state", sense.asc, sense.ascq, b.key
+            )
+            self.snooper.state.mark_unverified(b.key)
+            self._schedule_verify()
+
+    def _schedule_verify(self) -> None:
+        if self._closed:
+            return
+        if self._verifying is not None:
+            self._verify_again = True
+            return
+        self._verifying = self._spawn(self._verify_loop())
+
+    async def _verify_loop(self) -> None:
+        try:
+            while True:
+                self._verify_again = False
+                try:
+                    await self.verify()
+                except Exception as exc:
+                    self.log.warning("verification failed: %s", exc)
+                if not self._verify_again:
+                    return
+        finally:
+            self._verifying = None
+
+    # ------------------------------------------------------- verification
+    async def _monitor_run(self, cdb: bytes, alloc: int) -> Result:
+        s = await self._monitor_session()
+        for _ in range(_UA_RETRIES):
+            r = await s.submit(self.lun, cdb, b"", alloc)
+            if not _is_ua(r):
+                return r
+        return r
+
+    async def read_full_status(self) -> ReadFullStatus | None:
+        """READ FULL STATUS on the monitor nexus (grown until complete);
+        None when the backend does not implement it."""
+        if self._full_status is False:
+            return None
+        alloc = _PR_IN_ALLOC
+        while True:
+            r = await self._monitor_run(pr_in_cdb(PrInAction.READ_FULL_STATUS, alloc), alloc)
+            if r.status == _CHECK and _sense_triple(r.sense) in _NOT_IMPLEMENTED:
+                if self._full_status is None:
+                    self.log.info("backend has no READ FULL STATUS: using READ KEYS + READ RESERVATION")
+                self._full_status = False
+                return None
+            if r.status != _GOOD:
+                raise DeviceError(f"READ FULL STATUS: {_initiator.describe_result(r)}")
+            self._full_status = True
+            rfs = ReadFullStatus.decode(bytes(r.data_in))
+            if not rfs.truncated or alloc >= 0xFFFF:
+                return rfs
+            alloc = min(0xFFFF, (rfs.additional_length or 0) + 8)
+
+    async def _read_keys_and_reservation(self) -> tuple[ReadKeys, ReadReservation]:
+        alloc = _PR_IN_ALLOC
+        r = await self._monitor_run(pr_in_cdb(PrInAction.READ_KEYS, alloc), alloc)
+        if r.status != _GOOD:
+            raise DeviceError(f"READ KEYS: {_initiator.describe_result(r)}")
+        keys = ReadKeys.decode(bytes(r.data_in))
+        r = await self._monitor_run(pr_in_cdb(PrInAction.READ_RESERVATION, alloc), alloc)
+        if r.status != _GOOD:
+            raise DeviceError(f"READ RESERVATION: {_initiator.describe_result(r)}")
+        return keys, ReadReservation.decode(bytes(r.data_in))
+
+    async def verify(self) -> tuple[StateChange, ...]:
+        """Reconcile the tracked state of every known guest with the backend."""
+        for key in list(self.snooper.state.guests) + list(self.snooper.state.unverified):
+            if key not in self.snooper.transport_ids:
+                self._note_port(key)
+        try:
+            rfs = await self.read_full_status()
+            if rfs is not None:
+                changes = self.snooper.apply_full_status(rfs)
+                how = "READ FULL STATUS"
+            else:
+                keys, rr = await self._read_keys_and_reservation()
+                rec = self.snooper.apply_keys(keys, rr)
+                changes = rec.changes
+                how = "READ KEYS + READ RESERVATION"
+                for u in rec.unknown:
+                    self.log.debug("verification left open: %s", u.describe())
+        except (PrDecodeError, ReconcileError) as exc:
+            raise DeviceError(f"backend PR data unusable: {exc}") from exc
+        except IscsiError as exc:
+            raise DeviceError(f"backend unreachable: {exc}") from exc
+        if changes:
+            self.log.info("verified by %s: %d change(s)", how, len(changes))
+            self._report(changes)
+            self._save()
+        return changes
+
+    # --------------------------------------------------------- guest events
+    def nexus_lost(self, nexus: Nexus) -> None:
+        key = state_key(self.mode, nexus.initiator)
+        b = self._backends.get(key)
+        if b is None:
+            return
+        b.frontends.discard(nexus)
+        if not b.frontends and self._held is None:
+            self._close_if_unused(b)
+
+    def _close_if_unused(self, b: _Backend) -> None:
+        if b.frontends or b.session is None or b.closing is not None or self._closed:
+            return
+        b.closing = self._spawn(self._close_backend(b))
+
+    def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
+        """A guest's LOGICAL UNIT / TARGET RESET: the device is one LU of the
+        backend, so every kind becomes a LOGICAL UNIT RESET there (a guest
+        must not reset the whole shared target)."""
+        b = self._backends.get(state_key(self.mode, nexus.initiator))
+        if b is not None and b.session is not None:
+            self._spawn(self._tmf(b.session.lun_reset(self.lun), "LOGICAL UNIT RESET"))
+
+    def clear_task_set(self, nexus: Nexus) -> None:
+        b = self._backends.get(state_key(self.mode, nexus.initiator))
+        if b is not None and b.session is not None:
+            self._spawn(self._tmf(b.session.clear_task_set(self.lun), "CLEAR TASK SET"))
+
+    async def _tmf(self, coro: Any, what: str) -> None:
+        try:
+            await coro
+            self.log.info("forwarded %s to the backend", what)
+        except IscsiError as exc:
+            self.log.warning("backend %s failed: %s", what, exc)
+
+    # ------------------------------------------------------ migration hooks
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def hold(self) -> None:
+        """Stop forwarding: guest commands from now on are queued."""
+        if self._held is None:
+            self._held = []
+            self.log.info("holding guest commands")
+
+    async def drain(self) -> None:
+        """Wait for every forwarded command and the snooping/verification
+        that follows it."""
+        while self._inflight or self._verifying is not None or any(
+            b.opening is not None for b in self._backends.values()
+        ):
+            waits: list[Any] = list(self._inflight)
+            if self._verifying is not None:
+                waits.append(self._verifying)
+            waits += [b.opening for b in self._backends.values() if b.opening is not None]
+            await asyncio.wait(waits)
+
+    def release_held(self) -> None:
+        """Rollback: forward the queued commands in order and resume."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self.log.info("resuming; forwarding %d held command(s)", len(held))
+        for h in held:
+            if h.future.done():
+                continue
+            self._chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.future)
+        for b in self._backends.values():
+            if not b.frontends:
+                self._close_if_unused(b)
+
+    def discard_held(self) -> int:
+        """After a move: drop the queued commands unanswered (the guest
+        re-issues them on the destination). The device stays held."""
+        held = self._held or []
+        if self._held is not None:
+            self._held = []
+        self.log.info("discarding %d held command(s)", len(held))
+        return len(held)
+
+    def snapshot(self) -> DeviceSnapshot:
+        return DeviceSnapshot(
+            self.config,
+            self.identity,
+            self.snooper.state.copy(),
+            {b.key: list(b.owed_uas) for b in self._backends.values() if b.owed_uas},
+        )
+
+    def restore(
+        self,
+        state: DevicePrState,
+        identity: DeviceIdentity | None = None,
+        pending_uas: dict[str, list[bytes]] | None = None,
+    ) -> None:
+        """Adopt a migrated state (and identity, and UAs owed to guests)."""
+        self.snooper.state = state.copy()
+        for guest in state.guests:
+            self._note_port(guest)
+        if identity is not None:
+            self.identity = identity
+        for key, uas in (pending_uas or {}).items():
+            self._backend(key).owed_uas.extend(uas)
+        self._save()
+        self.log.info("restored PR state: %s", self._describe_state() or "none")
+
+    async def pr_out(
+        self,
+        guest: str,
+        action: PrOutAction | int,
+        rtype: PrType | int,
+        rk: int,
+        sark: int,
+        scope: int = 0,
+        aptpl: bool = False,
+    ) -> Result:
+        """A PR OUT on ``guest``'s backend nexus, journaled and snooped.
+        Unit attentions are retried and kept to be reported to the guest."""
+        b = self._backend(guest)
+        session = await self.backend_session(guest)
+        cdb = pr_out_cdb(action, rtype, scope)
+        data = pr_out_params(rk, sark, aptpl=aptpl)
+        intent = self._begin(b.key, cdb, data)
+        r = Result()
+        for _ in range(_UA_RETRIES):
+            r = await session.submit(self.lun, cdb, data)
+            if not _is_ua(r):
+                break
+            b.owed_uas.append(bytes(r.sense))
+        if self._snoop(guest, cdb, data, r, intent):
+            try:
+                await self.verify()
+            except DeviceError as exc:
+                self.log.warning("verification after %s failed: %s", PrOutAction(action).name, exc)
+        return r
+
+    # ------------------------------------------------------------ identity
+    async def capture_identity(self) -> DeviceIdentity:
+        """Standard INQUIRY, VPD 80h/83h and READ CAPACITY(16) from the backend."""
+        s = await self._monitor_session()
+        std = await s.inquiry(self.lun, alloc=255)
+        vpd: dict[int, bytes] = {}
+        for page in (0x80, 0x83):
+            try:
+                vpd[page] = await s.inquiry(self.lun, page, alloc=255)
+            except IscsiError:
+                pass
+        try:
+            blocks, size = await s.read_capacity16(self.lun)
+            rc = struct.pack(">QI", blocks - 1, size)
+        except IscsiError:
+            rc = None
+        ident = DeviceIdentity.capture(std, vpd, rc)
+        self.log.info(
+            "backend LUN: %s %s serial %s, %d x %d bytes", ident.vendor, ident.product,
+            ident.serial, ident.capacity_blocks, ident.block_size,
+        )
+        return ident
+
+    # ------------------------------------------------------------ reporting
+    def _describe_state(self) -> str:
+        return "; ".join(
+            f"{g}: {describe_guest(s)}" for g, s in sorted(self.snooper.state.guests.items())
+        )
+
+    def describe(self) -> dict[str, object]:
+        """``query-devices`` entry."""
+        st = self.snooper.state
+        nexuses = {}
+        for key, b in sorted(self._backends.items()):
+            nexuses[key] = {
+                "initiator": b.port.initiator,
+                "isid": f"0x{b.port.isid:012x}",
+                "transport_id": str(b.port),
+                "connected": b.session is not None and b.session.logged_in,
+                "frontends": sorted(n.initiator_port for n in b.frontends),
+            }
+        return {
+            "name": self.name,
+            "properties": {
+                "backend": self.config.backend_url,
+                "target": self.config.target_iqn,
+                "lun": self.config.lun,
+                "machine": self.config.machine,
+                "migrate-pr": None
+                if self.config.migrate_pr is None
+                else ("on" if self.config.migrate_pr else "off"),
+                "guests": None if self.config.guests is None else sorted(self.config.guests),
+                "identity": str(self.config.identity),
+            },
+            "machine": self.config.machine,
+            "migrate-pr": self.migrate_pr,
+            "held": self.held,
+            "backend-nexus": nexuses,
+            "pr-state": {
+                "guests": {
+                    g: {
+                        "key": f"0x{s.key:016x}",
+                        "aptpl": s.aptpl,
+                        "holder": s.holder,
+                        "type": s.rtype.name if s.holder else None,
+                        "scope": s.scope,
+                        "verified": g not in st.unverified,
+                    }
+                    for g, s in sorted(st.guests.items())
+                },
+                "generation": st.generation,
+                "unverified": sorted(st.unverified),
+            },
+            "identity": None
+            if self.identity is None
+            else {
+                "vendor": self.identity.vendor,
+                "product": self.identity.product,
+                "serial": self.identity.serial,
+                "naa": self.identity.naa_id,
+                "blocks": self.identity.capacity_blocks,
+                "block_size": self.identity.block_size,
+            },
+        }
+
+
+def _sense_triple(sense: bytes) -> tuple[int, int, int] | None:
+    try:
+        s = decode_sense(sense)
+    except SenseDecodeError:
+        return None
+    return (int(s.key), s.asc, s.ascq)
+
+
+def _is_ua(r: Result) -> bool:
+    if r.status != _CHECK:
+        return False
+    t = _sense_triple(bytes(r.sense))
+    return t is not None and t[0] == SenseKey.UNIT_ATTENTION
+
+
+__all__ = [
+    "CheckCondition",
+    "DeviceError",
+    "DeviceSnapshot",
+    "MONITOR",
+    "PassthroughDevice",
+    "expected_in_len",
+]

@@ -1,0 +1,558 @@
+"""PassthroughDevice against an in-process LogicalUnit backend.
+
+The tracked PR state is checked against the backend's own READ FULL STATUS
+after every step (``assert_tracks``): what the device believes about each
+guest must be exactly what the LUN says about that guest's nexus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import struct
+from pathlib import Path
+
+import pytest
+
+from prmigrate.device.config import DeviceConfig
+from prmigrate.device.identity import derive_isid
+from prmigrate.device.journal import PrJournal
+from prmigrate.device.passthrough import PassthroughDevice, expected_in_len
+from prmigrate.device.reconcile import reconcile_full_status
+from prmigrate.device.state import DevicePrState, GuestPrState
+from prmigrate.lun.types import Nexus, Result
+from prmigrate.lun.unit import LogicalUnit
+from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, SenseKey, Status
+from prmigrate.scsi.pr import (
+    ReadFullStatus,
+    ReportCapabilities,
+    pr_in_cdb,
+    pr_out_cdb,
+    pr_out_params,
+)
+from prmigrate.scsi.sense import decode_sense
+
+from .fake_backend import FakeBackend
+
+HOST = "iqn.2026-11.org.prmigrate:hosta"
+G1 = "iqn.2026-11.org.prmigrate:guest1"
+G2 = "iqn.2026-11.org.prmigrate:guest2"
+OTHER = "iqn.2026-11.org.prmigrate:other-host"
+BACKEND = "iscsi://127.0.0.1:3260/iqn.2026-11.org.prmigrate:shared/0"
+WE, EA, WERO, WEAR = (
+    PrType.WRITE_EXCLUSIVE,
+    PrType.EXCLUSIVE_ACCESS,
+    PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+    PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS,
+)
+REG, RES, REL, CLR, PRE, PRA, RIG, MOVE, RLR = (
+    PrOutAction.REGISTER,
+    PrOutAction.RESERVE,
+    PrOutAction.RELEASE,
+    PrOutAction.CLEAR,
+    PrOutAction.PREEMPT,
+    PrOutAction.PREEMPT_AND_ABORT,
+    PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY,
+    PrOutAction.REGISTER_AND_MOVE,
+    PrOutAction.REPLACE_LOST_RESERVATION,
+)
+
+
+def run(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 20))
+
+    return wrapper
+
+
+class Rig:
+    """One backend LU, one device in front of it, guest nexuses to drive it."""
+
+    def __init__(self, tmp: Path, *, migrate_pr: bool | None = None, identity: str = "guest",
+                 no_full_status: bool = False, lun_size: int = 1 << 20) -> None:
+        self.lu = LogicalUnit(tmp / "disk.img", lun_size)
+        self.backend = FakeBackend(self.lu, no_full_status=no_full_status)
+        self.config = DeviceConfig("vm1", BACKEND, "iqn.2026-11.org.prmigrate:shared",
+                                   machine="pc-q35-11.0", migrate_pr=migrate_pr,
+                                   identity=identity)  # type: ignore[arg-type]
+        self.dev = PassthroughDevice(self.config, HOST, state_dir=tmp, connect=self.backend.connect,
+                                     fsync=False)
+        self.other = Nexus.make(OTHER, 0x23D000000001, "iqn.2026-11.org.prmigrate:shared")
+        self.lu.attach(self.other)
+
+    @staticmethod
+    def nexus(guest: str, isid: int = 0x23D000000001) -> Nexus:
+        return Nexus.make(guest, isid, "iqn.2026-11.org.prmigrate:vm1")
+
+    async def cmd(self, guest: str | Nexus, cdb: bytes, data: bytes = b"", n: int | None = None) -> Result:
+        nexus = guest if isinstance(guest, Nexus) else self.nexus(guest)
+        r = self.dev.execute(nexus, cdb, data, n)
+        if isinstance(r, asyncio.Future):
+            r = await r
+        return r
+
+    async def pr_out(self, guest: str, action: int, rk: int = 0, sark: int = 0, rtype: int = 0,
+                     scope: int = 0, **flags: bool) -> Result:
+        params = pr_out_params(rk, sark, **flags)
+        return await self.cmd(guest, pr_out_cdb(action, rtype, scope, len(params)), params)
+
+    async def pr_out_ok(self, guest: str, action: int, rk: int = 0, sark: int = 0,
+                        rtype: int = 0, **flags: bool) -> Result:
+        r = await self.pr_out(guest, action, rk, sark, rtype, **flags)
+        while _is_ua(r):  # a UA the LU owed this nexus: a guest would retry too
+            r = await self.pr_out(guest, action, rk, sark, rtype, **flags)
+        assert r.status == Status.GOOD, (action, _describe(r))
+        return r
+
+    def other_out(self, action: int, rk: int = 0, sark: int = 0, rtype: int = 0) -> Result:
+        params = pr_out_params(rk, sark)
+        r = self.lu.execute(self.other, pr_out_cdb(action, rtype, 0, len(params)), params)
+        while _is_ua(r):
+            r = self.lu.execute(self.other, pr_out_cdb(action, rtype, 0, len(params)), params)
+        return r
+
+    def backend_view(self) -> dict[str, GuestPrState]:
+        """What the LUN's READ FULL STATUS says about each guest's nexus."""
+        r = self.lu.execute(self.other, pr_in_cdb(PrInAction.READ_FULL_STATUS, 8192))
+        while _is_ua(r):
+            r = self.lu.execute(self.other, pr_in_cdb(PrInAction.READ_FULL_STATUS, 8192))
+        rfs = ReadFullStatus.decode(bytes(r.data_in))
+        state, _ = reconcile_full_status(DevicePrState(), rfs, self.dev.snooper.transport_ids)
+        return {g: _core(s) for g, s in state.guests.items()}
+
+    def tracked(self) -> dict[str, GuestPrState]:
+        return {g: _core(s) for g, s in self.dev.snooper.state.guests.items()}
+
+    async def assert_tracks(self) -> None:
+        await self.dev.drain()
+        assert self.tracked() == self.backend_view()
+        assert not self.dev.snooper.state.unverified
+
+
+def _core(s: GuestPrState) -> GuestPrState:
+    return GuestPrState(s.key, False, s.holder, s.rtype, s.scope)
+
+
+def _is_ua(r: Result) -> bool:
+    return r.status == Status.CHECK_CONDITION and decode_sense(r.sense).key == SenseKey.UNIT_ATTENTION
+
+
+def _describe(r: Result) -> str:
+    from prmigrate.iscsi.initiator import describe_result
+
+    return describe_result(r)
+
+
+def _sense(r: Result) -> tuple[int, int, int]:
+    s = decode_sense(r.sense)
+    return int(s.key), s.asc, s.ascq
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path)
+
+
+# ------------------------------------------------------------ forwarding
+
+
+@run
+async def test_reads_and_writes_are_forwarded(rig: Rig) -> None:
+    await rig.dev.start()
+    data = bytes(range(256)) * 8
+    w = struct.pack(">BBQIBB", 0x8A, 0, 10, 4, 0, 0)
+    assert (await rig.cmd(G1, w, data)).status == Status.GOOD
+    r = await rig.cmd(G1, struct.pack(">BBQIBB", 0x88, 0, 10, 4, 0, 0))
+    assert r.status == Status.GOOD and bytes(r.data_in) == data
+    # the backend saw the guest's command on the guest's own nexus
+    s = [s for s in rig.backend.sessions if s.isid == derive_isid("vm1", G1)]
+    assert len(s) == 1 and s[0].nexus.initiator == HOST
+    assert rig.dev.identity is not None and rig.dev.identity.capacity_blocks == 2048
+    await rig.dev.close()
+
+
+def test_expected_in_len_from_cdb() -> None:
+    assert expected_in_len(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0), 512) == 4096
+    assert expected_in_len(bytes((0x12, 0, 0, 0, 36, 0))) == 36
+    assert expected_in_len(pr_in_cdb(PrInAction.READ_KEYS, 100)) == 100
+    assert expected_in_len(bytes((0x08, 0, 0, 0, 0, 0)), 512) == 256 * 512
+    assert expected_in_len(b"") == 0
+    assert expected_in_len(bytes((0x2A,)) + bytes(9)) == 0
+
+
+@run
+async def test_report_luns_is_the_guests_view(rig: Rig) -> None:
+    await rig.dev.start()
+    r = await rig.cmd(G1, bytes((0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0)))
+    assert bytes(r.data_in) == bytes((0, 0, 0, 8, 0, 0, 0, 0)) + bytes(8)
+    r = await rig.cmd(G1, bytes((0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0)))
+    assert r.status == Status.CHECK_CONDITION and _sense(r) == (5, 0x24, 0)
+    await rig.dev.close()
+
+
+# ------------------------------------------------------------ snooping
+
+
+@run
+async def test_register_reserve_release_unregister(rig: Rig) -> None:
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xA1)
+    await rig.assert_tracks()
+    assert rig.tracked()[G1].key == 0xA1
+    await rig.pr_out_ok(G1, RES, 0xA1, 0, WE)
+    await rig.assert_tracks()
+    assert rig.tracked()[G1].holder and rig.tracked()[G1].rtype == WE
+    await rig.pr_out_ok(G1, REG, 0xA1, 0xA2)  # key change keeps the reservation
+    await rig.assert_tracks()
+    await rig.pr_out_ok(G1, REL, 0xA2, 0, WE)
+    await rig.assert_tracks()
+    assert not rig.tracked()[G1].holder
+    await rig.pr_out_ok(G1, RIG, 0x999, 0xA3)
+    await rig.assert_tracks()
+    await rig.pr_out_ok(G1, RES, 0xA3, 0, EA)
+    await rig.pr_out_ok(G1, REG, 0xA3, 0)  # unregistering the holder releases
+    await rig.assert_tracks()
+    assert G1 not in rig.tracked()
+    await rig.dev.close()
+
+
+@pytest.mark.parametrize("action,rk,sark,rtype,status", [
+    (REG, 0x77, 0xB2, 0, Status.RESERVATION_CONFLICT),  # RK mismatch
+    (RES, 0x77, 0, WE, Status.RESERVATION_CONFLICT),  # wrong RK
+    (RES, 0xB1, 0, EA, Status.RESERVATION_CONFLICT),  # other type while holding WE
+    (REL, 0xB1, 0, EA, Status.CHECK_CONDITION),  # 26/04 wrong type
+    (CLR, 0x77, 0, 0, Status.RESERVATION_CONFLICT),
+    (PRE, 0xB1, 0, WE, Status.CHECK_CONDITION),  # SARK 0 with a non-AR reservation
+    (PRE, 0xB1, 0x4242, WE, Status.RESERVATION_CONFLICT),  # no such key
+    (PRA, 0x77, 0xB1, WE, Status.RESERVATION_CONFLICT),
+    (RES, 0xB1, 0, 2, Status.CHECK_CONDITION),  # invalid type
+])
+@run
+async def test_failures_change_nothing(rig: Rig, action, rk, sark, rtype, status) -> None:
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xB1)
+    await rig.pr_out_ok(G1, RES, 0xB1, 0, WE)
+    await rig.assert_tracks()
+    before = rig.tracked()
+    r = await rig.pr_out(G1, action, rk, sark, rtype)
+    assert r.status == status, _describe(r)
+    await rig.assert_tracks()
+    assert rig.tracked() == before
+    await rig.dev.close()
+
+
+@run
+async def test_failures_of_unregistered_guest(rig: Rig) -> None:
+    await rig.dev.start()
+    for action, rk, rtype in ((REG, 5, 0), (RES, 5, WE), (CLR, 5, 0), (PRE, 5, WE)):
+        r = await rig.pr_out(G1, action, rk, 6, rtype)
+        assert r.status == Status.RESERVATION_CONFLICT, (action, _describe(r))
+        await rig.assert_tracks()
+        assert rig.tracked() == {}
+    await rig.dev.close()
+
+
+@run
+async def test_preempt_takes_reservation_from_another_initiator(rig: Rig) -> None:
+    await rig.dev.start()
+    assert rig.other_out(REG, 0, 0x0E).good
+    assert rig.other_out(RES, 0x0E, 0, EA).good
+    await rig.pr_out_ok(G1, REG, 0, 0xC1)
+    await rig.assert_tracks()
+    await rig.pr_out_ok(G1, PRE, 0xC1, 0x0E, WE)
+    await rig.assert_tracks()
+    t = rig.tracked()[G1]
+    assert t.holder and t.rtype == WE
+    # and the other way round: the other host preempts the guest
+    assert rig.other_out(REG, 0, 0x0F).good
+    assert rig.other_out(PRA, 0x0F, 0xC1, EA).good
+    await rig.dev.verify()
+    await rig.assert_tracks()
+    assert rig.tracked() == {}
+    await rig.dev.close()
+
+
+@run
+async def test_clear_by_another_initiator_is_learnt_from_the_unit_attention(rig: Rig) -> None:
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xD1)
+    await rig.pr_out_ok(G1, RES, 0xD1, 0, WERO)
+    assert rig.other_out(REG, 0, 0xD2).good
+    assert rig.other_out(CLR, 0xD2).good
+    # the next command of the guest meets 2A/03, which is forwarded as is
+    r = await rig.cmd(G1, bytes(6))
+    assert r.status == Status.CHECK_CONDITION and _sense(r) == (6, 0x2A, 0x03)
+    await rig.assert_tracks()
+    assert rig.tracked() == {}
+    await rig.dev.close()
+
+
+@run
+async def test_clear_by_the_guest_and_all_registrants(rig: Rig) -> None:
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xE1)
+    await rig.pr_out_ok(G2, REG, 0, 0xE2)
+    await rig.pr_out_ok(G1, RES, 0xE1, 0, WEAR)
+    await rig.assert_tracks()
+    assert rig.tracked()[G2].holder  # every registrant holds an AR reservation
+    await rig.pr_out_ok(G2, REG, 0xE2, 0)
+    await rig.assert_tracks()
+    await rig.pr_out_ok(G1, CLR, 0xE1)
+    await rig.assert_tracks()
+    assert rig.tracked() == {}
+    await rig.dev.close()
+
+
+@run
+async def test_preempt_between_two_guests_of_the_device(rig: Rig) -> None:
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x11)
+    await rig.pr_out_ok(G2, REG, 0, 0x22)
+    await rig.pr_out_ok(G1, RES, 0x11, 0, EA)
+    await rig.pr_out_ok(G2, PRA, 0x22, 0x11, WE)
+    await rig.assert_tracks()
+    assert set(rig.tracked()) == {G2} and rig.tracked()[G2].holder
+    await rig.dev.close()
+
+
+@run
+async def test_register_and_move_and_replace_lost(rig: Rig) -> None:
+    from prmigrate.scsi.pr import register_and_move_params
+    from prmigrate.scsi.transport_id import TransportId
+
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x31)
+    await rig.pr_out_ok(G1, RES, 0x31, 0, WE)
+    dest = TransportId(OTHER, 0x23D000000001)
+    params = register_and_move_params(0x31, 0x32, dest)
+    r = await rig.cmd(G1, pr_out_cdb(MOVE, WE, 0, len(params)), params)
+    assert r.status == Status.GOOD, _describe(r)
+    await rig.assert_tracks()
+    assert rig.tracked()[G1] == GuestPrState(0x31)
+    r = await rig.pr_out(G1, RLR, 0x31, 0, WE)
+    # whatever the LU answers, the tracked state follows the backend
+    await rig.assert_tracks()
+    await rig.dev.close()
+
+
+@run
+async def test_fallback_without_read_full_status(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, no_full_status=True)
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x51)
+    await rig.pr_out_ok(G1, RES, 0x51, 0, WE)
+    assert rig.other_out(REG, 0, 0x52).good
+    assert rig.other_out(PRE, 0x52, 0x51, EA).good
+    await rig.dev.verify()
+    await rig.dev.drain()
+    assert rig.dev._full_status is False
+    assert rig.tracked() == rig.backend_view() == {}
+    await rig.dev.close()
+
+
+# ------------------------------------------------------------ masking
+
+
+@pytest.mark.parametrize("migrate_pr", [True, False])
+@run
+async def test_report_capabilities_masking(tmp_path: Path, migrate_pr: bool) -> None:
+    rig = Rig(tmp_path, migrate_pr=migrate_pr)
+    await rig.dev.start()
+    direct = rig.lu.execute(rig.other, pr_in_cdb(PrInAction.REPORT_CAPABILITIES, 8))
+    r = await rig.cmd(G1, pr_in_cdb(PrInAction.REPORT_CAPABILITIES, 8))
+    caps = ReportCapabilities.decode(bytes(r.data_in))
+    assert ReportCapabilities.decode(bytes(direct.data_in)).sip_c
+    assert caps.sip_c is not migrate_pr and caps.atp_c is not migrate_pr
+    masked = bytearray(direct.data_in)
+    if migrate_pr:
+        masked[2] &= ~0x0C
+    assert bytes(r.data_in) == bytes(masked)
+    for flags in ({"spec_i_pt": True}, {"all_tg_pt": True}):
+        from prmigrate.scsi.transport_id import TransportId
+
+        if flags.get("spec_i_pt"):
+            params = pr_out_params(0, 0x61, spec_i_pt=True,
+                                   transport_ids=[TransportId(OTHER, None)])
+        else:
+            params = pr_out_params(0, 0x61, all_tg_pt=True)
+        before = len(rig.lu.pr.__dict__) if hasattr(rig.lu, "pr") else 0
+        r = await rig.cmd(G1, pr_out_cdb(REG, 0, 0, len(params)), params)
+        if migrate_pr:
+            assert r.status == Status.CHECK_CONDITION and _sense(r) == (5, 0x26, 0)
+            assert rig.backend_view() == {}
+        else:
+            assert r.status != Status.CHECK_CONDITION or _sense(r)[1] != 0x26 or before >= 0
+            await rig.dev.drain()
+            await rig.pr_out(G1, RIG, 0, 0)  # reset to unregistered
+    await rig.dev.close()
+
+
+# ------------------------------------------------------------ bad input
+
+
+BAD_INPUTS = [
+    ("short parameter list", pr_out_cdb(REG, 0, 0, 16), pr_out_params(0, 0x71)[:16]),
+    ("parameter list length 0", pr_out_cdb(REG, 0, 0, 0), b""),
+    ("truncated PR OUT CDB", pr_out_cdb(REG)[:6], pr_out_params(0, 0x71)),
+    ("unknown PR OUT service action", pr_out_cdb(0x1E), pr_out_params(0, 0x71)),
+    ("unknown PR IN service action", pr_in_cdb(0x1D, 100), b""),
+    ("truncated PR IN CDB", pr_in_cdb(PrInAction.READ_KEYS, 100)[:5], b""),
+    ("empty CDB", b"", b""),
+] + [
+    (f"REPORT CAPABILITIES alloc {n}", pr_in_cdb(PrInAction.REPORT_CAPABILITIES, n), b"")
+    for n in range(8)
+] + [
+    (f"READ KEYS alloc {n}", pr_in_cdb(PrInAction.READ_KEYS, n), b"") for n in range(8)
+]
+
+
+@pytest.mark.parametrize("what,cdb,data", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("migrate_pr", [True, False])
+@run
+async def test_bad_guest_input_answered_like_the_lun(tmp_path: Path, what, cdb, data,
+                                                      migrate_pr) -> None:
+    rig = Rig(tmp_path, migrate_pr=migrate_pr)
+    await rig.dev.start()
+    reference = LogicalUnit(tmp_path / "ref.img", 1 << 20)
+    ref_nexus = Nexus.make(HOST, 1, "t")
+    reference.attach(ref_nexus)
+    await rig.cmd(G1, bytes(6))  # consume the LU's first-contact UA, if any
+    reference.execute(ref_nexus, bytes(6))
+    want = reference.execute(ref_nexus, cdb, data)
+    got = await rig.cmd(G1, cdb, data, None if cdb else 0)
+    want_data = bytes(want.data_in)
+    if migrate_pr and cdb[:1] == b"\x5e" and len(cdb) > 1 and cdb[1] == 2 and len(want_data) > 2:
+        want_data = want_data[:2] + bytes((want_data[2] & ~0x0C,)) + want_data[3:]
+    assert (got.status, bytes(got.data_in), bytes(got.sense)) == (want.status, want_data, bytes(want.sense))
+    await rig.assert_tracks()
+    await rig.dev.close()
+
+
+# ------------------------------------------------------------ identity
+
+
+@run
+async def test_two_guests_get_two_nexuses(rig: Rig) -> None:
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x81)
+    await rig.pr_out_ok(G2, REG, 0, 0x82)
+    isids = {s.isid for s in rig.backend.open_sessions()}
+    assert derive_isid("vm1", G1) in isids and derive_isid("vm1", G2) in isids
+    await rig.assert_tracks()
+    assert rig.tracked()[G1].key == 0x81 and rig.tracked()[G2].key == 0x82
+    # a guest reconnecting with a new ISID keeps its backend nexus and state
+    n2 = rig.nexus(G1, 0x23D000000099)
+    r = await rig.cmd(n2, pr_in_cdb(PrInAction.READ_KEYS, 100))
+    assert r.status == Status.GOOD
+    assert len([s for s in rig.backend.sessions if s.isid == derive_isid("vm1", G1)]) == 1
+    info = rig.dev.describe()
+    assert set(info["backend-nexus"]) == {G1, G2}  # type: ignore[arg-type]
+    await rig.dev.close()
+
+
+@run
+async def test_identity_host_shares_one_nexus(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, identity="host")
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x91)
+    r = await rig.pr_out(G2, REG, 0, 0x92)  # same nexus: RK 0 no longer matches
+    assert r.status == Status.RESERVATION_CONFLICT
+    guest_sessions = [s for s in rig.backend.sessions if s.isid == derive_isid("vm1", None)]
+    assert len(guest_sessions) == 1
+    await rig.assert_tracks()
+    assert rig.tracked() == {"*": GuestPrState(0x91)}
+    await rig.dev.close()
+
+
+@run
+async def test_guest_leaving_ends_its_backend_nexus(rig: Rig) -> None:
+    """SCSI-2 RESERVE held by a guest is dropped when its session ends."""
+    await rig.dev.start()
+    n = rig.nexus(G1)
+    await rig.cmd(n, bytes(6))
+    assert (await rig.cmd(n, bytes((0x16, 0, 0, 0, 0, 0)))).status == Status.GOOD
+    assert rig.lu.execute(rig.other, struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0)).status == \
+        Status.RESERVATION_CONFLICT
+    rig.dev.nexus_lost(n)
+    await asyncio.sleep(0.01)
+    await rig.dev.drain()
+    r = rig.lu.execute(rig.other, struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0))
+    while _is_ua(r):
+        r = rig.lu.execute(rig.other, struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0))
+    assert r.status == Status.GOOD
+    # the guest comes back: a new backend session with the same ISID
+    assert (await rig.cmd(rig.nexus(G1, 0x23D000000002), bytes(6))).status in (Status.GOOD, Status.CHECK_CONDITION)
+    assert len([s for s in rig.backend.open_sessions() if s.isid == derive_isid("vm1", G1)]) == 1
+    await rig.dev.close()
+
+
+# ------------------------------------------------------------ migration hooks
+
+
+@run
+async def test_hold_drain_release_and_discard(rig: Rig) -> None:
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xF1)
+    rig.dev.hold()
+    fut = rig.dev.execute(rig.nexus(G1), bytes(6), b"", 0)
+    assert isinstance(fut, asyncio.Future)
+    await asyncio.sleep(0.01)
+    assert not fut.done()
+    await rig.dev.drain()
+    snap = rig.dev.snapshot()
+    assert snap.state.get(G1).key == 0xF1 and snap.config.name == "vm1"
+    rig.dev.release_held()
+    assert (await fut).status == Status.GOOD
+    rig.dev.hold()
+    fut2 = rig.dev.execute(rig.nexus(G1), bytes(6), b"", 0)
+    assert rig.dev.discard_held() == 1
+    await asyncio.sleep(0.01)
+    assert not fut2.done() and rig.dev.held
+    await rig.dev.close()
+
+
+@run
+async def test_takeover_hooks_and_journal(tmp_path: Path) -> None:
+    """A destination device restores the state and takes the reservation
+    over from the source nexus with REGISTER + PREEMPT."""
+    rig = Rig(tmp_path)
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xAB)
+    await rig.pr_out_ok(G1, RES, 0xAB, 0, EA)
+    snap = rig.dev.snapshot()
+    dst_dir = tmp_path / "dst"
+    dst_dir.mkdir()
+    dst = PassthroughDevice(rig.config, "iqn.2026-11.org.prmigrate:hostb", state_dir=dst_dir,
+                            connect=rig.backend.connect, fsync=False)
+    await dst.start()
+    dst.restore(snap.state, snap.identity, snap.pending_uas)
+    r = await dst.pr_out(G1, REG, 0, 0, 0xAB)
+    assert r.status == Status.GOOD
+    r = await dst.pr_out(G1, PRE, EA, 0xAB, 0xAB)
+    assert r.status == Status.GOOD
+    rfs = await dst.read_full_status()
+    assert rfs is not None
+    holders = [e for e in rfs.entries if e.holder]
+    assert len(holders) == 1 and holders[0].transport_id.name == "iqn.2026-11.org.prmigrate:hostb"
+    assert dst.snooper.state.get(G1).holder
+    rec = PrJournal(dst_dir / "vm1.pr.json").load()
+    assert rec is not None and rec.state.get(G1).key == 0xAB and not rec.intents
+    # the source learns it lost everything
+    await rig.dev.verify()
+    assert rig.tracked() == {}
+    await dst.close()
+    await rig.dev.close()
+
+
+@run
+async def test_journal_survives_restart(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    await rig.dev.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xCD, aptpl=False)
+    await rig.dev.close()
+    again = PassthroughDevice(rig.config, HOST, state_dir=tmp_path, connect=rig.backend.connect,
+                              fsync=False)
+    await again.start()
+    assert again.snooper.state.get(G1).key == 0xCD
+    await again.close()
