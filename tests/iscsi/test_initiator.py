@@ -29,6 +29,8 @@ from prmigrate.iscsi.initiator_core import (
     ConnectionFailed,
     InitiatorCore,
     LoginDone,
+    LoginFailed,
+    LoginRedirect,
     SessionConfig,
     UnitAttention,
 )
@@ -70,8 +72,10 @@ def _pdus(data: bytes, **kw: object) -> list[object]:
 class ScriptedTarget:
     """Answers an InitiatorCore's login like a target accepting everything."""
 
-    def __init__(self, core: InitiatorCore, answers: dict[str, str] | None = None) -> None:
+    def __init__(self, core: InitiatorCore, answers: dict[str, str] | None = None,
+                 bytewise: bool = False) -> None:
         self.core = core
+        self.bytewise = bytewise
         self.statsn = 100
         self.answers = answers or {}
         self.max_cmdsn = 10
@@ -101,7 +105,12 @@ class ScriptedTarget:
                 req.csg, nsg, req.transit, data=encode_text(reply),
             )
             self.statsn += 1
-            events += self.core.receive_data(rsp.encode(), 0.0)
+            wire = rsp.encode()
+            if self.bytewise:
+                for i in range(len(wire)):
+                    events += self.core.receive_data(wire[i : i + 1], 0.0)
+            else:
+                events += self.core.receive_data(wire, 0.0)
             if any(isinstance(e, LoginDone) for e in events):
                 return events
         raise AssertionError("login did not finish")
@@ -124,6 +133,35 @@ def test_core_login_offers_keys_and_uses_answers() -> None:
     assert p.initial_r2t is False and p.immediate_data is True
     assert core.negotiated.tsih == 7
     assert core.logged_in
+
+
+def test_core_login_fed_one_byte_at_a_time() -> None:
+    core = _core(header_digest="CRC32C,None")
+    events = ScriptedTarget(core, {"HeaderDigest": "CRC32C"}, bytewise=True).login()
+    assert isinstance(events[-1], LoginDone) and core.params.header_digest
+    # the first full-feature PDU already carries a header digest
+    core.submit(0, bytes(6))
+    (cmd,) = _pdus(core.data_to_send(), header_digest=True)
+    rsp = ScsiResponse(cmd.itt, Status.GOOD, 300, 2, 20).encode(header_digest=True)  # type: ignore[attr-defined]
+    got = [e for i in range(len(rsp)) for e in core.receive_data(rsp[i : i + 1], 0.0)]
+    assert len(got) == 1 and isinstance(got[0], CommandDone)
+
+
+def test_core_login_redirect_and_refusal() -> None:
+    core = _core()
+    core.start_login(0.0)
+    (req,) = _pdus(core.data_to_send())
+    moved = LoginResponse(req.isid, 0, req.itt, 1, 1, 1, 0, 0, False,  # type: ignore[attr-defined]
+                          status=LoginStatus.TARGET_MOVED_TEMPORARILY,
+                          data=encode_text([("TargetAddress", "127.0.0.2:3261,1")]))
+    (ev,) = core.receive_data(moved.encode(), 0.0)
+    assert ev == LoginRedirect("127.0.0.2:3261,1", False)
+    core.start_login(0.0)
+    (req,) = _pdus(core.data_to_send())
+    refused = LoginResponse(req.isid, 0, req.itt, 1, 1, 1, 0, 0, False,  # type: ignore[attr-defined]
+                            status=LoginStatus.NOT_FOUND)
+    (ev,) = core.receive_data(refused.encode(), 0.0)
+    assert isinstance(ev, LoginFailed) and ev.error.status == LoginStatus.NOT_FOUND
 
 
 def test_core_login_request_carries_isid_and_names() -> None:

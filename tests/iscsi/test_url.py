@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from prmigrate.iscsi.url import IscsiUrl, UrlError, parse_portal, parse_url
 
@@ -79,3 +81,30 @@ def test_parse_portal(text: str, want: tuple[str, int]) -> None:
 
 def test_ipv6_portal_is_bracketed() -> None:
     assert parse_url("iscsi://[::1]:3262/iqn.x/4").portal == "[::1]:3262"
+
+
+_name = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-:", min_size=1, max_size=40)
+
+
+@given(
+    host=st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str), _name.filter(lambda s: ":" not in s)),
+    port=st.integers(1, 65535),
+    target=_name,
+    lun=st.integers(0, 0x3FFF),
+    user=st.one_of(st.none(), st.text(alphabet="abcdefghij0123456789_", min_size=1, max_size=10)),
+    password=st.one_of(st.none(), st.text(alphabet="abcdef%:!0123456789", max_size=12)),
+)
+def test_round_trip_property(host: str, port: int, target: str, lun: int, user: str | None,
+                             password: str | None) -> None:
+    if user is None:
+        password = None
+    u = IscsiUrl(host, port, target, lun, user, password)
+    assert parse_url(str(u)) == u
+
+
+@given(st.text(max_size=80))
+def test_parser_raises_only_url_error(text: str) -> None:
+    try:
+        parse_url("iscsi://" + text)
+    except UrlError:
+        pass

@@ -68,8 +68,7 @@ TYPE_WORDS = {
     PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS: "Write Exclusive, all registrants",
     PrType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS: "Exclusive Access, all registrants",
 }
-_TYPE_BY_SHORT = {t.short.upper(): t for t in PrType if t is not PrType.NONE}
-_TYPE_BY_SHORT["NONE"] = PrType.NONE
+_TYPE_BY_SHORT: dict[str, PrType] = {t.short.upper(): t for t in PrType}
 
 
 def parse_key(text: str) -> int:
@@ -176,7 +175,9 @@ def _hex(v: int) -> str:
 
 
 def _type_words(t: PrType | int) -> str:
-    return TYPE_WORDS.get(t, f"obsolete [{int(t)}]") if isinstance(t, int) else str(t)
+    if t in PrType._value2member_map_ and PrType(t) in TYPE_WORDS:
+        return TYPE_WORDS[PrType(t)]
+    return f"obsolete [{int(t)}]"
 
 
 def _scope_words(scope: int) -> str:

@@ -628,11 +628,8 @@ class InitiatorCore:
         if flags & ResponseFlags.UNDERFLOW:
             n = min(n, max(0, cmd.data_in_len - residual))
         data = b"" if cmd.buf is None else bytes(memoryview(cmd.buf)[:n])
-        try:
-            st: Status | int = Status(status)
-        except ValueError:
-            st = status
-        events: list[Event] = [CommandDone(cmd.handle, Result(st, data, sense))]
+        st = Status(status) if status in Status._value2member_map_ else status
+        events: list[Event] = [CommandDone(cmd.handle, Result(st, data, sense))]  # type: ignore[arg-type]
         if sense:
             try:
                 ds = decode_sense(sense)
@@ -685,7 +682,7 @@ class InitiatorCore:
         while off < end:
             n = min(step, end - off)
             self._send(
-                DataOut(cmd.itt, ttt, datasn, off, cmd.data_out[off : off + n],
+                DataOut(cmd.itt, ttt, datasn, off, cmd.data_out[off : off + n],  # type: ignore[arg-type]
                         off + n >= end, self.exp_statsn, cmd.lun)
             )
             datasn += 1
@@ -861,12 +858,14 @@ class InitiatorCore:
         if more:
             self._send_data_out(cmd, immediate, unsolicited_end, RESERVED_TAG)
 
-    def _immediate_request(self, kind: str, now: float, **kw: int) -> tuple[int, int]:
+    def _immediate_request(
+        self, kind: str, now: float, lun: int = 0, function: int = 0, ref_itt: int = RESERVED_TAG
+    ) -> tuple[int, int]:
         if self.state is not State.FULL_FEATURE:
             raise ConnectionLost("not logged in")
         itt = self._next_itt()
         handle = self._next_handle()
-        self._other[itt] = _Other(kind, handle, now, **kw)
+        self._other[itt] = _Other(kind, handle, now, lun, function, ref_itt)
         return itt, handle
 
     def task_management(
