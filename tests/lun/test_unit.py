@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def test_vpd_device_identification(lu: LogicalUnit, tmp_path: Path) -> None:
 def test_vpd_block_limits_golden(lu: LogicalUnit) -> None:
     d = good(lu.execute(A, cdb("12 01 b0 00 40 00"), b""))
     assert len(d) == 64 and d[:4] == bytes.fromhex("00b0003c")
-    assert d[4] == 0x01 and d[5] == 255  # WSNZ, max COMPARE AND WRITE
+    assert d[4] == 0x00 and d[5] == 255  # WSNZ = 0, max COMPARE AND WRITE
     max_xfer, opt, _pf, max_unmap, max_desc, gran, uga = struct.unpack_from(">7I", d, 8)
     assert max_xfer == 65536 and opt == (128 << 10) // BS
     assert max_unmap == 1 << 20 and max_desc == MAX_UNMAP_DESCRIPTORS and gran == 1
@@ -437,6 +438,23 @@ def test_write_same_writes(lu: LogicalUnit) -> None:
     assert good(lu.execute(A, rw16(0x88, BLOCKS - 3, 3), b"")) == blk * 3
 
 
+def test_write_same_zero_blocks_runs_to_the_end(lu: LogicalUnit) -> None:
+    blk = b"\x42" * BS
+    good(lu.execute(A, rw16(0x93, BLOCKS - 5, 0), blk))
+    assert good(lu.execute(A, rw16(0x88, BLOCKS - 6, 6), b"")) == bytes(BS) + blk * 5
+    good(lu.execute(A, rw16(0x93, BLOCKS - 2, 0, flags=0x08), blk))  # UNMAP to the end
+    assert good(lu.execute(A, rw16(0x88, BLOCKS - 3, 3), b"")) == blk + bytes(2 * BS)
+    good(lu.execute(A, rw16(0x93, BLOCKS, 0), blk))  # nothing left to write
+    lu.limits = dataclasses.replace(lu.limits, max_write_same=4)
+    check(lu.execute(A, rw16(0x93, BLOCKS - 5, 0), blk), Sense.INVALID_FIELD_IN_CDB)  # > MAX WS LENGTH
+
+
+def test_write_same_ndob_without_unmap_stays_mapped(lu: LogicalUnit) -> None:
+    good(lu.execute(A, rw16(0x93, 0, 16, flags=0x01), b""))
+    assert good(lu.execute(A, rw10(0x28, 0, 16), b"")) == bytes(16 * BS)
+    assert lba_status(lu, 0)[0][2] == 0  # mapped
+
+
 def test_write_same_unmap(lu: LogicalUnit) -> None:
     good(lu.execute(A, rw10(0x2A, 0, 64), b"\xff" * 64 * BS))
     good(lu.execute(A, rw10(0x41, 8, 16, flags=0x08), b"\xff" * BS))  # UNMAP: data ignored
@@ -452,7 +470,7 @@ def test_write_same_bad(lu: LogicalUnit) -> None:
     blk = b"\x01" * BS
     check(lu.execute(A, rw10(0x41, 0, 1, flags=0x10), blk), Sense.INVALID_FIELD_IN_CDB)  # ANCHOR
     check(lu.execute(A, rw10(0x41, 0, 1, flags=0x18), blk), Sense.INVALID_FIELD_IN_CDB)  # no ANC_SUP
-    check(lu.execute(A, rw10(0x41, 0, 0), blk), Sense.INVALID_FIELD_IN_CDB)  # WSNZ
+    check(lu.execute(A, rw10(0x41, BLOCKS + 1, 0), blk), Sense.LBA_OUT_OF_RANGE)
     check(lu.execute(A, rw10(0x41, 0, 1, flags=0x20), blk), Sense.INVALID_FIELD_IN_CDB)
     check(lu.execute(A, rw10(0x41, 0, 1, flags=0x01), blk), Sense.INVALID_FIELD_IN_CDB)  # NDOB in (10)
     check(lu.execute(A, rw10(0x41, 0, 1), blk * 2), Sense.INVALID_FIELD_IN_CDB)

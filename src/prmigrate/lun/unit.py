@@ -447,11 +447,12 @@ class LogicalUnit:
 
         - WRPROTECT != 0: INVALID FIELD IN CDB (no protection information).
         - ANCHOR without UNMAP, or ANCHOR at all (ANC_SUP = 0): INVALID FIELD.
-        - 0 blocks: INVALID FIELD (WSNZ = 1 in Block Limits).
+        - 0 blocks: from LBA to the last block (WSNZ = 0 in Block Limits).
         - more than MAXIMUM WRITE SAME LENGTH: INVALID FIELD.
         - NDOB (16 only): no Data-Out, the block is zeros.
         - UNMAP: the range is deallocated (reads back zero, LBPRZ = 1)
-          whatever the data, as the conformance suite expects.
+          whatever the data, as the conformance suite expects; without
+          UNMAP the blocks stay mapped (written, zeros included).
         """
         c = BlockCdb.decode(cdb)
         f = c.flags
@@ -465,8 +466,9 @@ class LogicalUnit:
             raise invalid_cdb(1, 0)
         self._check_writable()
         self._check_range(c.lba, c.blocks)
+        blocks = c.blocks or self.blocks - c.lba
         len_field = 10 if sixteen else 7
-        if c.blocks == 0 or c.blocks > self.limits.max_write_same:
+        if blocks > self.limits.max_write_same:
             raise invalid_cdb(len_field)
         bs = self.block_size
         if ndob:
@@ -475,12 +477,16 @@ class LogicalUnit:
             if len(data) != bs:
                 raise invalid_cdb(len_field)
             block = data
-        if f & WS_UNMAP or (ndob and not any(block)):
-            self.store.unmap(c.lba * bs, c.blocks * bs)
+        if not blocks:
+            return Result()
+        if f & WS_UNMAP:
+            self.store.unmap(c.lba * bs, blocks * bs)
+        elif ndob:
+            self.store.write_zeros(c.lba * bs, blocks * bs)
         else:
-            self.store.write_same(c.lba * bs, block, c.blocks)
+            self.store.write_same(c.lba * bs, block, blocks)
         if not self.modes.wce:
-            self.store.flush(c.lba * bs, c.blocks * bs)
+            self.store.flush(c.lba * bs, blocks * bs)
         return Result()
 
     def _unmap(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:

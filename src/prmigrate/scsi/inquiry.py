@@ -192,7 +192,7 @@ def vpd_block_limits(bl: BlockLimits) -> bytes:
     """Block Limits (B0h), SBC-4 6.6.4; page length 3Ch."""
     b = bytearray(0x3C)
     # offsets below are of the full page minus the 4-byte header
-    b[0] = 0x01  # WSNZ: WRITE SAME with 0 blocks is rejected
+    b[0] = 0x00  # WSNZ = 0: WRITE SAME with 0 blocks runs to the last block
     b[1] = bl.max_compare_and_write
     struct.pack_into(">H", b, 2, bl.optimal_granularity)
     struct.pack_into(">I", b, 4, bl.max_transfer)
