@@ -57,7 +57,7 @@ def test_double_comma_escape():
         (f"name=d,backend={URL},machine=pc-q35-8.0", "unknown machine"),
         (f"name=d,backend={URL},migrate-pr=maybe", "on/off"),
         (f"name=d,backend={URL},identity=vm", "identity"),
-        (f"name=d,backend={URL},target=iqn.other:x", "disagrees"),
+        (f"name=d,backend={URL},target=iqn.other:x,frontend=iqn.f:x", "disagrees"),
         (f"name=d,backend={URL},lun=1", "disagrees"),
         (f"name=d,backend={URL},lun=x", "number"),
         ("name=d,backend=http://x/y/0", "backend"),
@@ -106,3 +106,13 @@ def test_frozen():
     c = parse_device_spec(f"name=vm1,backend={URL}")
     with pytest.raises(AttributeError):
         c.name = "x"  # type: ignore[misc]
+
+
+def test_target_differing_from_the_url_names_the_frontend_node():
+    c = parse_device_spec(f"name=vm1,backend={URL},target=iqn.2026-11.org.prmigrate:vm1")
+    assert c.target_iqn == "iqn.2026-01.org.example:lun"
+    assert c.frontend_iqn == "iqn.2026-11.org.prmigrate:vm1"
+    assert parse_device_spec(c.to_spec()) == c
+    assert DeviceConfig.from_dict(c.to_dict()) == c
+    c2 = parse_device_spec(f"name=vm1,backend={URL},frontend=iqn.x:f")
+    assert c2.frontend_iqn == "iqn.x:f" and c2.target_iqn == "iqn.2026-01.org.example:lun"

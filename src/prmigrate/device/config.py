@@ -19,7 +19,13 @@ Rules of the syntax:
 * ``migrate-pr`` takes on/off/yes/no/true/false; absent = the machine
   type's default (``effective_migrate_pr``);
 * ``identity`` is ``guest`` (one backend nexus per guest, default) or
-  ``host`` (one shared nexus, the seed's behaviour).
+  ``host`` (one shared nexus, the seed's behaviour);
+* ``frontend`` names the iSCSI target node the guest logs in to. When the
+  backend URL already names its target, a ``target=`` that differs from it
+  is read as the frontend node name (the host daemon's documented form
+  ``backend=iscsi://h/iqn.x:shared/0,target=iqn.x:vm1``); ``target`` and
+  ``frontend`` together are then an error. Absent: the host daemon's default
+  (``prmigrate.host.daemon.default_frontend_iqn``).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class DeviceConfig:
     guests: frozenset[str] | None = None  # allowed guest initiators (lower-case); None = any
     identity: IdentityMode = IdentityMode.GUEST
     lun: int = 0
+    frontend_iqn: str | None = None  # guest-facing target node; None = the daemon's default
 
     def __post_init__(self) -> None:
         if (
@@ -78,6 +85,10 @@ class DeviceConfig:
         except MachineError as e:
             raise ConfigError(str(e)) from e
         object.__setattr__(self, "identity", IdentityMode(self.identity))
+        if self.frontend_iqn is not None and (
+            not self.frontend_iqn or any(c in self.frontend_iqn for c in ", /\x00")
+        ):
+            raise ConfigError(f"invalid frontend node name {self.frontend_iqn!r}")
         if self.guests is not None:
             guests = frozenset(g.lower() for g in self.guests)
             if not guests or any(not g or "+" in g or "," in g for g in guests):
@@ -108,6 +119,8 @@ class DeviceConfig:
         if self.guests is not None:
             items.append(("guests", "+".join(sorted(self.guests))))
         items.append(("identity", str(self.identity)))
+        if self.frontend_iqn is not None:
+            items.append(("frontend", self.frontend_iqn))
         return ",".join(f"{k}={v.replace(',', ',,')}" for k, v in items)
 
     # -- the migration stream
@@ -122,6 +135,7 @@ class DeviceConfig:
             "guests": None if self.guests is None else sorted(self.guests),
             "identity": str(self.identity),
             "lun": self.lun,
+            "frontend_iqn": self.frontend_iqn,
         }
 
     @staticmethod
@@ -152,6 +166,7 @@ class DeviceConfig:
                 guests=None if guests is None else frozenset(str(g) for g in guests),
                 identity=IdentityMode(_str(d, "identity", IdentityMode.GUEST.value)),
                 lun=lun,
+                frontend_iqn=None if d.get("frontend_iqn") is None else str(d["frontend_iqn"]),
             )
         except ValueError as e:  # IdentityMode(...) and friends
             if isinstance(e, ConfigError):
@@ -167,7 +182,7 @@ def _str(d: dict[str, object], key: str, default: str | None = None) -> str:
 
 
 _KEYS = frozenset(
-    {"name", "backend", "target", "lun", "machine", "migrate-pr", "guests", "identity"}
+    {"name", "backend", "target", "lun", "machine", "migrate-pr", "guests", "identity", "frontend"}
 )
 
 
@@ -219,6 +234,11 @@ def parse_device_spec(spec: str) -> DeviceConfig:
     except UrlError as e:
         raise ConfigError(f"backend: {e}") from e
     target = seen.get("target", url.target)
+    frontend = seen.get("frontend")
+    if url.target and "target" in seen and target.lower() != url.target.lower():
+        if frontend is not None:
+            raise ConfigError(f"target {target!r} disagrees with the URL's {url.target!r}")
+        frontend, target = target, url.target  # target= names the guest-facing node
     if "lun" in seen:
         if not seen["lun"].isdigit():
             raise ConfigError(f"lun {seen['lun']!r} is not a number")
@@ -246,4 +266,5 @@ def parse_device_spec(spec: str) -> DeviceConfig:
         guests=guests,
         identity=IdentityMode(identity),
         lun=lun,
+        frontend_iqn=frontend,
     )
