@@ -87,6 +87,8 @@ def test_intent_then_commit(tmp_path):
         rec.intents[0].guest == "iqn.a:g1" and rec.intents[0].service_action == PrOutAction.PREEMPT
     )
     assert rec.intents[0].data_out == PARAMS
+    assert rec.recovered_state().unverified == {"iqn.a:g1"}
+    assert not rec.state.unverified
     j.commit(intent, _state(0x77))
     rec = PrJournal(p).load()
     assert not rec.needs_reconcile and rec.state.get("iqn.a:g1").key == 0x77

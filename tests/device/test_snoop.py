@@ -10,6 +10,9 @@ from prmigrate.device.state import DevicePrState, GuestPrState
 from prmigrate.lun.types import Result
 from prmigrate.scsi.constants import PrOutAction, PrType, Status
 from prmigrate.scsi.pr import (
+    FullStatusEntry,
+    ReadFullStatus,
+    ReadKeys,
     ReadReservation,
     pr_out_cdb,
     pr_out_params,
@@ -568,3 +571,31 @@ def test_random_good_sequences_keep_invariants(ops):
         assert len(holders) <= 1 or len({(s.rtype, s.scope) for s in holders}) == 1
         assert all(s.rtype.all_registrants for s in holders) or len(holders) <= 1
         DevicePrState.from_dict(sn.state.to_dict())
+
+
+# ------------------------------------------------------------ full status / keys feedback
+
+
+def test_apply_full_status_uses_known_ports():
+    sn = snooper(g1=g(0xAA, True, WE), g2=g(0xBB))
+    sn.state.mark_unverified(G1)
+    fs = ReadFullStatus(12, (FullStatusEntry(0xBB, False, True, 0, EA, 1, TID[G2]),))
+    changes = sn.apply_full_status(fs)
+    assert {c.guest for c in changes} == {G1, G2}
+    assert sn.state.get(G1).empty and sn.state.get(G2) == g(0xBB, True, EA)
+    assert sn.state.generation == 12 and not sn.pending_verification
+
+
+def test_apply_full_status_host_identity():
+    sn = PrSnooper(mode="host")
+    sn.set_transport_id(G1, TID[G1])
+    sn.apply_full_status([FullStatusEntry(0x5, False, False, 0, 0, 1, TID[G1])])
+    assert sn.state.guests == {SHARED_NEXUS: g(0x5)}
+
+
+def test_apply_keys():
+    sn = snooper(g1=g(0xAA, True, WE), g2=g(0xBB))
+    sn.state.mark_unverified(G1)
+    r = sn.apply_keys(ReadKeys(3, (0xBB,)), ReadReservation(3, None))
+    assert sn.state.get(G1).empty and sn.state.get(G2) == g(0xBB)
+    assert r.undetermined() == {G2} and not sn.pending_verification

@@ -100,6 +100,15 @@ class JournalRecord:
         """A PR OUT was in flight when the record was written last."""
         return bool(self.intents)
 
+    def recovered_state(self) -> DevicePrState:
+        """The state to start from after a restart: the journalled one, with
+        every guest that had a PR OUT in flight marked unverified (its
+        outcome is unknown until reconciled from the backend)."""
+        state = self.state.copy()
+        for intent in self.intents:
+            state.mark_unverified(intent.guest)
+        return state
+
 
 @dataclass(slots=True)
 class _Cache:
