@@ -1,0 +1,349 @@
+"""The destination side of a device migration, as a sans-IO state machine.
+
+Rules (the table below is the authority; a missing pair is a ProtocolError):
+
+- LISTENING -Setup-> SETUP (CreateDevice) -DeviceReady-> SETUP (register the
+  guests' keys, plan.SETUP) -PrOpsDone-> READY (sends SETUP_OK) -State->
+  LOADING (LoadState: inside the pause) -StateLoaded-> TAKEOVER (the PREEMPT
+  and fixups in flight) -PrOpsDone-> TAKEN_OVER (sends TAKEOVER_DONE)
+  -Resume-> RESUMED (ResumeGuest, ACK). With nothing to register or to take
+  over, the intermediate states are skipped.
+- The destination resumes the guest ONLY on RESUME in TAKEN_OVER. Once it
+  has sent ABORT or ACKed a ROLLBACK it never resumes (a late RESUME is
+  ignored): that is what lets the source take the guest back safely.
+- A failure while PR ops are in flight waits for them (the outcome decides
+  whether we preempted), then is handled as below.
+- Not preempted: ABORT (or the ACK of a ROLLBACK) to the source, then
+  ABORTING: unregister what we registered (plan.cleanup_plan) and drop the
+  device -> ABORTED.
+- Preempted (we hold the reservation): tell the source (ABORT / ACK with
+  preempted=True) and wait in ROLLBACK_HOLD for its ABORT (sent once it took
+  the reservation back with its own PREEMPT) or for the hold timer; only then
+  unregister. Unregistering first would release the reservation for a moment.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+from ..scsi.constants import PrOutAction
+from .channel import (
+    Abort,
+    Ack,
+    Message,
+    MsgType,
+    Resume,
+    Rollback,
+    Setup,
+    SetupOk,
+    State,
+    TakeoverDone,
+)
+from .errors import AbortReason, MigrationError
+from .machine import (
+    Cancel,
+    ChannelLost,
+    CreateDevice,
+    DeviceFailed,
+    DeviceReady,
+    DropDevice,
+    IssuePrOps,
+    LoadState,
+    Log,
+    MachineBase,
+    PrOpsDone,
+    ResumeGuest,
+    SendMessage,
+    StateLoaded,
+    Timeout,
+    Timeouts,
+    table,
+)
+from .plan import Observed, Phase, PrOp, TargetTraits, cleanup_plan, setup_plan, takeover_plan
+from .stream import DeviceSnapshot, decode_snapshot
+
+
+class DestinationState(Enum):
+    LISTENING = "listening"
+    SETUP = "setup"
+    READY = "ready"
+    LOADING = "loading"
+    TAKEOVER = "takeover"
+    TAKEN_OVER = "taken_over"
+    RESUMED = "resumed"
+    ROLLBACK_HOLD = "rollback_hold"
+    ABORTING = "aborting"
+    ABORTED = "aborted"
+
+
+D = DestinationState
+_FAILURES = (Rollback, Abort, ChannelLost, Timeout, Cancel)
+
+DESTINATION_TABLE = table(
+    {
+        (D.LISTENING, Setup): (D.SETUP, D.ABORTED),
+        **{(D.LISTENING, e): D.ABORTED for e in (Abort, ChannelLost, Cancel)},
+        (D.SETUP, DeviceReady): (D.SETUP, D.READY),
+        (D.SETUP, PrOpsDone): (D.READY, D.ABORTING, D.ABORTED),
+        (D.SETUP, DeviceFailed): (D.ABORTING, D.ABORTED),
+        **{(D.SETUP, e): (D.SETUP, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        (D.READY, State): (D.LOADING, D.ABORTING, D.ABORTED),
+        **{(D.READY, e): (D.ABORTING, D.ABORTED) for e in _FAILURES},
+        (D.LOADING, StateLoaded): (D.TAKEOVER, D.TAKEN_OVER),
+        (D.LOADING, DeviceFailed): (D.ABORTING, D.ABORTED),
+        **{(D.LOADING, e): (D.ABORTING, D.ABORTED) for e in _FAILURES},
+        (D.TAKEOVER, PrOpsDone): (D.TAKEN_OVER, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED),
+        **{(D.TAKEOVER, e): D.TAKEOVER for e in _FAILURES},  # ops first
+        (D.TAKEN_OVER, Resume): D.RESUMED,
+        **{(D.TAKEN_OVER, e): (D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        (D.ROLLBACK_HOLD, Resume): D.ROLLBACK_HOLD,  # too late: we aborted
+        **{(D.ROLLBACK_HOLD, e): (D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        (D.ABORTING, PrOpsDone): D.ABORTED,
+        (D.ABORTING, Resume): D.ABORTING,
+        # late completions of work the abort overtook: nothing to do
+        **{(D.ABORTING, e): D.ABORTING for e in (DeviceReady, DeviceFailed, StateLoaded)},
+        # a STATE that crossed our ABORT: ignored
+        (D.ABORTING, State): D.ABORTING,
+        (D.ROLLBACK_HOLD, State): D.ROLLBACK_HOLD,
+        **{(D.ABORTING, e): D.ABORTING for e in _FAILURES},
+    }
+)
+
+DESTINATION_TERMINAL = frozenset({D.RESUMED, D.ABORTED})
+
+
+class DestinationMigration(MachineBase):
+    """Created for an authenticated incoming connection; drive with
+    ``handle(event, now)``, received messages being events."""
+
+    TABLE = DESTINATION_TABLE
+    TERMINAL = DESTINATION_TERMINAL
+    role = "destination"
+
+    def __init__(self, name: str = "incoming", timeouts: Timeouts | None = None, *, register_only: str = "release") -> None:
+        super().__init__(D.LISTENING, name)
+        self.timeouts = timeouts or Timeouts()
+        self.register_only = register_only
+        self.migration_id = ""
+        self.snapshot: DeviceSnapshot | None = None
+        self.observed: Observed | None = None
+        self.traits = TargetTraits()
+        self.registered: dict[str, int] = {}  # guest -> key possibly registered on our nexus
+        self.preempted = False
+        self.channel_open = True
+        self.device_created = False
+        self._device_ready = False
+        self._inflight: tuple[PrOp, ...] | None = None
+        self._pending: Message | ChannelLost | Timeout | Cancel | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.state is D.RESUMED
+
+    # -- setup
+    def _on_Setup(self, ev: Setup, now: float) -> D:
+        self.timings.started = now
+        self.migration_id = ev.migration_id
+        try:
+            snap = decode_snapshot(ev.stream)
+        except MigrationError as e:
+            self._fail(e.reason)
+            self._send(Abort(e.reason, str(e)))
+            return D.ABORTED
+        self.snapshot = snap
+        self.name = f"{ev.migration_id}/{snap.name}"
+        self.device_created = True  # from now on DropDevice must undo it
+        self._emit(CreateDevice(snap))
+        self._arm(now, self.timeouts.setup)
+        return D.SETUP
+
+    def _on_DeviceReady(self, ev: DeviceReady, now: float) -> D:
+        if self.state is D.ABORTING:
+            return D.ABORTING
+        if self._device_ready:
+            raise _protocol(self, ev)
+        self._device_ready = True
+        self.observed, self.traits = ev.observed, ev.traits
+        assert self.snapshot is not None
+        plan = setup_plan(self.snapshot.pr, ev.observed)
+        for note in plan.notes:
+            self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
+        if plan.ops:
+            return self._issue(plan.ops, Phase.SETUP, now, D.SETUP)
+        return self._ready(now)
+
+    def _ready(self, now: float) -> D:
+        self._send(SetupOk(dict(self.registered), self.traits.read_full_status))
+        self._arm(now, self.timeouts.await_state)
+        return D.READY
+
+    def _on_DeviceFailed(self, ev: DeviceFailed, now: float) -> D:
+        if self.state is D.ABORTING:
+            return D.ABORTING
+        return self._failure(Cancel(AbortReason.DEVICE, ev.detail), now)
+
+    # -- the pause
+    def _on_State(self, ev: State, now: float) -> D:
+        if self.state is not D.READY:
+            return self.state  # type: ignore[return-value]
+        self.timings.paused = now
+        try:
+            snap = decode_snapshot(ev.stream)
+        except MigrationError as e:
+            return self._failure(Cancel(e.reason, str(e)), now)
+        assert self.snapshot is not None
+        if snap.name != self.snapshot.name:
+            return self._failure(Cancel(AbortReason.BAD_STREAM, f"STATE for {snap.name!r}"), now)
+        self.snapshot = snap
+        self._emit(LoadState(snap))
+        self._arm(now, self.timeouts.load)
+        return D.LOADING
+
+    def _on_StateLoaded(self, ev: StateLoaded, now: float) -> D:
+        if self.state is D.ABORTING:
+            return D.ABORTING
+        assert self.snapshot is not None
+        plan = takeover_plan(self.snapshot.pr, self.registered, ev.observed, self.traits, register_only=self.register_only)
+        for note in plan.notes:
+            self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
+        self.timings.takeover_started = now
+        if plan.destination_ops:
+            return self._issue(plan.destination_ops, Phase.TAKEOVER, now, D.TAKEOVER)
+        return self._taken_over(now)
+
+    def _taken_over(self, now: float) -> D:
+        self.timings.takeover_ended = now
+        us = int(round((now - (self.timings.takeover_started or now)) * 1e6))
+        self._send(TakeoverDone(self.timings.round_trips_in_pause, us))
+        self._arm(now, self.timeouts.commit)
+        return D.TAKEN_OVER
+
+    def _on_Resume(self, ev: Resume, now: float) -> D:
+        if self.state is not D.TAKEN_OVER:
+            self._emit(Log(logging.WARNING, f"destination {self.name}: RESUME after abort ignored"))
+            return self.state  # type: ignore[return-value]
+        self.timings.resumed = now
+        self._emit(ResumeGuest())
+        self._send(Ack(MsgType.RESUME))
+        return D.RESUMED
+
+    # -- PR ops
+    def _issue(self, ops: tuple[PrOp, ...], phase: Phase, now: float, then: D) -> D:
+        self._inflight = ops
+        self._arm(now, None)  # the shell's command timeouts bound the ops
+        self._emit(IssuePrOps(ops, phase))
+        return then
+
+    def _on_PrOpsDone(self, ev: PrOpsDone, now: float) -> D:
+        if self.state is D.ABORTING:
+            if not ev.ok:
+                self._emit(Log(logging.ERROR, f"destination {self.name}: cleanup failed: {ev.error}"))
+            self._emit(DropDevice())
+            return D.ABORTED
+        ops, self._inflight = self._inflight or (), None
+        if ev.completed > len(ops):
+            raise _protocol(self, ev)
+        done = list(ops[: ev.completed])
+        maybe = [] if ev.ok or ev.definite or ev.completed >= len(ops) else [ops[ev.completed]]
+        for op in done + maybe:
+            if op.action is PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY:
+                if op.sark:
+                    self.registered[op.guest] = op.sark
+                elif op in done:
+                    self.registered.pop(op.guest, None)
+            elif op.action is PrOutAction.PREEMPT:
+                self.preempted = True
+                self.registered.setdefault(op.guest, op.sark)
+        if self.state is D.TAKEOVER:
+            self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
+        pending, self._pending = self._pending, None
+        if not ev.ok:
+            reason = AbortReason.PR_SETUP if self.state is D.SETUP else AbortReason.PR_TAKEOVER
+            self._emit(Log(logging.ERROR, f"destination {self.name}: {reason.name}: {ev.error}"))
+            return self._failure(pending or Cancel(reason, ev.error or ""), now)
+        if pending is not None:
+            return self._failure(pending, now)
+        return self._ready(now) if self.state is D.SETUP else self._taken_over(now)
+
+    # -- failures
+    def _on_Rollback(self, ev: Rollback, now: float) -> D:
+        return self._failure(ev, now)
+
+    def _on_Abort(self, ev: Abort, now: float) -> D:
+        return self._failure(ev, now)
+
+    def _on_ChannelLost(self, ev: ChannelLost, now: float) -> D:
+        self.channel_open = False
+        return self._failure(ev, now)
+
+    def _on_Timeout(self, ev: Timeout, now: float) -> D:
+        return self._failure(ev, now)
+
+    def _on_Cancel(self, ev: Cancel, now: float) -> D:
+        return self._failure(ev, now)
+
+    def _failure(self, ev: Message | ChannelLost | Timeout | Cancel, now: float) -> D:
+        st = self.state
+        if self._inflight is not None:  # SETUP / TAKEOVER: the ops' outcome decides
+            if self._pending is None or isinstance(ev, Abort | Rollback):
+                self._pending = ev
+            return st  # type: ignore[return-value]
+        reason = _reason_of(ev)
+        if st is D.LISTENING:
+            self._fail(reason)
+            return D.ABORTED
+        if st is D.ABORTING:
+            return st
+        if st is D.ROLLBACK_HOLD:
+            if isinstance(ev, Abort | Timeout | Cancel):
+                return self._cleanup(now)
+            return st  # a ROLLBACK or a lost channel: keep holding until the timer
+        self._fail(reason)
+        self._emit(Log(logging.WARNING, f"destination {self.name}: {reason.name} in {st.name}"))
+        if self.preempted:
+            if isinstance(ev, Abort):  # the source has taken the reservation back
+                return self._cleanup(now)
+            if isinstance(ev, Rollback):
+                self._send(Ack(MsgType.ROLLBACK, preempted=True))
+            else:
+                self._send(Abort(reason, _detail(ev), preempted=True))
+            self._arm(now, self.timeouts.rollback_hold)
+            return D.ROLLBACK_HOLD
+        if isinstance(ev, Rollback):
+            self._send(Ack(MsgType.ROLLBACK, preempted=False))
+        elif not isinstance(ev, Abort):
+            self._send(Abort(reason, _detail(ev), preempted=False))
+        return self._cleanup(now)
+
+    def _cleanup(self, now: float) -> D:
+        self._arm(now, None)
+        ops = cleanup_plan(self.registered)
+        if ops and self._device_ready:
+            self._emit(IssuePrOps(ops, Phase.CLEANUP))
+            return D.ABORTING
+        if self.device_created:
+            self._emit(DropDevice())
+        return D.ABORTED
+
+    def _send(self, msg: Message) -> None:
+        if self.channel_open:
+            self._emit(SendMessage(msg))
+
+
+def _reason_of(ev: object) -> AbortReason:
+    if isinstance(ev, Timeout):
+        return AbortReason.TIMEOUT
+    if isinstance(ev, ChannelLost):
+        return AbortReason.CONNECTION_LOST
+    return getattr(ev, "reason", AbortReason.UNSPECIFIED)
+
+
+def _detail(ev: object) -> str:
+    return str(getattr(ev, "detail", "") or type(ev).__name__)
+
+
+def _protocol(m: MachineBase, ev: object) -> Exception:
+    from .errors import ProtocolError
+
+    return ProtocolError(f"{m.role} {m.name}: {type(ev).__name__} not allowed in {m.state.name}")

@@ -1,0 +1,500 @@
+"""Source and destination machines: tables, timings, failures at every phase,
+and Hypothesis-driven runs of both machines against a model PR target."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prmigrate.device.state import DevicePrState, GuestPrState
+from prmigrate.migration.channel import (
+    Abort,
+    Ack,
+    Channel,
+    Message,
+    MsgType,
+    Resume,
+    Role,
+    Rollback,
+    Setup,
+    SetupOk,
+    State,
+    TakeoverDone,
+)
+from prmigrate.migration.destination import (
+    DESTINATION_TABLE,
+    DestinationMigration,
+    DestinationState,
+)
+from prmigrate.migration.errors import AbortReason, ProtocolError
+from prmigrate.migration.machine import (
+    Cancel,
+    ChannelLost,
+    ChannelUp,
+    Connect,
+    CreateDevice,
+    DeviceFailed,
+    DeviceReady,
+    DropDevice,
+    Finished,
+    GuestHeld,
+    HandOverGuest,
+    HoldGuest,
+    IssuePrOps,
+    LoadState,
+    PrOpsDone,
+    ResumeGuest,
+    SendMessage,
+    Start,
+    StateLoaded,
+    Timeouts,
+)
+from prmigrate.migration.plan import Side
+from prmigrate.migration.source import SOURCE_TABLE, SourceMigration, SourceState
+from prmigrate.migration.stream import DeviceSnapshot, encode_snapshot
+from prmigrate.scsi.constants import PrType
+
+from .test_plan import Conflict, FakeTarget
+
+IDENTITY = {"inquiry_std": "00" * 36, "capacity_blocks": 8, "block_size": 512}
+K1, K2 = 0x1111, 0x2222
+SS, DS = SourceState, DestinationState
+
+
+def snap(pr: DevicePrState) -> DeviceSnapshot:
+    return DeviceSnapshot("d0", {"name": "d0"}, IDENTITY, pr)
+
+
+def holder_state(rtype: PrType = PrType.WRITE_EXCLUSIVE) -> DevicePrState:
+    return DevicePrState({"g1": GuestPrState(K1, False, True, rtype)})
+
+
+SCENARIOS = {
+    "none": DevicePrState(),
+    "WE": holder_state(PrType.WRITE_EXCLUSIVE),
+    "EA": holder_state(PrType.EXCLUSIVE_ACCESS),
+    "WE_RO+reg": DevicePrState({"g1": GuestPrState(K1, False, True, PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY), "g2": GuestPrState(K2)}),
+    "EA_RO": holder_state(PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY),
+    "WE_AR": DevicePrState({"g1": GuestPrState(K1, False, True, PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS), "g2": GuestPrState(K2, False, True, PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS)}),
+    "EA_AR": holder_state(PrType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS),
+    "reg-only": DevicePrState({"g1": GuestPrState(K1, True)}),
+    "shared-key": DevicePrState({"g1": GuestPrState(K1, False, True, PrType.EXCLUSIVE_ACCESS), "g2": GuestPrState(K1)}),
+}
+
+
+# ---------------------------------------------------------------- simulator
+
+
+@dataclass
+class Fault:
+    kind: str  # link | drop | cancel | dst_cancel | pr_fail | pr_unknown | device_fail
+    at: int  # step index (link, drop: message index; pr_*: PR op index)
+
+
+@dataclass
+class Sim:
+    pr: DevicePrState
+    faults: list[Fault] = field(default_factory=list)
+    lio: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def __post_init__(self) -> None:
+        self.target = FakeTarget.with_state(self.pr, lio=self.lio)
+        self.src = SourceMigration("m1", snap(self.pr), self.timeouts)
+        self.dst = DestinationMigration(timeouts=self.timeouts)
+        self.now = 100.0
+        self.q: deque[tuple[object, object]] = deque()
+        self.link = True
+        self.steps = self.msgs = self.props = 0
+        self.log: list[str] = []
+        self.both_served = False
+        self.actions: list[object] = []
+
+    def fault(self, kind: str, at: int) -> bool:
+        return any(f.kind == kind and f.at == at for f in self.faults)
+
+    def other(self, m: object) -> object:
+        return self.dst if m is self.src else self.src
+
+    def process(self, m: object, actions: list[object]) -> None:
+        self.actions += actions
+        for a in actions:
+            if isinstance(a, SendMessage):
+                self.msgs += 1
+                if self.link and not self.fault("drop", self.msgs):
+                    self.q.append((self.other(m), a.message))
+            elif isinstance(a, Connect):
+                self.q.append((m, ChannelUp() if self.link else ChannelLost()))
+            elif isinstance(a, HoldGuest):
+                self.q.append((m, GuestHeld(snap(self.pr))))
+            elif isinstance(a, CreateDevice):
+                self.q.append((m, DeviceFailed("boom") if self.fault("device_fail", 0) else DeviceReady(self.target.observe())))
+            elif isinstance(a, LoadState):
+                self.q.append((m, StateLoaded()))
+            elif isinstance(a, IssuePrOps):
+                self.q.append((m, self.run_ops(a)))
+
+    def run_ops(self, a: IssuePrOps) -> PrOpsDone:
+        for i, op in enumerate(a.ops):
+            self.props += 1
+            if self.fault("pr_fail", self.props):
+                return PrOpsDone(i, "injected CHECK CONDITION")
+            try:
+                self.target.run(op)
+            except Conflict as e:
+                if not op.conflict_ok:
+                    return PrOpsDone(i, f"RESERVATION CONFLICT: {e}")
+            except ValueError as e:
+                return PrOpsDone(i, f"CHECK CONDITION: {e}")
+            if self.fault("pr_unknown", self.props):
+                return PrOpsDone(i, "session lost", definite=False)
+        return PrOpsDone(len(a.ops))
+
+    def feed(self, m: object, ev: object) -> None:
+        machine = m  # type: SourceMigration | DestinationMigration
+        if machine.finished:  # type: ignore[union-attr]
+            self.log.append(f"late {type(ev).__name__} to finished {machine.role}")  # type: ignore[union-attr]
+            return
+        self.process(m, machine.handle(ev, self.now))  # type: ignore[union-attr, arg-type]
+        self.check()
+
+    def inject(self) -> None:
+        self.steps += 1
+        if self.fault("link", self.steps) and self.link:
+            self.link = False
+            self.q = deque((m, e) for m, e in self.q if not isinstance(e, Message))
+            self.q.append((self.src, ChannelLost("injected")))
+            self.q.append((self.dst, ChannelLost("injected")))
+        if self.fault("cancel", self.steps) and self.src.allowed(Cancel()):
+            self.feed(self.src, Cancel())
+        if self.fault("dst_cancel", self.steps) and self.dst.allowed(Cancel()):
+            self.feed(self.dst, Cancel())
+
+    def run(self) -> Sim:
+        self.q.append((self.src, Start()))
+        for _ in range(10_000):
+            if self.q:
+                self.inject()
+                m, ev = self.q.popleft()
+                self.feed(m, ev)
+                continue
+            timers = [(t, m) for m in (self.src, self.dst) if (t := m.get_timer()) is not None]
+            if not timers:
+                return self
+            t, m = min(timers, key=lambda x: x[0])
+            self.now = max(self.now, t)
+            self.process(m, m.handle_timer(self.now))
+            self.check()
+        raise AssertionError("simulation did not settle")
+
+    def check(self) -> None:
+        assert not (self.src.serving and self.dst.serving), "guest served by both hosts"
+        if self.src.serving and self.src.state is SS.ROLLED_BACK:
+            assert self._holds(Side.SOURCE), f"source serves without its PR state: {self.target.regs} {self.target.rtype}"
+        if self.dst.serving:
+            assert self._holds(Side.DESTINATION), f"destination serves without the PR state: {self.target.regs}"
+
+    def _holds(self, side: Side) -> bool:
+        for name, g in self.pr.guests.items():
+            if self.target.regs.get((side, name)) != g.key:
+                return False
+            if g.holder and not (self.target.holds((side, name)) and self.target.rtype == g.rtype):
+                return False
+        return True
+
+
+def happy(pr: DevicePrState, **kw: object) -> Sim:
+    return Sim(pr, **kw).run()  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- tables
+
+
+def test_tables_only_name_known_states() -> None:
+    for (st_, _ev), targets in SOURCE_TABLE.items():
+        assert isinstance(st_, SourceState) and all(isinstance(t, SourceState) for t in targets)
+    for (st_, _ev), targets in DESTINATION_TABLE.items():
+        assert isinstance(st_, DestinationState) and all(isinstance(t, DestinationState) for t in targets)
+    for m in (SourceMigration, DestinationMigration):
+        assert not any(s in m.TERMINAL for s, _ in m.TABLE), "terminal states accept nothing"
+
+
+def test_missing_pair_is_protocol_error_and_changes_nothing() -> None:
+    src = SourceMigration("m", snap(DevicePrState()))
+    with pytest.raises(ProtocolError):
+        src.handle(Resume(), 0.0)
+    assert src.state is SS.IDLE and src.history == []
+    dst = DestinationMigration()
+    with pytest.raises(ProtocolError):
+        dst.handle(State(b"x"), 0.0)
+    assert dst.state is DS.LISTENING
+
+
+# ---------------------------------------------------------------- happy paths
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("lio", [False, True])
+def test_happy_path_moves_everything(name: str, lio: bool) -> None:
+    pr = SCENARIOS[name]
+    sim = happy(pr, lio=lio)
+    assert sim.src.state is SS.COMPLETED and sim.dst.state is DS.RESUMED
+    assert sim.target.matches(pr, Side.DESTINATION)
+    assert any(isinstance(a, HandOverGuest) for a in sim.actions)
+    assert sum(isinstance(a, ResumeGuest) for a in sim.actions) == 1  # only the destination resumes
+
+
+@pytest.mark.parametrize(
+    "name,rt", [("none", 0), ("WE", 1), ("EA", 1), ("EA_RO", 1), ("EA_AR", 1), ("reg-only", 1), ("WE_AR", 2), ("WE_RO+reg", 2), ("shared-key", 2)]
+)
+def test_round_trips_inside_pause(name: str, rt: int) -> None:
+    sim = happy(SCENARIOS[name])
+    assert sim.src.timings.round_trips_in_pause == rt
+
+
+def test_timings_from_now_values() -> None:
+    src = SourceMigration("m", snap(holder_state()))
+    dst = DestinationMigration()
+    out = src.handle(Start(), 0.0)
+    assert out[0] == Connect()
+    (setup,) = [a.message for a in src.handle(ChannelUp(), 0.5) if isinstance(a, SendMessage)]
+    assert isinstance(setup, Setup) and setup.migration_id == "m"
+    acts = dst.handle(setup, 0.6)
+    assert any(isinstance(a, CreateDevice) for a in acts)
+    (ops,) = [a for a in dst.handle(DeviceReady(), 1.0) if isinstance(a, IssuePrOps)]
+    (ok,) = [a.message for a in dst.handle(PrOpsDone(len(ops.ops)), 1.2) if isinstance(a, SendMessage)]
+    assert ok == SetupOk({"g1": K1}, False)
+    assert any(isinstance(a, HoldGuest) for a in src.handle(ok, 2.0))
+    (state,) = [a.message for a in src.handle(GuestHeld(snap(holder_state())), 2.1) if isinstance(a, SendMessage)]
+    dst.handle(state, 2.2)
+    (tk,) = [a for a in dst.handle(StateLoaded(), 2.25) if isinstance(a, IssuePrOps)]
+    assert len(tk.ops) == 1
+    (done,) = [a.message for a in dst.handle(PrOpsDone(1), 2.30) if isinstance(a, SendMessage)]
+    assert done == TakeoverDone(1, 50000)
+    (resume,) = [a.message for a in src.handle(done, 2.35) if isinstance(a, SendMessage)]
+    acts = dst.handle(resume, 2.4)
+    assert ResumeGuest() in acts and SendMessage(Ack(MsgType.RESUME)) in acts
+    acts = src.handle(Ack(MsgType.RESUME), 2.45)
+    (fin,) = [a for a in acts if isinstance(a, Finished)]
+    t = fin.timings
+    assert fin.state == "COMPLETED" and t.total == pytest.approx(2.45)
+    assert t.pause == pytest.approx(0.45) and t.takeover == pytest.approx(0.25)
+    assert t.round_trips_in_pause == 1 and t.peer_takeover_us == 50000
+    assert dst.timings.pause == pytest.approx(0.2) and dst.timings.takeover == pytest.approx(0.05)
+    assert t.to_dict()["round_trips_in_pause"] == 1
+
+
+def test_through_real_channels() -> None:
+    """Both machines talking through two authenticated Channel ends."""
+    pr = SCENARIOS["WE_RO+reg"]
+    target = FakeTarget.with_state(pr)
+    src, dst = SourceMigration("m", snap(pr)), DestinationMigration()
+    c = Channel(Role.CLIENT, b"s" * 32, b"\x01" * 32, "src")
+    s = Channel(Role.SERVER, b"s" * 32, b"\x02" * 32, "dst")
+    work: deque[tuple[object, object]] = deque([(src, Start())])
+    while work:
+        m, ev = work.popleft()
+        for a in m.handle(ev, 1.0):  # type: ignore[attr-defined]
+            if isinstance(a, Connect):
+                c.start()
+                s.receive_data(c.data_to_send())
+                c.receive_data(s.data_to_send())
+                s.receive_data(c.data_to_send())
+                c.receive_data(s.data_to_send())
+                work.append((src, ChannelUp()))
+            elif isinstance(a, SendMessage):
+                tx, rx, peer = (c, s, dst) if m is src else (s, c, src)
+                tx.send(a.message)
+                for msg in rx.receive_data(tx.data_to_send()):
+                    work.append((peer, msg))
+            elif isinstance(a, HoldGuest):
+                work.append((m, GuestHeld(snap(pr))))
+            elif isinstance(a, CreateDevice):
+                work.append((m, DeviceReady(target.observe())))
+            elif isinstance(a, LoadState):
+                work.append((m, StateLoaded()))
+            elif isinstance(a, IssuePrOps):
+                target.apply(a.ops)
+                work.append((m, PrOpsDone(len(a.ops))))
+    assert src.state is SS.COMPLETED and dst.state is DS.RESUMED
+    assert target.matches(pr, Side.DESTINATION)
+
+
+# ---------------------------------------------------------------- failures
+
+
+def _ends_on_source(sim: Sim) -> None:
+    assert sim.src.state is SS.ROLLED_BACK, sim.src.history
+    assert sim.dst.state is DS.ABORTED or (sim.dst.state is DS.LISTENING and not sim.dst.history), sim.dst.history
+    assert sim.src.serving and not sim.dst.serving
+    assert sim.target.matches(sim.pr, Side.SOURCE), (sim.target.regs, sim.target.rtype)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("step", range(1, 16))
+def test_link_loss_at_every_step(name: str, step: int) -> None:
+    sim = Sim(SCENARIOS[name], [Fault("link", step)]).run()
+    if sim.src.state is SS.COMPLETED:
+        assert sim.dst.state is DS.RESUMED
+    elif sim.src.state is SS.IN_DOUBT:
+        assert not sim.src.serving  # RESUME was sent: never served by the source again
+    else:
+        _ends_on_source(sim)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("kind", ["cancel", "dst_cancel"])
+@pytest.mark.parametrize("step", range(1, 16))
+def test_cancel_at_every_step(name: str, kind: str, step: int) -> None:
+    sim = Sim(SCENARIOS[name], [Fault(kind, step)]).run()
+    if sim.src.state is SS.COMPLETED:
+        assert sim.dst.state is DS.RESUMED
+    else:
+        _ends_on_source(sim)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("kind", ["pr_fail", "pr_unknown"])
+@pytest.mark.parametrize("op", range(1, 7))
+def test_pr_failure_at_every_op(name: str, kind: str, op: int) -> None:
+    sim = Sim(SCENARIOS[name], [Fault(kind, op)]).run()
+    if sim.src.state is SS.COMPLETED:
+        assert sim.dst.state is DS.RESUMED
+        assert kind == "pr_unknown" or sim.props < op  # a failure never completes silently
+    elif sim.src.state is SS.FAILED:
+        assert not sim.src.serving and not sim.dst.serving  # reclaim itself failed
+    else:
+        _ends_on_source(sim)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("msg", range(1, 9))
+def test_lost_message_resolved_by_timers(name: str, msg: int) -> None:
+    sim = Sim(SCENARIOS[name], [Fault("drop", msg)]).run()
+    assert sim.src.finished and (sim.dst.finished or not sim.dst.history)
+    if sim.src.state is SS.COMPLETED:
+        assert sim.dst.state is DS.RESUMED
+    elif sim.src.state is SS.IN_DOUBT:
+        assert not sim.src.serving
+    else:
+        _ends_on_source(sim)
+
+
+def test_device_creation_failure() -> None:
+    sim = Sim(holder_state(), [Fault("device_fail", 0)]).run()
+    _ends_on_source(sim)
+    assert sim.src.reason is AbortReason.DEVICE
+
+
+def test_destination_never_resumes_after_abort() -> None:
+    dst = DestinationMigration()
+    dst.handle(Setup("m", encode_snapshot(snap(holder_state()))), 0)
+    dst.handle(DeviceReady(), 0)
+    dst.handle(PrOpsDone(1), 0)
+    dst.handle(State(encode_snapshot(snap(holder_state()))), 1)
+    dst.handle(StateLoaded(), 1)
+    dst.handle(PrOpsDone(1), 1)
+    acts = dst.handle(Rollback(AbortReason.TIMEOUT), 2)
+    assert SendMessage(Ack(MsgType.ROLLBACK, preempted=True)) in acts
+    assert dst.state is DS.ROLLBACK_HOLD
+    assert ResumeGuest() not in dst.handle(Resume(), 2.1)
+    acts = dst.handle(Abort(AbortReason.TIMEOUT, "reclaimed"), 3)
+    assert dst.state is DS.ABORTING and any(isinstance(a, IssuePrOps) for a in acts)
+    assert DropDevice() in dst.handle(PrOpsDone(1), 3.1)
+    assert dst.state is DS.ABORTED
+
+
+def test_cancel_after_commit_is_refused() -> None:
+    sim = Sim(holder_state())
+    src = sim.src
+    src.handle(Start(), 0)
+    src.handle(ChannelUp(), 0)
+    src.handle(SetupOk({"g1": K1}), 0)
+    src.handle(GuestHeld(snap(holder_state())), 0)
+    src.handle(TakeoverDone(1), 0)
+    assert src.state is SS.HANDOVER
+    with pytest.raises(ProtocolError):
+        src.handle(Cancel(), 0)
+    assert src.handle_timer(1000.0) and src.state is SS.IN_DOUBT and not src.serving
+
+
+def test_bad_stream_refused_before_device_creation() -> None:
+    dst = DestinationMigration()
+    acts = dst.handle(Setup("m", b"PRMS\x00\x09"), 0)
+    assert dst.state is DS.ABORTED and not any(isinstance(a, CreateDevice) for a in acts)
+    (abort,) = [a.message for a in acts if isinstance(a, SendMessage)]
+    assert isinstance(abort, Abort) and abort.reason is AbortReason.BAD_STREAM
+
+
+def test_source_timers() -> None:
+    src = SourceMigration("m", snap(holder_state()), Timeouts(connect=3))
+    src.handle(Start(), 10.0)
+    assert src.get_timer() == 13.0
+    assert src.handle_timer(12.9) == []
+    acts = src.handle_timer(13.0)
+    assert src.state is SS.ROLLED_BACK and src.get_timer() is None
+    assert any(isinstance(a, Finished) and a.reason is AbortReason.TIMEOUT for a in acts)
+
+
+# ---------------------------------------------------------------- Hypothesis
+
+
+fault_kinds = st.sampled_from(["link", "drop", "cancel", "dst_cancel", "pr_fail", "pr_unknown", "device_fail"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(SCENARIOS)), st.lists(st.builds(Fault, fault_kinds, st.integers(0, 20)), max_size=3), st.booleans())
+def test_random_faults_keep_the_invariant(name: str, faults: list[Fault], lio: bool) -> None:
+    sim = Sim(SCENARIOS[name], faults, lio=lio).run()  # check() runs after every step
+    assert sim.src.finished and (sim.dst.finished or not sim.dst.history)
+    if sim.src.state is SS.COMPLETED:
+        assert sim.dst.state is DS.RESUMED and sim.target.matches(sim.pr, Side.DESTINATION)
+    if sim.dst.state is DS.RESUMED:
+        assert sim.src.state in (SS.COMPLETED, SS.IN_DOUBT)
+    if sim.src.state is SS.ROLLED_BACK:
+        _ends_on_source(sim)
+
+
+def _events(pr: DevicePrState) -> list[object]:
+    s = encode_snapshot(snap(pr))
+    return [
+        Start(), ChannelUp(), ChannelLost(), Cancel(), SetupOk({"g1": K1}), GuestHeld(snap(pr)),
+        PrOpsDone(0), PrOpsDone(1), PrOpsDone(0, "err"), PrOpsDone(0, "lost", definite=False),
+        TakeoverDone(1), Ack(MsgType.RESUME), Ack(MsgType.ROLLBACK, True), Ack(MsgType.ROLLBACK, False),
+        Abort(AbortReason.TIMEOUT, "", True), Abort(AbortReason.TIMEOUT, "", False), Resume(),
+        Rollback(AbortReason.TIMEOUT), Setup("m", s), State(s), DeviceReady(), DeviceFailed(), StateLoaded(),
+        "timer",
+    ]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(SCENARIOS)), st.lists(st.integers(0, 23), max_size=40), st.booleans())
+def test_random_event_sequences_never_reach_an_illegal_state(name: str, picks: list[int], source: bool) -> None:
+    pr = SCENARIOS[name]
+    m = SourceMigration("m", snap(pr)) if source else DestinationMigration()
+    events = _events(pr)
+    now = 0.0
+    resumed_after_commit = False
+    for i in picks:
+        now += 1.0
+        ev = events[i]
+        old = m.state
+        try:
+            acts = m.handle_timer(now + 1e6) if ev == "timer" else m.handle(ev, now)  # type: ignore[arg-type]
+        except ProtocolError:
+            assert m.state is old  # refused events change nothing
+            continue
+        assert (old, type(ev)) in m.TABLE or ev == "timer"
+        if isinstance(m, SourceMigration):
+            assert not (m.serving and m.guest_held)
+            if old in (SS.HANDOVER, SS.IN_DOUBT, SS.COMPLETED) and ResumeGuest() in acts:
+                resumed_after_commit = True
+        else:
+            assert (ResumeGuest() in acts) == (m.state is DS.RESUMED and old is DS.TAKEN_OVER)
+        if m.finished:
+            assert m.get_timer() is None
+    assert not resumed_after_commit
