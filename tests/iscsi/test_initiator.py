@@ -862,3 +862,67 @@ def test_prm_task_management(prm: PrmTarget) -> None:
             await s.close()
 
     run(body())
+
+
+def _accepting_target(writers: list[asyncio.StreamWriter], answer: bool = True) -> object:
+    """A fake target that logs everyone in and (optionally) answers GOOD."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        writers.append(w)
+        reader = PduReader()
+        statsn = 1
+        while data := await r.read(65536):
+            reader.feed(data)
+            for raw in reader:
+                pdu = decode_pdu(raw)
+                if isinstance(pdu, LoginRequest):
+                    keys = [("AuthMethod", "None")] if pdu.csg == 0 else []
+                    w.write(LoginResponse(pdu.isid, 3, pdu.itt, statsn, pdu.cmdsn, pdu.cmdsn + 8,
+                                          pdu.csg, pdu.nsg, True, data=encode_text(keys)).encode())
+                elif isinstance(pdu, ScsiCommand) and answer:
+                    w.write(ScsiResponse(pdu.itt, Status.GOOD, statsn, pdu.cmdsn + 1,
+                                         pdu.cmdsn + 8).encode())
+                statsn += 1
+        w.close()
+
+    return handler
+
+
+def test_reconnect_gives_up_and_session_fails_cleanly() -> None:
+    async def body() -> None:
+        writers: list[asyncio.StreamWriter] = []
+        server, port = await _fake_target(_accepting_target(writers, answer=False))
+        s = await connect(f"127.0.0.1:{port}", TARGET, INITIATOR, reconnect_timeout=1.0)
+        pending = s.submit(0, bytes(6))  # never answered
+        await asyncio.sleep(0.1)
+        server.close()
+        for w in writers:
+            w.transport.abort()
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(pending, 10)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(ConnectionLost):
+            s.submit(0, bytes(6))
+        await s.close()
+
+    run(body(), 20)
+
+
+def test_command_timeout_reissues_then_fails() -> None:
+    async def body() -> None:
+        writers: list[asyncio.StreamWriter] = []
+        server, port = await _fake_target(_accepting_target(writers, answer=False))
+        try:
+            s = await connect(f"127.0.0.1:{port}", TARGET, INITIATOR, command_timeout=0.6,
+                              max_retries=1, reconnect_timeout=5)
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionLost):
+                await asyncio.wait_for(s.submit(0, bytes(6)), 10)
+            assert time.monotonic() - t0 < 5
+            assert len(writers) >= 2  # the command was re-issued on a new connection
+            await s.close()
+        finally:
+            server.close()
+
+    run(body(), 20)

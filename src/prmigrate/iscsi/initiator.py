@@ -170,6 +170,7 @@ class Session:
         self._timer: asyncio.TimerHandle | None = None
         self._reconnecting: asyncio.Future[None] | None = None
         self._closing = False
+        self._dead = False  # the connection is gone for good (no reconnect)
         self._closed = asyncio.Event()
 
     # ------------------------------------------------------------ properties
@@ -233,6 +234,9 @@ class Session:
         raise LoginError(LoginStatus.TARGET_ERROR, "too many login redirections")
 
     def _drop(self, proto: _Protocol | None) -> None:
+        """Abort a connection; its connection_lost will be ignored."""
+        if proto is self._proto:
+            self._proto = None
         if proto is not None and proto.transport is not None:
             proto.transport.abort()
 
@@ -288,8 +292,8 @@ class Session:
             elif isinstance(ev, ConnectionFailed):
                 log.warning("dropping connection to %s: %s", self.portal, ev.reason)
                 proto = self._proto
-                self._drop(proto)
                 self._on_lost(proto, None)  # at once: later bytes are not trusted
+                self._drop(proto)
                 return
 
     def _resolve(self, handle: int, value: object) -> None:
@@ -312,12 +316,18 @@ class Session:
             self._timer = None
         if self._login_fut is not None and not self._login_fut.done():
             self._login_fut.set_result(ConnectionFailed(f"connection lost: {exc}"))
-        was_up = self.core.logged_in
-        retry = self.reconnect and not self._closing and was_up
+        if not self.core.logged_in:
+            # Lost during a login: the login attempt reports it; queued
+            # commands wait for the next attempt (or fail when they stop).
+            self._handle(self.core.connection_lost(retry=True))
+            return
+        retry = self.reconnect and not self._closing
         self._handle(self.core.connection_lost(retry=retry))
-        if retry and self._reconnecting is None:
-            self._reconnecting = asyncio.ensure_future(self._reconnect())
-        elif not retry and was_up:
+        if retry:
+            if self._reconnecting is None:
+                self._reconnecting = asyncio.ensure_future(self._reconnect())
+        else:
+            self._dead = True
             self._closed.set()
 
     async def _reconnect(self) -> None:
@@ -339,6 +349,7 @@ class Session:
                     log.info("reconnect to %s failed (%s); retrying", self.portal, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            self._dead = True
             self._handle(self.core.fail_all(ConnectionLost("reconnection failed")))
             self._closed.set()
         finally:
@@ -363,8 +374,8 @@ class Session:
     ) -> asyncio.Future[Result]:
         """Queue a SCSI command; the Future resolves to its Result (any status)
         or fails with an IscsiError (connection lost for good, rejected...)."""
-        if self._closing:
-            raise ConnectionLost("session is closed")
+        if self._closing or self._dead:
+            raise ConnectionLost("session is closed" if self._closing else "connection lost")
         handle = self.core.submit(lun, cdb, data_out, data_in_len, attr, self._loop.time())
         return self._new_future(handle)
 
