@@ -294,6 +294,11 @@ def test_nexus_lost_and_clear_task_set(lu: LogicalUnit) -> None:
     lu.clear_task_set(A, aborted=[A, B])
     good(lu.execute(A, bytes(6), b""))
     check(lu.execute(B, bytes(6), b""), Sense.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
+    lu.clear_task_set(A, aborted=[])
+    good(lu.execute(B, bytes(6), b""))
+    lu.clear_task_set(B)  # unknown set of aborted tasks: every other nexus
+    check(lu.execute(A, bytes(6), b""), Sense.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
+    good(lu.execute(B, bytes(6), b""))
 
 
 def test_abort_hook(lu: LogicalUnit) -> None:

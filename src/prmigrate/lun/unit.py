@@ -23,7 +23,7 @@ Task management (SAM-5 7, pinned in tests/lun/test_unit.py):
 | TARGET WARM RESET | released | kept | defaults | 29/02, every nexus |
 | TARGET COLD RESET | released | kept | defaults | 29/01, every nexus |
 | I_T nexus loss | released if held by it | kept | kept | none; its queue dropped |
-| CLEAR TASK SET | kept | kept | kept | 2F/00 (nexuses whose tasks were aborted) |
+| CLEAR TASK SET | kept | kept | kept | 2F/00, nexuses whose tasks were aborted (default: all others) |
 
 A reset reaches every nexus that has attached, the requester included (SAM-5
 6.3.3: the logical unit reset condition establishes the UA for every I_T
@@ -258,9 +258,12 @@ class LogicalUnit:
             "lun %d: %s reset from %s", self.lun, "cold" if cold else "warm target" if target_reset else "LU", nexus
         )
 
-    def clear_task_set(self, nexus: Nexus, aborted: Iterable[Nexus] = ()) -> None:
-        """SAM-5 7.4 with TAS=0: 2F/00 to each other nexus that lost tasks."""
-        self.ua.establish_many(Sense.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, (n for n in aborted if n != nexus))
+    def clear_task_set(self, nexus: Nexus, aborted: Iterable[Nexus] | None = None) -> None:
+        """SAM-5 7.4 with TAS=0: 2F/00 COMMANDS CLEARED BY ANOTHER INITIATOR to
+        each other nexus that lost tasks. The transport knows which those are
+        and passes them as ``aborted``; without it, every other nexus is told."""
+        targets = self.ua.nexuses if aborted is None else aborted
+        self.ua.establish_many(Sense.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, (n for n in targets if n != nexus))
 
     def _abort_tasks(self, nexuses: set[Nexus]) -> None:
         if self.abort_hook is not None:
