@@ -101,8 +101,12 @@ class PrFilter:
     def __init__(self, migrate_pr: bool) -> None:
         self.enabled = migrate_pr
 
-    def mask_pr_in(self, cdb: bytes, data_in: bytes) -> bytes | bytearray | memoryview:
+    def mask_pr_in(
+        self, cdb: bytes | bytearray | memoryview, data_in: bytes | bytearray | memoryview
+    ) -> bytes | bytearray | memoryview:
         return mask_pr_in(cdb, data_in, enabled=self.enabled)
 
-    def refuse_pr_out(self, cdb: bytes, data_out: bytes) -> CheckCondition | None:
+    def refuse_pr_out(
+        self, cdb: bytes | bytearray | memoryview, data_out: bytes | bytearray | memoryview
+    ) -> CheckCondition | None:
         return refuse_pr_out(cdb, data_out, enabled=self.enabled)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import cast
 
 from ..lun.types import Result
 from ..scsi.constants import Opcode, PrOutAction, PrType, SenseKey, Status
@@ -58,7 +59,7 @@ from ..scsi.pr import (
 )
 from ..scsi.sense import SenseDecodeError, decode_sense
 from ..scsi.transport_id import TransportId
-from .identity import IdentityMode, state_key
+from .identity import SHARED_NEXUS, IdentityMode
 from .reconcile import KeysReconcile, UnknownKind, reconcile_full_status, reconcile_keys
 from .state import DevicePrState, GuestPrState, StateChange
 
@@ -112,6 +113,15 @@ class _Ctx:
     transport_ids: Mapping[str, TransportId]
 
     @property
+    def basic(self) -> PrOutParams:
+        # _RULES pairs each rule with its layout, so the type always fits.
+        return cast(PrOutParams, self.params)
+
+    @property
+    def move(self) -> RegisterAndMoveParams:
+        return cast(RegisterAndMoveParams, self.params)
+
+    @property
     def others(self) -> dict[str, GuestPrState]:
         return {g: s for g, s in self.guests.items() if g != self.me}
 
@@ -149,8 +159,7 @@ def _register(ctx: _Ctx, *, check_rk: bool = True) -> _Effect:
     join an all-registrants reservation held by someone we cannot see:
     verify.
     """
-    p = ctx.params
-    assert isinstance(p, PrOutParams)
+    p = ctx.basic
     stale = check_rk and _stale(ctx)
     verify = stale or p.spec_i_pt  # SPEC_I_PT also registered other ports
     if p.sark == 0:
@@ -233,8 +242,7 @@ def _preempt(ctx: _Ctx) -> _Effect:
     with key SARK the caller becomes its holder, with the CDB's type. Whether
     that was so depends on registrations outside the device: always verify.
     """
-    p = ctx.params
-    assert isinstance(p, PrOutParams)
+    p = ctx.basic
     me = replace(ctx.cur, key=p.rk)
     t, scope = ctx.rtype, ctx.cdb.scope
     updates: dict[str, GuestPrState] = {}
@@ -272,8 +280,7 @@ def _register_and_move(ctx: _Ctx) -> _Effect:
     scope kept, to the nexus named by the TransportID, which gets registered
     with SARK; UNREG also drops the caller's registration. If that nexus is
     one of the device's own, the receiving guest's state follows."""
-    p = ctx.params
-    assert isinstance(p, RegisterAndMoveParams)
+    p = ctx.move
     cur = ctx.cur
     me = GuestPrState() if p.unreg else GuestPrState(cur.key, cur.aptpl)
     updates = {ctx.me: me}
@@ -391,6 +398,7 @@ class PrSnooper:
     ) -> None:
         self.state = state if state is not None else DevicePrState()
         self.mode = IdentityMode(mode)
+        self._shared = self.mode is IdentityMode.HOST
         # state key -> the guest's backend initiator port: used by REGISTER
         # AND MOVE and by apply_full_status. The shell fills it as sessions open.
         self.transport_ids: dict[str, TransportId] = {
@@ -398,7 +406,7 @@ class PrSnooper:
         }
 
     def key_of(self, guest: str) -> str:
-        return state_key(self.mode, guest)
+        return SHARED_NEXUS if self._shared else guest.lower()
 
     def set_transport_id(self, guest: str, tid: TransportId) -> None:
         self.transport_ids[self.key_of(guest)] = tid
@@ -415,14 +423,19 @@ class PrSnooper:
         data_out: bytes | bytearray | memoryview,
         result: Result,
     ) -> SnoopOutcome:
-        """Feed any command's answer from the backend. Never raises."""
+        """Feed any command's answer from the backend. Never raises. Cheap
+        for the data path: a non-PR-OUT answer without CHECK CONDITION
+        returns at once."""
         key = self.key_of(guest)
+        is_pr_out = len(cdb) >= 1 and cdb[0] == Opcode.PERSISTENT_RESERVE_OUT
+        if not is_pr_out and result.status != Status.CHECK_CONDITION:
+            return SnoopOutcome(key)
         ua = unit_attention_of(result)
         doubt = ""
         if ua is not None and puts_state_in_doubt(ua):
             doubt = f"unit attention {ua[0]:02X}/{ua[1]:02X}"
             self.state.mark_unverified(key)
-        if len(cdb) >= 1 and cdb[0] == Opcode.PERSISTENT_RESERVE_OUT:
+        if is_pr_out:
             out = self.snoop_pr_out(guest, cdb, data_out, result)
             if doubt and not out.verify:
                 out = replace(out, verify=True, note=f"{out.note}; {doubt}")
