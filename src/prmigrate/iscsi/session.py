@@ -428,6 +428,8 @@ class Connection:
                 try:
                     self._dispatch(raw)
                 except ProtocolError as exc:
+                    if exc.header is None:
+                        exc.header = raw.bhs
                     self._protocol_error(exc)
                 except _Ignored:
                     pass
