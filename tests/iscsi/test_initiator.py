@@ -926,3 +926,52 @@ def test_command_timeout_reissues_then_fails() -> None:
             server.close()
 
     run(body(), 20)
+
+
+@needs_tgt
+@pytest.mark.interop
+@pytest.mark.skipif(not shutil.which("tshark"), reason="tshark is not installed")
+def test_tshark_dissects_our_pdus_without_errors(tgt: Tgt, tmp_path: Path) -> None:
+    """Wireshark's iSCSI dissector as an independent check that every PDU we
+    send (login, commands, immediate/solicited data, TMF, logout) is well formed."""
+    pcap = tmp_path / "cap.pcap"
+    cap = subprocess.Popen(["tshark", "-i", "lo", "-f", f"tcp port {tgt.port}", "-w", str(pcap),
+                            "-a", "duration:30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert cap.stderr is not None
+        seen = []
+        for _ in range(5):  # a root warning may come first, then "Capturing on 'Loopback: lo'"
+            line = cap.stderr.readline().decode()
+            seen.append(line.strip())
+            if "Capturing on" in line or not line:
+                break
+        if "Capturing on" not in line:
+            pytest.skip(f"tshark cannot capture on lo here: {' / '.join(seen)}")
+        time.sleep(0.3)
+
+        async def body() -> None:
+            s = await connect(url(tgt), initiator_name=INITIATOR, isid=0x23D000000A00)
+            try:
+                await s.test_unit_ready(1)
+                data = os.urandom(300 * 1024)
+                await s.write(1, 8192, data)
+                assert await s.read(1, 8192, len(data) // 512) == data
+                await s.pr_in(1, PrInAction.READ_KEYS)
+                await s.lun_reset(1)
+            finally:
+                await s.close()
+
+        run(body())
+        time.sleep(0.5)
+    finally:
+        cap.terminate()
+        cap.wait(10)
+    fields = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"tcp.port=={tgt.port},iscsi", "-T", "fields",
+         "-e", "iscsi.opcode"], capture_output=True, text=True, timeout=60).stdout
+    opcodes = {int(o, 16) for o in fields.replace(",", "\n").split() if o}
+    assert {0x03, 0x01, 0x05, 0x02, 0x06} <= opcodes  # login, command, Data-Out, TMF, logout
+    bad = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"tcp.port=={tgt.port},iscsi", "-Y", "_ws.malformed"],
+        capture_output=True, text=True, timeout=60).stdout
+    assert bad.strip() == ""
