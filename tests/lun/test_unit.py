@@ -733,3 +733,17 @@ def test_fuzz_never_internal_error(lu: LogicalUnit, op: int, rest: bytes, data: 
         d = decode_sense(r.sense)
         assert (d.key, d.asc, d.ascq) != Sense.INTERNAL_TARGET_FAILURE.value
     lu.ua.clear(A)
+
+
+def test_cdbs_padded_to_16_bytes(lu: LogicalUnit) -> None:
+    """iSCSI carries every CDB in a 16-byte field: trailing zeros change nothing."""
+    pad = bytes(6)
+    good(lu.execute(A, rw10(0x2A, 2, 1) + pad, b"p" * BS))
+    assert good(lu.execute(A, rw10(0x28, 2, 1) + pad, b"")) == b"p" * BS
+    assert good(lu.execute(A, cdb("08 00 00 02 01 00") + bytes(10), b"")) == b"p" * BS
+    assert len(good(lu.execute(A, cdb("12 00 00 00 24 00") + bytes(10), b""))) == 36
+    r = lu.execute(A, rw10(0x2A, 2, 2) + pad, b"p" * BS)  # short Data-Out
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert r.sense[15:18] == bytes((0xC0, 0, 7))  # points at TRANSFER LENGTH of the 10-byte CDB
+    r = lu.execute(A, rw16(0x8A, 2, 2), b"p" * BS)
+    assert r.sense[15:18] == bytes((0xC0, 0, 10))

@@ -94,6 +94,12 @@ MAX_COMPARE_AND_WRITE = 255
 # CDB length by group code (SPC-5 4.2.5.1): opcode bits 7:5.
 _GROUP_LEN = (6, 10, 10, 1, 16, 12, 1, 1)
 
+# Byte offset of the TRANSFER LENGTH field by group code, for sense pointers.
+# (An iSCSI CDB arrives padded to 16 bytes, so the opcode, not len(cdb), decides.)
+_LEN_FIELD = (4, 7, 7, 0, 10, 6, 0, 0)
+
+_WRITE_AND_VERIFY = frozenset((Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16))
+
 # Commands a pending UA does not interrupt (SAM-5 5.14 / SPC-5 5.15).
 _UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
 
@@ -162,8 +168,8 @@ class LogicalUnit:
         self._dispatch: dict[int, Callable[[Nexus, bytes, bytes | memoryview], Result]] = {
             Opcode.READ_10: self._read10,
             Opcode.READ_16: self._read16,
-            Opcode.WRITE_10: self._write_block,
-            Opcode.WRITE_16: self._write_block,
+            Opcode.WRITE_10: self._write10,
+            Opcode.WRITE_16: self._write16,
             Opcode.READ_6: self._read_block,
             Opcode.READ_12: self._read12,
             Opcode.WRITE_6: self._write_block,
@@ -325,29 +331,42 @@ class LogicalUnit:
         # The page cache is coherent with the image, so FUA reads need no flush.
         return Result(_GOOD, os.pread(self._fd, n * bs, lba * bs))
 
+    def _write10(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        _, flags, lba, _g, n, _c = _RW10_unpack(cdb)
+        return self._do_write(0x2A, flags, lba, n, data)
+
+    def _write16(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        _, flags, lba, n, _g, _c = _RW16_unpack(cdb)
+        return self._do_write(0x8A, flags, lba, n, data)
+
     def _write_block(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
-        """WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16), SBC-4 5.37-5.47."""
         c = BlockCdb.decode(cdb)
-        flags = c.flags
+        return self._do_write(cdb[0], c.flags, c.lba, c.blocks, data)
+
+    def _do_write(self, op: int, flags: int, lba: int, n: int, data: bytes | memoryview) -> Result:
+        """WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16), SBC-4 5.37-5.47."""
         if flags & PROTECT_MASK:
             raise invalid_cdb(1, 7)
-        verify = cdb[0] in (Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16)
+        verify = op in _WRITE_AND_VERIFY
         if verify and (flags & BYTCHK_MASK) >> 1 not in (0, 1):
             raise invalid_cdb(1, 1)
-        self._check_writable()
-        self._check_range(c.lba, c.blocks)
-        if c.blocks > self._max_xfer:
-            raise invalid_cdb(7 if len(cdb) == 10 else 6 if len(cdb) == 12 else 10)
-        if not c.blocks:
+        if self.modes.swp:
+            raise CheckCondition(Sense.WRITE_PROTECTED)
+        if lba + n > self.blocks:
+            raise CheckCondition(Sense.LBA_OUT_OF_RANGE)
+        if n > self._max_xfer:
+            raise invalid_cdb(_LEN_FIELD[op >> 5])
+        if not n:
             return Result()
         bs = self.block_size
-        length = c.blocks * bs
-        buf = self._data(data, length, 4 if cdb[0] == Opcode.WRITE_6 else 7)
-        self.store.write(c.lba * bs, buf)
+        length = n * bs
+        if len(data) < length:
+            raise invalid_cdb(_LEN_FIELD[op >> 5])
+        self.store.write(lba * bs, data if len(data) == length else memoryview(data)[:length])
         # FUA (SBC-4 5.40) and WRITE AND VERIFY write through to the medium;
         # with the write cache disabled (WCE=0) every write does.
-        if (flags & FUA and cdb[0] != Opcode.WRITE_6) or verify or not self.modes.wce:
-            self.store.flush(c.lba * bs, length)
+        if (flags & FUA and op != Opcode.WRITE_6) or verify or not self.modes.wce:
+            self.store.flush(lba * bs, length)
         return Result()
 
     def _verify(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
@@ -360,13 +379,13 @@ class LogicalUnit:
         if bytchk == 2:
             raise invalid_cdb(1, 2)
         self._check_range(c.lba, c.blocks)
+        field = _LEN_FIELD[cdb[0] >> 5]
         if c.blocks > self._max_xfer:
-            raise invalid_cdb(7 if len(cdb) == 10 else 6)
+            raise invalid_cdb(field)
         if not c.blocks or bytchk == 0:
             return Result()
         bs = self.block_size
         medium = self.store.read(c.lba * bs, c.blocks * bs)
-        field = 7 if len(cdb) == 10 else 6
         expect = bytes(self._data(data, bs, field)) * c.blocks if bytchk == 3 else self._data(data, c.blocks * bs, field)
         self._compare(medium, expect)
         return Result()
