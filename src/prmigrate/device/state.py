@@ -36,13 +36,24 @@ class GuestPrState:
 
     @staticmethod
     def from_dict(d: dict[str, object]) -> GuestPrState:
+        """Inverse of ``to_dict``; anything malformed is a ``ValueError``."""
+        if not isinstance(d, dict):
+            raise ValueError("PR state of a guest must be a mapping")
+        key, scope = _int_field(d, "key", 1 << 64), _int_field(d, "scope", 16)
         return GuestPrState(
-            key=int(d.get("key", 0)),  # type: ignore[call-overload]
+            key=key,
             aptpl=bool(d.get("aptpl", False)),
             holder=bool(d.get("holder", False)),
-            rtype=PrType(int(d.get("rtype", 0))),  # type: ignore[call-overload]
-            scope=int(d.get("scope", 0)),  # type: ignore[call-overload]
+            rtype=PrType(_int_field(d, "rtype", 16)),
+            scope=scope,
         )
+
+
+def _int_field(d: dict[str, object], name: str, limit: int) -> int:
+    v = d.get(name, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < limit:
+        raise ValueError(f"PR state: {name} must be an integer in [0, {limit}), not {v!r}")
+    return v
 
 
 @dataclass(slots=True)
