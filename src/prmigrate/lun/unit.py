@@ -153,7 +153,7 @@ class LogicalUnit:
 
             pr_factory = ReservationTable
         state_path = Path(state_dir) / f"lun{lun}-pr.json" if state_dir else None
-        self.pr = pr_factory(self.ua, state_path, abort_tasks=self._abort_tasks)
+        self.pr = pr_factory(self.ua, state_path, abort_tasks=self._abort_tasks, log=self.log)
         self._fd = self.store.fd
         self._max_xfer = min(MAX_TRANSFER_BLOCKS, MAX_TRANSFER_BYTES // block_size)
         self.limits = inq.BlockLimits(
