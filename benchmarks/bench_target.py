@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""4 KiB random-read IOPS of ``prmigrate target`` versus tgtd, same run.
+
+Not a test. Starts ``prmigrate target`` and ``tgtd`` on two free loopback
+ports, each serving a file of the same size, runs ``iscsi-perf -r -b 8``
+(4 KiB random reads) at QD1 and QD32 against both (alternating, several
+rounds, medians), prints IOPS and the ratio ours/tgt. Everything started is
+stopped at the end (tgtd via ``tgtadm --op delete`` on its control port,
+then SIGKILL if needed).
+
+    python benchmarks/bench_target.py [--seconds 5] [--rounds 3] [--uvloop] [--size 256M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IQN = "iqn.2026-11.org.prmigrate:bench"
+TGT_IQN = "iqn.2026-11.org.prmigrate:bench-tgt"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), 0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} not listening")
+
+
+def iscsi_perf(url: str, qd: int, seconds: int) -> float:
+    args = ["iscsi-perf", "-m", str(qd), "-b", "8", "-t", str(seconds), "-r", url]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
+    found = re.findall(r"iops average (\d+)", out)
+    if not found:
+        raise RuntimeError(f"no result from iscsi-perf: {out[-500:]}")
+    return float(found[-1])
+
+
+class Ours:
+    def __init__(self, workdir: Path, size: str, uvloop: bool) -> None:
+        self.host = "127.0.0.1"
+        self.port = free_port(self.host)
+        args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{self.host}:{self.port}",
+                "--iqn", IQN, "--lun", f"0={workdir / 'ours.img'}", "--size", size]
+        if uvloop:
+            args.append("--uvloop")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        self.log = open(workdir / "ours.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        wait_port(self.host, self.port)
+        self.url = f"iscsi://{self.host}:{self.port}/{IQN}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+class Tgt:
+    def __init__(self, workdir: Path, size_bytes: int) -> None:
+        self.host = "127.0.0.1"
+        self.port = free_port(self.host)
+        self.control = random.randint(20000, 29999)
+        backing = workdir / "tgt.img"
+        with open(backing, "wb") as f:
+            f.truncate(size_bytes)
+        self.log = open(workdir / "tgt.log", "wb")
+        self.proc = subprocess.Popen(
+            ["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal={self.host}:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_port(self.host, self.port)
+        adm = ["tgtadm", "-C", str(self.control), "--lld", "iscsi"]
+        subprocess.run(adm + ["--mode", "target", "--op", "new", "--tid", "1", "--targetname", TGT_IQN],
+                       check=True, timeout=10)
+        subprocess.run(adm + ["--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1",
+                              "--backing-store", str(backing)], check=True, timeout=10)
+        subprocess.run(adm + ["--mode", "target", "--op", "bind", "--tid", "1", "--initiator-address", "ALL"],
+                       check=True, timeout=10)
+        self.url = f"iscsi://{self.host}:{self.port}/{TGT_IQN}/1"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            subprocess.run(["tgtadm", "-C", str(self.control), "--mode", "system", "--op", "delete"],
+                           capture_output=True, timeout=10)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", default="256M")
+    ap.add_argument("--uvloop", action="store_true")
+    ap.add_argument("--qd", type=int, action="append", default=None)
+    args = ap.parse_args()
+    for tool in ("iscsi-perf", "tgtd", "tgtadm"):
+        if shutil.which(tool) is None:
+            print(f"missing {tool}", file=sys.stderr)
+            return 2
+    qds = args.qd or [1, 32]
+    with tempfile.TemporaryDirectory(prefix="prmigrate-bench-") as tmp:
+        work = Path(tmp)
+        ours = tgt = None
+        try:
+            ours = Ours(work, args.size, args.uvloop)
+            tgt = Tgt(work, parse_size(args.size))
+            # warm the page cache of both images
+            for url in (ours.url, tgt.url):
+                iscsi_perf(url, 32, 1)
+            results: dict[tuple[str, int], list[float]] = {}
+            for _ in range(args.rounds):
+                for qd in qds:
+                    for name, srv in (("ours", ours), ("tgt", tgt)):
+                        results.setdefault((name, qd), []).append(iscsi_perf(srv.url, qd, args.seconds))
+            print(f"4 KiB random reads, iscsi-perf, {args.rounds} rounds x {args.seconds}s, medians"
+                  f"{' (uvloop)' if args.uvloop else ''}")
+            print(f"{'QD':>4} {'prmigrate IOPS':>15} {'tgt IOPS':>10} {'ours/tgt':>9}")
+            for qd in qds:
+                o = statistics.median(results[("ours", qd)])
+                t = statistics.median(results[("tgt", qd)])
+                print(f"{qd:>4} {o:>15.0f} {t:>10.0f} {o / t:>9.2f}")
+        finally:
+            if ours is not None:
+                ours.stop()
+            if tgt is not None:
+                tgt.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
