@@ -101,6 +101,7 @@ class Sim:
     faults: list[Fault] = field(default_factory=list)
     lio: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    truth: DevicePrState | None = None  # what the target really holds for the guests (default: pr)
 
     def __post_init__(self) -> None:
         self.target = FakeTarget.with_state(self.pr, lio=self.lio)
@@ -199,7 +200,7 @@ class Sim:
             assert self._holds(Side.DESTINATION), f"destination serves without the PR state: {self.target.regs}"
 
     def _holds(self, side: Side) -> bool:
-        for name, g in self.pr.guests.items():
+        for name, g in (self.truth or self.pr).guests.items():
             if self.target.regs.get((side, name)) != g.key:
                 return False
             if g.holder and not (self.target.holds((side, name)) and self.target.rtype == g.rtype):
@@ -382,6 +383,19 @@ def test_lost_message_resolved_by_timers(name: str, msg: int) -> None:
         assert not sim.src.serving
     else:
         _ends_on_source(sim)
+
+
+def test_fenced_guest_is_not_unfenced() -> None:
+    """Another node preempted the guest's key before setup: the destination must
+    neither register it in setup nor inside the pause."""
+    pr = holder_state(PrType.EXCLUSIVE_ACCESS)
+    sim = Sim(pr, truth=DevicePrState())  # the guest really holds nothing any more
+    other = (Side.SOURCE, "other-node")
+    sim.target.regs = {other: 0x9999}
+    sim.target.holder, sim.target.rtype = other, PrType.EXCLUSIVE_ACCESS
+    sim.run()
+    assert sim.src.state is SS.COMPLETED
+    assert sim.target.regs == {other: 0x9999} and sim.target.holder == other
 
 
 def test_device_creation_failure() -> None:

@@ -282,6 +282,12 @@ def test_fenced_key_is_not_registered_again() -> None:
     assert sp.ops == () and sp.skipped == ("g1",)
     tp = takeover_plan(pr, {}, Observed(frozenset({K2}), K2, PrType.WRITE_EXCLUSIVE))
     assert tp.round_trips == 0 and tp.notes
+    # Without a fresh observation at the pause, setup's finding still holds...
+    assert sp.fenced == {"g1": K1}
+    assert takeover_plan(pr, sp.registered, fenced=sp.fenced).destination_ops == ()
+    # ...unless the guest has registered a new key since.
+    moved = takeover_plan(state(g1=reg(K2)), sp.registered, fenced=sp.fenced)
+    assert [(o.action, o.sark) for o in moved.takeover] == [(A.REGISTER_AND_IGNORE_EXISTING_KEY, K2)]
 
 
 def test_read_full_status_checks_the_source_nexus() -> None:

@@ -14,8 +14,8 @@ Rules (the table below is the authority; a missing pair is a ProtocolError):
 - A failure while PR ops are in flight waits for them (the outcome decides
   whether we preempted), then is handled as below.
 - Not preempted: ABORT (or the ACK of a ROLLBACK) to the source, then
-  ABORTING: unregister what we registered (plan.cleanup_plan) and drop the
-  device -> ABORTED.
+  ABORTING: unregister what we registered (plan.cleanup_plan; idempotent,
+  retried CLEANUP_ATTEMPTS times) and drop the device -> ABORTED.
 - Preempted (we hold the reservation): tell the source (ABORT / ACK with
   preempted=True) and wait in ROLLBACK_HOLD for its ABORT (sent once it took
   the reservation back with its own PREEMPT) or for the hold timer; only then
@@ -78,6 +78,7 @@ class DestinationState(Enum):
 
 
 D = DestinationState
+CLEANUP_ATTEMPTS = 3  # extra tries of the (idempotent) cleanup ops
 _FAILURES = (Rollback, Abort, ChannelLost, Timeout, Cancel)
 
 DESTINATION_TABLE = table(
@@ -99,7 +100,7 @@ DESTINATION_TABLE = table(
         **{(D.TAKEN_OVER, e): (D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
         (D.ROLLBACK_HOLD, Resume): D.ROLLBACK_HOLD,  # too late: we aborted
         **{(D.ROLLBACK_HOLD, e): (D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
-        (D.ABORTING, PrOpsDone): D.ABORTED,
+        (D.ABORTING, PrOpsDone): (D.ABORTING, D.ABORTED),  # retried, then given up
         (D.ABORTING, Resume): D.ABORTING,
         # late completions of work the abort overtook: nothing to do
         **{(D.ABORTING, e): D.ABORTING for e in (DeviceReady, DeviceFailed, StateLoaded)},
@@ -130,11 +131,14 @@ class DestinationMigration(MachineBase):
         self.observed: Observed | None = None
         self.traits = TargetTraits()
         self.registered: dict[str, int] = {}  # guest -> key possibly registered on our nexus
+        self.fenced: dict[str, int] = {}  # guest -> key setup found gone from the target
         self.preempted = False
         self.channel_open = True
         self.device_created = False
         self._device_ready = False
         self._inflight: tuple[PrOp, ...] | None = None
+        self._cleanup_ops: tuple[PrOp, ...] = ()
+        self._cleanup_attempts = 0
         self._pending: Message | ChannelLost | Timeout | Cancel | None = None
 
     @property
@@ -167,6 +171,7 @@ class DestinationMigration(MachineBase):
         self.observed, self.traits = ev.observed, ev.traits
         assert self.snapshot is not None
         plan = setup_plan(self.snapshot.pr, ev.observed)
+        self.fenced = dict(plan.fenced)
         for note in plan.notes:
             self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
         if plan.ops:
@@ -181,6 +186,8 @@ class DestinationMigration(MachineBase):
     def _on_DeviceFailed(self, ev: DeviceFailed, now: float) -> D:
         if self.state is D.ABORTING:
             return D.ABORTING
+        if self.state is D.SETUP and self._device_ready:
+            raise _protocol(self, ev)  # the device was reported ready already
         return self._failure(Cancel(AbortReason.DEVICE, ev.detail), now)
 
     # -- the pause
@@ -204,7 +211,7 @@ class DestinationMigration(MachineBase):
         if self.state is D.ABORTING:
             return D.ABORTING
         assert self.snapshot is not None
-        plan = takeover_plan(self.snapshot.pr, self.registered, ev.observed, self.traits, register_only=self.register_only)
+        plan = takeover_plan(self.snapshot.pr, self.registered, ev.observed, self.traits, register_only=self.register_only, fenced=self.fenced)
         for note in plan.notes:
             self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
         self.timings.takeover_started = now
@@ -237,8 +244,16 @@ class DestinationMigration(MachineBase):
 
     def _on_PrOpsDone(self, ev: PrOpsDone, now: float) -> D:
         if self.state is D.ABORTING:
+            ops = self._cleanup_ops
+            if not ev.ok and self._cleanup_attempts < CLEANUP_ATTEMPTS and ev.completed < len(ops):
+                # Cleanup ops are idempotent (RAIEK SARK=0): retry from the failed one.
+                self._cleanup_attempts += 1
+                self._cleanup_ops = ops[ev.completed :]
+                self._emit(Log(logging.WARNING, f"destination {self.name}: cleanup failed ({ev.error}), retrying"))
+                self._emit(IssuePrOps(self._cleanup_ops, Phase.CLEANUP))
+                return D.ABORTING
             if not ev.ok:
-                self._emit(Log(logging.ERROR, f"destination {self.name}: cleanup failed: {ev.error}"))
+                self._emit(Log(logging.ERROR, f"destination {self.name}: cleanup failed for good: {ev.error}; registrations may remain"))
             self._emit(DropDevice())
             return D.ABORTED
         ops, self._inflight = self._inflight or (), None
@@ -321,6 +336,7 @@ class DestinationMigration(MachineBase):
         ops = cleanup_plan(self.registered)
         if ops and self._device_ready:
             self._emit(IssuePrOps(ops, Phase.CLEANUP))
+            self._cleanup_ops = ops
             return D.ABORTING
         if self.device_created:
             self._emit(DropDevice())

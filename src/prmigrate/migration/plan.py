@@ -177,6 +177,8 @@ class SetupPlan:
     skipped: tuple[str, ...] = ()  # guests whose key the target no longer shows
     notes: tuple[str, ...] = ()
 
+    fenced: Mapping[str, int] = field(default_factory=dict)  # skipped guest -> its key
+
     @property
     def registered(self) -> dict[str, int]:
         return {op.guest: op.sark for op in self.ops}
@@ -223,21 +225,25 @@ _VALID = frozenset(t for t in PrType if t is not PrType.NONE)
 
 def setup_plan(pr: DevicePrState, observed: Observed | None = None) -> SetupPlan:
     check_state(pr)
-    ops, skipped, notes = [], [], []
+    ops, skipped, notes, fenced = [], [], [], {}
     for name, g in _guests(pr):
         if observed is not None and not observed.registered(name, g.key):
             skipped.append(name)
+            fenced[name] = g.key
             notes.append(f"{name}: key {g.key:#x} not on the target (fenced?): not registered")
             continue
         ops.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, aptpl=g.aptpl, phase=Phase.SETUP, why="register the guest's key ahead of the pause"))
-    return SetupPlan(tuple(ops), tuple(skipped), tuple(notes))
+    return SetupPlan(tuple(ops), tuple(skipped), tuple(notes), fenced)
 
 
-def _reconcile(pr: DevicePrState, observed: Observed | None) -> tuple[dict[str, GuestPrState], list[str]]:
+def _reconcile(pr: DevicePrState, observed: Observed | None, fenced: Mapping[str, int]) -> tuple[dict[str, GuestPrState], list[str]]:
     """The state to move: the tracked state, corrected by what the target shows."""
     out: dict[str, GuestPrState] = {}
     notes: list[str] = []
     for name, g in _guests(pr):
+        if fenced.get(name) == g.key:
+            notes.append(f"{name}: key {g.key:#x} was fenced before setup: not moved")
+            continue
         if observed is not None and not observed.registered(name, g.key):
             notes.append(f"{name}: key {g.key:#x} gone from the target: nothing to move")
             continue
@@ -255,15 +261,19 @@ def takeover_plan(
     traits: TargetTraits = TargetTraits(),
     *,
     register_only: str = "release",
+    fenced: Mapping[str, int] | None = None,
 ) -> TakeoverPlan:
     """Ops inside the pause. ``registered``: what the destination's setup
     registered (guest -> key); ``register_only``: "release" (the source
-    unregisters, the default) or "preempt" (the destination preempts, WE type)."""
+    unregisters, the default) or "preempt" (the destination preempts, WE type).
+    ``fenced``: guests (and keys) that setup found gone from the target
+    (``SetupPlan.fenced``); they are not registered again unless the guest
+    has since registered a different key."""
     if register_only not in ("release", "preempt"):
         raise ValueError(f"register_only must be 'release' or 'preempt', not {register_only!r}")
     check_state(pr)
     registered = {k.lower(): v for k, v in (registered or {}).items()}
-    eff, notes = _reconcile(pr, observed)
+    eff, notes = _reconcile(pr, observed, {k.lower(): v for k, v in (fenced or {}).items()})
     # A holder the target does not confirm: the source (which planned without
     # observing) kept its registration, so the destination removes it.
     demoted = {n for n, g in eff.items() if not g.holder and pr.get(n).holder}

@@ -22,8 +22,9 @@ Rules (the table below is the authority; a missing pair is a ProtocolError):
   before the timer or a lost channel -> IN_DOUBT (guest stays held; the
   destination may be serving it). An ABORT crossing our RESUME means the
   destination did not resume and never will -> RECLAIMING.
-- Reclaim ops that fail -> FAILED: the guest stays held, because serving it
-  without its reservation is worse than not serving it.
+- Reclaim ops are idempotent and retried (RECLAIM_ATTEMPTS); if they still
+  fail -> FAILED: the guest stays held, because serving it without its
+  reservation is worse than not serving it.
 
 Invariant: the source serves the guest only in IDLE..SETUP and ROLLED_BACK,
 and in ROLLED_BACK the reclaim ops have succeeded.
@@ -87,6 +88,7 @@ class SourceState(Enum):
 
 
 S = SourceState
+RECLAIM_ATTEMPTS = 3  # extra tries of the (idempotent) rollback ops
 _FAILURES = (ChannelLost, Cancel, Timeout, Abort)
 
 SOURCE_TABLE = table(
@@ -116,7 +118,7 @@ SOURCE_TABLE = table(
         (S.ROLLING_BACK, ChannelLost): (S.RECLAIMING, S.ROLLED_BACK),
         (S.ROLLING_BACK, Timeout): (S.RECLAIMING, S.ROLLED_BACK),
         (S.ROLLING_BACK, Cancel): S.ROLLING_BACK,
-        (S.RECLAIMING, PrOpsDone): (S.ROLLED_BACK, S.FAILED),
+        (S.RECLAIMING, PrOpsDone): (S.ROLLED_BACK, S.RECLAIMING, S.FAILED),  # retried, then FAILED
         **{(S.RECLAIMING, e): S.RECLAIMING for e in (ChannelLost, Cancel, Abort, Ack, TakeoverDone)},
     }
 )
@@ -145,6 +147,8 @@ class SourceMigration(MachineBase):
         self.guest_held = False
         self.preempted: bool | None = False  # what we know of the destination's PREEMPT
         self._pending: AbortReason | None = None  # failure seen while ops were in flight
+        self._reclaim_ops: tuple[PrOp, ...] = ()
+        self._reclaim_attempts = 0
 
     @property
     def serving(self) -> bool:
@@ -235,8 +239,8 @@ class SourceMigration(MachineBase):
     def _failure(self, reason: AbortReason, now: float, detail: str, from_peer: bool = False) -> S:
         st = self.state
         self._emit(Log(logging.WARNING, f"source {self.name}: {reason.name} in {st.name}: {detail}"))
-        if st in (S.RECLAIMING,) or (st is S.ROLLING_BACK and reason is AbortReason.CANCELLED):
-            return st
+        if st is S.RECLAIMING or (st is S.ROLLING_BACK and reason is AbortReason.CANCELLED and not from_peer):
+            return st  # already on the way back
         self._fail(reason)
         if st in (S.IDLE, S.CONNECTING, S.SETUP, S.STOPPING):
             # The destination has no state: it cannot have preempted.
@@ -271,6 +275,7 @@ class SourceMigration(MachineBase):
         self._arm(now, None)
         if not ops:
             return self._resume_local(now)
+        self._reclaim_ops = ops
         self._emit(IssuePrOps(ops, Phase.ROLLBACK))
         return S.RECLAIMING
 
@@ -298,6 +303,14 @@ class SourceMigration(MachineBase):
         # RECLAIMING
         if ev.ok:
             return self._resume_local(now)
+        ops = self._reclaim_ops
+        if self._reclaim_attempts < RECLAIM_ATTEMPTS and ev.completed < len(ops):
+            # Every rollback op is idempotent: retry from the one that failed.
+            self._reclaim_attempts += 1
+            self._reclaim_ops = ops[ev.completed :]
+            self._emit(Log(logging.WARNING, f"source {self.name}: reclaim failed ({ev.error}), retrying"))
+            self._emit(IssuePrOps(self._reclaim_ops, Phase.ROLLBACK))
+            return S.RECLAIMING
         self._emit(Log(logging.ERROR, f"source {self.name}: reclaim failed ({ev.error}); guest stays held"))
         return S.FAILED
 
