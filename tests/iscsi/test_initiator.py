@@ -444,15 +444,15 @@ def test_tgt_read_write_sizes(tgt: Tgt, digests: bool) -> None:
                           header_digest=digests, data_digest=digests)
         try:
             assert s.params.header_digest is digests and s.params.data_digest is digests
-            blocks, bs = await s.read_capacity16(1)
+            blocks, bs = await s.read_capacity16()
             assert (blocks, bs) == ((64 << 20) // 512, 512)
             rng = random.Random(digests)
             lba = 2048 * (1 + digests)
             for size in SIZES:
                 data = rng.randbytes(size)
-                await s.write(1, lba, data)
-                assert await s.read(1, lba, size // 512) == data
-            inq = await s.inquiry(1)
+                await s.write(lba, data)
+                assert await s.read(lba, size // 512) == data
+            inq = await s.inquiry()
             assert inq[8:16] == b"IET     "
         finally:
             await s.close()
@@ -465,7 +465,7 @@ def test_tgt_queue_depth_32_pipelined(tgt: Tgt) -> None:
     async def body() -> None:
         s = await connect(url(tgt), initiator_name=INITIATOR, isid=0x23D000000200, queue_depth=32)
         try:
-            await s.test_unit_ready(1)
+            await s.test_unit_ready()
             blobs = [bytes([i]) * 8192 for i in range(64)]
             base = 16384
             writes = [s.submit(1, _rw16(0x8A, base + 16 * i, 16), blobs[i]) for i in range(64)]
@@ -501,12 +501,12 @@ def test_tgt_chap_one_way_and_mutual(tgt: Tgt) -> None:
                               chap=("hostuser", "wrong-secret-99"))
             u = f"iscsi://hostuser%hostsecret1234@127.0.0.1:{tgt.port}/{TARGET}/1"
             s = await connect(u, initiator_name=INITIATOR, isid=0x23D000000300)
-            assert (await s.read_capacity16(1))[1] == 512
+            assert (await s.read_capacity16())[1] == 512
             await s.close()
             tgt.adm("--mode", "account", "--op", "bind", "--tid", "1", "--user", "tgtuser", "--outgoing")
             s = await connect(url(tgt), initiator_name=INITIATOR, isid=0x23D000000300,
                               chap=("hostuser", "hostsecret1234"), mutual=("tgtuser", "tgtsecret12345"))
-            assert (await s.read_capacity16(1))[1] == 512
+            assert (await s.read_capacity16())[1] == 512
             await s.close()
             with pytest.raises(LoginError):  # the target does not know this secret
                 await connect(url(tgt), initiator_name=INITIATOR, isid=0x23D000000300,
@@ -527,7 +527,7 @@ def test_tgt_reconnect_same_isid_reissues_commands(tgt: Tgt) -> None:
         s = await connect(url(tgt), initiator_name=INITIATOR, isid=0x23D000000400,
                           reconnect_timeout=20)
         try:
-            await s.test_unit_ready(1)
+            await s.test_unit_ready()
             tsih = s.negotiated.tsih
             await asyncio.to_thread(tgt.kill_connections, 1)
             # commands submitted while the connection dies are re-issued
@@ -541,8 +541,8 @@ def test_tgt_reconnect_same_isid_reissues_commands(tgt: Tgt) -> None:
                 await asyncio.sleep(0.1)
             assert s.reconnects == 1 and s.isid == 0x23D000000400
             assert s.negotiated.tsih != tsih
-            await s.write(1, 40960, data)
-            assert await s.read(1, 40960, 128) == data
+            await s.write(40960, data)
+            assert await s.read(40960, 128) == data
         finally:
             await s.close()
 
@@ -557,12 +557,12 @@ def test_tgt_registration_survives_reconnect(tgt: Tgt) -> None:
         s = await connect(url(tgt), initiator_name=INITIATOR, isid=0x23D000000500,
                           reconnect_timeout=20)
         try:
-            r = await s.pr_out(1, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrType.NONE,
+            r = await s.pr_out(PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrType.NONE,
                                pr_out_params(0, key))
             assert r.status == Status.GOOD
-            assert key in ReadKeys.decode((await s.pr_in(1, PrInAction.READ_KEYS)).data_in).keys
+            assert key in ReadKeys.decode((await s.pr_in(PrInAction.READ_KEYS)).data_in).keys
             await asyncio.to_thread(tgt.kill_connections, 1)
-            r = await s.pr_in(1, PrInAction.READ_KEYS)  # waits for the re-login
+            r = await s.pr_in(PrInAction.READ_KEYS)  # waits for the re-login
             assert s.reconnects == 1
             assert key in ReadKeys.decode(r.data_in).keys
             # tgt ties a registration to its internal nexus number, which a
@@ -570,15 +570,15 @@ def test_tgt_registration_survives_reconnect(tgt: Tgt) -> None:
             # the new session is not its owner (REGISTER with RK = key
             # conflicts). prmigrate's target keys on (initiator, ISID); the
             # same check there expects GOOD (test_pr_tool).
-            r = await s.pr_out(1, PrOutAction.REGISTER, PrType.NONE, pr_out_params(key, 0))
+            r = await s.pr_out(PrOutAction.REGISTER, PrType.NONE, pr_out_params(key, 0))
             assert r.status == Status.RESERVATION_CONFLICT, r
             # clean up for other tests: CLEAR needs a registered nexus
-            r = await s.pr_out(1, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrType.NONE,
+            r = await s.pr_out(PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrType.NONE,
                                pr_out_params(0, key))
             assert r.status == Status.GOOD
-            r = await s.pr_out(1, PrOutAction.CLEAR, PrType.NONE, pr_out_params(key, 0))
+            r = await s.pr_out(PrOutAction.CLEAR, PrType.NONE, pr_out_params(key, 0))
             assert r.status == Status.GOOD
-            assert ReadKeys.decode((await s.pr_in(1, PrInAction.READ_KEYS)).data_in).keys == ()
+            assert ReadKeys.decode((await s.pr_in(PrInAction.READ_KEYS)).data_in).keys == ()
         finally:
             await s.close()
 
@@ -673,8 +673,8 @@ def test_login_redirection_is_followed(tgt: Tgt) -> None:
     async def body() -> None:
         server, port = await _fake_target(redirect)
         try:
-            s = await connect(f"127.0.0.1:{port}", TARGET, INITIATOR, isid=0x23D000000600)
-            assert (await s.read_capacity16(1))[1] == 512
+            s = await connect(f"127.0.0.1:{port}", TARGET, INITIATOR, isid=0x23D000000600, lun=1)
+            assert (await s.read_capacity16())[1] == 512
             assert s.portal == f"127.0.0.1:{port}"  # temporary: keep the original portal
             await s.close()
         finally:
@@ -805,8 +805,8 @@ def test_prm_read_write_sizes_unsolicited_data(prm: PrmTarget, digests: bool) ->
             rng = random.Random(7 + digests)
             for size in SIZES:
                 data = rng.randbytes(size)
-                await s.write(0, 4096 * (1 + digests), data)
-                assert await s.read(0, 4096 * (1 + digests), size // 512) == data
+                await s.write(4096 * (1 + digests), data)
+                assert await s.read(4096 * (1 + digests), size // 512) == data
         finally:
             await s.close()
 
@@ -822,9 +822,9 @@ def test_prm_registration_survives_reconnect_as_same_nexus(prm: PrmTarget) -> No
         s = await connect(prm_url(prm), initiator_name=INITIATOR, isid=0x23D000000800,
                           reconnect_timeout=20)
         try:
-            r = await s.pr_out(0, PrOutAction.REGISTER, PrType.NONE, pr_out_params(0, key))
+            r = await s.pr_out(PrOutAction.REGISTER, PrType.NONE, pr_out_params(0, key))
             assert r.status == Status.GOOD
-            r = await s.pr_out(0, PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE, pr_out_params(key, 0))
+            r = await s.pr_out(PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE, pr_out_params(key, 0))
             assert r.status == Status.GOOD
             # the target's socket dies; 32 commands submitted meanwhile all
             # complete over the reinstated session
@@ -833,15 +833,15 @@ def test_prm_registration_survives_reconnect_as_same_nexus(prm: PrmTarget) -> No
             results = await asyncio.gather(*pending)
             assert all(r.status in (Status.GOOD, Status.CHECK_CONDITION) for r in results)
             assert s.reconnects == 1
-            assert key in ReadKeys.decode((await s.pr_in(0, PrInAction.READ_KEYS)).data_in).keys
+            assert key in ReadKeys.decode((await s.pr_in(PrInAction.READ_KEYS)).data_in).keys
             # the reinstated session is the same I_T nexus: it still holds the
             # reservation, writes pass, and it can release and unregister
-            await s.write(0, 0, bytes(512))
-            r = await s.pr_out(0, PrOutAction.RELEASE, PrType.WRITE_EXCLUSIVE, pr_out_params(key, 0))
+            await s.write(0, bytes(512))
+            r = await s.pr_out(PrOutAction.RELEASE, PrType.WRITE_EXCLUSIVE, pr_out_params(key, 0))
             assert r.status == Status.GOOD
-            r = await s.pr_out(0, PrOutAction.REGISTER, PrType.NONE, pr_out_params(key, 0))
+            r = await s.pr_out(PrOutAction.REGISTER, PrType.NONE, pr_out_params(key, 0))
             assert r.status == Status.GOOD
-            assert ReadKeys.decode((await s.pr_in(0, PrInAction.READ_KEYS)).data_in).keys == ()
+            assert ReadKeys.decode((await s.pr_in(PrInAction.READ_KEYS)).data_in).keys == ()
         finally:
             await s.close()
 
@@ -853,9 +853,9 @@ def test_prm_task_management(prm: PrmTarget) -> None:
     async def body() -> None:
         s = await connect(prm_url(prm), initiator_name=INITIATOR, isid=0x23D000000900)
         try:
-            await s.test_unit_ready(0)
+            await s.test_unit_ready()
             assert await s.lun_reset(0) == 0
-            r = await s.test_unit_ready(0)  # the reset's unit attention is retried away
+            r = await s.test_unit_ready()  # the reset's unit attention is retried away
             assert r.status == Status.GOOD
             assert await s.target_warm_reset() == 0
         finally:
@@ -952,11 +952,11 @@ def test_tshark_dissects_our_pdus_without_errors(tgt: Tgt, tmp_path: Path) -> No
         async def body() -> None:
             s = await connect(url(tgt), initiator_name=INITIATOR, isid=0x23D000000A00)
             try:
-                await s.test_unit_ready(1)
+                await s.test_unit_ready()
                 data = os.urandom(300 * 1024)
-                await s.write(1, 8192, data)
-                assert await s.read(1, 8192, len(data) // 512) == data
-                await s.pr_in(1, PrInAction.READ_KEYS)
+                await s.write(8192, data)
+                assert await s.read(8192, len(data) // 512) == data
+                await s.pr_in(PrInAction.READ_KEYS)
                 await s.lun_reset(1)
             finally:
                 await s.close()

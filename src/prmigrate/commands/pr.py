@@ -336,9 +336,9 @@ async def _execute(args: argparse.Namespace) -> int:
         return EXIT_TRANSPORT
     try:
         if isinstance(action, PrOutAction):
-            r = await session.pr_out(url.lun, action, args.type, params)
+            r = await session.pr_out(action, args.type, params)
         else:
-            r = await session.pr_in(url.lun, action, args.alloc_length)
+            r = await session.pr_in(action, args.alloc_length)
     except IscsiError as exc:
         print(f"prmigrate pr: {label}: {exc}", file=sys.stderr)
         return EXIT_TRANSPORT

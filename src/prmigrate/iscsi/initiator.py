@@ -152,8 +152,11 @@ class Session:
         reconnect_timeout: float = 30.0,
         on_async_event: Callable[[AsyncMessage, DecodedSense | None], Any] | None = None,
         on_unit_attention: Callable[[int, DecodedSense], Any] | None = None,
+        lun: int = 0,
     ) -> None:
         self.portal = portal
+        self.lun = lun  # default LUN of the helpers
+        self.block_size = 512  # of read/write; read_capacity16 updates it
         self.config = config
         self.login_timeout = login_timeout
         self.reconnect = reconnect
@@ -452,70 +455,84 @@ class Session:
         self._drop(self._proto)
 
     # ------------------------------------------------------- SCSI helpers
+    # They address ``self.lun`` (the URL's LUN, or ``lun=`` given to
+    # ``connect``) unless a ``lun`` keyword says otherwise.
 
-    async def _run(self, lun: int, cdb: bytes, data_out: bytes = b"",
+    def _lun(self, lun: int | None) -> int:
+        return self.lun if lun is None else lun
+
+    async def _run(self, lun: int | None, cdb: bytes, data_out: bytes = b"",
                    data_in_len: int = 0) -> Result:
         """Submit; a UNIT ATTENTION answer (already reported through
         ``on_unit_attention``) is retried a few times, as a disk driver would."""
         for _ in range(_UA_RETRIES):
-            r = await self.submit(lun, cdb, data_out, data_in_len)
+            r = await self.submit(self._lun(lun), cdb, data_out, data_in_len)
             if not _is_unit_attention(r):
                 break
         return r
 
-    async def _good(self, lun: int, cdb: bytes, what: str, data_out: bytes = b"",
+    async def _good(self, lun: int | None, cdb: bytes, what: str, data_out: bytes = b"",
                     data_in_len: int = 0) -> Result:
         r = await self._run(lun, cdb, data_out, data_in_len)
         if r.status != Status.GOOD:
             raise ScsiError(r, what)
         return r
 
-    async def test_unit_ready(self, lun: int) -> Result:
+    async def test_unit_ready(self, *, lun: int | None = None) -> Result:
+        """TEST UNIT READY; the Result whatever its status (unit attentions retried)."""
         return await self._run(lun, bytes(6))
 
-    async def inquiry(self, lun: int, evpd_page: int | None = None, alloc: int = 255) -> bytes:
+    async def inquiry(self, evpd_page: int | None = None, alloc: int = 255, *,
+                      lun: int | None = None) -> bytes:
+        """INQUIRY data (standard, or the VPD page ``evpd_page``); ScsiError if not GOOD."""
         cdb = struct.pack(">BBBHB", Opcode.INQUIRY, 1 if evpd_page is not None else 0,
                           evpd_page or 0, alloc, 0)
         return bytes((await self._good(lun, cdb, "INQUIRY", data_in_len=alloc)).data_in)
 
-    async def read_capacity16(self, lun: int) -> tuple[int, int]:
-        """Returns (number of blocks, block size)."""
+    async def read_capacity16(self, *, lun: int | None = None) -> tuple[int, int]:
+        """(number of blocks, block size); the block size is remembered for read/write."""
         cdb = struct.pack(">BBQIBB", Opcode.SERVICE_ACTION_IN_16,
                           ServiceActionIn16.READ_CAPACITY_16, 0, 32, 0, 0)
         data = bytes((await self._good(lun, cdb, "READ CAPACITY(16)", data_in_len=32)).data_in)
         if len(data) < 12:
             raise IscsiError("short READ CAPACITY(16) data")
         last, size = struct.unpack_from(">QI", data)
+        if size:
+            self.block_size = size
         return last + 1, size
 
-    async def read(self, lun: int, lba: int, blocks: int, block_size: int = 512) -> bytes:
+    async def read(self, lba: int, blocks: int, *, lun: int | None = None) -> bytes:
+        """READ(16) of ``blocks`` blocks of ``self.block_size`` bytes; ScsiError if not GOOD."""
         cdb = struct.pack(">BBQIBB", Opcode.READ_16, 0, lba, blocks, 0, 0)
-        r = await self._good(lun, cdb, "READ(16)", data_in_len=blocks * block_size)
+        r = await self._good(lun, cdb, "READ(16)", data_in_len=blocks * self.block_size)
         return bytes(r.data_in)
 
-    async def write(self, lun: int, lba: int, data: bytes, block_size: int = 512) -> None:
-        if len(data) % block_size:
+    async def write(self, lba: int, data: bytes, *, lun: int | None = None) -> None:
+        """WRITE(16) of whole blocks; ScsiError if not GOOD."""
+        if len(data) % self.block_size:
             raise ValueError("data is not a whole number of blocks")
-        cdb = struct.pack(">BBQIBB", Opcode.WRITE_16, 0, lba, len(data) // block_size, 0, 0)
+        cdb = struct.pack(">BBQIBB", Opcode.WRITE_16, 0, lba, len(data) // self.block_size, 0, 0)
         await self._good(lun, cdb, "WRITE(16)", data_out=data)
 
-    async def pr_in(self, lun: int, action: PrInAction | int, alloc: int = 8192) -> Result:
+    async def pr_in(self, action: PrInAction | int, alloc: int = 8192, *,
+                    lun: int | None = None) -> Result:
         """PERSISTENT RESERVE IN; the Result is returned whatever its status
-        (unit attentions are retried)."""
+        (unit attentions are retried). Decode with ``prmigrate.scsi.pr``."""
         from ..scsi.pr import pr_in_cdb
 
         return await self._run(lun, pr_in_cdb(action, alloc), data_in_len=alloc)
 
     async def pr_out(
         self,
-        lun: int,
         action: PrOutAction | int,
         rtype: PrType | int,
         params: bytes,
         scope: int = 0,
+        *,
+        lun: int | None = None,
     ) -> Result:
-        """PERSISTENT RESERVE OUT with a ready parameter list; any status
-        returned (unit attentions are retried)."""
+        """PERSISTENT RESERVE OUT with a ready parameter list (``scsi.pr.
+        pr_out_params``); any status returned (unit attentions are retried)."""
         from ..scsi.pr import pr_out_cdb
 
         return await self._run(lun, pr_out_cdb(action, rtype, scope, len(params)), params)
@@ -539,13 +556,15 @@ async def connect(
     max_retries: int = 3,
     on_async_event: Callable[[AsyncMessage, DecodedSense | None], Any] | None = None,
     on_unit_attention: Callable[[int, DecodedSense], Any] | None = None,
+    lun: int | None = None,
     **options: Any,
 ) -> Session:
     """Log in to ``target`` at a portal (``host[:port]``) or at an ``iscsi://``
     URL (whose target and user%password are used unless given). ``target``
     "" opens a discovery session. ``options`` go to SessionConfig
     (initial_r2t, immediate_data, max_burst_length, first_burst_length,
-    max_recv_data_segment_length, max_outstanding_r2t, nop_interval...)."""
+    max_recv_data_segment_length, max_outstanding_r2t, nop_interval...).
+    ``lun`` is the helpers' default LUN (default: the URL's, else 0)."""
     if isinstance(url_or_portal, str) and url_or_portal.lower().startswith("iscsi://"):
         url_or_portal = parse_url(url_or_portal, require_lun=False)
     if isinstance(url_or_portal, IscsiUrl):
@@ -554,6 +573,8 @@ async def connect(
             target = url_or_portal.target
         if chap is None and url_or_portal.user is not None:
             chap = (url_or_portal.user, url_or_portal.password or "")
+        if lun is None:
+            lun = url_or_portal.lun
     else:
         portal = url_or_portal
     if target is None:
@@ -574,7 +595,7 @@ async def connect(
     session = Session(
         portal, config, login_timeout=login_timeout, reconnect=reconnect,
         reconnect_timeout=reconnect_timeout, on_async_event=on_async_event,
-        on_unit_attention=on_unit_attention,
+        on_unit_attention=on_unit_attention, lun=lun or 0,
     )
     await session._login()
     return session
