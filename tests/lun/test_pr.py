@@ -1095,3 +1095,18 @@ def test_every_opcode_is_classified():
     for op in Opcode:
         assert isinstance(classify(bytes((op,)) + bytes(15)), Access)
     assert classify(b"\xc0" + bytes(9)) is Access.WRITE  # unknown: the safe side
+
+
+def test_no_reservation_fast_path_matches_the_table() -> None:
+    """The fast path in conflicts() must agree with NO_RESERVATION for every other opcode."""
+    from prmigrate.lun.conflicts import NO_RESERVATION, classify
+    from prmigrate.lun.pr import _CHECKED_WITHOUT_RESERVATION
+
+    for op in range(256):
+        if op in _CHECKED_WITHOUT_RESERVATION:
+            continue
+        for sa in range(32):
+            access = classify(bytes([op, sa]) + bytes(14))
+            row = NO_RESERVATION.get(access)
+            if row is not None:
+                assert not any(row), (hex(op), sa, access)

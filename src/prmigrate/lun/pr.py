@@ -63,6 +63,18 @@ PortKey = tuple[str, int, int]  # (initiator name, ISID, relative target port)
 RegId = tuple[str, int | None, int]  # (initiator name, ISID or None = any, rel port)
 
 
+# Opcodes whose conflict check still matters when no reservation exists.
+_CHECKED_WITHOUT_RESERVATION = frozenset(
+    {
+        Opcode.PERSISTENT_RESERVE_OUT,
+        Opcode.RESERVE_6,
+        Opcode.RESERVE_10,
+        Opcode.RELEASE_6,
+        Opcode.RELEASE_10,
+    }
+)
+
+
 class UnitAttentionSink(Protocol):
     def establish(self, nexus: Nexus, sense: Sense) -> None: ...
 
@@ -240,6 +252,10 @@ class ReservationTable:
         if len(cdb) == 0:
             return False
         op = cdb[0]
+        if self._resv is None and self._scsi2 is None and op not in _CHECKED_WITHOUT_RESERVATION:
+            # Fast path: with no reservation of either kind only PR OUT and the
+            # SCSI-2 RESERVE/RELEASE commands can conflict (NO_RESERVATION table).
+            return False
         if self._scsi2 is not None:
             # SPC-5 5.14.3: PR IN/OUT conflict while a SCSI-2 reservation exists.
             if op in (Opcode.PERSISTENT_RESERVE_IN, Opcode.PERSISTENT_RESERVE_OUT):
