@@ -111,3 +111,39 @@ def test_iscsi_test_cu_all(tmp_path: Path):
     for word in ("registered", "reserved", "released", "preempt", "clear"):
         assert re.search(rf"prmigrate\.lun\.pr: .*{word}", log, re.IGNORECASE), word
     assert "Traceback" not in log
+
+
+def test_libiscsi_chap_mutual_and_acl(tmp_path: Path):
+    need("iscsi-inq")
+    t = start_target(tmp_path, size="16M", extra=[
+        "--chap-user", "alice", "--chap-secret", "alice-secret1", "--mutual-user", "tgt",
+        "--mutual-secret", "target-secret1", "--acl", INITIATOR1])
+    try:
+        base = f"{t.host}:{t.port}/{t.iqn}/0"
+
+        def inq(initiator: str, cred: str, query: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["iscsi-inq", "-i", initiator, f"iscsi://{cred}@{base}{query}"],
+                                  capture_output=True, text=True, timeout=30, check=False)
+
+        ok = inq(INITIATOR1, "alice%alice-secret1", "?target_user=tgt&target_password=target-secret1")
+        assert ok.returncode == 0 and "DIRECT_ACCESS" in ok.stdout, ok.stderr
+        assert inq(INITIATOR1, "alice%wrong-secret").returncode != 0
+        assert inq(INITIATOR2, "alice%alice-secret1", "?target_user=tgt&target_password=target-secret1").returncode != 0
+    finally:
+        stop(t.proc)
+    log = t.log
+    assert "CHAP authenticated as alice" in log
+    assert "AUTHENTICATION_FAILURE" in log and "AUTHORIZATION_FAILURE" in log
+
+
+def test_libiscsi_with_header_digests(tmp_path: Path):
+    need("iscsi-test-cu")
+    t = start_target(tmp_path, extra=["--digests", "require"])
+    try:
+        text = run_suite(t.url(), "ALL.Write10", tmp_path / "w.txt", timeout=120, verbose_scsi=False)
+        text += run_suite(t.url(), "ALL.Read10", tmp_path / "r.txt", timeout=120, verbose_scsi=False)
+    finally:
+        stop(t.proc)
+    tests = parse_cunit(text)
+    assert len(tests) >= 10 and all(o.passed and not o.failed for o in tests.values()), text[-2000:]
+    assert "hd=True" in t.log

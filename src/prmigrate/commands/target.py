@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mutual-secret", default=None)
     parser.add_argument("--keepalive", type=float, default=None, help="NOP-In interval in seconds")
     parser.add_argument("--max-recv", type=int, default=262144, help="our MaxRecvDataSegmentLength")
+    parser.add_argument("--digests", choices=("allow", "require", "off"), default="allow",
+                        help="CRC32C header/data digests: accept when offered, insist, or refuse")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
 
 
@@ -76,7 +78,8 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.chap_user:
         chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)
     node = TargetNode(args.iqn, luns, set(args.acl) if args.acl else None, chap, args.tpgt, args.alias)
-    settings = TargetSettings(max_recv_data_segment_length=args.max_recv)
+    digests = {"allow": ("None", "CRC32C"), "require": ("CRC32C",), "off": ("None",)}[args.digests]
+    settings = TargetSettings(max_recv_data_segment_length=args.max_recv, header_digest=digests, data_digest=digests)
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
 
 

@@ -547,6 +547,7 @@ class Connection:
             self._login_respond(req, Stage(req.csg), Stage(req.csg), False, b"", cont=False)
             return
         keys = dict(pairs)
+        self.log.debug("login CSG %d keys %s", req.csg, [(k, v) for k, v in pairs if not k.startswith("CHAP_")])
         answer: list[tuple[str, str]] = []
         if self._neg is None:
             self._login_declarations(req, keys)
