@@ -226,7 +226,7 @@ class Session:
                 return
             self._drop(proto)
             if isinstance(ev, LoginRedirect):
-                log.info("login redirected from %s to %s", address, ev.address)
+                self.core.log.info("login redirected from %s to %s", address, ev.address)
                 address = ev.address
                 if ev.permanent:
                     self.portal = ev.address
@@ -293,7 +293,7 @@ class Session:
                 if self._login_fut is not None and not self._login_fut.done():
                     self._login_fut.set_result(ev)
             elif isinstance(ev, ConnectionFailed):
-                log.warning("dropping connection to %s: %s", self.portal, ev.reason)
+                self.core.log.warning("dropping connection to %s: %s", self.portal, ev.reason)
                 proto = self._proto
                 self._on_lost(proto, None)  # at once: later bytes are not trusted
                 self._drop(proto)
@@ -342,14 +342,14 @@ class Session:
                 try:
                     await self._login()
                     self.reconnects += 1
-                    log.info("session to %s reinstated (isid 0x%012x)", self.portal, self.isid)
+                    self.core.log.info("session to %s reinstated (isid 0x%012x)", self.portal, self.isid)
                     self._flush()
                     return
                 except (IscsiError, LoginError) as exc:
                     if self._loop.time() + delay > deadline:
-                        log.error("giving up reconnecting to %s: %s", self.portal, exc)
+                        self.core.log.error("giving up reconnecting to %s: %s", self.portal, exc)
                         break
-                    log.info("reconnect to %s failed (%s); retrying", self.portal, exc)
+                    self.core.log.info("reconnect to %s failed (%s); retrying", self.portal, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             self._dead = True
@@ -435,7 +435,7 @@ class Session:
                 fut = self._new_future(self.core.logout(self._loop.time()))
                 await asyncio.wait_for(fut, timeout)
             except (TimeoutError, IscsiError) as exc:
-                log.info("logout from %s failed: %s", self.portal, exc)
+                self.core.log.info("logout from %s failed: %s", self.portal, exc)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 from ..lun.types import Result
 from ..scsi.constants import SenseKey, Status
@@ -83,6 +84,13 @@ from .pdu import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the session's I_T nexus name."""
+
+    def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
+        return f"[{self.extra['session']}] {msg}", kwargs  # type: ignore[index]
 
 SN_MASK = 0xFFFFFFFF
 _HALF = 1 << 31
@@ -306,6 +314,8 @@ class InitiatorCore:
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.config = config
+        self.log = SessionLog(log, {"session": (
+            f"{config.initiator_name},i,0x{config.isid:012x}->{config.target_name or 'discovery'}")})
         self._random = random_bytes
         self.state = State.FREE
         self.cmdsn = 1
@@ -443,7 +453,7 @@ class InitiatorCore:
 
     def _login_fail(self, status: int, message: str) -> list[Event]:
         self.state = State.FREE
-        log.info("login to %s failed: %s", self.config.target_name or "discovery", message)
+        self.log.info("login failed: %s", message)
         try:
             st = LoginStatus(status)
         except ValueError:
@@ -534,7 +544,6 @@ class InitiatorCore:
         return []
 
     def _login_complete(self, rsp: LoginResponse, now: float) -> list[Event]:
-        cfg = self.config
         params = self._neg.params()
         if params.error_recovery_level != 0:
             raise LoginError(LoginStatus.TARGET_ERROR, "only ErrorRecoveryLevel 0 is supported")
@@ -542,10 +551,12 @@ class InitiatorCore:
         self.state = State.FULL_FEATURE
         self._digests_pending = True
         self._last_rx = now
-        log.info(
-            "logged in to %s isid=0x%012x tsih=%d digests=%s/%s",
-            cfg.target_name or "discovery", cfg.isid, rsp.tsih,
-            params.header_digest, params.data_digest,
+        self.log.info(
+            "logged in: tsih=%d digests=%s/%s mrdsl=%d/%d burst=%d first=%d r2t=%s imm=%s",
+            rsp.tsih, params.header_digest, params.data_digest,
+            params.max_recv_data_segment_length, params.max_xmit_data_segment_length,
+            params.max_burst_length, params.first_burst_length, params.initial_r2t,
+            params.immediate_data,
         )
         self._pump(now)
         return [LoginDone(self.negotiated)]
@@ -967,7 +978,7 @@ class InitiatorCore:
         if not retry:
             events += self.fail_all(ConnectionLost("connection lost"))
         if was is State.FULL_FEATURE:
-            log.info("connection lost; %d commands to re-issue", len(self._waiting))
+            self.log.info("connection lost; %d commands to re-issue", len(self._waiting))
         return events
 
     def fail_all(self, error: Exception) -> list[Event]:
