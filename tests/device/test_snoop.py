@@ -599,3 +599,36 @@ def test_apply_keys():
     r = sn.apply_keys(ReadKeys(3, (0xBB,)), ReadReservation(3, None))
     assert sn.state.get(G1).empty and sn.state.get(G2) == g(0xBB)
     assert r.undetermined() == {G2} and not sn.pending_verification
+
+
+# ------------------------------------------------------------ PRgeneration in PR IN answers
+
+
+@pytest.mark.parametrize("action", [0, 1, 3])
+def test_pr_in_generation_change_triggers_verification(action):
+    from prmigrate.scsi.pr import pr_in_cdb
+
+    sn = snooper(g1=g(0xAA))
+    cdb = pr_in_cdb(action, 0x200)
+    answer = ReadKeys(7, (0xAA,)).encode()
+    assert not sn.observe(
+        G1, cdb, b"", Result(Status.GOOD, answer)
+    ).verify  # generation unknown yet
+    sn.state.generation = 7
+    assert not sn.observe(G1, cdb, b"", Result(Status.GOOD, answer)).verify
+    o = sn.observe(G1, cdb, b"", Result(Status.GOOD, ReadKeys(8, (0xAA,)).encode()))
+    assert o.verify and not o.changed and G1 in sn.pending_verification
+
+
+def test_pr_in_other_answers_ignored():
+    from prmigrate.scsi.pr import pr_in_cdb
+
+    sn = snooper(g1=g(0xAA))
+    sn.state.generation = 1
+    caps = pr_in_cdb(2, 8)
+    assert not sn.observe(
+        G1, caps, b"", Result(Status.GOOD, b"\x00\x08\x1d\x81\xea\x01\x00\x00")
+    ).verify
+    keys = pr_in_cdb(0, 8)
+    assert not sn.observe(G1, keys, b"", Result(Status.GOOD, b"\x00\x00")).verify  # too short
+    assert not sn.observe(G1, keys[:5], b"", Result(Status.GOOD, bytes(8))).verify  # bad CDB

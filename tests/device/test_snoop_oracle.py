@@ -7,10 +7,15 @@ with TEST UNIT READY). Claim: whenever it has nothing pending verification,
 its tracked state is what READ FULL STATUS says; when something is pending,
 feeding READ FULL STATUS back makes it so.
 
+After each step every guest polls READ KEYS, as cluster agents do: the
+PRgeneration in the answer exposes what sends no unit attention (another
+initiator's REGISTER AND MOVE onto our nexus).
+
 Known blind spots, excluded from the comparison and documented in snoop.py:
 APTPL is not reported by READ FULL STATUS; an all-registrants reservation
 created by another initiator makes our registered nexus a holder with no
-unit attention, so AR holder bits are only learned at verification.
+unit attention and no PRgeneration change, so AR holder bits are only
+learned at verification.
 """
 
 from __future__ import annotations
@@ -22,10 +27,17 @@ from hypothesis import strategies as st
 from prmigrate.device.identity import backend_port
 from prmigrate.device.reconcile import reconcile_full_status
 from prmigrate.device.snoop import PrSnooper
+from prmigrate.device.state import GuestPrState
 from prmigrate.lun.types import Nexus
 from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, Status
-from prmigrate.scsi.pr import ReadFullStatus, pr_in_cdb, pr_out_cdb, pr_out_params
+from prmigrate.scsi.pr import (
+    ReadFullStatus,
+    pr_in_cdb,
+    pr_out_cdb,
+    pr_out_params,
+    register_and_move_params,
+)
 from prmigrate.scsi.transport_id import TransportId
 
 TARGET = "iqn.2026-01.test:shared"
@@ -36,12 +48,12 @@ NEXUS = {g: Nexus.make(HOST, PORTS[g].isid, TARGET) for g in GUESTS}
 OUTSIDER = Nexus.make("iqn.2026-01.test:other-host", 0x23D000000001, TARGET)
 TUR = bytes(6)
 
-ACTIONS = [a for a in PrOutAction if a is not PrOutAction.REGISTER_AND_MOVE]
+ACTIONS = list(PrOutAction)
 # Registration and reservation steps often, so that long chains happen.
 WEIGHTED_ACTIONS = (
     ACTIONS
     + [PrOutAction.REGISTER, PrOutAction.RESERVE, PrOutAction.RELEASE] * 3
-    + [PrOutAction.PREEMPT]
+    + [PrOutAction.PREEMPT, PrOutAction.REGISTER_AND_MOVE]
 )
 TYPES = [
     PrType.WRITE_EXCLUSIVE,
@@ -66,6 +78,12 @@ def _drain(lu, sn, guest):
         if r.status == Status.GOOD:
             return
     raise AssertionError("unit attentions never drained")
+
+
+def _poll(lu, sn, guest):
+    """A cluster agent in the guest polling READ KEYS (PRgeneration check)."""
+    cdb = pr_in_cdb(PrInAction.READ_KEYS, 0x400)
+    sn.observe(guest, cdb, b"", lu.execute(NEXUS[guest], cdb))
 
 
 def _full_status(lu):
@@ -120,12 +138,18 @@ def test_snooper_tracks_the_engine(lu, data):
         sark = data.draw(st.sampled_from([*KEYS, *sorted(registered)]), label="sark")
         cdb = pr_out_cdb(action, rtype)
         params = pr_out_params(rk, sark)
+        if action is PrOutAction.REGISTER_AND_MOVE:
+            dest = data.draw(st.sampled_from([*GUESTS, "outsider"]), label="move to")
+            unreg = data.draw(st.booleans(), label="unreg")
+            params = register_and_move_params(rk, sark, tids[dest], unreg=unreg)
+            cdb = pr_out_cdb(action, 0, 0, len(params))
         if who == "outsider":
             lu.execute(OUTSIDER, cdb, params)
         else:
             sn.observe(who, cdb, params, lu.execute(NEXUS[who], cdb, params))
         for g in GUESTS:
             _drain(lu, sn, g)
+            _poll(lu, sn, g)
         truth, _ = reconcile_full_status(sn.state, _full_status(lu), ids)
         tracked, real = _project(sn.state), _project(truth)
         for g in GUESTS:
@@ -164,3 +188,29 @@ def test_the_oracle_sees_something(lu):
     changes = sn.apply_full_status(_full_status(lu))
     assert sn.state.get(one).empty and [c.guest for c in changes] == [one]
     assert sn.state.get(two).key == 0xB2
+
+
+def test_move_onto_our_nexus_is_seen_through_prgeneration(lu):
+    ids = {g: PORTS[g].transport_id for g in GUESTS}
+    sn = PrSnooper(transport_ids=ids)
+    for g in GUESTS:
+        _drain(lu, sn, g)
+    sn.apply_full_status(_full_status(lu))
+    one = GUESTS[0]
+    lu.execute(OUTSIDER, pr_out_cdb(PrOutAction.REGISTER), pr_out_params(0, 0xEE))
+    _poll(lu, sn, one)
+    sn.apply_full_status(_full_status(lu))
+    lu.execute(
+        OUTSIDER, pr_out_cdb(PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE), pr_out_params(0xEE)
+    )
+    p = register_and_move_params(0xEE, 0x77, ids[one])
+    assert (
+        lu.execute(OUTSIDER, pr_out_cdb(PrOutAction.REGISTER_AND_MOVE, 0, 0, len(p)), p).status
+        == Status.GOOD
+    )
+    _drain(lu, sn, one)
+    assert not sn.pending_verification  # no unit attention for the destination of a move
+    _poll(lu, sn, one)
+    assert one in sn.pending_verification
+    sn.apply_full_status(_full_status(lu))
+    assert sn.state.get(one) == GuestPrState(0x77, False, True, PrType.WRITE_EXCLUSIVE)

@@ -34,6 +34,11 @@ Rules (REFERENCE 1-2, 6), and where they differ from the seed:
   a guest mark that guest's state for verification.
 * A RESERVATION CONFLICT to REGISTER, RELEASE or CLEAR whose RK equals the
   tracked key means the tracked key is wrong: verification again.
+* A guest's own READ KEYS / READ RESERVATION / READ FULL STATUS answer whose
+  PRgeneration differs from the last verified one: verification (this
+  catches what sends no unit attention: another initiator's REGISTER AND
+  MOVE onto our nexus, or an all-registrants RESERVE that makes our
+  registered nexus a holder).
 
 With ``identity=host`` every guest shares one backend nexus, so every guest
 maps to the single state key ``SHARED_NEXUS``.
@@ -46,10 +51,11 @@ from dataclasses import dataclass, replace
 from typing import cast
 
 from ..lun.types import Result
-from ..scsi.constants import Opcode, PrOutAction, PrType, SenseKey, Status
+from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, SenseKey, Status
 from ..scsi.pr import (
     FullStatusEntry,
     PrDecodeError,
+    PrInCdb,
     PrOutCdb,
     PrOutParams,
     ReadFullStatus,
@@ -74,6 +80,11 @@ VERIFY_UNIT_ATTENTIONS: frozenset[tuple[int, int | None]] = frozenset(
         (0x2A, 0x05),  # REGISTRATIONS PREEMPTED
         (0x29, None),  # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED / I_T NEXUS LOSS
     }
+)
+
+# PR IN answers that start with PRGENERATION (SPC-5 6.16.2, 6.16.3, 6.16.5).
+_GENERATION_CARRIERS = frozenset(
+    {PrInAction.READ_KEYS, PrInAction.READ_RESERVATION, PrInAction.READ_FULL_STATUS}
 )
 
 # PR OUTs whose RESERVATION CONFLICT can only mean "RK is not this nexus's
@@ -429,6 +440,12 @@ class PrSnooper:
         key = self.key_of(guest)
         is_pr_out = len(cdb) >= 1 and cdb[0] == Opcode.PERSISTENT_RESERVE_OUT
         if not is_pr_out and result.status != Status.CHECK_CONDITION:
+            if (
+                result.status == Status.GOOD
+                and len(cdb) >= 1
+                and cdb[0] == Opcode.PERSISTENT_RESERVE_IN
+            ):
+                return self._observe_pr_in(key, cdb, result)
             return SnoopOutcome(key)
         ua = unit_attention_of(result)
         doubt = ""
@@ -441,6 +458,32 @@ class PrSnooper:
                 out = replace(out, verify=True, note=f"{out.note}; {doubt}")
             return out
         return SnoopOutcome(key, None, (), bool(doubt), doubt)
+
+    def _observe_pr_in(
+        self, key: str, cdb: bytes | bytearray | memoryview, result: Result
+    ) -> SnoopOutcome:
+        """A guest's own READ KEYS / READ RESERVATION / READ FULL STATUS
+        carries the backend's PRgeneration. It moves on every REGISTER,
+        CLEAR, PREEMPT and REGISTER AND MOVE by anyone (SPC-5 6.16.2), so a
+        value other than the one of the last verification means something
+        changed that snooping may not have seen (e.g. another initiator's
+        REGISTER AND MOVE onto our nexus, which sends no unit attention):
+        verify. The answer itself is not applied: it may have been executed
+        before a PR OUT whose answer was already snooped."""
+        if self.state.generation is None or len(result.data_in) < 4:
+            return SnoopOutcome(key)
+        try:
+            action = PrInCdb.decode(bytes(cdb[:10])).action
+        except PrDecodeError:
+            return SnoopOutcome(key)
+        if action not in _GENERATION_CARRIERS:
+            return SnoopOutcome(key)
+        generation = int.from_bytes(bytes(result.data_in[:4]), "big")
+        if generation == self.state.generation:
+            return SnoopOutcome(key)
+        self.state.mark_unverified(key)
+        note = f"PRgeneration {generation} != {self.state.generation} at the last verification"
+        return SnoopOutcome(key, None, (), True, note)
 
     def snoop_pr_out(
         self,
