@@ -37,6 +37,8 @@ from prmigrate.iscsi.initiator_core import (
 from prmigrate.iscsi.login import decode_text, encode_text
 from prmigrate.iscsi.pdu import (
     R2T,
+    AsyncEvent,
+    AsyncMessage,
     DataIn,
     DataOut,
     LoginRequest,
@@ -975,3 +977,55 @@ def test_tshark_dissects_our_pdus_without_errors(tgt: Tgt, tmp_path: Path) -> No
         ["tshark", "-r", str(pcap), "-d", f"tcp.port=={tgt.port},iscsi", "-Y", "_ws.malformed"],
         capture_output=True, text=True, timeout=60).stdout
     assert bad.strip() == ""
+
+
+def test_async_event_and_target_nop_in_over_the_wire() -> None:
+    """An Asynchronous Message carrying a unit attention reaches both callbacks;
+    a NOP-In ping from the target is echoed."""
+    events: list[tuple[int, str | None]] = []
+    uas: list[tuple[int, str]] = []
+    echoed: list[bytes] = []
+    sense = encode_sense(Sense.REPORTED_LUNS_DATA_HAS_CHANGED)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        reader = PduReader()
+        statsn = 1
+        while data := await r.read(65536):
+            reader.feed(data)
+            for raw in reader:
+                pdu = decode_pdu(raw)
+                if isinstance(pdu, LoginRequest):
+                    keys = [("AuthMethod", "None")] if pdu.csg == 0 else []
+                    w.write(LoginResponse(pdu.isid, 3, pdu.itt, statsn, pdu.cmdsn, pdu.cmdsn + 8,
+                                          pdu.csg, pdu.nsg, True, data=encode_text(keys)).encode())
+                    statsn += 1
+                    if pdu.nsg == 3 and pdu.transit:
+                        w.write(AsyncMessage(AsyncEvent.SCSI_ASYNC_EVENT, statsn, pdu.cmdsn,
+                                             pdu.cmdsn + 8, lun=2, data=sense_segment(sense)).encode())
+                        statsn += 1
+                        w.write(NopIn(0xFFFFFFFF, 0x77, statsn, pdu.cmdsn, pdu.cmdsn + 8, 0,
+                                      b"are you there").encode())
+                elif isinstance(pdu, NopOut):
+                    echoed.append(pdu.data)
+        w.close()
+
+    async def body() -> None:
+        server, port = await _fake_target(handler)
+        try:
+            s = await connect(
+                f"127.0.0.1:{port}", TARGET, INITIATOR,
+                on_async_event=lambda msg, ds: events.append((msg.event, ds and ds.describe())),
+                on_unit_attention=lambda lun, ds: uas.append((lun, ds.describe())),
+            )
+            for _ in range(50):
+                if events and echoed:
+                    break
+                await asyncio.sleep(0.05)
+            await s.close(timeout=0.5)  # this fake target does not answer logouts
+        finally:
+            server.close()
+
+    run(body(), 20)
+    assert events == [(0, "UNIT ATTENTION: REPORTED LUNS DATA HAS CHANGED")]
+    assert uas == [(2, "UNIT ATTENTION: REPORTED LUNS DATA HAS CHANGED")]
+    assert echoed == [b"are you there"]
