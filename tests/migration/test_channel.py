@@ -52,6 +52,7 @@ def handshake(c: Channel, s: Channel) -> None:
 
 MESSAGES = [
     Setup("m-1", b"PRMS\x00\x01stream"),
+    Setup("m-2", b"PRMS", "qemu"),
     SetupOk({"iqn.g1": 0xAA}, True),
     State(b"PRMS..."),
     TakeoverDone(1, 850),
@@ -200,6 +201,8 @@ def test_oversized_and_unknown_frames() -> None:
 
 
 def test_bad_payloads() -> None:
+    with pytest.raises(FrameError):
+        decode_payload(MsgType.SETUP, encode_payload(Setup("m", b"x", "bogus")))
     with pytest.raises(FrameError):
         decode_payload(MsgType.SETUP_OK, encode_payload(SetupOk({"g": 0})))
     with pytest.raises(FrameError):

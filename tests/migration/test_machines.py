@@ -53,7 +53,7 @@ from prmigrate.migration.machine import (
     StateLoaded,
     Timeouts,
 )
-from prmigrate.migration.plan import Side
+from prmigrate.migration.plan import Side, Strategy
 from prmigrate.migration.source import SOURCE_TABLE, SourceMigration, SourceState
 from prmigrate.migration.stream import DeviceSnapshot, encode_snapshot
 from prmigrate.scsi.constants import PrType
@@ -102,10 +102,11 @@ class Sim:
     lio: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     truth: DevicePrState | None = None  # what the target really holds for the guests (default: pr)
+    strategy: Strategy = Strategy.PRMIGRATE
 
     def __post_init__(self) -> None:
         self.target = FakeTarget.with_state(self.pr, lio=self.lio)
-        self.src = SourceMigration("m1", snap(self.pr), self.timeouts)
+        self.src = SourceMigration("m1", snap(self.pr), self.timeouts, self.strategy)
         self.dst = DestinationMigration(timeouts=self.timeouts)
         self.now = 100.0
         self.q: deque[tuple[object, object]] = deque()
@@ -255,6 +256,37 @@ def test_happy_path_moves_everything(name: str, lio: bool) -> None:
 def test_round_trips_inside_pause(name: str, rt: int) -> None:
     sim = happy(SCENARIOS[name])
     assert sim.src.timings.round_trips_in_pause == rt
+
+
+@pytest.mark.parametrize(
+    "name,ours,qemu",
+    [("none", 0, 0), ("WE", 1, 2), ("EA_RO", 1, 2), ("reg-only", 1, 2), ("WE_RO+reg", 2, 4), ("EA_AR", 1, 2)],
+)
+def test_strategies_compared(name: str, ours: int, qemu: int) -> None:
+    pr = SCENARIOS[name]
+    a = happy(pr)
+    b = Sim(pr, strategy=Strategy.QEMU).run()
+    c = Sim(pr, strategy=Strategy.DEST_PREEMPT).run()
+    for sim in (a, b, c):
+        assert sim.src.state is SS.COMPLETED and sim.target.matches(pr, Side.DESTINATION)
+    assert a.src.timings.round_trips_in_pause == ours
+    assert b.src.timings.round_trips_in_pause == qemu
+
+
+def test_qemu_sequence_with_a_shared_key_rolls_back() -> None:
+    """QEMU tracks one key per device; applied per guest, the register-only
+    guest's PREEMPT (TYPE=0) names the holder's key and is refused."""
+    sim = Sim(SCENARIOS["shared-key"], strategy=Strategy.QEMU).run()
+    _ends_on_source(sim)
+    assert happy(SCENARIOS["shared-key"]).src.state is SS.COMPLETED
+
+
+def test_qemu_sequence_fails_on_lio_for_register_only_and_rolls_back() -> None:
+    """QEMU sends PREEMPT with TYPE=0 when the guest holds no reservation; LIO
+    refuses it. The migration must then end with the source serving."""
+    sim = Sim(SCENARIOS["reg-only"], lio=True, strategy=Strategy.QEMU).run()
+    _ends_on_source(sim)
+    assert happy(SCENARIOS["reg-only"], lio=True).src.state is SS.COMPLETED
 
 
 def test_timings_from_now_values() -> None:
@@ -461,9 +493,9 @@ fault_kinds = st.sampled_from(["link", "drop", "cancel", "dst_cancel", "pr_fail"
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(sorted(SCENARIOS)), st.lists(st.builds(Fault, fault_kinds, st.integers(0, 20)), max_size=3), st.booleans())
-def test_random_faults_keep_the_invariant(name: str, faults: list[Fault], lio: bool) -> None:
-    sim = Sim(SCENARIOS[name], faults, lio=lio).run()  # check() runs after every step
+@given(st.sampled_from(sorted(SCENARIOS)), st.lists(st.builds(Fault, fault_kinds, st.integers(0, 20)), max_size=3), st.booleans(), st.sampled_from(list(Strategy)))
+def test_random_faults_keep_the_invariant(name: str, faults: list[Fault], lio: bool, strategy: Strategy) -> None:
+    sim = Sim(SCENARIOS[name], faults, lio=lio, strategy=strategy).run()  # check() runs after every step
     assert sim.src.finished and (sim.dst.finished or not sim.dst.history)
     if sim.src.state is SS.COMPLETED:
         assert sim.dst.state is DS.RESUMED and sim.target.matches(sim.pr, Side.DESTINATION)

@@ -95,6 +95,8 @@ class FakeTarget:
             if self.lio and op.rtype is PrType.NONE:
                 raise ValueError("LIO: PREEMPT with TYPE=0 -> INVALID FIELD IN CDB")
             if self.rtype and not self.rtype.all_registrants and op.sark == self.regs[self.holder]:  # type: ignore[index]
+                if op.rtype is PrType.NONE:
+                    raise ValueError("PREEMPT of the holder with TYPE=0 -> INVALID FIELD IN CDB")
                 for m in [m for m, k in self.regs.items() if k == op.sark and m != n]:
                     del self.regs[m]
                 self.holder, self.rtype, self.scope = n, op.rtype, op.scope

@@ -55,6 +55,7 @@ from .errors import (
     IntegrityError,
     ReplayError,
 )
+from .plan import Strategy
 
 PROTOCOL_VERSION = 1
 NONCE_LEN = 32
@@ -88,6 +89,7 @@ class MsgType(IntEnum):
 
 
 _HANDSHAKE_TYPES = {MsgType.HELLO, MsgType.CHALLENGE, MsgType.AUTH}
+_STRATEGIES = frozenset(s.value for s in Strategy)
 
 
 # ---------------------------------------------------------------- messages
@@ -129,9 +131,10 @@ class Setup(Message):
     TYPE: ClassVar[MsgType] = MsgType.SETUP
     migration_id: str
     stream: bytes
+    strategy: str = "prmigrate"  # plan.Strategy value
 
     def fields(self) -> dict[str, Any]:
-        return {"migration_id": self.migration_id}
+        return {"migration_id": self.migration_id, "strategy": self.strategy}
 
     @property
     def blob(self) -> bytes:
@@ -139,9 +142,10 @@ class Setup(Message):
 
     @classmethod
     def from_fields(cls, f: Mapping[str, Any], blob: bytes) -> Setup:
-        _check(set(f) == {"migration_id"} and isinstance(f["migration_id"], str), "SETUP: bad fields")
+        _check(set(f) == {"migration_id", "strategy"} and isinstance(f["migration_id"], str), "SETUP: bad fields")
+        _check(f["strategy"] in _STRATEGIES, f"SETUP: unknown strategy {f['strategy']!r}")
         _check(bool(blob), "SETUP: no stream")
-        return cls(f["migration_id"], blob)
+        return cls(f["migration_id"], blob, f["strategy"])
 
 
 @dataclass(frozen=True, slots=True)

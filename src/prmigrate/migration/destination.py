@@ -60,7 +60,18 @@ from .machine import (
     Timeouts,
     table,
 )
-from .plan import Observed, Phase, PrOp, TargetTraits, cleanup_plan, setup_plan, takeover_plan
+from .plan import (
+    Observed,
+    Phase,
+    PrOp,
+    SetupPlan,
+    Strategy,
+    TargetTraits,
+    cleanup_plan,
+    qemu_plan,
+    setup_plan,
+    takeover_plan,
+)
 from .stream import DeviceSnapshot, decode_snapshot
 
 
@@ -122,10 +133,10 @@ class DestinationMigration(MachineBase):
     TERMINAL = DESTINATION_TERMINAL
     role = "destination"
 
-    def __init__(self, name: str = "incoming", timeouts: Timeouts | None = None, *, register_only: str = "release") -> None:
+    def __init__(self, name: str = "incoming", timeouts: Timeouts | None = None) -> None:
         super().__init__(D.LISTENING, name)
         self.timeouts = timeouts or Timeouts()
-        self.register_only = register_only
+        self.strategy = Strategy.PRMIGRATE  # the source's choice, from SETUP
         self.migration_id = ""
         self.snapshot: DeviceSnapshot | None = None
         self.observed: Observed | None = None
@@ -156,6 +167,7 @@ class DestinationMigration(MachineBase):
             self._send(Abort(e.reason, str(e)))
             return D.ABORTED
         self.snapshot = snap
+        self.strategy = Strategy(ev.strategy)
         self.name = f"{ev.migration_id}/{snap.name}"
         self.device_created = True  # from now on DropDevice must undo it
         self._emit(CreateDevice(snap))
@@ -171,6 +183,8 @@ class DestinationMigration(MachineBase):
         self.observed, self.traits = ev.observed, ev.traits
         assert self.snapshot is not None
         plan = setup_plan(self.snapshot.pr, ev.observed)
+        if self.strategy is Strategy.QEMU:  # QEMU registers inside the pause
+            plan = SetupPlan((), plan.skipped, plan.notes, plan.fenced)
         self.fenced = dict(plan.fenced)
         for note in plan.notes:
             self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
@@ -211,12 +225,19 @@ class DestinationMigration(MachineBase):
         if self.state is D.ABORTING:
             return D.ABORTING
         assert self.snapshot is not None
-        plan = takeover_plan(self.snapshot.pr, self.registered, ev.observed, self.traits, register_only=self.register_only, fenced=self.fenced)
-        for note in plan.notes:
-            self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
+        if self.strategy is Strategy.QEMU:
+            ops = qemu_plan(self.snapshot.pr)
+        else:
+            plan = takeover_plan(
+                self.snapshot.pr, self.registered, ev.observed, self.traits,
+                register_only=self.strategy.register_only, fenced=self.fenced,
+            )
+            for note in plan.notes:
+                self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
+            ops = plan.destination_ops
         self.timings.takeover_started = now
-        if plan.destination_ops:
-            return self._issue(plan.destination_ops, Phase.TAKEOVER, now, D.TAKEOVER)
+        if ops:
+            return self._issue(ops, Phase.TAKEOVER, now, D.TAKEOVER)
         return self._taken_over(now)
 
     def _taken_over(self, now: float) -> D:
@@ -262,7 +283,7 @@ class DestinationMigration(MachineBase):
         done = list(ops[: ev.completed])
         maybe = [] if ev.ok or ev.definite or ev.completed >= len(ops) else [ops[ev.completed]]
         for op in done + maybe:
-            if op.action is PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY:
+            if op.action in (PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrOutAction.REGISTER):
                 if op.sark:
                     self.registered[op.guest] = op.sark
                 elif op in done:

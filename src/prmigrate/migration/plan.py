@@ -65,13 +65,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 from ..device.state import DevicePrState, GuestPrState
 from ..scsi.constants import PrOutAction, PrType
 from .errors import PlanError
 
 RAIEK = PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY
+
+
+class Strategy(StrEnum):
+    """How the reservation moves; carried by SETUP so both sides agree."""
+
+    PRMIGRATE = "prmigrate"  # setup registration, one PREEMPT, the source releases the rest
+    DEST_PREEMPT = "dest-preempt"  # same, but the destination PREEMPTs register-only guests (WE)
+    QEMU = "qemu"  # QEMU 11: REGISTER + PREEMPT, both inside the pause (benchmark baseline)
+
+    @property
+    def register_only(self) -> str:
+        return "preempt" if self is Strategy.DEST_PREEMPT else "release"
 
 
 class Side(Enum):

@@ -67,7 +67,7 @@ from .machine import (
     Timeouts,
     table,
 )
-from .plan import Phase, PrOp, rollback_plan, takeover_plan
+from .plan import Phase, PrOp, Strategy, rollback_plan, takeover_plan
 from .stream import DeviceSnapshot, encode_snapshot
 
 
@@ -135,11 +135,18 @@ class SourceMigration(MachineBase):
     TERMINAL = SOURCE_TERMINAL
     role = "source"
 
-    def __init__(self, migration_id: str, snapshot: DeviceSnapshot, timeouts: Timeouts | None = None) -> None:
+    def __init__(
+        self,
+        migration_id: str,
+        snapshot: DeviceSnapshot,
+        timeouts: Timeouts | None = None,
+        strategy: Strategy = Strategy.PRMIGRATE,
+    ) -> None:
         super().__init__(S.IDLE, f"{migration_id}/{snapshot.name}")
         self.migration_id = migration_id
         self.snapshot = snapshot  # as of setup; replaced by GuestHeld's
         self.timeouts = timeouts or Timeouts()
+        self.strategy = Strategy(strategy)
         self.registered: dict[str, int] = {}  # on the destination, from SETUP_OK
         self.read_full_status = False
         self.released: tuple[PrOp, ...] = ()  # release ops issued
@@ -163,7 +170,7 @@ class SourceMigration(MachineBase):
 
     def _on_ChannelUp(self, ev: ChannelUp, now: float) -> S:
         self.channel_open = True
-        self._send(Setup(self.migration_id, encode_snapshot(self.snapshot)))
+        self._send(Setup(self.migration_id, encode_snapshot(self.snapshot), self.strategy.value))
         self._arm(now, self.timeouts.setup)
         return S.SETUP
 
@@ -180,12 +187,14 @@ class SourceMigration(MachineBase):
         if ev.snapshot.name != self.snapshot.name:
             raise ValueError(f"GuestHeld for device {ev.snapshot.name!r}, migrating {self.snapshot.name!r}")
         self.snapshot = ev.snapshot
-        plan = takeover_plan(ev.snapshot.pr, self.registered)
+        release: tuple[PrOp, ...] = ()
+        if self.strategy is not Strategy.QEMU:  # QEMU: everything happens on the destination
+            release = takeover_plan(ev.snapshot.pr, self.registered, register_only=self.strategy.register_only).release
         self._arm(now, None)
         self.timings.takeover_started = now  # source view: release + STATE + destination ops
-        if plan.release:
-            self.released = plan.release
-            self._emit(IssuePrOps(plan.release, Phase.RELEASE))
+        if release:
+            self.released = release
+            self._emit(IssuePrOps(release, Phase.RELEASE))
             return S.RELEASING
         return self._transfer(now)
 
