@@ -1029,3 +1029,59 @@ def test_async_event_and_target_nop_in_over_the_wire() -> None:
     assert events == [(0, "UNIT ATTENTION: REPORTED LUNS DATA HAS CHANGED")]
     assert uas == [(2, "UNIT ATTENTION: REPORTED LUNS DATA HAS CHANGED")]
     assert echoed == [b"are you there"]
+
+
+def test_abort_task_over_the_wire() -> None:
+    """ABORT TASK for a command the target sits on: the TMF names the
+    command's ITT and CmdSN; on FUNCTION COMPLETE the command's future fails
+    with TaskAborted. A command still queued is dropped without asking."""
+    from prmigrate.iscsi.initiator_core import TaskAborted
+    from prmigrate.iscsi.pdu import TaskMgmtRequest, TaskMgmtResponse, TmfFunction
+
+    tmfs: list[TaskMgmtRequest] = []
+    commands: dict[int, int] = {}
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        reader = PduReader()
+        statsn = 1
+        while data := await r.read(65536):
+            reader.feed(data)
+            for raw in reader:
+                pdu = decode_pdu(raw)
+                if isinstance(pdu, LoginRequest):
+                    keys = [("AuthMethod", "None")] if pdu.csg == 0 else []
+                    # window of one command: the second waits in the queue
+                    w.write(LoginResponse(pdu.isid, 3, pdu.itt, statsn, pdu.cmdsn, pdu.cmdsn,
+                                          pdu.csg, pdu.nsg, True, data=encode_text(keys)).encode())
+                elif isinstance(pdu, ScsiCommand):
+                    commands[pdu.itt] = pdu.cmdsn
+                elif isinstance(pdu, TaskMgmtRequest):
+                    tmfs.append(pdu)
+                    w.write(TaskMgmtResponse(pdu.itt, 0, statsn, pdu.cmdsn, pdu.cmdsn).encode())
+                statsn += 1
+        w.close()
+
+    async def body() -> None:
+        server, port = await _fake_target(handler)
+        try:
+            s = await connect(f"127.0.0.1:{port}", TARGET, INITIATOR)
+            first = s.submit(0, bytes(6))
+            second = s.submit(0, bytes(6))
+            await asyncio.sleep(0.2)
+            assert len(commands) == 1  # MaxCmdSN holds the second back
+            assert await s.abort_task(second) == 0  # queued: no TMF needed
+            with pytest.raises(TaskAborted):
+                await second
+            assert tmfs == []
+            assert await s.abort_task(first) == 0
+            with pytest.raises(TaskAborted):
+                await first
+            (tmf,) = tmfs
+            (itt, cmdsn), = commands.items()
+            assert tmf.function == TmfFunction.ABORT_TASK
+            assert (tmf.referenced_itt, tmf.ref_cmdsn) == (itt, cmdsn)
+            await s.close(timeout=0.5)
+        finally:
+            server.close()
+
+    run(body(), 20)
