@@ -382,3 +382,15 @@ def test_prop_builds_cdb_and_params() -> None:
     assert cdb[0] == 0x5F and cdb[1] & 0x1F == A.PREEMPT and cdb[2] == 0x03
     assert params[:8] == K1.to_bytes(8, "big") and params[8:16] == K1.to_bytes(8, "big")
     assert params[20] & 0x01  # APTPL carried
+
+
+def test_observed_from_pr_in_replies() -> None:
+    from prmigrate.scsi.pr import ReadKeys, ReadReservation
+
+    keys = ReadKeys.decode(ReadKeys(3, (K1, K2)).encode())
+    resv = ReadReservation.decode(ReadReservation(3, K1, 0, PrType.EXCLUSIVE_ACCESS).encode())
+    obs = Observed.from_pr_in(keys, resv)
+    assert obs == Observed(frozenset({K1, K2}), K1, PrType.EXCLUSIVE_ACCESS)
+    assert obs.holds(holder(K1, PrType.EXCLUSIVE_ACCESS)) and not obs.holds(holder(K2, PrType.EXCLUSIVE_ACCESS))
+    none = Observed.from_pr_in(keys, ReadReservation.decode(ReadReservation(3).encode()))
+    assert none.reservation_key is None and not none.holds(holder(K1))

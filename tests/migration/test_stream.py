@@ -231,3 +231,17 @@ def test_garbage_never_crashes(data: bytes) -> None:
             decode_stream(blob)
         except StreamError:
             pass
+
+
+def test_build_from_device_objects() -> None:
+    from prmigrate.device.config import DeviceConfig
+    from prmigrate.device.identity import DeviceIdentity
+    from prmigrate.scsi.sense import Sense
+
+    cfg = DeviceConfig("vm1", "iscsi://127.0.0.1:3260/iqn.2026-11.test:t/0", "iqn.2026-11.test:t")
+    ident = DeviceIdentity(b"\x00" * 36, {}, 16, 512)
+    pr = DevicePrState({"iqn.g": GuestPrState(5, False, True, PrType.EXCLUSIVE_ACCESS)})
+    snap = DeviceSnapshot.build(cfg, ident, pr, {"IQN.G": [Sense.POWER_ON_RESET, (0x2A, 0x05)]})
+    back = decode_snapshot(encode_snapshot(snap))
+    assert back.device_config() == cfg and back.device_identity() == ident
+    assert back.pr.guests == pr.guests and back.ua == {"iqn.g": ((0x29, 0x00), (0x2A, 0x05))}

@@ -128,6 +128,27 @@ class DeviceSnapshot:
 
     __hash__ = None  # type: ignore[assignment]  # holds dicts
 
+    @staticmethod
+    def build(
+        config: Any,
+        identity: Any,
+        pr: DevicePrState | None = None,
+        ua: Mapping[str, Sequence[Any]] | None = None,
+    ) -> DeviceSnapshot:
+        """From a ``DeviceConfig``, a ``DeviceIdentity`` (anything with
+        ``to_dict()``), the tracked PR state, and per-guest pending unit
+        attentions given as ``scsi.sense.Sense`` members or (ASC, ASCQ)."""
+        cfg = config.to_dict()
+        pairs: dict[str, tuple[tuple[int, int], ...]] = {}
+        for guest, items in (ua or {}).items():
+            out = []
+            for item in items:
+                value = getattr(item, "value", item)  # Sense -> (key, asc, ascq)
+                out.append((int(value[-2]), int(value[-1])))
+            if out:
+                pairs[guest.lower()] = tuple(out)
+        return DeviceSnapshot(str(cfg["name"]), cfg, identity.to_dict(), pr.copy() if pr is not None else DevicePrState(), pairs)
+
     def device_config(self) -> Any:
         from ..device.config import DeviceConfig
 
