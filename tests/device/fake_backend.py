@@ -17,8 +17,15 @@ NO_FULL_STATUS = object()
 
 
 class FakeSession:
-    def __init__(self, lu: LogicalUnit, backend: FakeBackend, target: str, initiator: str,
-                 isid: int, on_unit_attention: Any = None) -> None:
+    def __init__(
+        self,
+        lu: LogicalUnit,
+        backend: FakeBackend,
+        target: str,
+        initiator: str,
+        isid: int,
+        on_unit_attention: Any = None,
+    ) -> None:
         self.lu = lu
         self.backend = backend
         self.nexus = Nexus.make(initiator, isid, target)
@@ -29,15 +36,20 @@ class FakeSession:
         self.submitted: list[bytes] = []
         lu.attach(self.nexus)
 
-    def submit(self, lun: int, cdb: bytes, data_out: Any = b"", data_in_len: int = 0,
-               **_: Any) -> asyncio.Future[Result]:
+    def submit(
+        self, lun: int, cdb: bytes, data_out: Any = b"", data_in_len: int = 0, **_: Any
+    ) -> asyncio.Future[Result]:
         if self.closed:
             from prmigrate.iscsi.initiator import ConnectionLost
 
             raise ConnectionLost("session is closed")
         cdb = bytes(cdb)
         self.submitted.append(cdb)
-        if self.backend.no_full_status and cdb[0] == 0x5E and cdb[1] & 0x1F == PrInAction.READ_FULL_STATUS:
+        if (
+            self.backend.no_full_status
+            and cdb[0] == 0x5E
+            and cdb[1] & 0x1F == PrInAction.READ_FULL_STATUS
+        ):
             from prmigrate.scsi.sense import Sense, encode_sense
 
             r = Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB))
@@ -71,13 +83,17 @@ class FakeSession:
         assert r.status == Status.GOOD, r
         return bytes(r.data_in)
 
-    async def inquiry(self, lun: int, evpd_page: int | None = None, alloc: int = 255) -> bytes:
+    async def inquiry(
+        self, evpd_page: int | None = None, alloc: int = 255, *, lun: int | None = None
+    ) -> bytes:
         import struct
 
-        cdb = struct.pack(">BBBHB", 0x12, 1 if evpd_page is not None else 0, evpd_page or 0, alloc, 0)
+        cdb = struct.pack(
+            ">BBBHB", 0x12, 1 if evpd_page is not None else 0, evpd_page or 0, alloc, 0
+        )
         return await self._good(cdb, alloc)
 
-    async def read_capacity16(self, lun: int) -> tuple[int, int]:
+    async def read_capacity16(self, *, lun: int | None = None) -> tuple[int, int]:
         import struct
 
         data = await self._good(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), 32)
@@ -93,8 +109,15 @@ class FakeBackend:
         self.no_full_status = no_full_status
         self.sessions: list[FakeSession] = []
 
-    async def connect(self, url: Any, target: str, initiator_name: str, isid: int,
-                      on_unit_attention: Any = None, **_: Any) -> FakeSession:
+    async def connect(
+        self,
+        url: Any,
+        target: str,
+        initiator_name: str,
+        isid: int,
+        on_unit_attention: Any = None,
+        **_: Any,
+    ) -> FakeSession:
         s = FakeSession(self.lu, self, target, initiator_name, isid, on_unit_attention)
         self.sessions.append(s)
         return s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import struct
 from pathlib import Path
 
@@ -30,9 +31,12 @@ from prmigrate.scsi.pr import (
     pr_out_cdb,
     pr_out_params,
 )
-from prmigrate.scsi.sense import decode_sense
+from prmigrate.iscsi.target import IscsiTarget, TargetNode
+from prmigrate.scsi.sense import Sense, decode_sense, encode_sense
 
 from .fake_backend import FakeBackend
+
+SHARED = "iqn.2026-11.org.prmigrate:shared"
 
 HOST = "iqn.2026-11.org.prmigrate:hosta"
 G1 = "iqn.2026-11.org.prmigrate:guest1"
@@ -66,39 +70,98 @@ def run(fn):
     return wrapper
 
 
+class NoFullStatusUnit(LogicalUnit):
+    """A LUN without READ FULL STATUS (like tgt): INVALID FIELD IN CDB."""
+
+    def execute(self, nexus, cdb, data_out=b""):  # type: ignore[no-untyped-def]
+        if cdb[:1] == b"\x5e" and len(cdb) > 1 and cdb[1] & 0x1F == PrInAction.READ_FULL_STATUS:
+            return Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB))
+        return super().execute(nexus, cdb, data_out)
+
+
 class Rig:
-    """One backend LU, one device in front of it, guest nexuses to drive it."""
+    """One backend LU served by our iSCSI target on a loopback port, one
+    device in front of it (reaching it with our initiator), guest nexuses
+    to drive the device directly through the LU contract.
+    ``fake=True``: the device reaches the LU through an in-process fake
+    session instead (no sockets)."""
 
     def __init__(self, tmp: Path, *, migrate_pr: bool | None = None, identity: str = "guest",
-                 no_full_status: bool = False, lun_size: int = 1 << 20) -> None:
-        self.lu = LogicalUnit(tmp / "disk.img", lun_size)
-        self.backend = FakeBackend(self.lu, no_full_status=no_full_status)
-        self.config = DeviceConfig("vm1", BACKEND, "iqn.2026-11.org.prmigrate:shared",
-                                   machine="pc-q35-11.0", migrate_pr=migrate_pr,
-                                   identity=identity)  # type: ignore[arg-type]
-        self.dev = PassthroughDevice(self.config, HOST, state_dir=tmp, connect=self.backend.connect,
-                                     fsync=False)
-        self.other = Nexus.make(OTHER, 0x23D000000001, "iqn.2026-11.org.prmigrate:shared")
+                 no_full_status: bool = False, lun_size: int = 1 << 20, fake: bool = False) -> None:
+        cls = NoFullStatusUnit if no_full_status else LogicalUnit
+        self.lu = cls(tmp / "disk.img", lun_size)
+        self.tmp = tmp
+        self.fake = fake
+        self.backend = FakeBackend(self.lu)
+        self.target: IscsiTarget | None = None
+        self.host, self.port = "127.0.0.1", 3260
+        self.config = DeviceConfig("vm1", BACKEND, SHARED, machine="pc-q35-11.0",
+                                   migrate_pr=migrate_pr, identity=identity)  # type: ignore[arg-type]
+        self.migrate_pr = migrate_pr
+        self.identity = identity
+        self.dev: PassthroughDevice = None  # type: ignore[assignment]
+        self.other = Nexus.make(OTHER, 0x23D000000001, SHARED)
         self.lu.attach(self.other)
+
+    def device(self, host_initiator: str = HOST, state_dir: Path | None = None) -> PassthroughDevice:
+        return PassthroughDevice(
+            self.config, host_initiator, state_dir=state_dir or self.tmp,
+            connect=self.backend.connect if self.fake else None, fsync=False,
+        )
+
+    async def start(self) -> None:
+        if not self.fake:
+            self.target = IscsiTarget([TargetNode(SHARED, {0: self.lu})])
+            self.host = f"127.0.0.{random.randint(2, 250)}"
+            (self.host, self.port), *_ = await self.target.start(self.host, 0)
+            url = f"iscsi://{self.host}:{self.port}/{SHARED}/0"
+            self.config = DeviceConfig("vm1", url, SHARED, machine="pc-q35-11.0",
+                                       migrate_pr=self.migrate_pr,
+                                       identity=self.identity)  # type: ignore[arg-type]
+        self.dev = self.device()
+        await self.dev.start()
+
+    async def close(self) -> None:
+        await self.dev.close()
+        if self.target is not None:
+            await self.target.close()
+
+    def backend_isids(self) -> list[int]:
+        """ISIDs of the device's backend sessions open now."""
+        if self.fake:
+            return [s.isid for s in self.backend.open_sessions()]
+        assert self.target is not None
+        return [s.isid for s in self.target.sessions(SHARED)]
 
     @staticmethod
     def nexus(guest: str, isid: int = 0x23D000000001) -> Nexus:
         return Nexus.make(guest, isid, "iqn.2026-11.org.prmigrate:vm1")
 
-    async def cmd(self, guest: str | Nexus, cdb: bytes, data: bytes = b"", n: int | None = None) -> Result:
+    async def cmd(
+        self, guest: str | Nexus, cdb: bytes, data: bytes = b"", n: int | None = None
+    ) -> Result:
         nexus = guest if isinstance(guest, Nexus) else self.nexus(guest)
         r = self.dev.execute(nexus, cdb, data, n)
         if isinstance(r, asyncio.Future):
             r = await r
         return r
 
-    async def pr_out(self, guest: str, action: int, rk: int = 0, sark: int = 0, rtype: int = 0,
-                     scope: int = 0, **flags: bool) -> Result:
+    async def pr_out(
+        self,
+        guest: str,
+        action: int,
+        rk: int = 0,
+        sark: int = 0,
+        rtype: int = 0,
+        scope: int = 0,
+        **flags: bool,
+    ) -> Result:
         params = pr_out_params(rk, sark, **flags)
         return await self.cmd(guest, pr_out_cdb(action, rtype, scope, len(params)), params)
 
-    async def pr_out_ok(self, guest: str, action: int, rk: int = 0, sark: int = 0,
-                        rtype: int = 0, **flags: bool) -> Result:
+    async def pr_out_ok(
+        self, guest: str, action: int, rk: int = 0, sark: int = 0, rtype: int = 0, **flags: bool
+    ) -> Result:
         r = await self.pr_out(guest, action, rk, sark, rtype, **flags)
         while _is_ua(r):  # a UA the LU owed this nexus: a guest would retry too
             r = await self.pr_out(guest, action, rk, sark, rtype, **flags)
@@ -114,9 +177,12 @@ class Rig:
 
     def backend_view(self) -> dict[str, GuestPrState]:
         """What the LUN's READ FULL STATUS says about each guest's nexus."""
-        r = self.lu.execute(self.other, pr_in_cdb(PrInAction.READ_FULL_STATUS, 8192))
+        def read() -> Result:  # the LU's own view, even when it hides it from the device
+            return LogicalUnit.execute(self.lu, self.other, pr_in_cdb(PrInAction.READ_FULL_STATUS, 8192))
+
+        r = read()
         while _is_ua(r):
-            r = self.lu.execute(self.other, pr_in_cdb(PrInAction.READ_FULL_STATUS, 8192))
+            r = read()
         rfs = ReadFullStatus.decode(bytes(r.data_in))
         state, _ = reconcile_full_status(DevicePrState(), rfs, self.dev.snooper.transport_ids)
         return {g: _core(s) for g, s in state.guests.items()}
@@ -135,7 +201,9 @@ def _core(s: GuestPrState) -> GuestPrState:
 
 
 def _is_ua(r: Result) -> bool:
-    return r.status == Status.CHECK_CONDITION and decode_sense(r.sense).key == SenseKey.UNIT_ATTENTION
+    return (
+        r.status == Status.CHECK_CONDITION and decode_sense(r.sense).key == SenseKey.UNIT_ATTENTION
+    )
 
 
 def _describe(r: Result) -> str:
@@ -149,9 +217,9 @@ def _sense(r: Result) -> tuple[int, int, int]:
     return int(s.key), s.asc, s.ascq
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Rig:
-    return Rig(tmp_path)
+@pytest.fixture(params=["iscsi", "fake"])
+def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Rig:
+    return Rig(tmp_path, fake=request.param == "fake")
 
 
 # ------------------------------------------------------------ forwarding
@@ -159,17 +227,18 @@ def rig(tmp_path: Path) -> Rig:
 
 @run
 async def test_reads_and_writes_are_forwarded(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     data = bytes(range(256)) * 8
     w = struct.pack(">BBQIBB", 0x8A, 0, 10, 4, 0, 0)
     assert (await rig.cmd(G1, w, data)).status == Status.GOOD
     r = await rig.cmd(G1, struct.pack(">BBQIBB", 0x88, 0, 10, 4, 0, 0))
     assert r.status == Status.GOOD and bytes(r.data_in) == data
     # the backend saw the guest's command on the guest's own nexus
-    s = [s for s in rig.backend.sessions if s.isid == derive_isid("vm1", G1)]
-    assert len(s) == 1 and s[0].nexus.initiator == HOST
+    assert rig.backend_isids().count(derive_isid("vm1", G1)) == 1
+    if not rig.fake:
+        assert [s.initiator for s in rig.target.sessions(SHARED)] == [HOST] * 2  # guest + monitor
     assert rig.dev.identity is not None and rig.dev.identity.capacity_blocks == 2048
-    await rig.dev.close()
+    await rig.close()
 
 
 def test_expected_in_len_from_cdb() -> None:
@@ -183,12 +252,12 @@ def test_expected_in_len_from_cdb() -> None:
 
 @run
 async def test_report_luns_is_the_guests_view(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     r = await rig.cmd(G1, bytes((0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0)))
     assert bytes(r.data_in) == bytes((0, 0, 0, 8, 0, 0, 0, 0)) + bytes(8)
     r = await rig.cmd(G1, bytes((0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0)))
     assert r.status == Status.CHECK_CONDITION and _sense(r) == (5, 0x24, 0)
-    await rig.dev.close()
+    await rig.close()
 
 
 # ------------------------------------------------------------ snooping
@@ -196,7 +265,7 @@ async def test_report_luns_is_the_guests_view(rig: Rig) -> None:
 
 @run
 async def test_register_reserve_release_unregister(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0xA1)
     await rig.assert_tracks()
     assert rig.tracked()[G1].key == 0xA1
@@ -214,23 +283,26 @@ async def test_register_reserve_release_unregister(rig: Rig) -> None:
     await rig.pr_out_ok(G1, REG, 0xA3, 0)  # unregistering the holder releases
     await rig.assert_tracks()
     assert G1 not in rig.tracked()
-    await rig.dev.close()
+    await rig.close()
 
 
-@pytest.mark.parametrize("action,rk,sark,rtype,status", [
-    (REG, 0x77, 0xB2, 0, Status.RESERVATION_CONFLICT),  # RK mismatch
-    (RES, 0x77, 0, WE, Status.RESERVATION_CONFLICT),  # wrong RK
-    (RES, 0xB1, 0, EA, Status.RESERVATION_CONFLICT),  # other type while holding WE
-    (REL, 0xB1, 0, EA, Status.CHECK_CONDITION),  # 26/04 wrong type
-    (CLR, 0x77, 0, 0, Status.RESERVATION_CONFLICT),
-    (PRE, 0xB1, 0, WE, Status.CHECK_CONDITION),  # SARK 0 with a non-AR reservation
-    (PRE, 0xB1, 0x4242, WE, Status.RESERVATION_CONFLICT),  # no such key
-    (PRA, 0x77, 0xB1, WE, Status.RESERVATION_CONFLICT),
-    (RES, 0xB1, 0, 2, Status.CHECK_CONDITION),  # invalid type
-])
+@pytest.mark.parametrize(
+    "action,rk,sark,rtype,status",
+    [
+        (REG, 0x77, 0xB2, 0, Status.RESERVATION_CONFLICT),  # RK mismatch
+        (RES, 0x77, 0, WE, Status.RESERVATION_CONFLICT),  # wrong RK
+        (RES, 0xB1, 0, EA, Status.RESERVATION_CONFLICT),  # other type while holding WE
+        (REL, 0xB1, 0, EA, Status.CHECK_CONDITION),  # 26/04 wrong type
+        (CLR, 0x77, 0, 0, Status.RESERVATION_CONFLICT),
+        (PRE, 0xB1, 0, WE, Status.CHECK_CONDITION),  # SARK 0 with a non-AR reservation
+        (PRE, 0xB1, 0x4242, WE, Status.RESERVATION_CONFLICT),  # no such key
+        (PRA, 0x77, 0xB1, WE, Status.RESERVATION_CONFLICT),
+        (RES, 0xB1, 0, 2, Status.CHECK_CONDITION),  # invalid type
+    ],
+)
 @run
 async def test_failures_change_nothing(rig: Rig, action, rk, sark, rtype, status) -> None:
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0xB1)
     await rig.pr_out_ok(G1, RES, 0xB1, 0, WE)
     await rig.assert_tracks()
@@ -239,23 +311,23 @@ async def test_failures_change_nothing(rig: Rig, action, rk, sark, rtype, status
     assert r.status == status, _describe(r)
     await rig.assert_tracks()
     assert rig.tracked() == before
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_failures_of_unregistered_guest(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     for action, rk, rtype in ((REG, 5, 0), (RES, 5, WE), (CLR, 5, 0), (PRE, 5, WE)):
         r = await rig.pr_out(G1, action, rk, 6, rtype)
         assert r.status == Status.RESERVATION_CONFLICT, (action, _describe(r))
         await rig.assert_tracks()
         assert rig.tracked() == {}
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_preempt_takes_reservation_from_another_initiator(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     assert rig.other_out(REG, 0, 0x0E).good
     assert rig.other_out(RES, 0x0E, 0, EA).good
     await rig.pr_out_ok(G1, REG, 0, 0xC1)
@@ -270,12 +342,12 @@ async def test_preempt_takes_reservation_from_another_initiator(rig: Rig) -> Non
     await rig.dev.verify()
     await rig.assert_tracks()
     assert rig.tracked() == {}
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_clear_by_another_initiator_is_learnt_from_the_unit_attention(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0xD1)
     await rig.pr_out_ok(G1, RES, 0xD1, 0, WERO)
     assert rig.other_out(REG, 0, 0xD2).good
@@ -285,12 +357,12 @@ async def test_clear_by_another_initiator_is_learnt_from_the_unit_attention(rig:
     assert r.status == Status.CHECK_CONDITION and _sense(r) == (6, 0x2A, 0x03)
     await rig.assert_tracks()
     assert rig.tracked() == {}
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_clear_by_the_guest_and_all_registrants(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0xE1)
     await rig.pr_out_ok(G2, REG, 0, 0xE2)
     await rig.pr_out_ok(G1, RES, 0xE1, 0, WEAR)
@@ -301,19 +373,19 @@ async def test_clear_by_the_guest_and_all_registrants(rig: Rig) -> None:
     await rig.pr_out_ok(G1, CLR, 0xE1)
     await rig.assert_tracks()
     assert rig.tracked() == {}
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_preempt_between_two_guests_of_the_device(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0x11)
     await rig.pr_out_ok(G2, REG, 0, 0x22)
     await rig.pr_out_ok(G1, RES, 0x11, 0, EA)
     await rig.pr_out_ok(G2, PRA, 0x22, 0x11, WE)
     await rig.assert_tracks()
     assert set(rig.tracked()) == {G2} and rig.tracked()[G2].holder
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
@@ -321,7 +393,7 @@ async def test_register_and_move_and_replace_lost(rig: Rig) -> None:
     from prmigrate.scsi.pr import register_and_move_params
     from prmigrate.scsi.transport_id import TransportId
 
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0x31)
     await rig.pr_out_ok(G1, RES, 0x31, 0, WE)
     dest = TransportId(OTHER, 0x23D000000001)
@@ -333,13 +405,13 @@ async def test_register_and_move_and_replace_lost(rig: Rig) -> None:
     r = await rig.pr_out(G1, RLR, 0x31, 0, WE)
     # whatever the LU answers, the tracked state follows the backend
     await rig.assert_tracks()
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_fallback_without_read_full_status(tmp_path: Path) -> None:
     rig = Rig(tmp_path, no_full_status=True)
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0x51)
     await rig.pr_out_ok(G1, RES, 0x51, 0, WE)
     assert rig.other_out(REG, 0, 0x52).good
@@ -348,7 +420,7 @@ async def test_fallback_without_read_full_status(tmp_path: Path) -> None:
     await rig.dev.drain()
     assert rig.dev._full_status is False
     assert rig.tracked() == rig.backend_view() == {}
-    await rig.dev.close()
+    await rig.close()
 
 
 # ------------------------------------------------------------ masking
@@ -358,7 +430,7 @@ async def test_fallback_without_read_full_status(tmp_path: Path) -> None:
 @run
 async def test_report_capabilities_masking(tmp_path: Path, migrate_pr: bool) -> None:
     rig = Rig(tmp_path, migrate_pr=migrate_pr)
-    await rig.dev.start()
+    await rig.start()
     direct = rig.lu.execute(rig.other, pr_in_cdb(PrInAction.REPORT_CAPABILITIES, 8))
     r = await rig.cmd(G1, pr_in_cdb(PrInAction.REPORT_CAPABILITIES, 8))
     caps = ReportCapabilities.decode(bytes(r.data_in))
@@ -372,61 +444,72 @@ async def test_report_capabilities_masking(tmp_path: Path, migrate_pr: bool) -> 
         from prmigrate.scsi.transport_id import TransportId
 
         if flags.get("spec_i_pt"):
-            params = pr_out_params(0, 0x61, spec_i_pt=True,
-                                   transport_ids=[TransportId(OTHER, None)])
+            params = pr_out_params(
+                0, 0x61, spec_i_pt=True, transport_ids=[TransportId(OTHER, None)]
+            )
         else:
             params = pr_out_params(0, 0x61, all_tg_pt=True)
-        before = len(rig.lu.pr.__dict__) if hasattr(rig.lu, "pr") else 0
         r = await rig.cmd(G1, pr_out_cdb(REG, 0, 0, len(params)), params)
-        if migrate_pr:
+        if migrate_pr:  # refused before reaching the LUN
             assert r.status == Status.CHECK_CONDITION and _sense(r) == (5, 0x26, 0)
             assert rig.backend_view() == {}
-        else:
-            assert r.status != Status.CHECK_CONDITION or _sense(r)[1] != 0x26 or before >= 0
-            await rig.dev.drain()
-            await rig.pr_out(G1, RIG, 0, 0)  # reset to unregistered
-    await rig.dev.close()
+        else:  # pure passthrough: the LUN (SIP_C and ATP_C capable) accepts it
+            assert r.status == Status.GOOD, _describe(r)
+            await rig.assert_tracks()
+            assert rig.tracked()[G1].key == 0x61
+            await rig.pr_out_ok(G1, REG, 0x61, 0)  # back to unregistered
+            await rig.assert_tracks()
+    await rig.close()
 
 
 # ------------------------------------------------------------ bad input
 
 
-BAD_INPUTS = [
-    ("short parameter list", pr_out_cdb(REG, 0, 0, 16), pr_out_params(0, 0x71)[:16]),
-    ("parameter list length 0", pr_out_cdb(REG, 0, 0, 0), b""),
-    ("truncated PR OUT CDB", pr_out_cdb(REG)[:6], pr_out_params(0, 0x71)),
-    ("unknown PR OUT service action", pr_out_cdb(0x1E), pr_out_params(0, 0x71)),
-    ("unknown PR IN service action", pr_in_cdb(0x1D, 100), b""),
-    ("truncated PR IN CDB", pr_in_cdb(PrInAction.READ_KEYS, 100)[:5], b""),
-    ("empty CDB", b"", b""),
-] + [
-    (f"REPORT CAPABILITIES alloc {n}", pr_in_cdb(PrInAction.REPORT_CAPABILITIES, n), b"")
-    for n in range(8)
-] + [
-    (f"READ KEYS alloc {n}", pr_in_cdb(PrInAction.READ_KEYS, n), b"") for n in range(8)
-]
+BAD_INPUTS = (
+    [
+        ("short parameter list", pr_out_cdb(REG, 0, 0, 16), pr_out_params(0, 0x71)[:16]),
+        ("parameter list length 0", pr_out_cdb(REG, 0, 0, 0), b""),
+        ("truncated PR OUT CDB", pr_out_cdb(REG)[:6], pr_out_params(0, 0x71)),
+        ("unknown PR OUT service action", pr_out_cdb(0x1E), pr_out_params(0, 0x71)),
+        ("unknown PR IN service action", pr_in_cdb(0x1D, 100), b""),
+        ("truncated PR IN CDB", pr_in_cdb(PrInAction.READ_KEYS, 100)[:5], b""),
+        ("empty CDB", b"", b""),
+    ]
+    + [
+        (f"REPORT CAPABILITIES alloc {n}", pr_in_cdb(PrInAction.REPORT_CAPABILITIES, n), b"")
+        for n in range(8)
+    ]
+    + [(f"READ KEYS alloc {n}", pr_in_cdb(PrInAction.READ_KEYS, n), b"") for n in range(8)]
+)
 
 
 @pytest.mark.parametrize("what,cdb,data", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 @pytest.mark.parametrize("migrate_pr", [True, False])
+@pytest.mark.parametrize("fake", [False, True], ids=["iscsi", "fake"])
 @run
-async def test_bad_guest_input_answered_like_the_lun(tmp_path: Path, what, cdb, data,
-                                                      migrate_pr) -> None:
-    rig = Rig(tmp_path, migrate_pr=migrate_pr)
-    await rig.dev.start()
+async def test_bad_guest_input_answered_like_the_lun(
+    tmp_path: Path, what, cdb, data, migrate_pr, fake
+) -> None:
+    rig = Rig(tmp_path, migrate_pr=migrate_pr, fake=fake)
+    await rig.start()
     reference = LogicalUnit(tmp_path / "ref.img", 1 << 20)
     ref_nexus = Nexus.make(HOST, 1, "t")
     reference.attach(ref_nexus)
     await rig.cmd(G1, bytes(6))  # consume the LU's first-contact UA, if any
     reference.execute(ref_nexus, bytes(6))
-    want = reference.execute(ref_nexus, cdb, data)
+    # the iSCSI CDB field is 16 bytes: a short CDB reaches the LUN padded
+    want = reference.execute(ref_nexus, cdb if rig.fake else cdb.ljust(16, b"\0"), data)
     got = await rig.cmd(G1, cdb, data, None if cdb else 0)
     want_data = bytes(want.data_in)
     if migrate_pr and cdb[:1] == b"\x5e" and len(cdb) > 1 and cdb[1] == 2 and len(want_data) > 2:
         want_data = want_data[:2] + bytes((want_data[2] & ~0x0C,)) + want_data[3:]
-    assert (got.status, bytes(got.data_in), bytes(got.sense)) == (want.status, want_data, bytes(want.sense))
+    assert (got.status, bytes(got.data_in), bytes(got.sense)) == (
+        want.status,
+        want_data,
+        bytes(want.sense),
+    )
     await rig.assert_tracks()
-    await rig.dev.close()
+    await rig.close()
 
 
 # ------------------------------------------------------------ identity
@@ -434,10 +517,10 @@ async def test_bad_guest_input_answered_like_the_lun(tmp_path: Path, what, cdb, 
 
 @run
 async def test_two_guests_get_two_nexuses(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0x81)
     await rig.pr_out_ok(G2, REG, 0, 0x82)
-    isids = {s.isid for s in rig.backend.open_sessions()}
+    isids = set(rig.backend_isids())
     assert derive_isid("vm1", G1) in isids and derive_isid("vm1", G2) in isids
     await rig.assert_tracks()
     assert rig.tracked()[G1].key == 0x81 and rig.tracked()[G2].key == 0x82
@@ -445,35 +528,37 @@ async def test_two_guests_get_two_nexuses(rig: Rig) -> None:
     n2 = rig.nexus(G1, 0x23D000000099)
     r = await rig.cmd(n2, pr_in_cdb(PrInAction.READ_KEYS, 100))
     assert r.status == Status.GOOD
-    assert len([s for s in rig.backend.sessions if s.isid == derive_isid("vm1", G1)]) == 1
+    assert rig.backend_isids().count(derive_isid("vm1", G1)) == 1
     info = rig.dev.describe()
     assert set(info["backend-nexus"]) == {G1, G2}  # type: ignore[arg-type]
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_identity_host_shares_one_nexus(tmp_path: Path) -> None:
     rig = Rig(tmp_path, identity="host")
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0x91)
     r = await rig.pr_out(G2, REG, 0, 0x92)  # same nexus: RK 0 no longer matches
     assert r.status == Status.RESERVATION_CONFLICT
-    guest_sessions = [s for s in rig.backend.sessions if s.isid == derive_isid("vm1", None)]
-    assert len(guest_sessions) == 1
+    assert rig.backend_isids().count(derive_isid("vm1", None)) == 1
+    assert len(rig.backend_isids()) == 2  # the shared nexus and the monitor
     await rig.assert_tracks()
     assert rig.tracked() == {"*": GuestPrState(0x91)}
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_guest_leaving_ends_its_backend_nexus(rig: Rig) -> None:
     """SCSI-2 RESERVE held by a guest is dropped when its session ends."""
-    await rig.dev.start()
+    await rig.start()
     n = rig.nexus(G1)
     await rig.cmd(n, bytes(6))
     assert (await rig.cmd(n, bytes((0x16, 0, 0, 0, 0, 0)))).status == Status.GOOD
-    assert rig.lu.execute(rig.other, struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0)).status == \
-        Status.RESERVATION_CONFLICT
+    assert (
+        rig.lu.execute(rig.other, struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0)).status
+        == Status.RESERVATION_CONFLICT
+    )
     rig.dev.nexus_lost(n)
     await asyncio.sleep(0.01)
     await rig.dev.drain()
@@ -482,9 +567,12 @@ async def test_guest_leaving_ends_its_backend_nexus(rig: Rig) -> None:
         r = rig.lu.execute(rig.other, struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0))
     assert r.status == Status.GOOD
     # the guest comes back: a new backend session with the same ISID
-    assert (await rig.cmd(rig.nexus(G1, 0x23D000000002), bytes(6))).status in (Status.GOOD, Status.CHECK_CONDITION)
-    assert len([s for s in rig.backend.open_sessions() if s.isid == derive_isid("vm1", G1)]) == 1
-    await rig.dev.close()
+    assert (await rig.cmd(rig.nexus(G1, 0x23D000000002), bytes(6))).status in (
+        Status.GOOD,
+        Status.CHECK_CONDITION,
+    )
+    assert rig.backend_isids().count(derive_isid("vm1", G1)) == 1
+    await rig.close()
 
 
 # ------------------------------------------------------------ migration hooks
@@ -492,7 +580,7 @@ async def test_guest_leaving_ends_its_backend_nexus(rig: Rig) -> None:
 
 @run
 async def test_hold_drain_release_and_discard(rig: Rig) -> None:
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0xF1)
     rig.dev.hold()
     fut = rig.dev.execute(rig.nexus(G1), bytes(6), b"", 0)
@@ -509,7 +597,7 @@ async def test_hold_drain_release_and_discard(rig: Rig) -> None:
     assert rig.dev.discard_held() == 1
     await asyncio.sleep(0.01)
     assert not fut2.done() and rig.dev.held
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
@@ -517,14 +605,13 @@ async def test_takeover_hooks_and_journal(tmp_path: Path) -> None:
     """A destination device restores the state and takes the reservation
     over from the source nexus with REGISTER + PREEMPT."""
     rig = Rig(tmp_path)
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0xAB)
     await rig.pr_out_ok(G1, RES, 0xAB, 0, EA)
     snap = rig.dev.snapshot()
     dst_dir = tmp_path / "dst"
     dst_dir.mkdir()
-    dst = PassthroughDevice(rig.config, "iqn.2026-11.org.prmigrate:hostb", state_dir=dst_dir,
-                            connect=rig.backend.connect, fsync=False)
+    dst = rig.device("iqn.2026-11.org.prmigrate:hostb", dst_dir)
     await dst.start()
     dst.restore(snap.state, snap.identity, snap.pending_uas)
     r = await dst.pr_out(G1, REG, 0, 0, 0xAB)
@@ -542,17 +629,17 @@ async def test_takeover_hooks_and_journal(tmp_path: Path) -> None:
     await rig.dev.verify()
     assert rig.tracked() == {}
     await dst.close()
-    await rig.dev.close()
+    await rig.close()
 
 
 @run
 async def test_journal_survives_restart(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
-    await rig.dev.start()
+    await rig.start()
     await rig.pr_out_ok(G1, REG, 0, 0xCD, aptpl=False)
     await rig.dev.close()
-    again = PassthroughDevice(rig.config, HOST, state_dir=tmp_path, connect=rig.backend.connect,
-                              fsync=False)
-    await again.start()
-    assert again.snooper.state.get(G1).key == 0xCD
-    await again.close()
+    rig.dev = rig.device()
+    await rig.dev.start()
+    assert rig.dev.snooper.state.get(G1).key == 0xCD
+    await rig.assert_tracks()
+    await rig.close()

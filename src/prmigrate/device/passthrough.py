@@ -109,7 +109,7 @@ from ..scsi.pr import (
     pr_out_cdb,
     pr_out_params,
 )
-from ..scsi.sense import CheckCondition, Sense, SenseDecodeError, decode_sense, encode_sense
+from ..scsi.sense import Sense, SenseDecodeError, decode_sense, encode_sense
 from .config import DeviceConfig
 from .identity import (
     BackendPort,
@@ -194,6 +194,8 @@ _IN_LEN: dict[int, Callable[[bytes, int], int]] = {
     Opcode.MAINTENANCE_IN: lambda c, b: _be(c, 6, 4),
     Opcode.PERSISTENT_RESERVE_IN: lambda c, b: _be(c, 7, 2),
     Opcode.READ_DEFECT_DATA_12: lambda c, b: _be(c, 6, 4),
+    Opcode.RECEIVE_DIAGNOSTIC_RESULTS: lambda c, b: _be(c, 3, 2),
+    Opcode.READ_BUFFER: lambda c, b: _be(c, 6, 3),
     # data-out or no-data commands of groups that would otherwise guess
     Opcode.TEST_UNIT_READY: _ZERO,
     Opcode.START_STOP_UNIT: _ZERO,
@@ -220,6 +222,10 @@ _IN_LEN: dict[int, Callable[[bytes, int], int]] = {
     Opcode.RESERVE_10: _ZERO,
     Opcode.RELEASE_10: _ZERO,
 }
+# Commands that only move data in: a guest flagging one as a write (the
+# iSCSI W bit with data) has its data ignored, as a LUN would; forwarding the
+# data would make the backend answer Data-In to a write.
+_DATA_IN_ONLY = frozenset(op for op, rule in _IN_LEN.items() if rule is not _ZERO)
 
 
 # ------------------------------------------------------------ backends
@@ -297,7 +303,9 @@ class PassthroughDevice:
         self._verify_again = False
         self._held: list[_Held] | None = None
         self._closed = False
-        self.on_state_change: Callable[[PassthroughDevice, tuple[StateChange, ...]], Any] | None = None
+        self.on_state_change: Callable[[PassthroughDevice, tuple[StateChange, ...]], Any] | None = (
+            None
+        )
         self._special: dict[int, Callable[..., Any]] = {
             Opcode.PERSISTENT_RESERVE_OUT: self._pr_out,
             Opcode.PERSISTENT_RESERVE_IN: self._pr_in,
@@ -402,8 +410,11 @@ class PassthroughDevice:
             **opts,
         )
         self.log.info(
-            "backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isid,
-            self.target_iqn, what,
+            "backend nexus %s,i,0x%012x -> %s (%s) open",
+            self.host_initiator,
+            isid,
+            self.target_iqn,
+            what,
         )
         return session
 
@@ -452,9 +463,7 @@ class PassthroughDevice:
         assert self._monitor_lock is not None
         async with self._monitor_lock:
             if self._monitor is None:
-                self._monitor = await self._open_session(
-                    derive_isid(self.name, MONITOR), "monitor"
-                )
+                self._monitor = await self._open_session(derive_isid(self.name, MONITOR), "monitor")
             return self._monitor
 
     # ------------------------------------------------------ forwarding
@@ -465,7 +474,15 @@ class PassthroughDevice:
             fut = session.submit(self.lun, cdb, data_out, 0 if len(data_out) else n)
         except (IscsiError, ValueError) as exc:
             self.log.warning("cannot forward CDB %s: %s", bytes(cdb[:16]).hex(), exc)
-            return Result(_CHECK, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB if isinstance(exc, ValueError) else Sense.COMMAND_ABORTED))
+            return Result(
+                _CHECK,
+                b"",
+                encode_sense(
+                    Sense.INVALID_FIELD_IN_CDB
+                    if isinstance(exc, ValueError)
+                    else Sense.COMMAND_ABORTED
+                ),
+            )
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
         return fut
@@ -527,6 +544,8 @@ class PassthroughDevice:
         op = cdb[0] if cdb else -1
         if b.owed_uas and op not in _UA_EXEMPT:
             return Result(_CHECK, b"", b.owed_uas.pop(0))
+        if data_out and op in _DATA_IN_ONLY:
+            data_out = b""
         if data_in_len is None:
             data_in_len = expected_in_len(
                 cdb, self.identity.block_size if self.identity is not None else 512
@@ -537,9 +556,7 @@ class PassthroughDevice:
         return self._submit(b, cdb, data_out, data_in_len)
 
     # --------------------------------------------------- special cases
-    def _report_luns(
-        self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int
-    ) -> Result:
+    def _report_luns(self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int) -> Result:
         """SPC-5 6.33, answered by the device: the guest's one LUN."""
         if len(cdb) < 12:
             return Result(_CHECK, b"", encode_sense(Sense.INVALID_OPCODE))
@@ -550,7 +567,7 @@ class PassthroughDevice:
             return self._invalid_cdb(6)
         if b.owed_uas and b.owed_uas[0][12:14] == b"\x3f\x0e":
             b.owed_uas.pop(0)
-        luns = [] if select == 0x01 else [self.frontend_lun]
+        luns = [] if select == 0x01 else sorted(set(self.report_luns()))
         body = b"".join(
             bytes((0, lun, 0, 0, 0, 0, 0, 0))
             if lun < 256
@@ -645,7 +662,9 @@ class PassthroughDevice:
         outcome = self.snooper.observe(guest, cdb, data, result)
         action = outcome.action.name if outcome.action is not None else "PR OUT"
         self.log.info(
-            "guest %s %s -> %s%s", outcome.guest or guest, action,
+            "guest %s %s -> %s%s",
+            outcome.guest or guest,
+            action,
             _initiator.describe_result(result),
             f" ({outcome.note})" if outcome.note else "",
         )
@@ -737,7 +756,9 @@ class PassthroughDevice:
             r = await self._monitor_run(pr_in_cdb(PrInAction.READ_FULL_STATUS, alloc), alloc)
             if r.status == _CHECK and _sense_triple(r.sense) in _NOT_IMPLEMENTED:
                 if self._full_status is None:
-                    self.log.info("backend has no READ FULL STATUS: using READ KEYS + READ RESERVATION")
+                    self.log.info(
+                        "backend has no READ FULL STATUS: using READ KEYS + READ RESERVATION"
+                    )
                 self._full_status = False
                 return None
             if r.status != _GOOD:
@@ -787,6 +808,19 @@ class PassthroughDevice:
         return changes
 
     # --------------------------------------------------------- guest events
+    @property
+    def block_size(self) -> int:
+        """Used by the target for write residuals."""
+        return self.identity.block_size if self.identity is not None else 512
+
+    def report_luns(self) -> list[int]:
+        """The LUNs REPORT LUNS lists (the target node replaces this)."""
+        return [self.frontend_lun]
+
+    def attach(self, nexus: Nexus) -> None:
+        """A guest logged in (called by the target for each new nexus)."""
+        self._backend(nexus.initiator).frontends.add(nexus)
+
     def nexus_lost(self, nexus: Nexus) -> None:
         key = state_key(self.mode, nexus.initiator)
         b = self._backends.get(key)
@@ -835,8 +869,10 @@ class PassthroughDevice:
     async def drain(self) -> None:
         """Wait for every forwarded command and the snooping/verification
         that follows it."""
-        while self._inflight or self._verifying is not None or any(
-            b.opening is not None for b in self._backends.values()
+        while (
+            self._inflight
+            or self._verifying is not None
+            or any(b.opening is not None for b in self._backends.values())
         ):
             waits: list[Any] = list(self._inflight)
             if self._verifying is not None:
@@ -926,22 +962,26 @@ class PassthroughDevice:
     async def capture_identity(self) -> DeviceIdentity:
         """Standard INQUIRY, VPD 80h/83h and READ CAPACITY(16) from the backend."""
         s = await self._monitor_session()
-        std = await s.inquiry(self.lun, alloc=255)
+        std = await s.inquiry(alloc=255, lun=self.lun)
         vpd: dict[int, bytes] = {}
         for page in (0x80, 0x83):
             try:
-                vpd[page] = await s.inquiry(self.lun, page, alloc=255)
+                vpd[page] = await s.inquiry(page, alloc=255, lun=self.lun)
             except IscsiError:
                 pass
         try:
-            blocks, size = await s.read_capacity16(self.lun)
+            blocks, size = await s.read_capacity16(lun=self.lun)
             rc = struct.pack(">QI", blocks - 1, size)
         except IscsiError:
             rc = None
         ident = DeviceIdentity.capture(std, vpd, rc)
         self.log.info(
-            "backend LUN: %s %s serial %s, %d x %d bytes", ident.vendor, ident.product,
-            ident.serial, ident.capacity_blocks, ident.block_size,
+            "backend LUN: %s %s serial %s, %d x %d bytes",
+            ident.vendor,
+            ident.product,
+            ident.serial,
+            ident.capacity_blocks,
+            ident.block_size,
         )
         return ident
 
@@ -1024,7 +1064,6 @@ def _is_ua(r: Result) -> bool:
 
 
 __all__ = [
-    "CheckCondition",
     "DeviceError",
     "DeviceSnapshot",
     "MONITOR",

@@ -1,0 +1,342 @@
+"""The host daemon: passthrough devices, their guest frontend, the control API.
+
+One process per host. It owns:
+
+* ``devices``: one ``PassthroughDevice`` per configured device, each
+  fronting the shared LUN through its own backend sessions;
+* ``target``: one ``IscsiTarget`` listening on ``--listen`` (the guest
+  frontend) with one target node per device: node name
+  ``config.frontend_iqn`` (default ``default_frontend_iqn(device)``), the
+  device as its LUN 0, an ACL of the ``guests=`` names when given;
+* ``control``: the JSON control server on ``--control`` (``control.py``);
+* ``state_dir``: the devices' PR journals (``<device>.pr.json``).
+
+Extending it (the migration service does, from its own module)::
+
+    daemon.control.register_command("migrate", handler)   # async handler(args) -> obj
+    dev = await daemon.add_device(config, identity=ident, state=state)
+    await daemon.remove_device("vm1")                     # node gone, sessions closed
+    daemon.get_device("vm1")                              # KeyError -> DeviceNotFound
+    daemon.emit({"event": "MIGRATION", "device": "vm1", "status": "active"})
+    daemon.add_listener(fn)                               # fn(event) for in-process users
+
+Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
+``query-commands``, ``device-verify`` {device}, ``subscribe``, ``quit``.
+Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
+``SHUTDOWN``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import __version__ as _version
+from ..device.config import DeviceConfig
+from ..device.identity import DeviceIdentity
+from ..device.machine import list_machines, resolve_machine
+from ..device.passthrough import DeviceError, PassthroughDevice
+from ..device.state import DevicePrState, StateChange
+from ..iscsi.target import IscsiTarget, TargetNode
+from .config import HostConfig
+from .control import CommandError, ControlServer, event_message
+
+log = logging.getLogger(__name__)
+
+FRONTEND_PREFIX = "iqn.2026-11.org.prmigrate"
+
+
+def default_frontend_iqn(device: str) -> str:
+    """The guest-facing node name of a device configured without one."""
+    return f"{FRONTEND_PREFIX}:{device.lower()}"
+
+
+def frontend_iqn(config: DeviceConfig) -> str:
+    return config.frontend_iqn or default_frontend_iqn(config.name)
+
+
+class HostDaemon:
+    def __init__(self, config: HostConfig, *, connect: Callable[..., Any] | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.initiator = config.initiator
+        self.devices: dict[str, PassthroughDevice] = {}
+        self.target = IscsiTarget(keepalive=config.keepalive)
+        self.control: ControlServer | None = None
+        if config.control is not None:
+            self.control = ControlServer(
+                config.control, {"host": config.name, "version": _version}
+            )
+            self._register_builtin(self.control)
+        self.listening: list[tuple[str, int]] = []
+        self._listeners: list[Callable[[dict[str, Any]], Any]] = []
+        self._connect = connect
+        self._stop = asyncio.Event()
+        self.log = logging.LoggerAdapter(log, {"host": config.name})
+
+    # ------------------------------------------------------------- life
+    async def start(self) -> None:
+        if self.config.state_dir is not None:
+            Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
+        for dc in self.config.devices:
+            await self.add_device(dc)
+        for host, port in self.config.listen:
+            self.listening += await self.target.start(host, port)
+        if self.control is not None:
+            await self.control.start()
+        self.log.info(
+            "host %s (initiator %s) serving %d device(s) on %s",
+            self.name,
+            self.initiator,
+            len(self.devices),
+            ", ".join(f"{h}:{p}" for h, p in self.listening),
+        )
+
+    async def serve_forever(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        self.emit({"event": "SHUTDOWN", "host": self.name})
+        await self.target.close()
+        for dev in list(self.devices.values()):
+            await dev.close()
+        if self.control is not None:
+            await self.control.close()
+        self.log.info("host %s stopped", self.name)
+
+    # ---------------------------------------------------------- devices
+    async def add_device(
+        self,
+        config: DeviceConfig,
+        identity: DeviceIdentity | None = None,
+        state: DevicePrState | None = None,
+        *,
+        pending_uas: dict[str, list[bytes]] | None = None,
+        expose: bool = True,
+    ) -> PassthroughDevice:
+        """Create, start and (``expose``) publish a device on the frontend.
+        ``identity``/``state``/``pending_uas``: what an incoming migration
+        carries (the state is journaled at once)."""
+        if config.name in self.devices:
+            raise CommandError("GenericError", f"device {config.name!r} exists")
+        node_name = frontend_iqn(config)
+        if self.target.node(node_name) is not None:
+            raise CommandError("GenericError", f"target node {node_name} is in use")
+        dev = PassthroughDevice(
+            config,
+            self.initiator,
+            state_dir=self.config.state_dir,
+            identity=identity,
+            connect=self._connect,
+        )
+        dev.on_state_change = self._state_changed
+        if state is not None:
+            dev.snooper.state = state.copy()
+        await dev.start()
+        if state is not None or pending_uas:
+            dev.restore(dev.snooper.state, identity, pending_uas)
+        self.devices[config.name] = dev
+        if expose:
+            self.expose(config.name)
+        self.emit({"event": "DEVICE_ADDED", "device": config.name, "node": node_name})
+        return dev
+
+    def expose(self, name: str) -> TargetNode:
+        """Publish the device's target node on the frontend (idempotent)."""
+        dev = self.get_device(name)
+        node_name = frontend_iqn(dev.config)
+        node = self.target.node(node_name)
+        if node is None:
+            acl = set(dev.config.guests) if dev.config.guests is not None else None
+            node = TargetNode(node_name, {0: dev}, acl, alias=f"{self.name}/{name}")
+            self.target.add_node(node)
+            dev.log.info(
+                "guest frontend %s (LUN 0) -> backend %s lun %d, migrate-pr %s, identity %s",
+                node_name,
+                dev.config.backend_url,
+                dev.lun,
+                "on" if dev.migrate_pr else "off",
+                dev.config.identity,
+            )
+        return node
+
+    def unexpose(self, name: str) -> None:
+        """Withdraw the node (its sessions are dropped, nexus loss to the device)."""
+        dev = self.get_device(name)
+        self.target.remove_node(frontend_iqn(dev.config))
+
+    async def remove_device(self, name: str, *, forget_state: bool = False) -> None:
+        """Withdraw the frontend node, close the backend sessions; with
+        ``forget_state`` also delete the journal (the device moved away)."""
+        dev = self.get_device(name)
+        self.target.remove_node(frontend_iqn(dev.config))
+        del self.devices[name]
+        await dev.close()
+        if forget_state and dev.journal is not None:
+            dev.journal.remove()
+        self.emit({"event": "DEVICE_REMOVED", "device": name})
+
+    def get_device(self, name: str) -> PassthroughDevice:
+        dev = self.devices.get(name)
+        if dev is None:
+            raise CommandError("DeviceNotFound", f"device {name!r} not found")
+        return dev
+
+    # ------------------------------------------------------------ events
+    def add_listener(self, fn: Callable[[dict[str, Any]], Any]) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[dict[str, Any]], Any]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Send ``event`` (``{"event": NAME, ...}``) to control subscribers
+        and in-process listeners."""
+        msg = event_message(event)
+        if self.control is not None:
+            self.control.broadcast(msg)
+        for fn in list(self._listeners):
+            try:
+                fn(msg)
+            except Exception:
+                self.log.exception("event listener failed")
+
+    def _state_changed(self, dev: PassthroughDevice, changes: tuple[StateChange, ...]) -> None:
+        self.emit(
+            {
+                "event": "PR_STATE_CHANGED",
+                "device": dev.name,
+                "changes": [
+                    {"guest": c.guest, "reason": c.reason, "after": c.after.to_dict()}
+                    for c in changes
+                ],
+            }
+        )
+
+    # ------------------------------------------------------------ control
+    def _register_builtin(self, control: ControlServer) -> None:
+        control.register_command("query-devices", self._cmd_query_devices)
+        control.register_command("query-machines", self._cmd_query_machines)
+        control.register_command("query-host", self._cmd_query_host)
+        control.register_command("device-verify", self._cmd_device_verify)
+        control.register_command("quit", self._cmd_quit)
+
+    def _cmd_query_devices(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for name, dev in sorted(self.devices.items()):
+            if "device" in args and args["device"] != name:
+                continue
+            d = dev.describe()
+            node = frontend_iqn(dev.config)
+            sessions = self.target.sessions(node) if self.target.node(node) else []
+            d["frontend"] = {
+                "node": node,
+                "exposed": self.target.node(node) is not None,
+                "urls": [f"iscsi://{h}:{p}/{node}/0" for h, p in self.listening],
+                "sessions": sorted(f"{s.initiator},i,0x{s.isid:012x}" for s in sessions),
+            }
+            d["machine-info"] = {
+                "resolved": resolve_machine(dev.config.machine).name,
+            }
+            out.append(d)
+        if "device" in args and not out:
+            raise CommandError("DeviceNotFound", f"device {args['device']!r} not found")
+        return out
+
+    def _cmd_query_machines(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": m.name,
+                "alias-of": m.alias_of,
+                "migrate-pr-default": m.default_migrate_pr,
+            }
+            for m in list_machines()
+        ]
+
+    def _cmd_query_host(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "initiator": self.initiator,
+            "listen": [f"{h}:{p}" for h, p in self.listening],
+            "state-dir": None if self.config.state_dir is None else str(self.config.state_dir),
+            "devices": sorted(self.devices),
+        }
+
+    async def _cmd_device_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = args.get("device")
+        if not isinstance(name, str):
+            raise CommandError("InvalidParameter", "device: expected a device name")
+        dev = self.get_device(name)
+        try:
+            changes = await dev.verify()
+        except DeviceError as e:
+            raise CommandError("GenericError", str(e)) from e
+        return {"changes": [c.describe() for c in changes]}
+
+    def _cmd_quit(self, args: dict[str, Any]) -> dict[str, Any]:
+        asyncio.get_running_loop().call_soon(self.request_stop)
+        return {}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message and the
+    adapter's context (device, host, session...)."""
+
+    _STD = frozenset(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for k, v in vars(record).items():
+            if k not in self._STD and k not in obj and not k.startswith("_"):
+                obj[k] = v if isinstance(v, str | int | float | bool | None) else str(v)
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
+class ContextFormatter(logging.Formatter):
+    """Text lines with the adapter's context: ``[device=vm1] message``."""
+
+    _STD = JsonFormatter._STD
+
+    def format(self, record: logging.LogRecord) -> str:
+        ctx = " ".join(
+            f"{k}={v}"
+            for k, v in vars(record).items()
+            if k not in self._STD and not k.startswith("_") and k not in ("message", "asctime")
+        )
+        text = super().format(record)
+        if ctx:
+            head, sep, msg = text.partition(": ")
+            return f"{head}: [{ctx}] {msg}" if sep else f"[{ctx}] {text}"
+        return text
+
+
+def setup_logging(fmt: str, level: int) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            ContextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
