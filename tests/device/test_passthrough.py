@@ -21,6 +21,7 @@ from prmigrate.device.journal import PrJournal
 from prmigrate.device.passthrough import PassthroughDevice, expected_in_len
 from prmigrate.device.reconcile import reconcile_full_status
 from prmigrate.device.state import DevicePrState, GuestPrState
+from prmigrate.iscsi.target import IscsiTarget, TargetNode
 from prmigrate.lun.types import Nexus, Result
 from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, SenseKey, Status
@@ -31,7 +32,6 @@ from prmigrate.scsi.pr import (
     pr_out_cdb,
     pr_out_params,
 )
-from prmigrate.iscsi.target import IscsiTarget, TargetNode
 from prmigrate.scsi.sense import Sense, decode_sense, encode_sense
 
 from .fake_backend import FakeBackend
