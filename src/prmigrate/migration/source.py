@@ -309,7 +309,8 @@ class SourceMigration(MachineBase):
             if self._pending is not None or not ev.ok:
                 return self._reclaim(now)
             return self._transfer(now)
-        # RECLAIMING
+        # RECLAIMING: the guest is still held, so these count as pause round trips
+        self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
         if ev.ok:
             return self._resume_local(now)
         ops = self._reclaim_ops
