@@ -643,3 +643,20 @@ async def test_journal_survives_restart(tmp_path: Path) -> None:
     assert rig.dev.snooper.state.get(G1).key == 0xCD
     await rig.assert_tracks()
     await rig.close()
+
+
+@run
+async def test_unit_attentions_owed_to_the_guest_survive_a_snapshot(rig: Rig) -> None:
+    await rig.start()
+    rig.dev.restore(DevicePrState(), None, {G1: [(6, 0x2A, 0x03), Sense.REGISTRATIONS_PREEMPTED]})
+    assert rig.dev.snapshot().pending_uas == {G1: [(6, 0x2A, 0x03), (6, 0x2A, 0x05)]}
+    inq = await rig.cmd(G1, bytes((0x12, 0, 0, 0, 36, 0)))
+    assert inq.status == Status.GOOD  # INQUIRY is not interrupted (SPC-5 5.15)
+    r = await rig.cmd(G1, bytes(6))
+    assert r.status == Status.CHECK_CONDITION and _sense(r) == (6, 0x2A, 0x03)
+    r = await rig.cmd(G1, bytes(6))
+    assert _sense(r) == (6, 0x2A, 0x05)
+    r = await rig.cmd(G2, bytes(6))  # owed to G1 only
+    assert r.status in (Status.GOOD, Status.CHECK_CONDITION) and (r.good or _sense(r)[1] != 0x2A)
+    assert rig.dev.snapshot().pending_uas == {}
+    await rig.close()

@@ -62,9 +62,10 @@ Hooks for the migration service
     After a successful move: forget the queued commands without answering
     (the guest re-issues them on the destination). The device stays held.
 ``snapshot() -> DeviceSnapshot``
-    ``(config, identity, state, pending_uas)``; a tuple-like frozen record.
-    ``pending_uas``: state key -> sense bytes of unit attentions the device
-    took on the guest's nexus (its own commands) and still owes the guest.
+    ``(config, identity, state, pending_uas)``, a NamedTuple.
+    ``pending_uas``: state key -> [(sense key, ASC, ASCQ)] of unit attentions
+    the device took on the guest's nexus (its own commands, e.g. the
+    takeover) and still owes the guest: reported on its next command.
 ``restore(state, identity=None, pending_uas=None)``
     Destination: adopt a migrated state (journaled at once).
 ``await backend_session(guest) -> Session``
@@ -150,7 +151,7 @@ class DeviceSnapshot(NamedTuple):
     config: DeviceConfig
     identity: DeviceIdentity | None
     state: DevicePrState
-    pending_uas: dict[str, list[bytes]]
+    pending_uas: dict[str, list[tuple[int, int, int]]]  # (key, ASC, ASCQ)
 
 
 # ------------------------------------------------------ expected data-in
@@ -908,23 +909,28 @@ class PassthroughDevice:
             self.config,
             self.identity,
             self.snooper.state.copy(),
-            {b.key: list(b.owed_uas) for b in self._backends.values() if b.owed_uas},
+            {
+                b.key: [t for t in (_sense_triple(u) for u in b.owed_uas) if t is not None]
+                for b in self._backends.values()
+                if b.owed_uas
+            },
         )
 
     def restore(
         self,
         state: DevicePrState,
         identity: DeviceIdentity | None = None,
-        pending_uas: dict[str, list[bytes]] | None = None,
+        pending_uas: dict[str, list[Any]] | None = None,
     ) -> None:
-        """Adopt a migrated state (and identity, and UAs owed to guests)."""
+        """Adopt a migrated state (and identity, and UAs owed to guests:
+        (key, ASC, ASCQ) or (ASC, ASCQ) tuples, ``Sense`` members or sense bytes)."""
         self.snooper.state = state.copy()
         for guest in state.guests:
             self._note_port(guest)
         if identity is not None:
             self.identity = identity
         for key, uas in (pending_uas or {}).items():
-            self._backend(key).owed_uas.extend(uas)
+            self._backend(key).owed_uas.extend(_ua_sense(u) for u in uas)
         self._save()
         self.log.info("restored PR state: %s", self._describe_state() or "none")
 
@@ -1054,6 +1060,21 @@ def _sense_triple(sense: bytes) -> tuple[int, int, int] | None:
     except SenseDecodeError:
         return None
     return (int(s.key), s.asc, s.ascq)
+
+
+def _ua_sense(ua: Any) -> bytes:
+    """Fixed-format sense for a unit attention given in any of the forms
+    ``restore`` accepts."""
+    if isinstance(ua, bytes | bytearray):
+        return bytes(ua)
+    value = getattr(ua, "value", ua)
+    asc, ascq = int(value[-2]), int(value[-1])
+    known = Sense.lookup(SenseKey.UNIT_ATTENTION, asc, ascq)
+    if known is not None:
+        return encode_sense(known)
+    raw = bytearray(encode_sense(Sense.POWER_ON_RESET))
+    raw[12], raw[13] = asc, ascq
+    return bytes(raw)
 
 
 def _is_ua(r: Result) -> bool:

@@ -119,7 +119,7 @@ class HostDaemon:
         identity: DeviceIdentity | None = None,
         state: DevicePrState | None = None,
         *,
-        pending_uas: dict[str, list[bytes]] | None = None,
+        pending_uas: dict[str, list[Any]] | None = None,
         expose: bool = True,
     ) -> PassthroughDevice:
         """Create, start and (``expose``) publish a device on the frontend.
