@@ -230,3 +230,22 @@ def test_full_status_reconcile_is_idempotent(guests, entries):
     once, _ = reconcile_full_status(s, ents, IDS)
     twice, changes = reconcile_full_status(once, ents, IDS)
     assert changes == [] and twice.to_dict() == once.to_dict()
+
+
+@given(
+    st.dictionaries(st.sampled_from([G1, G2]), st.tuples(_KEY, st.booleans(), _GS), max_size=2),
+    st.lists(_KEY, max_size=4),
+    st.one_of(st.none(), _KEY),
+    st.integers(0, 15),
+)
+def test_keys_reconcile_never_raises_and_only_drops_what_is_proven(guests, keys, rkey, rtype):
+    s = DevicePrState()
+    for name, (key, holder, t) in guests.items():
+        holder = holder and t is not PrType.NONE
+        s.set(name, GuestPrState(key, False, holder, t if holder else PrType.NONE))
+    rr = ReadReservation(1, rkey, 0, rtype if rkey is not None else 0)
+    r = reconcile_keys(s, ReadKeys(1, tuple(keys)), rr)
+    for name, before in s.guests.items():
+        after = r.state.get(name)
+        assert after.key in (before.key, 0)
+        assert after.empty == (before.key not in keys)
