@@ -109,7 +109,7 @@ def test_iscsi_test_cu_all(tmp_path: Path):
     # logged by the logical unit only when a PR OUT succeeds)
     log = t.log
     for word in ("registered", "reserved", "released", "preempt", "clear"):
-        assert re.search(rf"prmigrate\.lun\.pr: .*{word}", log, re.IGNORECASE), word
+        assert re.search(rf"prmigrate\.lun[\w.]*: .*{word}", log, re.IGNORECASE), word
     assert "Traceback" not in log
 
 
