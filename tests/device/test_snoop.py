@@ -632,3 +632,16 @@ def test_pr_in_other_answers_ignored():
     keys = pr_in_cdb(0, 8)
     assert not sn.observe(G1, keys, b"", Result(Status.GOOD, b"\x00\x00")).verify  # too short
     assert not sn.observe(G1, keys[:5], b"", Result(Status.GOOD, bytes(8))).verify  # bad CDB
+
+
+def test_own_commands_keep_expected_generation_in_step():
+    from prmigrate.scsi.pr import pr_in_cdb
+
+    sn = snooper(g1=g(0xAA))
+    sn.state.generation = 0xFFFFFFFF
+    out(sn, G1, PrOutAction.REGISTER, rk=0xAA, sark=0xAB)  # bumps, wraps
+    out(sn, G1, PrOutAction.RESERVE, WE, rk=0xAB)  # does not bump
+    out(sn, G1, PrOutAction.REGISTER, rk=0x1, sark=0x2, status=Result(Status.RESERVATION_CONFLICT))
+    assert sn.state.generation == 0
+    keys = pr_in_cdb(0, 64)
+    assert not sn.observe(G1, keys, b"", Result(Status.GOOD, ReadKeys(0, (0xAB,)).encode())).verify

@@ -87,6 +87,18 @@ _GENERATION_CARRIERS = frozenset(
     {PrInAction.READ_KEYS, PrInAction.READ_RESERVATION, PrInAction.READ_FULL_STATUS}
 )
 
+# Successful PR OUTs that increment PRgeneration (SPC-5 6.16.2; REFERENCE 2).
+_BUMPS_GENERATION = frozenset(
+    {
+        PrOutAction.REGISTER,
+        PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY,
+        PrOutAction.CLEAR,
+        PrOutAction.PREEMPT,
+        PrOutAction.PREEMPT_AND_ABORT,
+        PrOutAction.REGISTER_AND_MOVE,
+    }
+)
+
 # PR OUTs whose RESERVATION CONFLICT can only mean "RK is not this nexus's
 # key" (SPC-5 5.14.11.2-3, 5.14.11.5): if RK equals the tracked key, the
 # tracked key is stale.
@@ -527,6 +539,12 @@ class PrSnooper:
             return SnoopOutcome(
                 key, action, (), True, "GOOD to a parameter list that does not decode: no change"
             )
+        if action in _BUMPS_GENERATION and self.state.generation is not None:
+            # Keep the expected PRgeneration in step with our own successful
+            # commands, so the guest's next PR IN only triggers verification
+            # when someone else changed something. A target counting
+            # differently costs one extra verification, never a wrong state.
+            self.state.generation = (self.state.generation + 1) & 0xFFFFFFFF
         ctx = _Ctx(key, cur, c, params, dict(self.state.guests) | {key: cur}, self.transport_ids)
         effect = _one_reservation(ctx, rule(ctx))
         changes = self._apply(effect.updates, f"{action.name}: {effect.note}")
