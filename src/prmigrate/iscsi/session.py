@@ -695,9 +695,11 @@ class Connection:
             for a in Ahs.decode_all(raw.ahs):
                 if a.type == AhsType.EXTENDED_CDB:
                     cdb += a.data
-        lun = decode_lun(lunf)
+        # single-level peripheral addressing (the common case) decoded inline
+        lun = (lunf >> 48) & 0xFF if not lunf & 0xFF00FFFFFFFFFFFF else decode_lun(lunf)
         lu = self.luns.get(lun)
-        self._failed_itts.discard(itt)
+        if self._failed_itts:
+            self._failed_itts.discard(itt)
         read = bool(b1 & 0x40)
         write = bool(b1 & 0x20)
         data = raw.data
@@ -825,8 +827,8 @@ class Connection:
             else:
                 res = Result(_CHECK, b"", encode_sense(Sense.LU_NOT_SUPPORTED))
         else:
-            xfer = scsi_transfer(cdb, getattr(lu, "block_size", 512))
-            if xfer is not None and write:
+            xfer = scsi_transfer(cdb, getattr(lu, "block_size", 512)) if write else None
+            if xfer is not None:
                 # RFC 7143 / SAM-5 residuals: write what both lengths allow
                 scsi_len, blocks, off, size = xfer
                 if edtl > scsi_len:
