@@ -24,7 +24,7 @@ def test_minimal_spec_defaults():
     c = parse_device_spec(f"name=d,backend={URL.replace('/0', '/3')}")
     assert c.target_iqn == "iqn.2026-01.org.example:lun" and c.lun == 3
     assert c.migrate_pr is None and c.guests is None and c.identity is IdentityMode.GUEST
-    assert c.machine == "q35" and c.effective_migrate_pr
+    assert c.machine == "pc-q35-11.0" and c.effective_migrate_pr  # alias resolved at configuration
 
 
 def test_old_machine_default_off_and_explicit_on():
@@ -116,3 +116,12 @@ def test_target_differing_from_the_url_names_the_frontend_node():
     assert DeviceConfig.from_dict(c.to_dict()) == c
     c2 = parse_device_spec(f"name=vm1,backend={URL},frontend=iqn.x:f")
     assert c2.frontend_iqn == "iqn.x:f" and c2.target_iqn == "iqn.2026-01.org.example:lun"
+
+
+@pytest.mark.parametrize(
+    "alias,name", [("pc", "pc-i440fx-11.0"), ("Q35", "pc-q35-11.0"), ("pc-q35-9.1", "pc-q35-9.1")]
+)
+def test_machine_alias_resolved_and_carried(alias, name):
+    c = parse_device_spec(f"name=vm1,backend={URL},machine={alias}")
+    assert c.machine == name
+    assert c.to_dict()["machine"] == name and DeviceConfig.from_dict(c.to_dict()) == c

@@ -81,7 +81,11 @@ class DeviceConfig:
         if not 0 <= self.lun <= 0x3FFF:
             raise ConfigError(f"lun {self.lun} out of range")
         try:
-            resolve_machine(self.machine)
+            # Aliases resolve now: ``machine`` always holds the versioned
+            # name, so the migration stream carries the machine type the
+            # source really used (QEMU likewise needs the same versioned
+            # machine on both ends; a newer destination's "q35" may differ).
+            object.__setattr__(self, "machine", resolve_machine(self.machine).name)
         except MachineError as e:
             raise ConfigError(str(e)) from e
         object.__setattr__(self, "identity", IdentityMode(self.identity))
