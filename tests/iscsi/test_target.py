@@ -250,10 +250,15 @@ async def test_request_logout_and_drop_sessions():
         assert target.request_logout(TARGET, wait=3) == 1
         msg = await c.recv()
         assert isinstance(msg, P.AsyncMessage) and msg.event == P.AsyncEvent.LOGOUT_REQUEST and msg.parameter3 == 3
+        assert target.request_logout(TARGET, wait=0, enforce=True) == 1
+        assert isinstance(await c.recv(), P.AsyncMessage)
+        assert await c.closed(timeout=3)  # not logged out in time: dropped
+        c = await Client.connect(host, port)
+        await c.login()
         assert target.drop_sessions(TARGET, initiator="iqn.other") == 0
         assert target.drop_sessions(TARGET, initiator=INITIATOR.upper()) == 1
         assert await c.closed()
-        assert len(lu.lost) == 1
+        assert len(lu.lost) == 2
     finally:
         await target.close()
 

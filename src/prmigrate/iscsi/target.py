@@ -4,11 +4,12 @@ Public API (reused by the host daemon)::
 
     node = TargetNode(name, luns={0: unit}, acl=None, chap=None, tpgt=1, alias=None)
     node.redirect = ("127.0.0.3", 3260, 1)      # optional: every login gets 0x0101
-    target = IscsiTarget(nodes=[node], settings=TargetSettings(), keepalive=None)
+    target = IscsiTarget(nodes=[node], settings=TargetSettings(), keepalive=None,
+                         portal_group_tag=None)   # set: TPGT of every node added
     await target.start("127.0.0.1", 3260)      # -> list of bound (host, port)
     target.add_node(node); target.remove_node(name)
     target.sessions(name) -> list[Session]      # .nexus, .tsih, .initiator, .isid
-    target.request_logout(name, initiator=None, wait=2) -> int   # Async Message event 1
+    target.request_logout(name, initiator=None, wait=2, enforce=False) -> int  # Async event 1
     target.drop_sessions(name, initiator=None) -> int            # nexus_lost to the LUs
     await target.close()
 
@@ -107,8 +108,10 @@ class IscsiTarget:
         settings: TargetSettings | None = None,
         keepalive: float | None = None,
         max_task_bytes: int = 64 << 20,
+        portal_group_tag: int | None = None,
     ) -> None:
         self.settings = settings or TargetSettings()
+        self.portal_group_tag = portal_group_tag  # when set, the TPGT of every node added
         self.keepalive = keepalive
         self.max_task_bytes = max_task_bytes
         self.nodes: dict[str, TargetNode] = {}
@@ -121,6 +124,8 @@ class IscsiTarget:
 
     # ------------------------------------------------------------ nodes
     def add_node(self, node: TargetNode) -> None:
+        if self.portal_group_tag is not None:
+            node.tpgt = self.portal_group_tag
         self.nodes[node.name.lower()] = node
         for lu in node.luns.values():
             if hasattr(lu, "abort_hook"):
@@ -146,14 +151,27 @@ class IscsiTarget:
     def _select(self, node_name: str, initiator: str | None) -> list[Session]:
         return [s for s in self.sessions(node_name) if initiator is None or s.initiator.lower() == initiator.lower()]
 
-    def request_logout(self, node_name: str, initiator: str | None = None, wait: int = 2) -> int:
-        """Ask sessions to log out (Async Message, event 1, Parameter3 = ``wait`` s)."""
+    def request_logout(
+        self, node_name: str, initiator: str | None = None, wait: int = 2, enforce: bool = False
+    ) -> int:
+        """Ask sessions to log out (Async Message, event 1, Parameter3 = ``wait`` s).
+
+        With ``enforce``, a session still present ``wait`` + 1 s later is
+        dropped (RFC 7143 11.9.1). Returns the number of sessions asked.
+        """
         chosen = self._select(node_name, initiator)
         for s in chosen:
             if s.conn is not None:
                 s.conn.log.info("asking the initiator to log out within %d s", wait)
                 s.conn.send_async(AsyncEvent.LOGOUT_REQUEST, parameter3=wait)
+                if enforce:
+                    asyncio.get_running_loop().call_later(wait + 1, self._enforce_logout, s)
         return len(chosen)
+
+    def _enforce_logout(self, s: Session) -> None:
+        if self._sessions.get(s.key) is s and s.conn is not None:
+            s.conn.log.warning("no logout after the Async Message: dropping the session")
+            s.conn.close()
 
     def drop_sessions(self, node_name: str, initiator: str | None = None) -> int:
         """Close sessions now; their LUs are told the nexus is lost."""
