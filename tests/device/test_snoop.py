@@ -645,3 +645,18 @@ def test_own_commands_keep_expected_generation_in_step():
     assert sn.state.generation == 0
     keys = pr_in_cdb(0, 64)
     assert not sn.observe(G1, keys, b"", Result(Status.GOOD, ReadKeys(0, (0xAB,)).encode())).verify
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(0, 31),
+    st.binary(max_size=12),
+    st.binary(max_size=40),
+    st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+)
+def test_garbage_pr_in_never_raises(sa, tail, data, generation):
+    sn = snooper(**RICH)
+    sn.state.generation = generation
+    before = sn.state.guests.copy()
+    sn.observe(G1, bytes([0x5E, sa]) + tail, b"", Result(Status.GOOD, data))
+    assert sn.state.guests == before

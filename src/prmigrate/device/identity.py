@@ -37,6 +37,7 @@ same (libiscsi refuses a reconnect whose VPD 80h serial changed).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -106,10 +107,7 @@ def backend_port(
 
 
 def nexus_transport_ids(
-    mode: IdentityMode | str,
-    host_initiator: str,
-    device: str,
-    guests: list[str] | set[str] | frozenset[str],
+    mode: IdentityMode | str, host_initiator: str, device: str, guests: Iterable[str]
 ) -> dict[str, TransportId]:
     """``{state key: TransportId}`` for the given guests, as reconcile wants it."""
     return {
