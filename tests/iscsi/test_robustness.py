@@ -246,3 +246,26 @@ def test_sans_io_connection_survives_any_bytes(chunks, cut):
         conn.data_received(stream[i : i + cut])
     # whatever happened, what we sent frames as valid PDUs
     P.frame_all(b"".join(sent), max_data_length=1 << 24)
+
+
+@run_async
+async def test_text_requests_malformed_and_continued():
+    target, node, lu, host, port = await make_target()
+    try:
+        c = await _logged_in(host, port)
+        c.send_pdu(P.TextRequest(itt=c.next_itt(), cmdsn=c.cmdsn, data=b"no-equals-sign\0"))
+        c.cmdsn += 1
+        assert (await c.recv()).reason == P.RejectReason.INVALID_PDU_FIELD
+        c.send_pdu(P.TextRequest(itt=c.next_itt(), cmdsn=c.cmdsn, final=False, cont=True, data=b"SendTarg"))
+        c.cmdsn += 1
+        ack = await c.recv()
+        assert isinstance(ack, P.TextResponse) and not ack.final and ack.data == b""
+        c.send_pdu(P.TextRequest(itt=c.itt, cmdsn=c.cmdsn, data=b"ets=All\0MaxBurstLength=512\0X-foo=1\0"))
+        c.cmdsn += 1
+        from prmigrate.iscsi.login import decode_text
+
+        pairs = decode_text((await c.recv()).data)
+        assert ("TargetName", TARGET) in pairs
+        assert ("MaxBurstLength", "Reject") in pairs and ("X-foo", "NotUnderstood") in pairs
+    finally:
+        await target.close()

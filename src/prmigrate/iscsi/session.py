@@ -34,6 +34,7 @@ from ..scsi.sense import Sense, encode_sense
 from .chap import ChapAuthenticator, ChapCredentials
 from .digest import digest_bytes
 from .login import (
+    KEYS,
     LoginError,
     LoginStages,
     Negotiation,
@@ -41,7 +42,6 @@ from .login import (
     SessionParams,
     Stage,
     TextAccumulator,
-    decode_text,
     encode_text,
 )
 from .pdu import (
@@ -344,6 +344,7 @@ class Connection:
         # login state
         self._stages = LoginStages()
         self._text = TextAccumulator()
+        self._text_in = TextAccumulator()
         self._neg: Negotiation | None = None
         self._login_first: LoginRequest | None = None
         self._chap: ChapAuthenticator | None = None
@@ -961,13 +962,22 @@ class Connection:
                 raise ProtocolError(RejectReason.INVALID_PDU_FIELD, "unknown Text TTT", raw.bhs)
             self._send_text(req.itt, rest)
             return
-        pairs = decode_text(req.data) if req.data else []
+        try:
+            pairs = self._text_in.add(req.data, req.cont)
+        except LoginError as exc:
+            self._text_in = TextAccumulator()
+            raise ProtocolError(RejectReason.INVALID_PDU_FIELD, str(exc), raw.bhs) from None
+        if pairs is None:  # C bit: more text follows; acknowledge (RFC 7143 11.10.2)
+            self._emit_pdu(TextResponse(req.itt, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn,
+                                        RESERVED_TAG, final=False))
+            return
         answer: list[tuple[str, str]] = []
         for key, value in pairs:
             if key == "SendTargets":
                 answer += self._send_targets(value)
             else:
-                answer.append((key, "NotUnderstood" if not key.startswith("X-") else "NotUnderstood"))
+                # no operational renegotiation in full feature phase
+                answer.append((key, "NotUnderstood" if key not in KEYS else "Reject"))
         self._send_text(req.itt, encode_text(answer))
 
     def _send_text(self, itt: int, text: bytes) -> None:
