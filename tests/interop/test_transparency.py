@@ -29,7 +29,15 @@ import pytest
 
 from prmigrate.host.control import control_call
 
-from .conftest import INITIATOR1, INITIATOR2, free_loopback_port, need, start_target, stop, wait_listening
+from .conftest import (
+    INITIATOR1,
+    INITIATOR2,
+    free_loopback_port,
+    need,
+    start_target,
+    stop,
+    wait_listening,
+)
 from .test_conformance import Outcome, parse_cunit, run_suite
 
 pytestmark = pytest.mark.interop
