@@ -1085,3 +1085,28 @@ def test_abort_task_over_the_wire() -> None:
             server.close()
 
     run(body(), 20)
+
+
+def test_login_refusal_is_an_iscsi_error_and_a_login_error() -> None:
+    from prmigrate.iscsi.initiator import IscsiError
+
+    async def refuse(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        reader = PduReader()
+        reader.feed(await r.read(65536))
+        req = decode_pdu(next(iter(reader)))
+        assert isinstance(req, LoginRequest)
+        w.write(LoginResponse(req.isid, 0, req.itt, 0, req.cmdsn, req.cmdsn, 0, 0, False,
+                              status=LoginStatus.NOT_FOUND).encode())
+        await w.drain()
+        w.close()
+
+    async def body() -> None:
+        server, port = await _fake_target(refuse)
+        try:
+            with pytest.raises(IscsiError) as e:
+                await connect(f"127.0.0.1:{port}", TARGET, INITIATOR)
+            assert isinstance(e.value, LoginError) and e.value.status == LoginStatus.NOT_FOUND
+        finally:
+            server.close()
+
+    run(body(), 20)

@@ -51,6 +51,7 @@ from .initiator_core import (
     LogoutDone,
     Negotiated,
     SessionConfig,
+    SessionLoginError,
     TaskAborted,
     TextDone,
     TmfDone,
@@ -82,6 +83,7 @@ __all__ = [
     "LoginError",
     "LoginTimeout",
     "ScsiError",
+    "SessionLoginError",
     "Session",
     "TmfError",
     "connect",
@@ -234,7 +236,7 @@ class Session:
             if isinstance(ev, LoginFailed):
                 raise ev.error
             raise ConnectionLost(f"connection to {address} lost during login")
-        raise LoginError(LoginStatus.TARGET_ERROR, "too many login redirections")
+        raise SessionLoginError(LoginStatus.TARGET_ERROR, "too many login redirections")
 
     def _drop(self, proto: _Protocol | None) -> None:
         """Abort a connection; its connection_lost will be ignored."""

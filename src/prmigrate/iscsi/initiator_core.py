@@ -112,6 +112,11 @@ class IscsiError(Exception):
     """Base of the initiator's errors."""
 
 
+class SessionLoginError(IscsiError, LoginError):
+    """Login refused or failed: both an IscsiError and a ``login.LoginError``
+    (``status`` is the login status class/detail)."""
+
+
 class LoginTimeout(IscsiError, TimeoutError):
     """The target did not complete the login in time."""
 
@@ -202,7 +207,7 @@ class LoginRedirect:
 
 @dataclass(frozen=True, slots=True)
 class LoginFailed:
-    error: LoginError
+    error: SessionLoginError
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,7 +463,7 @@ class InitiatorCore:
             st = LoginStatus(status)
         except ValueError:
             st = LoginStatus.TARGET_ERROR if status >> 8 == 3 else LoginStatus.INITIATOR_ERROR
-        return [LoginFailed(LoginError(st, message))]
+        return [LoginFailed(SessionLoginError(st, message))]
 
     def _on_login_response(self, rsp: LoginResponse, now: float) -> list[Event]:
         if rsp.itt != self._login_itt:
