@@ -120,8 +120,8 @@ class ControlServer:
                     continue
                 answer = await self.handle_line(line, writer)
                 await self._send(writer, answer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # client gone, or the server is closing
         finally:
             self._clients.discard(writer)
             self._subscribers.discard(writer)
