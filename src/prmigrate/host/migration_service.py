@@ -1,0 +1,157 @@
+"""Migration for the host daemon: options, control commands and events.
+
+``prmigrate host`` imports this module when it exists (commands/host.py):
+``add_arguments(parser)`` adds ``--migrate-listen ADDR:PORT`` and
+``--secret-file FILE``; ``install(daemon, args)`` attaches the service before
+the daemon starts serving. Programs embedding a daemon call
+``await attach_migration(daemon, listen, secret)`` themselves.
+
+Control commands (JSON control socket)::
+
+    {"execute": "migrate", "arguments": {"device": "vm1", "to": "127.0.0.3:4444",
+                                         "strategy": "prmigrate"}}
+      strategy: prmigrate (default) | dest-preempt | qemu (QEMU 11's sequence)
+      frontend: "HOST:PORT" optional, the portal the guest is redirected to
+                (default: the one the destination announces)
+      -> {"id": ..., "device": "vm1", "status": "connecting"}
+    {"execute": "query-migrate", "arguments": {"device": "vm1"}}   # device optional
+      -> [{"id", "device", "role", "peer", "status", "finished", "success",
+           "strategy", "timings": {"total_s", "pause_s", "takeover_s",
+           "round_trips_in_pause", "peer_takeover_us"}, "reason", "errors", "history"}]
+    {"execute": "migrate-cancel", "arguments": {"device": "vm1"}}
+      -> {"cancelled": true|false}
+
+Events: ``MIGRATION`` {id, device, role, peer, status} on every state change,
+with ``finished``/``success``/``reason``/``timings`` on the last one;
+``MIGRATION_REFUSED`` {peer, reason} when a peer fails authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..migration.channel import MIN_SECRET_LEN
+from ..migration.service import MigrationService, ServiceError, parse_address
+from .control import CommandError
+from .daemon import HostDaemon
+
+log = logging.getLogger(__name__)
+
+
+class SecretError(ValueError):
+    pass
+
+
+def read_secret(path: str | Path) -> bytes:
+    """The cluster secret: the file's bytes, surrounding whitespace removed."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise SecretError(f"cannot read the secret file: {e}") from e
+    if len(secret) < MIN_SECRET_LEN:
+        raise SecretError(f"{path}: the cluster secret must be at least {MIN_SECRET_LEN} bytes")
+    return secret
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The CLI-args helper: options of ``prmigrate host``."""
+    parser.add_argument("--migrate-listen", default=None, metavar="ADDR:PORT",
+                        help="accept incoming device migrations here")
+    parser.add_argument("--secret-file", default=None, metavar="FILE",
+                        help="the cluster's shared migration secret (>= 16 bytes)")
+
+
+async def install(daemon: HostDaemon, args: argparse.Namespace) -> MigrationService | None:
+    listen = getattr(args, "migrate_listen", None)
+    secret_file = getattr(args, "secret_file", None)
+    if listen and not secret_file:
+        raise SystemExit("prmigrate host: --migrate-listen needs --secret-file")
+    secret = None
+    if secret_file:
+        try:
+            secret = read_secret(secret_file)
+        except SecretError as e:
+            raise SystemExit(f"prmigrate host: {e}") from None
+    try:
+        addr = parse_address(listen) if listen else None
+    except ValueError as e:
+        raise SystemExit(f"prmigrate host: --migrate-listen: {e}") from None
+    return await attach_migration(daemon, addr, secret)
+
+
+async def attach_migration(
+    daemon: HostDaemon,
+    listen: tuple[str, int] | str | None,
+    secret: bytes | None,
+    **service_options: Any,
+) -> MigrationService:
+    """Give ``daemon`` the migration service: control commands, events and,
+    with ``listen``, the incoming-migration listener."""
+    service = MigrationService(daemon, secret, **service_options)
+    if listen is not None:
+        host, port = parse_address(listen) if isinstance(listen, str) else listen
+        await service.listen(host, port)
+    control = daemon.control
+    if control is not None:
+        control.register_command("migrate", lambda a: _migrate(service, a))
+        control.register_command("query-migrate", lambda a: _query(service, a))
+        control.register_command("migrate-cancel", lambda a: _cancel(service, a))
+    daemon.migration = service  # type: ignore[attr-defined]
+
+    def on_event(msg: dict[str, Any]) -> None:
+        if msg.get("event") == "SHUTDOWN":
+            asyncio.ensure_future(service.close())
+
+    daemon.add_listener(on_event)
+    return service
+
+
+def _device_arg(args: dict[str, Any], required: bool = True) -> str | None:
+    dev = args.get("device")
+    if dev is None and not required:
+        return None
+    if not isinstance(dev, str) or not dev:
+        raise CommandError("InvalidParameter", "device: expected a device name")
+    return dev
+
+
+def _wrap(fn: Any) -> Any:
+    try:
+        return fn()
+    except ServiceError as e:
+        raise CommandError(e.cls, e.desc) from e
+    except ValueError as e:
+        raise CommandError("InvalidParameter", str(e)) from e
+
+
+def _migrate(service: MigrationService, args: dict[str, Any]) -> dict[str, Any]:
+    device = _device_arg(args)
+    to = args.get("to") or args.get("destination")
+    if not isinstance(to, str):
+        raise CommandError("InvalidParameter", "to: expected HOST:PORT of the destination daemon")
+
+    def start() -> dict[str, Any]:
+        frontend = args.get("frontend")
+        runner = service.migrate(
+            device,  # type: ignore[arg-type]
+            parse_address(to),
+            args.get("strategy") or "prmigrate",
+            parse_address(frontend) if frontend else None,
+        )
+        return {"id": runner.migration_id, "device": device, "status": runner.machine.state.value}
+
+    return _wrap(start)  # type: ignore[no-any-return]
+
+
+def _query(service: MigrationService, args: dict[str, Any]) -> list[dict[str, Any]]:
+    device = _device_arg(args, required=False)
+    return _wrap(lambda: service.query(device))  # type: ignore[no-any-return]
+
+
+def _cancel(service: MigrationService, args: dict[str, Any]) -> dict[str, Any]:
+    device = _device_arg(args)
+    return _wrap(lambda: {"cancelled": service.cancel(device)})  # type: ignore[arg-type, no-any-return]

@@ -1,0 +1,875 @@
+"""The migration shell: carries out the sans-IO machines' actions on a host daemon.
+
+``MigrationService(daemon, secret)`` owns a listening socket for incoming
+migrations (one ``DestinationMigration`` per authenticated connection) and
+starts outgoing ones (``migrate()``: one ``SourceMigration``). It is thin: it
+moves channel bytes (``transport.py``), arms the machine's timer on the loop
+clock, runs PR OUT commands, and feeds the outcome of each action back as an
+event. Every rule (when to hold, preempt, roll back) lives in the machines.
+
+How actions are carried out
+---------------------------
+Source
+    ``HoldGuest``: ``device.hold()`` then ``await device.drain()`` (every
+    forwarded command and its snooping done), then ``GuestHeld`` with the
+    final snapshot. ``ResumeGuest`` (rollback): ``device.release_held()``
+    forwards the held commands. ``HandOverGuest`` (after the destination's
+    ACK of RESUME): the held commands are discarded unanswered, the device's
+    frontend node answers every login from now on with a redirect (0x0101,
+    TargetAddress = the destination's portal, same TPGT) for as long as this
+    daemon runs, the guest's sessions get an Async Message (event 1, logout
+    requested; libiscsi and our initiator log in again to the portal they
+    first used, are redirected and re-issue what got no status), sessions
+    still there after ``LOGOUT_GRACE`` are dropped, and the device's backend
+    sessions are closed and its journal removed.
+Destination
+    ``CreateDevice``: the daemon's ``add_device`` with the migrated config and
+    identity (not exposed yet; the identical node name, LUN, INQUIRY data and
+    capacity), the guests' backend sessions opened, then PR IN (READ FULL
+    STATUS, or READ KEYS + READ RESERVATION) -> ``DeviceReady``.
+    ``LoadState``: ``device.restore`` (PR state, pending unit attentions).
+    ``ResumeGuest``: the node is published (replacing a redirect left by an
+    earlier move away), then the tracked state is verified in the background.
+    ``DropDevice``: creation cancelled, device closed, journal removed; a
+    redirect node that was there before is left in place.
+Both
+    ``IssuePrOps``: each op on the named guest's backend nexus, in order,
+    stopping at the first failure; RESERVATION CONFLICT on a ``conflict_ok``
+    op is success; a transport error or timeout is ``definite=False``. The
+    ops are not snooped: they move the state the device already tracks (the
+    snapshot), and a snooped PREEMPT would cost a verification round trip
+    inside the pause. Unit attentions they meet are retried; the ones the
+    migration itself causes (2A/xx on the nexuses it touches) are not owed to
+    the guest, any other is (``device.restore(..., pending_uas=)``).
+
+With migrate-pr off the source sends no PR state: the destination neither
+registers nor preempts, and the reservation stays with the source's nexus.
+
+Control (``install`` in ``host/migration_service.py``): ``migrate``,
+``query-migrate``, ``migrate-cancel``; events ``MIGRATION`` (one per state
+change, with ``status`` = the machine state) through ``daemon.emit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..device.identity import backend_port
+from ..device.state import DevicePrState
+from ..iscsi.initiator import IscsiError, describe_result
+from ..iscsi.target import TargetNode
+from ..lun.types import Result
+from ..scsi.constants import PrInAction, PrType, SenseKey, Status
+from ..scsi.pr import PrDecodeError, ReadKeys, ReadReservation, pr_in_cdb
+from ..scsi.sense import SenseDecodeError, decode_sense
+from .channel import Authenticated, Message, Role
+from .destination import DestinationMigration, DestinationState
+from .errors import AbortReason, AuthenticationFailed, MigrationError, ProtocolError
+from .machine import (
+    Action,
+    Cancel,
+    ChannelLost,
+    ChannelUp,
+    Connect,
+    CreateDevice,
+    DeviceFailed,
+    DeviceReady,
+    DropDevice,
+    Event,
+    Finished,
+    GuestHeld,
+    HandOverGuest,
+    HoldGuest,
+    IssuePrOps,
+    LoadState,
+    Log,
+    MachineBase,
+    PrOpsDone,
+    ResumeGuest,
+    SendMessage,
+    Start,
+    StateLoaded,
+    Timeouts,
+)
+from .plan import Observed, PrOp, Strategy, TargetTraits
+from .source import SourceMigration, SourceState
+from .stream import DeviceSnapshot
+from .transport import ChannelLink, decode_peer_id, encode_peer_id, new_channel
+
+if TYPE_CHECKING:
+    from ..device.passthrough import PassthroughDevice
+    from ..host.daemon import HostDaemon
+
+log = logging.getLogger(__name__)
+
+OP_TIMEOUT = 10.0  # one PR OUT on the backend; beyond it the outcome is unknown
+UA_RETRIES = 8
+LOGOUT_GRACE = 3.0  # seconds the guest gets to log out before its sessions are dropped
+LOGOUT_WAIT = 0  # Async Message Parameter3: log out at once
+_PR_IN_ALLOC = 8192
+# Unit attentions the migration's own PR OUTs cause on the nexuses it uses.
+_OWN_UA_ASC = 0x2A
+
+
+class ServiceError(Exception):
+    """A request the service refuses (unknown device, already migrating...)."""
+
+    def __init__(self, cls: str, desc: str) -> None:
+        super().__init__(desc)
+        self.cls = cls
+        self.desc = desc
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"address {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+# ----------------------------------------------------------------- runner
+
+
+class _Runner:
+    """One migration: the machine, its channel link, its timer and tasks."""
+
+    role = ""
+
+    def __init__(self, service: MigrationService, machine: MachineBase, device: str) -> None:
+        self.service = service
+        self.daemon = service.daemon
+        self.machine = machine
+        self.device_name = device
+        self.migration_id = ""
+        self.peer = ""
+        self.link: ChannelLink | None = None
+        self.errors: list[str] = []
+        self.started_wall = time.time()
+        self.finished: Finished | None = None
+        self.done: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._feeding = False
+        self._queue: list[Event | Message] = []
+        self.log = logging.LoggerAdapter(log, {"migration": self.role})
+
+    # -- feeding the machine
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def feed(self, event: Event | Message) -> None:
+        """Hand ``event`` to the machine and carry out what it asks. Events
+        produced while actions run are queued, so the machine sees them in
+        order; events after Finished are ignored."""
+        self._queue.append(event)
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while self._queue:
+                ev = self._queue.pop(0)
+                if self.machine.finished:
+                    continue
+                before = self.machine.state
+                try:
+                    actions = self.machine.handle(ev, self.loop.time())
+                except ProtocolError as e:
+                    self._error(str(e))
+                    actions = self._on_protocol_error(ev, e)
+                except MigrationError as e:
+                    self._error(f"{type(e).__name__}: {e}")
+                    actions = []
+                self._run(actions)
+                if self.machine.state is not before:
+                    self._emit_state()
+                self._rearm()
+        finally:
+            self._feeding = False
+
+    def _on_protocol_error(self, ev: object, e: ProtocolError) -> list[Action]:
+        """A peer message that is not legal now: the peer is broken; treat it
+        as a lost channel (the machine's safest failure path)."""
+        if isinstance(ev, Message) and self.link is not None:
+            self.link.close()
+            if self.machine.allowed(ChannelLost()):
+                return self.machine.handle(ChannelLost(f"protocol error: {e}"), self.loop.time())
+        return []
+
+    def _rearm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.machine.get_timer()
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.machine.finished:
+            return
+        before = self.machine.state
+        self._run(self.machine.handle_timer(self.loop.time()))
+        if self.machine.state is not before:
+            self._emit_state()
+        self._rearm()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.error("migration task failed: %r", exc, exc_info=exc)
+            self._error(f"internal error: {exc!r}")
+
+    def _error(self, text: str) -> None:
+        self.errors.append(text)
+        self.log.warning("%s", text)
+
+    # -- actions
+    def _run(self, actions: list[Action]) -> None:
+        for a in actions:
+            handler: Callable[[Any], Any] | None = getattr(self, "_do_" + type(a).__name__, None)
+            if handler is None:
+                raise AssertionError(f"{self.role}: no handler for {type(a).__name__}")
+            handler(a)
+
+    def _do_Log(self, a: Log) -> None:
+        self.log.log(a.level, "%s", a.text)
+        if a.level >= logging.WARNING:
+            self.errors.append(a.text)
+
+    def _do_SendMessage(self, a: SendMessage) -> None:
+        if self.link is None or not self.link.send(a.message):
+            self.log.info("%s not sent: channel closed", a.message.TYPE.name)
+
+    def _do_IssuePrOps(self, a: IssuePrOps) -> None:
+        self._spawn(self._issue(a.ops))
+
+    def _do_Finished(self, a: Finished) -> None:
+        self.finished = a
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        level = logging.INFO if self.succeeded else logging.WARNING
+        reason = a.reason.name if a.reason is not None else "-"
+        t = a.timings
+        self.log.log(
+            level,
+            "%s %s of %s finished %s (reason %s): total %s, pause %s, takeover %s, %d PR round trip(s) in the pause",
+            self.role, self.migration_id, self.device_name, a.state, reason,
+            _ms(t.total), _ms(t.pause), _ms(t.takeover), t.round_trips_in_pause,
+        )
+        if not self.done.done():
+            self.done.set_result(a)
+        self.daemon.emit(self._event(final=True))
+        # Let the last message leave, then end the link.
+        if self.link is not None:
+            link = self.link
+            self.loop.call_soon(link.close)
+
+    @property
+    def succeeded(self) -> bool:
+        return False
+
+    def device(self) -> PassthroughDevice | None:
+        return self.daemon.devices.get(self.device_name)
+
+    async def _issue(self, ops: tuple[PrOp, ...]) -> None:
+        dev = self.device()
+        result: PrOpsDone
+        if dev is None:
+            result = PrOpsDone(0, "device is gone", definite=False)
+        else:
+            result = PrOpsDone(len(ops))
+            for i, op in enumerate(ops):
+                try:
+                    r = await asyncio.wait_for(self._pr_out(dev, op), OP_TIMEOUT)
+                except Exception as e:  # transport error, timeout, closed device
+                    result = PrOpsDone(i, f"{op}: {type(e).__name__}: {e}", definite=False)
+                    break
+                ok = r.status == Status.GOOD or (
+                    op.conflict_ok and r.status == Status.RESERVATION_CONFLICT
+                )
+                self.log.info("%s -> %s", op, describe_result(r))
+                if not ok:
+                    result = PrOpsDone(i, f"{op}: {describe_result(r)}", definite=True)
+                    break
+        self.feed(result)
+
+    async def _pr_out(self, dev: PassthroughDevice, op: PrOp) -> Result:
+        session = await dev.backend_session(op.guest)
+        cdb, params = op.cdb(), op.params()
+        r = Result()
+        owed: list[bytes] = []
+        for _ in range(UA_RETRIES):
+            r = await session.submit(dev.lun, cdb, params)
+            sense = _unit_attention(r)
+            if sense is None:
+                break
+            if sense[1] != _OWN_UA_ASC:
+                owed.append(bytes(r.sense))
+        if owed:
+            dev.restore(dev.snooper.state, None, {op.guest: owed})
+        return r
+
+    # -- reporting
+    def _event(self, final: bool = False) -> dict[str, Any]:
+        ev: dict[str, Any] = {
+            "event": "MIGRATION",
+            "id": self.migration_id,
+            "device": self.device_name,
+            "role": self.role,
+            "peer": self.peer,
+            "status": self.machine.state.value,
+        }
+        if final:
+            ev["finished"] = True
+            ev["success"] = self.succeeded
+            ev["reason"] = self.reason
+            ev["timings"] = self.timings()
+        return ev
+
+    def _emit_state(self) -> None:
+        if not self.machine.finished:
+            self.daemon.emit(self._event())
+
+    @property
+    def reason(self) -> str | None:
+        r = self.machine.reason
+        if r is None:
+            return None
+        detail = next((e for e in reversed(self.errors) if e), "")
+        return f"{r.name.lower().replace('_', '-')}: {detail}" if detail else r.name.lower()
+
+    def timings(self) -> dict[str, Any]:
+        t = self.machine.timings.to_dict()
+        if self.machine.finished:
+            return t
+        # still running: the total so far
+        started = self.machine.timings.started
+        if started is not None:
+            t["total_s"] = self.loop.time() - started
+        return t
+
+    def query(self) -> dict[str, Any]:
+        return {
+            "id": self.migration_id,
+            "device": self.device_name,
+            "role": self.role,
+            "peer": self.peer,
+            "status": self.machine.state.value,
+            "finished": self.machine.finished,
+            "success": self.succeeded if self.machine.finished else None,
+            "strategy": getattr(self.machine, "strategy", Strategy.PRMIGRATE).value,
+            "timings": self.timings(),
+            "reason": self.reason,
+            "errors": list(self.errors),
+            "started": self.started_wall,
+            "history": [
+                {"t": round(now - (self.machine.timings.started or now), 6), "from": a, "event": e, "to": b}
+                for now, a, e, b in self.machine.history
+            ],
+        }
+
+    def cancel(self, detail: str = "cancelled by the operator") -> bool:
+        if self.machine.finished or not self.machine.allowed(Cancel()):
+            return False
+        self.feed(Cancel(AbortReason.CANCELLED, detail))
+        return True
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self.link is not None:
+            self.link.close()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    # -- channel callbacks
+    def _on_message(self, ev: Authenticated | Message) -> None:
+        if isinstance(ev, Message):
+            self.feed(ev)
+
+    def _on_lost(self, detail: str, error: Exception | None) -> None:
+        self._error(f"channel: {detail}")
+        self.feed(ChannelLost(detail))
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f} ms"
+
+
+def _unit_attention(r: Result) -> tuple[int, int, int] | None:
+    if r.status != Status.CHECK_CONDITION:
+        return None
+    try:
+        s = decode_sense(bytes(r.sense))
+    except SenseDecodeError:
+        return None
+    if s.key != SenseKey.UNIT_ATTENTION:
+        return None
+    return (int(s.key), s.asc, s.ascq)
+
+
+# ----------------------------------------------------------------- source
+
+
+class SourceRunner(_Runner):
+    role = "source"
+
+    def __init__(
+        self,
+        service: MigrationService,
+        dev: PassthroughDevice,
+        to: tuple[str, int],
+        strategy: Strategy,
+        frontend: tuple[str, int] | None,
+        timeouts: Timeouts | None,
+    ) -> None:
+        migration_id = uuid.uuid4().hex[:12]
+        machine = SourceMigration(migration_id, _snapshot(dev), timeouts, strategy)
+        super().__init__(service, machine, dev.name)
+        self.machine: SourceMigration = machine
+        self.migration_id = migration_id
+        self.to = to
+        self.peer = f"{to[0]}:{to[1]}"
+        self.frontend = frontend  # where the guest is redirected; default: from the peer
+        self.log = logging.LoggerAdapter(log, {"migration": f"{migration_id}/{dev.name} source"})
+
+    @property
+    def succeeded(self) -> bool:
+        return self.machine.state is SourceState.COMPLETED
+
+    def start(self) -> None:
+        self.daemon.emit(self._event())
+        self.feed(Start())
+
+    def _do_Connect(self, a: Connect) -> None:
+        self._spawn(self._connect())
+
+    async def _connect(self) -> None:
+        host, port = self.to
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), self.machine.timeouts.connect
+            )
+        except (OSError, TimeoutError) as e:
+            self._error(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
+            self.feed(ChannelLost(f"cannot connect to {host}:{port}"))
+            return
+        chan = new_channel(Role.CLIENT, self.service.secret, self.service.client_id())
+        chan.start()
+        self.link = ChannelLink(reader, writer, chan, self._on_channel_event, self._on_lost_source)
+        self.link.start()
+
+    def _on_channel_event(self, ev: Authenticated | Message) -> None:
+        if isinstance(ev, Authenticated):
+            name, portal = decode_peer_id(ev.peer_id)
+            self.peer = f"{name}@{self.to[0]}:{self.to[1]}" if name else self.peer
+            if self.frontend is None and portal:
+                try:
+                    self.frontend = parse_address(portal)
+                except ValueError:
+                    self._error(f"destination announced a bad portal {portal!r}")
+            self.feed(ChannelUp())
+            return
+        self.feed(ev)
+
+    def _on_lost_source(self, detail: str, error: Exception | None) -> None:
+        if isinstance(error, AuthenticationFailed) and self.machine.state is SourceState.CONNECTING:
+            self._error(f"destination refused: {detail}")
+            self.feed(Cancel(AbortReason.AUTHENTICATION, detail))
+            return
+        self._on_lost(detail, error)
+
+    def _do_HoldGuest(self, a: HoldGuest) -> None:
+        self._spawn(self._hold())
+
+    async def _hold(self) -> None:
+        dev = self.device()
+        if dev is None:
+            self.feed(Cancel(AbortReason.GUEST, "device is gone"))
+            return
+        dev.hold()
+        try:
+            await dev.drain()
+        except Exception as e:
+            self.feed(Cancel(AbortReason.GUEST, f"drain failed: {e}"))
+            return
+        self.feed(GuestHeld(_snapshot(dev)))
+
+    def _do_ResumeGuest(self, a: ResumeGuest) -> None:
+        dev = self.device()
+        if dev is not None:
+            dev.release_held()
+            self.log.info("guest resumed on this host")
+
+    def _do_HandOverGuest(self, a: HandOverGuest) -> None:
+        self._spawn(self._hand_over())
+
+    async def _hand_over(self) -> None:
+        from ..host.daemon import frontend_iqn
+
+        dev = self.device()
+        if dev is None:
+            return
+        node_name = frontend_iqn(dev.config)
+        target = self.daemon.target
+        dropped = dev.discard_held()
+        node = target.node(node_name)
+        if node is not None and self.frontend is not None:
+            host, port = self.frontend
+            node.redirect = (host, port, node.tpgt)
+            asked = target.request_logout(node_name, wait=LOGOUT_WAIT)
+            self.log.info(
+                "guest handed over: %d held command(s) dropped unanswered, %d session(s) asked to log out, logins redirected to %s:%d",
+                dropped, asked, host, port,
+            )
+            deadline = self.loop.time() + LOGOUT_GRACE
+            while target.sessions(node_name) and self.loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            left = target.drop_sessions(node_name)
+            if left:
+                self.log.info("%d guest session(s) did not log out in time: dropped", left)
+            node.luns = {}
+        elif node is not None:
+            self._error("no destination portal known: guest sessions dropped without redirect")
+            target.remove_node(node_name)
+        await self.service.forget_device(dev)
+
+
+def _snapshot(dev: PassthroughDevice) -> DeviceSnapshot:
+    """The migration stream's view of a device; no PR state with migrate-pr off
+    (QEMU sends its ``scsi-disk/pr`` subsection only with migrate-pr on)."""
+    snap = dev.snapshot()
+    pr = snap.state if dev.migrate_pr else DevicePrState()
+    if snap.identity is None:
+        raise ServiceError("GenericError", f"device {dev.name}: identity not captured yet")
+    return DeviceSnapshot.build(snap.config, snap.identity, pr, snap.pending_uas)
+
+
+# ----------------------------------------------------------------- destination
+
+
+class DestinationRunner(_Runner):
+    role = "destination"
+
+    def __init__(self, service: MigrationService, link_peer: str, timeouts: Timeouts | None) -> None:
+        machine = DestinationMigration(f"incoming from {link_peer}", timeouts)
+        super().__init__(service, machine, "")
+        self.machine: DestinationMigration = machine
+        self.peer = link_peer
+        self.source_initiator: str | None = None
+        self._creating: asyncio.Task[Any] | None = None
+        self._created = False
+        self._redirect_node: TargetNode | None = None
+        self.log = logging.LoggerAdapter(log, {"migration": f"incoming from {link_peer}"})
+
+    @property
+    def succeeded(self) -> bool:
+        return self.machine.state is DestinationState.RESUMED
+
+    def on_authenticated(self, peer_id: str) -> None:
+        name, initiator = decode_peer_id(peer_id)
+        self.peer = f"{name}@{self.peer}" if name else self.peer
+        self.source_initiator = initiator or None
+
+    def feed(self, event: Event | Message) -> None:
+        from .channel import Setup
+
+        if isinstance(event, Setup) and not self.migration_id:
+            self.migration_id = event.migration_id
+            self.log = logging.LoggerAdapter(log, {"migration": f"{event.migration_id} destination"})
+        super().feed(event)
+        snap = self.machine.snapshot
+        if snap is not None and not self.device_name:
+            self.device_name = snap.name
+            self.service.register(self)
+            self.daemon.emit(self._event())
+
+    def _do_CreateDevice(self, a: CreateDevice) -> None:
+        self._creating = self._spawn(self._create(a.snapshot))
+
+    async def _create(self, snap: DeviceSnapshot) -> None:
+        from ..host.daemon import frontend_iqn
+
+        try:
+            cfg = snap.device_config()
+            ident = snap.device_identity()
+        except MigrationError as e:
+            self.feed(DeviceFailed(str(e)))
+            return
+        daemon = self.daemon
+        if cfg.name in daemon.devices:
+            self.feed(DeviceFailed(f"device {cfg.name!r} already exists on this host"))
+            return
+        node_name = frontend_iqn(cfg)
+        old = daemon.target.node(node_name)
+        if old is not None:
+            if old.redirect is None:
+                self.feed(DeviceFailed(f"target node {node_name} is in use on this host"))
+                return
+            # The device moved away from here earlier; its redirect stays
+            # in place until this host serves the guest again.
+            self._redirect_node = daemon.target.nodes.pop(node_name.lower())
+        try:
+            dev = await daemon.add_device(cfg, identity=ident, expose=False)
+        except Exception as e:
+            self.feed(DeviceFailed(f"cannot create device: {e}"))
+            return
+        finally:
+            if self._redirect_node is not None:
+                daemon.target.add_node(self._redirect_node)
+        self._created = True
+        try:
+            guests = sorted(snap.pr.guests)
+            for g in guests:
+                await dev.backend_session(g)
+            observed, traits = await self._observe(dev, snap) if guests else (None, TargetTraits())
+        except Exception as e:
+            self.feed(DeviceFailed(f"backend: {type(e).__name__}: {e}"))
+            return
+        self.feed(DeviceReady(observed, traits))
+
+    async def _observe(self, dev: PassthroughDevice, snap: DeviceSnapshot) -> tuple[Observed, TargetTraits]:
+        """The target's PR state as seen from here (outside the pause)."""
+        rfs = await dev.read_full_status()
+        if rfs is not None:
+            holders = [e for e in rfs.entries if e.holder]
+            rtype = PrType.NONE
+            res_key: int | None = None
+            if holders:
+                raw = int(holders[0].rtype)
+                rtype = PrType(raw) if raw in PrType._value2member_map_ else PrType.NONE
+                res_key = 0 if rtype.all_registrants else holders[0].key
+            source_keys: dict[str, int] | None = None
+            if self.source_initiator:
+                source_keys = {}
+                for guest in snap.pr.guests:
+                    port = backend_port(dev.mode, self.source_initiator, dev.name, guest).transport_id
+                    for e in rfs.entries:
+                        if e.transport_id.same_port(port):
+                            source_keys[guest] = e.key
+            observed = Observed(frozenset(e.key for e in rfs.entries), res_key, rtype, source_keys)
+            return observed, TargetTraits(read_full_status=True)
+        guest = sorted(snap.pr.guests)[0]
+        session = await dev.backend_session(guest)
+        replies = []
+        for action, cls in ((PrInAction.READ_KEYS, ReadKeys), (PrInAction.READ_RESERVATION, ReadReservation)):
+            r = await session.submit(dev.lun, pr_in_cdb(action, _PR_IN_ALLOC), b"", _PR_IN_ALLOC)
+            if r.status != Status.GOOD:
+                raise IscsiError(f"PR IN {action.name}: {describe_result(r)}")
+            try:
+                replies.append(cls.decode(bytes(r.data_in)))
+            except PrDecodeError as e:
+                raise IscsiError(f"PR IN {action.name}: {e}") from e
+        return Observed.from_pr_in(replies[0], replies[1]), TargetTraits(read_full_status=False)
+
+    def _do_LoadState(self, a: LoadState) -> None:
+        self._spawn(self._load(a.snapshot))
+
+    async def _load(self, snap: DeviceSnapshot) -> None:
+        dev = self.device()
+        if dev is None:
+            self.feed(DeviceFailed("device is gone"))
+            return
+        try:
+            ident = snap.device_identity()
+            ua = {g: list(pairs) for g, pairs in snap.ua.items()}
+            dev.restore(snap.pr, ident, ua)
+            observed = None
+            if snap.pr.unverified and snap.pr.guests:
+                # The tracked state is in doubt: look before preempting (one
+                # more round trip inside the pause, only in this case).
+                observed, _ = await self._observe(dev, snap)
+        except Exception as e:
+            self.feed(DeviceFailed(f"cannot load state: {e}"))
+            return
+        self.feed(StateLoaded(observed))
+
+    def _do_ResumeGuest(self, a: ResumeGuest) -> None:
+        from ..host.daemon import frontend_iqn
+
+        dev = self.device()
+        if dev is None:
+            return
+        if self._redirect_node is not None:
+            self.daemon.target.remove_node(frontend_iqn(dev.config))
+            self._redirect_node = None
+        self.daemon.expose(dev.name)
+        self.log.info("guest served on this host (node %s)", frontend_iqn(dev.config))
+        if dev.migrate_pr and dev.snooper.state.guests:
+            self._spawn(self._verify_later(dev))
+
+    async def _verify_later(self, dev: PassthroughDevice) -> None:
+        try:
+            await dev.verify()
+        except Exception as e:
+            self.log.warning("verification after the move failed: %s", e)
+
+    def _do_DropDevice(self, a: DropDevice) -> None:
+        if self._creating is not None and not self._creating.done():
+            self._creating.cancel()
+        self._spawn(self._drop())
+
+    async def _drop(self) -> None:
+        if self._creating is not None:
+            with contextlib.suppress(BaseException):
+                await self._creating
+        dev = self.device()
+        if dev is not None and self._created:
+            await self.service.forget_device(dev)
+
+    def _do_HandOverGuest(self, a: HandOverGuest) -> None:  # pragma: no cover - source only
+        raise AssertionError("HandOverGuest on a destination")
+
+
+# ----------------------------------------------------------------- service
+
+
+class MigrationService:
+    """Incoming and outgoing migrations of one host daemon."""
+
+    def __init__(self, daemon: HostDaemon, secret: bytes | None, *, timeouts: Timeouts | None = None) -> None:
+        self.daemon = daemon
+        self.secret = secret
+        self.timeouts = timeouts
+        self.listening: list[tuple[str, int]] = []
+        self.runners: dict[str, _Runner] = {}  # device -> latest migration
+        self.incoming: set[DestinationRunner] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._links: set[ChannelLink] = set()
+
+    # -- identities carried by the handshake
+    def client_id(self) -> str:
+        return encode_peer_id(self.daemon.name, self.daemon.initiator)
+
+    def server_id(self) -> str:
+        portal = ""
+        if self.daemon.listening:
+            h, p = self.daemon.listening[0][:2]
+            portal = f"{h}:{p}"
+        return encode_peer_id(self.daemon.name, portal)
+
+    # -- listening
+    async def listen(self, host: str, port: int) -> list[tuple[str, int]]:
+        if not self.secret:
+            raise ServiceError("GenericError", "incoming migrations need a cluster secret")
+        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        bound = [s.getsockname()[:2] for s in self._server.sockets]
+        self.listening += bound
+        log.info("accepting migrations on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        return bound
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self.secret is not None
+        peer = writer.get_extra_info("peername")
+        peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
+        runner = DestinationRunner(self, peer_s, self.timeouts)
+        chan = new_channel(Role.SERVER, self.secret, self.server_id())
+        authenticated = False
+
+        def on_event(ev: Authenticated | Message) -> None:
+            nonlocal authenticated
+            if isinstance(ev, Authenticated):
+                authenticated = True
+                runner.on_authenticated(ev.peer_id)
+                self.incoming.add(runner)
+                log.info("migration channel from %s (%s) authenticated", peer_s, ev.peer_id)
+                return
+            runner.feed(ev)
+
+        def on_lost(detail: str, error: Exception | None) -> None:
+            self._links.discard(link)
+            if not authenticated:
+                log.warning("migration peer %s refused: %s", peer_s, detail)
+                self.daemon.emit({"event": "MIGRATION_REFUSED", "peer": peer_s, "reason": detail})
+                return
+            runner._on_lost(detail, error)
+
+        link = ChannelLink(reader, writer, chan, on_event, on_lost)
+        runner.link = link
+        self._links.add(link)
+        link.start()
+
+    def register(self, runner: _Runner) -> None:
+        current = self.runners.get(runner.device_name)
+        if current is None or current.machine.finished:
+            self.runners[runner.device_name] = runner
+
+    # -- outgoing
+    def migrate(
+        self,
+        device: str,
+        to: tuple[str, int],
+        strategy: Strategy | str = Strategy.PRMIGRATE,
+        frontend: tuple[str, int] | None = None,
+    ) -> SourceRunner:
+        if not self.secret:
+            raise ServiceError("GenericError", "no cluster secret: start the daemon with --secret-file")
+        dev = self.daemon.devices.get(device)
+        if dev is None:
+            raise ServiceError("DeviceNotFound", f"device {device!r} not found")
+        current = self.runners.get(device)
+        if current is not None and not current.machine.finished:
+            raise ServiceError("GenericError", f"device {device!r} is already migrating ({current.migration_id})")
+        try:
+            strat = Strategy(strategy)
+        except ValueError:
+            raise ServiceError("InvalidParameter", f"unknown strategy {strategy!r} (one of {', '.join(s.value for s in Strategy)})") from None
+        runner = SourceRunner(self, dev, to, strat, frontend, self.timeouts)
+        self.runners[device] = runner
+        runner.start()
+        return runner
+
+    def get(self, device: str) -> _Runner | None:
+        return self.runners.get(device)
+
+    def cancel(self, device: str) -> bool:
+        runner = self.runners.get(device)
+        if runner is None:
+            raise ServiceError("DeviceNotFound", f"no migration of {device!r}")
+        return runner.cancel()
+
+    def query(self, device: str | None = None) -> list[dict[str, Any]]:
+        if device is not None:
+            runner = self.runners.get(device)
+            if runner is None:
+                raise ServiceError("DeviceNotFound", f"no migration of {device!r}")
+            return [runner.query()]
+        return [r.query() for _, r in sorted(self.runners.items())]
+
+    async def forget_device(self, dev: PassthroughDevice) -> None:
+        """Remove a device that moved away (or a destination's aborted copy)
+        without touching its frontend node: a redirect stays in place."""
+        if self.daemon.devices.get(dev.name) is dev:
+            del self.daemon.devices[dev.name]
+        await dev.close()
+        if dev.journal is not None:
+            with contextlib.suppress(OSError):
+                dev.journal.remove()
+        self.daemon.emit({"event": "DEVICE_REMOVED", "device": dev.name})
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for runner in list(self.runners.values()) + list(self.incoming):
+            await runner.close()
+        for link in list(self._links):
+            link.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
