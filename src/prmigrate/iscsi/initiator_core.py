@@ -643,7 +643,9 @@ class InitiatorCore:
         n = cmd.high
         if flags & ResponseFlags.UNDERFLOW:
             n = min(n, max(0, cmd.data_in_len - residual))
-        data = b"" if cmd.buf is None else bytes(memoryview(cmd.buf)[:n])
+        # the reassembly buffer itself is handed over (no copy) when it is full
+        buf = cmd.buf
+        data: bytes | bytearray = b"" if buf is None else (buf if n == len(buf) else buf[:n])
         st = Status(status) if status in Status._value2member_map_ else status
         events: list[Event] = [CommandDone(cmd.handle, Result(st, data, sense))]  # type: ignore[arg-type]
         if sense:
