@@ -17,7 +17,6 @@ from tests.iscsi.test_initiator import (
     TARGET,
     PrmTarget,
     Tgt,
-    needs_prm,
     needs_tgt,
 )
 
@@ -166,7 +165,6 @@ def prm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         t.stop()
 
 
-@needs_prm
 def test_prm_full_cycle(prm_url: str) -> None:
     """Each step is a new session with the same initiator name and ISID, hence
     the same I_T nexus and registration."""
@@ -216,14 +214,12 @@ def test_prm_full_cycle(prm_url: str) -> None:
     assert json.loads(r.stdout)["keys"] == [] and json.loads(r.stdout)["generation"] == 5
 
 
-@needs_prm
 def test_prm_report_capabilities(prm_url: str) -> None:
     r = pr(prm_url, "--report-capabilities", "--json", *H1)
     caps = json.loads(r.stdout)
     assert r.returncode == 0 and caps["ptpl_c"] and caps["sip_c"] and caps["atp_c"]
 
 
-@needs_prm
 def test_prm_preempt_abort_and_aptpl(prm_url: str) -> None:
     u = prm_url
     assert pr(u, "--register", "--sa-key", "a1", "--aptpl", *H1).returncode == 0

@@ -771,15 +771,6 @@ class PrmTarget:
         self.proc = None
 
 
-def prm_target_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("prmigrate.commands.target") is not None
-
-
-needs_prm = pytest.mark.skipif(not prm_target_available(), reason="prmigrate target not built yet")
-
-
 @pytest.fixture(scope="module")
 def prm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrmTarget]:
     t = PrmTarget(tmp_path_factory.mktemp("prm"))
@@ -794,7 +785,6 @@ def prm_url(t: PrmTarget) -> str:
     return f"iscsi://127.0.0.1:{t.port}/{PRM_TARGET}/0"
 
 
-@needs_prm
 @pytest.mark.parametrize("digests", [False, True], ids=["plain", "crc32c"])
 def test_prm_read_write_sizes_unsolicited_data(prm: PrmTarget, digests: bool) -> None:
     async def body() -> None:
@@ -815,7 +805,6 @@ def test_prm_read_write_sizes_unsolicited_data(prm: PrmTarget, digests: bool) ->
     run(body())
 
 
-@needs_prm
 @pytest.mark.skipif(not shutil.which("ss"), reason="iproute2 (ss) is not installed")
 def test_prm_registration_survives_reconnect_as_same_nexus(prm: PrmTarget) -> None:
     key = 0xC0FFEE
@@ -850,7 +839,6 @@ def test_prm_registration_survives_reconnect_as_same_nexus(prm: PrmTarget) -> No
     run(body())
 
 
-@needs_prm
 def test_prm_task_management(prm: PrmTarget) -> None:
     async def body() -> None:
         s = await connect(prm_url(prm), initiator_name=INITIATOR, isid=0x23D000000900)
