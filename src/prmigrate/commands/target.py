@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from ..iscsi.target import ChapConfig, IscsiTarget, TargetNode, TargetSettings
+    from ..lun.types import LogicalUnitLike
     from ..lun.unit import LogicalUnit
 
     if (args.chap_user is None) != (args.chap_secret is None):
@@ -66,7 +67,7 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit("mutual CHAP needs --chap-user/--chap-secret")
     if args.state_dir is not None:
         args.state_dir.mkdir(parents=True, exist_ok=True)
-    luns = {}
+    luns: dict[int, LogicalUnitLike] = {}
     for num, path in args.lun:
         if num in luns:
             raise SystemExit(f"LUN {num} given twice")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, StrEnum
+from typing import Any
 
 from .pdu import LoginStatus
 
@@ -372,7 +373,7 @@ class Negotiation:
             # RFC 7143 6.2: a key must not be offered twice in one negotiation
             raise LoginError(LoginStatus.INITIATOR_ERROR, f"{key} negotiated twice")
         try:
-            value = spec.parse(raw)
+            value: Any = spec.parse(raw)
         except ValueError:
             if spec.kind is Kind.DECLARATIVE:
                 raise LoginError(LoginStatus.INITIATOR_ERROR, f"bad value for {key}: {raw[:40]!r}") from None
@@ -385,18 +386,18 @@ class Negotiation:
             if key == "MaxRecvDataSegmentLength":
                 self.results["PeerMaxRecvDataSegmentLength"] = value
             return None
-        mine = self.local[key]
+        mine: Any = self.local[key]
         if kind is Kind.AND:
             result: object = bool(value) and bool(mine)
         elif kind is Kind.OR:
             result = bool(value) or bool(mine)
         elif kind is Kind.MIN:
-            result = min(value, mine)  # type: ignore[type-var]
+            result = min(value, mine)
         elif kind is Kind.MAX:
-            result = max(value, mine)  # type: ignore[type-var]
+            result = max(value, mine)
         else:  # LIST: the first of the offered values that we support
             supported = mine if isinstance(mine, tuple) else (mine,)
-            choice = next((v for v in value if v in supported), None)  # type: ignore[union-attr]
+            choice = next((v for v in value if v in supported), None)
             if choice is None:
                 return Special.REJECT.value
             result = choice
@@ -405,11 +406,11 @@ class Negotiation:
 
     def _answer_received(self, key: str, raw: str) -> None:
         spec = KEYS[key]
-        offered = self._pending.pop(key)
+        offered: Any = self._pending.pop(key)
         if raw in (Special.NOT_UNDERSTOOD.value, Special.IRRELEVANT.value, Special.REJECT.value):
             return  # the default stays in force
         try:
-            value = spec.parse(raw)
+            value: Any = spec.parse(raw)
         except ValueError as exc:
             raise LoginError(LoginStatus.INITIATOR_ERROR, str(exc)) from None
         kind = spec.kind
@@ -419,14 +420,14 @@ class Negotiation:
         elif kind is Kind.OR:
             ok = bool(value) or not offered
         elif kind is Kind.MIN:
-            ok = value <= offered  # type: ignore[operator]
+            ok = value <= offered
         elif kind is Kind.MAX:
-            ok = value >= offered  # type: ignore[operator]
+            ok = value >= offered
         elif kind is Kind.LIST:
-            if len(value) != 1 or value[0] not in offered:  # type: ignore[arg-type]
+            if len(value) != 1 or value[0] not in offered:
                 ok = False
             else:
-                value = value[0]  # type: ignore[index]
+                value = value[0]
         if not ok:
             raise LoginError(LoginStatus.INITIATOR_ERROR, f"answer {key}={raw} contradicts our offer")
         self.results[key] = value

@@ -253,7 +253,7 @@ class _Fatal(Exception):
 
 
 # Block data transfer commands: opcode -> (CDB length, transfer length offset, size)
-_XFER_FIELD = {
+_XFER_FIELD: dict[int, tuple[int, int, int]] = {
     ScsiOp.READ_6: (6, 4, 1),
     ScsiOp.WRITE_6: (6, 4, 1),
     ScsiOp.READ_10: (10, 7, 2),
@@ -925,12 +925,12 @@ class Connection:
                 off = end
             if collapse:
                 return
-        seg = (len(sense).to_bytes(2, "big") + sense) if sense else b""
+        segment = (len(sense).to_bytes(2, "big") + sense) if sense else b""
         bhs = pack_scsi_response(
-            itt, status, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn, flags, residual, seg,
+            itt, status, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn, flags, residual, segment,
             exp_datasn=datasn,
         )
-        self._emit(bhs, seg)
+        self._emit(bhs, segment)
 
     # ------------------------------------------------------------ NOP, text, logout
     def _nop_out(self, raw: RawPdu) -> None:
