@@ -33,6 +33,63 @@ def _holder(snap: dict[str, Any] | None) -> str:
     return f"{who}{h['port']}  key {h['key']}  {type_name(h['type'])}"
 
 
+def _takeover(t: dict[str, Any]) -> str:
+    """The destination's own PR takeover (its PREEMPT) and the source's view
+    of the same phase (state sent -> destination done)."""
+    peer = t.get("peer_takeover_us")
+    if not peer and not t.get("round_trips_in_pause"):
+        return f"no PR takeover (state transfer {_ms(t.get('takeover_s'))})"
+    peer_s = None if peer is None else peer / 1e6
+    return (f"PR takeover {_ms(peer_s)} at the destination "
+            f"({_ms(t.get('takeover_s'))} seen from the source)")
+
+
+def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per move: what the table at the end of the report shows."""
+    rows = []
+    for run in report.get("runs", []):
+        for m in run.get("moves", []):
+            t = (m.get("migration") or {}).get("timings") or {}
+            h = (m.get("after") or {}).get("holder")
+            p = m.get("source_probe") or {}
+            held = any(r["port"] == p.get("nexus")
+                       for r in (m.get("before") or {}).get("registrations", []))
+            rows.append({
+                "run": run["name"],
+                "move": f"{m['from']} -> {m['to']}",
+                "holder_after": f"{h['host'] or '?'} key {h['key']}" if h else "none",
+                "pause_ms": None if t.get("pause_s") is None else round(t["pause_s"] * 1000, 2),
+                "takeover_ms": None if not t.get("peer_takeover_us") else t["peer_takeover_us"] / 1000,
+                "round_trips": t.get("round_trips_in_pause"),
+                "source_fenced": p.get("fenced"),
+                "source_registered_before": held,
+                "guest_acked_after": ((m.get("guest") or {}).get("writes") or {}).get("acknowledged"),
+                "guest_conflicts_after": ((m.get("guest") or {}).get("writes") or {}).get("conflicts"),
+            })
+    return rows
+
+
+def render_summary(report: dict[str, Any]) -> list[str]:
+    rows = summary_rows(report)
+    if not rows:
+        return []
+    head = ("run", "move", "holder after", "pause", "PR takeover", "RTs", "source fenced",
+            "guest after: ok/conflict")
+    cells = [head]
+    for r in rows:
+        cells.append((
+            r["run"], r["move"], r["holder_after"],
+            "-" if r["pause_ms"] is None else f"{r['pause_ms']:.1f} ms",
+            "-" if r["takeover_ms"] is None else f"{r['takeover_ms']:.1f} ms",
+            str(r["round_trips"]),
+            {True: "yes", False: "no", None: "-"}[r["source_fenced"]]
+            + ("" if r["source_registered_before"] else " (never held)"),
+            f"{r['guest_acked_after']}/{r['guest_conflicts_after']}",
+        ))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]
+
+
 def _registrations(snap: dict[str, Any] | None) -> list[str]:
     if not snap:
         return []
@@ -78,7 +135,7 @@ def render_run(run: dict[str, Any]) -> list[str]:
         regs = _registrations(m.get("after"))
         lines.append(f"  registrations:   {'; '.join(regs) if regs else 'none'}")
         lines.append(f"  timings:         total {_ms(t.get('total_s'))}, guest pause {_ms(t.get('pause_s'))}, "
-                     f"PR takeover {_ms(t.get('takeover_s'))}, "
+                     f"{_takeover(t)}, "
                      f"backend PR round trips in the pause: {t.get('round_trips_in_pause', '-')}")
         g = m.get("guest") or {}
         if g:
@@ -131,6 +188,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
     if report.get("error"):
         lines.append(f"ERROR: {report['error']}")
+    table = render_summary(report)
+    if table:
+        lines.append("summary (holder from READ FULL STATUS; RTs = backend PR round trips in the pause):")
+        lines.extend("  " + row for row in table)
+        lines.append("")
     off = next((r for r in report.get("runs", []) if r.get("name") == "migrate-pr=off"), None)
     if off is not None and off.get("ok"):
         lines.append("migrate-pr=off: the reservation stayed on hosta's nexus and the guest's writes "

@@ -38,6 +38,7 @@ from ..scsi.constants import PrType
 from .cluster import Cluster, ClusterError, HostInfo, TargetInfo
 from .guest import Guest, GuestError
 from .observer import Observer, PrSnapshot, probe_write
+from .report import summary_rows
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,7 @@ async def run_demo(*, workdir: Path | None = None, keep: bool = False, quick: bo
         if made and not keep:
             shutil.rmtree(wd, ignore_errors=True)
             report["workdir_removed"] = True
+    report["summary"] = summary_rows(report)
     report["elapsed_s"] = round(time.monotonic() - t0, 3)
     report["ok"] = ("error" not in report and not report["left_running"]
                     and len(report["runs"]) == len(runs) and all(r["ok"] for r in report["runs"]))
