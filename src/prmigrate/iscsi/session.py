@@ -471,8 +471,8 @@ class Connection:
             raise ProtocolError(RejectReason.COMMAND_NOT_SUPPORTED, f"opcode 0x{op:02x}", raw.bhs)
         if op in self._sequenced and not (raw.bhs[0] & 0x40):
             cmdsn = int.from_bytes(raw.bhs[24:28], "big")
-            d = sn_diff(cmdsn, self.exp_cmdsn)
-            if d != 0:
+            if cmdsn != self.exp_cmdsn:
+                d = sn_diff(cmdsn, self.exp_cmdsn)
                 if 0 < d < self.window:
                     self.queued[cmdsn] = raw  # wait for the gap (RFC 7143 4.2.2.1)
                 else:
@@ -884,6 +884,25 @@ class Connection:
                 flags, residual = ResponseFlags.UNDERFLOW, edtl - n
         sense = res.sense
         collapse = status == _GOOD and not sense
+        params = self.params
+        if collapse and n and n <= params.max_xmit_data_segment_length and n <= params.max_burst_length:
+            # the common read: one Data-In carrying the status (phase collapse)
+            bhs = _HDR_U32.pack(
+                Opcode.DATA_IN, 0x81 | flags, status, n, 0, itt, RESERVED_TAG, self._next_statsn(),
+                self.exp_cmdsn, self.max_cmdsn, 0, 0, residual,
+            )
+            chunk = data if len(data) == n else memoryview(data)[:n]
+            out = self.out
+            out.append(bhs)
+            if self.hd:
+                out.append(digest_bytes(bhs))
+            out.append(chunk)
+            pad = _PADS[n & 3]
+            if pad:
+                out.append(pad)
+            if self.dd:
+                out.append(digest_bytes(chunk, pad))
+            return
         datasn = 0
         if n:
             view = memoryview(data)
