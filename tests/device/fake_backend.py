@@ -16,6 +16,10 @@ from prmigrate.scsi.sense import decode_sense
 NO_FULL_STATUS = object()
 
 
+class _Core:
+    outstanding = 0
+
+
 class FakeSession:
     def __init__(
         self,
@@ -34,6 +38,7 @@ class FakeSession:
         self.logged_in = True
         self.closed = False
         self.submitted: list[bytes] = []
+        self.core = _Core()  # commands complete at once: nothing outstanding
         lu.attach(self.nexus)
 
     def submit(

@@ -484,8 +484,8 @@ class PassthroughDevice:
                     else Sense.COMMAND_ABORTED
                 ),
             )
-        self._inflight.add(fut)
-        fut.add_done_callback(self._inflight.discard)
+        # No per-command bookkeeping: drain() asks the sessions how many
+        # commands they still have without status.
         return fut
 
     def _submit(
@@ -870,16 +870,20 @@ class PassthroughDevice:
     async def drain(self) -> None:
         """Wait for every forwarded command and the snooping/verification
         that follows it."""
-        while (
-            self._inflight
-            or self._verifying is not None
-            or any(b.opening is not None for b in self._backends.values())
-        ):
+        while True:
             waits: list[Any] = list(self._inflight)
             if self._verifying is not None:
                 waits.append(self._verifying)
             waits += [b.opening for b in self._backends.values() if b.opening is not None]
-            await asyncio.wait(waits)
+            if waits:
+                await asyncio.wait(waits)
+                continue
+            if not any(
+                b.session is not None and b.session.core.outstanding
+                for b in self._backends.values()
+            ):
+                return
+            await asyncio.sleep(0.001)
 
     def release_held(self) -> None:
         """Rollback: forward the queued commands in order and resume."""

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Overhead of the passthrough device: iscsi-perf through a host daemon vs
+directly against the same target, in the same run.
+
+    python benchmarks/bench_passthrough.py                  # prmigrate target backend
+    python benchmarks/bench_passthrough.py --backend tgt    # tgtd backend
+    python benchmarks/bench_passthrough.py --backend both --seconds 10 --uvloop
+
+For each backend it starts the target and a ``prmigrate host`` daemon with
+one device in front of it (all on 127.0.0.x), then runs ``iscsi-perf -r``
+(4 KiB random reads) at QD1 and QD32, alternating direct and through the
+daemon, ``--rounds`` times, and prints the median IOPS of each and the
+ratio (goal: >= 70 % of direct at QD32). Every process is stopped at the end.
+Not a test: numbers depend on the machine (CPU count matters: the guest,
+the daemon and the target share it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = "iqn.2026-11.org.prmigrate:bench-shared"
+FRONTEND = "iqn.2026-11.org.prmigrate:bench-vm1"
+HOST_IQN = "iqn.2026-11.org.prmigrate:bench-host"
+PERF_IQN = "iqn.2026-11.org.prmigrate:bench-guest"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def prm_target(work: Path, uvloop: bool) -> Iterator[str]:
+    host = f"127.0.0.{random.randint(2, 250)}"
+    port = free_port(host)
+    args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{host}:{port}",
+            "--iqn", SHARED, "--lun", f"0={work / 'lun0.img'}", "--size", "1G"]
+    if uvloop:
+        args.append("--uvloop")
+    with open(work / "target.log", "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
+    try:
+        wait_port(host, port, proc)
+        yield f"iscsi://{host}:{port}/{SHARED}/0"
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def tgt_target(work: Path) -> Iterator[str]:
+    port = free_port("127.0.0.1")
+    control = random.randint(2000, 32000)
+    img = work / "tgt-lun1.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    with open(work / "tgtd.log", "wb") as log:
+        proc = subprocess.Popen(["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def adm(*a: str) -> None:
+        subprocess.run(["tgtadm", "-C", str(control), "--lld", "iscsi", *a], check=True,
+                       capture_output=True, timeout=10)
+
+    try:
+        wait_port("127.0.0.1", port, proc)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                adm("--mode", "target", "--op", "new", "--tid", "1", "-T", SHARED)
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        adm("--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "-b", str(img))
+        adm("--mode", "target", "--op", "bind", "--tid", "1", "-I", "ALL")
+        yield f"iscsi://127.0.0.1:{port}/{SHARED}/1"
+    finally:
+        subprocess.run(["tgtadm", "-C", str(control), "--mode", "system", "--op", "delete"],
+                       capture_output=True, timeout=10)
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[str]:
+    host = f"127.0.0.{random.randint(2, 250)}"
+    port = free_port(host)
+    args = [sys.executable, "-m", "prmigrate.cli", "host", "--name", "bench", "--initiator", HOST_IQN,
+            "--listen", f"{host}:{port}", "--control", str(work / "host.sock"),
+            "--state-dir", str(work / "host-state"),
+            "--device", f"name=vm1,backend={backend},target={FRONTEND},machine=pc-q35-11.0"]
+    if uvloop:
+        args.append("--uvloop")
+    with open(work / "host.log", "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
+    try:
+        wait_port(host, port, proc)
+        yield f"iscsi://{host}:{port}/{FRONTEND}/0"
+    finally:
+        stop(proc)
+
+
+_IOPS = re.compile(r"iops average (\d+)")
+
+
+def perf(url: str, qd: int, seconds: int) -> int:
+    p = subprocess.run(["iscsi-perf", "-i", PERF_IQN, "-m", str(qd), "-b", "8", "-t", str(seconds), "-r", url],
+                       capture_output=True, text=True, timeout=seconds + 30)
+    found = _IOPS.findall(p.stdout.replace("\r", "\n") + p.stderr)
+    if not found:
+        raise RuntimeError(f"iscsi-perf gave no result for {url}: {p.stdout[-500:]} {p.stderr[-500:]}")
+    return int(found[-1])
+
+
+def bench(name: str, direct: str, via: str, seconds: int, rounds: int) -> None:
+    print(f"\n{name}\n  direct:   {direct}\n  via host: {via}")
+    print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}")
+    for qd in (1, 32):
+        d, v = [], []
+        for _ in range(rounds):
+            d.append(perf(direct, qd, seconds))
+            v.append(perf(via, qd, seconds))
+        md, mv = statistics.median(d), statistics.median(v)
+        goal = "  (goal >= 70%)" if qd == 32 else ""
+        print(f"  QD{qd:<10} {md:>12.0f} {mv:>14.0f} {100 * mv / md:>6.1f}%{goal}", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=("prm", "tgt", "both"), default="prm")
+    ap.add_argument("--seconds", type=int, default=5, help="per iscsi-perf run")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating runs per queue depth (median)")
+    ap.add_argument("--uvloop", action="store_true", help="run the host daemon on uvloop")
+    ap.add_argument("--target-uvloop", action="store_true", help="run prmigrate target on uvloop")
+    args = ap.parse_args()
+    if shutil.which("iscsi-perf") is None:
+        print("iscsi-perf not found (apt-get install libiscsi-bin)", file=sys.stderr)
+        return 2
+    print(f"{os.cpu_count()} CPUs; 4 KiB random reads; daemon on {'uvloop' if args.uvloop else 'asyncio'}")
+    with tempfile.TemporaryDirectory(prefix="prm-bench-") as tmp:
+        work = Path(tmp)
+        if args.backend in ("prm", "both"):
+            with prm_target(work, args.target_uvloop) as direct, host_daemon(work, direct, args.uvloop) as via:
+                bench("backend: prmigrate target", direct, via, args.seconds, args.rounds)
+        if args.backend in ("tgt", "both"):
+            if shutil.which("tgtd") is None:
+                print("tgtd not found (apt-get install tgt)", file=sys.stderr)
+                return 2
+            with tgt_target(work) as direct, host_daemon(work, direct, args.uvloop) as via:
+                bench("backend: tgt", direct, via, args.seconds, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
