@@ -319,3 +319,64 @@ def test_demo_children_die_with_it(tmp_path: Path) -> None:
     while _processes_under(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _processes_under(tmp_path) == []
+
+
+# ------------------------------------------------------- report and exit
+
+
+def _fake_report(lost: int) -> dict[str, Any]:
+    port = "iqn.2026-11.org.prmigrate:hostb,i,0x80a711821e1e"
+    after = {"generation": 3, "holder": {"port": port, "host": "hostb", "key": "0x1",
+                                         "type": "EXCLUSIVE_ACCESS"},
+             "registrations": [{"port": port, "host": "hostb", "key": "0x1", "holder": True}]}
+    writes = {"issued": 10, "acknowledged": 10, "verified": 10 - lost, "lost": lost,
+              "conflicts": 0, "errors": 0}
+    check = {"name": "no acknowledged write lost", "ok": lost == 0, "detail": f"{lost} lost"}
+    return {
+        "ok": lost == 0, "elapsed_s": 1.0, "processes": [], "left_running": [],
+        "runs": [{
+            "name": "migrate-pr=on", "machine": "pc-q35-11.0", "device": "vm1", "migrate_pr": True,
+            "key": "0x1", "reservation_type": "EXCLUSIVE_ACCESS", "checks": [check],
+            "moves": [{"n": 1, "from": "hosta", "to": "hostb", "after": after, "before": after,
+                       "migration": {"status": "completed", "timings": {
+                           "pause_s": 0.004, "takeover_s": 0.003, "total_s": 0.02,
+                           "round_trips_in_pause": 1, "peer_takeover_us": 900}},
+                       "source_probe": {"nexus": "x", "status": "RESERVATION CONFLICT",
+                                        "fenced": True, "unit_attentions": []},
+                       "guest": {"writes": writes, "during_move": writes}}],
+            "guest": {"initiator": "g", "isid": "0x1", "writes": writes,
+                      "lost_writes": [{"seq": 3, "lba": 9, "why": "no intact stamp"}] * lost,
+                      "logout_requests": 1, "reconnects": 1, "unit_attentions": []},
+        }],
+    }
+
+
+def test_report_text() -> None:
+    from prmigrate.demo.report import render, summary_rows
+
+    text = render(_fake_report(0))
+    assert "holder after:    hostb iqn.2026-11.org.prmigrate:hostb,i,0x80a711821e1e  key 0x1  " \
+           "EXCLUSIVE ACCESS" in text
+    assert "PR takeover 0.9 ms at the destination" in text
+    assert "backend PR round trips in the pause: 1" in text
+    assert "result: OK" in text
+    (row,) = summary_rows(_fake_report(0))
+    assert row["source_fenced"] is True and row["round_trips"] == 1 and row["takeover_ms"] == 0.9
+    bad = render(_fake_report(1))
+    assert "LOST seq 3 LBA 9: no intact stamp" in bad
+    assert "[  FAILED] no acknowledged write lost" in bad and "result: FAILED" in bad
+
+
+@pytest.mark.parametrize("lost, status", [(0, 0), (1, 1)])
+def test_exit_status_follows_the_checks(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str],
+                                        lost: int, status: int) -> None:
+    import prmigrate.demo.scenario as scenario
+    from prmigrate.cli import main
+
+    async def fake_run_demo(**kw: Any) -> dict[str, Any]:
+        return _fake_report(lost)
+
+    monkeypatch.setattr(scenario, "run_demo", fake_run_demo)
+    assert main(["demo", "--json"]) == status
+    assert json.loads(capsys.readouterr().out)["runs"][0]["guest"]["writes"]["lost"] == lost

@@ -121,7 +121,8 @@ class Cluster:
     workdir: Path
     secret_file: Path | None = None
     python: str = sys.executable
-    processes: dict[str, Managed] = field(default_factory=dict)
+    processes: dict[str, Managed] = field(default_factory=dict)  # the latest of each name
+    started: list[Managed] = field(default_factory=list)  # every process ever started
 
     # -------------------------------------------------------------- secret
     def make_secret(self) -> Path:
@@ -134,10 +135,10 @@ class Cluster:
         return path
 
     # ----------------------------------------------------------- processes
-    async def _spawn(self, name: str, args: list[str]) -> Managed:
+    async def _spawn(self, name: str, args: list[str], log_name: str | None = None) -> Managed:
         if name in self.processes and self.processes[name].running:
             raise ClusterError(f"{name} is already running")
-        log_path = self.workdir / f"{name}.log"
+        log_path = self.workdir / f"{log_name or name}.log"
         m = Managed(name, [self.python, "-m", "prmigrate.cli", *args], log_path)
         logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
@@ -154,6 +155,7 @@ class Cluster:
             logf.close()
         m.started = time.monotonic()
         self.processes[name] = m
+        self.started.append(m)
         return m
 
     def _died(self, m: Managed) -> ClusterError:
@@ -210,9 +212,11 @@ class Cluster:
         raise AssertionError("unreachable")
 
     async def start_host(self, name: str, address: str, devices: list[str] = (),  # type: ignore[assignment]
-                         *, migrate: bool = True) -> HostInfo:
+                         *, migrate: bool = True, tag: str = "") -> HostInfo:
         """``prmigrate host`` named ``name`` on ``address`` (guest frontend,
-        migration listener), initiator ``iqn.2026-11.org.prmigrate:<name>``."""
+        migration listener), initiator ``iqn.2026-11.org.prmigrate:<name>``.
+        ``tag`` keeps the state directory and log of each start apart."""
+        suffix = f"-{tag}" if tag else ""
         initiator = f"{HOST_PREFIX}:{name}"
         control = self.workdir / f"{name}.sock"
         for attempt in range(3):
@@ -220,7 +224,7 @@ class Cluster:
             mport = free_port(address)
             args = ["host", "--name", name, "--initiator", initiator,
                     "--listen", f"{address}:{port}", "--control", str(control),
-                    "--state-dir", str(self.workdir / f"{name}-state")]
+                    "--state-dir", str(self.workdir / f"{name}{suffix}-state")]
             if migrate:
                 if self.secret_file is None:
                     self.make_secret()
@@ -228,7 +232,7 @@ class Cluster:
                          "--secret-file", str(self.secret_file)]
             for spec in devices:
                 args += ["--device", spec]
-            m = await self._spawn(name, args)
+            m = await self._spawn(name, args, f"{name}{suffix}")
             try:
                 await self._wait_control(m, control)
                 await self._wait_tcp(m, address, port)
@@ -242,7 +246,11 @@ class Cluster:
     async def stop(self, name: str) -> int | None:
         """SIGTERM, wait, SIGKILL: the process's exit status."""
         m = self.processes.get(name)
-        if m is None or m.proc is None:
+        return None if m is None else await self._stop(m)
+
+    @staticmethod
+    async def _stop(m: Managed) -> int | None:
+        if m.proc is None:
             return None
         if m.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -257,17 +265,11 @@ class Cluster:
 
     async def close(self) -> None:
         """Stop every process, hosts before the target (they log out first)."""
-        names = [n for n in self.processes if n != "target"]
-        await asyncio.gather(*(self.stop(n) for n in names), return_exceptions=True)
-        if "target" in self.processes:
-            await self.stop("target")
-
-    def kill_all(self) -> None:
-        """Synchronous last resort (interpreter exit): SIGKILL what still runs."""
-        for m in self.processes.values():
-            if m.running and m.proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    m.proc.kill()
+        hosts = [m for m in self.started if m.name != "target"]
+        await asyncio.gather(*(self._stop(m) for m in hosts), return_exceptions=True)
+        for m in self.started:
+            if m.name == "target":
+                await self._stop(m)
 
     # -------------------------------------------------------------- control
     async def call(self, host: HostInfo, command: str, arguments: dict[str, Any] | None = None,

@@ -199,8 +199,10 @@ def render(report: dict[str, Any]) -> str:
                      "through hostb were refused with RESERVATION CONFLICT -- the documented consequence, "
                      "not a failure.")
     left = report.get("left_running") or []
-    lines.append(f"processes: {len(report.get('processes', {}))} started, "
-                 f"{'none' if not left else ', '.join(left)} left running")
+    procs = report.get("processes", [])
+    exits = ", ".join(f"{p['name']} {p['exit']}" for p in procs)
+    lines.append(f"processes: {len(procs)} started (exit status: {exits}); "
+                 f"left running: {'none' if not left else ', '.join(left)}")
     if not report.get("workdir_removed"):
         lines.append(f"work directory kept: {report.get('workdir')}")
     lines.append(f"result: {'OK' if report.get('ok') else 'FAILED'} in {report.get('elapsed_s', 0):.1f} s")

@@ -75,6 +75,11 @@ class RunSpec:
     lun: int
     moves: tuple[tuple[str, str], ...] = (("hosta", "hostb"), ("hostb", "hosta"))
 
+    @property
+    def tag(self) -> str:
+        """Names this run's host state directories and logs."""
+        return "pr-on" if self.migrate_pr else "pr-off"
+
 
 RUNS = (
     RunSpec("migrate-pr=on", "pc-q35-11.0", True, 0),
@@ -175,8 +180,8 @@ async def _run_body(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: P
     spec_str = (f"name={DEVICE},backend={target.url(spec.lun)},target={FRONTEND_IQN},"
                 f"machine={spec.machine}")
     hosta, hostb = await asyncio.gather(
-        cluster.start_host("hosta", HOST_ADDRESSES["hosta"], [spec_str]),
-        cluster.start_host("hostb", HOST_ADDRESSES["hostb"]),
+        cluster.start_host("hosta", HOST_ADDRESSES["hosta"], [spec_str], tag=spec.tag),
+        cluster.start_host("hostb", HOST_ADDRESSES["hostb"], tag=spec.tag),
     )
     hosts = {"hosta": hosta, "hostb": hostb}
     out["hosts"] = {h.name: {"initiator": h.initiator, "frontend": h.portal,
@@ -334,12 +339,12 @@ async def run_demo(*, workdir: Path | None = None, keep: bool = False, quick: bo
         report["error"] = str(e)
     finally:
         await cluster.close()
-        report["processes"] = {
-            m.name: {"pid": m.pid, "exit": None if m.proc is None else m.proc.returncode,
-                     "log": str(m.log_path)}
-            for m in cluster.processes.values()
-        }
-        report["left_running"] = [m.name for m in cluster.processes.values() if m.running]
+        report["processes"] = [
+            {"name": m.name, "pid": m.pid, "exit": None if m.proc is None else m.proc.returncode,
+             "log": str(m.log_path)}
+            for m in cluster.started
+        ]
+        report["left_running"] = [f"{m.name} (pid {m.pid})" for m in cluster.started if m.running]
         if made and not keep:
             shutil.rmtree(wd, ignore_errors=True)
             report["workdir_removed"] = True
