@@ -238,10 +238,11 @@ _VALID = [
         max_size=8,
     ),
     cut=st.integers(1, 64),
+    login=st.booleans(),
 )
-def test_sans_io_connection_survives_any_bytes(chunks, cut):
+def test_sans_io_connection_survives_any_bytes(chunks, cut, login):
     conn, sent, closed = _sans_io_connection()
-    stream = _LOGIN + b"".join(chunks)
+    stream = (_LOGIN if login else b"") + b"".join(chunks)
     for i in range(0, len(stream), cut):
         conn.data_received(stream[i : i + cut])
     # whatever happened, what we sent frames as valid PDUs
