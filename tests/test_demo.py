@@ -247,6 +247,12 @@ def test_demo_quick_json(tmp_path: Path) -> None:
         assert t["round_trips_in_pause"] >= 1
         assert m["guest"]["writes"]["acknowledged"] > 0
     assert on["moves"][0]["source_probe"]["nexus"].startswith(init["hosta"])
+    # the guest's side of move 1: logout requested, re-login to A redirected to B
+    events = [e["what"] for e in on["moves"][0]["guest"]["events"]]
+    assert events[0].startswith("Asynchronous Message: logout requested"), events
+    assert any(e.startswith(f"login to {on['hosts']['hosta']['frontend']} redirected to "
+                            f"{on['hosts']['hostb']['frontend']}") for e in events), events
+    assert on["moves"][0]["guest"]["connected_to"] == on["hosts"]["hostb"]["frontend"]
     w = on["guest"]["writes"]
     assert w["lost"] == 0 and w["conflicts"] == 0
     assert w["acknowledged"] > 0 and w["verified"] == w["acknowledged"]

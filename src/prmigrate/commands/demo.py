@@ -62,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         # The report is the output. The guest's initiator warns when the source
         # asks it to log out: that is the move working, and the report says so.
-        logging.getLogger().setLevel(logging.ERROR)
+        # (Handler level, not logger level: the guest still hears its
+        # initiator's INFO lines to build its timeline.)
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.ERROR)
     try:
         report = asyncio.run(_main(args))
     except (KeyboardInterrupt, asyncio.CancelledError):

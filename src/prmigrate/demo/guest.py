@@ -51,6 +51,32 @@ class GuestEvent:
     what: str
 
 
+class _RedirectWatch(logging.Handler):
+    """Notes the initiator's "login redirected" and "session reinstated"
+    lines for this guest's session: the initiator follows a redirect inside
+    its re-login and has no callback for either, so its log lines are how
+    the guest's timeline shows them."""
+
+    REDIRECTED = "login redirected from %s to %s"
+    REINSTATED = "session to %s reinstated (isid 0x%012x)"
+
+    def __init__(self, guest: Guest) -> None:
+        super().__init__(logging.INFO)
+        self.guest = guest
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # The session's log adapter prefixes the message with its I_T nexus.
+        text = str(record.msg)
+        if not isinstance(record.args, tuple) or self.guest.nexus.lower() not in text.lower():
+            return
+        if text.endswith(self.REDIRECTED) and len(record.args) == 2:
+            self.guest.redirects += 1
+            self.guest._event(f"login to {record.args[0]} redirected to {record.args[1]}")
+        elif text.endswith(self.REINSTATED):
+            self.guest._event(f"logged in again, connected to {self.guest.connected_portal()}"
+                              " (same ISID: session reinstated)")
+
+
 def _is_ua(r: Result) -> bool:
     if r.status != Status.CHECK_CONDITION or len(r.sense) < 3:
         return False
@@ -91,6 +117,7 @@ class Guest:
         self.events: list[GuestEvent] = []
         self.unit_attentions: list[str] = []
         self.logout_requests = 0
+        self.redirects = 0
         self.last_status: dict[str, str] = {}  # first non-GOOD answer per kind
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
@@ -99,6 +126,11 @@ class Guest:
         self._last_done: float | None = None
         self._max_gap = 0.0
         self._window_start = self._t0
+
+    @property
+    def nexus(self) -> str:
+        """The guest's initiator port: name,i,0xISID."""
+        return f"{self.initiator},i,0x{self.isid:012x}"
 
     @property
     def counters(self) -> Counters:
@@ -122,6 +154,11 @@ class Guest:
         self._event(f"unit attention: {sense.describe()}")
 
     async def login(self) -> None:
+        self._watch = _RedirectWatch(self)
+        core_log = logging.getLogger("prmigrate.iscsi.initiator_core")
+        if not core_log.isEnabledFor(logging.INFO):
+            core_log.setLevel(logging.INFO)
+        core_log.addHandler(self._watch)
         try:
             self.session = await connect(
                 self.url,
@@ -136,8 +173,7 @@ class Guest:
             self.capacity, self.block_size = await self.session.read_capacity16()
         except (IscsiError, LoginError, OSError) as e:
             raise GuestError(f"guest login to {self.url} failed: {e}") from e
-        self._event(f"logged in to {self.connected_portal()} as {self.initiator}"
-                    f",i,0x{self.isid:012x}")
+        self._event(f"logged in to {self.connected_portal()} as {self.nexus}")
 
     def connected_portal(self) -> str | None:
         """The portal the session's TCP connection goes to right now."""
@@ -293,6 +329,9 @@ class Guest:
         await self.stop_writing()
         if self.session is not None:
             await self.session.close()
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            logging.getLogger("prmigrate.iscsi.initiator_core").removeHandler(watch)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -306,6 +345,7 @@ class Guest:
             ],
             "logout_requests": self.logout_requests,
             "reconnects": self.reconnects,
+            "redirects": self.redirects,
             "unit_attentions": list(self.unit_attentions),
             "first_failures": dict(self.last_status),
             "events": [{"t": e.at, "what": e.what} for e in self.events],

@@ -142,6 +142,12 @@ def render_run(run: dict[str, Any]) -> list[str]:
             lines.append(f"  guest:           longest stall during the move {_ms(g.get('longest_stall_s'))}; "
                          f"now connected to {g.get('connected_to')} "
                          f"(logout requests so far {g.get('logout_requests')}, re-logins {g.get('reconnects')})")
+            evs = g.get("events") or []
+            if evs:
+                t0 = evs[0]["t"]
+                lines.append("  guest timeline:")
+                for e in evs[:8]:
+                    lines.append(f"    +{(e['t'] - t0) * 1000:6.1f} ms  {e['what']}")
             lines.append(f"  during the move: {_writes(g['during_move'])}")
             lines.append(f"  on {m['to']}:{' ' * max(1, 13 - len(m['to']))}{_writes(g['writes'])}")
         p = m.get("source_probe")

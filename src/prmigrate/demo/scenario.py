@@ -248,6 +248,7 @@ async def _move(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: Pace,
     before = await observer.full_status()
     move["before"] = _snapshot_dict(before, hosts)
     c0, _ = guest.window()
+    first_event = len(guest.events)
     t0 = time.monotonic()
     result = await migrate(cluster, src, dst, DEVICE)
     move["wall_s"] = round(time.monotonic() - t0, 4)
@@ -271,6 +272,8 @@ async def _move(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: Pace,
         "connected_to": guest.connected_portal(),
         "logout_requests": guest.logout_requests,
         "reconnects": guest.reconnects,
+        "redirects": guest.redirects,
+        "events": [{"t": e.at, "what": e.what} for e in guest.events[first_event:]],
     }
     # the fencing probe: the source's nexus for this guest writes a scratch block
     probe = await probe_write(target.url(spec.lun), src.initiator, isid,
