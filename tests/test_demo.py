@@ -386,3 +386,35 @@ def test_exit_status_follows_the_checks(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(scenario, "run_demo", fake_run_demo)
     assert main(["demo", "--json"]) == status
     assert json.loads(capsys.readouterr().out)["runs"][0]["guest"]["writes"]["lost"] == lost
+
+
+@pytest.mark.timeout(120)
+def test_demo_reports_a_failed_move_and_stops_everything(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination dies before the first move: the move fails, the run is
+    reported failed with the reason, the guest kept its reservation on A, and
+    no process is left."""
+    import prmigrate.demo.scenario as scenario
+
+    real_migrate = scenario.migrate
+
+    async def migrate_to_a_dead_host(cluster: Cluster, src: Any, dst: Any, device: str) -> Any:
+        await cluster.stop(dst.name)
+        return await real_migrate(cluster, src, dst, device)
+
+    monkeypatch.setattr(scenario, "migrate", migrate_to_a_dead_host)
+    rep = asyncio.run(scenario.run_demo(workdir=tmp_path, quick=True, runs=scenario.RUNS[:1]))
+    assert rep["ok"] is False and rep["left_running"] == []
+    (run,) = rep["runs"]
+    failed = {c["name"]: c["detail"] for c in run["checks"] if not c["ok"]}
+    assert "move 1 (hosta -> hostb): migration succeeded" in failed
+    assert "run completed" in failed and "failed" in run["error"]
+    (move,) = run["moves"]
+    assert move["migration"]["success"] is False and move["migration"]["reason"]
+    assert move["after"]["holder"]["host"] == "hosta"  # the source kept the reservation
+    assert move["after"]["holder"]["key"] == run["key"]
+    assert run["guest"]["writes"]["lost"] == 0
+    assert _processes_under(tmp_path) == []
+    from prmigrate.demo.report import render
+
+    assert "result: FAILED" in render(rep)

@@ -326,9 +326,13 @@ class Guest:
         return {"blocks_checked": checked, "blocks_unreadable": unreadable}
 
     async def close(self) -> None:
-        await self.stop_writing()
+        """Stop the writers and log out. The session is closed before the
+        writers are awaited: on an error path a writer may wait on a command
+        that no host will answer, and closing fails it at once."""
+        self._stop.set()
         if self.session is not None:
-            await self.session.close()
+            await self.session.close(timeout=2.0)
+        await self.stop_writing()
         watch = getattr(self, "_watch", None)
         if watch is not None:
             logging.getLogger("prmigrate.iscsi.initiator_core").removeHandler(watch)

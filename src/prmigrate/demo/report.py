@@ -82,9 +82,11 @@ def render_summary(report: dict[str, Any]) -> list[str]:
             "-" if r["pause_ms"] is None else f"{r['pause_ms']:.1f} ms",
             "-" if r["takeover_ms"] is None else f"{r['takeover_ms']:.1f} ms",
             str(r["round_trips"]),
-            {True: "yes", False: "no", None: "-"}[r["source_fenced"]]
+            "-" if r["source_fenced"] is None else
+            ("yes" if r["source_fenced"] else "no")
             + ("" if r["source_registered_before"] else " (never held)"),
-            f"{r['guest_acked_after']}/{r['guest_conflicts_after']}",
+            "-" if r["guest_acked_after"] is None
+            else f"{r['guest_acked_after']}/{r['guest_conflicts_after']}",
         ))
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     return ["  ".join(c[i].ljust(widths[i]) for i in range(len(head))).rstrip() for c in cells]

@@ -215,9 +215,10 @@ async def _run_body(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: P
         await asyncio.sleep(pace.warmup)
         guest.window()
         for n, (sname, dname) in enumerate(spec.moves, 1):
-            out["moves"].append(await _move(cluster, target, spec, pace, guest, observer,
-                                            hosts[sname], hosts[dname], hosts, isid, rtype,
-                                            n, checks))
+            move: dict[str, Any] = {"n": n, "from": sname, "to": dname}
+            out["moves"].append(move)  # filled as far as the move gets
+            await _move(cluster, target, spec, pace, guest, observer, hosts[sname],
+                        hosts[dname], hosts, isid, rtype, move, checks)
         await guest.stop_writing()
         out["sweep"] = await guest.verify_all()
         out["final"] = _snapshot_dict(await observer.full_status(), hosts)
@@ -242,9 +243,8 @@ async def _run_body(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: P
 
 async def _move(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: Pace, guest: Guest,
                 observer: Observer, src: HostInfo, dst: HostInfo, hosts: dict[str, HostInfo],
-                isid: int, rtype: PrType, n: int, checks: Checks) -> dict[str, Any]:
-    tag = f"move {n} ({src.name} -> {dst.name})"
-    move: dict[str, Any] = {"n": n, "from": src.name, "to": dst.name}
+                isid: int, rtype: PrType, move: dict[str, Any], checks: Checks) -> None:
+    tag = f"move {move['n']} ({src.name} -> {dst.name})"
     before = await observer.full_status()
     move["before"] = _snapshot_dict(before, hosts)
     c0, _ = guest.window()
@@ -316,7 +316,6 @@ async def _move(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: Pace,
             checks.add(f"{tag}: back on hosta the guest's writes succeed again",
                        d.acknowledged > 0, f"{d.acknowledged} acknowledged",
                        expected_consequence=True)
-    return move
 
 
 async def run_demo(*, workdir: Path | None = None, keep: bool = False, quick: bool = False,
