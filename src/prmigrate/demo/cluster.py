@@ -46,10 +46,21 @@ def free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _load_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no last resort, close() still runs
+        return None
+
+
+# Resolved here, in the parent: the child only makes the call (no dlopen
+# between fork and exec, where another thread may hold the loader's lock).
+_PRCTL = _load_prctl()
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _child_env() -> dict[str, str]:
