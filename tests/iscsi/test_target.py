@@ -155,6 +155,7 @@ async def test_future_result_does_not_block_and_dropped_when_gone():
         c.cmdsn += 1
         final, _ = await c.command(bytes(6))  # TUR answered while the first is pending
         assert final.status == 0
+        assert final.maxcmdsn - final.expcmdsn + 1 == 127  # the pending command holds a slot
         assert len(lu.futures) == 1
         lu.futures[0].set_result(Result(Status.GOOD, b"WXYZ"))
         done = await c.recv()

@@ -327,6 +327,7 @@ class Connection:
         self.statsn = 0
         self.exp_cmdsn = 0
         self.window = self.settings.cmd_window
+        self._max_adv = 0xFFFFFFFF  # highest MaxCmdSN advertised so far
         self.hd = False
         self.dd = False
         self.log = SessionLog(log, {"session": peer})
@@ -372,7 +373,16 @@ class Connection:
     # ------------------------------------------------------------ plumbing
     @property
     def max_cmdsn(self) -> int:
-        return (self.exp_cmdsn + self.window - 1) & 0xFFFFFFFF
+        """MaxCmdSN to advertise now (sampled when a response is built).
+
+        The window shrinks by the commands still outstanding (waiting for
+        Data-Out or for an LU future), so a slow backend throttles the
+        initiator; an advertised MaxCmdSN never moves back (RFC 7143 4.2.2.1).
+        """
+        want = (self.exp_cmdsn + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
+        if sn_diff(want, self._max_adv) > 0:
+            self._max_adv = want
+        return self._max_adv
 
     @property
     def closed(self) -> bool:
@@ -473,10 +483,10 @@ class Connection:
             cmdsn = int.from_bytes(raw.bhs[24:28], "big")
             if cmdsn != self.exp_cmdsn:
                 d = sn_diff(cmdsn, self.exp_cmdsn)
-                if 0 < d < self.window:
+                if 0 < d <= sn_diff(self._max_adv, self.exp_cmdsn):
                     self.queued[cmdsn] = raw  # wait for the gap (RFC 7143 4.2.2.1)
                 else:
-                    self.log.debug("CmdSN %d outside [%d, %d]: dropped", cmdsn, self.exp_cmdsn, self.max_cmdsn)
+                    self.log.debug("CmdSN %d outside [%d, %d]: dropped", cmdsn, self.exp_cmdsn, self._max_adv)
                 return
             self.exp_cmdsn = (self.exp_cmdsn + 1) & 0xFFFFFFFF
             if self._skip_cmdsn and cmdsn in self._skip_cmdsn:
@@ -519,6 +529,7 @@ class Connection:
             self._login_first = req
             self.statsn = req.exp_statsn
             self.exp_cmdsn = req.cmdsn
+            self._max_adv = (req.cmdsn - 1) & 0xFFFFFFFF
         try:
             self._login_step(req, first)
         except LoginError as exc:
