@@ -81,9 +81,18 @@ Hooks for the migration service
 ``await close()``
     Log out every backend session.
 
-The contract extension ``execute(..., data_in_len=N)``: the target passes
-the guest's Expected Data Transfer Length for a read so it is forwarded
-as-is; without it the device derives one from the CDB (``expected_in_len``).
+Data-in length: the LU contract carries no Expected Data Transfer Length,
+so the backend is asked for the length the CDB itself allows
+(``expected_in_len``: allocation length or transfer length x block size).
+The frontend target then truncates to the guest's EDTL and reports the
+residual against it, exactly as the backend would have (iSCSIResiduals
+tests pass through the device). ``execute(..., data_in_len=N)`` overrides it.
+A command that only moves data in but arrives with data-out (a READ flagged
+as a write) is forwarded without the data, as a LUN would ignore it.
+
+Task management: the guest's LOGICAL UNIT RESET, TARGET WARM/COLD RESET
+become a LOGICAL UNIT RESET of the backend LUN on the guest's nexus (a guest
+must not reset the shared target); CLEAR TASK SET is forwarded as is.
 """
 
 from __future__ import annotations
