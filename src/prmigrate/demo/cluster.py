@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -151,7 +152,7 @@ class Cluster:
             raise ClusterError(f"{name} is already running")
         log_path = self.workdir / f"{log_name or name}.log"
         m = Managed(name, [self.python, "-m", "prmigrate.cli", *args], log_path)
-        logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        logf = open(log_path, "wb")  # noqa: SIM115 - handed to the child
         try:
             m.proc = await asyncio.create_subprocess_exec(
                 *m.argv,
@@ -206,6 +207,7 @@ class Cluster:
     async def start_target(self, luns: int, size: str, address: str = "127.0.0.1") -> TargetInfo:
         """``prmigrate target`` with ``luns`` file-backed LUNs of ``size``."""
         state = self.workdir / "target-state"
+        shutil.rmtree(state, ignore_errors=True)  # a reused --workdir starts clean
         for attempt in range(3):
             port = free_port(address)
             args = ["target", "--listen", f"{address}:{port}", "--iqn", TARGET_IQN,
@@ -228,6 +230,8 @@ class Cluster:
         migration listener), initiator ``iqn.2026-11.org.prmigrate:<name>``.
         ``tag`` keeps the state directory and log of each start apart."""
         suffix = f"-{tag}" if tag else ""
+        state = self.workdir / f"{name}{suffix}-state"
+        shutil.rmtree(state, ignore_errors=True)  # no journal from an earlier demo
         initiator = f"{HOST_PREFIX}:{name}"
         control = self.workdir / f"{name}.sock"
         for attempt in range(3):
@@ -235,7 +239,7 @@ class Cluster:
             mport = free_port(address)
             args = ["host", "--name", name, "--initiator", initiator,
                     "--listen", f"{address}:{port}", "--control", str(control),
-                    "--state-dir", str(self.workdir / f"{name}{suffix}-state")]
+                    "--state-dir", str(state)]
             if migrate:
                 if self.secret_file is None:
                     self.make_secret()
