@@ -138,7 +138,8 @@ def render_run(run: dict[str, Any]) -> list[str]:
         lines.append(f"  registrations:   {'; '.join(regs) if regs else 'none'}")
         lines.append(f"  timings:         total {_ms(t.get('total_s'))}, guest pause {_ms(t.get('pause_s'))}, "
                      f"{_takeover(t)}, "
-                     f"backend PR round trips in the pause: {t.get('round_trips_in_pause', '-')}")
+                     f"backend PR round trips in the pause: {t.get('round_trips_in_pause', '-')}"
+                     + (" (QEMU 11: REGISTER + PREEMPT = 2)" if t.get("round_trips_in_pause") else ""))
         g = m.get("guest") or {}
         if g:
             lines.append(f"  guest:           longest stall during the move {_ms(g.get('longest_stall_s'))}; "
