@@ -156,6 +156,8 @@ def render_run(run: dict[str, Any]) -> list[str]:
         p = m.get("source_probe")
         if p:
             verdict = "FENCED" if p["fenced"] else "NOT fenced"
+            if not p["fenced"] and run.get("migrate_pr") is False:
+                verdict += f" (expected with migrate-pr off: {m['from']} still holds the reservation)"
             ua = f" (after unit attention: {', '.join(p['unit_attentions'])})" if p["unit_attentions"] else ""
             lines.append(f"  {m['from']} probe:     WRITE from {p['nexus']} -> {p['status']}{ua}: {verdict}")
     g = run.get("guest")
