@@ -660,3 +660,31 @@ async def test_unit_attentions_owed_to_the_guest_survive_a_snapshot(rig: Rig) ->
     assert r.status in (Status.GOOD, Status.CHECK_CONDITION) and (r.good or _sense(r)[1] != 0x2A)
     assert rig.dev.snapshot().pending_uas == {}
     await rig.close()
+
+
+@run
+async def test_backend_connection_loss_is_invisible_to_the_guest(tmp_path: Path) -> None:
+    """The backend session logs in again with the same ISID (same nexus,
+    same registration) and re-issues what had no status."""
+    rig = Rig(tmp_path)
+    await rig.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x5151)
+    await rig.pr_out_ok(G1, RES, 0x5151, 0, WE)
+    session = await rig.dev.backend_session(G1)
+    data = b"\xc3" * 4096
+    w = rig.dev.execute(rig.nexus(G1), struct.pack(">BBQIBB", 0x8A, 0, 64, 8, 0, 0), data, 0)
+    assert rig.target is not None
+    # the network fails: the target side closes every connection of the host
+    assert rig.target.drop_sessions(SHARED, HOST) >= 1
+    r = await w if isinstance(w, asyncio.Future) else w
+    while _is_ua(r):  # a re-login may meet a nexus-loss UA; a guest retries
+        r = await rig.cmd(G1, struct.pack(">BBQIBB", 0x8A, 0, 64, 8, 0, 0), data)
+    assert r.status == Status.GOOD, _describe(r)
+    r = await rig.cmd(G1, struct.pack(">BBQIBB", 0x88, 0, 64, 8, 0, 0))
+    while _is_ua(r):
+        r = await rig.cmd(G1, struct.pack(">BBQIBB", 0x88, 0, 64, 8, 0, 0))
+    assert bytes(r.data_in) == data
+    assert session.reconnects >= 1
+    await rig.assert_tracks()
+    assert rig.tracked()[G1].holder  # the registration and reservation followed the nexus
+    await rig.close()

@@ -61,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from ..device.passthrough import DeviceError
+    from ..host.control import CommandError
     from ..host.daemon import HostDaemon
+    from ..iscsi.initiator import IscsiError, LoginError
 
     daemon = HostDaemon(cfg)
     loop = asyncio.get_running_loop()
@@ -73,7 +76,11 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
             r = ext.install(daemon, args)
             if inspect.isawaitable(r):
                 await r
-        await daemon.start()
+        try:
+            await daemon.start()
+        except (DeviceError, IscsiError, LoginError, CommandError, OSError) as exc:
+            log.error("cannot start host %s: %s", cfg.name, exc)
+            return 1
         await daemon.serve_forever()
         log.info("stopping")
     finally:
