@@ -688,3 +688,30 @@ async def test_backend_connection_loss_is_invisible_to_the_guest(tmp_path: Path)
     await rig.assert_tracks()
     assert rig.tracked()[G1].holder  # the registration and reservation followed the nexus
     await rig.close()
+
+
+@run
+async def test_nexus_loss_while_held_is_decided_at_release(rig: Rig) -> None:
+    """While a migration holds the device a guest leaving closes nothing;
+    on rollback its backend nexus ends and its held commands are dropped."""
+    await rig.start()
+    n1, n2 = rig.nexus(G1), rig.nexus(G2)
+    await rig.cmd(n1, bytes(6))
+    await rig.cmd(n2, bytes(6))
+    rig.dev.hold()
+    f1 = rig.dev.execute(n1, bytes(6), b"", 0)
+    f2 = rig.dev.execute(n2, bytes(6), b"", 0)
+    rig.dev.nexus_lost(n1)
+    await asyncio.sleep(0.02)
+    assert rig.backend_isids().count(derive_isid("vm1", G1)) == 1  # still there
+    rig.dev.release_held()
+    r2 = await f2
+    assert r2.status in (Status.GOOD, Status.CHECK_CONDITION)
+    for _ in range(100):
+        if derive_isid("vm1", G1) not in rig.backend_isids():
+            break
+        await asyncio.sleep(0.01)
+    assert derive_isid("vm1", G1) not in rig.backend_isids()
+    assert derive_isid("vm1", G2) in rig.backend_isids()
+    assert not f1.done()
+    await rig.close()

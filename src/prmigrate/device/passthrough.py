@@ -541,16 +541,16 @@ class PassthroughDevice:
         data_in_len: int | None = None,
     ) -> Result | asyncio.Future[Result]:
         """The LU contract: forward ``cdb`` for the guest of ``nexus``."""
-        if self._held is not None:
-            loop = self._loop or asyncio.get_running_loop()
-            fut: asyncio.Future[Result] = loop.create_future()
-            self._held.append(_Held(nexus, cdb, data_out, data_in_len, fut))
-            return fut
         b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
         if b is None:
             b = self._backend(nexus.initiator)
         if nexus not in b.frontends:
             b.frontends.add(nexus)
+        if self._held is not None:
+            loop = self._loop or asyncio.get_running_loop()
+            fut: asyncio.Future[Result] = loop.create_future()
+            self._held.append(_Held(nexus, cdb, data_out, data_in_len, fut))
+            return fut
         op = cdb[0] if cdb else -1
         if b.owed_uas and op not in _UA_EXEMPT:
             return Result(_CHECK, b"", b.owed_uas.pop(0))
@@ -901,8 +901,9 @@ class PassthroughDevice:
             return
         self.log.info("resuming; forwarding %d held command(s)", len(held))
         for h in held:
-            if h.future.done():
-                continue
+            b = self._backends.get(state_key(self.mode, h.nexus.initiator))
+            if h.future.done() or b is None or h.nexus not in b.frontends:
+                continue  # its session ended meanwhile: nobody to answer
             self._chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.future)
         for b in self._backends.values():
             if not b.frontends:
