@@ -50,7 +50,9 @@ class FakeSession:
             raise ConnectionLost("session is closed")
         cdb = bytes(cdb)
         self.submitted.append(cdb)
-        if (
+        if self.backend.pr_out_status is not None and cdb[0] == 0x5F:
+            r = Result(self.backend.pr_out_status)  # the LUN never saw it
+        elif (
             self.backend.no_full_status
             and cdb[0] == 0x5E
             and cdb[1] & 0x1F == PrInAction.READ_FULL_STATUS
@@ -112,6 +114,7 @@ class FakeBackend:
     def __init__(self, lu: LogicalUnit, *, no_full_status: bool = False) -> None:
         self.lu = lu
         self.no_full_status = no_full_status
+        self.pr_out_status: Status | None = None  # answer every PR OUT with this status
         self.sessions: list[FakeSession] = []
 
     async def connect(

@@ -715,3 +715,24 @@ async def test_nexus_loss_while_held_is_decided_at_release(rig: Rig) -> None:
     assert derive_isid("vm1", G2) in rig.backend_isids()
     assert not f1.done()
     await rig.close()
+
+
+@pytest.mark.parametrize("status", [Status.BUSY, Status.TASK_SET_FULL, Status.TASK_ABORTED,
+                                    Status.ACA_ACTIVE])
+@pytest.mark.parametrize("action,rtype", [(REG, 0), (RES, WE), (REL, WE), (CLR, 0), (PRE, EA),
+                                          (RIG, 0)])
+@run
+async def test_other_statuses_change_nothing(tmp_path: Path, status: Status, action: int,
+                                              rtype: int) -> None:
+    rig = Rig(tmp_path, fake=True)
+    await rig.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x21)
+    await rig.pr_out_ok(G1, RES, 0x21, 0, WE)
+    before = rig.tracked()
+    rig.backend.pr_out_status = status
+    r = await rig.pr_out(G1, action, 0x21, 0x22, rtype)
+    assert r.status == status
+    rig.backend.pr_out_status = None
+    await rig.assert_tracks()
+    assert rig.tracked() == before
+    await rig.close()
