@@ -92,3 +92,50 @@ def test_tshark_sees_no_malformed_pdu(tmp_path: Path):
     detail = tshark("-Y", "_ws.malformed", "-V")
     layers = set(re.findall(r"\[Malformed Packet: ([\w.-]+)\]", detail))
     assert layers <= {"SCSI"}, layers
+
+
+def test_qemu_io_follows_logout_request_and_redirect(tmp_path: Path):
+    """A running qemu-io is asked to log out (Async Message event 1) while
+    its node redirects to a second portal: it logs out, is answered 0x0101 on
+    re-login, follows TargetAddress and finishes every verified I/O there."""
+    need("qemu-io")
+    import asyncio
+
+    from prmigrate.iscsi.target import IscsiTarget, TargetNode
+    from prmigrate.lun.unit import LogicalUnit
+
+    iqn = "iqn.2026-11.org.prmigrate:moving"
+
+    async def go() -> tuple[int, str, int]:
+        lu = LogicalUnit(tmp_path / "lun.img", 64 << 20, lun=0, name="moving")
+        node_a = TargetNode(iqn, {0: lu})
+        a = IscsiTarget([node_a])
+        b = IscsiTarget([TargetNode(iqn, {0: lu})])
+        (ha, pa), *_ = await a.start("127.0.0.1", 0)
+        (hb, pb), *_ = await b.start("127.0.0.3", 0)
+        cmds: list[str] = []
+        for i in range(3000):
+            cmds += ["-c", f"write -P {i % 200 + 1} {i * 4096} 4k", "-c", f"read -P {i % 200 + 1} {i * 4096} 4k"]
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-io", "-f", "raw", *cmds, f"iscsi://{ha}:{pa}/{iqn}/0",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            await asyncio.sleep(0.3)
+            node_a.redirect = (hb, pb, 1)
+            asked = a.request_logout(iqn, wait=2)
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode or 0, out.decode(errors="replace"), asked
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await a.close()
+            await b.close()
+            lu.close()
+
+    rc, out, asked = asyncio.run(go())
+    assert rc == 0, out[-2000:]
+    assert out.count("wrote 4096/4096") == 3000 and out.count("read 4096/4096") == 3000
+    assert "Pattern verification failed" not in out
+    assert asked in (0, 1)  # 0 when qemu-io was faster than the request
