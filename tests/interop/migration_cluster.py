@@ -62,6 +62,7 @@ class Proc:
     port: int = 0
     control: Path | None = None
     migrate_port: int = 0
+    args: list[str] = field(default_factory=list)
 
     @property
     def log(self) -> str:
@@ -135,8 +136,12 @@ class ProcCluster:
                 "--migrate-listen", f"{addr}:{mport}", "--secret-file", str(secret)]
         if with_device:
             args += ["--device", self.device_spec()]
+        return self._launch_host(name, args, addr, port, control, mport)
+
+    def _launch_host(self, name: str, args: list[str], addr: str, port: int, control: Path,
+                     mport: int) -> Proc:
         p = spawn(name, args, self.workdir)
-        p.host, p.port, p.control, p.migrate_port = addr, port, control, mport
+        p.host, p.port, p.control, p.migrate_port, p.args = addr, port, control, mport, args
         self.procs[name] = p
         wait_listening(addr, port, p.proc)
         wait_listening(addr, mport, p.proc)
@@ -163,6 +168,14 @@ class ProcCluster:
             if p.alive():
                 stop(p.proc, timeout=10)
 
+    def restart_host(self, name: str) -> Proc:
+        """Start a stopped host again with the same addresses and state dir."""
+        old = self.procs[name]
+        assert not old.alive() and old.control is not None
+        with contextlib.suppress(FileNotFoundError):
+            old.control.unlink()
+        return self._launch_host(name, old.args, old.host, old.port, old.control, old.migrate_port)
+
     def kill(self, name: str) -> None:
         p = self.procs[name]
         if p.alive():
@@ -183,11 +196,11 @@ class ProcCluster:
         return await control_call(control, command, arguments, timeout=10)
 
     async def migrate(self, src: str = "hosta", dst: str = "hostb", *extra: str,
-                      timeout: float = 60) -> tuple[int, str]:
+                      timeout: float = 60, to: str | None = None) -> tuple[int, str]:
         """``prmigrate migrate`` as a subprocess: (exit status, output)."""
         control = self.procs[src].control
         args = [sys.executable, "-m", "prmigrate.cli", "migrate", "--host", str(control),
-                "--device", "vm1", "--to", self.procs[dst].migrate_addr, *extra]
+                "--device", "vm1", "--to", to or self.procs[dst].migrate_addr, *extra]
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env())
         try:
@@ -236,3 +249,82 @@ def cluster(workdir: Path, **kw: Any):  # type: ignore[no-untyped-def]
         raise
     finally:
         c.stop()
+
+
+# ------------------------------------------------------------ channel proxy
+
+FRAME_TYPES = {0x10: "SETUP", 0x11: "SETUP_OK", 0x12: "STATE", 0x13: "TAKEOVER_DONE",
+               0x14: "RESUME", 0x15: "ROLLBACK", 0x16: "ABORT", 0x17: "ACK"}
+
+
+class FrameProxy:
+    """A TCP proxy for the migration channel that sees frame boundaries.
+
+    The channel authenticates frames but does not hide their type byte
+    (``length u32 | type u8 | ...``), so the proxy can act at an exact phase:
+    ``rule(direction, frame_name)`` returns None (forward), "drop" (forget
+    the frame and everything after it in that direction), "cut" (close both
+    connections before forwarding), or a number of seconds to hold the
+    frame. ``direction`` is "to_dst" or "to_src". A rule may also kill a
+    process as a side effect; the frame is then dropped if it returns "drop".
+    """
+
+    def __init__(self, target: tuple[str, int], rule: Any) -> None:
+        self.target = target
+        self.rule = rule
+        self.seen: list[tuple[str, str]] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.address = self.server.sockets[0].getsockname()[:2]
+        return f"{self.address[0]}:{self.address[1]}"
+
+    async def _client(self, r_src: asyncio.StreamReader, w_src: asyncio.StreamWriter) -> None:
+        try:
+            r_dst, w_dst = await asyncio.open_connection(*self.target)
+        except OSError:
+            w_src.close()
+            return
+        self._writers += [w_src, w_dst]
+        await asyncio.gather(self._pipe("to_dst", r_src, w_dst), self._pipe("to_src", r_dst, w_src),
+                             return_exceptions=True)
+
+    def cut(self) -> None:
+        for w in self._writers:
+            with contextlib.suppress(Exception):
+                w.transport.abort()
+
+    async def _pipe(self, direction: str, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        dropping = False
+        try:
+            while True:
+                head = await r.readexactly(5)
+                length = int.from_bytes(head[:4], "big")
+                body = await r.readexactly(length - 1)
+                name = FRAME_TYPES.get(head[4], f"0x{head[4]:02x}")
+                self.seen.append((direction, name))
+                action = None if dropping else self.rule(direction, name)
+                if action == "cut":
+                    self.cut()
+                    return
+                if action == "drop" or dropping:
+                    dropping = True
+                    continue
+                if isinstance(action, int | float):
+                    await asyncio.sleep(action)
+                w.write(head + body)
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                w.close()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -1,0 +1,230 @@
+"""Faults at each phase of a migration, with real processes.
+
+The migration channel runs through a ``FrameProxy`` that sees the frame
+types, so a fault lands at an exact phase: the destination killed after
+its setup or right after its PREEMPT, the source killed after it stopped
+the guest, the channel cut, a frame held while the operator cancels, a
+destination without the cluster secret. Invariants checked after each:
+the guest ends on exactly one host, that host's nexus holds the guest's
+reservation (READ FULL STATUS on the target), the other host's nexus holds
+nothing, the guest never got RESERVATION CONFLICT and no acknowledged write
+is lost; ``prmigrate migrate`` exits non-zero with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prmigrate.scsi.constants import PrType
+
+from .migration_cluster import SECRET, FrameProxy, ProcCluster, cluster
+from .test_migration_e2e import KEY, Writer, guest_session, take_reservation
+
+pytestmark = pytest.mark.interop
+
+WE = PrType.WRITE_EXCLUSIVE
+
+
+def _run(coro, timeout: float = 150):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _sigkill(c: ProcCluster, name: str) -> None:
+    p = c.procs[name].proc
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+
+
+async def _holds(c: ProcCluster, host: str, other: str, rtype: PrType = WE) -> None:
+    (e,) = await c.entries_of(host)
+    assert e.key == KEY and e.holder and int(e.rtype) == rtype, e
+    assert await c.entries_of(other) == [], await c.entries_of(other)
+
+
+async def _faulty_migration(c: ProcCluster, rule: Any, *, rtype: PrType = WE,
+                            during: Any = None) -> tuple[int, str, Writer, Any]:
+    """Guest on A holding ``rtype`` and writing; a migration to B through a
+    FrameProxy with ``rule``; ``during(c)`` runs alongside. Returns the
+    migrate exit status and output, the writer (still running) and the guest."""
+    s = await guest_session(c.frontend_url("hosta"))
+    await take_reservation(s, rtype)
+    proxy = FrameProxy(("127.0.0.3", c.procs["hostb"].migrate_port), rule)
+    to = await proxy.start()
+    w = Writer(s)
+    await asyncio.sleep(0.2)
+    try:
+        if during is not None:
+            side = asyncio.ensure_future(during(c))
+        code, out = await c.migrate("hosta", "hostb", to=to)
+        if during is not None:
+            await side
+    finally:
+        await proxy.close()
+    return code, out, w, s
+
+
+async def _guest_fine(w: Writer, s: Any) -> None:
+    await asyncio.sleep(0.5)
+    await w.stop()
+    assert not w.bad, w.bad  # no RESERVATION CONFLICT, no error
+    assert await w.verify() > 5
+    await s.close()
+
+
+def test_destination_killed_after_setup(tmp_path: Path) -> None:
+    """B dies once it registered the key (SETUP_OK never arrives): A keeps
+    the guest and its reservation."""
+    with cluster(tmp_path) as c:
+
+        def rule(direction: str, frame: str) -> str | None:
+            if frame == "SETUP_OK":
+                _sigkill(c, "hostb")
+                return "drop"
+            return None
+
+        async def go() -> None:
+            code, out, w, s = await _faulty_migration(c, rule)
+            assert code == 1, out
+            assert "stays on the source" in out and "connection-lost" in out, out
+            await c.wait_device("hosta", True)
+            (e,) = await c.entries_of("hosta")
+            assert e.key == KEY and e.holder
+            await _guest_fine(w, s)
+
+        _run(go())
+
+
+@pytest.mark.parametrize("rtype", [WE, PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY])
+def test_destination_killed_after_its_preempt(tmp_path: Path, rtype: PrType) -> None:
+    """B took the reservation and dies before the source hears of it: the
+    source takes it back with a PREEMPT from its own nexus and resumes the
+    guest; nothing is left on B's nexus."""
+    with cluster(tmp_path) as c:
+
+        def rule(direction: str, frame: str) -> str | None:
+            if frame == "TAKEOVER_DONE":
+                _sigkill(c, "hostb")
+                return "drop"
+            return None
+
+        async def go() -> None:
+            code, out, w, s = await _faulty_migration(c, rule, rtype=rtype)
+            assert code == 1, out
+            assert "stays on the source" in out, out
+            assert "PR round trips in the pause: 0" not in out  # the reclaim ran inside the pause
+            await _holds(c, "hosta", "hostb", rtype)
+            await _guest_fine(w, s)
+
+        _run(go())
+
+
+def test_source_killed_after_stop(tmp_path: Path) -> None:
+    """A dies after holding the guest, before STATE reaches B: B never
+    preempts, unregisters what it registered and drops the device; A comes
+    back (same state dir), the guest reconnects to it and still holds its
+    reservation."""
+    with cluster(tmp_path) as c:
+
+        def rule(direction: str, frame: str) -> str | None:
+            if frame == "STATE":
+                _sigkill(c, "hosta")
+                return "drop"
+            return None
+
+        async def go() -> None:
+            s = await guest_session(c.frontend_url("hosta"))
+            await take_reservation(s, WE)
+            proxy = FrameProxy(("127.0.0.3", c.procs["hostb"].migrate_port), rule)
+            to = await proxy.start()
+            try:
+                code, out = await c.migrate("hosta", "hostb", to=to)
+            finally:
+                await proxy.close()
+            assert code != 0, out
+            await c.wait_device("hostb", False)
+            assert await c.entries_of("hostb") == []
+            c.procs["hosta"].proc.wait(10)
+            c.restart_host("hosta")
+            await c.wait_device("hosta", True)
+            await _holds(c, "hosta", "hostb")
+            # the guest's session comes back to A by itself
+            w = Writer(s)
+            await _guest_fine(w, s)
+
+        _run(go())
+
+
+@pytest.mark.parametrize("at", ["SETUP_OK", "STATE", "TAKEOVER_DONE"])
+def test_channel_cut(tmp_path: Path, at: str) -> None:
+    """The channel dies before ``at`` is delivered: the source rolls back
+    (taking the reservation back if B may have preempted) and B leaves no
+    registration behind."""
+    with cluster(tmp_path) as c:
+        def rule(direction: str, frame: str) -> str | None:
+            return "cut" if frame == at else None
+
+        async def go() -> None:
+            code, out, w, s = await _faulty_migration(c, rule)
+            assert code == 1, out
+            assert "stays on the source" in out, out
+            await _holds(c, "hosta", "hostb")
+            await _guest_fine(w, s)
+            # B gives up its copy (after its rollback hold when it had preempted)
+            await c.wait_device("hostb", False, timeout=45)
+            await _holds(c, "hosta", "hostb")
+
+        _run(go())
+
+
+def test_cancel_while_the_destination_holds_the_reservation(tmp_path: Path) -> None:
+    """TAKEOVER_DONE is held back for 2 s while the operator cancels: the
+    source sends ROLLBACK, B (which preempted) ACKs and waits, the source
+    reclaims, then B unregisters. Exit status 1, reason cancelled."""
+    with cluster(tmp_path) as c:
+        held = asyncio.Event()
+
+        def rule(direction: str, frame: str) -> float | None:
+            if frame == "TAKEOVER_DONE":
+                held.set()
+                return 2.0
+            return None
+
+        async def cancel(c: ProcCluster) -> None:
+            await asyncio.wait_for(held.wait(), 30)
+            code, out = await c.migrate("hosta", "hostb", "--cancel")
+            assert code == 0 and "cancelled" in out, out
+
+        async def go() -> None:
+            code, out, w, s = await _faulty_migration(c, rule, during=cancel)
+            assert code == 1, out
+            assert "cancelled" in out, out
+            await _holds(c, "hosta", "hostb")
+            await c.wait_device("hostb", False, timeout=20)
+            await _holds(c, "hosta", "hostb")
+            await _guest_fine(w, s)
+
+        _run(go())
+
+
+def test_peer_without_the_secret_is_refused(tmp_path: Path) -> None:
+    with cluster(tmp_path, secrets={"hostb": "another-cluster-secret-xyz"}) as c:
+
+        async def go() -> None:
+            s = await guest_session(c.frontend_url("hosta"))
+            await take_reservation(s, WE)
+            code, out = await c.migrate("hosta", "hostb")
+            assert code == 1, out
+            assert "authentication" in out, out
+            await c.wait_device("hosta", True)
+            await _holds(c, "hosta", "hostb")
+            assert (await c.call("hostb", "query-devices")) == []
+            w = Writer(s)
+            await _guest_fine(w, s)
+
+        _run(go())
+    assert SECRET
