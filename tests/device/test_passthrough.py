@@ -736,3 +736,28 @@ async def test_other_statuses_change_nothing(tmp_path: Path, status: Status, act
     await rig.assert_tracks()
     assert rig.tracked() == before
     await rig.close()
+
+
+@run
+async def test_restart_verifies_the_journal_and_restore_does_not(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    await rig.start()
+    await rig.pr_out_ok(G1, REG, 0, 0xE7)
+    await rig.dev.close()
+    assert rig.other_out(REG, 0, 0xE8).good
+    assert rig.other_out(PRA, 0xE8, 0xE7, WE).good  # G1 preempted while the daemon was down
+    rig.dev = rig.device()
+    await rig.dev.start()
+    await rig.assert_tracks()
+    assert rig.tracked() == {}
+    # a migrated state is taken as given until the takeover
+    dst_dir = tmp_path / "dst"
+    dst_dir.mkdir()
+    migrated = DevicePrState({G1: GuestPrState(0xE9, False, True, WE)})
+    dst = PassthroughDevice(rig.config, "iqn.2026-11.org.prmigrate:hostb", state=migrated,
+                            state_dir=dst_dir, connect=rig.backend.connect if rig.fake else None,
+                            fsync=False)
+    await dst.start()
+    assert dst.snooper.state.get(G1).key == 0xE9
+    await dst.close()
+    await rig.close()

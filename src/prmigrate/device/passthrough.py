@@ -326,8 +326,12 @@ class PassthroughDevice:
 
     # ------------------------------------------------------------- life
     async def start(self, *, capture_identity: bool = True) -> None:
-        """Load the journal (reconciling after a crash mid PR OUT), open the
-        monitor session and capture the LUN's identity if not given."""
+        """Load the journal, open the monitor session and capture the LUN's
+        identity if not given. State found in the journal is verified
+        against the backend (others may have changed it while the daemon was
+        down, or a PR OUT was in flight at the crash). State given to the
+        constructor (a migration's) is not: the backend shows it on the
+        source's nexuses until the takeover."""
         self._loop = asyncio.get_running_loop()
         self._monitor_lock = asyncio.Lock()
         if self.journal is not None and not self.snooper.state.guests:
@@ -348,8 +352,10 @@ class PassthroughDevice:
                         "%d PR OUT(s) were in flight at the last stop: reconciling",
                         len(record.intents),
                     )
-                    for guest in record.state.guests:
-                        self.snooper.state.mark_unverified(guest)
+                for guest in record.state.guests:
+                    self.snooper.state.mark_unverified(guest)
+                for intent in record.intents:
+                    self.snooper.state.mark_unverified(intent.guest)
         elif self.journal is not None:
             self._save()
         if capture_identity and self.identity is None:
