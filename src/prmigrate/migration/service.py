@@ -370,8 +370,8 @@ class _Runner:
             "role": self.role,
             "peer": self.peer,
             "status": self.machine.state.value,
-            "finished": self.machine.finished,
-            "success": self.succeeded if self.machine.finished else None,
+            "finished": self.finished is not None,
+            "success": self.succeeded if self.finished is not None else None,
             "strategy": getattr(self.machine, "strategy", Strategy.PRMIGRATE).value,
             "timings": self.timings(),
             "reason": self.reason,
@@ -446,6 +446,7 @@ class SourceRunner(_Runner):
         self.to = to
         self.peer = f"{to[0]}:{to[1]}"
         self.frontend = frontend  # where the guest is redirected; default: from the peer
+        self._handover: asyncio.Task[Any] | None = None
         self.log = logging.LoggerAdapter(log, {"migration": f"{migration_id}/{dev.name} source"})
 
     @property
@@ -502,6 +503,8 @@ class SourceRunner(_Runner):
         if dev is None:
             self.feed(Cancel(AbortReason.GUEST, "device is gone"))
             return
+        if self.machine.state is not SourceState.STOPPING:
+            return  # failed or cancelled before the hold began: the guest runs on
         dev.hold()
         try:
             await dev.drain()
@@ -517,7 +520,16 @@ class SourceRunner(_Runner):
             self.log.info("guest resumed on this host")
 
     def _do_HandOverGuest(self, a: HandOverGuest) -> None:
-        self._spawn(self._hand_over())
+        self._handover = self._spawn(self._hand_over())
+
+    def _do_Finished(self, a: Finished) -> None:
+        # Report the end once the guest is handed over and the device gone
+        # here, so that "completed" means the source has let go.
+        task = self._handover
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _: _Runner._do_Finished(self, a))
+            return
+        super()._do_Finished(a)
 
     async def _hand_over(self) -> None:
         from ..host.daemon import frontend_iqn
@@ -806,7 +818,7 @@ class MigrationService:
 
     def register(self, runner: _Runner) -> None:
         current = self.runners.get(runner.device_name)
-        if current is None or current.machine.finished:
+        if current is None or current.finished is not None:
             self.runners[runner.device_name] = runner
 
     # -- outgoing
@@ -823,7 +835,7 @@ class MigrationService:
         if dev is None:
             raise ServiceError("DeviceNotFound", f"device {device!r} not found")
         current = self.runners.get(device)
-        if current is not None and not current.machine.finished:
+        if current is not None and current.finished is None:
             raise ServiceError("GenericError", f"device {device!r} is already migrating ({current.migration_id})")
         try:
             strat = Strategy(strategy)
