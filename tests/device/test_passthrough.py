@@ -761,3 +761,23 @@ async def test_restart_verifies_the_journal_and_restore_does_not(tmp_path: Path)
     assert dst.snooper.state.get(G1).key == 0xE9
     await dst.close()
     await rig.close()
+
+
+@run
+async def test_a_migrated_identity_must_name_the_same_lun(tmp_path: Path) -> None:
+    from prmigrate.device.passthrough import DeviceError
+
+    rig = Rig(tmp_path, fake=True)
+    await rig.start()
+    ident = rig.dev.identity
+    assert ident is not None
+    same = PassthroughDevice(rig.config, HOST, identity=ident, connect=rig.backend.connect)
+    await same.start()
+    await same.close()
+    other = LogicalUnit(tmp_path / "other.img", 1 << 20, serial="0123456789abcdef")
+    other_backend = FakeBackend(other)
+    wrong = PassthroughDevice(rig.config, HOST, identity=ident, connect=other_backend.connect)
+    with pytest.raises(DeviceError, match="not the device's LUN"):
+        await wrong.start()
+    await wrong.close()
+    await rig.close()

@@ -358,8 +358,16 @@ class PassthroughDevice:
                     self.snooper.state.mark_unverified(intent.guest)
         elif self.journal is not None:
             self._save()
-        if capture_identity and self.identity is None:
-            self.identity = await self.capture_identity()
+        if capture_identity:
+            seen = await self.capture_identity()
+            if self.identity is None:
+                self.identity = seen
+            elif not self.identity.same_lun(seen):
+                # a migrated device must front the same LUN on both hosts
+                raise DeviceError(
+                    f"backend {self.config.backend_url} is not the device's LUN: "
+                    + "; ".join(self.identity.differences(seen, ("serial", "naa_id")))
+                )
         if self.snooper.state.unverified or (
             self.journal is not None and self.journal.pending_intents
         ):
