@@ -781,3 +781,47 @@ async def test_a_migrated_identity_must_name_the_same_lun(tmp_path: Path) -> Non
         await wrong.start()
     await wrong.close()
     await rig.close()
+
+
+@run
+async def test_drain_waits_for_the_verification_of_a_pr_out(rig: Rig) -> None:
+    await rig.start()
+    assert rig.other_out(REG, 0, 0x0A).good
+    assert rig.other_out(RES, 0x0A, 0, EA).good
+    await rig.pr_out_ok(G1, REG, 0, 0x0B)
+    params = pr_out_params(0x0B, 0x0A)
+    fut = rig.dev.execute(rig.nexus(G1), pr_out_cdb(PRE, WE, 0, len(params)), params, 0)
+    rig.dev.hold()
+    await rig.dev.drain()
+    assert isinstance(fut, asyncio.Future) and fut.done() and fut.result().good
+    snap = rig.dev.snapshot()
+    assert not snap.state.unverified and snap.state.get(G1).holder
+    assert {g: _core(s) for g, s in snap.state.guests.items()} == rig.backend_view()
+    rig.dev.release_held()
+    await rig.close()
+
+
+@run
+async def test_guest_lun_reset_reaches_the_backend(rig: Rig) -> None:
+    """A RESERVE(6) is released by a LOGICAL UNIT RESET (SAM-5): the guest's
+    reset is forwarded to the backend LUN on its nexus."""
+    await rig.start()
+    n = rig.nexus(G1)
+    await rig.cmd(n, bytes(6))
+    assert (await rig.cmd(n, bytes((0x16, 0, 0, 0, 0, 0)))).good
+    read = struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0)
+
+    def other_read() -> Result:
+        r = rig.lu.execute(rig.other, read)
+        while _is_ua(r):
+            r = rig.lu.execute(rig.other, read)
+        return r
+
+    assert other_read().status == Status.RESERVATION_CONFLICT
+    rig.dev.reset(n)
+    for _ in range(100):
+        if other_read().good:
+            break
+        await asyncio.sleep(0.01)
+    assert other_read().good
+    await rig.close()
