@@ -470,6 +470,9 @@ class SourceRunner(_Runner):
             self._error(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
             self.feed(ChannelLost(f"cannot connect to {host}:{port}"))
             return
+        if self.machine.finished:  # cancelled while connecting
+            writer.close()
+            return
         chan = new_channel(Role.CLIENT, self.service.secret, self.service.client_id())
         chan.start()
         self.link = ChannelLink(reader, writer, chan, self._on_channel_event, self._on_lost_source)
@@ -746,6 +749,10 @@ class DestinationRunner(_Runner):
 
     def _do_HandOverGuest(self, a: HandOverGuest) -> None:  # pragma: no cover - source only
         raise AssertionError("HandOverGuest on a destination")
+
+    def _do_Finished(self, a: Finished) -> None:
+        super()._do_Finished(a)
+        self.service.incoming.discard(self)
 
 
 # ----------------------------------------------------------------- service
