@@ -9,6 +9,7 @@ TOML configuration, SIGINT stopping the daemon cleanly.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_qemu_img_info_two_devices_and_toml(tmp_path: Path) -> None:
         'guests = ["iqn.2008-11.org.linux-kvm"]\n'
     )
     try:
-        host = start_host(tmp_path, device_spec(t.url(0)), extra=["--config", str(toml)])
+        host = start_host(tmp_path, device_spec(t.url(0)),
+                          extra=["--config", str(toml), "--log-format", "json"])
         try:
             info = subprocess.run(["qemu-img", "info", host.url("iqn.2026-11.org.prmigrate:vm2")],
                                   capture_output=True, text=True, timeout=60)
@@ -90,5 +92,9 @@ def test_qemu_img_info_two_devices_and_toml(tmp_path: Path) -> None:
             assert denied.returncode != 0
         finally:
             stop(host.proc)
+        # structured logs: one JSON object a line, naming the device
+        records = [json.loads(line) for line in host.log.splitlines() if line.startswith("{")]
+        assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+        assert {r.get("device") for r in records} >= {"vm1", "vm2"}
     finally:
         stop(t.proc)
