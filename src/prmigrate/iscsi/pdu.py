@@ -1092,6 +1092,18 @@ class PduReader:
             self._pos = 0
         self._buf += data
 
+    def window(self) -> tuple[bytearray, int]:
+        """(buffer, position of the next unread byte), for a caller that parses
+        a run of PDUs in place (the target's read fast path) and then calls
+        :meth:`consumed`. An empty window after a fatal error."""
+        if self._failed:
+            return bytearray(), 0
+        return self._buf, self._pos
+
+    def consumed(self, pos: int) -> None:
+        """Everything before ``pos`` of :meth:`window`'s buffer was taken."""
+        self._pos = pos
+
     def __iter__(self) -> Iterator[RawPdu]:
         """Every complete PDU buffered; a ProtocolError ends the iteration."""
         while (raw := self.next_pdu()) is not None:

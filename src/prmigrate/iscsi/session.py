@@ -342,6 +342,8 @@ class Connection:
         self._failed_itts: set[int] = set()
         self._skip_cmdsn: set[int] = set()
         self._cold = False  # ended by TARGET COLD RESET: the LUs were reset already
+        self._fast_lu: LogicalUnitLike | None = None  # last LU the read fast path met
+        self._fast_fn: Callable[[Nexus, bytes], Any] | None = None  # its read_fast, if any
         # login state
         self._stages = LoginStages()
         self._text = TextAccumulator()
@@ -429,6 +431,8 @@ class Connection:
         try:
             self.reader.feed(data)
             while self.state != Connection.CLOSED and not self._close_after_flush:
+                if self.state == Connection.FULL_FEATURE and not self.queued and not self._skip_cmdsn:
+                    self._fast_reads()
                 try:
                     raw = self.reader.next_pdu()
                 except ProtocolError as exc:
@@ -452,6 +456,91 @@ class Connection:
         finally:
             self._in_batch = False
         self.flush()
+
+    def _fast_reads(self) -> None:
+        """Answer the READ(10)/READ(16) commands at the head of the buffer.
+
+        The read fast path: each BHS is parsed in place (no RawPdu, Result or
+        dispatch) and answered with one Data-In carrying the status. It only
+        takes what the general path would answer the same way: a non-immediate
+        SCSI Command with F and R set, W clear, no AHS and no data, CmdSN equal
+        to ExpCmdSN, a correct header digest, and an LU whose ``read_fast``
+        returns the data (no UA, no possible conflict, no sense; see
+        ``LogicalUnit.read_fast``). Anything else stops the run and the PDU
+        goes through ``next_pdu``/``_dispatch`` untouched. A read whose length
+        differs from the EDTL or exceeds one Data-In is answered by
+        ``_respond`` (residuals, sequences)."""
+        reader = self.reader
+        buf, pos = reader.window()
+        end = len(buf)
+        hd = self.hd
+        hlen = 52 if hd else 48
+        if end - pos < hlen:
+            return
+        luns = self.luns
+        nexus = self.nexus
+        exp = self.exp_cmdsn
+        adv = self._max_adv
+        base = self.window - 1 - len(self.pending) - len(self.tasks)
+        params = self.params
+        limit = min(params.max_xmit_data_segment_length, params.max_burst_length)
+        failed = self._failed_itts
+        out = self.out
+        dd = self.dd
+        unpack = SCSI_COMMAND.unpack_from
+        pack = _HDR_U32.pack
+        last_lu = self._fast_lu
+        fn = self._fast_fn
+        statsn = self.statsn
+        try:
+            while end - pos >= hlen and buf[pos] == 0x01 and buf[pos + 1] & 0xE0 == 0xC0:
+                _, _, _, word, lunf, itt, edtl, cmdsn, _, cdb = unpack(buf, pos)
+                if word or cmdsn != exp:
+                    break
+                if hd and digest_bytes(bytes(buf[pos : pos + 48])) != buf[pos + 48 : pos + 52]:
+                    break
+                lun = (lunf >> 48) & 0xFF if not lunf & 0xFF00FFFFFFFFFFFF else decode_lun(lunf)
+                lu = luns.get(lun)
+                if lu is not last_lu:
+                    last_lu = self._fast_lu = lu
+                    fn = self._fast_fn = getattr(lu, "read_fast", None)
+                if fn is None:
+                    break
+                try:
+                    data = fn(nexus, cdb)
+                except Exception:  # the general path runs it again and answers
+                    break
+                if data is None:
+                    break
+                pos += hlen
+                exp = (exp + 1) & 0xFFFFFFFF
+                if failed:
+                    failed.discard(itt)
+                n = len(data)
+                if n != edtl or n > limit or not n:
+                    self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
+                    self._respond(itt, Result(_GOOD, data), edtl, 0, 0, False)
+                    adv, statsn = self._max_adv, self.statsn
+                    continue
+                # MaxCmdSN: ExpCmdSN + window - 1 - outstanding, never moved back
+                mx = (exp + base) & 0xFFFFFFFF
+                d = (mx - adv) & 0xFFFFFFFF
+                if d and d < _HALF:
+                    adv = mx
+                bhs = pack(0x25, 0x81, 0, n, 0, itt, 0xFFFFFFFF, statsn, exp, adv, 0, 0, 0)
+                statsn = (statsn + 1) & 0xFFFFFFFF
+                out.append(bhs)
+                if hd:
+                    out.append(digest_bytes(bhs))
+                out.append(data)
+                pad = _PADS[n & 3]
+                if pad:
+                    out.append(pad)
+                if dd:
+                    out.append(digest_bytes(data, pad))
+        finally:
+            self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
+            reader.consumed(pos)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         hdr = exc.header or b""

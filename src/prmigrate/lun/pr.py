@@ -191,6 +191,7 @@ class ReservationTable:
         self._aptpl = False
         self._scsi2: Nexus | None = None
         self._nexuses: dict[PortKey, Nexus] = {}  # every nexus seen, for unit attentions
+        self._last_seen: Nexus | None = None  # the nexus _seen recorded last
         if self._state_path is not None:
             self._load(self._state_path)
 
@@ -237,6 +238,7 @@ class ReservationTable:
             self._log.info("SCSI-2 reservation of %s released: I_T nexus loss", nexus)
             self._scsi2 = None
         self._nexuses.pop(_port_key(nexus), None)
+        self._last_seen = None
 
     def reset(self) -> None:
         """LU / target reset: drops the SCSI-2 reservation, keeps persistent ones."""
@@ -691,7 +693,11 @@ class ReservationTable:
     # ------------------------------------------------------------ helpers
 
     def _seen(self, nexus: Nexus) -> None:
-        self._nexuses[_port_key(nexus)] = nexus
+        # Every command passes here: the nexus recorded last is not looked
+        # up again (only _seen writes an entry; nexus_lost forgets the cache).
+        if nexus is not self._last_seen:
+            self._nexuses[_port_key(nexus)] = nexus
+            self._last_seen = nexus
 
     def _nexuses_of(self, reg: Registration) -> set[Nexus]:
         found = {n for n in self._nexuses.values() if reg.matches(n)}

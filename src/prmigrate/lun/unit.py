@@ -309,6 +309,30 @@ class LogicalUnit:
         bs = self.block_size
         return Result(_GOOD, os.pread(self._fd, n * bs, lba * bs))
 
+    def read_fast(self, nexus: Nexus, cdb: bytes) -> bytes | None:
+        """The data of a READ(10)/READ(16) that ends GOOD with nothing to
+        report, or None: then ``execute`` must run it (UA pending, possible
+        reservation conflict, protection bits, range or length errors, other
+        opcodes). Nothing is consumed on None, so the transport can fall back
+        without changing the outcome; the checks are those of ``execute``
+        in the same order (SAM-5 5.14: UA, then conflict)."""
+        op = cdb[0]
+        if op == 0x28 and len(cdb) >= 10:
+            _, flags, lba, _g, n, _c = _RW10_unpack(cdb)
+        elif op == 0x88 and len(cdb) >= 16:
+            _, flags, lba, n, _g, _c = _RW16_unpack(cdb)
+        else:
+            return None
+        if flags & PROTECT_MASK or lba + n > self.blocks or n > self._max_xfer or not n:
+            return None
+        q = self.ua._q
+        if q and nexus in q:
+            return None
+        if self.pr.conflicts(nexus, cdb):
+            return None
+        bs = self.block_size
+        return os.pread(self._fd, n * bs, lba * bs)
+
     def _read12(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
         _, flags, lba, n, _g, _c = _RW12_unpack(cdb)
         return self._do_read(flags, lba, n)
