@@ -7,7 +7,9 @@ end. Timers (keepalive) live in the asyncio layer (``target.py``).
 
 A logical unit's ``execute`` may return a ``Result`` or a future-like object
 (``add_done_callback``/``result``); the latter is completed by callback, with
-no Task per command. A completion that finds its connection gone is dropped.
+no Task per command. A completion that finds its connection gone is dropped;
+the answers of all completions of one loop turn go out in one write (the
+shell's ``defer``).
 
 Phases of a connection: LOGIN (only Login Requests; stage machine and key
 negotiation from ``login.py``; CHAP from ``chap.py``) -> FULL_FEATURE
@@ -309,8 +311,14 @@ class Connection:
         local_address: tuple[str, int] | None,
         send: Callable[[list[Any]], None],
         close: Callable[[], None],
+        defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.target = target
+        # ``defer(fn)`` runs ``fn`` once the current loop turn is done (the
+        # shell passes ``loop.call_soon``): LU futures completed in one turn
+        # are answered with one write. Without it each completion is sent at once.
+        self._defer = defer
+        self._flush_deferred = False
         self.settings: TargetSettings = target.settings
         self.peer = peer
         self.local_address = local_address
@@ -970,6 +978,15 @@ class Connection:
             res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
         self._respond(itt, res, edtl, flags, residual, write)
         if not self._in_batch:
+            if self._defer is None:
+                self.flush()
+            elif not self._flush_deferred:
+                self._flush_deferred = True
+                self._defer(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_deferred = False
+        if not self._in_batch and self.out:
             self.flush()
 
     def _respond(self, itt: int, res: Result, edtl: int, flags: int, residual: int, write: bool) -> None:

@@ -64,6 +64,7 @@ class _IscsiProtocol(asyncio.Protocol):
             self.target, peer_s, (local[0], local[1]) if local else None,
             transport.writelines,  # type: ignore[attr-defined]
             transport.close,
+            asyncio.get_running_loop().call_soon,
         )
         self.target._connections.add(self.conn)
         if self.target.keepalive:
