@@ -76,7 +76,7 @@ Hooks for the migration service
     meets are retried and owed to the guest.
 ``await read_full_status() -> ReadFullStatus | None``
     On the monitor nexus; None when the backend does not implement it.
-``await verify() -> tuple[StateChange, ...]``
+``await verify(reason="on demand") -> tuple[StateChange, ...]``
     Reconcile every tracked guest with the backend now.
 ``await close()``
     Log out every backend session.
@@ -99,7 +99,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +150,20 @@ _UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE
 # Backend answers meaning "READ FULL STATUS is not implemented here".
 _NOT_IMPLEMENTED = frozenset(
     {(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00), (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)}
+)
+# Crash-test hook: with this variable set to a PR OUT service action name
+# (REGISTER, RESERVE, ...; ANY for every one), the process kills itself with
+# SIGKILL after the backend answered GOOD to that action and before the
+# journal records the outcome: only the intent is on disk.
+CRASH_ENV = "PRMIGRATE_TEST_CRASH_AFTER_GOOD"
+FULL_STATUS_METHOD = "READ FULL STATUS"
+KEYS_METHOD = "READ KEYS + READ RESERVATION"
+# What the READ KEYS + READ RESERVATION fallback cannot tell (reconcile.py).
+KEYS_METHOD_LIMITS = (
+    "which nexus a listed key is registered on (another initiator may use the same key)",
+    "which nexus holds a non-all-registrants reservation carrying a guest's key",
+    "registrations or reservations made on the device's nexus outside the guest with a key "
+    "the device does not track (they are not adopted)",
 )
 
 
@@ -316,6 +333,14 @@ class PassthroughDevice:
         self.on_state_change: Callable[[PassthroughDevice, tuple[StateChange, ...]], Any] | None = (
             None
         )
+        # fn(device, reconciliation dict) after every reconciliation (verify)
+        self.on_reconcile: Callable[[PassthroughDevice, dict[str, Any]], Any] | None = None
+        self.last_verified: float | None = None  # wall clock of the last good verify
+        self.last_verify_error: str | None = None
+        self.verify_unknown: tuple[str, ...] = ()
+        self._verify_reason = "unit attention"
+        self._crash_after = os.environ.get(CRASH_ENV, "").upper() or None
+        self._given_state = state is not None  # a migration's: not reconciled at start
         self._special: dict[int, Callable[..., Any]] = {
             Opcode.PERSISTENT_RESERVE_OUT: self._pr_out,
             Opcode.PERSISTENT_RESERVE_IN: self._pr_in,
@@ -323,15 +348,25 @@ class PassthroughDevice:
         }
         for guest in self.snooper.state.guests:
             self._note_port(guest)
+        # Guests named in the ACL: their nexuses are known before they log
+        # in, so a reservation taken on one outside the guest is adopted.
+        if self.mode is IdentityMode.GUEST:
+            for guest in config.guests or ():
+                self._note_port(state_key(self.mode, guest))
 
     # ------------------------------------------------------------- life
-    async def start(self, *, capture_identity: bool = True) -> None:
+    async def start(self, *, capture_identity: bool = True, reconcile: bool = True) -> None:
         """Load the journal, open the monitor session and capture the LUN's
-        identity if not given. State found in the journal is verified
-        against the backend (others may have changed it while the daemon was
-        down, or a PR OUT was in flight at the crash). State given to the
-        constructor (a migration's) is not: the backend shows it on the
-        source's nexuses until the takeover."""
+        identity if not given, then (``reconcile``) reconcile with the
+        backend before the caller exposes the device: state found in the
+        journal may be stale (others changed it while the daemon was down,
+        or a PR OUT was in flight at the crash), and a reservation may have
+        been taken on a known guest's nexus outside the guest. A journal
+        state that cannot be verified stops the start (DeviceError); with no
+        journal state a failed reconciliation is only logged. State given to
+        the constructor (a migration's) is not reconciled (``reconcile``
+        False): the backend shows it on the source's nexuses until the
+        takeover."""
         self._loop = asyncio.get_running_loop()
         self._monitor_lock = asyncio.Lock()
         if self.journal is not None and not self.snooper.state.guests:
@@ -371,9 +406,14 @@ class PassthroughDevice:
         if self.snooper.state.unverified or (
             self.journal is not None and self.journal.pending_intents
         ):
-            await self.verify()
+            await self.verify("start (journal)")
             if self.journal is not None:
                 self.journal.clear_intents(self.snooper.state)
+        elif reconcile and capture_identity and not self._given_state:
+            try:
+                await self.verify("start")
+            except DeviceError as exc:
+                self.log.warning("reconciliation at start failed: %s", exc)
 
     async def close(self) -> None:
         """Log out of every backend session; pending guest commands fail."""
@@ -610,6 +650,17 @@ class PassthroughDevice:
         self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int
     ) -> asyncio.Future[Result] | Result:
         sent = self._submit(b, cdb, data_out, n)
+        if self.snooper.state.generation is not None:
+            # the guest's PR IN carries the PRgeneration: a change nobody
+            # here made starts a reconciliation (snoop.py, _observe_pr_in)
+            if isinstance(sent, Result):
+                self._check_generation(b, cdb, sent)
+            else:
+                sent.add_done_callback(
+                    lambda f: None
+                    if f.cancelled() or f.exception() is not None
+                    else self._check_generation(b, cdb, f.result())
+                )
         if not self.migrate_pr or len(cdb) < 2 or (cdb[1] & 0x1F) != PrInAction.REPORT_CAPABILITIES:
             return sent
         if isinstance(sent, Result):
@@ -671,9 +722,15 @@ class PassthroughDevice:
             sent.add_done_callback(answered)
         return out
 
+    def _check_generation(self, b: _Backend, cdb: bytes, result: Result) -> None:
+        outcome = self.snooper.observe(b.key, cdb, b"", result)
+        if outcome.verify:
+            self.log.info("guest %s PR IN: %s: verifying PR state", b.key, outcome.note)
+            self._schedule_verify("PRgeneration changed")
+
     async def _verify_then(self, out: asyncio.Future[Result], result: Result) -> None:
         try:
-            await self.verify()
+            await self.verify("after a PR OUT")
         except Exception as exc:  # the guest still gets the backend's answer
             self.log.warning("verification failed: %s", exc)
         if not out.done():
@@ -685,6 +742,14 @@ class PassthroughDevice:
         """Feed one PR OUT answer to the snooper; journal; True: verify now."""
         outcome = self.snooper.observe(guest, cdb, data, result)
         action = outcome.action.name if outcome.action is not None else "PR OUT"
+        if (
+            self._crash_after is not None
+            and result.status == _GOOD
+            and self._crash_after in (action, "ANY")
+        ):
+            # test hook: die between the backend's GOOD and the journal write
+            self.log.warning("%s: killing the process after GOOD to %s", CRASH_ENV, action)
+            os.kill(os.getpid(), signal.SIGKILL)
         self.log.info(
             "guest %s %s -> %s%s",
             outcome.guest or guest,
@@ -738,11 +803,12 @@ class PassthroughDevice:
                 "unit attention %02X/%02X on %s: verifying PR state", sense.asc, sense.ascq, b.key
             )
             self.snooper.state.mark_unverified(b.key)
-            self._schedule_verify()
+            self._schedule_verify(f"unit attention {sense.asc:02X}/{sense.ascq:02X}")
 
-    def _schedule_verify(self) -> None:
+    def _schedule_verify(self, reason: str = "state in doubt") -> None:
         if self._closed:
             return
+        self._verify_reason = reason
         if self._verifying is not None:
             self._verify_again = True
             return
@@ -753,7 +819,7 @@ class PassthroughDevice:
             while True:
                 self._verify_again = False
                 try:
-                    await self.verify()
+                    await self.verify(self._verify_reason)
                 except Exception as exc:
                     self.log.warning("verification failed: %s", exc)
                 if not self._verify_again:
@@ -804,32 +870,74 @@ class PassthroughDevice:
             raise DeviceError(f"READ RESERVATION: {_initiator.describe_result(r)}")
         return keys, ReadReservation.decode(bytes(r.data_in))
 
-    async def verify(self) -> tuple[StateChange, ...]:
-        """Reconcile the tracked state of every known guest with the backend."""
+    @property
+    def verify_method(self) -> str | None:
+        """How the backend is read back: READ FULL STATUS, or the READ KEYS
+        + READ RESERVATION fallback; None until the first reconciliation."""
+        if self._full_status is None:
+            return None
+        return FULL_STATUS_METHOD if self._full_status else KEYS_METHOD
+
+    async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
+        """Reconcile the tracked state of every known guest with the backend
+        (READ FULL STATUS filtered by the device's own TransportIDs, or the
+        READ KEYS + READ RESERVATION fallback). Every change is journaled."""
         for key in list(self.snooper.state.guests) + list(self.snooper.state.unverified):
             if key not in self.snooper.transport_ids:
                 self._note_port(key)
+        before = self.snooper.state.to_dict()
+        unknown: tuple[str, ...] = ()
         try:
             rfs = await self.read_full_status()
             if rfs is not None:
                 changes = self.snooper.apply_full_status(rfs)
-                how = "READ FULL STATUS"
+                how = FULL_STATUS_METHOD
             else:
                 keys, rr = await self._read_keys_and_reservation()
                 rec = self.snooper.apply_keys(keys, rr)
                 changes = rec.changes
-                how = "READ KEYS + READ RESERVATION"
-                for u in rec.unknown:
-                    self.log.debug("verification left open: %s", u.describe())
-        except (PrDecodeError, ReconcileError) as exc:
-            raise DeviceError(f"backend PR data unusable: {exc}") from exc
-        except IscsiError as exc:
-            raise DeviceError(f"backend unreachable: {exc}") from exc
+                how = KEYS_METHOD
+                unknown = tuple(u.describe() for u in rec.unknown)
+                for u in unknown:
+                    self.log.debug("verification left open: %s", u)
+        except (PrDecodeError, ReconcileError, IscsiError) as exc:
+            what = "backend unreachable" if isinstance(exc, IscsiError) else "backend PR data unusable"
+            self.last_verify_error = f"{what}: {exc}"
+            self._reconciled(reason, None, (), (), self.last_verify_error)
+            raise DeviceError(self.last_verify_error) from exc
+        self.last_verified = time.time()
+        self.last_verify_error = None
+        self.verify_unknown = unknown
         if changes:
-            self.log.info("verified by %s: %d change(s)", how, len(changes))
+            self.log.info("verified by %s (%s): %d change(s)", how, reason, len(changes))
             self._report(changes)
+        if changes or self.snooper.state.to_dict() != before:
             self._save()
+        self._reconciled(reason, how, changes, unknown, None)
         return changes
+
+    def _reconciled(
+        self,
+        reason: str,
+        method: str | None,
+        changes: tuple[StateChange, ...],
+        unknown: tuple[str, ...],
+        error: str | None,
+    ) -> None:
+        if self.on_reconcile is None:
+            return
+        info: dict[str, Any] = {
+            "reason": reason,
+            "method": method,
+            "changes": [c.describe() for c in changes],
+            "unknown": list(unknown),
+        }
+        if error is not None:
+            info["error"] = error
+        try:
+            self.on_reconcile(self, info)
+        except Exception:
+            self.log.exception("reconcile listener failed")
 
     # --------------------------------------------------------- guest events
     @property
@@ -987,7 +1095,7 @@ class PassthroughDevice:
             b.owed_uas.append(bytes(r.sense))
         if self._snoop(guest, cdb, data, r, intent):
             try:
-                await self.verify()
+                await self.verify(f"after {PrOutAction(action).name}")
             except DeviceError as exc:
                 self.log.warning("verification after %s failed: %s", PrOutAction(action).name, exc)
         return r
@@ -1055,9 +1163,22 @@ class PassthroughDevice:
             "held": self.held,
             "backend-nexus": nexuses,
             "pr-state": {
+                "method": self.verify_method,
+                "method-cannot-tell": list(KEYS_METHOD_LIMITS)
+                if self.verify_method == KEYS_METHOD
+                else [],
+                "open-questions": list(self.verify_unknown),
+                "last-verified": None
+                if self.last_verified is None
+                else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_verified)),
+                "last-verified-age-s": None
+                if self.last_verified is None
+                else round(time.time() - self.last_verified, 3),
+                "last-verify-error": self.last_verify_error,
                 "guests": {
                     g: {
                         "key": f"0x{s.key:016x}",
+                        "backend-nexus": str(self._port(g)),
                         "aptpl": s.aptpl,
                         "holder": s.holder,
                         "type": s.rtype.name if s.holder else None,

@@ -140,7 +140,7 @@ class HostDaemon:
         dev.on_state_change = self._state_changed
         if state is not None:
             dev.snooper.state = state.copy()
-        await dev.start()
+        await dev.start(reconcile=state is None)
         if state is not None or pending_uas:
             dev.restore(dev.snooper.state, identity, pending_uas)
         self.devices[config.name] = dev
