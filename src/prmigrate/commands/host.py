@@ -5,6 +5,15 @@
       --device name=vm1,backend=iscsi://127.0.0.1:3260/iqn.2026-11.org.prmigrate:shared/0,target=iqn.2026-11.org.prmigrate:vm1,machine=pc-q35-11.0
     prmigrate host --config host.toml
     prmigrate host --list-machines
+    prmigrate host --status --control /tmp/hosta.sock [--json]
+
+Events (PR state changes, reconciliations, migrations with their phase
+timings) are appended as JSON lines to ``--event-log PATH``, default
+``<state-dir>/events.jsonl`` when there is a state directory.
+
+``--status`` asks a running daemon (``query-devices``) and prints, per
+device and guest: key, reservation, backend nexus, how and when the state
+was last verified against the LUN.
 
 SIGINT/SIGTERM stop the daemon cleanly (backend sessions logged out, the
 control socket removed).
@@ -55,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keepalive", type=float, default=None,
                         help="NOP-In interval on guest connections (s)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--event-log", default=None, metavar="PATH",
+                        help="JSON lines event log (default: <state-dir>/events.jsonl)")
+    parser.add_argument("--status", action="store_true",
+                        help="show a running daemon's devices (needs --control), then exit")
+    parser.add_argument("--json", action="store_true", help="with --status: print JSON")
     ext = _extension()
     if ext is not None and hasattr(ext, "add_arguments"):
         ext.add_arguments(parser)
@@ -66,7 +80,12 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     from ..host.daemon import HostDaemon
     from ..iscsi.initiator import IscsiError, LoginError
 
-    daemon = HostDaemon(cfg)
+    event_log = args.event_log
+    if event_log is None and cfg.state_dir is not None:
+        from ..host.eventlog import DEFAULT_NAME
+
+        event_log = cfg.state_dir / DEFAULT_NAME
+    daemon = HostDaemon(cfg, event_log=event_log)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop)
@@ -96,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list_machines:
         print(format_machine_list())
         return 0
+    if args.status:
+        return _status(args)
     try:
         base = load_toml(args.config) if args.config else HostConfig()
         cfg = merge_cli(base, args)
@@ -108,3 +129,71 @@ def run(args: argparse.Namespace) -> int:
 
         return uvloop.run(_serve(cfg, args))
     return asyncio.run(_serve(cfg, args))
+
+
+# ------------------------------------------------------------------ status
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from ..host.control import CommandError, control_call
+
+    if not args.control:
+        print("prmigrate host --status: needs --control PATH of the daemon", file=sys.stderr)
+        return 2
+    try:
+        devices = asyncio.run(control_call(args.control, "query-devices", timeout=10))
+    except (OSError, TimeoutError, CommandError) as exc:
+        print(f"prmigrate host --status: {args.control}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(devices, indent=2, sort_keys=True))
+        return 0
+    print(format_status(devices))
+    return 0
+
+
+def format_status(devices: list[dict]) -> str:  # type: ignore[type-arg]
+    """``query-devices`` as the operator reads it: one block per device, one
+    line per guest."""
+    if not devices:
+        return "no devices"
+    lines = []
+    for d in devices:
+        pr = d.get("pr-state", {})
+        method = pr.get("method") or "not verified yet"
+        verified = pr.get("last-verified") or "never"
+        age = pr.get("last-verified-age-s")
+        lines.append(
+            f"device {d['name']}: backend {d['properties']['backend']}, "
+            f"migrate-pr {'on' if d.get('migrate-pr') else 'off'}"
+            f"{', HELD (migrating)' if d.get('held') else ''}"
+        )
+        lines.append(
+            f"  verified: {verified}" + (f" ({age:.1f} s ago)" if age is not None else "")
+            + f" by {method}"
+        )
+        if pr.get("last-verify-error"):
+            lines.append(f"  last verification failed: {pr['last-verify-error']}")
+        for what in pr.get("method-cannot-tell", []):
+            lines.append(f"  cannot tell: {what}")
+        for q in pr.get("open-questions", []):
+            lines.append(f"  open: {q}")
+        guests = pr.get("guests", {})
+        if not guests:
+            lines.append("  no guest PR state")
+        for g, st in sorted(guests.items()):
+            res = f"holds {st['type']} scope {st['scope']}" if st.get("holder") else "no reservation"
+            flag = "" if st.get("verified") else ", NOT verified"
+            lines.append(
+                f"  guest {g}: key {st['key']}, {res}{', APTPL' if st.get('aptpl') else ''}"
+                f"{flag}; backend nexus {st.get('backend-nexus', '?')}"
+            )
+        for key, nx in sorted(d.get("backend-nexus", {}).items()):
+            if key not in guests:
+                lines.append(
+                    f"  guest {key}: no PR state; backend nexus {nx['transport_id']}"
+                    f"{'' if nx.get('connected') else ' (closed)'}"
+                )
+    return "\n".join(lines)

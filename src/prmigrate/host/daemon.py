@@ -21,9 +21,14 @@ Extending it (the migration service does, from its own module)::
     daemon.add_listener(fn)                               # fn(event) for in-process users
 
 Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
-``query-commands``, ``device-verify`` {device}, ``subscribe``, ``quit``.
+``query-commands``, ``device-verify`` {device}, ``reconcile-pr`` {device?}
+(reconcile one device, or every one, with the backend LUN now),
+``subscribe``, ``quit``.
 Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
-``SHUTDOWN``.
+``PR_RECONCILED`` (reason, method, changes, unknown, error), ``SHUTDOWN``.
+
+``event_log``: a path; every event is also appended there as one JSON line
+(``eventlog.py``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ..device.state import DevicePrState, StateChange
 from ..iscsi.target import IscsiTarget, TargetNode
 from .config import HostConfig
 from .control import CommandError, ControlServer, event_message
+from .eventlog import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,13 @@ def frontend_iqn(config: DeviceConfig) -> str:
 
 
 class HostDaemon:
-    def __init__(self, config: HostConfig, *, connect: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: HostConfig,
+        *,
+        connect: Callable[..., Any] | None = None,
+        event_log: str | Path | None = None,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.initiator = config.initiator
@@ -78,6 +90,10 @@ class HostDaemon:
         self._connect = connect
         self._stop = asyncio.Event()
         self.log = logging.LoggerAdapter(log, {"host": config.name})
+        self.event_log: EventLog | None = None
+        if event_log is not None:
+            self.event_log = EventLog(event_log)
+            self.add_listener(self.event_log)
 
     # ------------------------------------------------------------- life
     async def start(self) -> None:
@@ -110,6 +126,9 @@ class HostDaemon:
             await dev.close()
         if self.control is not None:
             await self.control.close()
+        if self.event_log is not None:
+            self.remove_listener(self.event_log)
+            self.event_log.close()
         self.log.info("host %s stopped", self.name)
 
     # ---------------------------------------------------------- devices
@@ -138,6 +157,7 @@ class HostDaemon:
             connect=self._connect,
         )
         dev.on_state_change = self._state_changed
+        dev.on_reconcile = self._reconciled
         if state is not None:
             dev.snooper.state = state.copy()
         await dev.start(reconcile=state is None)
@@ -222,12 +242,16 @@ class HostDaemon:
             }
         )
 
+    def _reconciled(self, dev: PassthroughDevice, info: dict[str, Any]) -> None:
+        self.emit({"event": "PR_RECONCILED", "device": dev.name, **info})
+
     # ------------------------------------------------------------ control
     def _register_builtin(self, control: ControlServer) -> None:
         control.register_command("query-devices", self._cmd_query_devices)
         control.register_command("query-machines", self._cmd_query_machines)
         control.register_command("query-host", self._cmd_query_host)
         control.register_command("device-verify", self._cmd_device_verify)
+        control.register_command("reconcile-pr", self._cmd_reconcile_pr)
         control.register_command("quit", self._cmd_quit)
 
     def _cmd_query_devices(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -277,10 +301,35 @@ class HostDaemon:
             raise CommandError("InvalidParameter", "device: expected a device name")
         dev = self.get_device(name)
         try:
-            changes = await dev.verify()
+            changes = await dev.verify("device-verify")
         except DeviceError as e:
             raise CommandError("GenericError", str(e)) from e
         return {"changes": [c.describe() for c in changes]}
+
+    async def _cmd_reconcile_pr(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """Reconcile with the backend now: ``device`` or every device."""
+        name = args.get("device")
+        if name is not None and not isinstance(name, str):
+            raise CommandError("InvalidParameter", "device: expected a device name")
+        devs = [self.get_device(name)] if name is not None else list(self.devices.values())
+        out = []
+        for dev in devs:
+            try:
+                changes = await dev.verify("reconcile-pr")
+            except DeviceError as e:
+                if name is not None:
+                    raise CommandError("GenericError", str(e)) from e
+                out.append({"device": dev.name, "error": str(e)})
+                continue
+            out.append(
+                {
+                    "device": dev.name,
+                    "method": dev.verify_method,
+                    "changes": [c.describe() for c in changes],
+                    "unknown": list(dev.verify_unknown),
+                }
+            )
+        return out
 
     def _cmd_quit(self, args: dict[str, Any]) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(self.request_stop)

@@ -10,6 +10,7 @@ Control commands (JSON control socket)::
 
     {"execute": "migrate", "arguments": {"device": "vm1", "to": "127.0.0.3:4444",
                                          "strategy": "prmigrate"}}
+      (the device is reconciled with the LUN first, see _reconcile_before)
       strategy: prmigrate (default) | dest-preempt | qemu (QEMU 11's sequence)
       frontend: "HOST:PORT" optional, the portal the guest is redirected to
                 (default: the one the destination announces)
@@ -34,6 +35,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..device.passthrough import DeviceError
 from ..migration.channel import MIN_SECRET_LEN
 from ..migration.service import MigrationService, ServiceError, parse_address
 from .control import CommandError
@@ -128,11 +130,12 @@ def _wrap(fn: Any) -> Any:
         raise CommandError("InvalidParameter", str(e)) from e
 
 
-def _migrate(service: MigrationService, args: dict[str, Any]) -> dict[str, Any]:
+async def _migrate(service: MigrationService, args: dict[str, Any]) -> dict[str, Any]:
     device = _device_arg(args)
     to = args.get("to") or args.get("destination")
     if not isinstance(to, str):
         raise CommandError("InvalidParameter", "to: expected HOST:PORT of the destination daemon")
+    await _reconcile_before(service, device)  # type: ignore[arg-type]
 
     def start() -> dict[str, Any]:
         frontend = args.get("frontend")
@@ -145,6 +148,25 @@ def _migrate(service: MigrationService, args: dict[str, Any]) -> dict[str, Any]:
         return {"id": runner.migration_id, "device": device, "status": runner.machine.state.value}
 
     return _wrap(start)  # type: ignore[no-any-return]
+
+
+async def _reconcile_before(service: MigrationService, device: str) -> None:
+    """The source reconciles with the LUN before the migration snapshots
+    the device: a reservation taken on the device's nexus outside the guest
+    is adopted, a registration another initiator preempted is dropped, so
+    the destination takes over exactly what the guest holds. Changes that
+    reach the device later as a unit attention or PRgeneration change are
+    reconciled by the device itself, and ``drain()`` waits for that before
+    the final snapshot. A failed reconciliation leaves the tracked state as
+    it is (the migration goes on; the destination verifies after its
+    takeover)."""
+    dev = service.daemon.devices.get(device)
+    if dev is None or not dev.migrate_pr or dev.held:
+        return
+    try:
+        await dev.verify("before migration")
+    except DeviceError as e:
+        log.warning("device %s: reconciliation before the migration failed: %s", device, e)
 
 
 def _query(service: MigrationService, args: dict[str, Any]) -> list[dict[str, Any]]:
