@@ -221,6 +221,57 @@ def test_core_data_in_reassembly_and_residual() -> None:
     assert core.exp_statsn == 201
 
 
+def test_core_read_fast_path_matches_general_path() -> None:
+    """Single Data-In-with-status answers are completed in place; the events,
+    sequence numbers and the commands pumped afterwards equal the general
+    path's (the same core with the fast path switched off)."""
+    cores = [_core(queue_depth=4), _core(queue_depth=4)]
+    cores[1]._reads_done = lambda events, now: None  # type: ignore[method-assign]
+    results = []
+    for core in cores:
+        ScriptedTarget(core).login()
+        handles = [core.submit(1, b"\x28" + bytes(9), data_in_len=512 * (i + 1)) for i in range(10)]
+        cmds = _pdus(core.data_to_send())
+        assert len(cmds) == 4
+        a, b, c, d = cmds
+        wire = b"".join([
+            DataIn(a.itt, 0, 0, b"a" * 512, status=Status.GOOD, statsn=200, expcmdsn=2, maxcmdsn=30).encode(),
+            # stale window values are ignored, status other than GOOD kept
+            DataIn(b.itt, 0, 0, b"b" * 1024, status=Status.CONDITION_MET, statsn=201, expcmdsn=1,
+                   maxcmdsn=3).encode(),
+            # underflow: the general path (residual)
+            DataIn(c.itt, 0, 0, b"c" * 1000, status=Status.GOOD, statsn=202, expcmdsn=4, maxcmdsn=31,
+                   flags=ResponseFlags.UNDERFLOW, residual=536).encode(),
+            DataIn(d.itt, 0, 0, b"d" * 2048, status=Status.GOOD, statsn=203, expcmdsn=5, maxcmdsn=32).encode(),
+        ])
+        events = core.receive_data(wire, 0.0)
+        more = core.data_to_send()
+        results.append((events, more, core.exp_statsn, core.exp_cmdsn, core.max_cmdsn, core.outstanding))
+        assert [e.handle for e in events] == handles[:4]  # type: ignore[attr-defined]
+    assert results[0] == results[1]
+    events = results[0][0]
+    assert events[1].result.status == Status.CONDITION_MET and events[2].result.data_in == b"c" * 1000
+    assert results[0][2:5] == (204, 5, 32)
+
+
+def test_core_issues_commands_as_scsi_command_encodes_them() -> None:
+    for digests in (False, True):
+        core = _core(header_digest=digests, data_digest=digests)
+        ScriptedTarget(core, {"HeaderDigest": "CRC32C" if digests else "None",
+                              "DataDigest": "CRC32C" if digests else "None"}).login()
+        core.submit(300, b"\x28" + bytes(9), data_in_len=4096)
+        core.submit(2, b"\x8a" + bytes(15), b"x" * 1001)
+        sent = core.data_to_send()
+        itt, cmdsn = core._itt, core.cmdsn
+        want = (
+            ScsiCommand(itt - 1, 300, b"\x28" + bytes(15), cmdsn - 2, core.exp_statsn, 4096, True, False, True)
+            .encode(digests, digests)
+            + ScsiCommand(itt, 2, b"\x8a" + bytes(15), cmdsn - 1, core.exp_statsn, 1001, False, True, True,
+                          data=b"x" * 1001).encode(digests, digests)
+        )
+        assert sent == want
+
+
 def test_core_check_condition_sense_and_unit_attention() -> None:
     core = _core()
     ScriptedTarget(core).login()

@@ -72,7 +72,7 @@ from .pdu import (
     Reject,
     RejectReason,
     ResponseFlags,
-    ScsiCommand,
+    SCSI_COMMAND,
     ScsiResponse,
     TaskAttribute,
     TaskMgmtRequest,
@@ -80,10 +80,14 @@ from .pdu import (
     TextRequest,
     TextResponse,
     TmfFunction,
+    _HDR_U32,
+    assemble,
     decode_pdu,
+    encode_lun,
 )
 
 log = logging.getLogger(__name__)
+_STATUS = {int(s): s for s in Status}  # status byte -> Status
 
 
 class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -579,6 +583,12 @@ class InitiatorCore:
         reader.feed(data)
         self._last_rx = now
         while self.state not in (State.FREE, State.LOGGED_OUT):
+            if (
+                self.state is State.FULL_FEATURE
+                and not reader.header_digest
+                and not reader.data_digest
+            ):
+                self._reads_done(events, now)
             try:
                 raw = reader.next_pdu()
                 if raw is None:
@@ -594,6 +604,58 @@ class InitiatorCore:
                 reader.data_digest = self.params.data_digest
                 reader.max_data_length = self.params.max_recv_data_segment_length
         return events
+
+    def _reads_done(self, events: list[Event], now: float) -> None:
+        """Complete the reads whose single Data-In with status is at the head
+        of the buffer (the common answer to a read).
+
+        The receive fast path: the BHS is parsed in place and the command
+        completed without a DataIn object. It takes only what ``_on_data_in``
+        would complete the same way: Data-In with F and S (no A, O, U), no
+        AHS, offset 0 and exactly the command's expected data length; without
+        digests. Anything else stops the run and goes through ``next_pdu``.
+        """
+        reader = self._reader
+        buf, pos = reader.window()
+        end = len(buf)
+        active = self._active
+        by_handle = self._by_handle
+        limit = reader.max_data_length
+        unpack = _HDR_U32.unpack_from
+        waiting = self._waiting
+        exp_statsn, exp_cmdsn, max_cmdsn = self.exp_statsn, self.exp_cmdsn, self.max_cmdsn
+        start = pos
+        while end - pos >= 48 and buf[pos] == 0x25 and buf[pos + 1] & 0xC7 == 0x81:
+            _, _, b23, word, _, itt, _, statsn, exp, mx, _, offset, _ = unpack(buf, pos)
+            dlen = word & 0xFFFFFF
+            total = 48 + dlen + (-dlen & 3)
+            if word >> 24 or offset or dlen > limit or end - pos < total:
+                break
+            cmd = active.get(itt)
+            if cmd is None or dlen != cmd.data_in_len or not dlen or cmd.high:
+                break
+            # _update_window / _status_seen (RFC 7143 4.2.2.1), inline
+            if ((mx - exp + 1) & SN_MASK) < _HALF:
+                if exp != exp_cmdsn and ((exp - exp_cmdsn) & SN_MASK) < _HALF:
+                    exp_cmdsn = exp
+                if mx != max_cmdsn and ((mx - max_cmdsn) & SN_MASK) < _HALF:
+                    max_cmdsn = mx
+            nxt = (statsn + 1) & SN_MASK
+            if nxt != exp_statsn and ((nxt - exp_statsn) & SN_MASK) < _HALF:
+                exp_statsn = nxt
+            data = bytes(buf[pos + 48 : pos + 48 + dlen])
+            pos += total
+            del active[itt]
+            del by_handle[cmd.handle]
+            status = b23 & 0xFF
+            events.append(CommandDone(cmd.handle, Result(
+                _STATUS.get(status, status), data, b"")))  # type: ignore[arg-type]
+            if waiting:  # room for a queued command: sent as _on_data_in would
+                self.exp_statsn, self.exp_cmdsn, self.max_cmdsn = exp_statsn, exp_cmdsn, max_cmdsn
+                self._pump(now)
+        if pos != start:
+            self.exp_statsn, self.exp_cmdsn, self.max_cmdsn = exp_statsn, exp_cmdsn, max_cmdsn
+            reader.consumed(pos)
 
     def _dispatch(self, raw: RawPdu, now: float) -> list[Event]:
         op = raw.opcode
@@ -646,7 +708,7 @@ class InitiatorCore:
         # the reassembly buffer itself is handed over (no copy) when it is full
         buf = cmd.buf
         data: bytes | bytearray = b"" if buf is None else (buf if n == len(buf) else buf[:n])
-        st = Status(status) if status in Status._value2member_map_ else status
+        st = _STATUS.get(status, status)
         events: list[Event] = [CommandDone(cmd.handle, Result(st, data, sense))]  # type: ignore[arg-type]
         if sense:
             try:
@@ -660,8 +722,10 @@ class InitiatorCore:
     def _on_data_in(self, pdu: DataIn, now: float) -> list[Event]:
         self._update_window(pdu.expcmdsn, pdu.maxcmdsn)
         cmd = self._active.get(pdu.itt)
-        if cmd is None or cmd.buf is None:
+        if cmd is None or not cmd.data_in_len:
             raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"Data-In for unknown or write ITT 0x{pdu.itt:x}")
+        if cmd.buf is None:  # allocated at the first Data-In
+            cmd.buf = bytearray(cmd.data_in_len)
         end = pdu.offset + len(pdu.data)
         if end > len(cmd.buf):
             raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"Data-In beyond the expected length ({end} > {len(cmd.buf)})")
@@ -860,19 +924,23 @@ class InitiatorCore:
         self.cmdsn = (self.cmdsn + 1) & SN_MASK
         cmd.sent_at = now
         cmd.high = 0
-        cmd.buf = bytearray(cmd.data_in_len) if cmd.data_in_len else None
+        cmd.buf = None  # the reassembly buffer, allocated at the first Data-In
         total = len(cmd.data_out)
         immediate = min(total, p.first_burst_length, p.max_xmit_data_segment_length) if p.immediate_data else 0
         unsolicited_end = min(total, p.first_burst_length) if not p.initial_r2t else immediate
         more = unsolicited_end > immediate
         self._active[cmd.itt] = cmd
-        self._send(
-            ScsiCommand(
-                cmd.itt, cmd.lun, cmd.cdb, cmd.cmdsn, self.exp_statsn,
-                total if total else cmd.data_in_len, cmd.data_in_len > 0, total > 0,
-                not more, cmd.attr, False, bytes(cmd.data_out[:immediate]),
-            )
+        # what ScsiCommand(...).encode() gives, packed here (RFC 7143 11.3)
+        b1 = (0 if more else 0x80) | (0x40 if cmd.data_in_len else 0) | (0x20 if total else 0) | (cmd.attr & 7)
+        bhs = SCSI_COMMAND.pack(
+            Opcode.SCSI_COMMAND, b1, 0, immediate, encode_lun(cmd.lun), cmd.itt,
+            total if total else cmd.data_in_len, cmd.cmdsn, self.exp_statsn, cmd.cdb.ljust(16, b"\0"),
         )
+        out = self._out
+        if immediate or p.header_digest:
+            out.append(assemble(bhs, cmd.data_out[:immediate], b"", p.header_digest, p.data_digest))
+        else:
+            out.append(bhs)
         if more:
             self._send_data_out(cmd, immediate, unsolicited_end, RESERVED_TAG)
 
