@@ -40,13 +40,18 @@ def _sigkill(c: ProcCluster, name: str) -> None:
         p.send_signal(signal.SIGKILL)
 
 
-async def _holds(c: ProcCluster, host: str, other: str, rtype: PrType = WE) -> None:
+async def _holds(c: ProcCluster, host: str, other: str, rtype: PrType | None = WE) -> None:
+    """The guest's key is on ``host``'s nexus only, holding ``rtype`` (None:
+    registered, no reservation anywhere)."""
     (e,) = await c.entries_of(host)
-    assert e.key == KEY and e.holder and int(e.rtype) == rtype, e
+    if rtype is None:
+        assert e.key == KEY and not any(x.holder for x in (await c.full_status()).entries), e
+    else:
+        assert e.key == KEY and e.holder and int(e.rtype) == rtype, e
     assert await c.entries_of(other) == [], await c.entries_of(other)
 
 
-async def _faulty_migration(c: ProcCluster, rule: Any, *, rtype: PrType = WE,
+async def _faulty_migration(c: ProcCluster, rule: Any, *, rtype: PrType | None = WE,
                             during: Any = None) -> tuple[int, str, Writer, Any]:
     """Guest on A holding ``rtype`` and writing; a migration to B through a
     FrameProxy with ``rule``; ``during(c)`` runs alongside. Returns the
@@ -76,9 +81,13 @@ async def _guest_fine(w: Writer, s: Any) -> None:
     await s.close()
 
 
-def test_destination_killed_after_setup(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rtype", [WE, PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS, None],
+                         ids=["WE", "WE_AR", "register-only"])
+def test_destination_killed_after_setup(tmp_path: Path, rtype: PrType | None) -> None:
     """B dies once it registered the key (SETUP_OK never arrives): A keeps
-    the guest and its reservation."""
+    the guest and its reservation, and removes the registration the dead B
+    left on its nexus (with an all-registrants type it would hold the
+    reservation too) before the guest runs again."""
     with cluster(tmp_path) as c:
 
         def rule(direction: str, frame: str) -> str | None:
@@ -88,18 +97,19 @@ def test_destination_killed_after_setup(tmp_path: Path) -> None:
             return None
 
         async def go() -> None:
-            code, out, w, s = await _faulty_migration(c, rule)
+            code, out, w, s = await _faulty_migration(c, rule, rtype=rtype)
             assert code == 1, out
             assert "stays on the source" in out and "connection-lost" in out, out
             await c.wait_device("hosta", True)
-            (e,) = await c.entries_of("hosta")
-            assert e.key == KEY and e.holder
+            await _holds(c, "hosta", "hostb", rtype)
             await _guest_fine(w, s)
 
         _run(go())
 
 
-@pytest.mark.parametrize("rtype", [WE, PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY])
+@pytest.mark.parametrize("rtype", [WE, PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY,
+                                   PrType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS, None],
+                         ids=["WE", "EA_RO", "EA_AR", "register-only"])
 def test_destination_killed_after_its_preempt(tmp_path: Path, rtype: PrType) -> None:
     """B took the reservation and dies before the source hears of it: the
     source takes it back with a PREEMPT from its own nexus and resumes the

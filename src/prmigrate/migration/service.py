@@ -65,7 +65,7 @@ from ..device.state import DevicePrState
 from ..iscsi.initiator import IscsiError, describe_result
 from ..iscsi.target import TargetNode
 from ..lun.types import Result
-from ..scsi.constants import PrInAction, PrType, SenseKey, Status
+from ..scsi.constants import PrInAction, PrOutAction, PrType, SenseKey, Status
 from ..scsi.pr import PrDecodeError, ReadKeys, ReadReservation, pr_in_cdb
 from ..scsi.sense import SenseDecodeError, decode_sense
 from .channel import Authenticated, Message, Role
@@ -97,7 +97,7 @@ from .machine import (
     StateLoaded,
     Timeouts,
 )
-from .plan import Observed, PrOp, Strategy, TargetTraits
+from .plan import Observed, Phase, PrOp, Side, Strategy, TargetTraits
 from .source import SourceMigration, SourceState
 from .stream import DeviceSnapshot
 from .transport import ChannelLink, decode_peer_id, encode_peer_id, new_channel
@@ -447,6 +447,9 @@ class SourceRunner(_Runner):
         self.peer = f"{to[0]}:{to[1]}"
         self.frontend = frontend  # where the guest is redirected; default: from the peer
         self._handover: asyncio.Task[Any] | None = None
+        self._finishing: asyncio.Task[Any] | None = None
+        self._channel_lost = False
+        self._setup_sent = False
         self.log = logging.LoggerAdapter(log, {"migration": f"{migration_id}/{dev.name} source"})
 
     @property
@@ -487,11 +490,13 @@ class SourceRunner(_Runner):
                     self.frontend = parse_address(portal)
                 except ValueError:
                     self._error(f"destination announced a bad portal {portal!r}")
+            self._setup_sent = True  # SETUP goes out now: the destination may register
             self.feed(ChannelUp())
             return
         self.feed(ev)
 
     def _on_lost_source(self, detail: str, error: Exception | None) -> None:
+        self._channel_lost = True
         if isinstance(error, AuthenticationFailed) and self.machine.state is SourceState.CONNECTING:
             self._error(f"destination refused: {detail}")
             self.feed(Cancel(AbortReason.AUTHENTICATION, detail))
@@ -518,8 +523,70 @@ class SourceRunner(_Runner):
 
     def _do_ResumeGuest(self, a: ResumeGuest) -> None:
         dev = self.device()
-        if dev is not None:
+        if dev is None:
+            return
+        if self._fence_ops():
+            return  # released once the fence is done (_do_Finished)
+        dev.release_held()
+        self.log.info("guest resumed on this host")
+
+    def _fence_ops(self) -> tuple[PrOp, ...]:
+        """After a rollback on which the destination went silent: the keys it
+        registered during setup may still be on its nexus (a dead process
+        cannot unregister; a live one unregisters them itself on the lost
+        channel, and then these ops find nothing to remove). Remove every registration of those keys but the
+        source's, with the guest still held: PREEMPT RK = SARK = key from the
+        source nexus (for the holder of a single-holder reservation, with its
+        own type and scope: the reservation stays where it is), then register
+        the key again (a target may drop the caller's own registration when
+        no reservation is held with that key) and RESERVE again for a holder
+        (GOOD when it still holds). Every op is idempotent."""
+        m = self.machine
+        if not (self._channel_lost and self._setup_sent and self.service.fence_after_loss):
+            return ()
+        # Without SETUP_OK we do not know what it registered: assume every key.
+        registered = m.registered or {n: g.key for n, g in m.snapshot.pr.guests.items() if g.registered}
+        ops: list[PrOp] = []
+        for guest, key in sorted(registered.items()):
+            g = m.snapshot.pr.get(guest)
+            if not g.registered or g.key != key:
+                continue
+            if m.preempted is not False and g.holder and not g.rtype.all_registrants:
+                continue  # the reclaim's PREEMPT of this key already removed them
+            rtype = g.rtype if g.holder else PrType.WRITE_EXCLUSIVE
+            scope = g.scope if g.holder else 0
+            why = "remove the silent destination's registration"
+            ops.append(PrOp(Side.SOURCE, guest, PrOutAction.PREEMPT, key, key, rtype, scope, True,
+                            g.aptpl, Phase.ROLLBACK, why, conflict_ok=True))
+            ops.append(PrOp(Side.SOURCE, guest, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, 0, key,
+                            inside_pause=True, aptpl=g.aptpl, phase=Phase.ROLLBACK,
+                            why="keep the source's own registration"))
+            if g.holder:
+                ops.append(PrOp(Side.SOURCE, guest, PrOutAction.RESERVE, key, 0, g.rtype, g.scope, True,
+                                False, Phase.ROLLBACK, "the reservation stays with the source"))
+        return tuple(ops)
+
+    async def _fence_then_resume(self, dev: PassthroughDevice, ops: tuple[PrOp, ...]) -> None:
+        try:
+            if not dev.held:  # failed before the pause: hold the guest for the fence
+                dev.hold()
+                self.machine.timings.paused = self.loop.time()
+                await dev.drain()
+            for op in ops:
+                try:
+                    r = await asyncio.wait_for(self._pr_out(dev, op), OP_TIMEOUT)
+                except Exception as e:
+                    self._error(f"fencing the destination's registrations: {op}: {e}")
+                    break
+                ok = r.status == Status.GOOD or (op.conflict_ok and r.status == Status.RESERVATION_CONFLICT)
+                self.log.info("%s -> %s", op, describe_result(r))
+                if not ok:
+                    self._error(f"fencing the destination's registrations: {op}: {describe_result(r)}")
+                    break
+                self.machine.timings.round_trips_in_pause += 1
+        finally:
             dev.release_held()
+            self.machine.timings.resumed = self.loop.time()
             self.log.info("guest resumed on this host")
 
     def _do_HandOverGuest(self, a: HandOverGuest) -> None:
@@ -527,8 +594,13 @@ class SourceRunner(_Runner):
 
     def _do_Finished(self, a: Finished) -> None:
         # Report the end once the guest is handed over and the device gone
-        # here, so that "completed" means the source has let go.
-        task = self._handover
+        # here (or, after a rollback, once the guest runs here again), so
+        # that the outcome describes a settled state.
+        ops = self._fence_ops() if a.state == SourceState.ROLLED_BACK.name else ()
+        dev = self.device()
+        if ops and dev is not None and self._finishing is None:
+            self._finishing = self._spawn(self._fence_then_resume(dev, ops))
+        task = self._handover or self._finishing
         if task is not None and not task.done():
             task.add_done_callback(lambda _: _Runner._do_Finished(self, a))
             return
@@ -767,6 +839,9 @@ class MigrationService:
         self.timeouts = timeouts
         self.listening: list[tuple[str, int]] = []
         self.runners: dict[str, _Runner] = {}  # device -> latest migration
+        # A source whose destination went silent removes the keys that the
+        # destination registered during setup (see SourceRunner._fence_ops).
+        self.fence_after_loss = True
         self.incoming: set[DestinationRunner] = set()
         self._server: asyncio.base_events.Server | None = None
         self._links: set[ChannelLink] = set()
