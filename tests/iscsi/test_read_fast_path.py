@@ -1,7 +1,8 @@
 """The target's READ(10)/READ(16) fast path answers byte for byte like the
 general path: the same byte stream goes to a connection over a LogicalUnit
-(fast path) and to one over the same LU hidden behind a wrapper without
-``read_fast`` (general path), and every byte sent back must match."""
+(fast path), to one over the same LU hidden behind a wrapper without
+``read_fast`` (commands handed straight to ``_execute``) and to one with the
+fast path switched off (general path), and every byte sent back must match."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class GeneralOnly:
 
 
 class Side:
-    def __init__(self, tmp: Path, name: str, fast: bool, hd: bool, dd: bool, mrdsl: int) -> None:
+    def __init__(self, tmp: Path, name: str, fast: bool, hd: bool, dd: bool, mrdsl: int, loop: bool = True) -> None:
         self.lu = LogicalUnit(tmp / f"{name}.img", BLOCKS * 512, name="fast-path-lu", serial="SN1")
         with open(tmp / f"{name}.img", "r+b") as f:
             f.write(bytes(i & 0xFF for i in range(BLOCKS * 512)))
@@ -73,6 +74,8 @@ class Side:
         self.feed(P.LoginRequest(isid=0x400000000001, tsih=0, itt=1, cid=0, cmdsn=1, exp_statsn=0, csg=1,
                                  nsg=3, transit=True, data=encode_text(keys)).encode())
         assert self.conn.state == Connection.FULL_FEATURE
+        if not loop:
+            self.conn._fast_reads = lambda: None  # type: ignore[method-assign]
 
     def feed(self, data: bytes) -> bytes:
         self.sent.clear()
@@ -106,13 +109,15 @@ class Stream:
 
 
 def run_both(tmp: Path, script, hd=False, dd=False, mrdsl=262144, setup=None, fast=True) -> list[bytes]:
-    sides = [Side(tmp, "fast", True, hd, dd, mrdsl), Side(tmp, "general", False, hd, dd, mrdsl)]
+    sides = [Side(tmp, "fast", True, hd, dd, mrdsl), Side(tmp, "general", False, hd, dd, mrdsl, loop=False),
+             Side(tmp, "direct", False, hd, dd, mrdsl)]
     outs: list[list[bytes]] = []
     for side in sides:
         if setup is not None:
             setup(side.lu, side.conn.nexus)
         outs.append([side.feed(batch) for batch in script(Stream(hd, dd))])
     assert outs[0] == outs[1]
+    assert outs[2] == outs[1]
     assert bool(sides[0].fast_reads) == fast and not sides[1].fast_reads
     return outs[0]
 

@@ -477,7 +477,9 @@ class Connection:
         ``LogicalUnit.read_fast``). Anything else stops the run and the PDU
         goes through ``next_pdu``/``_dispatch`` untouched. A read whose length
         differs from the EDTL or exceeds one Data-In is answered by
-        ``_respond`` (residuals, sequences)."""
+        ``_respond`` (residuals, sequences). Such a command for an LU without
+        ``read_fast`` goes straight to ``_execute``, as ``_scsi_command``
+        would send it."""
         reader = self.reader
         buf, pos = reader.window()
         end = len(buf)
@@ -513,7 +515,24 @@ class Connection:
                     last_lu = self._fast_lu = lu
                     fn = self._fast_fn = getattr(lu, "read_fast", None)
                 if fn is None:
-                    break
+                    if lu is None:
+                        break
+                    # an LU without read_fast (e.g. the passthrough device):
+                    # what _scsi_command does for this PDU, without RawPdu
+                    pos += hlen
+                    exp = (exp + 1) & 0xFFFFFFFF
+                    if failed:
+                        failed.discard(itt)
+                    self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
+                    try:
+                        self._execute(itt, lun, lu, cdb, b"", edtl, False)
+                    except Exception:  # as data_received: never let one PDU take down the server
+                        self.log.exception("internal error on PDU %s", bytes(buf[pos - hlen : pos - hlen + 8]).hex())
+                        self._close_after_flush = True
+                        break
+                    adv, statsn = self._max_adv, self.statsn
+                    base = self.window - 1 - len(self.pending) - len(self.tasks)
+                    continue
                 try:
                     data = fn(nexus, cdb)
                 except Exception:  # the general path runs it again and answers
