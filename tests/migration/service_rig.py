@@ -83,6 +83,7 @@ class Cluster:
             ("hostb", "127.0.0.3", HOST_B, [], self.secret_b),
         ):
             cfg = HostConfig(name=name, initiator=init, listen=[(addr, 0)],
+                             control=self.tmp / f"{name}.sock",
                              state_dir=self.tmp / name, devices=devices).validate()
             d = HostDaemon(cfg)
             await d.start()

@@ -81,3 +81,53 @@ async def _writer(guest, n: int = 40) -> list[tuple[int, bytes]]:
 
 def _write10(lba: int, blocks: int) -> bytes:
     return bytes([0x2A, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
+
+
+@run(40)
+async def test_control_api(tmp_path: Path) -> None:
+    """migrate / query-migrate / migrate-cancel and MIGRATION events on the
+    JSON control socket."""
+    from prmigrate.host.control import CommandError, control_call, control_events
+
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.EXCLUSIVE_ACCESS)
+        sock = tmp_path / "hosta.sock"
+        events: list[dict] = []
+
+        async def collect() -> None:
+            async for ev in control_events(sock):
+                if ev["event"] == "MIGRATION":
+                    events.append(ev["data"])
+                    if ev["data"].get("finished"):
+                        return
+
+        collector = asyncio.ensure_future(collect())
+        await asyncio.sleep(0.1)
+        h, p = c.migration_address("hostb")
+        with pytest.raises(CommandError) as e:
+            await control_call(sock, "migrate", {"device": "nope", "to": f"{h}:{p}"})
+        assert e.value.cls == "DeviceNotFound"
+        with pytest.raises(CommandError) as e:
+            await control_call(sock, "migrate", {"device": "vm1", "to": f"{h}:{p}", "strategy": "x"})
+        assert e.value.cls == "InvalidParameter"
+        with pytest.raises(CommandError) as e:
+            await control_call(sock, "migrate", {"device": "vm1", "to": "no-port"})
+        assert e.value.cls == "InvalidParameter"
+        started = await control_call(sock, "migrate", {"device": "vm1", "to": f"{h}:{p}"})
+        await asyncio.wait_for(collector, 20)
+        (rec,) = await control_call(sock, "query-migrate", {"device": "vm1"})
+        assert rec["id"] == started["id"] and rec["finished"] and rec["success"], rec
+        assert rec["role"] == "source" and rec["status"] == "completed"
+        t = rec["timings"]
+        assert t["round_trips_in_pause"] == 1 and 0 < t["takeover_s"] <= t["pause_s"] <= t["total_s"]
+        assert [e["status"] for e in events] == [
+            "idle", "connecting", "setup", "stopping", "transferred", "handover", "completed"]
+        assert events[-1]["success"] is True and events[-1]["timings"]["pause_s"] == t["pause_s"]
+        assert await control_call(sock, "migrate-cancel", {"device": "vm1"}) == {"cancelled": False}
+        (rec_b,) = await control_call(tmp_path / "hostb.sock", "query-migrate")
+        assert rec_b["role"] == "destination" and rec_b["status"] == "resumed" and rec_b["success"]
+    finally:
+        await c.close()
