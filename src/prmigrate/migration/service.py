@@ -65,8 +65,8 @@ from ..device.state import DevicePrState
 from ..iscsi.initiator import IscsiError, describe_result
 from ..iscsi.target import TargetNode
 from ..lun.types import Result
-from ..scsi.constants import PrInAction, PrOutAction, PrType, SenseKey, Status
-from ..scsi.pr import PrDecodeError, ReadKeys, ReadReservation, pr_in_cdb
+from ..scsi.constants import PrOutAction, PrType, SenseKey, Status
+from ..scsi.pr import PrDecodeError
 from ..scsi.sense import SenseDecodeError, decode_sense
 from .channel import Authenticated, Message, Role
 from .destination import DestinationMigration, DestinationState
@@ -112,7 +112,6 @@ OP_TIMEOUT = 10.0  # one PR OUT on the backend; beyond it the outcome is unknown
 UA_RETRIES = 8
 LOGOUT_GRACE = 3.0  # seconds the guest gets to log out before its sessions are dropped
 LOGOUT_WAIT = 0  # Async Message Parameter3: log out at once
-_PR_IN_ALLOC = 8192
 # Unit attentions the migration's own PR OUTs cause on the nexuses it uses.
 _OWN_UA_ASC = 0x2A
 
@@ -476,6 +475,7 @@ class SourceRunner(_Runner):
         if self.machine.finished:  # cancelled while connecting
             writer.close()
             return
+        assert self.service.secret is not None  # migrate() refuses to start without one
         chan = new_channel(Role.CLIENT, self.service.secret, self.service.client_id())
         chan.start()
         self.link = ChannelLink(reader, writer, chan, self._on_channel_event, self._on_lost_source)
@@ -751,18 +751,18 @@ class DestinationRunner(_Runner):
                             source_keys[guest] = e.key
             observed = Observed(frozenset(e.key for e in rfs.entries), res_key, rtype, source_keys)
             return observed, TargetTraits(read_full_status=True)
-        guest = sorted(snap.pr.guests)[0]
-        session = await dev.backend_session(guest)
-        replies = []
-        for action, cls in ((PrInAction.READ_KEYS, ReadKeys), (PrInAction.READ_RESERVATION, ReadReservation)):
-            r = await session.submit(dev.lun, pr_in_cdb(action, _PR_IN_ALLOC), b"", _PR_IN_ALLOC)
-            if r.status != Status.GOOD:
-                raise IscsiError(f"PR IN {action.name}: {describe_result(r)}")
-            try:
-                replies.append(cls.decode(bytes(r.data_in)))
-            except PrDecodeError as e:
-                raise IscsiError(f"PR IN {action.name}: {e}") from e
-        return Observed.from_pr_in(replies[0], replies[1]), TargetTraits(read_full_status=False)
+        # On the monitor nexus, like READ FULL STATUS: a new nexus's unit
+        # attention (tgt reports POWER ON RESET on each) is retried there and
+        # none meant for a guest is consumed.
+        from ..device.passthrough import DeviceError
+
+        try:
+            keys, rr = await dev.read_keys_and_reservation()
+        except PrDecodeError as e:
+            raise IscsiError(f"PR IN: {e}") from e
+        except DeviceError as e:
+            raise IscsiError(str(e)) from e
+        return Observed.from_pr_in(keys, rr), TargetTraits(read_full_status=False)
 
     def _do_LoadState(self, a: LoadState) -> None:
         self._spawn(self._load(a.snapshot))
