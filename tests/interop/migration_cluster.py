@@ -41,9 +41,12 @@ SECRET = "interop-cluster-secret-0123456789"
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e["PYTHONPATH"] = SRC + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONPATH"] = os.pathsep.join([SRC, ROOT, e.get("PYTHONPATH", "")])
     return e
 
 
@@ -76,10 +79,11 @@ class Proc:
         return self.proc.poll() is None
 
 
-def spawn(name: str, args: list[str], workdir: Path) -> Proc:
+def spawn(name: str, args: list[str], workdir: Path, extra_env: dict[str, str] | None = None) -> Proc:
     log_path = workdir / f"{name}.log"
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env())
+        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+                                env=env() | (extra_env or {}))
     return Proc(name, proc, log_path)
 
 
@@ -91,14 +95,24 @@ class ProcCluster:
     target_host: str = "127.0.0.1"
     backend_via: tuple[str, int] | None = None  # hosts reach the target here (a proxy)
     secrets: dict[str, str] = field(default_factory=dict)
+    refuse_preempt_from: str | None = None  # a target that answers its PREEMPT with CONFLICT
     procs: dict[str, Proc] = field(default_factory=dict)
+    backend: str | None = None  # another target's URL (e.g. tgt): no prmigrate target started
+    extra_devices: list[str] = field(default_factory=list)  # more --device specs on hosta
+    host_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per host, at each launch
 
     # ------------------------------------------------------------ life
     def start_target(self) -> Proc:
         port = free_port(self.target_host)
-        args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{self.target_host}:{port}",
-                "--iqn", SHARED, "--size", "64M", "--lun", f"0={self.workdir / 'lun0.img'}",
-                "--state-dir", str(self.workdir / "target-state")]
+        if self.refuse_preempt_from is not None:  # tests/interop/refusing_target.py
+            args = [sys.executable, "-m", "tests.interop.refusing_target",
+                    "--listen", f"{self.target_host}:{port}", "--iqn", SHARED, "--size", "64M",
+                    "--lun", str(self.workdir / "lun0.img"),
+                    "--refuse-preempt-from", self.refuse_preempt_from]
+        else:
+            args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{self.target_host}:{port}",
+                    "--iqn", SHARED, "--size", "64M", "--lun", f"0={self.workdir / 'lun0.img'}",
+                    "--state-dir", str(self.workdir / "target-state")]
         p = spawn("target", args, self.workdir)
         p.host, p.port = self.target_host, port
         self.procs["target"] = p
@@ -112,6 +126,8 @@ class ProcCluster:
 
     @property
     def backend_url(self) -> str:
+        if self.backend is not None:
+            return self.backend
         if self.backend_via is not None:
             h, p = self.backend_via
             return f"iscsi://{h}:{p}/{SHARED}/0"
@@ -136,11 +152,13 @@ class ProcCluster:
                 "--migrate-listen", f"{addr}:{mport}", "--secret-file", str(secret)]
         if with_device:
             args += ["--device", self.device_spec()]
+            for spec in self.extra_devices:
+                args += ["--device", spec]
         return self._launch_host(name, args, addr, port, control, mport)
 
     def _launch_host(self, name: str, args: list[str], addr: str, port: int, control: Path,
                      mport: int) -> Proc:
-        p = spawn(name, args, self.workdir)
+        p = spawn(name, args, self.workdir, self.host_env.get(name))
         p.host, p.port, p.control, p.migrate_port, p.args = addr, port, control, mport, args
         self.procs[name] = p
         wait_listening(addr, port, p.proc)
@@ -154,7 +172,7 @@ class ProcCluster:
 
     def start(self) -> ProcCluster:
         try:
-            if "target" not in self.procs:
+            if "target" not in self.procs and self.backend is None:
                 self.start_target()
             self.start_host("hosta", True)
             self.start_host("hostb", False)
@@ -196,11 +214,12 @@ class ProcCluster:
         return await control_call(control, command, arguments, timeout=10)
 
     async def migrate(self, src: str = "hosta", dst: str = "hostb", *extra: str,
-                      timeout: float = 60, to: str | None = None) -> tuple[int, str]:
+                      timeout: float = 60, to: str | None = None,
+                      device: str = "vm1") -> tuple[int, str]:
         """``prmigrate migrate`` as a subprocess: (exit status, output)."""
         control = self.procs[src].control
         args = [sys.executable, "-m", "prmigrate.cli", "migrate", "--host", str(control),
-                "--device", "vm1", "--to", to or self.procs[dst].migrate_addr, *extra]
+                "--device", device, "--to", to or self.procs[dst].migrate_addr, *extra]
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env())
         try:
@@ -221,20 +240,21 @@ class ProcCluster:
         finally:
             await s.close()
 
-    async def entries_of(self, host: str, guest: str = GUEST) -> list[Any]:
-        isid = derive_isid("vm1", guest)
+    async def entries_of(self, host: str, guest: str = GUEST, device: str = "vm1") -> list[Any]:
+        isid = derive_isid(device, guest)
         rfs = await self.full_status()
         return [e for e in rfs.entries
                 if e.transport_id.name.lower() == INITIATORS[host] and e.transport_id.isid == isid]
 
-    async def wait_device(self, name: str, present: bool = True, timeout: float = 10) -> None:
+    async def wait_device(self, name: str, present: bool = True, timeout: float = 10,
+                          device: str = "vm1") -> None:
         deadline = time.monotonic() + timeout
         while True:
             devs = [d["name"] for d in await self.call(name, "query-devices")]
-            if ("vm1" in devs) == present:
+            if (device in devs) == present:
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"vm1 {'not ' if present else ''}on {name}: {devs}")
+                raise AssertionError(f"{device} {'not ' if present else ''}on {name}: {devs}")
             await asyncio.sleep(0.05)
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from prmigrate.scsi.constants import PrType
 
-from .migration_cluster import SECRET, FrameProxy, ProcCluster, cluster
+from .migration_cluster import INITIATORS, SECRET, FrameProxy, ProcCluster, cluster
 from .test_migration_e2e import KEY, Writer, guest_session, take_reservation
 
 pytestmark = pytest.mark.interop
@@ -238,3 +238,23 @@ def test_peer_without_the_secret_is_refused(tmp_path: Path) -> None:
 
         _run(go())
     assert SECRET
+
+
+@pytest.mark.parametrize("rtype", [WE, PrType.EXCLUSIVE_ACCESS], ids=["WE", "EA"])
+def test_backend_refuses_preempt(tmp_path: Path, rtype: PrType) -> None:
+    """The target (its own process) answers B's PREEMPT with RESERVATION
+    CONFLICT: B aborts without having preempted and unregisters, the source
+    resumes the guest with its reservation untouched."""
+    with cluster(tmp_path, refuse_preempt_from=INITIATORS["hostb"]) as c:
+
+        async def go() -> None:
+            code, out, w, s = await _faulty_migration(c, lambda d, f: None, rtype=rtype)
+            assert code == 1, out
+            assert "pr-takeover" in out and "RESERVATION CONFLICT" in out, out
+            await _holds(c, "hosta", "hostb", rtype)
+            await c.wait_device("hostb", False)
+            await _holds(c, "hosta", "hostb", rtype)
+            await _guest_fine(w, s)
+            assert "refusing PREEMPT" in c.procs["target"].log
+
+        _run(go())
