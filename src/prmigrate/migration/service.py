@@ -21,7 +21,14 @@ Source
     requested; libiscsi and our initiator log in again to the portal they
     first used, are redirected and re-issue what got no status), sessions
     still there after ``LOGOUT_GRACE`` are dropped, and the device's backend
-    sessions are closed and its journal removed.
+    sessions are closed and its journal removed. "Completed" is reported
+    once that is done. After a rollback on which the channel was lost once
+    SETUP had gone out, the destination may be dead with the guests' keys
+    still registered on its nexus (with an all-registrants type it would even
+    hold the reservation): before the guest runs again the source removes
+    them from its own nexus (``_fence_ops``: PREEMPT RK = SARK = key, register
+    again, RESERVE for a holder; all idempotent, harmless when a live
+    destination already unregistered).
 Destination
     ``CreateDevice``: the daemon's ``add_device`` with the migrated config and
     identity (not exposed yet; the identical node name, LUN, INQUIRY data and
