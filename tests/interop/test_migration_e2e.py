@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from prmigrate.iscsi.initiator import Session, connect
+from prmigrate.iscsi.initiator import Session, connect, describe_result
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, Status
 from prmigrate.scsi.pr import ReadReservation, pr_out_params
 
@@ -75,7 +75,7 @@ class Writer:
             if r.status == Status.GOOD:
                 self.acked = [(a, b) for a, b in self.acked if a != lba] + [(lba, blob)]
             else:
-                self.bad.append(f"write {lba}: status 0x{int(r.status):02x}")
+                self.bad.append(f"write {lba}: status 0x{int(r.status):02x} ({describe_result(r)})")
             i += 1
             await asyncio.sleep(0.002)
 

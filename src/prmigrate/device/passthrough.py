@@ -859,6 +859,11 @@ class PassthroughDevice:
                 return rfs
             alloc = min(0xFFFF, (rfs.additional_length or 0) + 8)
 
+    async def read_keys_and_reservation(self) -> tuple[ReadKeys, ReadReservation]:
+        """READ KEYS and READ RESERVATION on the monitor nexus (unit
+        attentions retried there, none taken from a guest's nexus)."""
+        return await self._read_keys_and_reservation()
+
     async def _read_keys_and_reservation(self) -> tuple[ReadKeys, ReadReservation]:
         alloc = _PR_IN_ALLOC
         r = await self._monitor_run(pr_in_cdb(PrInAction.READ_KEYS, alloc), alloc)
