@@ -133,7 +133,8 @@ def test_reservation_follows_the_device(tmp_path: Path, rtype: PrType | None) ->
 
 
 def test_there_and_back_again(tmp_path: Path) -> None:
-    """A -> B -> A: the guest returns to A (its original portal serves again)."""
+    """A -> B -> A -> B: the guest returns to A (its original portal serves
+    again, replacing the redirect it left), then moves on once more."""
     with cluster(tmp_path) as c:
 
         async def go() -> None:
@@ -141,7 +142,7 @@ def test_there_and_back_again(tmp_path: Path) -> None:
             try:
                 await take_reservation(s, PrType.EXCLUSIVE_ACCESS)
                 w = Writer(s)
-                for src, dst in (("hosta", "hostb"), ("hostb", "hosta")):
+                for src, dst in (("hosta", "hostb"), ("hostb", "hosta"), ("hosta", "hostb")):
                     await asyncio.sleep(0.2)
                     code, out = await c.migrate(src, dst)
                     assert code == 0, out
@@ -153,8 +154,9 @@ def test_there_and_back_again(tmp_path: Path) -> None:
                 await w.stop()
                 assert not w.bad, w.bad
                 await w.verify()
-                q = await c.call("hosta", "query-devices")
+                q = await c.call("hostb", "query-devices")
                 assert q[0]["frontend"]["sessions"], q
+                assert await c.call("hosta", "query-devices") == []
             finally:
                 await s.close()
 
