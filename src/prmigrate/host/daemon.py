@@ -312,7 +312,7 @@ class HostDaemon:
         if name is not None and not isinstance(name, str):
             raise CommandError("InvalidParameter", "device: expected a device name")
         devs = [self.get_device(name)] if name is not None else list(self.devices.values())
-        out = []
+        out: list[dict[str, Any]] = []
         for dev in devs:
             try:
                 changes = await dev.verify("reconcile-pr")
