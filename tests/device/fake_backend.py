@@ -71,6 +71,10 @@ class FakeSession:
         fut.set_result(r)
         return fut
 
+    def submit_then(self, lun: int, cdb: bytes, data_out: Any, data_in_len: int, done: Any) -> None:
+        fut = self.submit(lun, cdb, data_out, data_in_len)
+        fut.add_done_callback(lambda f: done(f.exception() or f.result()))
+
     async def close(self) -> None:
         if not self.closed:
             self.closed = True

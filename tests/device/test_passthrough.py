@@ -241,6 +241,49 @@ async def test_reads_and_writes_are_forwarded(rig: Rig) -> None:
     await rig.close()
 
 
+@run
+async def test_execute_then_answers_like_execute(rig: Rig) -> None:
+    """The callback form the target uses: the plain forward (no Future) and
+    every case it leaves to ``execute`` (first command of a nexus, PR OUT,
+    REPORT LUNS, a UA owed, held) answer as ``execute`` does."""
+    await rig.start()
+    loop = asyncio.get_running_loop()
+
+    async def then(nexus: Nexus, cdb: bytes, data: bytes = b"") -> Result:
+        fut: asyncio.Future[Result] = loop.create_future()
+
+        def done(r: object) -> None:
+            if isinstance(r, BaseException):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)  # type: ignore[arg-type]
+
+        r = rig.dev.execute_then(nexus, cdb, data, done)
+        return r if r is not None else await fut
+
+    n1 = rig.nexus(G1)
+    data = bytes(range(256)) * 8
+    w = struct.pack(">BBQIBB", 0x8A, 0, 10, 4, 0, 0)
+    rd = struct.pack(">BBQIBB", 0x88, 0, 10, 4, 0, 0)
+    assert (await then(n1, w, data)).status == Status.GOOD  # first: through execute
+    r = await then(n1, rd)  # plain forward
+    assert r.status == Status.GOOD and bytes(r.data_in) == data
+    assert (await then(n1, struct.pack(">BBQIBB", 0x88, 0, 1 << 40, 1, 0, 0))) == await rig.cmd(
+        G1, struct.pack(">BBQIBB", 0x88, 0, 1 << 40, 1, 0, 0))  # the backend's sense, as is
+    assert await then(n1, bytes.fromhex("a0000000000000000100" + "0000")) == await rig.cmd(
+        G1, bytes.fromhex("a0000000000000000100" + "0000"))  # REPORT LUNS: the device's answer
+    params = pr_out_params(0, 0xAB)
+    r = await then(n1, pr_out_cdb(PrOutAction.REGISTER, 0, 0, len(params)), params)
+    assert r.status == Status.GOOD and rig.dev.snooper.state.guests  # PR OUT: snooped
+    rig.dev.hold()
+    held = asyncio.ensure_future(then(n1, rd))
+    await asyncio.sleep(0.05)
+    assert not held.done()  # held like execute's commands
+    rig.dev.release_held()
+    assert bytes((await held).data_in) == data
+    await rig.close()
+
+
 def test_expected_in_len_from_cdb() -> None:
     assert expected_in_len(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0), 512) == 4096
     assert expected_in_len(bytes((0x12, 0, 0, 0, 36, 0))) == 36

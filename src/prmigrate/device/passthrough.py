@@ -537,19 +537,20 @@ class PassthroughDevice:
         try:
             fut = session.submit(self.lun, cdb, data_out, 0 if len(data_out) else n)
         except (IscsiError, ValueError) as exc:
-            self.log.warning("cannot forward CDB %s: %s", bytes(cdb[:16]).hex(), exc)
-            return Result(
-                _CHECK,
-                b"",
-                encode_sense(
-                    Sense.INVALID_FIELD_IN_CDB
-                    if isinstance(exc, ValueError)
-                    else Sense.COMMAND_ABORTED
-                ),
-            )
+            return self._not_forwarded(cdb, exc)
         # No per-command bookkeeping: drain() asks the sessions how many
         # commands they still have without status.
         return fut
+
+    def _not_forwarded(self, cdb: bytes, exc: Exception) -> Result:
+        self.log.warning("cannot forward CDB %s: %s", bytes(cdb[:16]).hex(), exc)
+        return Result(
+            _CHECK,
+            b"",
+            encode_sense(
+                Sense.INVALID_FIELD_IN_CDB if isinstance(exc, ValueError) else Sense.COMMAND_ABORTED
+            ),
+        )
 
     def _submit(
         self, b: _Backend, cdb: bytes, data_out: Any, n: int
@@ -618,6 +619,54 @@ class PassthroughDevice:
         if special is not None:
             return special(b, nexus, cdb, data_out, data_in_len)
         return self._submit(b, cdb, data_out, data_in_len)
+
+    def execute_then(
+        self,
+        nexus: Nexus,
+        cdb: bytes,
+        data_out: bytes | memoryview,
+        done: Callable[[Result | BaseException], Any],
+    ) -> Result | None:
+        """``execute`` for a transport that takes a completion callback (the
+        target's ``Connection``): returns the Result when it is known at once,
+        else None and calls ``done(result)`` (or ``done(error)``) once later.
+
+        The plain forward (guest's backend session open, not held, no UA
+        owed, no special case, data direction as sent) goes to
+        ``Session.submit_then`` with ``done`` itself: no Future, no loop turn
+        between the backend's answer and the guest's. Everything else is
+        ``execute``'s answer, its Future's outcome passed on."""
+        b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
+        if b is not None and self._held is None and not b.owed_uas and nexus in b.frontends:
+            s = b.session
+            op = cdb[0] if cdb else -1
+            if (
+                s is not None
+                and b.closing is None
+                and op not in self._special
+                and not (data_out and op in _DATA_IN_ONLY)
+            ):
+                n = 0 if len(data_out) else expected_in_len(
+                    cdb, self.identity.block_size if self.identity is not None else 512
+                )
+                try:
+                    s.submit_then(self.lun, cdb, data_out, n, done)
+                except (IscsiError, ValueError) as exc:
+                    return self._not_forwarded(cdb, exc)
+                return None
+        r = self.execute(nexus, cdb, data_out)
+        if isinstance(r, Result):
+            return r
+
+        def outcome(f: asyncio.Future[Result]) -> None:
+            if f.cancelled():
+                done(asyncio.CancelledError())
+            else:
+                exc = f.exception()
+                done(exc if exc is not None else f.result())
+
+        r.add_done_callback(outcome)
+        return None
 
     # --------------------------------------------------- special cases
     def _report_luns(self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int) -> Result:

@@ -182,6 +182,7 @@ class Session:
         self._loop = asyncio.get_running_loop()
         self._proto: _Protocol | None = None
         self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._done_callbacks: dict[int, Callable[[Any], Any]] = {}  # handle -> submit_then's done
         self._login_fut: asyncio.Future[Event] | None = None
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -290,10 +291,18 @@ class Session:
     def _handle(self, events: list[Event]) -> None:
         for ev in events:
             if isinstance(ev, CommandDone):
-                self._resolve(ev.handle, ev.result)
+                cb = self._done_callbacks.pop(ev.handle, None) if self._done_callbacks else None
+                if cb is not None:
+                    self._callback(cb, ev.result)
+                else:
+                    self._resolve(ev.handle, ev.result)
             elif isinstance(ev, (TmfDone, TextDone, LogoutDone)):
                 self._resolve(ev.handle, ev)
             elif isinstance(ev, CommandFailed):
+                cb = self._done_callbacks.pop(ev.handle, None) if self._done_callbacks else None
+                if cb is not None:
+                    self._callback(cb, ev.error)
+                    continue
                 fut = self._futures.pop(ev.handle, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(ev.error)
@@ -395,6 +404,26 @@ class Session:
             raise ConnectionLost("session is closed" if self._closing else "connection lost")
         handle = self.core.submit(lun, cdb, data_out, data_in_len, attr, self._loop.time())
         return self._new_future(handle)
+
+    def submit_then(
+        self,
+        lun: int,
+        cdb: bytes,
+        data_out: bytes | bytearray | memoryview,
+        data_in_len: int,
+        done: Callable[[Result | BaseException], Any],
+    ) -> None:
+        """``submit`` without a Future: ``done(result)`` (or ``done(error)``
+        with the IscsiError the Future would have failed with) is called once,
+        synchronously from the receive path, so a forwarding device answers
+        in the same loop turn. Raises like ``submit``."""
+        if self._closing or self._dead:
+            raise ConnectionLost("session is closed" if self._closing else "connection lost")
+        handle = self.core.submit(lun, cdb, data_out, data_in_len, SIMPLE, self._loop.time())
+        self._done_callbacks[handle] = done
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     async def _tmf(self, function: TmfFunction, lun: int = 0, ref: int | None = None) -> int:
         handle = self.core.task_management(function, lun, ref, self._loop.time())

@@ -973,9 +973,24 @@ class Connection:
                     c[off : off + size] = keep.to_bytes(size, "big")
                     cdb = bytes(c)
                     data = memoryview(data)[: keep * bs]
+            then = getattr(lu, "execute_then", None)
             try:
-                res = lu.execute(self.nexus, cdb, data)  # type: ignore[arg-type,assignment]
+                if then is not None:
+                    # completion by callback, no Future (the passthrough device)
+                    def done(r: Any) -> None:
+                        entry = self.pending.get(itt)
+                        if self.state == Connection.FULL_FEATURE and entry is not None and entry[0] is done:
+                            self._answer(itt, r, edtl, flags, residual, write)
+
+                    self.pending[itt] = (done, lu)
+                    res = then(self.nexus, cdb, data, done)
+                    if res is None:
+                        return
+                    self.pending.pop(itt, None)
+                else:
+                    res = lu.execute(self.nexus, cdb, data)  # type: ignore[arg-type,assignment]
             except Exception:
+                self.pending.pop(itt, None)
                 self.log.exception("LU %d raised on CDB %s", lun, bytes(cdb[:16]).hex())
                 res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
             if type(res) is not Result and hasattr(res, "add_done_callback"):
@@ -989,11 +1004,18 @@ class Connection:
         entry = self.pending.get(itt)
         if self.state != Connection.FULL_FEATURE or entry is None or entry[0] is not fut:
             return  # connection gone or task aborted: drop
-        del self.pending[itt]
         try:
             res = fut.result()
         except BaseException as exc:  # noqa: BLE001 - cancelled or failed backend
-            self.log.warning("LU result for ITT 0x%x failed: %r", itt, exc)
+            res = exc
+        self._answer(itt, res, edtl, flags, residual, write)
+
+    def _answer(self, itt: int, res: Any, edtl: int, flags: int, residual: int, write: bool) -> None:
+        """An LU's late answer (Result, or the exception its future ended
+        with) to the pending task ``itt``."""
+        del self.pending[itt]
+        if isinstance(res, BaseException):
+            self.log.warning("LU result for ITT 0x%x failed: %r", itt, res)
             res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
         self._respond(itt, res, edtl, flags, residual, write)
         if not self._in_batch:

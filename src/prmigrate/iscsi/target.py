@@ -25,7 +25,10 @@ Logical units are any object with ``execute``/``nexus_lost``/``reset``/
 ``clear_task_set`` (``lun.types.LogicalUnitLike``); optional attributes used
 when present: ``report_luns`` (set to list the node's LUNs), ``abort_hook``
 (PREEMPT AND ABORT drops the preempted nexuses' queued tasks), ``attach``
-(called for each new nexus), ``block_size`` (residual handling).
+(called for each new nexus), ``block_size`` (residual handling),
+``read_fast(nexus, cdb) -> bytes | None`` (READ(10)/(16) answered from the
+receive buffer when nothing is to report), ``execute_then(nexus, cdb,
+data_out, done) -> Result | None`` (a late answer by callback, no Future).
 """
 
 from __future__ import annotations
