@@ -258,3 +258,51 @@ def test_backend_refuses_preempt(tmp_path: Path, rtype: PrType) -> None:
             assert "refusing PREEMPT" in c.procs["target"].log
 
         _run(go())
+
+
+def test_source_killed_after_the_destination_preempted(tmp_path: Path) -> None:
+    """A dies after B's PREEMPT took the reservation, before RESUME: B never
+    serves the guest (it waits for the source, then gives up and
+    unregisters). A, started again, finds its record of the interrupted
+    migration, holds the device before any guest command, takes the
+    reservation back from its own nexus and serves the guest again."""
+    with cluster(tmp_path) as c:
+
+        def rule(direction: str, frame: str) -> str | None:
+            if frame == "TAKEOVER_DONE":
+                _sigkill(c, "hosta")
+                return "drop"
+            return None
+
+        async def go() -> None:
+            s = await guest_session(c.frontend_url("hosta"))
+            await take_reservation(s, WE)
+            proxy = FrameProxy(("127.0.0.3", c.procs["hostb"].migrate_port), rule)
+            to = await proxy.start()
+            try:
+                code, out = await c.migrate("hosta", "hostb", to=to)
+            finally:
+                await proxy.close()
+            assert code != 0, out
+            (b,) = await c.entries_of("hostb")  # B holds it now, and does not serve
+            assert b.holder
+            q = await c.call("hostb", "query-devices")
+            assert not q[0]["frontend"]["exposed"], q
+            c.procs["hosta"].proc.wait(10)
+            c.restart_host("hosta")
+            await c.wait_device("hosta", True)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not await c.entries_of("hosta"):
+                assert loop.time() < deadline, "A did not take its reservation back"
+                await asyncio.sleep(0.1)
+            await _holds(c, "hosta", "hostb")
+            assert "interrupted migration" in c.procs["hosta"].log
+            w = Writer(s)  # the guest's session comes back to A by itself
+            await asyncio.sleep(0.5)
+            # B gives up after its rollback hold and leaves nothing behind
+            await c.wait_device("hostb", False, timeout=45)
+            await _holds(c, "hosta", "hostb")
+            await _guest_fine(w, s)
+
+        _run(go(), 200)

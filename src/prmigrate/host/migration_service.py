@@ -94,6 +94,7 @@ async def attach_migration(
     """Give ``daemon`` the migration service: control commands, events and,
     with ``listen``, the incoming-migration listener."""
     service = MigrationService(daemon, secret, **service_options)
+    service.recover_interrupted()
     if listen is not None:
         host, port = parse_address(listen) if isinstance(listen, str) else listen
         await service.listen(host, port)

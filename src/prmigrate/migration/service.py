@@ -61,10 +61,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..device.identity import backend_port
@@ -75,7 +78,7 @@ from ..lun.types import Result
 from ..scsi.constants import PrOutAction, PrType, SenseKey, Status
 from ..scsi.pr import PrDecodeError
 from ..scsi.sense import SenseDecodeError, decode_sense
-from .channel import Authenticated, Message, Role
+from .channel import Authenticated, Message, Resume, Role
 from .destination import DestinationMigration, DestinationState
 from .errors import AbortReason, AuthenticationFailed, MigrationError, ProtocolError
 from .machine import (
@@ -104,7 +107,7 @@ from .machine import (
     StateLoaded,
     Timeouts,
 )
-from .plan import Observed, Phase, PrOp, Side, Strategy, TargetTraits
+from .plan import Observed, Phase, PrOp, Side, Strategy, TargetTraits, rollback_plan
 from .source import SourceMigration, SourceState
 from .stream import DeviceSnapshot
 from .transport import ChannelLink, decode_peer_id, encode_peer_id, new_channel
@@ -263,8 +266,12 @@ class _Runner:
     def _do_IssuePrOps(self, a: IssuePrOps) -> None:
         self._spawn(self._issue(a.ops))
 
+    def _settled(self) -> None:
+        """The outcome is final here (subclasses clean up their records)."""
+
     def _do_Finished(self, a: Finished) -> None:
         self.finished = a
+        self._settled()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -294,41 +301,10 @@ class _Runner:
 
     async def _issue(self, ops: tuple[PrOp, ...]) -> None:
         dev = self.device()
-        result: PrOpsDone
         if dev is None:
-            result = PrOpsDone(0, "device is gone", definite=False)
-        else:
-            result = PrOpsDone(len(ops))
-            for i, op in enumerate(ops):
-                try:
-                    r = await asyncio.wait_for(self._pr_out(dev, op), OP_TIMEOUT)
-                except Exception as e:  # transport error, timeout, closed device
-                    result = PrOpsDone(i, f"{op}: {type(e).__name__}: {e}", definite=False)
-                    break
-                ok = r.status == Status.GOOD or (
-                    op.conflict_ok and r.status == Status.RESERVATION_CONFLICT
-                )
-                self.log.info("%s -> %s", op, describe_result(r))
-                if not ok:
-                    result = PrOpsDone(i, f"{op}: {describe_result(r)}", definite=True)
-                    break
-        self.feed(result)
-
-    async def _pr_out(self, dev: PassthroughDevice, op: PrOp) -> Result:
-        session = await dev.backend_session(op.guest)
-        cdb, params = op.cdb(), op.params()
-        r = Result()
-        owed: list[bytes] = []
-        for _ in range(UA_RETRIES):
-            r = await session.submit(dev.lun, cdb, params)
-            sense = _unit_attention(r)
-            if sense is None:
-                break
-            if sense[1] != _OWN_UA_ASC:
-                owed.append(bytes(r.sense))
-        if owed:
-            dev.restore(dev.snooper.state, None, {op.guest: owed})
-        return r
+            self.feed(PrOpsDone(0, "device is gone", definite=False))
+            return
+        self.feed(await issue_ops(dev, ops, self.log))
 
     # -- reporting
     def _event(self, final: bool = False) -> dict[str, Any]:
@@ -429,6 +405,116 @@ def _unit_attention(r: Result) -> tuple[int, int, int] | None:
     return (int(s.key), s.asc, s.ascq)
 
 
+# ----------------------------------------------------------------- PR ops
+
+
+async def pr_out(dev: PassthroughDevice, op: PrOp) -> Result:
+    """One op on its guest's backend nexus. Unit attentions are retried; the
+    ones the migration's own PR OUTs cause (2A/xx) are not owed to the
+    guest, any other is."""
+    session = await dev.backend_session(op.guest)
+    cdb, params = op.cdb(), op.params()
+    r = Result()
+    owed: list[bytes] = []
+    for _ in range(UA_RETRIES):
+        r = await session.submit(dev.lun, cdb, params)
+        sense = _unit_attention(r)
+        if sense is None:
+            break
+        if sense[1] != _OWN_UA_ASC:
+            owed.append(bytes(r.sense))
+    if owed:
+        dev.restore(dev.snooper.state, None, {op.guest: owed})
+    return r
+
+
+async def issue_ops(dev: PassthroughDevice, ops: tuple[PrOp, ...], logger: Any) -> PrOpsDone:
+    """Run ``ops`` in order, stopping at the first failure (the machines'
+    ``IssuePrOps`` contract): RESERVATION CONFLICT on a ``conflict_ok`` op
+    counts as success; a transport error or timeout is ``definite=False``."""
+    for i, op in enumerate(ops):
+        try:
+            r = await asyncio.wait_for(pr_out(dev, op), OP_TIMEOUT)
+        except Exception as e:  # transport error, timeout, closed device
+            return PrOpsDone(i, f"{op}: {type(e).__name__}: {e}", definite=False)
+        ok = r.status == Status.GOOD or (op.conflict_ok and r.status == Status.RESERVATION_CONFLICT)
+        logger.info("%s -> %s", op, describe_result(r))
+        if not ok:
+            return PrOpsDone(i, f"{op}: {describe_result(r)}", definite=True)
+    return PrOpsDone(len(ops))
+
+
+def fence_ops(pr: DevicePrState, registered: dict[str, int] | None, preempted: bool | None) -> tuple[PrOp, ...]:
+    """Source ops removing the keys a silent destination may have registered
+    during setup (a dead process cannot unregister; a live one unregisters
+    them itself on a lost channel, and then these ops find nothing to
+    remove). ``registered``: what SETUP_OK reported, None/empty: unknown, so
+    every key. For each: PREEMPT RK = SARK = key from the source nexus (the
+    holder of a single-holder reservation with its own type and scope, so
+    the reservation stays where it is), register again (a target may drop
+    the caller's own registration when no reservation is held with that
+    key), RESERVE again for a holder (GOOD when it still holds). A holder
+    whose key a reclaim PREEMPT already covered (``preempted`` not False) is
+    skipped. Every op is idempotent; the guest must be held meanwhile."""
+    keys = dict(registered or {}) or {n: g.key for n, g in pr.guests.items() if g.registered}
+    ops: list[PrOp] = []
+    for guest, key in sorted(keys.items()):
+        g = pr.get(guest)
+        if not g.registered or g.key != key:
+            continue
+        if preempted is not False and g.holder and not g.rtype.all_registrants:
+            continue  # the reclaim's PREEMPT of this key already removed them
+        rtype = g.rtype if g.holder else PrType.WRITE_EXCLUSIVE
+        scope = g.scope if g.holder else 0
+        ops.append(PrOp(Side.SOURCE, guest, PrOutAction.PREEMPT, key, key, rtype, scope, True,
+                        g.aptpl, Phase.ROLLBACK, "remove the silent destination's registration",
+                        conflict_ok=True))
+        ops.append(PrOp(Side.SOURCE, guest, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, 0, key,
+                        inside_pause=True, aptpl=g.aptpl, phase=Phase.ROLLBACK,
+                        why="keep the source's own registration"))
+        if g.holder:
+            ops.append(PrOp(Side.SOURCE, guest, PrOutAction.RESERVE, key, 0, g.rtype, g.scope, True,
+                            False, Phase.ROLLBACK, "the reservation stays with the source"))
+    return tuple(ops)
+
+
+class MigrationMarker:
+    """``<state-dir>/<device>.migration.json``: an outgoing migration in
+    progress, so that a source daemon killed in the middle can settle it
+    when it starts again. Phases: ``setup`` (SETUP sent: the destination
+    may register), ``held`` (the guest is held: the destination may
+    preempt), ``resume-sent`` (the commit point is passed: the destination
+    may serve the guest). Written atomically (temp file, rename); fsync
+    only for the first write, outside the pause."""
+
+    def __init__(self, state_dir: Path | None, device: str) -> None:
+        self.path = None if state_dir is None else Path(state_dir) / f"{device}.migration.json"
+
+    def write(self, record: dict[str, Any], fsync: bool = False) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    @staticmethod
+    def load(path: Path) -> dict[str, Any] | None:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+
 # ----------------------------------------------------------------- source
 
 
@@ -456,6 +542,7 @@ class SourceRunner(_Runner):
         self._finishing: asyncio.Task[Any] | None = None
         self._channel_lost = False
         self._setup_sent = False
+        self.marker = MigrationMarker(service.daemon.config.state_dir, dev.name)
         self.log = logging.LoggerAdapter(log, {"migration": f"{migration_id}/{dev.name} source"})
 
     @property
@@ -498,6 +585,7 @@ class SourceRunner(_Runner):
                 except ValueError:
                     self._error(f"destination announced a bad portal {portal!r}")
             self._setup_sent = True  # SETUP goes out now: the destination may register
+            self._mark("setup", self.machine.snapshot.pr, fsync=True)
             self.feed(ChannelUp())
             return
         self.feed(ev)
@@ -526,7 +614,9 @@ class SourceRunner(_Runner):
         except Exception as e:
             self.feed(Cancel(AbortReason.GUEST, f"drain failed: {e}"))
             return
-        self.feed(GuestHeld(_snapshot(dev)))
+        snap = _snapshot(dev)
+        self._mark("held", snap.pr)
+        self.feed(GuestHeld(snap))
 
     def _do_ResumeGuest(self, a: ResumeGuest) -> None:
         dev = self.device()
@@ -538,40 +628,12 @@ class SourceRunner(_Runner):
         self.log.info("guest resumed on this host")
 
     def _fence_ops(self) -> tuple[PrOp, ...]:
-        """After a rollback on which the destination went silent: the keys it
-        registered during setup may still be on its nexus (a dead process
-        cannot unregister; a live one unregisters them itself on the lost
-        channel, and then these ops find nothing to remove). Remove every registration of those keys but the
-        source's, with the guest still held: PREEMPT RK = SARK = key from the
-        source nexus (for the holder of a single-holder reservation, with its
-        own type and scope: the reservation stays where it is), then register
-        the key again (a target may drop the caller's own registration when
-        no reservation is held with that key) and RESERVE again for a holder
-        (GOOD when it still holds). Every op is idempotent."""
+        """After a rollback on which the destination went silent once SETUP
+        had gone out (see ``fence_ops``)."""
         m = self.machine
         if not (self._channel_lost and self._setup_sent and self.service.fence_after_loss):
             return ()
-        # Without SETUP_OK we do not know what it registered: assume every key.
-        registered = m.registered or {n: g.key for n, g in m.snapshot.pr.guests.items() if g.registered}
-        ops: list[PrOp] = []
-        for guest, key in sorted(registered.items()):
-            g = m.snapshot.pr.get(guest)
-            if not g.registered or g.key != key:
-                continue
-            if m.preempted is not False and g.holder and not g.rtype.all_registrants:
-                continue  # the reclaim's PREEMPT of this key already removed them
-            rtype = g.rtype if g.holder else PrType.WRITE_EXCLUSIVE
-            scope = g.scope if g.holder else 0
-            why = "remove the silent destination's registration"
-            ops.append(PrOp(Side.SOURCE, guest, PrOutAction.PREEMPT, key, key, rtype, scope, True,
-                            g.aptpl, Phase.ROLLBACK, why, conflict_ok=True))
-            ops.append(PrOp(Side.SOURCE, guest, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, 0, key,
-                            inside_pause=True, aptpl=g.aptpl, phase=Phase.ROLLBACK,
-                            why="keep the source's own registration"))
-            if g.holder:
-                ops.append(PrOp(Side.SOURCE, guest, PrOutAction.RESERVE, key, 0, g.rtype, g.scope, True,
-                                False, Phase.ROLLBACK, "the reservation stays with the source"))
-        return tuple(ops)
+        return fence_ops(m.snapshot.pr, m.registered, m.preempted)
 
     async def _fence_then_resume(self, dev: PassthroughDevice, ops: tuple[PrOp, ...]) -> None:
         try:
@@ -579,18 +641,10 @@ class SourceRunner(_Runner):
                 dev.hold()
                 self.machine.timings.paused = self.loop.time()
                 await dev.drain()
-            for op in ops:
-                try:
-                    r = await asyncio.wait_for(self._pr_out(dev, op), OP_TIMEOUT)
-                except Exception as e:
-                    self._error(f"fencing the destination's registrations: {op}: {e}")
-                    break
-                ok = r.status == Status.GOOD or (op.conflict_ok and r.status == Status.RESERVATION_CONFLICT)
-                self.log.info("%s -> %s", op, describe_result(r))
-                if not ok:
-                    self._error(f"fencing the destination's registrations: {op}: {describe_result(r)}")
-                    break
-                self.machine.timings.round_trips_in_pause += 1
+            done = await issue_ops(dev, ops, self.log)
+            self.machine.timings.round_trips_in_pause += done.completed + (0 if done.ok else 1)
+            if not done.ok:
+                self._error(f"fencing the destination's registrations: {done.error}")
         finally:
             dev.release_held()
             self.machine.timings.resumed = self.loop.time()
@@ -598,6 +652,22 @@ class SourceRunner(_Runner):
 
     def _do_HandOverGuest(self, a: HandOverGuest) -> None:
         self._handover = self._spawn(self._hand_over())
+
+    def _do_SendMessage(self, a: SendMessage) -> None:
+        if isinstance(a.message, Resume):
+            self._mark("resume-sent", self.machine.snapshot.pr)
+        super()._do_SendMessage(a)
+
+    def _mark(self, phase: str, pr: DevicePrState, fsync: bool = False) -> None:
+        try:
+            self.marker.write({"version": 1, "id": self.migration_id, "device": self.device_name,
+                               "to": self.peer, "phase": phase, "pr": pr.to_dict()}, fsync)
+        except OSError as e:
+            self._error(f"cannot record the migration's progress: {e}")
+
+    def _settled(self) -> None:
+        if self.machine.state in (SourceState.COMPLETED, SourceState.ROLLED_BACK):
+            self.marker.remove()
 
     def _do_Finished(self, a: Finished) -> None:
         # Report the end once the guest is handed over and the device gone
@@ -852,6 +922,8 @@ class MigrationService:
         self.incoming: set[DestinationRunner] = set()
         self._server: asyncio.base_events.Server | None = None
         self._links: set[ChannelLink] = set()
+        self._interrupted: dict[str, dict[str, Any]] = {}
+        self._recovering: set[asyncio.Task[Any]] = set()
 
     # -- identities carried by the handshake
     def client_id(self) -> str:
@@ -904,6 +976,76 @@ class MigrationService:
         runner.link = link
         self._links.add(link)
         link.start()
+
+    # -- a source killed in the middle of a migration, started again
+    def recover_interrupted(self) -> list[str]:
+        """Read the markers of outgoing migrations this daemon did not finish
+        (it was killed). Each device among the configured ones is settled when
+        it is added (``daemon.start``): held at once, before a guest command
+        reaches it, its registrations and reservation taken back from its own
+        nexus (the destination may have registered or preempted: rollback
+        and fence ops, all idempotent), its tracked state restored, then the
+        guest runs on. A migration past its commit point (RESUME sent) is not
+        undone: the destination may serve the guest; that is only logged."""
+        state_dir = self.daemon.config.state_dir
+        if state_dir is None or not Path(state_dir).is_dir():
+            return []
+        configured = {d.name for d in self.daemon.config.devices}
+        pending = []
+        for path in sorted(Path(state_dir).glob("*.migration.json")):
+            record = MigrationMarker.load(path)
+            device = record.get("device") if record else None
+            phase = record.get("phase") if record else None
+            if record is None or device not in configured or phase not in ("setup", "held"):
+                log.warning("interrupted migration %s (phase %s): not settled here%s", path.name, phase,
+                            "; the destination may serve the guest" if phase == "resume-sent" else "")
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            self._interrupted[str(device)] = record
+            pending.append(str(device))
+        if pending:
+            self.daemon.add_listener(self._on_device_added)
+        return pending
+
+    def _on_device_added(self, msg: dict[str, Any]) -> None:
+        if msg.get("event") != "DEVICE_ADDED":
+            return
+        name = msg.get("data", {}).get("device")
+        record = self._interrupted.pop(name, None)
+        dev = self.daemon.devices.get(name) if record is not None else None
+        if dev is None or record is None:
+            return
+        dev.hold()  # synchronously, in the call that exposed it: no guest command got through
+        task = asyncio.ensure_future(self._settle_interrupted(dev, record))
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    async def _settle_interrupted(self, dev: PassthroughDevice, record: dict[str, Any]) -> None:
+        mid = record.get("id", "?")
+        try:
+            pr = DevicePrState.from_dict(record["pr"])
+        except (KeyError, ValueError, TypeError) as e:
+            log.error("interrupted migration %s of %s: unreadable record (%s); guest held", mid, dev.name, e)
+            return
+        ops = rollback_plan(pr, preempted=None, released=list(pr.guests))
+        ops += fence_ops(pr, None, None)
+        log.warning("interrupted migration %s of %s (phase %s): taking the reservation back (%d PR ops)",
+                    mid, dev.name, record.get("phase"), len(ops))
+        await dev.drain()
+        done = await issue_ops(dev, ops, log)
+        if not done.ok:
+            # As the source machine's FAILED: serving the guest without its
+            # reservation is worse than not serving it.
+            log.error("interrupted migration %s of %s: %s; guest stays held", mid, dev.name, done.error)
+            self.daemon.emit({"event": "MIGRATION_RECOVERED", "device": dev.name, "id": mid,
+                              "success": False, "reason": done.error})
+            return
+        dev.restore(pr)
+        dev.release_held()
+        MigrationMarker(self.daemon.config.state_dir, dev.name).remove()
+        log.info("interrupted migration %s of %s settled: the guest runs here with its reservation", mid, dev.name)
+        self.daemon.emit({"event": "MIGRATION_RECOVERED", "device": dev.name, "id": mid, "success": True})
 
     def register(self, runner: _Runner) -> None:
         current = self.runners.get(runner.device_name)
