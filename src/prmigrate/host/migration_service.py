@@ -24,7 +24,9 @@ Control commands (JSON control socket)::
 
 Events: ``MIGRATION`` {id, device, role, peer, status} on every state change,
 with ``finished``/``success``/``reason``/``timings`` on the last one;
-``MIGRATION_REFUSED`` {peer, reason} when a peer fails authentication.
+``MIGRATION_REFUSED`` {peer, reason} when a peer fails authentication;
+``MIGRATION_RECOVERED`` {device, id, success[, reason]} when a daemon started
+again settles an outgoing migration it was killed in the middle of.
 """
 
 from __future__ import annotations

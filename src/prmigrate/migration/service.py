@@ -29,6 +29,13 @@ Source
     them from its own nexus (``_fence_ops``: PREEMPT RK = SARK = key, register
     again, RESERVE for a holder; all idempotent, harmless when a live
     destination already unregistered).
+    A source daemon killed in the middle of a migration settles it when
+    started again: a record of the migration's progress
+    (``<state-dir>/<device>.migration.json``, ``MigrationMarker``) tells
+    ``recover_interrupted`` that the destination may have registered or
+    preempted; before RESUME was sent the destination never serves the
+    guest, so the device is held as it is added, the reservation taken back
+    from its own nexus and the guest served again.
 Destination
     ``CreateDevice``: the daemon's ``add_device`` with the migrated config and
     identity (not exposed yet; the identical node name, LUN, INQUIRY data and
