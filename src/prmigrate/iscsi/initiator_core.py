@@ -903,8 +903,16 @@ class InitiatorCore:
         cmd = _Command(self._next_handle(), lun, bytes(cdb), memoryview(bytes(data_out)),
                        data_in_len, attr)
         self._by_handle[cmd.handle] = cmd
-        self._waiting.append(cmd)
-        self._pump(now)
+        if (
+            not self._waiting
+            and self.state is State.FULL_FEATURE
+            and len(self._active) < self.config.queue_depth
+            and ((self.max_cmdsn - self.cmdsn) & SN_MASK) < _HALF  # sn_le(cmdsn, max_cmdsn)
+        ):
+            self._issue(cmd, now)  # what _pump would do with it
+        else:
+            self._waiting.append(cmd)
+            self._pump(now)
         return cmd.handle
 
     def _pump(self, now: float) -> None:
@@ -918,14 +926,25 @@ class InitiatorCore:
             self._issue(self._waiting.popleft(), now)
 
     def _issue(self, cmd: _Command, now: float) -> None:
-        p = self.params
-        cmd.itt = self._next_itt()
-        cmd.cmdsn = self.cmdsn
-        self.cmdsn = (self.cmdsn + 1) & SN_MASK
+        p = self.negotiated.params
+        self._itt = itt = (self._itt + 1) & 0x7FFFFFFF or 1  # _next_itt
+        cmd.itt = itt
+        cmd.cmdsn = cmdsn = self.cmdsn
+        self.cmdsn = (cmdsn + 1) & SN_MASK
         cmd.sent_at = now
         cmd.high = 0
         cmd.buf = None  # the reassembly buffer, allocated at the first Data-In
         total = len(cmd.data_out)
+        if not total and not p.header_digest:
+            # no data out: the BHS is the whole PDU (ScsiCommand.encode's bytes)
+            self._active[itt] = cmd
+            lun = cmd.lun
+            self._out.append(SCSI_COMMAND.pack(
+                0x01, (0xC0 if cmd.data_in_len else 0x80) | (cmd.attr & 7), 0, 0,
+                lun << 48 if lun < 256 else encode_lun(lun), itt, cmd.data_in_len, cmdsn, self.exp_statsn,
+                cmd.cdb.ljust(16, b"\0"),
+            ))
+            return
         immediate = min(total, p.first_burst_length, p.max_xmit_data_segment_length) if p.immediate_data else 0
         unsolicited_end = min(total, p.first_burst_length) if not p.initial_r2t else immediate
         more = unsolicited_end > immediate
