@@ -532,6 +532,8 @@ class Connection:
                         break
                     adv, statsn = self._max_adv, self.statsn
                     base = self.window - 1 - len(self.pending) - len(self.tasks)
+                    if self.state != Connection.FULL_FEATURE or self._close_after_flush:
+                        break  # the LU ended the connection: as data_received's loop
                     continue
                 try:
                     data = fn(nexus, cdb)
