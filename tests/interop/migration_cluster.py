@@ -140,6 +140,17 @@ class ProcCluster:
         return spec
 
     def start_host(self, name: str, with_device: bool) -> Proc:
+        for attempt in range(3):
+            try:
+                return self._start_host(name, with_device)
+            except RuntimeError:
+                p = self.procs.get(name)
+                # a free port taken by another process before the daemon bound it
+                if p is None or p.alive() or "in use" not in p.log or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_host(self, name: str, with_device: bool) -> Proc:
         addr = HOSTS[name]
         port, mport = free_port(addr), free_port(addr)
         control = self.workdir / f"{name}.sock"
