@@ -340,7 +340,7 @@ class Connection:
         self.dd = False
         self.log = SessionLog(log, {"session": peer})
         self.tasks: dict[int, WriteTask] = {}  # write commands waiting for data
-        self.pending: dict[int, tuple[Any, LogicalUnitLike]] = {}  # itt -> (future, LU)
+        self.pending: dict[int, tuple[Any, LogicalUnitLike]] = {}  # itt -> (future or marker, LU)
         self.queued: dict[int, RawPdu] = {}  # cmdsn -> command waiting for a gap
         self._ttt = 0
         self._text_rest: dict[int, bytes] = {}
@@ -978,13 +978,17 @@ class Connection:
             then = getattr(lu, "execute_then", None)
             try:
                 if then is not None:
-                    # completion by callback, no Future (the passthrough device)
+                    # completion by callback, no Future (the passthrough device).
+                    # ``mine`` marks this task's entry: a callback naming itself
+                    # would be a reference cycle, freed by the GC, not at once.
+                    mine = object()
+
                     def done(r: Any) -> None:
                         entry = self.pending.get(itt)
-                        if self.state == Connection.FULL_FEATURE and entry is not None and entry[0] is done:
+                        if self.state == Connection.FULL_FEATURE and entry is not None and entry[0] is mine:
                             self._answer(itt, r, edtl, flags, residual, write)
 
-                    self.pending[itt] = (done, lu)
+                    self.pending[itt] = (mine, lu)
                     res = then(self.nexus, cdb, data, done)
                     if res is None:
                         return
