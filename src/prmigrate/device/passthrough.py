@@ -212,9 +212,10 @@ def expected_in_len(cdb: bytes, block_size: int = 512) -> int:
 _ZERO: Callable[[bytes, int], int] = lambda c, b: 0  # noqa: E731
 _IN_LEN: dict[int, Callable[[bytes, int], int]] = {
     Opcode.READ_6: lambda c, b: ((c[4] if len(c) > 4 else 0) or 256) * b,
-    Opcode.READ_10: lambda c, b: _be(c, 7, 2) * b,
+    # the data path's reads: _be inlined
+    Opcode.READ_10: lambda c, b: int.from_bytes(c[7:9], "big") * b if len(c) >= 9 else 0,
     Opcode.READ_12: lambda c, b: _be(c, 6, 4) * b,
-    Opcode.READ_16: lambda c, b: _be(c, 10, 4) * b,
+    Opcode.READ_16: lambda c, b: int.from_bytes(c[10:14], "big") * b if len(c) >= 14 else 0,
     Opcode.INQUIRY: lambda c, b: _be(c, 3, 2),
     Opcode.READ_CAPACITY_10: lambda c, b: 8,
     Opcode.REPORT_LUNS: lambda c, b: _be(c, 6, 4),

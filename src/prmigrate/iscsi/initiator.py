@@ -293,7 +293,10 @@ class Session:
             if isinstance(ev, CommandDone):
                 cb = self._done_callbacks.pop(ev.handle, None) if self._done_callbacks else None
                 if cb is not None:
-                    self._callback(cb, ev.result)
+                    try:  # _callback, inlined on the data path
+                        cb(ev.result)
+                    except Exception:
+                        log.exception("callback %r failed", cb)
                 else:
                     self._resolve(ev.handle, ev.result)
             elif isinstance(ev, (TmfDone, TextDone, LogoutDone)):
