@@ -1020,10 +1020,41 @@ class Connection:
         """An LU's late answer (Result, or the exception its future ended
         with) to the pending task ``itt``."""
         del self.pending[itt]
-        if isinstance(res, BaseException):
-            self.log.warning("LU result for ITT 0x%x failed: %r", itt, res)
-            res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
-        self._respond(itt, res, edtl, flags, residual, write)
+        data = res.data_in if type(res) is Result and not write and not flags and not res.sense else None
+        n = len(data) if data else 0
+        p = self.params
+        if (
+            n == edtl and n and res.status == _GOOD
+            and n <= p.max_xmit_data_segment_length and n <= p.max_burst_length
+        ):
+            # the forwarded read: one Data-In with status, as _respond builds
+            # it (no residual), StatSN and MaxCmdSN (see max_cmdsn) inline
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            exp = self.exp_cmdsn
+            want = (exp + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
+            adv = self._max_adv
+            d = (want - adv) & 0xFFFFFFFF
+            if d and d < _HALF:
+                self._max_adv = adv = want
+            bhs = _HDR_U32.pack(
+                Opcode.DATA_IN, 0x81, _GOOD, n, 0, itt, RESERVED_TAG, statsn, exp, adv, 0, 0, 0,
+            )
+            out = self.out
+            out.append(bhs)
+            if self.hd:
+                out.append(digest_bytes(bhs))
+            out.append(data)
+            pad = _PADS[n & 3]
+            if pad:
+                out.append(pad)
+            if self.dd:
+                out.append(digest_bytes(data, pad))
+        else:
+            if isinstance(res, BaseException):
+                self.log.warning("LU result for ITT 0x%x failed: %r", itt, res)
+                res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
+            self._respond(itt, res, edtl, flags, residual, write)
         if not self._in_batch:
             if self._defer is None:
                 self.flush()
