@@ -51,8 +51,10 @@ from .login import (
     encode_text,
 )
 from .pdu import (
+    _HDR_U32,
     R2T,
     RESERVED_TAG,
+    SCSI_COMMAND,
     AsyncEvent,
     AsyncMessage,
     DataIn,
@@ -72,7 +74,6 @@ from .pdu import (
     Reject,
     RejectReason,
     ResponseFlags,
-    SCSI_COMMAND,
     ScsiResponse,
     TaskAttribute,
     TaskMgmtRequest,
@@ -80,7 +81,6 @@ from .pdu import (
     TextRequest,
     TextResponse,
     TmfFunction,
-    _HDR_U32,
     assemble,
     decode_pdu,
     encode_lun,
@@ -572,7 +572,7 @@ class InitiatorCore:
 
     # ------------------------------------------------------------ receiving
 
-    def receive_data(self, data: bytes, now: float) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview, now: float) -> list[Event]:
         """Feed bytes from the connection; returns the resulting events.
 
         A malformed PDU or a digest error yields ``ConnectionFailed``: the

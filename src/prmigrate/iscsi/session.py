@@ -351,7 +351,7 @@ class Connection:
         self._skip_cmdsn: set[int] = set()
         self._cold = False  # ended by TARGET COLD RESET: the LUs were reset already
         self._fast_lu: LogicalUnitLike | None = None  # last LU the read fast path met
-        self._fast_fn: Callable[[Nexus, bytes], Any] | None = None  # its read_fast, if any
+        self._fast_fn: Callable[..., Any] | None = None  # its read_fast, if any
         # login state
         self._stages = LoginStages()
         self._text = TextAccumulator()
@@ -432,7 +432,7 @@ class Connection:
         if self._close_after_flush:
             self.close()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.state == Connection.CLOSED:
             return
         self._in_batch = True
@@ -1049,7 +1049,7 @@ class Connection:
             if pad:
                 out.append(pad)
             if self.dd:
-                out.append(digest_bytes(data, pad))
+                out.append(digest_bytes(data, pad))  # type: ignore[arg-type]  # n > 0: data is set
         else:
             if isinstance(res, BaseException):
                 self.log.warning("LU result for ITT 0x%x failed: %r", itt, res)
