@@ -306,3 +306,29 @@ def test_source_killed_after_the_destination_preempted(tmp_path: Path) -> None:
             await _guest_fine(w, s)
 
         _run(go(), 200)
+
+
+def test_channel_cut_after_resume_in_doubt(tmp_path: Path) -> None:
+    """RESUME reached B (which serves the guest from then on) but its ACK
+    never came back: A cannot know, ends in doubt (exit status 3), keeps the
+    device held and still sends the guest's sessions to B, where the guest
+    finds its reservation. A never serves the guest again."""
+    with cluster(tmp_path) as c:
+
+        def rule(direction: str, frame: str) -> str | None:
+            return "cut" if frame == "ACK" and direction == "to_src" else None
+
+        async def go() -> None:
+            code, out, w, s = await _faulty_migration(c, rule)
+            assert code == 3, out
+            assert "in doubt" in out or "in_doubt" in out, out
+            await _holds(c, "hostb", "hosta")
+            (rec,) = await c.call("hosta", "query-migrate", {"device": "vm1"})
+            assert rec["status"] == "in_doubt" and rec["finished"], rec
+            qa = await c.call("hosta", "query-devices")
+            assert qa[0]["held"] and not qa[0]["frontend"]["sessions"], qa
+            qb = await c.call("hostb", "query-devices")
+            assert qb[0]["frontend"]["sessions"], qb
+            await _guest_fine(w, s)
+
+        _run(go())

@@ -684,13 +684,23 @@ class SourceRunner(_Runner):
         dev = self.device()
         if ops and dev is not None and self._finishing is None:
             self._finishing = self._spawn(self._fence_then_resume(dev, ops))
+        if a.state == SourceState.IN_DOUBT.name and self._handover is None:
+            # RESUME went out and no ACK came back: the destination serves the
+            # guest, or it never will (it resumes only on RESUME, and then
+            # holds the reservation). This host serves it in neither case, so
+            # sending the guest there is never worse than holding it here:
+            # it either lands where it is served, or finds no node and keeps
+            # trying. The device stays here, held, for the operator.
+            self._handover = self._spawn(self._hand_over(forget=False))
         task = self._handover or self._finishing
         if task is not None and not task.done():
             task.add_done_callback(lambda _: _Runner._do_Finished(self, a))
             return
         super()._do_Finished(a)
 
-    async def _hand_over(self) -> None:
+    async def _hand_over(self, forget: bool = True) -> None:
+        """Move the guest's sessions to the destination. ``forget=False``
+        (outcome in doubt): the device stays here, held, for the operator."""
         from ..host.daemon import frontend_iqn
 
         dev = self.device()
@@ -714,11 +724,13 @@ class SourceRunner(_Runner):
             left = target.drop_sessions(node_name)
             if left:
                 self.log.info("%d guest session(s) did not log out in time: dropped", left)
-            node.luns = {}
+            if forget:
+                node.luns = {}
         elif node is not None:
             self._error("no destination portal known: guest sessions dropped without redirect")
             target.remove_node(node_name)
-        await self.service.forget_device(dev)
+        if forget:
+            await self.service.forget_device(dev)
 
 
 def _snapshot(dev: PassthroughDevice) -> DeviceSnapshot:
