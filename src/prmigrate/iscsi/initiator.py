@@ -35,6 +35,7 @@ from ..scsi.constants import (
     Status,
 )
 from ..scsi.sense import DecodedSense
+from . import flushpoint
 from .initiator_core import (
     AsyncEventReceived,
     CommandDone,
@@ -146,8 +147,13 @@ class _Protocol(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        # the core copies what it keeps: the buffer is reused by the next read
-        self.session._on_data(self, self._view[:nbytes])
+        # the core copies what it keeps: the buffer is reused by the next read.
+        # Flushes deferred meanwhile (e.g. a guest's answers) run at the end.
+        flushpoint.begin()
+        try:
+            self.session._on_data(self, self._view[:nbytes])
+        finally:
+            flushpoint.end()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session._on_lost(self, exc)
@@ -275,7 +281,7 @@ class Session:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            flushpoint.defer(self._flush, self._loop.call_soon)
 
     def _arm_timer(self) -> None:
         if self._timer is None and not self._closing:
@@ -426,7 +432,7 @@ class Session:
         self._done_callbacks[handle] = done
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            flushpoint.defer(self._flush, self._loop.call_soon)
 
     async def _tmf(self, function: TmfFunction, lun: int = 0, ref: int | None = None) -> int:
         handle = self.core.task_management(function, lun, ref, self._loop.time())

@@ -36,8 +36,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from functools import partial
 
 from ..lun.types import LogicalUnitLike, Nexus
+from . import flushpoint
 from .pdu import AsyncEvent
 from .session import ChapConfig, Connection, Session, TargetNode, TargetSettings
 
@@ -75,7 +77,7 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
             self.target, peer_s, (local[0], local[1]) if local else None,
             transport.writelines,  # type: ignore[attr-defined]
             transport.close,
-            asyncio.get_running_loop().call_soon,
+            partial(flushpoint.defer, call_soon=asyncio.get_running_loop().call_soon),
         )
         self.target._connections.add(self.conn)
         if self.target.keepalive:
@@ -88,8 +90,13 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
         self._active = True
         conn = self.conn
         if conn is not None:
-            # the connection copies what it keeps: the buffer is reused
-            conn.data_received(self._view[:nbytes])
+            # the connection copies what it keeps: the buffer is reused.
+            # Flushes deferred meanwhile (other connections') run at the end.
+            flushpoint.begin()
+            try:
+                conn.data_received(self._view[:nbytes])
+            finally:
+                flushpoint.end()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
