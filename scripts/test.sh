@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Run every test: unit tests, property tests and interop tests against the
-# real peers (iscsi-test-cu, qemu-io, tgt). Installs what is missing first.
-set -euo pipefail
+# Run every test: unit, property and interop tests against the real peers
+# (iscsi-test-cu, iscsi-perf's peers, qemu-io, tgt), then the linter.
+# Installs what is missing first. Extra arguments go to pytest.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh || exit 1
 PY=${PYTHON:-python3}
+$PY -m pytest -p no:cacheprovider -q -ra "$@"
+tests=$?
 $PY -m ruff check src tests benchmarks
-exec $PY -m pytest -p no:cacheprovider -q -ra "$@"
+lint=$?
+[ "$tests" -eq 0 ] && [ "$lint" -eq 0 ]
