@@ -61,14 +61,53 @@ def parse_cunit(text: str, family: str = "ALL") -> dict[str, Outcome]:
     return tests
 
 
-def run_suite(url: str, test: str, out: Path, timeout: float = 240, verbose_scsi: bool = True) -> str:
+def run_suite(url: str, test: str, out: Path, timeout: float = 240, verbose_scsi: bool = True,
+              multipath_url: str | None = None, sanitize: bool = False) -> str:
+    """``multipath_url``: a second path to the same LU (iscsi-test-cu's
+    MultipathIO family skips without one); ``sanitize``: -S, the suite's
+    permission to send SANITIZE."""
     args = ["iscsi-test-cu", "-d", "-i", INITIATOR1, "-I", INITIATOR2, "-t", test]
     if verbose_scsi:
         args.append("-V")
+    if sanitize:
+        args.append("-S")
     args.append(url)
+    if multipath_url:
+        args.append(multipath_url)
     with open(out, "wb") as f:
         subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False)
     return out.read_text(errors="replace")
+
+
+# SANITIZE tests run with -S. ALL.Sanitize.Reset is left out: it sends an
+# OVERWRITE, sleeps 3 s, and expects TEST UNIT READY / READ(16) / START STOP
+# UNIT to answer NOT READY, SANITIZE IN PROGRESS (04/1Bh) and the operation
+# to outlive resets and a new login. Our sanitize of the 256 MiB test LU
+# completes in well under a second, so the test fails on its timing
+# assumption, not on a wrong answer; it stays skipped (without -S).
+SANITIZE_RUN = (
+    "BlockErase", "BlockEraseReserved", "CryptoErase", "CryptoEraseReserved", "ExitFailureMode",
+    "InvalidServiceAction", "Overwrite", "OverwriteReserved", "Readonly", "Reservations",
+)
+SANITIZE_NOT_RUN = frozenset({"ALL.Sanitize.Reset"})
+
+# What still skips in the ALL family, exactly (a regression changes the set):
+# features not implemented (WRITE ATOMIC(16), EXTENDED COPY / RECEIVE COPY
+# RESULTS), a medium that is not removable, LBPPB < 2 (one logical block per
+# physical block), an LU that is not write-protected, and Sanitize.Reset above.
+EXPECTED_SKIPS = frozenset(
+    {f"ALL.WriteAtomic16.{t}" for t in ("Simple", "BeyondEol", "ZeroBlocks", "WriteProtect", "DpoFua", "VPD")}
+    | {f"ALL.ExtendedCopy.{t}" for t in ("Simple", "ParamHdr", "DescrLimits", "DescrType", "ValidTgtDescr",
+                                         "ValidSegDescr")}
+    | {"ALL.ReceiveCopyResults.CopyStatus", "ALL.ReceiveCopyResults.OpParams"}
+    | {f"ALL.PreventAllow.{t}" for t in ("Simple", "Eject", "ITNexusLoss", "Logout", "WarmReset", "ColdReset",
+                                         "LUNReset", "2ITNexuses")}
+    | {"ALL.StartStopUnit.Simple", "ALL.StartStopUnit.PwrCnd", "ALL.StartStopUnit.NoLoej", "ALL.NoMedia.NoMediaSBC"}
+    | {"ALL.ReadOnly.ReadOnlySBC"}
+    | {"ALL.CompareAndWrite.InvalidDataOutSize", "ALL.WriteSame10.UnmapUnaligned",
+       "ALL.WriteSame10.InvalidDataOutSize", "ALL.WriteSame16.UnmapUnaligned", "ALL.WriteSame16.InvalidDataOutSize"}
+    | SANITIZE_NOT_RUN
+)
 
 
 def test_parse_cunit_sample():
@@ -87,10 +126,20 @@ def test_iscsi_test_cu_all(tmp_path: Path):
     need("iscsi-test-cu")
     t = start_target(tmp_path)
     try:
-        text = run_suite(t.url(), "ALL", tmp_path / "iscsi-test-cu.txt")
+        # the same LU as the second path: MultipathIO runs (two sessions,
+        # one nexus each). Its CompareAndWrite test expects zeros at LBAs
+        # 0-256 but zeroes only 0-255 (libiscsi 1.19): it passes on the
+        # fresh image of this test, fails on an image whose LBA 256 an
+        # earlier run left non-zero.
+        text = run_suite(t.url(), "ALL", tmp_path / "iscsi-test-cu.txt", multipath_url=t.url())
+        sanitize_text = run_suite(t.url(), ",".join(f"ALL.Sanitize.{n}" for n in SANITIZE_RUN),
+                                  tmp_path / "sanitize.txt", sanitize=True)
     finally:
         stop(t.proc)
     tests = parse_cunit(text)
+    sanitized = parse_cunit(sanitize_text)
+    assert sorted(sanitized) == sorted(f"ALL.Sanitize.{n}" for n in SANITIZE_RUN), sanitize_text[-2000:]
+    tests.update(sanitized)
     assert len(tests) >= 200, text[-2000:]
     failed = sorted(n for n, o in tests.items() if o.failed or not o.passed)
     skipped = sorted(n for n, o in tests.items() if o.skipped)
@@ -98,6 +147,9 @@ def test_iscsi_test_cu_all(tmp_path: Path):
     print(f"ALL: {len(tests)} tests, {len(tests) - len(failed) - len(skipped)} passed, "
           f"{len(skipped)} skipped, {len(failed)} failed; reservation {len(reservation)}")
     assert not failed, failed
+    assert set(skipped) == EXPECTED_SKIPS, (sorted(set(skipped) - EXPECTED_SKIPS), sorted(EXPECTED_SKIPS - set(skipped)))
+    assert len(tests) == 230 and len(skipped) == 33
+    assert "sanitized (OVERWRITE)" in t.log and "sanitized (BLOCK_ERASE)" in t.log
     assert len(reservation) == 27, sorted(reservation)
     assert not [n for n, o in reservation.items() if o.skipped], "reservation tests skipped"
     assert all(o.passed for o in reservation.values())

@@ -69,6 +69,7 @@ OPCODE_ACCESS: dict[int, Access] = {
     Opcode.WRITE_SAME_10: Access.WRITE,
     Opcode.WRITE_SAME_16: Access.WRITE,
     Opcode.UNMAP: Access.WRITE,
+    Opcode.SANITIZE: Access.WRITE,  # SBC-4 table 13: conflicts under WE and EA
     Opcode.VERIFY_6: Access.READ,
     Opcode.VERIFY_10: Access.READ,
     Opcode.VERIFY_12: Access.READ,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..scsi.cdb import ReportOpcodesCdb, invalid_cdb
 from ..scsi.constants import MaintenanceIn, Opcode, PrInAction, PrOutAction, ServiceActionIn16
+from .sanitize import SanitizeAction
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,11 @@ TABLE: tuple[OpInfo, ...] = (
     OpInfo(Opcode.READ_DEFECT_DATA_10, None, _u(0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0)),
     _rw10(Opcode.WRITE_SAME_10, 0x08),
     OpInfo(Opcode.UNMAP, None, _u(0x42, 0, 0, 0, 0, 0, 0x3F, 0xFF, 0xFF, 0), recommended=60),
+    # SANITIZE: IMMED, AUSE and the service action in byte 1 (SBC-4 5.30)
+    *(
+        OpInfo(Opcode.SANITIZE, sa, _u(0x48, 0xA0 | sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), recommended=600)
+        for sa in SanitizeAction
+    ),
     OpInfo(Opcode.MODE_SELECT_10, None, _u(0x55, 0x10, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0)),
     OpInfo(Opcode.RESERVE_10, None, _u(0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
     OpInfo(Opcode.RELEASE_10, None, _u(0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0)),

@@ -71,6 +71,7 @@ from ..scsi.cdb import (
 )
 from ..scsi.constants import MaintenanceIn, Opcode, ServiceActionIn16, Status
 from ..scsi.sense import CheckCondition, Sense, SenseField, encode_sense
+from . import sanitize
 from .modepages import ModePages, PageControl
 from .opcodes import report_supported_opcodes
 from .store import BlockStore
@@ -191,6 +192,7 @@ class LogicalUnit:
             Opcode.WRITE_SAME_10: self._write_same,
             Opcode.WRITE_SAME_16: self._write_same,
             Opcode.UNMAP: self._unmap,
+            Opcode.SANITIZE: self._sanitize,
             Opcode.COMPARE_AND_WRITE: self._compare_and_write,
             Opcode.ORWRITE_16: self._orwrite,
             Opcode.PRE_FETCH_10: self._prefetch,
@@ -558,6 +560,25 @@ class LogicalUnit:
         bs = self.block_size
         for d in descs:
             self.store.unmap(d.lba * bs, d.blocks * bs)
+        return Result()
+
+    def _sanitize(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """SANITIZE, SBC-4 5.30 (lun/sanitize.py): every check before the
+        medium changes; write protection (SWP) refuses all but EXIT FAILURE MODE."""
+        c = sanitize.SanitizeCdb.decode(cdb)
+        action = c.action
+        if action == sanitize.SanitizeAction.OVERWRITE:
+            params = sanitize.OverwriteParams.decode(data, c.length, self.block_size)
+        elif c.length:
+            raise invalid_cdb(7)
+        if action == sanitize.SanitizeAction.EXIT_FAILURE_MODE:
+            return Result()
+        self._check_writable()
+        if action == sanitize.SanitizeAction.OVERWRITE:
+            sanitize.overwrite(self.store, self.blocks, self.block_size, params)
+        else:
+            sanitize.erase(self.store, self.blocks, self.block_size)
+        self.log.info("lun %d: sanitized (%s) by %s", self.lun, action.name, nexus)
         return Result()
 
     def _get_lba_status(self, lba: int, alloc: int) -> bytes:

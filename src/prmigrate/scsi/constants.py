@@ -53,6 +53,7 @@ class Opcode(IntEnum):
     WRITE_SAME_10 = 0x41
     UNMAP = 0x42
     READ_TOC = 0x43
+    SANITIZE = 0x48
     LOG_SELECT = 0x4C
     LOG_SENSE = 0x4D
     MODE_SELECT_10 = 0x55

@@ -207,9 +207,13 @@ def vpd_block_limits(bl: BlockLimits) -> bytes:
 
 
 def vpd_block_characteristics() -> bytes:
-    """Block Device Characteristics (B1h), SBC-4 6.6.2: non-rotating medium."""
+    """Block Device Characteristics (B1h), SBC-4 6.6.2: non-rotating medium.
+
+    Page byte 7: WABEREQ 01b and WACEREQ 01b: after a SANITIZE BLOCK ERASE /
+    CRYPTOGRAPHIC ERASE, reads complete GOOD (the blocks read as zero)."""
     b = bytearray(0x3C)
     struct.pack_into(">H", b, 0, 0x0001)  # MEDIUM ROTATION RATE: non-rotating
+    b[3] = 0x40 | 0x10  # WABEREQ 01b, WACEREQ 01b
     return _vpd(VpdPage.BLOCK_CHARACTERISTICS, bytes(b))
 
 
