@@ -288,6 +288,8 @@ def test_expected_in_len_from_cdb() -> None:
     assert expected_in_len(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0), 512) == 4096
     assert expected_in_len(bytes((0x12, 0, 0, 0, 36, 0))) == 36
     assert expected_in_len(pr_in_cdb(PrInAction.READ_KEYS, 100)) == 100
+    # SANITIZE: bytes 7-8 are its parameter list (Data-Out) length, nothing comes in
+    assert expected_in_len(bytes((0x48, 0x01, 0, 0, 0, 0, 0, 0x02, 0x04, 0))) == 0
     assert expected_in_len(bytes((0x08, 0, 0, 0, 0, 0)), 512) == 256 * 512
     assert expected_in_len(b"") == 0
     assert expected_in_len(bytes((0x2A,)) + bytes(9)) == 0

@@ -38,7 +38,7 @@ from .conftest import (
     stop,
     wait_listening,
 )
-from .test_conformance import Outcome, parse_cunit, run_suite
+from .test_conformance import SANITIZE_RUN, Outcome, parse_cunit, run_suite
 
 pytestmark = pytest.mark.interop
 
@@ -177,12 +177,35 @@ def report_capabilities(url: str) -> bytes:
     return asyncio.run(asyncio.wait_for(go(), 20))
 
 
+# A guest's frontend nexuses that share an initiator name share one backend
+# nexus (identity=guest keys the backend session by name). Two suites see
+# that and are left out here, run directly by the conformance test only:
+# - MultipathIO (no second path given): a LOGICAL UNIT RESET's 29/03 reaches
+#   the one backend nexus, so only one of the two paths reports it
+#   (MultipathIO.Reset fails), and the UA left over spoils the WRITE SAME
+#   that MultipathIO.CompareAndWrite starts with;
+# - Sanitize.Reservations: its second session (same name) takes RESERVE(6)
+#   and disconnects; the backend nexus stays (the first session still uses
+#   it), so the reservation outlives the session and every PR IN after it
+#   conflicts (SPC-5 5.14.3), where the direct run sees the nexus loss.
+SANITIZE_THROUGH_HOST = tuple(n for n in SANITIZE_RUN if n != "Reservations")
+
+
+def run_all(url: str, out: Path) -> str:
+    """ALL, then the SANITIZE tests the conformance test runs with -S (less
+    the one above); a test of the second run replaces its skipped entry of
+    the first in ``parse_cunit``."""
+    text = run_suite(url, "ALL", out, timeout=400)
+    return text + run_suite(url, ",".join(f"ALL.Sanitize.{n}" for n in SANITIZE_THROUGH_HOST),
+                            out.with_suffix(".sanitize.txt"), timeout=200, sanitize=True)
+
+
 def compare_through_host(workdir: Path, backend_url: str, migrate_pr: str | None) -> None:
-    direct = run_suite(backend_url, "ALL", workdir / "direct.txt", timeout=400)
+    direct = run_all(backend_url, workdir / "direct.txt")
     host = start_host(workdir, device_spec(backend_url, migrate_pr=migrate_pr))
     try:
         devices = host.call("query-devices")
-        via = run_suite(host.url(), "ALL", workdir / "via-host.txt", timeout=400)
+        via = run_all(host.url(), workdir / "via-host.txt")
         # after 27 reservation tests from two initiators, what the device
         # tracked is what the backend says (verification changes nothing)
         verify = host.call("device-verify", {"device": "vm1"})
