@@ -108,6 +108,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..aio import BackgroundTasks
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
 from ..iscsi.url import parse_url
@@ -327,7 +328,7 @@ class PassthroughDevice:
         self._monitor_lock: asyncio.Lock | None = None
         self._full_status: bool | None = None  # None: not known yet
         self._inflight: set[asyncio.Future[Any]] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bg = BackgroundTasks(self, "background task")
         self._verifying: asyncio.Task[Any] | None = None
         self._verify_again = False
         self._held: list[_Held] | None = None
@@ -422,8 +423,7 @@ class PassthroughDevice:
         if self._closed:
             return
         self._closed = True
-        for t in list(self._tasks):
-            t.cancel()
+        self._bg.cancel_all()
         for b in self._backends.values():
             for *_, fut in b.waiting:
                 if not fut.done():
@@ -436,17 +436,6 @@ class PassthroughDevice:
         for b in self._backends.values():
             b.session = None
         self._monitor = None
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("background task failed: %r", task.exception())
 
     # --------------------------------------------------------- sessions
     def _port(self, key: str) -> BackendPort:
@@ -519,7 +508,7 @@ class PassthroughDevice:
             if self._closed:
                 raise DeviceError("device closed")
             if b.opening is None:
-                b.opening = self._spawn(self._open(b))
+                b.opening = self._bg.spawn(self._open(b))
             await asyncio.shield(b.opening)
             if b.session is None:
                 raise DeviceError(f"cannot reach the backend for {guest}")
@@ -568,7 +557,7 @@ class PassthroughDevice:
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
         if b.opening is None:
-            b.opening = self._spawn(self._open(b))
+            b.opening = self._bg.spawn(self._open(b))
         return fut
 
     @staticmethod
@@ -763,7 +752,7 @@ class PassthroughDevice:
             else:
                 result = f.result()
             if self._snoop(guest, bytes(cdb), data, result, intent):
-                self._spawn(self._verify_then(out, result))
+                self._bg.spawn(self._verify_then(out, result))
             elif not out.done():
                 out.set_result(result)
 
@@ -863,7 +852,7 @@ class PassthroughDevice:
         if self._verifying is not None:
             self._verify_again = True
             return
-        self._verifying = self._spawn(self._verify_loop())
+        self._verifying = self._bg.spawn(self._verify_loop())
 
     async def _verify_loop(self) -> None:
         try:
@@ -1021,7 +1010,7 @@ class PassthroughDevice:
     def _close_if_unused(self, b: _Backend) -> None:
         if b.frontends or b.session is None or b.closing is not None or self._closed:
             return
-        b.closing = self._spawn(self._close_backend(b))
+        b.closing = self._bg.spawn(self._close_backend(b))
 
     def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
         """A guest's LOGICAL UNIT / TARGET RESET: the device is one LU of the
@@ -1029,12 +1018,12 @@ class PassthroughDevice:
         must not reset the whole shared target)."""
         b = self._backends.get(state_key(self.mode, nexus.initiator))
         if b is not None and b.session is not None:
-            self._spawn(self._tmf(b.session.lun_reset(self.lun), "LOGICAL UNIT RESET"))
+            self._bg.spawn(self._tmf(b.session.lun_reset(self.lun), "LOGICAL UNIT RESET"))
 
     def clear_task_set(self, nexus: Nexus) -> None:
         b = self._backends.get(state_key(self.mode, nexus.initiator))
         if b is not None and b.session is not None:
-            self._spawn(self._tmf(b.session.clear_task_set(self.lun), "CLEAR TASK SET"))
+            self._bg.spawn(self._tmf(b.session.clear_task_set(self.lun), "CLEAR TASK SET"))
 
     async def _tmf(self, coro: Any, what: str) -> None:
         try:

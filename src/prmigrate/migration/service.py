@@ -77,6 +77,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..aio import BackgroundTasks
 from ..device.identity import backend_port
 from ..device.state import DevicePrState
 from ..iscsi.initiator import IscsiError, describe_result
@@ -170,7 +171,7 @@ class _Runner:
         self.finished: Finished | None = None
         self.done: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
         self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bg = BackgroundTasks(self, "migration task")
         self._feeding = False
         self._queue: list[Event | Message] = []
         self.log = logging.LoggerAdapter(log, {"migration": self.role})
@@ -236,19 +237,6 @@ class _Runner:
             self._emit_state()
         self._rearm()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.log.error("migration task failed: %r", exc, exc_info=exc)
-            self._error(f"internal error: {exc!r}")
-
     def _error(self, text: str) -> None:
         self.errors.append(text)
         self.log.warning("%s", text)
@@ -271,7 +259,7 @@ class _Runner:
             self.log.info("%s not sent: channel closed", a.message.TYPE.name)
 
     def _do_IssuePrOps(self, a: IssuePrOps) -> None:
-        self._spawn(self._issue(a.ops))
+        self._bg.spawn(self._issue(a.ops))
 
     def _settled(self) -> None:
         """The outcome is final here (subclasses clean up their records)."""
@@ -379,8 +367,7 @@ class _Runner:
         return True
 
     async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
+        self._bg.cancel_all()
         if self.link is not None:
             self.link.close()
         if self._timer is not None:
@@ -561,7 +548,7 @@ class SourceRunner(_Runner):
         self.feed(Start())
 
     def _do_Connect(self, a: Connect) -> None:
-        self._spawn(self._connect())
+        self._bg.spawn(self._connect())
 
     async def _connect(self) -> None:
         host, port = self.to
@@ -606,7 +593,7 @@ class SourceRunner(_Runner):
         self._on_lost(detail, error)
 
     def _do_HoldGuest(self, a: HoldGuest) -> None:
-        self._spawn(self._hold())
+        self._bg.spawn(self._hold())
 
     async def _hold(self) -> None:
         dev = self.device()
@@ -658,7 +645,7 @@ class SourceRunner(_Runner):
             self.log.info("guest resumed on this host")
 
     def _do_HandOverGuest(self, a: HandOverGuest) -> None:
-        self._handover = self._spawn(self._hand_over())
+        self._handover = self._bg.spawn(self._hand_over())
 
     def _do_SendMessage(self, a: SendMessage) -> None:
         if isinstance(a.message, Resume):
@@ -683,7 +670,7 @@ class SourceRunner(_Runner):
         ops = self._fence_ops() if a.state == SourceState.ROLLED_BACK.name else ()
         dev = self.device()
         if ops and dev is not None and self._finishing is None:
-            self._finishing = self._spawn(self._fence_then_resume(dev, ops))
+            self._finishing = self._bg.spawn(self._fence_then_resume(dev, ops))
         if a.state == SourceState.IN_DOUBT.name and self._handover is None:
             # RESUME went out and no ACK came back: the destination serves the
             # guest, or it never will (it resumes only on RESUME, and then
@@ -691,7 +678,7 @@ class SourceRunner(_Runner):
             # sending the guest there is never worse than holding it here:
             # it either lands where it is served, or finds no node and keeps
             # trying. The device stays here, held, for the operator.
-            self._handover = self._spawn(self._hand_over(forget=False))
+            self._handover = self._bg.spawn(self._hand_over(forget=False))
         task = self._handover or self._finishing
         if task is not None and not task.done():
             task.add_done_callback(lambda _: _Runner._do_Finished(self, a))
@@ -783,7 +770,7 @@ class DestinationRunner(_Runner):
             self.daemon.emit(self._event())
 
     def _do_CreateDevice(self, a: CreateDevice) -> None:
-        self._creating = self._spawn(self._create(a.snapshot))
+        self._creating = self._bg.spawn(self._create(a.snapshot))
 
     async def _create(self, snap: DeviceSnapshot) -> None:
         from ..host.daemon import frontend_iqn
@@ -861,7 +848,7 @@ class DestinationRunner(_Runner):
         return Observed.from_pr_in(keys, rr), TargetTraits(read_full_status=False)
 
     def _do_LoadState(self, a: LoadState) -> None:
-        self._spawn(self._load(a.snapshot))
+        self._bg.spawn(self._load(a.snapshot))
 
     async def _load(self, snap: DeviceSnapshot) -> None:
         dev = self.device()
@@ -894,7 +881,7 @@ class DestinationRunner(_Runner):
         self.daemon.expose(dev.name)
         self.log.info("guest served on this host (node %s)", frontend_iqn(dev.config))
         if dev.migrate_pr and dev.snooper.state.guests:
-            self._spawn(self._verify_later(dev))
+            self._bg.spawn(self._verify_later(dev))
 
     async def _verify_later(self, dev: PassthroughDevice) -> None:
         try:
@@ -905,7 +892,7 @@ class DestinationRunner(_Runner):
     def _do_DropDevice(self, a: DropDevice) -> None:
         if self._creating is not None and not self._creating.done():
             self._creating.cancel()
-        self._spawn(self._drop())
+        self._bg.spawn(self._drop())
 
     async def _drop(self) -> None:
         if self._creating is not None:
