@@ -17,7 +17,8 @@ class PersistError(Exception):
     """A state file exists but cannot be read or parsed."""
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -25,24 +26,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
-    """Atomically replace ``path`` with ``state`` as JSON."""
-    path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.tmp.{os.getpid()}"
-    data = json.dumps(state, sort_keys=True, indent=1).encode("utf-8") + b"\n"
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``path`` by ``data``: temp file in the same directory, fsync,
+    rename over, fsync the directory (so the rename itself is durable)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Atomically replace ``path`` with ``state`` as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(state, sort_keys=True, indent=1).encode("utf-8") + b"\n")
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -70,4 +77,4 @@ def remove(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         return
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
