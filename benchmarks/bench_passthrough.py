@@ -21,10 +21,7 @@ import argparse
 import contextlib
 import os
 import random
-import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,44 +30,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import env, free_port, iscsi_perf, stop, wait_port  # noqa: E402
+
 SHARED = "iqn.2026-11.org.prmigrate:bench-shared"
 FRONTEND = "iqn.2026-11.org.prmigrate:bench-vm1"
 HOST_IQN = "iqn.2026-11.org.prmigrate:bench-host"
 PERF_IQN = "iqn.2026-11.org.prmigrate:bench-guest"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}) before listening on {host}:{port}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port}")
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 @contextlib.contextmanager
@@ -148,26 +113,14 @@ def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[str]:
         stop(proc)
 
 
-_IOPS = re.compile(r"iops average (\d+)")
-
-
-def perf(url: str, qd: int, seconds: int) -> int:
-    p = subprocess.run(["iscsi-perf", "-i", PERF_IQN, "-m", str(qd), "-b", "8", "-t", str(seconds), "-r", url],
-                       capture_output=True, text=True, timeout=seconds + 30)
-    found = _IOPS.findall(p.stdout.replace("\r", "\n") + p.stderr)
-    if not found:
-        raise RuntimeError(f"iscsi-perf gave no result for {url}: {p.stdout[-500:]} {p.stderr[-500:]}")
-    return int(found[-1])
-
-
 def bench(name: str, direct: str, via: str, seconds: int, rounds: int) -> None:
     print(f"\n{name}\n  direct:   {direct}\n  via host: {via}")
     print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}")
     for qd in (1, 32):
         d, v = [], []
         for _ in range(rounds):
-            d.append(perf(direct, qd, seconds))
-            v.append(perf(via, qd, seconds))
+            d.append(iscsi_perf(direct, qd, seconds, PERF_IQN))
+            v.append(iscsi_perf(via, qd, seconds, PERF_IQN))
         md, mv = statistics.median(d), statistics.median(v)
         goal = "  (goal >= 70%)" if qd == 32 else ""
         print(f"  QD{qd:<10} {md:>12.0f} {mv:>14.0f} {100 * mv / md:>6.1f}%{goal}", flush=True)

@@ -26,8 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,8 @@ from typing import Any
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 sys.path.insert(0, SRC)
 
+from _common import free_port, stop  # noqa: E402
+
 from prmigrate.host.control import control_call  # noqa: E402
 from prmigrate.iscsi.initiator import connect  # noqa: E402
 from prmigrate.scsi.constants import PrOutAction, PrType  # noqa: E402
@@ -49,12 +49,6 @@ FRONTEND = "iqn.2026-11.org.prmigrate:bench-vm1"
 GUEST = "iqn.2026-11.org.prmigrate:bench-guest"
 KEY = 0x5EED000000000001
 SECRET = "bench-cluster-secret-0123456789"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
@@ -130,16 +124,6 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "prmigrate.cli", *args], stdout=f,
                                 stderr=subprocess.STDOUT, env=env)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 async def migrate(control: Path, to: str, strategy: str) -> dict[str, Any]:

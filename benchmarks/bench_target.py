@@ -16,45 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import free_port, iscsi_perf, wait_port  # noqa: E402
 
 IQN = "iqn.2026-11.org.prmigrate:bench"
 TGT_IQN = "iqn.2026-11.org.prmigrate:bench-tgt"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_port(host: str, port: int, timeout: float = 15) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection((host, port), 0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{host}:{port} not listening")
-
-
-def iscsi_perf(url: str, qd: int, seconds: int) -> float:
-    args = ["iscsi-perf", "-m", str(qd), "-b", "8", "-t", str(seconds), "-r", url]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
-    found = re.findall(r"iops average (\d+)", out)
-    if not found:
-        raise RuntimeError(f"no result from iscsi-perf: {out[-500:]}")
-    return float(found[-1])
 
 
 class Ours:

@@ -1,0 +1,65 @@
+"""Process and port helpers shared by the benchmark scripts (not a benchmark)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = str(ROOT / "src")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
+    """Wait until something listens on host:port; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def env() -> dict[str, str]:
+    """The environment for ``python -m prmigrate.cli``: this checkout's sources."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = SRC + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+_IOPS = re.compile(r"iops average (\d+)")
+
+
+def iscsi_perf(url: str, qd: int, seconds: int, initiator: str | None = None) -> int:
+    """4 KiB random reads (``iscsi-perf -r -b 8``) at queue depth ``qd``: average IOPS."""
+    args = ["iscsi-perf", "-m", str(qd), "-b", "8", "-t", str(seconds), "-r", url]
+    if initiator is not None:
+        args[1:1] = ["-i", initiator]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    found = _IOPS.findall(p.stdout.replace("\r", "\n") + p.stderr)
+    if not found:
+        raise RuntimeError(f"iscsi-perf gave no result for {url}: {p.stdout[-500:]} {p.stderr[-500:]}")
+    return int(found[-1])
