@@ -63,3 +63,17 @@ def iscsi_perf(url: str, qd: int, seconds: int, initiator: str | None = None) ->
     if not found:
         raise RuntimeError(f"iscsi-perf gave no result for {url}: {p.stdout[-500:]} {p.stderr[-500:]}")
     return int(found[-1])
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU seconds used by this process's waited-for children (iscsi-perf)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime

@@ -11,6 +11,12 @@ one device in front of it (all on 127.0.0.x), then runs ``iscsi-perf -r``
 (4 KiB random reads) at QD1 and QD32, alternating direct and through the
 daemon, ``--rounds`` times, and prints the median IOPS of each and the
 ratio (goal: >= 70 % of direct at QD32). Every process is stopped at the end.
+
+It also prints the CPU time each process spent per I/O at QD32 (from
+/proc and getrusage): the daemon's figure is the device's overhead in a
+form that does not depend on the core count, and with every process busy
+the IOPS through the daemon cannot exceed cores / (sum of the per-I/O CPU
+of guest, daemon and target), which is printed as the ceiling.
 Not a test: numbers depend on the machine (CPU count matters: the guest,
 the daemon and the target share it).
 """
@@ -30,7 +36,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from _common import env, free_port, iscsi_perf, stop, wait_port  # noqa: E402
+from _common import children_cpu, env, free_port, iscsi_perf, process_cpu, stop, wait_port  # noqa: E402
 
 SHARED = "iqn.2026-11.org.prmigrate:bench-shared"
 FRONTEND = "iqn.2026-11.org.prmigrate:bench-vm1"
@@ -39,7 +45,7 @@ PERF_IQN = "iqn.2026-11.org.prmigrate:bench-guest"
 
 
 @contextlib.contextmanager
-def prm_target(work: Path, uvloop: bool) -> Iterator[str]:
+def prm_target(work: Path, uvloop: bool) -> Iterator[tuple[str, int]]:
     host = f"127.0.0.{random.randint(2, 250)}"
     port = free_port(host)
     args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{host}:{port}",
@@ -50,13 +56,13 @@ def prm_target(work: Path, uvloop: bool) -> Iterator[str]:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
     try:
         wait_port(host, port, proc)
-        yield f"iscsi://{host}:{port}/{SHARED}/0"
+        yield f"iscsi://{host}:{port}/{SHARED}/0", proc.pid
     finally:
         stop(proc)
 
 
 @contextlib.contextmanager
-def tgt_target(work: Path) -> Iterator[str]:
+def tgt_target(work: Path) -> Iterator[tuple[str, int]]:
     port = free_port("127.0.0.1")
     control = random.randint(2000, 32000)
     img = work / "tgt-lun1.img"
@@ -83,7 +89,7 @@ def tgt_target(work: Path) -> Iterator[str]:
                 time.sleep(0.1)
         adm("--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "-b", str(img))
         adm("--mode", "target", "--op", "bind", "--tid", "1", "-I", "ALL")
-        yield f"iscsi://127.0.0.1:{port}/{SHARED}/1"
+        yield f"iscsi://127.0.0.1:{port}/{SHARED}/1", proc.pid
     finally:
         subprocess.run(["tgtadm", "-C", str(control), "--mode", "system", "--op", "delete"],
                        capture_output=True, timeout=10)
@@ -95,7 +101,7 @@ def tgt_target(work: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[str]:
+def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[tuple[str, int]]:
     host = f"127.0.0.{random.randint(2, 250)}"
     port = free_port(host)
     args = [sys.executable, "-m", "prmigrate.cli", "host", "--name", "bench", "--initiator", HOST_IQN,
@@ -108,22 +114,50 @@ def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[str]:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
     try:
         wait_port(host, port, proc)
-        yield f"iscsi://{host}:{port}/{FRONTEND}/0"
+        yield f"iscsi://{host}:{port}/{FRONTEND}/0", proc.pid
     finally:
         stop(proc)
 
 
-def bench(name: str, direct: str, via: str, seconds: int, rounds: int) -> None:
+class Measured:
+    """IOPS of one iscsi-perf run and the CPU seconds per I/O of each process."""
+
+    def __init__(self, url: str, qd: int, seconds: int, pids: dict[str, int]) -> None:
+        before = {name: process_cpu(pid) for name, pid in pids.items()}
+        guest = children_cpu()
+        self.iops = iscsi_perf(url, qd, seconds, PERF_IQN)
+        ios = max(1, self.iops * seconds)
+        self.cpu = {name: (process_cpu(pid) - before[name]) / ios for name, pid in pids.items()}
+        self.cpu["guest"] = (children_cpu() - guest) / ios
+
+
+def bench(name: str, direct: str, via: str, pids: dict[str, int], seconds: int, rounds: int) -> None:
     print(f"\n{name}\n  direct:   {direct}\n  via host: {via}")
     print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}")
+    cores = os.cpu_count() or 1
     for qd in (1, 32):
-        d, v = [], []
+        d: list[Measured] = []
+        v: list[Measured] = []
         for _ in range(rounds):
-            d.append(iscsi_perf(direct, qd, seconds, PERF_IQN))
-            v.append(iscsi_perf(via, qd, seconds, PERF_IQN))
-        md, mv = statistics.median(d), statistics.median(v)
+            d.append(Measured(direct, qd, seconds, {"target": pids["target"]}))
+            v.append(Measured(via, qd, seconds, pids))
+        md, mv = statistics.median(m.iops for m in d), statistics.median(m.iops for m in v)
         goal = "  (goal >= 70%)" if qd == 32 else ""
         print(f"  QD{qd:<10} {md:>12.0f} {mv:>14.0f} {100 * mv / md:>6.1f}%{goal}", flush=True)
+        if qd != 32:
+            continue
+
+        def us(ms: list[Measured], who: str) -> float:
+            return 1e6 * statistics.median(m.cpu[who] for m in ms)
+
+        direct_sum = us(d, "target") + us(d, "guest")
+        via_sum = us(v, "target") + us(v, "daemon") + us(v, "guest")
+        print(f"  CPU per I/O at QD32 (us): direct: target {us(d, 'target'):.1f} + guest {us(d, 'guest'):.1f}"
+              f" = {direct_sum:.1f}; via host: target {us(v, 'target'):.1f} + daemon {us(v, 'daemon'):.1f}"
+              f" + guest {us(v, 'guest'):.1f} = {via_sum:.1f}")
+        print(f"  CPU-bound ceiling on {cores} cores: direct {cores * 1e6 / direct_sum:.0f} IOPS,"
+              f" via host {cores * 1e6 / via_sum:.0f} IOPS"
+              f" ({100 * direct_sum / via_sum:.0f}% of direct)", flush=True)
 
 
 def main() -> int:
@@ -141,14 +175,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="prm-bench-") as tmp:
         work = Path(tmp)
         if args.backend in ("prm", "both"):
-            with prm_target(work, args.target_uvloop) as direct, host_daemon(work, direct, args.uvloop) as via:
-                bench("backend: prmigrate target", direct, via, args.seconds, args.rounds)
+            with prm_target(work, args.target_uvloop) as (direct, tpid), \
+                    host_daemon(work, direct, args.uvloop) as (via, hpid):
+                bench("backend: prmigrate target", direct, via, {"target": tpid, "daemon": hpid},
+                      args.seconds, args.rounds)
         if args.backend in ("tgt", "both"):
             if shutil.which("tgtd") is None:
                 print("tgtd not found (apt-get install tgt)", file=sys.stderr)
                 return 2
-            with tgt_target(work) as direct, host_daemon(work, direct, args.uvloop) as via:
-                bench("backend: tgt", direct, via, args.seconds, args.rounds)
+            with tgt_target(work) as (direct, tpid), host_daemon(work, direct, args.uvloop) as (via, hpid):
+                bench("backend: tgt", direct, via, {"target": tpid, "daemon": hpid}, args.seconds, args.rounds)
     return 0
 
 

@@ -75,6 +75,20 @@ class FakeSession:
         fut = self.submit(lun, cdb, data_out, data_in_len)
         fut.add_done_callback(lambda f: done(f.exception() or f.result()))
 
+    def submit_relay(self, lun: int, cdb: bytes, data_in_len: int, sink: Any, token: Any) -> None:
+        """As the real session: a full read with GOOD and no sense goes to
+        ``relay_data``, anything else to ``relay_result``."""
+        fut = self.submit(lun, cdb, b"", data_in_len)
+
+        def done(f: asyncio.Future[Result]) -> None:
+            r = f.exception() or f.result()
+            if isinstance(r, Result) and not r.sense and len(r.data_in) == data_in_len:
+                sink.relay_data(token, r.status, bytearray(r.data_in))
+            else:
+                sink.relay_result(token, r)
+
+        fut.add_done_callback(done)
+
     async def close(self) -> None:
         if not self.closed:
             self.closed = True

@@ -284,6 +284,58 @@ async def test_execute_then_answers_like_execute(rig: Rig) -> None:
     await rig.close()
 
 
+@run
+async def test_relay_read_forwards_the_plain_read_and_declines_the_rest(rig: Rig) -> None:
+    """``relay_read`` (the guest connection's read path) takes a READ whose
+    expected length is the CDB's, for a guest whose backend nexus is open and
+    owes nothing, and answers through the sink; anything else it declines
+    (False), for ``execute_then`` to answer."""
+    await rig.start()
+    loop = asyncio.get_running_loop()
+
+    class Sink:
+        def __init__(self) -> None:
+            self.fut: asyncio.Future[tuple[str, object]] = loop.create_future()
+
+        def relay_data(self, token: object, status: int, data: bytearray) -> None:
+            self.fut.set_result(("data", (token, status, bytes(data))))
+
+        def relay_result(self, token: object, result: object) -> None:
+            self.fut.set_result(("result", (token, result)))
+
+    n1 = rig.nexus(G1)
+    data = bytes(range(256)) * 8
+    rd10 = struct.pack(">BBIBHB", 0x28, 0, 10, 0, 4, 0) + bytes(6)
+    rd16 = struct.pack(">BBQIBB", 0x88, 0, 10, 4, 0, 0)
+    sink = Sink()
+    assert not rig.dev.relay_read(n1, rd16, 2048, sink, 1)  # no backend nexus yet
+    w = struct.pack(">BBQIBB", 0x8A, 0, 10, 4, 0, 0)
+    assert (await rig.cmd(G1, w, data)).status == Status.GOOD
+    for cdb in (rd10, rd16):
+        sink = Sink()
+        assert rig.dev.relay_read(n1, cdb, 2048, sink, "t")
+        assert await sink.fut == ("data", ("t", Status.GOOD, data))
+    # the backend's sense comes whole through relay_result
+    sink = Sink()
+    assert rig.dev.relay_read(n1, struct.pack(">BBQIBB", 0x88, 0, 1 << 40, 1, 0, 0), 512, sink, 2)
+    kind, (token, result) = await sink.fut
+    assert kind == "result" and token == 2 and isinstance(result, Result)
+    assert _sense(result) == (SenseKey.ILLEGAL_REQUEST, 0x21, 0x00)
+    # declined: another length, another opcode, held, a UA owed
+    assert not rig.dev.relay_read(n1, rd16, 4096, Sink(), 3)
+    assert not rig.dev.relay_read(n1, bytes((0x12, 0, 0, 0, 36, 0)) + bytes(10), 36, Sink(), 3)
+    rig.dev.hold()
+    assert not rig.dev.relay_read(n1, rd16, 2048, Sink(), 3)
+    rig.dev.release_held()
+    b = rig.dev._backends[G1]
+    b.owed_uas.append(encode_sense(Sense.POWER_ON_RESET))
+    assert not rig.dev.relay_read(n1, rd16, 2048, Sink(), 3)
+    assert _is_ua(await rig.cmd(G1, rd16))
+    assert rig.dev.relay_read(n1, rd16, 2048, sink := Sink(), 4)
+    assert (await sink.fut)[0] == "data"
+    await rig.close()
+
+
 def test_expected_in_len_from_cdb() -> None:
     assert expected_in_len(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0), 512) == 4096
     assert expected_in_len(bytes((0x12, 0, 0, 0, 36, 0))) == 36

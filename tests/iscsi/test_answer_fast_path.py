@@ -66,6 +66,32 @@ class LateLU:
         self.lu.clear_task_set(nexus)
 
 
+class RelayLU(LateLU):
+    """A LateLU that also takes reads through ``relay_read`` (as the
+    passthrough device does) and answers them through the sink: one
+    Data-In's worth (``relay_data``) when the read got all its data and no
+    sense, as the initiator core's fast path would, else ``relay_result``."""
+
+    def __init__(self, lu: LogicalUnit) -> None:
+        super().__init__(lu)
+        self.relayed = 0
+
+    def relay_read(self, nexus, cdb, edtl, sink, token):  # type: ignore[no-untyped-def]
+        if cdb[0] != 0x28 or ((cdb[7] << 8) | cdb[8]) * self.block_size != edtl:
+            return False
+        answer = self.lu.execute(nexus, cdb, b"")
+        self.relayed += 1
+
+        def done(_: Any) -> None:
+            if answer.status == Status.GOOD and not answer.sense and len(answer.data_in) == edtl:
+                sink.relay_data(token, answer.status, bytearray(answer.data_in))
+            else:
+                sink.relay_result(token, answer)
+
+        self.waiting.append((done, answer))
+        return True
+
+
 def general_answer(self: Connection, itt: int, res: Any, edtl: int, flags: int, residual: int,
                    write: bool) -> None:
     """``_answer`` without its read fast path: ``_respond`` for everything."""
@@ -78,12 +104,13 @@ def general_answer(self: Connection, itt: int, res: Any, edtl: int, flags: int, 
 
 
 class Side:
-    def __init__(self, tmp: Path, name: str, fast: bool, hd: bool, dd: bool, mrdsl: int) -> None:
+    def __init__(self, tmp: Path, name: str, fast: bool, hd: bool, dd: bool, mrdsl: int,
+                 relay: bool = False) -> None:
         img = tmp / f"{name}.img"
         lu = LogicalUnit(img, BLOCKS * 512, name="late-lu", serial="SN1")
         with open(img, "r+b") as f:
             f.write(bytes(i & 0xFF for i in range(BLOCKS * 512)))
-        self.lu = LateLU(lu)
+        self.lu = RelayLU(lu) if relay else LateLU(lu)
         self.target = IscsiTarget([TargetNode(TARGET, {0: self.lu})], TargetSettings())
         self.sent: list[bytes] = []
         self.conn = Connection(self.target, "peer", ("127.0.0.1", 3260),
@@ -145,9 +172,16 @@ def mixed(s: Stream) -> list[bytes]:
 
 
 def run_both(tmp: Path, hd: bool = False, dd: bool = False, mrdsl: int = 262144) -> list[bytes]:
-    sides = [Side(tmp, "fast", True, hd, dd, mrdsl), Side(tmp, "general", False, hd, dd, mrdsl)]
+    """The fast, the relayed and the general answers: byte for byte equal."""
+    sides = [Side(tmp, "fast", True, hd, dd, mrdsl), Side(tmp, "general", False, hd, dd, mrdsl),
+             Side(tmp, "relay", True, hd, dd, mrdsl, relay=True)]
     outs = [[side.run(batch, None) for batch in mixed(Stream(hd, dd))] for side in sides]
     assert outs[0] == outs[1]
+    assert outs[2] == outs[1]
+    relay = sides[2].lu
+    # every read of at most one Data-In went the relay path (16 of the
+    # first batch alone); the longer ones the general path
+    assert isinstance(relay, RelayLU) and relay.relayed >= (16 if mrdsl >= 4096 else 3)
     return outs[0]
 
 
@@ -163,15 +197,36 @@ def test_late_segmented_answers_match(tmp_path: Path) -> None:
 
 def test_late_answers_in_reverse_order_match(tmp_path: Path) -> None:
     sides = [Side(tmp_path, "fast", True, False, False, 262144),
-             Side(tmp_path, "general", False, False, False, 262144)]
+             Side(tmp_path, "general", False, False, False, 262144),
+             Side(tmp_path, "relay", True, False, False, 262144, relay=True)]
     outs = []
     for side in sides:
         s = Stream(False, False)
         batch = b"".join(s.cmd(read10(i * 8, 8), 4096) for i in range(8)) + s.cmd(read10(0, 8), 8192)
         outs.append(side.run(batch, list(range(9))[::-1]))
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
     # answered in the order the LU gave
     rsp = P.PduReader(max_data_length=1 << 20)
     rsp.feed(outs[0])
     pdus = [P.decode_pdu(r) for r in rsp]
     assert [p.itt for p in pdus] == list(range(109, 100, -1))
+
+
+def test_relayed_answer_of_an_aborted_task_is_dropped(tmp_path: Path) -> None:
+    side = Side(tmp_path, "relay", True, False, False, 262144, relay=True)
+    s = Stream(False, False)
+    read = s.cmd(read10(0, 8), 4096)
+    abort = P.TaskMgmtRequest(itt=500, function=P.TmfFunction.ABORT_TASK, lun=0, referenced_itt=s.itt,
+                              cmdsn=s.cmdsn, exp_statsn=0, ref_cmdsn=s.cmdsn - 1).encode()  # immediate
+    side.sent.clear()
+    side.conn.data_received(read + abort)
+    assert isinstance(side.lu, RelayLU) and side.lu.relayed == 1
+    side.lu.answer()  # the backend's answer comes after the abort: dropped
+    rsp = P.PduReader(max_data_length=1 << 20)
+    rsp.feed(b"".join(side.sent))
+    pdus = [P.decode_pdu(r) for r in rsp]
+    assert [type(p) for p in pdus] == [P.TaskMgmtResponse]
+    # the ITT used again gets its own answer, not the aborted one's
+    s.itt -= 1
+    again = s.cmd(read10(8, 8), 4096)
+    assert side.run(again, None)[48:] == bytes(i & 0xFF for i in range(4096, 8192))

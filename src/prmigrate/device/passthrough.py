@@ -111,6 +111,7 @@ from typing import Any, NamedTuple
 from ..aio import BackgroundTasks
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
+from ..iscsi.initiator_core import RelaySink
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, SenseKey, Status
@@ -658,6 +659,35 @@ class PassthroughDevice:
 
         r.add_done_callback(outcome)
         return None
+
+    def relay_read(self, nexus: Nexus, cdb: bytes, edtl: int, sink: RelaySink, token: Any) -> bool:
+        """The read path of a guest connection (``Connection._fast_reads``):
+        a READ(10)/READ(16) whose expected length is the CDB's transfer
+        length goes to the guest's backend session as is and is answered
+        through ``sink`` (``Session.submit_relay``): no Result, Future or
+        callback per command. True when taken; False leaves the command to
+        ``execute_then`` (the guest's backend session not open yet, the
+        device held for a move, a UA owed, another length, identity=host)."""
+        b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
+        if b is None or self._held is not None or b.owed_uas or nexus not in b.frontends:
+            return False
+        s = b.session
+        if s is None or b.closing is not None:
+            return False
+        op = cdb[0]
+        if op == 0x28:
+            blocks = (cdb[7] << 8) | cdb[8]
+        elif op == 0x88:
+            blocks = int.from_bytes(cdb[10:14], "big")
+        else:
+            return False
+        if blocks * (self.identity.block_size if self.identity is not None else 512) != edtl:
+            return False
+        try:
+            s.submit_relay(self.lun, cdb, edtl, sink, token)
+        except (IscsiError, ValueError):
+            return False  # execute_then answers it (and logs why)
+        return True
 
     # --------------------------------------------------- special cases
     def _report_luns(self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int) -> Result:

@@ -51,6 +51,7 @@ from .initiator_core import (
     LoginTimeout,
     LogoutDone,
     Negotiated,
+    RelaySink,
     SessionConfig,
     SessionLoginError,
     TaskAborted,
@@ -430,6 +431,17 @@ class Session:
             raise ConnectionLost("session is closed" if self._closing else "connection lost")
         handle = self.core.submit(lun, cdb, data_out, data_in_len, SIMPLE, self._loop.time())
         self._done_callbacks[handle] = done
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            flushpoint.defer(self._flush, self._loop.call_soon)
+
+    def submit_relay(self, lun: int, cdb: bytes, data_in_len: int, sink: RelaySink, token: Any) -> None:
+        """A command without data out that completes by calling ``sink``
+        (``InitiatorCore.submit_relay``): the forwarding device's read path,
+        no Future, no Result, no callback table. Raises like ``submit``."""
+        if self._closing or self._dead:
+            raise ConnectionLost("session is closed" if self._closing else "connection lost")
+        self.core.submit_relay(lun, cdb, data_in_len, sink, token, self._loop.time())
         if not self._flush_scheduled:
             self._flush_scheduled = True
             flushpoint.defer(self._flush, self._loop.call_soon)

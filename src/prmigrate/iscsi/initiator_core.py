@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from ..lun.types import Result
 from ..scsi.constants import SenseKey, Status
@@ -88,6 +88,7 @@ from .pdu import (
 
 log = logging.getLogger(__name__)
 _STATUS = {int(s): s for s in Status}  # status byte -> Status
+_NO_DATA = memoryview(b"")
 
 
 class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -286,6 +287,24 @@ class _Command:
     high: int = 0  # highest byte of Data-In received
     sent_at: float = 0.0
     retries: int = 0
+    sink: RelaySink | None = None  # completes by call instead of event (see submit_relay)
+    token: Any = None  # the sink's name for the command
+
+
+class RelaySink(Protocol):
+    """Where a relayed command completes (see ``InitiatorCore.submit_relay``).
+
+    Both methods are called synchronously from ``receive_data`` (or from the
+    call that ends the command: ``connection_lost``, ``fail_all``...) and
+    must not call back into the core."""
+
+    def relay_data(self, token: Any, status: int, data: bytearray) -> None:
+        """The read ended with one Data-In carrying all of its data and the
+        status; ``data`` (a copy out of the receive buffer) is the sink's."""
+
+    def relay_result(self, token: Any, result: Result | Exception) -> None:
+        """Any other end: the Result (any status) or the error a
+        ``CommandDone``/``CommandFailed`` would have carried."""
 
 
 @dataclass(slots=True)
@@ -643,13 +662,17 @@ class InitiatorCore:
             nxt = (statsn + 1) & SN_MASK
             if nxt != exp_statsn and ((nxt - exp_statsn) & SN_MASK) < _HALF:
                 exp_statsn = nxt
-            data = bytes(buf[pos + 48 : pos + 48 + dlen])
+            at = pos + 48
             pos += total
             del active[itt]
             del by_handle[cmd.handle]
             status = b23 & 0xFF
-            events.append(CommandDone(cmd.handle, Result(
-                _STATUS.get(status, status), data, b"")))  # type: ignore[arg-type]
+            sink = cmd.sink
+            if sink is not None:  # relayed: the slice is a copy, the sink's
+                sink.relay_data(cmd.token, status, buf[at : at + dlen])
+            else:
+                events.append(CommandDone(cmd.handle, Result(
+                    _STATUS.get(status, status), buf[at : at + dlen], b"")))  # type: ignore[arg-type]
             if waiting:  # room for a queued command: sent as _on_data_in would
                 self.exp_statsn, self.exp_cmdsn, self.max_cmdsn = exp_statsn, exp_cmdsn, max_cmdsn
                 self._pump(now)
@@ -692,12 +715,20 @@ class InitiatorCore:
         del self._by_handle[cmd.handle]
         events: list[Event]
         if rsp.response != 0:
-            events = [CommandFailed(cmd.handle, TargetFailure(f"target failure 0x{rsp.response:02x}"))]
+            events = self._failed(cmd, TargetFailure(f"target failure 0x{rsp.response:02x}"))
         else:
             sense = rsp.sense if rsp.status == Status.CHECK_CONDITION else b""
             events = self._complete(cmd, rsp.status, rsp.flags, rsp.residual, bytes(sense))
         self._pump(now)
         return events
+
+    @staticmethod
+    def _failed(cmd: _Command, error: Exception) -> list[Event]:
+        """``cmd`` ends with ``error``: its event, or its sink called."""
+        if cmd.sink is not None:
+            cmd.sink.relay_result(cmd.token, error)
+            return []
+        return [CommandFailed(cmd.handle, error)]
 
     def _complete(
         self, cmd: _Command, status: int, flags: int, residual: int, sense: bytes
@@ -709,7 +740,12 @@ class InitiatorCore:
         buf = cmd.buf
         data: bytes | bytearray = b"" if buf is None else (buf if n == len(buf) else buf[:n])
         st = _STATUS.get(status, status)
-        events: list[Event] = [CommandDone(cmd.handle, Result(st, data, sense))]  # type: ignore[arg-type]
+        result = Result(st, data, sense)  # type: ignore[arg-type]
+        events: list[Event] = []
+        if cmd.sink is not None:
+            cmd.sink.relay_result(cmd.token, result)
+        else:
+            events.append(CommandDone(cmd.handle, result))
         if sense:
             try:
                 ds = decode_sense(sense)
@@ -793,8 +829,7 @@ class InitiatorCore:
         if rsp.response == 0:
             # The target sends no response for the tasks it aborted: fail them here.
             for cmd in self._aborted_by(req):
-                events.append(CommandFailed(cmd.handle, TaskAborted(
-                    f"aborted by {TmfFunction(req.function).name}")))
+                events += self._failed(cmd, TaskAborted(f"aborted by {TmfFunction(req.function).name}"))
         self._pump(now)
         return events
 
@@ -874,7 +909,7 @@ class InitiatorCore:
         if op == Opcode.SCSI_COMMAND and itt in self._active:
             cmd = self._active.pop(itt)
             del self._by_handle[cmd.handle]
-            events.append(CommandFailed(cmd.handle, CommandRejected(rej.reason)))
+            events += self._failed(cmd, CommandRejected(rej.reason))
         elif op == Opcode.DATA_OUT:
             # At ERL 0 a lost Data-Out cannot be recovered on this connection.
             events.append(ConnectionFailed(f"target rejected a Data-Out (reason {rej.reason})"))
@@ -914,6 +949,34 @@ class InitiatorCore:
             self._waiting.append(cmd)
             self._pump(now)
         return cmd.handle
+
+    def submit_relay(
+        self, lun: int, cdb: bytes, data_in_len: int, sink: RelaySink, token: Any, now: float = 0.0
+    ) -> int:
+        """Queue a command without data out that completes by calling
+        ``sink`` instead of returning an event: ``sink.relay_data`` for a read
+        answered by one Data-In with status (the common answer, taken in
+        ``_reads_done`` without a Result), ``sink.relay_result`` for any other
+        end, errors included. Otherwise as ``submit`` (queued, re-issued after
+        a reconnect, counted in ``outstanding``). The forwarding device uses
+        it to pass a guest's reads through without a Result per command."""
+        if len(cdb) > 16:
+            raise ValueError("CDBs longer than 16 bytes are not supported")
+        self._handle = handle = self._handle + 1
+        cmd = _Command(handle, lun, cdb, _NO_DATA, data_in_len, TaskAttribute.SIMPLE,
+                       sink=sink, token=token)
+        self._by_handle[handle] = cmd
+        if (
+            not self._waiting
+            and self.state is State.FULL_FEATURE
+            and len(self._active) < self.config.queue_depth
+            and ((self.max_cmdsn - self.cmdsn) & SN_MASK) < _HALF  # sn_le(cmdsn, max_cmdsn)
+        ):
+            self._issue(cmd, now)
+        else:
+            self._waiting.append(cmd)
+            self._pump(now)
+        return handle
 
     def _pump(self, now: float) -> None:
         if self.state is not State.FULL_FEATURE:
@@ -1067,8 +1130,7 @@ class InitiatorCore:
                 self._waiting.appendleft(cmd)
             else:
                 del self._by_handle[cmd.handle]
-                events.append(CommandFailed(cmd.handle, ConnectionLost(
-                    f"connection lost (after {cmd.retries} attempts)")))
+                events += self._failed(cmd, ConnectionLost(f"connection lost (after {cmd.retries} attempts)"))
         if not retry:
             events += self.fail_all(ConnectionLost("connection lost"))
         if was is State.FULL_FEATURE:
@@ -1076,14 +1138,13 @@ class InitiatorCore:
         return events
 
     def fail_all(self, error: Exception) -> list[Event]:
-        events: list[Event] = [CommandFailed(c.handle, error) for c in self._waiting]
-        for c in self._waiting:
-            self._by_handle.pop(c.handle, None)
+        events: list[Event] = []
+        waiting, active = list(self._waiting), list(self._active.values())
         self._waiting.clear()
-        for c in self._active.values():
-            events.append(CommandFailed(c.handle, error))
-            self._by_handle.pop(c.handle, None)
         self._active.clear()
+        for c in waiting + active:
+            self._by_handle.pop(c.handle, None)
+            events += self._failed(c, error)
         for req in self._other.values():
             events.append(CommandFailed(req.handle, error))
         self._other.clear()

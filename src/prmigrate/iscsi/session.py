@@ -87,6 +87,7 @@ SN_MOD = 1 << 32
 _HALF = 1 << 31
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 _GOOD = Status.GOOD
+_RELAYED = frozenset((0x28, 0x88))  # READ(10), READ(16): what _fast_reads may relay
 _CHECK = Status.CHECK_CONDITION
 
 
@@ -352,6 +353,7 @@ class Connection:
         self._cold = False  # ended by TARGET COLD RESET: the LUs were reset already
         self._fast_lu: LogicalUnitLike | None = None  # last LU the read fast path met
         self._fast_fn: Callable[..., Any] | None = None  # its read_fast, if any
+        self._fast_relay: Callable[..., bool] | None = None  # its relay_read, if any
         # login state
         self._stages = LoginStages()
         self._text = TextAccumulator()
@@ -501,6 +503,7 @@ class Connection:
         pack = _HDR_U32.pack
         last_lu = self._fast_lu
         fn = self._fast_fn
+        relay = self._fast_relay
         statsn = self.statsn
         try:
             while end - pos >= hlen and buf[pos] == 0x01 and buf[pos + 1] & 0xE0 == 0xC0:
@@ -514,9 +517,23 @@ class Connection:
                 if lu is not last_lu:
                     last_lu = self._fast_lu = lu
                     fn = self._fast_fn = getattr(lu, "read_fast", None)
+                    relay = self._fast_relay = getattr(lu, "relay_read", None)
                 if fn is None:
                     if lu is None:
                         break
+                    if (
+                        relay is not None and edtl and edtl <= limit and cdb[0] in _RELAYED
+                        and relay(nexus, cdb, edtl, self, token := (itt, edtl))
+                    ):
+                        # forwarded as is (the passthrough device): answered
+                        # by relay_data/relay_result, no Result in between
+                        self.pending[itt] = (token, lu)
+                        pos += hlen
+                        exp = (exp + 1) & 0xFFFFFFFF
+                        if failed:
+                            failed.discard(itt)
+                        base -= 1
+                        continue
                     # an LU without read_fast (e.g. the passthrough device):
                     # what _scsi_command does for this PDU, without RawPdu
                     pos += hlen
@@ -1061,6 +1078,53 @@ class Connection:
             elif not self._flush_deferred:
                 self._flush_deferred = True
                 self._defer(self._deferred_flush)
+
+    # The relay sink (iscsi.initiator_core.RelaySink) of the reads that
+    # _fast_reads hands to an LU's relay_read: ``token`` is (ITT, EDTL), the
+    # pending entry's marker, so an answer for an aborted task whose ITT was
+    # used again is dropped.
+    def relay_data(self, token: tuple[int, int], status: int, data: bytearray) -> None:
+        """The backend answered the read with one Data-In carrying all the
+        data and the status: the guest gets the same, StatSN and window ours."""
+        itt = token[0]
+        entry = self.pending.get(itt)
+        if entry is None or entry[0] is not token or self.state != Connection.FULL_FEATURE:
+            return  # connection gone or task aborted: drop
+        del self.pending[itt]
+        n = len(data)
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        exp = self.exp_cmdsn
+        want = (exp + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
+        adv = self._max_adv
+        d = (want - adv) & 0xFFFFFFFF
+        if d and d < _HALF:
+            self._max_adv = adv = want
+        bhs = _HDR_U32.pack(Opcode.DATA_IN, 0x81, status, n, 0, itt, RESERVED_TAG, statsn, exp, adv, 0, 0, 0)
+        out = self.out
+        out.append(bhs)
+        if self.hd:
+            out.append(digest_bytes(bhs))
+        out.append(data)  # a copy out of the backend's receive buffer
+        pad = _PADS[n & 3]
+        if pad:
+            out.append(pad)
+        if self.dd:
+            out.append(digest_bytes(data, pad))
+        if not self._in_batch:
+            if self._defer is None:
+                self.flush()
+            elif not self._flush_deferred:
+                self._flush_deferred = True
+                self._defer(self._deferred_flush)
+
+    def relay_result(self, token: tuple[int, int], result: Any) -> None:
+        """Any other end of a relayed read (sense, residual, several Data-In,
+        an error): answered as the LU's late answer."""
+        itt, edtl = token
+        entry = self.pending.get(itt)
+        if self.state == Connection.FULL_FEATURE and entry is not None and entry[0] is token:
+            self._answer(itt, result, edtl, 0, 0, False)
 
     def _deferred_flush(self) -> None:
         self._flush_deferred = False

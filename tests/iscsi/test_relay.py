@@ -1,0 +1,143 @@
+"""Relayed commands of the initiator core (``InitiatorCore.submit_relay``):
+they complete by calling their sink, never by an event, whatever ends them.
+The forwarding device's read path depends on every end reaching the sink
+exactly once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prmigrate.iscsi.initiator_core import (
+    CommandDone,
+    ConnectionLost,
+    InitiatorCore,
+    TaskAborted,
+    TmfDone,
+    UnitAttention,
+)
+from prmigrate.iscsi.pdu import (
+    DataIn,
+    ResponseFlags,
+    ScsiCommand,
+    ScsiResponse,
+    TaskMgmtResponse,
+    TmfFunction,
+)
+from prmigrate.lun.types import Result
+from prmigrate.scsi.constants import SenseKey, Status
+from prmigrate.scsi.sense import Sense, encode_sense
+
+from .test_initiator import ScriptedTarget, _core, _pdus
+
+READ10 = bytes.fromhex("28000000001000000800") + bytes(6)  # LBA 16, 8 blocks
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data: list[tuple[Any, int, bytes]] = []
+        self.results: list[tuple[Any, Any]] = []
+
+    def relay_data(self, token: Any, status: int, data: bytearray) -> None:
+        self.data.append((token, status, bytes(data)))
+
+    def relay_result(self, token: Any, result: Any) -> None:
+        self.results.append((token, result))
+
+
+def logged_in(**kw: object) -> InitiatorCore:
+    core = _core(**kw)
+    ScriptedTarget(core, {"TargetMRDSL": "262144"}).login()
+    return core
+
+
+def sent_command(core: InitiatorCore) -> ScsiCommand:
+    (cmd,) = _pdus(core.data_to_send())
+    assert isinstance(cmd, ScsiCommand)
+    return cmd
+
+
+def test_single_data_in_goes_to_relay_data_without_event() -> None:
+    core = logged_in()
+    sink = Sink()
+    core.submit_relay(0, READ10, 4096, sink, ("t", 1))
+    cmd = sent_command(core)
+    assert cmd.read and cmd.expected_length == 4096 and cmd.cdb[:10] == READ10[:10]
+    payload = bytes(range(256)) * 16
+    wire = DataIn(cmd.itt, 0, 0, payload, True, Status.GOOD, 200, cmd.cmdsn + 1, cmd.cmdsn + 20).encode()
+    assert core.receive_data(wire, 0.0) == []
+    assert sink.data == [(("t", 1), Status.GOOD, payload)] and not sink.results
+    assert core.outstanding == 0
+
+
+def test_check_condition_goes_to_relay_result_and_unit_attention_still_reported() -> None:
+    core = logged_in()
+    sink = Sink()
+    core.submit_relay(0, READ10, 4096, sink, 7)
+    cmd = sent_command(core)
+    sense = encode_sense(Sense.POWER_ON_RESET)
+    rsp = ScsiResponse(cmd.itt, Status.CHECK_CONDITION, 200, cmd.cmdsn + 1, cmd.cmdsn + 20,
+                       data=len(sense).to_bytes(2, "big") + sense)
+    events = core.receive_data(rsp.encode(), 0.0)
+    assert not any(isinstance(e, CommandDone) for e in events)
+    (ua,) = [e for e in events if isinstance(e, UnitAttention)]
+    assert ua.sense.key == SenseKey.UNIT_ATTENTION
+    ((token, result),) = sink.results
+    assert token == 7 and isinstance(result, Result)
+    assert result.status == Status.CHECK_CONDITION and result.sense == sense
+    assert not sink.data
+
+
+def test_split_data_in_and_underflow_go_to_relay_result() -> None:
+    core = logged_in()
+    sink = Sink()
+    core.submit_relay(0, READ10, 4096, sink, "a")
+    core.submit_relay(0, READ10, 4096, sink, "b")
+    a, b = _pdus(core.data_to_send())
+    # a: two Data-In PDUs; b: one short Data-In and a SCSI Response with underflow
+    wire = (DataIn(a.itt, 0, 0, b"x" * 2048, False).encode()  # type: ignore[attr-defined]
+            + DataIn(a.itt, 1, 2048, b"y" * 2048, True, Status.GOOD, 200, 3, 30).encode()  # type: ignore[attr-defined]
+            + DataIn(b.itt, 0, 0, b"z" * 512, True).encode()  # type: ignore[attr-defined]
+            + ScsiResponse(b.itt, Status.GOOD, 201, 3, 30, flags=ResponseFlags.UNDERFLOW,  # type: ignore[attr-defined]
+                           residual=3584).encode())
+    assert core.receive_data(wire, 0.0) == []
+    got = dict(sink.results)
+    assert got["a"].data_in == b"x" * 2048 + b"y" * 2048 and got["a"].status == Status.GOOD
+    assert got["b"].data_in == b"z" * 512
+    assert not sink.data
+
+
+def test_abort_and_connection_loss_reach_the_sink() -> None:
+    core = logged_in()
+    sink = Sink()
+    core.submit_relay(0, READ10, 4096, sink, "aborted")
+    core.data_to_send()
+    h = core.task_management(TmfFunction.LOGICAL_UNIT_RESET, 0)
+    (tmf,) = _pdus(core.data_to_send())
+    events = core.receive_data(TaskMgmtResponse(tmf.itt, 0, 200, 3, 30).encode(), 0.0)  # type: ignore[attr-defined]
+    assert events == [TmfDone(h, 0)]
+    ((token, err),) = sink.results
+    assert token == "aborted" and isinstance(err, TaskAborted)
+    # a command without status is re-issued after a reconnect, then fails
+    # through the sink when the session gives up
+    sink.results.clear()
+    core.submit_relay(0, READ10, 4096, sink, "lost")
+    core.data_to_send()
+    assert core.connection_lost(retry=True) == []
+    assert core.outstanding == 1 and not sink.results
+    assert core.fail_all(ConnectionLost("gone")) == []
+    ((token, err),) = sink.results
+    assert token == "lost" and isinstance(err, ConnectionLost)
+    assert core.outstanding == 0
+
+
+def test_relayed_and_plain_commands_mix() -> None:
+    core = logged_in()
+    sink = Sink()
+    core.submit_relay(0, READ10, 4096, sink, 1)
+    h = core.submit(0, READ10, b"", 4096)
+    r, p = _pdus(core.data_to_send())
+    wire = (DataIn(p.itt, 0, 0, b"p" * 4096, True, Status.GOOD, 200, 3, 30).encode()  # type: ignore[attr-defined]
+            + DataIn(r.itt, 0, 0, b"r" * 4096, True, Status.GOOD, 201, 3, 30).encode())  # type: ignore[attr-defined]
+    events = core.receive_data(wire, 0.0)
+    assert events == [CommandDone(h, Result(Status.GOOD, bytearray(b"p" * 4096), b""))]
+    assert sink.data == [(1, Status.GOOD, b"r" * 4096)]
