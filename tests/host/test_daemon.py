@@ -16,7 +16,7 @@ from prmigrate.device.identity import derive_isid
 from prmigrate.host.config import HostConfig
 from prmigrate.host.control import CommandError, control_call, control_events
 from prmigrate.host.daemon import HostDaemon, default_frontend_iqn
-from prmigrate.iscsi.initiator import LoginError, connect
+from prmigrate.iscsi.initiator import ConnectionLost, LoginError, connect
 from prmigrate.iscsi.target import IscsiTarget, TargetNode
 from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType
@@ -201,3 +201,37 @@ async def test_events_and_runtime_devices(tmp_path: Path) -> None:
         w.daemon.get_device("vm9")
     task.cancel()
     await w.close()
+
+
+@run
+async def test_moved_record_redirects_and_a_bad_one_is_ignored(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A ``<device>.moved.json`` left by a move: the daemon publishes a
+    redirect for the device instead of starting it; an unreadable record is
+    logged and ignored (the device is served)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "vm1.moved.json").write_text(json.dumps(
+        {"device": "vm1", "node": "iqn.2026-11.org.prmigrate:vm1", "host": "127.0.0.9", "port": 3299,
+         "tpgt": 1}))
+    (state / "vm2.moved.json").write_text("{not json")
+    w = World(tmp_path)
+    d = await w.start(VM1, VM1.replace("vm1", "vm2"))
+    try:
+        assert sorted(d.devices) == ["vm2"] and d.moved["vm1"]["port"] == 3299
+        from prmigrate.commands.host import format_status
+
+        moved = d._cmd_query_host({})["moved"]
+        assert moved == {"vm1": "127.0.0.9:3299"}
+        assert format_status([], moved) == "device vm1: moved to 127.0.0.9:3299 (guest logins redirected there)"
+        node = d.target.node("iqn.2026-11.org.prmigrate:vm1")
+        assert node is not None and node.redirect == ("127.0.0.9", 3299, 1) and not node.luns
+        with pytest.raises(ConnectionLost, match=r"127\.0\.0\.9:3299"):  # redirected there
+            await w.guest(G1)
+        assert "vm2.moved.json" in caplog.text and "not valid JSON" in caplog.text
+        g = await w.guest(G1, "iqn.2026-11.org.prmigrate:vm2")
+        await g.close()
+        # vm2 is served here: its (unreadable) record went when it was exposed
+        assert not (state / "vm2.moved.json").exists()
+        assert (state / "vm1.moved.json").exists()
+    finally:
+        await w.close()

@@ -5,6 +5,7 @@ move the target's READ FULL STATUS is the judge."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -129,5 +130,60 @@ async def test_control_api(tmp_path: Path) -> None:
         assert await control_call(sock, "migrate-cancel", {"device": "vm1"}) == {"cancelled": False}
         (rec_b,) = await control_call(tmp_path / "hostb.sock", "query-migrate")
         assert rec_b["role"] == "destination" and rec_b["status"] == "resumed" and rec_b["success"]
+    finally:
+        await c.close()
+
+
+@run(60)
+async def test_a_restarted_source_keeps_redirecting_and_takes_the_device_back(tmp_path: Path) -> None:
+    """After a move, the source's redirect survives a restart of the source
+    daemon (``<device>.moved.json`` in its state directory): the restarted
+    daemon does not serve the configured device, a guest logging in there
+    lands on the destination; moving the device back clears the record."""
+    from prmigrate.host.daemon import HostDaemon
+    from prmigrate.host.migration_service import attach_migration
+
+    from .service_rig import GUEST, SECRET
+
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.WRITE_EXCLUSIVE)
+        data = os.urandom(4096)
+        await guest.write(0, data)
+        assert (await c.migrate())["success"] is True
+        record = tmp_path / "hosta" / "vm1.moved.json"
+        assert record.exists()
+        # restart A: same configuration, state directory and portal (a
+        # guest goes back to the portal it was first given)
+        old = c.daemons["hosta"]
+        await c.services["hosta"].close()
+        await old.close()
+        a = HostDaemon(dataclasses.replace(old.config, listen=[old.listening[0][:2]]))
+        await a.start()
+        c.daemons["hosta"] = a
+        c.services["hosta"] = await attach_migration(a, ("127.0.0.2", 0), SECRET)
+        assert "vm1" not in a.devices and a.moved["vm1"]["port"] == c.daemons["hostb"].listening[0][1]
+        assert a._cmd_query_host({})["moved"] == {"vm1": f"127.0.0.3:{c.daemons['hostb'].listening[0][1]}"}
+        # A never opened a backend nexus for the guest again
+        assert c.entries_of(HOST_A) == []
+        # a guest logging in at A lands on B and sees its data and reservation
+        from prmigrate.iscsi.initiator import connect
+
+        late = await connect(c.frontend_url("hosta"), initiator_name=GUEST, isid=0x23D000000043,
+                             command_timeout=20, reconnect=False)
+        try:
+            assert await late.read(0, 8) == data
+            rr = ReadReservation.decode(bytes((await late.pr_in(PrInAction.READ_RESERVATION)).data_in))
+            assert rr.key == KEY
+        finally:
+            await late.close()
+        # and back to A: served there again, the record gone
+        assert (await c.migrate("hostb", "hosta"))["success"] is True
+        assert "vm1" in a.devices and not record.exists() and not a.moved
+        assert await guest.read(0, 8) == data
+        (e,) = c.entries_of(HOST_A)
+        assert e.key == KEY and e.holder
     finally:
         await c.close()

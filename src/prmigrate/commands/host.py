@@ -142,23 +142,31 @@ def _status(args: argparse.Namespace) -> int:
     if not args.control:
         print("prmigrate host --status: needs --control PATH of the daemon", file=sys.stderr)
         return 2
+    async def ask() -> tuple[list[dict], dict]:  # type: ignore[type-arg]
+        devices = await control_call(args.control, "query-devices", timeout=10)
+        host = await control_call(args.control, "query-host", timeout=10)
+        return devices, host
+
     try:
-        devices = asyncio.run(control_call(args.control, "query-devices", timeout=10))
+        devices, host = asyncio.run(ask())
     except (OSError, TimeoutError, CommandError) as exc:
         print(f"prmigrate host --status: {args.control}: {exc}", file=sys.stderr)
         return 1
+    moved = host.get("moved", {})
     if args.json:
         print(json.dumps(devices, indent=2, sort_keys=True))
         return 0
-    print(format_status(devices))
+    print(format_status(devices, moved))
     return 0
 
 
-def format_status(devices: list[dict]) -> str:  # type: ignore[type-arg]
+def format_status(devices: list[dict], moved: dict[str, str] | None = None) -> str:  # type: ignore[type-arg]
     """``query-devices`` as the operator reads it: one block per device, one
-    line per guest."""
+    line per guest; then the devices that moved away (``query-host``)."""
+    away = [f"device {name}: moved to {where} (guest logins redirected there)"
+            for name, where in sorted((moved or {}).items())]
     if not devices:
-        return "no devices"
+        return "\n".join(away) or "no devices"
     lines = []
     for d in devices:
         pr = d.get("pr-state", {})
@@ -196,4 +204,4 @@ def format_status(devices: list[dict]) -> str:  # type: ignore[type-arg]
                     f"  guest {key}: no PR state; backend nexus {nx['transport_id']}"
                     f"{'' if nx.get('connected') else ' (closed)'}"
                 )
-    return "\n".join(lines)
+    return "\n".join(lines + away)

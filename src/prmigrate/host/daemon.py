@@ -9,7 +9,10 @@ One process per host. It owns:
   ``config.frontend_iqn`` (default ``default_frontend_iqn(device)``), the
   device as its LUN 0, an ACL of the ``guests=`` names when given;
 * ``control``: the JSON control server on ``--control`` (``control.py``);
-* ``state_dir``: the devices' PR journals (``<device>.pr.json``).
+* ``state_dir``: the devices' PR journals (``<device>.pr.json``) and, for a
+  device that moved away, where its guest is redirected
+  (``<device>.moved.json``, see ``record_moved``): a restarted daemon
+  keeps redirecting that guest instead of serving the device again.
 
 Extending it (the migration service does, from its own module)::
 
@@ -48,6 +51,7 @@ from ..device.machine import list_machines, resolve_machine
 from ..device.passthrough import DeviceError, PassthroughDevice
 from ..device.state import DevicePrState, StateChange
 from ..iscsi.target import IscsiTarget, TargetNode
+from ..lun import persist
 from .config import HostConfig
 from .control import CommandError, ControlServer, event_message
 from .eventlog import EventLog
@@ -78,6 +82,7 @@ class HostDaemon:
         self.name = config.name
         self.initiator = config.initiator
         self.devices: dict[str, PassthroughDevice] = {}
+        self.moved: dict[str, dict[str, Any]] = {}  # device -> where it moved (record_moved)
         self.target = IscsiTarget(keepalive=config.keepalive)
         self.control: ControlServer | None = None
         if config.control is not None:
@@ -100,6 +105,10 @@ class HostDaemon:
         if self.config.state_dir is not None:
             Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
         for dc in self.config.devices:
+            moved = self._moved(dc.name)
+            if moved is not None:
+                self._publish_redirect(dc, moved)
+                continue
             await self.add_device(dc)
         for host, port in self.config.listen:
             self.listening += await self.target.start(host, port)
@@ -169,9 +178,68 @@ class HostDaemon:
         self.emit({"event": "DEVICE_ADDED", "device": config.name, "node": node_name})
         return dev
 
+    # --------------------------------------------------- moved devices
+    def _moved_path(self, name: str) -> Path | None:
+        sd = self.config.state_dir
+        return None if sd is None else Path(sd) / f"{name}.moved.json"
+
+    def record_moved(self, name: str, node: str, host: str, port: int, tpgt: int) -> None:
+        """The device ``name`` moved to ``host:port``: remembered in the state
+        directory, so that after a restart this daemon still redirects its
+        guest there (instead of serving the configured device again, with a
+        backend nexus that no longer holds the guest's registration)."""
+        path = self._moved_path(name)
+        if path is None:
+            self.log.warning("device %s moved, but without --state-dir its redirect ends with this process", name)
+            return
+        persist.save(path, {"device": name, "node": node, "host": host, "port": port, "tpgt": tpgt,
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def _moved(self, name: str) -> dict[str, Any] | None:
+        path = self._moved_path(name)
+        if path is None:
+            return None
+        try:
+            rec = persist.load(path)
+        except persist.PersistError as e:
+            self.log.error("ignoring %s: %s", path, e)
+            return None
+        if rec is None:
+            return None
+        try:
+            rec["port"], rec["tpgt"] = int(rec["port"]), int(rec["tpgt"])
+            if not isinstance(rec["host"], str):
+                raise TypeError("host is not a string")
+        except (KeyError, TypeError, ValueError) as e:
+            self.log.error("ignoring %s: %s", path, e)
+            return None
+        return rec
+
+    def _publish_redirect(self, config: DeviceConfig, moved: dict[str, Any]) -> None:
+        node_name = frontend_iqn(config)
+        acl = set(config.guests) if config.guests is not None else None
+        node = TargetNode(node_name, {}, acl, alias=f"{self.name}/{config.name}",
+                          redirect=(moved["host"], moved["port"], moved["tpgt"]))
+        self.target.add_node(node)
+        self.moved[config.name] = moved
+        self.log.info(
+            "device %s moved to %s:%d at %s: not started here; logins to %s are redirected there "
+            "(delete %s to serve it here again)",
+            config.name, moved["host"], moved["port"], moved.get("at", "?"), node_name,
+            self._moved_path(config.name),
+        )
+
+    def _forget_moved(self, name: str) -> None:
+        self.moved.pop(name, None)
+        path = self._moved_path(name)
+        if path is not None:
+            persist.remove(path)
+
     def expose(self, name: str) -> TargetNode:
-        """Publish the device's target node on the frontend (idempotent)."""
+        """Publish the device's target node on the frontend (idempotent).
+        A device served here again is no longer recorded as moved away."""
         dev = self.get_device(name)
+        self._forget_moved(name)
         node_name = frontend_iqn(dev.config)
         node = self.target.node(node_name)
         if node is None:
@@ -293,6 +361,7 @@ class HostDaemon:
             "listen": [f"{h}:{p}" for h, p in self.listening],
             "state-dir": None if self.config.state_dir is None else str(self.config.state_dir),
             "devices": sorted(self.devices),
+            "moved": {n: f"{m['host']}:{m['port']}" for n, m in sorted(self.moved.items())},
         }
 
     async def _cmd_device_verify(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -713,6 +713,7 @@ class SourceRunner(_Runner):
                 self.log.info("%d guest session(s) did not log out in time: dropped", left)
             if forget:
                 node.luns = {}
+                self.daemon.record_moved(dev.name, node_name, host, port, node.tpgt)
         elif node is not None:
             self._error("no destination portal known: guest sessions dropped without redirect")
             target.remove_node(node_name)
