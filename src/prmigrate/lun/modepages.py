@@ -57,7 +57,7 @@ def _iec() -> bytes:
     return bytes(b)
 
 
-_DEFAULTS = {
+_DEFAULTS: dict[int, bytes] = {
     ModePage.CACHING: _caching(),
     ModePage.CONTROL: _control(),
     ModePage.INFORMATIONAL_EXCEPTIONS: _iec(),
@@ -71,7 +71,7 @@ def _mask(page: int, **bits: int) -> bytes:
     return bytes(b)
 
 
-_CHANGEABLE = {
+_CHANGEABLE: dict[int, bytes] = {
     ModePage.CACHING: _mask(ModePage.CACHING, b2=0x04),
     ModePage.CONTROL: _mask(ModePage.CONTROL, b2=0x04, b4=0x08),
     ModePage.INFORMATIONAL_EXCEPTIONS: _mask(ModePage.INFORMATIONAL_EXCEPTIONS),

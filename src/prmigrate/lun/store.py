@@ -15,11 +15,13 @@ import ctypes.util
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 _libc = None
+_fallocate: Any = None
 try:  # pragma: no branch
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     _fallocate = _libc.fallocate

@@ -39,6 +39,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..scsi import inquiry as inq
 from ..scsi.cdb import (
@@ -77,6 +78,9 @@ from .opcodes import report_supported_opcodes
 from .store import BlockStore
 from .types import Nexus, ReservationConflict, Result
 from .ua import UnitAttentions
+
+if TYPE_CHECKING:
+    from .pr import ReservationTable
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ class LogicalUnit:
         vendor: str = "PRMIGRAT",
         product: str = "SHARED-LUN",
         revision: str = "0001",
-        pr_factory: Callable[..., object] | None = None,
+        pr_factory: Callable[..., ReservationTable] | None = None,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
@@ -154,7 +158,7 @@ class LogicalUnit:
 
             pr_factory = ReservationTable
         state_path = Path(state_dir) / f"lun{lun}-pr.json" if state_dir else None
-        self.pr = pr_factory(self.ua, state_path, abort_tasks=self._abort_tasks, log=self.log)
+        self.pr: ReservationTable = pr_factory(self.ua, state_path, abort_tasks=self._abort_tasks, log=self.log)
         self._fd = self.store.fd
         self._max_xfer = min(MAX_TRANSFER_BLOCKS, MAX_TRANSFER_BYTES // block_size)
         self.limits = inq.BlockLimits(
@@ -228,7 +232,8 @@ class LogicalUnit:
             ua = self.ua
             if ua._q and nexus in ua._q and op not in _UA_EXEMPT:
                 sense = ua.pop(nexus)
-                return Result(_CHECK, b"", encode_sense(sense, self.modes.d_sense))
+                if sense is not None:  # the queue of nexus is never empty
+                    return Result(_CHECK, b"", encode_sense(sense, self.modes.d_sense))
             if self.pr.conflicts(nexus, cdb):
                 return Result(Status.RESERVATION_CONFLICT)
             return handler(nexus, cdb, data_out)
