@@ -212,11 +212,7 @@ def test_qemu_io_writes_across_a_migration(tmp_path: Path) -> None:
     back, so runs straddle the hand-over: their session is asked to log out,
     reconnects to A, is redirected to B and goes on. A last run verifies
     every region from B. Our initiator holds the reservation (WE) under the
-    same guest name, so the writes need it.
-
-    (One qemu-io process issuing many commands after a reconnect stalls in
-    QEMU's event loop with this libiscsi: the second command after the
-    reconnect is never sent. Short runs keep the test about our side.)"""
+    same guest name, so the writes need it."""
     need("qemu-io")
     with cluster(tmp_path) as c:
 
@@ -281,6 +277,51 @@ def test_qemu_io_writes_across_a_migration(tmp_path: Path) -> None:
                              c.procs["hostb"].log)
 
         _run(go(), 240)
+
+
+def test_one_qemu_io_process_across_a_migration(tmp_path: Path) -> None:
+    """One qemu-io process (one libiscsi session) issues 12,000 commands
+    back to back while the device moves: its session is asked to log out in
+    the middle of the stream, logs in again, is redirected to B, re-issues
+    what got no status and goes on; every read checks the pattern just
+    written. The reservation (WE) is held by our initiator under the same
+    guest name, so every write needs it."""
+    need("qemu-io")
+    with cluster(tmp_path) as c:
+
+        async def go() -> None:
+            holder = await guest_session(c.frontend_url("hosta"), isid=0x23D000000043)
+            try:
+                await take_reservation(holder, PrType.WRITE_EXCLUSIVE)
+                args = _qemu_io_args(c)
+                for k in range(6000):
+                    p, off = f"{0x10 + k % 200:#x}", (k % 2000) * 4096
+                    args += ["-c", f"write -P {p} {off} 4k", "-c", f"read -P {p} {off} 4k"]
+                proc = await asyncio.create_subprocess_exec(
+                    *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                try:
+                    await asyncio.sleep(0.5)
+                    code, text = await c.migrate("hosta", "hostb")
+                    assert code == 0, text
+                    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                log = out.decode(errors="replace")
+                assert proc.returncode == 0, log[-2000:]
+                assert log.count("wrote 4096/4096") == 6000, log[-2000:]
+                assert log.count("read 4096/4096") == 6000, log[-2000:]
+                assert "fail" not in log.lower() and "error" not in log.lower(), log[-2000:]
+            finally:
+                await holder.close()
+            # the run was in the middle of its stream when the device moved
+            assert re.search(r"guest1,i,0x80[0-9a-f]+ from [\d.:]+\] asking the initiator to log out",
+                             c.procs["hosta"].log), c.procs["hosta"].log[-3000:]
+            assert re.search(r"guest1,i,0x80[0-9a-f]+ from [\d.:]+\] login to " + FRONTEND,
+                             c.procs["hostb"].log)
+
+        _run(go(), 200)
 
 
 def test_iscsi_test_cu_reservations_through_the_destination(tmp_path: Path) -> None:
