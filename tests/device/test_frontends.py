@@ -119,6 +119,10 @@ def test_sole_is_the_one_unburdened_frontend() -> None:
     assert s.sole is None  # N2 has a UA queued
     assert s.take_ua(N2, 0x00) == RESET_UA
     assert s.sole == N2
+    s.pause(True)
+    assert s.sole is None
+    s.pause(False)
+    assert s.sole == N2
     s.detach(N2)
     assert s.sole is None and not s.frontends
 

@@ -1049,6 +1049,49 @@ async def test_release_for_a_departed_holder_meets_a_unit_attention(rig: Rig) ->
 
 
 @run
+async def test_reset_ends_the_tracked_reservation(rig: Rig) -> None:
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 1), rig.nexus(G1, 2)
+    assert (await rig.cmd(n1, TUR)).good
+    assert (await rig.cmd(n1, RESERVE6)).good
+    rig.dev.reset(n2)  # n2's LOGICAL UNIT RESET, then at once its TUR
+    r = await rig.cmd(n2, TUR)
+    assert _sense(r) == (6, 0x29, 0x03)  # it reached the LU after the reset
+    assert (await rig.cmd(n2, READ1)).good
+    assert _sense(await rig.cmd(n1, READ1)) == (6, 0x29, 0x03)
+    assert _other_read(rig).good
+    # another initiator's reset: learnt from the UA on the backend nexus
+    assert (await rig.cmd(n1, RESERVE6)).good
+    assert (await rig.cmd(n2, READ1)).status == Status.RESERVATION_CONFLICT
+    rig.lu.reset(rig.other)
+    assert _sense(await rig.cmd(n1, TUR)) == (6, 0x29, 0x03)
+    assert _sense(await rig.cmd(n2, READ1)) == (6, 0x29, 0x03)
+    assert (await rig.cmd(n2, READ1)).good
+    await rig.close()
+
+
+@run
+async def test_commands_after_a_reset_reach_the_lu_after_it(rig: Rig) -> None:
+    """The guest has its reset's response before the backend's; its next
+    command must still come after the reset at the LU (else the initiator
+    would count it among the reset's victims)."""
+    await rig.start()
+    n, other = rig.nexus(G1), rig.nexus(G2)
+    assert (await _then(rig, n, TUR)).good
+    assert (await _then(rig, other, TUR)).good
+    rig.dev.reset(n)
+    # another guest's command too (MultipathIO.Reset checks both paths)
+    r2 = asyncio.ensure_future(_then(rig, other, TUR))
+    r = await _then(rig, n, TUR)
+    assert _sense(r) == (6, 0x29, 0x03)
+    assert _sense(await r2) == (6, 0x29, 0x03)
+    assert (await _then(rig, n, TUR)).good and (await _then(rig, other, TUR)).good
+    rig.dev.clear_task_set(n)
+    assert (await _then(rig, n, TUR)).good  # CLEAR TASK SET: no UA for the requester
+    await rig.close()
+
+
+@run
 async def test_identity_host_keeps_ua_and_reservation_per_frontend(tmp_path: Path) -> None:
     """identity=host: every guest shares one backend nexus; unit attentions
     and the SCSI-2 reservation are still per frontend nexus."""

@@ -124,8 +124,9 @@ class SharedNexus:
     attention queues and the SCSI-2 reservation holder among them.
 
     ``sole`` is the device's fast-path test: the one frontend nexus when
-    there is exactly one and nothing is queued for it, else None (then each
-    command goes through the checks).
+    there is exactly one, nothing is queued for it and the device has not
+    ``paused`` the nexus (a task management function it forwarded is not
+    done), else None: then each command goes through the checks.
     """
 
     def __init__(self) -> None:
@@ -134,11 +135,16 @@ class SharedNexus:
         self.uas: dict[Nexus, list[bytes]] = {}
         self.holder: Nexus | None = None
         self.reserved_with: int = Opcode.RESERVE_6
+        self.paused = False
         self.sole: Nexus | None = None
 
     def _update(self) -> None:
         fe = self.frontends
-        self.sole = next(iter(fe)) if len(fe) == 1 and not self.uas else None
+        self.sole = next(iter(fe)) if len(fe) == 1 and not self.uas and not self.paused else None
+
+    def pause(self, paused: bool) -> None:
+        self.paused = paused
+        self._update()
 
     # ------------------------------------------------------------ nexuses
     def attach(self, nexus: Nexus) -> None:

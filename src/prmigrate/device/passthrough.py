@@ -113,7 +113,11 @@ as a write) is forwarded without the data, as a LUN would ignore it.
 
 Task management: the guest's LOGICAL UNIT RESET, TARGET WARM/COLD RESET
 become a LOGICAL UNIT RESET of the backend LUN on the guest's nexus (a guest
-must not reset the shared target); CLEAR TASK SET is forwarded as is.
+must not reset the shared target); CLEAR TASK SET is forwarded as is. The
+guest has the function's response at once, so until the backend answered it
+every guest command waits (all backend nexuses): a command sent after the
+response reaches the LU after the function, as on a LU (MultipathIO.Reset
+resets through one path and expects the UA on the next command of each).
 """
 
 from __future__ import annotations
@@ -367,6 +371,9 @@ class PassthroughDevice:
         self._verifying: asyncio.Task[Any] | None = None
         self._verify_again = False
         self._held: list[_Held] | None = None
+        # a guest's task management function forwarded and not answered yet:
+        # every backend's commands wait in ``waiting`` (the LU runs them after it)
+        self._tmf: asyncio.Task[None] | None = None
         self._closed = False
         self.on_state_change: Callable[[PassthroughDevice, tuple[StateChange, ...]], Any] | None = (
             None
@@ -490,6 +497,8 @@ class PassthroughDevice:
         if b is None:
             b = self._backends[key] = _Backend(key, self._port(key))
             self._note_port(key)
+            if self._tmf is not None:
+                b.pause(True)
         return b
 
     async def _open_session(
@@ -536,6 +545,8 @@ class PassthroughDevice:
             return
         finally:
             b.opening = None
+        if self._tmf is not None:
+            return  # the waiting commands go when the function is done
         waiting, b.waiting = b.waiting, []
         for cdb, data_out, n, fut in waiting:
             self._chain(self._submit_now(b.session, cdb, data_out, n), fut)
@@ -594,7 +605,7 @@ class PassthroughDevice:
         self, b: _Backend, cdb: bytes, data_out: Any, n: int
     ) -> asyncio.Future[Result] | Result:
         s = b.session
-        if s is not None and b.closing is None:
+        if s is not None and b.closing is None and self._tmf is None:
             return self._submit_now(s, cdb, data_out, n)
         if self._closed:
             return Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
@@ -603,7 +614,7 @@ class PassthroughDevice:
         b.waiting.append((cdb, data_out, n, fut))
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
-        if b.opening is None:
+        if b.opening is None and (s is None or self._tmf is None):
             b.opening = self._bg.spawn(self._open(b))
         return fut
 
@@ -1197,19 +1208,55 @@ class PassthroughDevice:
                     "reset from %s: SCSI-2 reservation of %s released",
                     nexus.initiator_port, holder.initiator_port,
                 )
-            self._bg.spawn(self._tmf(b.session.lun_reset(self.lun), "LOGICAL UNIT RESET"))
+            self._forward_tmf(b, "LOGICAL UNIT RESET", lambda s: s.lun_reset(self.lun))
 
     def clear_task_set(self, nexus: Nexus) -> None:
         b = self._backends.get(state_key(self.mode, nexus.initiator))
         if b is not None and b.session is not None:
-            self._bg.spawn(self._tmf(b.session.clear_task_set(self.lun), "CLEAR TASK SET"))
+            self._forward_tmf(b, "CLEAR TASK SET", lambda s: s.clear_task_set(self.lun))
 
-    async def _tmf(self, coro: Any, what: str) -> None:
+    def _forward_tmf(self, b: _Backend, what: str, call: Callable[[Session], Any]) -> None:
+        """The guest has its task management response already, so a command
+        any guest sends after it must reach the backend LU after the
+        function (as on a LU, where the function is done when answered):
+        every backend's commands wait until the backend answered it. (Our
+        initiator would also count a command sent on ``b`` meanwhile among
+        the function's victims.)"""
+        self._tmf = self._bg.spawn(self._run_tmf(b, self._tmf, what, call))
+        for other in self._backends.values():
+            other.pause(True)
+
+    async def _run_tmf(
+        self, b: _Backend, before: asyncio.Task[None] | None, what: str, call: Callable[[Session], Any]
+    ) -> None:
+        me = asyncio.current_task()
         try:
-            await coro
+            if before is not None:
+                await asyncio.wait([before])
+            if b.session is None:
+                raise IscsiError("backend nexus closed")
+            await call(b.session)
             self.log.info("forwarded %s to the backend", what)
         except IscsiError as exc:
             self.log.warning("backend %s failed: %s", what, exc)
+        finally:
+            if self._tmf is me:
+                self._tmf = None
+                self._resume()
+
+    def _resume(self) -> None:
+        """Send what waited for a task management function."""
+        for b in self._backends.values():
+            b.pause(False)
+            waiting, b.waiting = b.waiting, []
+            s = b.session
+            if s is not None and b.closing is None:
+                for cdb, data_out, n, fut in waiting:
+                    self._chain(self._submit_now(s, cdb, data_out, n), fut)
+            elif waiting and not self._closed:
+                b.waiting = waiting
+                if b.opening is None:
+                    b.opening = self._bg.spawn(self._open(b))
 
     # ------------------------------------------------------ migration hooks
     @property
