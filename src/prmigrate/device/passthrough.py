@@ -64,7 +64,8 @@ nothing queued (``SharedNexus.sole``).
 SCSI-2 RESERVE and nexus loss: when the frontend holding the reservation
 ends (``nexus_lost``) while other frontends keep the backend nexus, the
 device sends RELEASE (6 or 10, as reserved) there, as the LU would drop it
-on that nexus loss. When the last frontend nexus of a guest ends, its
+on that nexus loss; guest commands wait for it as for a task management
+function (below), so none meets the departed session's reservation. When the last frontend nexus of a guest ends, its
 backend session is logged out, so the LUN sees the I_T nexus loss itself.
 While the device is held (a migration is moving it) nexus loss does not
 close anything: the decision waits for ``release_held()`` (rollback) or
@@ -1159,9 +1160,11 @@ class PassthroughDevice:
                 "backend nexus of %s: sending %s",
                 nexus.initiator_port, len(b.frontends), b.key, Opcode(release[0]).name,
             )
-            task = self._bg.spawn(self._release_for_lost(b, release))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            # like a task management function: what any guest sends after
+            # the logout reaches the LU after the release
+            self._forward_tmf(
+                b, Opcode(release[0]).name, lambda s: self._release_for_lost(b, s, release)
+            )
         elif held:
             self.log.info(
                 "%s left holding the SCSI-2 reservation; its backend nexus closes (I_T nexus loss)",
@@ -1170,11 +1173,10 @@ class PassthroughDevice:
         if not b.frontends and self._held is None:
             self._close_if_unused(b)
 
-    async def _release_for_lost(self, b: _Backend, cdb: bytes) -> None:
+    async def _release_for_lost(self, b: _Backend, s: Session, cdb: bytes) -> None:
         """RELEASE on ``b``'s backend nexus for a holder that left. Unit
         attentions it meets reached no frontend: all of them get them."""
-        s = b.session
-        if s is None or b.closing is not None:
+        if b.closing is not None:
             return  # the backend nexus ends: its loss releases the reservation
         what = Opcode(cdb[0]).name
         r = Result()
@@ -1236,7 +1238,7 @@ class PassthroughDevice:
             if b.session is None:
                 raise IscsiError("backend nexus closed")
             await call(b.session)
-            self.log.info("forwarded %s to the backend", what)
+            self.log.info("%s done on the backend", what)
         except IscsiError as exc:
             self.log.warning("backend %s failed: %s", what, exc)
         finally:
@@ -1276,6 +1278,8 @@ class PassthroughDevice:
             waits: list[Any] = list(self._inflight)
             if self._verifying is not None:
                 waits.append(self._verifying)
+            if self._tmf is not None:
+                waits.append(self._tmf)
             waits += [b.opening for b in self._backends.values() if b.opening is not None]
             if waits:
                 await asyncio.wait(waits)
