@@ -922,3 +922,246 @@ async def test_guest_lun_reset_reaches_the_backend(rig: Rig) -> None:
         await asyncio.sleep(0.01)
     assert other_read().good
     await rig.close()
+
+
+# ------------------------------------------- frontend nexuses sharing one backend nexus
+
+TUR = bytes(6)
+READ1 = struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0)
+INQ = bytes((0x12, 0, 0, 0, 36, 0))
+RESERVE6 = bytes((0x16, 0, 0, 0, 0, 0))
+RELEASE6 = bytes((0x17, 0, 0, 0, 0, 0))
+RESERVE10 = bytes((0x56,)) + bytes(9)
+
+
+def _other_read(rig: Rig) -> Result:
+    r = rig.lu.execute(rig.other, READ1)
+    while _is_ua(r):
+        r = rig.lu.execute(rig.other, READ1)
+    return r
+
+
+async def _then(rig: Rig, nexus: Nexus, cdb: bytes, data: bytes = b"") -> Result:
+    """``execute_then``, the target's form, awaited."""
+    fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+    def done(r: object) -> None:
+        if isinstance(r, BaseException):
+            fut.set_exception(r)
+        else:
+            fut.set_result(r)  # type: ignore[arg-type]
+
+    r = rig.dev.execute_then(nexus, cdb, data, done)
+    return r if r is not None else await fut
+
+
+@run
+async def test_unit_attention_reaches_every_frontend_nexus_of_a_guest(rig: Rig) -> None:
+    """A LU reset by another initiator: the LU reports 29/03 once on the
+    guest's backend nexus; each of the guest's two sessions sees it once,
+    as each would on a nexus of its own (MultipathIO.Reset)."""
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 0x23D000000001), rig.nexus(G1, 0x23D000000002)
+    rig.dev.attach(n1)
+    rig.dev.attach(n2)
+    assert (await _then(rig, n1, TUR)).good
+    assert (await _then(rig, n2, TUR)).good
+    rig.lu.reset(rig.other)
+    r = await _then(rig, n2, TUR)
+    assert _sense(r) == (6, 0x29, 0x03)  # from the backend
+    late = rig.nexus(G1, 0x23D000000003)  # logs in after the reset: no older UA
+    assert (await _then(rig, late, TUR)).good
+    assert (await _then(rig, n1, INQ)).good  # INQUIRY is not interrupted (SPC-5 5.15)
+    assert (await rig.cmd(n1, bytes((0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0)))).good  # REPORT LUNS
+    r = await _then(rig, n1, TUR)
+    assert _sense(r) == (6, 0x29, 0x03)  # from the device's queue
+    assert (await _then(rig, n1, TUR)).good and (await _then(rig, n2, TUR)).good
+    # REQUEST SENSE returns a queued UA as its data (SPC-5 6.39)
+    rig.lu.reset(rig.other)
+    assert _sense(await rig.cmd(n1, TUR)) == (6, 0x29, 0x03)
+    rs = await rig.cmd(n2, bytes((0x03, 0, 0, 0, 252, 0)))
+    assert rs.good and decode_sense(bytes(rs.data_in)).asc == 0x29
+    assert (await rig.cmd(n2, TUR)).good
+    assert _sense(await rig.cmd(late, TUR)) == (6, 0x29, 0x03)
+    await rig.close()
+
+
+@run
+async def test_unit_attention_of_one_guest_stays_with_it(rig: Rig) -> None:
+    await rig.start()
+    g1a, g1b, g2 = rig.nexus(G1, 1), rig.nexus(G1, 2), rig.nexus(G2, 1)
+    for n in (g1a, g1b, g2):
+        assert (await rig.cmd(n, TUR)).good
+    await rig.pr_out_ok(g2.initiator, REG, 0, 0x77)
+    await rig.pr_out_ok(g2.initiator, RES, 0x77, 0, WE)
+    await rig.pr_out_ok(G1, REG, 0, 0x78)
+    await rig.pr_out_ok(G1, PRE, 0x78, 0x77, WE)  # G2's registration preempted: 2A/05 for G2
+    r = await rig.cmd(g2, TUR)
+    assert _sense(r) == (6, 0x2A, 0x05)
+    assert (await rig.cmd(g2, TUR)).good
+    assert (await rig.cmd(g1a, TUR)).good and (await rig.cmd(g1b, TUR)).good
+    await rig.close()
+
+
+@run
+async def test_ua_queued_for_a_frontend_survives_a_snapshot(rig: Rig) -> None:
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 1), rig.nexus(G1, 2)
+    assert (await rig.cmd(n1, TUR)).good and (await rig.cmd(n2, TUR)).good
+    rig.lu.reset(rig.other)
+    assert _sense(await rig.cmd(n1, TUR)) == (6, 0x29, 0x03)
+    assert rig.dev.snapshot().pending_uas == {G1: [(6, 0x29, 0x03)]}  # still owed to n2
+    assert _sense(await rig.cmd(n2, TUR)) == (6, 0x29, 0x03)
+    assert rig.dev.snapshot().pending_uas == {}
+    await rig.close()
+
+
+@run
+async def test_owed_ua_goes_to_every_frontend_nexus(rig: Rig) -> None:
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 1), rig.nexus(G1, 2)
+    rig.dev.attach(n1)
+    rig.dev.attach(n2)
+    rig.dev.restore(DevicePrState(), None, {G1: [(6, 0x2A, 0x03)]})
+    assert _sense(await rig.cmd(n2, TUR)) == (6, 0x2A, 0x03)
+    assert _sense(await rig.cmd(n1, TUR)) == (6, 0x2A, 0x03)
+    assert (await rig.cmd(n1, TUR)).good and (await rig.cmd(n2, TUR)).good
+    await rig.close()
+
+
+@run
+async def test_scsi2_reservation_is_per_frontend_nexus(rig: Rig) -> None:
+    """Sanitize.Reservations: a second session of the guest's name takes
+    RESERVE(6) and logs out; the first session, which shares the backend
+    nexus, is refused meanwhile and free afterwards."""
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 1), rig.nexus(G1, 2)
+    assert (await _then(rig, n1, TUR)).good
+    assert (await _then(rig, n2, RESERVE6)).good
+    assert rig.dev.describe()["backend-nexus"][G1]["frontends"]  # type: ignore[index]
+    sent = len(rig.backend.sessions[-1].submitted) if rig.fake else 0
+    assert (await _then(rig, n1, READ1)).status == Status.RESERVATION_CONFLICT
+    assert (await _then(rig, n1, TUR)).status == Status.RESERVATION_CONFLICT
+    assert (await _then(rig, n1, RESERVE6)).status == Status.RESERVATION_CONFLICT
+    assert (await _then(rig, n1, RELEASE6)).good  # SPC-2: no effect from a non-holder
+    assert (await _then(rig, n1, READ1)).status == Status.RESERVATION_CONFLICT
+    if rig.fake:  # answered by the device: nothing reached the backend
+        assert len(rig.backend.sessions[-1].submitted) == sent
+    assert (await _then(rig, n1, INQ)).good
+    r = await _then(rig, n2, READ1)  # the holder
+    assert r.good and len(r.data_in) == 512
+    assert _other_read(rig).status == Status.RESERVATION_CONFLICT  # the LU is reserved
+    rig.dev.nexus_lost(n2)  # the holder leaves; n1 keeps the backend nexus
+    await asyncio.sleep(0.01)
+    await rig.dev.drain()
+    assert derive_isid("vm1", G1) in rig.backend_isids()
+    assert (await _then(rig, n1, READ1)).good
+    assert _other_read(rig).good  # released on the backend
+    await rig.close()
+
+
+@run
+async def test_scsi2_release_by_the_holder_and_reserve10(rig: Rig) -> None:
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 1), rig.nexus(G1, 2)
+    assert (await rig.cmd(n1, TUR)).good
+    assert (await rig.cmd(n1, RESERVE6)).good
+    assert (await rig.cmd(n2, READ1)).status == Status.RESERVATION_CONFLICT
+    assert (await rig.cmd(n1, RELEASE6)).good
+    assert (await rig.cmd(n2, READ1)).good
+    # RESERVE(10): the holder leaving is answered with RELEASE(10)
+    assert (await rig.cmd(n2, RESERVE10)).good
+    assert (await rig.cmd(n1, READ1)).status == Status.RESERVATION_CONFLICT
+    rig.dev.nexus_lost(n2)
+    # at once: the command waits for the RELEASE, as it would come after
+    # the nexus loss on a LU
+    assert (await rig.cmd(n1, READ1)).good
+    await rig.dev.drain()
+    if rig.fake:
+        assert rig.backend.sessions[-1].submitted[-2][:1] == b"\x57"
+    assert _other_read(rig).good
+    await rig.close()
+
+
+@run
+async def test_release_for_a_departed_holder_meets_a_unit_attention(rig: Rig) -> None:
+    """The RELEASE the device sends meets a UA on the backend nexus: it is
+    retried, and the UA is queued for the frontends that remain."""
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 1), rig.nexus(G1, 2)
+    assert (await rig.cmd(n1, TUR)).good
+    assert (await rig.cmd(n2, RESERVE6)).good
+    rig.lu.clear_task_set(rig.other)  # 2F/00 for the device's backend nexus
+    rig.dev.nexus_lost(n2)
+    await asyncio.sleep(0.01)
+    await rig.dev.drain()
+    assert _other_read(rig).good
+    assert _sense(await rig.cmd(n1, READ1)) == (6, 0x2F, 0x00)
+    assert (await rig.cmd(n1, READ1)).good
+    await rig.close()
+
+
+@run
+async def test_reset_ends_the_tracked_reservation(rig: Rig) -> None:
+    await rig.start()
+    n1, n2 = rig.nexus(G1, 1), rig.nexus(G1, 2)
+    assert (await rig.cmd(n1, TUR)).good
+    assert (await rig.cmd(n1, RESERVE6)).good
+    rig.dev.reset(n2)  # n2's LOGICAL UNIT RESET, then at once its TUR
+    r = await rig.cmd(n2, TUR)
+    assert _sense(r) == (6, 0x29, 0x03)  # it reached the LU after the reset
+    assert (await rig.cmd(n2, READ1)).good
+    assert _sense(await rig.cmd(n1, READ1)) == (6, 0x29, 0x03)
+    assert _other_read(rig).good
+    # another initiator's reset: learnt from the UA on the backend nexus
+    assert (await rig.cmd(n1, RESERVE6)).good
+    assert (await rig.cmd(n2, READ1)).status == Status.RESERVATION_CONFLICT
+    rig.lu.reset(rig.other)
+    assert _sense(await rig.cmd(n1, TUR)) == (6, 0x29, 0x03)
+    assert _sense(await rig.cmd(n2, READ1)) == (6, 0x29, 0x03)
+    assert (await rig.cmd(n2, READ1)).good
+    await rig.close()
+
+
+@run
+async def test_commands_after_a_reset_reach_the_lu_after_it(rig: Rig) -> None:
+    """The guest has its reset's response before the backend's; its next
+    command must still come after the reset at the LU (else the initiator
+    would count it among the reset's victims)."""
+    await rig.start()
+    n, other = rig.nexus(G1), rig.nexus(G2)
+    assert (await _then(rig, n, TUR)).good
+    assert (await _then(rig, other, TUR)).good
+    rig.dev.reset(n)
+    # another guest's command too (MultipathIO.Reset checks both paths)
+    r2 = asyncio.ensure_future(_then(rig, other, TUR))
+    r = await _then(rig, n, TUR)
+    assert _sense(r) == (6, 0x29, 0x03)
+    assert _sense(await r2) == (6, 0x29, 0x03)
+    assert (await _then(rig, n, TUR)).good and (await _then(rig, other, TUR)).good
+    rig.dev.clear_task_set(n)
+    assert (await _then(rig, n, TUR)).good  # CLEAR TASK SET: no UA for the requester
+    await rig.close()
+
+
+@run
+async def test_identity_host_keeps_ua_and_reservation_per_frontend(tmp_path: Path) -> None:
+    """identity=host: every guest shares one backend nexus; unit attentions
+    and the SCSI-2 reservation are still per frontend nexus."""
+    rig = Rig(tmp_path, identity="host", fake=True)
+    await rig.start()
+    g1, g2 = rig.nexus(G1), rig.nexus(G2)
+    assert (await rig.cmd(g1, TUR)).good and (await rig.cmd(g2, TUR)).good
+    assert len(rig.backend_isids()) == 2  # the shared nexus and the monitor
+    rig.lu.reset(rig.other)
+    assert _sense(await rig.cmd(g1, TUR)) == (6, 0x29, 0x03)
+    assert _sense(await rig.cmd(g2, TUR)) == (6, 0x29, 0x03)
+    assert (await rig.cmd(g2, RESERVE6)).good
+    assert (await rig.cmd(g1, READ1)).status == Status.RESERVATION_CONFLICT
+    assert (await rig.cmd(g1, RESERVE6)).status == Status.RESERVATION_CONFLICT
+    rig.dev.nexus_lost(g2)
+    await asyncio.sleep(0.01)
+    await rig.dev.drain()
+    assert (await rig.cmd(g1, READ1)).good
+    assert _other_read(rig).good
+    await rig.close()

@@ -2,8 +2,15 @@
 
 ``iscsi-test-cu -d -i IQN1 -I IQN2 -t ALL`` is run twice in the same test:
 directly against the backend LUN, then through a ``prmigrate host`` guest
-frontend whose device forwards to that same LUN. The per-test outcomes
-(pass / fail / skipped) must be the same. The one difference the device is
+frontend whose device forwards to that same LUN; then the SANITIZE tests
+the conformance test runs with -S. The per-test outcomes (pass / fail /
+skipped) must be the same. Each run gives its own URL a second time as the
+multipath URL (the backend's directly, the frontend's through the host), so
+MultipathIO runs (libiscsi 1.19 logs its second path in with the -I name).
+Sessions of one initiator name share that guest's backend nexus through the
+host; the device keeps unit attentions and SCSI-2 reservations per frontend
+nexus (``device/frontends.py``). Sanitize.Reservations (a RESERVE(6) from a
+second session of the -i name, which then logs out) checks the latter. The one difference the device is
 allowed is the REPORT CAPABILITIES mask with migrate-pr on (SIP_C and ATP_C
 cleared); it is checked on its own, and a test whose outcome changes because
 of it is listed in ``MASK_DEPENDENT`` (none is, with these backends).
@@ -177,31 +184,35 @@ def report_capabilities(url: str) -> bytes:
     return asyncio.run(asyncio.wait_for(go(), 20))
 
 
-# A guest's frontend nexuses that share an initiator name share one backend
-# nexus (identity=guest keys the backend session by name). Two suites see
-# that and are left out here, run directly by the conformance test only:
-# - MultipathIO (no second path given): a LOGICAL UNIT RESET's 29/03 reaches
-#   the one backend nexus, so only one of the two paths reports it
-#   (MultipathIO.Reset fails), and the UA left over spoils the WRITE SAME
-#   that MultipathIO.CompareAndWrite starts with;
-# - Sanitize.Reservations: its second session (same name) takes RESERVE(6)
-#   and disconnects; the backend nexus stays (the first session still uses
-#   it), so the reservation outlives the session and every PR IN after it
-#   conflicts (SPC-5 5.14.3), where the direct run sees the nexus loss.
-SANITIZE_THROUGH_HOST = tuple(n for n in SANITIZE_RUN if n != "Reservations")
-
-
 def run_all(url: str, out: Path) -> str:
-    """ALL, then the SANITIZE tests the conformance test runs with -S (less
-    the one above); a test of the second run replaces its skipped entry of
-    the first in ``parse_cunit``."""
-    text = run_suite(url, "ALL", out, timeout=400)
-    return text + run_suite(url, ",".join(f"ALL.Sanitize.{n}" for n in SANITIZE_THROUGH_HOST),
+    """ALL with ``url`` as its own second path, then the SANITIZE tests the
+    conformance test runs with -S; a test of the second run replaces its
+    skipped entry of the first in ``parse_cunit``."""
+    text = run_suite(url, "ALL", out, timeout=400, multipath_url=url)
+    return text + run_suite(url, ",".join(f"ALL.Sanitize.{n}" for n in SANITIZE_RUN),
                             out.with_suffix(".sanitize.txt"), timeout=200, sanitize=True)
+
+
+def zero_block_256(url: str) -> None:
+    """MultipathIO.CompareAndWrite (libiscsi 1.19) zeroes LBAs 0-255 and then
+    compares LBAs 0-256 with zeros: it needs LBA 256 as a fresh image has it,
+    and the direct run has just written it. Restored before the second run."""
+    from prmigrate.iscsi.initiator import connect
+
+    async def go() -> None:
+        s = await connect(url, initiator_name=INITIATOR1, isid=0x23D0000000AB, reconnect=False)
+        try:
+            _, size = await s.read_capacity16()
+            await s.write(256, bytes(size))
+        finally:
+            await s.close()
+
+    asyncio.run(asyncio.wait_for(go(), 20))
 
 
 def compare_through_host(workdir: Path, backend_url: str, migrate_pr: str | None) -> None:
     direct = run_all(backend_url, workdir / "direct.txt")
+    zero_block_256(backend_url)
     host = start_host(workdir, device_spec(backend_url, migrate_pr=migrate_pr))
     try:
         devices = host.call("query-devices")

@@ -31,6 +31,8 @@ Task, no callback, no copy. The exceptions, each one small handler in
 * Unit attentions 2A/03, 2A/04, 2A/05 and 29/xx in any backend answer mark
   the guest's state unverified and start one (coalesced) verification; the
   answer itself is forwarded untouched.
+* RESERVE / RELEASE (6/10): forwarded; the answer tells which frontend
+  nexus holds the SCSI-2 reservation (below).
 
 Verification uses a separate *monitor* nexus (host initiator name, ISID
 ``derive_isid(device, MONITOR)``) that never registers: a PR IN issued on a
@@ -44,11 +46,30 @@ command. libiscsi picks a new ISID on each reconnect, so the guest's PR state
 is keyed by its name, never by its frontend ISID. ``identity=host``: one
 shared backend session for every guest (the seed's behaviour).
 
-SCSI-2 RESERVE semantics: when the last frontend nexus of a guest ends
-(``nexus_lost``), its backend session is logged out, so the LUN sees the
-I_T nexus loss and drops a RESERVE(6/10) that guest held. While the device
-is held (a migration is moving it) nexus loss does not close anything: the
-decision waits for ``release_held()`` (rollback) or ``close()``.
+Frontend nexuses sharing a backend nexus: several sessions of one guest
+name (identity=guest: a multipath guest, a reconnect with a new ISID), or
+every guest (identity=host), use one backend I_T nexus. What a LU keeps per
+I_T nexus is then kept per frontend nexus by the device (``frontends.py``):
+a unit attention the backend reports to one of them is queued for the
+others (one the device meets on its own commands, for all; a frontend that
+logs in later gets none of the older ones, as on a LU); a SCSI-2
+reservation is held by the frontend whose RESERVE got GOOD, and the
+device answers the others' commands as the LU would answer another nexus
+(RESERVATION CONFLICT, RELEASE without effect). Unit attentions owed to the
+guest (``owed_uas``: migrated, or met by the device's own PR OUTs) go to
+its first frontend command and are queued for its other frontends then.
+The plain forward below is for a backend nexus with one frontend and
+nothing queued (``SharedNexus.sole``).
+
+SCSI-2 RESERVE and nexus loss: when the frontend holding the reservation
+ends (``nexus_lost``) while other frontends keep the backend nexus, the
+device sends RELEASE (6 or 10, as reserved) there, as the LU would drop it
+on that nexus loss; guest commands wait for it as for a task management
+function (below), so none meets the departed session's reservation. When the last frontend nexus of a guest ends, its
+backend session is logged out, so the LUN sees the I_T nexus loss itself.
+While the device is held (a migration is moving it) nexus loss does not
+close anything: the decision waits for ``release_held()`` (rollback) or
+``close()``.
 
 Hooks for the migration service
 -------------------------------
@@ -65,7 +86,8 @@ Hooks for the migration service
     ``(config, identity, state, pending_uas)``, a NamedTuple.
     ``pending_uas``: state key -> [(sense key, ASC, ASCQ)] of unit attentions
     the device took on the guest's nexus (its own commands, e.g. the
-    takeover) and still owes the guest: reported on its next command.
+    takeover) and still owes the guest, then those still queued for one of
+    its frontend nexuses (each once): reported on its next command.
 ``restore(state, identity=None, pending_uas=None)``
     Destination: adopt a migrated state (journaled at once).
 ``await backend_session(guest) -> Session``
@@ -92,7 +114,11 @@ as a write) is forwarded without the data, as a LUN would ignore it.
 
 Task management: the guest's LOGICAL UNIT RESET, TARGET WARM/COLD RESET
 become a LOGICAL UNIT RESET of the backend LUN on the guest's nexus (a guest
-must not reset the shared target); CLEAR TASK SET is forwarded as is.
+must not reset the shared target); CLEAR TASK SET is forwarded as is. The
+guest has the function's response at once, so until the backend answered it
+every guest command waits (all backend nexuses): a command sent after the
+response reaches the LU after the function, as on a LU (MultipathIO.Reset
+resets through one path and expects the UA on the next command of each).
 """
 
 from __future__ import annotations
@@ -126,6 +152,14 @@ from ..scsi.pr import (
 )
 from ..scsi.sense import Sense, SenseDecodeError, decode_sense, encode_sense
 from .config import DeviceConfig
+from .frontends import (
+    UA_EXEMPT,
+    SharedNexus,
+    Verdict,
+    drops_scsi2,
+    request_sense_data,
+    unit_attention,
+)
 from .identity import (
     BackendPort,
     DeviceIdentity,
@@ -148,7 +182,7 @@ _CHECK = Status.CHECK_CONDITION
 _PR_IN_ALLOC = 8192
 _UA_RETRIES = 8
 # A pending UA owed to the guest does not interrupt these (SPC-5 5.15).
-_UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
+_UA_EXEMPT = UA_EXEMPT
 # Backend answers meaning "READ FULL STATUS is not implemented here".
 _NOT_IMPLEMENTED = frozenset(
     {(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00), (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)}
@@ -263,8 +297,10 @@ _DATA_IN_ONLY = frozenset(op for op, rule in _IN_LEN.items() if rule is not _ZER
 
 
 @dataclass(eq=False)
-class _Backend:
-    """One backend I_T nexus (a guest's, or the shared one with identity=host)."""
+class _Backend(SharedNexus):
+    """One backend I_T nexus (a guest's, or the shared one with identity=host),
+    with the frontend nexuses sharing it (``SharedNexus``: ``frontends``,
+    their unit attention queues, the SCSI-2 reservation holder)."""
 
     key: str  # state key: guest name, or SHARED_NEXUS
     port: BackendPort
@@ -272,8 +308,12 @@ class _Backend:
     opening: asyncio.Task[None] | None = None
     closing: asyncio.Task[None] | None = None
     waiting: list[tuple[bytes, Any, int, asyncio.Future[Result]]] = field(default_factory=list)
-    frontends: set[Nexus] = field(default_factory=set)
-    owed_uas: list[bytes] = field(default_factory=list)  # sense owed to the guest
+    # sense owed to the guest (its own nexus's UAs the device took, migrated
+    # ones): reported to the first frontend command, then queued for the others
+    owed_uas: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        SharedNexus.__init__(self)
 
 
 @dataclass(eq=False)
@@ -333,6 +373,9 @@ class PassthroughDevice:
         self._verifying: asyncio.Task[Any] | None = None
         self._verify_again = False
         self._held: list[_Held] | None = None
+        # a guest's task management function forwarded and not answered yet:
+        # every backend's commands wait in ``waiting`` (the LU runs them after it)
+        self._tmf: asyncio.Task[None] | None = None
         self._closed = False
         self.on_state_change: Callable[[PassthroughDevice, tuple[StateChange, ...]], Any] | None = (
             None
@@ -349,6 +392,10 @@ class PassthroughDevice:
             Opcode.PERSISTENT_RESERVE_OUT: self._pr_out,
             Opcode.PERSISTENT_RESERVE_IN: self._pr_in,
             Opcode.REPORT_LUNS: self._report_luns,
+            Opcode.RESERVE_6: self._scsi2,
+            Opcode.RESERVE_10: self._scsi2,
+            Opcode.RELEASE_6: self._scsi2,
+            Opcode.RELEASE_10: self._scsi2,
         }
         for guest in self.snooper.state.guests:
             self._note_port(guest)
@@ -452,11 +499,17 @@ class PassthroughDevice:
         if b is None:
             b = self._backends[key] = _Backend(key, self._port(key))
             self._note_port(key)
+            if self._tmf is not None:
+                b.pause(True)
         return b
 
-    async def _open_session(self, isid: int, what: str, on_ua: Any = None) -> Session:
+    async def _open_session(
+        self, isid: int, what: str, on_ua: Any = None, on_event: Any = None
+    ) -> Session:
         opts = dict(self._session_options)
         opts.setdefault("queue_depth", 128)
+        if on_event is not None:
+            opts["on_async_event"] = on_event
         session: Session = await self._connect(
             self.url,
             self.target_iqn,
@@ -479,7 +532,10 @@ class PassthroughDevice:
             if b.closing is not None:
                 await asyncio.shield(b.closing)
             b.session = await self._open_session(
-                b.port.isid, f"guest {b.key}", lambda lun, sense: self._on_ua(b, sense)
+                b.port.isid,
+                f"guest {b.key}",
+                lambda lun, sense: self._on_ua(b, sense),
+                lambda message, sense: self._on_async_event(b, message, sense),
             )
         except (IscsiError, OSError, TimeoutError) as exc:
             self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
@@ -491,6 +547,8 @@ class PassthroughDevice:
             return
         finally:
             b.opening = None
+        if self._tmf is not None:
+            return  # the waiting commands go when the function is done
         waiting, b.waiting = b.waiting, []
         for cdb, data_out, n, fut in waiting:
             self._chain(self._submit_now(b.session, cdb, data_out, n), fut)
@@ -499,6 +557,7 @@ class PassthroughDevice:
         session, b.session = b.session, None
         if session is not None:
             self.log.info("guest %s left: closing its backend nexus (I_T nexus loss)", b.key)
+            b.drop_reservation()  # the LU sees the nexus loss and releases it
             await session.close()
         b.closing = None
 
@@ -548,7 +607,7 @@ class PassthroughDevice:
         self, b: _Backend, cdb: bytes, data_out: Any, n: int
     ) -> asyncio.Future[Result] | Result:
         s = b.session
-        if s is not None and b.closing is None:
+        if s is not None and b.closing is None and self._tmf is None:
             return self._submit_now(s, cdb, data_out, n)
         if self._closed:
             return Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
@@ -557,7 +616,7 @@ class PassthroughDevice:
         b.waiting.append((cdb, data_out, n, fut))
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
-        if b.opening is None:
+        if b.opening is None and (s is None or self._tmf is None):
             b.opening = self._bg.spawn(self._open(b))
         return fut
 
@@ -592,7 +651,7 @@ class PassthroughDevice:
         if b is None:
             b = self._backend(nexus.initiator)
         if nexus not in b.frontends:
-            b.frontends.add(nexus)
+            b.attach(nexus)
         if self._held is not None:
             loop = self._loop or asyncio.get_running_loop()
             fut: asyncio.Future[Result] = loop.create_future()
@@ -600,7 +659,19 @@ class PassthroughDevice:
             return fut
         op = cdb[0] if cdb else -1
         if b.owed_uas and op not in _UA_EXEMPT:
-            return Result(_CHECK, b"", b.owed_uas.pop(0))
+            sense = b.owed_uas.pop(0)
+            self._fan_out(b, nexus, sense)
+            return Result(_CHECK, b"", sense)
+        if b.uas and nexus in b.uas:
+            queued = b.take_ua(nexus, op)
+            if queued is not None:
+                if op == Opcode.REQUEST_SENSE:  # SPC-5 6.39: the UA is the data
+                    return Result(_GOOD, request_sense_data(queued, bytes(cdb)))
+                return Result(_CHECK, b"", queued)
+        if b.holder is not None and b.holder != nexus:
+            verdict = b.check(nexus, bytes(cdb))
+            if verdict is not Verdict.FORWARD:
+                return self._scsi2_refused(b, nexus, op, verdict)
         if data_out and op in _DATA_IN_ONLY:
             data_out = b""
         if data_in_len is None:
@@ -609,8 +680,12 @@ class PassthroughDevice:
             )
         special = self._special.get(op)
         if special is not None:
-            return special(b, nexus, cdb, data_out, data_in_len)
-        return self._submit(b, cdb, data_out, data_in_len)
+            r = special(b, nexus, cdb, data_out, data_in_len)
+        else:
+            r = self._submit(b, cdb, data_out, data_in_len)
+        if len(b.frontends) > 1:
+            self._watch(b, nexus, r)
+        return r
 
     def execute_then(
         self,
@@ -624,12 +699,13 @@ class PassthroughDevice:
         else None and calls ``done(result)`` (or ``done(error)``) once later.
 
         The plain forward (guest's backend session open, not held, no UA
-        owed, no special case, data direction as sent) goes to
+        owed or queued, the nexus alone on its backend nexus, no special
+        case, data direction as sent) goes to
         ``Session.submit_then`` with ``done`` itself: no Future, no loop turn
         between the backend's answer and the guest's. Everything else is
         ``execute``'s answer, its Future's outcome passed on."""
         b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
-        if b is not None and self._held is None and not b.owed_uas and nexus in b.frontends:
+        if b is not None and self._held is None and not b.owed_uas and b.sole is nexus:
             s = b.session
             op = cdb[0] if cdb else -1
             if (
@@ -700,7 +776,9 @@ class PassthroughDevice:
         if alloc < 16:
             return self._invalid_cdb(6)
         if b.owed_uas and b.owed_uas[0][12:14] == b"\x3f\x0e":
-            b.owed_uas.pop(0)
+            self._fan_out(b, nexus, b.owed_uas.pop(0))
+        if b.uas:
+            b.discard_ua(nexus, 0x3F, 0x0E)
         luns = [] if select == 0x01 else sorted(set(self.report_luns()))
         body = b"".join(
             bytes((0, lun, 0, 0, 0, 0, 0, 0))
@@ -715,6 +793,38 @@ class PassthroughDevice:
         from ..scsi.cdb import invalid_cdb
 
         return Result(_CHECK, b"", invalid_cdb(byte).encode())
+
+    def _scsi2(
+        self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int
+    ) -> asyncio.Future[Result] | Result:
+        """RESERVE / RELEASE (6/10), forwarded; the answer tells which
+        frontend nexus holds the reservation (``frontends.py``)."""
+        sent = self._submit(b, cdb, data_out, n)
+        cdb = bytes(cdb)
+        _on_answer(sent, lambda r: self._scsi2_answered(b, nexus, cdb, r))
+        return sent
+
+    def _scsi2_answered(self, b: _Backend, nexus: Nexus, cdb: bytes, r: Result) -> None:
+        note = b.observe(nexus, cdb, r, registered=b.key in self.snooper.state.guests)
+        if note is not None:
+            self.log.info("SCSI-2 reservation on the backend nexus of %s: %s", b.key, note)
+
+    def _scsi2_refused(self, b: _Backend, nexus: Nexus, op: int, verdict: Verdict) -> Result:
+        """A frontend that does not hold the SCSI-2 reservation another
+        frontend of its backend nexus holds: answered here (SPC-2 5.5.1)."""
+        holder = b.holder.initiator_port if b.holder is not None else "?"
+        name = Opcode(op).name if op in Opcode._value2member_map_ else f"opcode 0x{op:02x}"
+        if verdict is Verdict.GOOD:
+            self.log.info(
+                "%s from %s: GOOD without effect, %s holds the SCSI-2 reservation",
+                name, nexus.initiator_port, holder,
+            )
+            return Result(_GOOD)
+        self.log.info(
+            "%s from %s: RESERVATION CONFLICT, %s holds the SCSI-2 reservation",
+            name, nexus.initiator_port, holder,
+        )
+        return Result(Status.RESERVATION_CONFLICT)
 
     def _pr_in(
         self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int
@@ -865,9 +975,45 @@ class PassthroughDevice:
         self._commit(None, self.snooper.state)
 
     # ------------------------------------------------------ unit attentions
+    def _watch(self, b: _Backend, nexus: Nexus, r: asyncio.Future[Result] | Result) -> None:
+        """``nexus`` shares ``b`` with other frontends: a unit attention in
+        the backend's answer to it was theirs too (``frontends.py``)."""
+        _on_answer(r, lambda result: self._reported(b, nexus, result))
+
+    def _reported(self, b: _Backend, nexus: Nexus | None, r: Result) -> None:
+        if r.status == _CHECK and unit_attention(r) is not None:
+            self._fan_out(b, nexus, bytes(r.sense))
+
+    def _fan_out(self, b: _Backend, receiver: Nexus | None, sense: bytes) -> None:
+        """``sense`` (a UA of the backend nexus) went to ``receiver`` (None:
+        to no frontend): queue it for the other frontends of ``b``."""
+        n = b.establish(sense, receiver)
+        if n:
+            t = _sense_triple(sense)
+            self.log.info(
+                "unit attention %s of %s's backend nexus %s: queued for %d other frontend nexus(es)",
+                f"{t[1]:02X}/{t[2]:02X}" if t is not None else "?",
+                b.key,
+                f"reported to {receiver.initiator_port}" if receiver is not None else "reported to none",
+                n,
+            )
+
+    def _on_async_event(self, b: _Backend, message: Any, sense: Any) -> None:
+        """A unit attention the backend reported asynchronously reached no
+        frontend: every frontend of ``b`` gets it on its next command."""
+        if sense is not None and sense.key == SenseKey.UNIT_ATTENTION:
+            self._fan_out(b, None, _ua_sense((sense.asc, sense.ascq)))
+
     def _on_ua(self, b: _Backend, sense: Any) -> None:
         """A backend answer on ``b`` carried a unit attention (already
-        forwarded to whoever asked): doubt the state, verify soon."""
+        forwarded to whoever asked): doubt the state, verify soon; a reset
+        or nexus loss also ended any SCSI-2 reservation there."""
+        if b.holder is not None and drops_scsi2(sense.asc, sense.ascq):
+            holder = b.drop_reservation()
+            self.log.info(
+                "unit attention %02X/%02X on %s: SCSI-2 reservation of %s gone",
+                sense.asc, sense.ascq, b.key, holder.initiator_port if holder else "?",
+            )
         if puts_state_in_doubt((sense.asc, sense.ascq)):
             self.log.info(
                 "unit attention %02X/%02X on %s: verifying PR state", sense.asc, sense.ascq, b.key
@@ -1025,17 +1171,57 @@ class PassthroughDevice:
         return [self.frontend_lun]
 
     def attach(self, nexus: Nexus) -> None:
-        """A guest logged in (called by the target for each new nexus)."""
-        self._backend(nexus.initiator).frontends.add(nexus)
+        """A guest logged in (called by the target for each new nexus). It
+        starts with no unit attention queued, as a new nexus on a LU."""
+        self._backend(nexus.initiator).attach(nexus)
 
     def nexus_lost(self, nexus: Nexus) -> None:
         key = state_key(self.mode, nexus.initiator)
         b = self._backends.get(key)
         if b is None:
             return
-        b.frontends.discard(nexus)
+        held = b.holder is not None and b.holder == nexus
+        release = b.detach(nexus)
+        if release is not None:
+            # the LU would drop the reservation on this nexus loss; the
+            # backend nexus stays for the other frontends: release it there
+            self.log.info(
+                "%s left holding the SCSI-2 reservation; %d other frontend(s) keep the "
+                "backend nexus of %s: sending %s",
+                nexus.initiator_port, len(b.frontends), b.key, Opcode(release[0]).name,
+            )
+            # like a task management function: what any guest sends after
+            # the logout reaches the LU after the release
+            self._forward_tmf(
+                b, Opcode(release[0]).name, lambda s: self._release_for_lost(b, s, release)
+            )
+        elif held:
+            self.log.info(
+                "%s left holding the SCSI-2 reservation; its backend nexus closes (I_T nexus loss)",
+                nexus.initiator_port,
+            )
         if not b.frontends and self._held is None:
             self._close_if_unused(b)
+
+    async def _release_for_lost(self, b: _Backend, s: Session, cdb: bytes) -> None:
+        """RELEASE on ``b``'s backend nexus for a holder that left. Unit
+        attentions it meets reached no frontend: all of them get them."""
+        if b.closing is not None:
+            return  # the backend nexus ends: its loss releases the reservation
+        what = Opcode(cdb[0]).name
+        r = Result()
+        try:
+            for _ in range(_UA_RETRIES):
+                r = await s.submit(self.lun, cdb, b"", 0)
+                if unit_attention(r) is None:
+                    break
+                self._fan_out(b, None, bytes(r.sense))
+        except IscsiError as exc:
+            self.log.warning("%s on the backend nexus of %s failed: %s", what, b.key, exc)
+            return
+        self.log.info(
+            "%s on the backend nexus of %s -> %s", what, b.key, _initiator.describe_result(r)
+        )
 
     def _close_if_unused(self, b: _Backend) -> None:
         if b.frontends or b.session is None or b.closing is not None or self._closed:
@@ -1048,19 +1234,61 @@ class PassthroughDevice:
         must not reset the whole shared target)."""
         b = self._backends.get(state_key(self.mode, nexus.initiator))
         if b is not None and b.session is not None:
-            self._bg.spawn(self._tmf(b.session.lun_reset(self.lun), "LOGICAL UNIT RESET"))
+            holder = b.drop_reservation()  # SAM-5 6.3.3: a LU reset releases it
+            if holder is not None:
+                self.log.info(
+                    "reset from %s: SCSI-2 reservation of %s released",
+                    nexus.initiator_port, holder.initiator_port,
+                )
+            self._forward_tmf(b, "LOGICAL UNIT RESET", lambda s: s.lun_reset(self.lun))
 
     def clear_task_set(self, nexus: Nexus) -> None:
         b = self._backends.get(state_key(self.mode, nexus.initiator))
         if b is not None and b.session is not None:
-            self._bg.spawn(self._tmf(b.session.clear_task_set(self.lun), "CLEAR TASK SET"))
+            self._forward_tmf(b, "CLEAR TASK SET", lambda s: s.clear_task_set(self.lun))
 
-    async def _tmf(self, coro: Any, what: str) -> None:
+    def _forward_tmf(self, b: _Backend, what: str, call: Callable[[Session], Any]) -> None:
+        """The guest has its task management response already, so a command
+        any guest sends after it must reach the backend LU after the
+        function (as on a LU, where the function is done when answered):
+        every backend's commands wait until the backend answered it. (Our
+        initiator would also count a command sent on ``b`` meanwhile among
+        the function's victims.)"""
+        self._tmf = self._bg.spawn(self._run_tmf(b, self._tmf, what, call))
+        for other in self._backends.values():
+            other.pause(True)
+
+    async def _run_tmf(
+        self, b: _Backend, before: asyncio.Task[None] | None, what: str, call: Callable[[Session], Any]
+    ) -> None:
+        me = asyncio.current_task()
         try:
-            await coro
-            self.log.info("forwarded %s to the backend", what)
+            if before is not None:
+                await asyncio.wait([before])
+            if b.session is None:
+                raise IscsiError("backend nexus closed")
+            await call(b.session)
+            self.log.info("%s done on the backend", what)
         except IscsiError as exc:
             self.log.warning("backend %s failed: %s", what, exc)
+        finally:
+            if self._tmf is me:
+                self._tmf = None
+                self._resume()
+
+    def _resume(self) -> None:
+        """Send what waited for a task management function."""
+        for b in self._backends.values():
+            b.pause(False)
+            waiting, b.waiting = b.waiting, []
+            s = b.session
+            if s is not None and b.closing is None:
+                for cdb, data_out, n, fut in waiting:
+                    self._chain(self._submit_now(s, cdb, data_out, n), fut)
+            elif waiting and not self._closed:
+                b.waiting = waiting
+                if b.opening is None:
+                    b.opening = self._bg.spawn(self._open(b))
 
     # ------------------------------------------------------ migration hooks
     @property
@@ -1080,6 +1308,8 @@ class PassthroughDevice:
             waits: list[Any] = list(self._inflight)
             if self._verifying is not None:
                 waits.append(self._verifying)
+            if self._tmf is not None:
+                waits.append(self._tmf)
             waits += [b.opening for b in self._backends.values() if b.opening is not None]
             if waits:
                 await asyncio.wait(waits)
@@ -1121,9 +1351,9 @@ class PassthroughDevice:
             self.identity,
             self.snooper.state.copy(),
             {
-                b.key: [t for t in (_sense_triple(u) for u in b.owed_uas) if t is not None]
+                b.key: _owed(b)
                 for b in self._backends.values()
-                if b.owed_uas
+                if b.owed_uas or b.uas
             },
         )
 
@@ -1286,6 +1516,17 @@ def _sense_triple(sense: bytes) -> tuple[int, int, int] | None:
     return (int(s.key), s.asc, s.ascq)
 
 
+def _owed(b: _Backend) -> list[tuple[int, int, int]]:
+    """What a snapshot owes the guest of ``b``: the UAs owed to the guest,
+    then each one still queued for one of its frontend nexuses (once)."""
+    out = [t for t in (_sense_triple(u) for u in b.owed_uas) if t is not None]
+    for u in b.pending_uas():
+        t = _sense_triple(u)
+        if t is not None and t not in out:
+            out.append(t)
+    return out
+
+
 def _ua_sense(ua: Any) -> bytes:
     """Fixed-format sense for a unit attention given in any of the forms
     ``restore`` accepts."""
@@ -1299,6 +1540,23 @@ def _ua_sense(ua: Any) -> bytes:
     raw = bytearray(encode_sense(Sense.POWER_ON_RESET))
     raw[12], raw[13] = asc, ascq
     return bytes(raw)
+
+
+def _on_answer(r: asyncio.Future[Result] | Result, fn: Callable[[Result], Any]) -> None:
+    """``fn(result)`` once the backend's answer is there (at once if it is:
+    before whoever awaits it can send the next command)."""
+    if isinstance(r, Result):
+        fn(r)
+        return
+
+    def answered(f: asyncio.Future[Result]) -> None:
+        if not f.cancelled() and f.exception() is None:
+            fn(f.result())
+
+    if r.done():
+        answered(r)
+    else:
+        r.add_done_callback(answered)
 
 
 def _is_ua(r: Result) -> bool:
