@@ -743,9 +743,11 @@ class PassthroughDevice:
         through ``sink`` (``Session.submit_relay``): no Result, Future or
         callback per command. True when taken; False leaves the command to
         ``execute_then`` (the guest's backend session not open yet, the
-        device held for a move, a UA owed, another length, identity=host)."""
+        device held for a move, a UA owed or queued, another frontend nexus
+        on the same backend nexus, a task management function in flight:
+        what ``SharedNexus.sole`` sums up; another length; identity=host)."""
         b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
-        if b is None or self._held is not None or b.owed_uas or nexus not in b.frontends:
+        if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
             return False
         s = b.session
         if s is None or b.closing is not None:
