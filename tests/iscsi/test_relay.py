@@ -141,3 +141,22 @@ def test_relayed_and_plain_commands_mix() -> None:
     events = core.receive_data(wire, 0.0)
     assert events == [CommandDone(h, Result(Status.GOOD, bytearray(b"p" * 4096), b""))]
     assert sink.data == [(1, Status.GOOD, b"r" * 4096)]
+
+
+def test_a_command_sent_after_a_reset_is_not_its_victim() -> None:
+    """A LOGICAL UNIT RESET ends the commands sent before it; one sent
+    after it reaches the target after it and gets its own answer."""
+    core = logged_in()
+    sink = Sink()
+    core.submit_relay(0, READ10, 4096, sink, "before")
+    core.data_to_send()
+    h = core.task_management(TmfFunction.LOGICAL_UNIT_RESET, 0)
+    core.submit_relay(0, READ10, 4096, sink, "after")
+    tmf, after = _pdus(core.data_to_send())
+    assert core.receive_data(TaskMgmtResponse(tmf.itt, 0, 200, 3, 30).encode(), 0.0) == [TmfDone(h, 0)]  # type: ignore[attr-defined]
+    ((token, err),) = sink.results
+    assert token == "before" and isinstance(err, TaskAborted)
+    assert core.outstanding == 1
+    wire = DataIn(after.itt, 0, 0, b"a" * 4096, True, Status.GOOD, 201, 3, 30).encode()  # type: ignore[attr-defined]
+    assert core.receive_data(wire, 0.0) == []
+    assert sink.data == [("after", Status.GOOD, b"a" * 4096)]

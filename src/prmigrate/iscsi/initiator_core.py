@@ -318,6 +318,7 @@ class _Other:
     function: int = 0
     ref_itt: int = RESERVED_TAG
     text: bytearray = field(default_factory=bytearray)
+    cmdsn: int = 0  # the CmdSN the (immediate) request carried
 
 
 class State(Enum):
@@ -834,14 +835,18 @@ class InitiatorCore:
         return events
 
     def _aborted_by(self, req: _Other) -> list[_Command]:
+        """The commands a successful function ended without a response: those
+        sent before it (a lower CmdSN, RFC 7143 4.2.3.3 / 11.5.1); a command
+        sent after the request reaches the target after it and is answered."""
         f = req.function
+        before = req.cmdsn
         if f == TmfFunction.ABORT_TASK:
             victims = [c for c in self._active.values() if c.itt == req.ref_itt]
         elif f in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
                    TmfFunction.LOGICAL_UNIT_RESET):
-            victims = [c for c in self._active.values() if c.lun == req.lun]
+            victims = [c for c in self._active.values() if c.lun == req.lun and sn_lt(c.cmdsn, before)]
         elif f in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            victims = list(self._active.values())
+            victims = [c for c in self._active.values() if sn_lt(c.cmdsn, before)]
         else:
             victims = []
         for c in victims:
@@ -1033,7 +1038,7 @@ class InitiatorCore:
             raise ConnectionLost("not logged in")
         itt = self._next_itt()
         handle = self._next_handle()
-        self._other[itt] = _Other(kind, handle, now, lun, function, ref_itt)
+        self._other[itt] = _Other(kind, handle, now, lun, function, ref_itt, cmdsn=self.cmdsn)
         return itt, handle
 
     def task_management(
