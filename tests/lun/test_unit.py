@@ -191,6 +191,19 @@ def test_vpd_block_limits_atomic_scales_with_block_size(tmp_path: Path) -> None:
     assert struct.unpack_from(">5I", d, 44) == (1024, 1, 1, 1024, 1024) and 1024 <= max_xfer
 
 
+def test_atomic_unit_is_alignment_and_granularity(tmp_path: Path) -> None:
+    u = LogicalUnit(tmp_path / "img", 64 * BS, name="au", pr_factory=StubPR, atomic_unit=24)
+    d = good(u.execute(A, cdb("12 01 b0 00 40 00"), b""))
+    assert struct.unpack_from(">5I", d, 44) == (8184, 24, 24, 8184, 8184)  # max: whole units
+    check(u.execute(A, wa16(1, 24), bytes(24 * BS)), Sense.INVALID_FIELD_IN_CDB)
+    check(u.execute(A, wa16(0, 8), bytes(8 * BS)), Sense.INVALID_FIELD_IN_CDB)
+    good(u.execute(A, wa16(24, 24), bytes(24 * BS)))
+    u.close()
+    for bad in (0, 8193):
+        with pytest.raises(ValueError):
+            LogicalUnit(tmp_path / "img", 64 * BS, name="au", pr_factory=StubPR, atomic_unit=bad)
+
+
 def test_vpd_b1_b2(lu: LogicalUnit) -> None:
     b1 = good(lu.execute(A, cdb("12 01 b1 00 40 00"), b""))
     assert b1[:6] == bytes.fromhex("00b1003c0001")

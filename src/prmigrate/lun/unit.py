@@ -98,12 +98,12 @@ MAX_WRITE_SAME_BYTES = 64 << 20
 MAX_COMPARE_AND_WRITE = 255
 # WRITE ATOMIC(16) (SBC-4 4.29): at most 4 MiB per command (a power of two in
 # blocks, under MAXIMUM TRANSFER LENGTH and the 16-bit TRANSFER LENGTH field),
-# any LBA, any length. Each atomic write is one pwrite of the whole range, so
+# by default any LBA and any length (``atomic_unit`` 1; a larger unit, say a
+# 4 KiB physical block's worth, becomes ATOMIC ALIGNMENT and ATOMIC TRANSFER
+# LENGTH GRANULARITY). Each atomic write is one pwrite of the whole range, so
 # an ATOMIC BOUNDARY (where the device server *may* split the write) is
 # honoured by not splitting: the limits with a boundary equal those without.
 MAX_ATOMIC_BYTES = 4 << 20
-ATOMIC_ALIGNMENT = 1
-ATOMIC_GRANULARITY = 1
 
 # CDB length by group code (SPC-5 4.2.5.1): opcode bits 7:5.
 _GROUP_LEN = (6, 10, 10, 1, 16, 12, 1, 1)
@@ -147,6 +147,7 @@ class LogicalUnit:
         product: str = "SHARED-LUN",
         revision: str = "0001",
         pr_factory: Callable[..., ReservationTable] | None = None,
+        atomic_unit: int = 1,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
@@ -171,6 +172,9 @@ class LogicalUnit:
         self._fd = self.store.fd
         self._max_xfer = min(MAX_TRANSFER_BLOCKS, MAX_TRANSFER_BYTES // block_size)
         max_atomic = min(self._max_xfer, MAX_ATOMIC_BYTES // block_size, 0xFFFF)
+        if not 1 <= atomic_unit <= max_atomic:
+            raise ValueError(f"atomic unit {atomic_unit} is not 1..{max_atomic} blocks")
+        max_atomic -= max_atomic % atomic_unit  # a whole number of units
         self.limits = inq.BlockLimits(
             max_transfer=self._max_xfer,
             optimal_transfer=OPTIMAL_TRANSFER_BYTES // block_size,
@@ -179,8 +183,8 @@ class LogicalUnit:
             max_write_same=MAX_WRITE_SAME_BYTES // block_size,
             max_compare_and_write=MAX_COMPARE_AND_WRITE,
             max_atomic_transfer=max_atomic,
-            atomic_alignment=ATOMIC_ALIGNMENT,
-            atomic_granularity=ATOMIC_GRANULARITY,
+            atomic_alignment=atomic_unit,
+            atomic_granularity=atomic_unit,
             max_atomic_with_boundary=max_atomic,
             max_atomic_boundary=max_atomic,
         )
