@@ -1022,6 +1022,7 @@ WRITES = [
     for op in (
         Opcode.WRITE_6,
         Opcode.WRITE_16,
+        Opcode.WRITE_ATOMIC_16,
         Opcode.WRITE_SAME_10,
         Opcode.WRITE_SAME_16,
         Opcode.UNMAP,

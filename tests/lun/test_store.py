@@ -77,3 +77,27 @@ def test_write_same(store: BlockStore) -> None:
     assert store.read(512, 512 * 3000) == block * 3000
     assert store.read(0, 512) == bytes(512)
     assert store.read(512 * 3001, 512) == bytes(512)
+
+
+def test_write_atomic_is_one_pwrite(store: BlockStore, monkeypatch) -> None:
+    import prmigrate.lun.store as store_mod
+
+    calls = []
+    real = os.pwrite
+
+    def spy(fd, buf, off):
+        calls.append((off, len(buf)))
+        return real(fd, buf, off)
+
+    monkeypatch.setattr(store_mod.os, "pwrite", spy)
+    store.write_atomic(4096, memoryview(b"w" * 8192))
+    assert calls == [(4096, 8192)]
+    assert store.read(4096, 8192) == b"w" * 8192
+
+
+def test_write_atomic_short_write_raises(store: BlockStore, monkeypatch) -> None:
+    import prmigrate.lun.store as store_mod
+
+    monkeypatch.setattr(store_mod.os, "pwrite", lambda fd, buf, off: len(buf) // 2)
+    with pytest.raises(OSError):
+        store.write_atomic(0, b"x" * 1024)

@@ -95,7 +95,7 @@ def good(r: Result) -> bytes:
 # ------------------------------------------------------------------ dispatch
 def test_unknown_opcode(lu: LogicalUnit) -> None:
     check(lu.execute(A, cdb("ff 00 00 00 00 00"), b""), Sense.INVALID_OPCODE)
-    check(lu.execute(A, cdb("9c 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # WRITE ATOMIC(16)
+    check(lu.execute(A, cdb("83 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # EXTENDED COPY
 
 
 def test_short_and_empty_cdb(lu: LogicalUnit) -> None:
@@ -179,6 +179,29 @@ def test_vpd_block_limits_golden(lu: LogicalUnit) -> None:
     assert max_unmap == 1 << 20 and max_desc == MAX_UNMAP_DESCRIPTORS and gran == 1
     assert uga == 0x80000000
     assert struct.unpack_from(">Q", d, 36)[0] == (64 << 20) // BS
+    # WRITE ATOMIC: max 4 MiB, alignment 1, granularity 1, same limits with a boundary
+    assert struct.unpack_from(">5I", d, 44) == (8192, 1, 1, 8192, 8192)
+
+
+def test_vpd_block_limits_atomic_scales_with_block_size(tmp_path: Path) -> None:
+    u = LogicalUnit(tmp_path / "img4k", 64 * 4096, block_size=4096, name="bs4k", pr_factory=StubPR)
+    d = good(u.execute(A, cdb("12 01 b0 00 40 00"), b""))
+    u.close()
+    max_xfer = struct.unpack_from(">I", d, 8)[0]
+    assert struct.unpack_from(">5I", d, 44) == (1024, 1, 1, 1024, 1024) and 1024 <= max_xfer
+
+
+def test_atomic_unit_is_alignment_and_granularity(tmp_path: Path) -> None:
+    u = LogicalUnit(tmp_path / "img", 64 * BS, name="au", pr_factory=StubPR, atomic_unit=24)
+    d = good(u.execute(A, cdb("12 01 b0 00 40 00"), b""))
+    assert struct.unpack_from(">5I", d, 44) == (8184, 24, 24, 8184, 8184)  # max: whole units
+    check(u.execute(A, wa16(1, 24), bytes(24 * BS)), Sense.INVALID_FIELD_IN_CDB)
+    check(u.execute(A, wa16(0, 8), bytes(8 * BS)), Sense.INVALID_FIELD_IN_CDB)
+    good(u.execute(A, wa16(24, 24), bytes(24 * BS)))
+    u.close()
+    for bad in (0, 8193):
+        with pytest.raises(ValueError):
+            LogicalUnit(tmp_path / "img", 64 * BS, name="au", pr_factory=StubPR, atomic_unit=bad)
 
 
 def test_vpd_b1_b2(lu: LogicalUnit) -> None:
@@ -414,6 +437,152 @@ def test_orwrite(lu: LogicalUnit) -> None:
     check(lu.execute(A, rw16(0x8B, BLOCKS - 1, 2), b"\x01" * 2 * BS), Sense.LBA_OUT_OF_RANGE)
     check(lu.execute(A, rw16(0x8B, 3, 1, flags=0x20), b"\x01" * BS), Sense.INVALID_FIELD_IN_CDB)
     check(lu.execute(A, rw16(0x8B, 3, 2), b"\x01" * BS), Sense.INVALID_FIELD_IN_CDB)
+
+
+# --------------------------------------------------------- WRITE ATOMIC(16)
+def wa16(lba: int, n: int, flags: int = 0, boundary: int = 0, group: int = 0) -> bytes:
+    """SBC-4 5.48: LBA at 2, ATOMIC BOUNDARY at 10, TRANSFER LENGTH (2 bytes) at 12."""
+    return struct.pack(">BBQHHBB", 0x9C, flags, lba, boundary, n, group, 0)
+
+
+def sks(r: Result) -> bytes:
+    """Fixed-format sense-key-specific bytes: C/D, BPV + bit, field pointer."""
+    return r.sense[15:18]
+
+
+def test_write_atomic16_roundtrip(lu: LogicalUnit) -> None:
+    good(lu.execute(A, rw16(0x8A, 20, 4), b"o" * 4 * BS))
+    data = bytes(range(256)) * 2 * 3
+    good(lu.execute(A, wa16(21, 3, group=0x3F), data))
+    assert good(lu.execute(A, rw16(0x88, 20, 4), b"")) == b"o" * BS + data
+    # the READ fast path preads the same file: it sees the atomic write at once
+    assert lu.read_fast(A, rw10(0x28, 21, 3)) == data
+    assert lu.read_fast(A, rw16(0x88, 20, 1)) == b"o" * BS
+    good(lu.execute(A, wa16(BLOCKS - 1, 1), b"e" * BS))  # the last block
+    assert good(lu.execute(A, rw16(0x88, BLOCKS - 1, 1), b"")) == b"e" * BS
+    good(lu.execute(A, wa16(30, 2), b"L" * 3 * BS))  # Data-Out longer than the CDB: its first blocks
+    assert good(lu.execute(A, rw16(0x88, 30, 3), b"")) == b"L" * 2 * BS + bytes(BS)
+
+
+def test_write_atomic16_is_one_pwrite(lu: LogicalUnit, monkeypatch) -> None:
+    calls = []
+    real = lu.store.write_atomic
+
+    def spy(off, buf):
+        calls.append((off, len(buf)))
+        real(off, buf)
+
+    monkeypatch.setattr(lu.store, "write_atomic", spy)
+    monkeypatch.setattr(lu.store, "write", lambda *a: pytest.fail("WRITE ATOMIC used the looping write"))
+    good(lu.execute(A, wa16(64, 16), b"z" * 16 * BS))
+    assert calls == [(64 * BS, 16 * BS)]
+
+
+def test_write_atomic16_zero_blocks_writes_nothing(lu: LogicalUnit, monkeypatch) -> None:
+    """SBC-4 5.48: TRANSFER LENGTH 0 transfers and writes no blocks; not an error."""
+    monkeypatch.setattr(lu.store, "write_atomic", lambda *a: pytest.fail("0 blocks written"))
+    good(lu.execute(A, wa16(0, 0), b""))
+    good(lu.execute(A, wa16(5, 0), b"ignored" * 100))
+    good(lu.execute(A, wa16(BLOCKS, 0), b""))  # LBA + 0 does not pass the capacity
+    check(lu.execute(A, wa16(BLOCKS + 1, 0), b""), Sense.LBA_OUT_OF_RANGE)
+    check(lu.execute(A, wa16(2**63, 0), b""), Sense.LBA_OUT_OF_RANGE)
+    check(lu.execute(A, wa16(2**64 - 1, 0), b""), Sense.LBA_OUT_OF_RANGE)
+
+
+def test_write_atomic16_checks(lu: LogicalUnit) -> None:
+    before = good(lu.execute(A, rw16(0x88, 0, 32), b""))
+    blk = b"\xee" * BS
+    for wrprotect in range(1, 8):  # no protection information: WRPROTECT must be 0
+        r = lu.execute(A, wa16(0, 1, flags=wrprotect << 5), blk)
+        check(r, Sense.INVALID_FIELD_IN_CDB)
+        assert sks(r) == bytes((0xC8 | 7, 0, 1))
+    check(lu.execute(A, wa16(BLOCKS - 1, 2), blk * 2), Sense.LBA_OUT_OF_RANGE)
+    check(lu.execute(A, wa16(BLOCKS - 256, 512), blk * 512), Sense.LBA_OUT_OF_RANGE)
+    check(lu.execute(A, wa16(2**63, 1), blk), Sense.LBA_OUT_OF_RANGE)
+    check(lu.execute(A, wa16(2**64 - 1, 1), blk), Sense.LBA_OUT_OF_RANGE)
+    r = lu.execute(A, wa16(0, 2), blk)  # Data-Out shorter than TRANSFER LENGTH
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert sks(r) == bytes((0xC0, 0, 12))
+    # the atomic limits of the Block Limits page, shrunk to be reachable
+    lu.limits = dataclasses.replace(lu.limits, max_atomic_transfer=16, max_atomic_with_boundary=8,
+                                    max_atomic_boundary=4, atomic_alignment=4, atomic_granularity=2)
+    r = lu.execute(A, wa16(0, 18), blk * 18)  # > MAXIMUM ATOMIC TRANSFER LENGTH
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert sks(r) == bytes((0xC0, 0, 12))
+    r = lu.execute(A, wa16(0, 3), blk * 3)  # not a multiple of the granularity
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert sks(r) == bytes((0xC0, 0, 12))
+    r = lu.execute(A, wa16(2, 2), blk * 2)  # LBA not a multiple of the alignment
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert sks(r) == bytes((0xC0, 0, 2))
+    r = lu.execute(A, wa16(0, 2, boundary=6), blk * 2)  # > MAXIMUM ATOMIC BOUNDARY SIZE
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert sks(r) == bytes((0xC0, 0, 10))
+    r = lu.execute(A, wa16(0, 10, boundary=4), blk * 10)  # > ... WITH ATOMIC BOUNDARY
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert sks(r) == bytes((0xC0, 0, 12))
+    assert good(lu.execute(A, rw16(0x88, 0, 32), b"")) == before  # nothing was written
+    good(lu.execute(A, wa16(4, 16), blk * 16))
+    good(lu.execute(A, wa16(20, 8, boundary=4), blk * 8))
+    assert good(lu.execute(A, rw16(0x88, 0, 32), b"")) == before[: 4 * BS] + blk * 24 + before[28 * BS:]
+
+
+def test_write_atomic16_write_protected(lu: LogicalUnit, monkeypatch) -> None:
+    good(_set_control(lu, A, swp=True))
+    monkeypatch.setattr(lu.store, "write_atomic", lambda *a: pytest.fail("written while write-protected"))
+    check(lu.execute(A, wa16(0, 1), b"x" * BS), Sense.WRITE_PROTECTED)
+    check(lu.execute(A, wa16(0, 0), b""), Sense.WRITE_PROTECTED)
+    check(lu.execute(A, wa16(0, 1, flags=0x20), b"x" * BS), Sense.INVALID_FIELD_IN_CDB)  # CDB first
+    monkeypatch.undo()
+    good(_set_control(lu, A))
+    good(lu.execute(A, wa16(0, 1), b"x" * BS))
+
+
+def test_write_atomic16_dpo_fua(lu: LogicalUnit, monkeypatch) -> None:
+    flushes = []
+    monkeypatch.setattr(lu.store, "flush", lambda off=0, n=0: flushes.append((off, n)))
+    good(lu.execute(A, wa16(8, 2, flags=0x10), b"d" * 2 * BS))  # DPO: a hint
+    assert flushes == []
+    good(lu.execute(A, wa16(8, 2, flags=0x08), b"f" * 2 * BS))  # FUA: through to the medium
+    good(lu.execute(A, wa16(8, 2, flags=0x18), b"g" * 2 * BS))
+    assert flushes == [(8 * BS, 2 * BS)] * 2
+    page = bytearray(lu.modes.page(0x08, 0))
+    page[2] = 0  # WCE = 0: every write is written through
+    good(lu.execute(A, cdb("15 10 00 00 18 00"), bytes(4) + page))
+    good(lu.execute(A, wa16(8, 1), b"h" * BS))
+    assert flushes[-1] == (8 * BS, BS)
+
+
+def test_write_atomic16_short_pwrite_is_an_error(lu: LogicalUnit, monkeypatch) -> None:
+    import prmigrate.lun.store as store_mod
+
+    monkeypatch.setattr(store_mod.os, "pwrite", lambda fd, buf, off: len(buf) - 1)
+    check(lu.execute(A, wa16(0, 2), b"s" * 2 * BS), Sense.INTERNAL_TARGET_FAILURE)
+
+
+def test_write_atomic16_reservation_conflicts(tmp_path: Path) -> None:
+    """0x9C is a write for SPC-5 PR (SBC-4 table 13) and SCSI-2 RESERVE."""
+    pytest.importorskip("prmigrate.lun.pr")
+    u = LogicalUnit(tmp_path / "img", 64 * BS, name="real-pr-atomic")
+    blk = b"a" * BS
+    reg = struct.pack(">QQ4xB3x", 0, 0xAB, 0)
+    good(u.execute(A, cdb("5f 00 00 00 00 00 00 00 18 00"), reg))
+    res = struct.pack(">QQ4xB3x", 0xAB, 0, 0)
+    good(u.execute(A, cdb("5f 01 01 00 00 00 00 00 18 00"), res))  # WRITE EXCLUSIVE
+    assert u.execute(B, wa16(0, 1), blk).status == Status.RESERVATION_CONFLICT
+    assert u.execute(B, wa16(0, 0), b"").status == Status.RESERVATION_CONFLICT
+    good(u.execute(B, rw10(0x28, 0, 1), b""))
+    good(u.execute(A, wa16(0, 1), blk))
+    good(u.execute(A, cdb("5f 02 01 00 00 00 00 00 18 00"), res))  # RELEASE
+    good(u.execute(B, wa16(1, 1), blk))
+    good(u.execute(A, cdb("5f 03 00 00 00 00 00 00 18 00"), res))  # CLEAR
+    good(u.execute(A, cdb("16 00 00 00 00 00"), b""))  # SCSI-2 RESERVE(6)
+    assert u.execute(B, wa16(2, 1), blk).status == Status.RESERVATION_CONFLICT
+    good(u.execute(A, wa16(2, 1), blk))
+    good(u.execute(A, cdb("17 00 00 00 00 00"), b""))
+    good(u.execute(B, wa16(3, 1), blk))
+    assert good(u.execute(B, rw10(0x28, 0, 4), b"")) == blk * 4
+    u.close()
 
 
 # ---------------------------------------------------------- PRE-FETCH / misc
@@ -660,6 +829,9 @@ def test_rsoc_one_command(lu: LogicalUnit) -> None:
     assert good(lu.execute(A, rsoc(2, 0x9E, 0x1F), b""))[1] & 0x07 == 0x01
     assert good(lu.execute(A, rsoc(3, 0x28, 0x55), b""))[4] == 0x28
     check(lu.execute(A, rsoc(5), b""), Sense.INVALID_FIELD_IN_CDB)
+    # WRITE ATOMIC(16): DPO|FUA, LBA, ATOMIC BOUNDARY, TRANSFER LENGTH, group
+    d = good(lu.execute(A, rsoc(1, 0x9C), b""))
+    assert d == bytes.fromhex("00030010 9c 18 ffffffffffffffff ffff ffff 3f 00")
     assert good(lu.execute(A, rsoc(0, alloc=4), b""))[:4] == good(lu.execute(A, rsoc(0), b""))[:4]
     check(lu.execute(A, cdb("a3 0a 00 00 00 00 00 00 10 00 00 00"), b""), Sense.INVALID_FIELD_IN_CDB)
 
@@ -708,7 +880,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 _FUZZ_OPS = sorted(
     {0x00, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x1A, 0x1B, 0x1E, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x37,
-     0x41, 0x42, 0x55, 0x5A, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9E, 0xA0, 0xA3,
+     0x41, 0x42, 0x55, 0x5A, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9C, 0x9E, 0xA0, 0xA3,
      0xA8, 0xAA, 0xAE, 0xAF, 0xB7, 0x5E, 0x5F, 0x16, 0x17, 0x56, 0x57, 0xFF}
 )
 

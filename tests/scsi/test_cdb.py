@@ -20,6 +20,7 @@ from prmigrate.scsi.cdb import (
     StartStopCdb,
     UnmapCdb,
     UnmapDescriptor,
+    WriteAtomic16Cdb,
     decode_unmap_list,
 )
 from prmigrate.scsi.sense import CheckCondition, Sense
@@ -75,6 +76,19 @@ def test_block_cdb_unknown_opcode() -> None:
 def test_compare_and_write() -> None:
     c = CompareAndWriteCdb.decode(bytes.fromhex("89 08 00 00 00 00 00 00 01 00 00 00 00 02 00 00"))
     assert c == CompareAndWriteCdb(0x08, 256, 2)
+
+
+def test_write_atomic16_golden() -> None:
+    """SBC-4 5.48: WRPROTECT|DPO|FUA, LBA(8), ATOMIC BOUNDARY(2), TRANSFER LENGTH(2), GROUP, CONTROL."""
+    raw = bytes.fromhex("9c 38 80 00 00 00 00 00 01 02 00 04 01 00 25 00")
+    c = WriteAtomic16Cdb.decode(raw)
+    assert c == WriteAtomic16Cdb(0x38, 0x8000000000000102, 4, 256, 0x25)
+    assert c.encode() == raw
+    assert WriteAtomic16Cdb.decode(memoryview(raw)) == c
+    assert WriteAtomic16Cdb.decode(bytes.fromhex("9c 00 00000000 00000007 0000 0001 ff 00")).group == 0x3F
+    for n in range(0, 16):
+        with pytest.raises(CdbTooShort):
+            WriteAtomic16Cdb.decode(raw[:n])
 
 
 def test_inquiry() -> None:

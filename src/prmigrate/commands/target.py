@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--digests", choices=("allow", "require", "off"), default="allow",
                         help="CRC32C header/data digests: accept when offered, insist, or refuse")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--atomic-unit", type=int, default=1, metavar="BLOCKS",
+                        help="WRITE ATOMIC alignment and length granularity in blocks (default 1: none)")
 
 
 def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -74,7 +76,11 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         size = args.size
         if not path.exists() and size is None:
             raise SystemExit(f"{path} does not exist: give --size to create it")
-        luns[num] = LogicalUnit(path, size, lun=num, name=f"{args.iqn}/{num}", state_dir=args.state_dir)
+        try:
+            luns[num] = LogicalUnit(path, size, lun=num, name=f"{args.iqn}/{num}", state_dir=args.state_dir,
+                                    atomic_unit=args.atomic_unit)
+        except ValueError as e:
+            raise SystemExit(f"LUN {num}: {e}") from None
     chap = None
     if args.chap_user:
         chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)

@@ -65,6 +65,7 @@ OPCODE_ACCESS: dict[int, Access] = {
     Opcode.WRITE_AND_VERIFY_12: Access.WRITE,
     Opcode.WRITE_AND_VERIFY_16: Access.WRITE,
     Opcode.ORWRITE_16: Access.WRITE,
+    Opcode.WRITE_ATOMIC_16: Access.WRITE,  # SBC-4 table 13: conflicts like WRITE(16)
     Opcode.COMPARE_AND_WRITE: Access.WRITE,
     Opcode.WRITE_SAME_10: Access.WRITE,
     Opcode.WRITE_SAME_16: Access.WRITE,

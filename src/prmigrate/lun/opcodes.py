@@ -96,6 +96,8 @@ TABLE: tuple[OpInfo, ...] = (
     _rw16(Opcode.PRE_FETCH_16, 0x02),
     _rw16(Opcode.SYNCHRONIZE_CACHE_16, 0x02, slow=True),
     _rw16(Opcode.WRITE_SAME_16, 0x09, slow=True),
+    # WRITE ATOMIC(16): DPO|FUA, LBA, ATOMIC BOUNDARY, TRANSFER LENGTH (2 bytes), group
+    OpInfo(Opcode.WRITE_ATOMIC_16, None, _u(0x9C, 0x18, *_LBA8, 0xFF, 0xFF, 0xFF, 0xFF, 0x3F, 0x00)),
     OpInfo(
         Opcode.SERVICE_ACTION_IN_16,
         ServiceActionIn16.READ_CAPACITY_16,

@@ -62,6 +62,17 @@ class BlockStore:
             view = view[n:]
             offset += n
 
+    def write_atomic(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """One ``pwrite`` of the whole range, never a loop of partial writes
+        (WRITE ATOMIC, SBC-4 4.29). The LU runs on one thread, so no other
+        command reads or writes between its first and last byte. A short
+        write (the file system out of space mid-range) is an error, never
+        retried: the caller sees it fail. Crash atomicity is the file
+        system's: a host crash mid-write may leave part of the range new."""
+        n = os.pwrite(self.fd, data, offset)
+        if n != memoryview(data).nbytes:
+            raise OSError(errno.EIO, f"short atomic write: {n} of {memoryview(data).nbytes} bytes at {offset}")
+
     def flush(self, offset: int = 0, length: int = 0) -> None:
         """Make the range (or everything) durable. The range is advisory."""
         os.fdatasync(self.fd)

@@ -132,6 +132,40 @@ class CompareAndWriteCdb:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteAtomic16Cdb:
+    """WRITE ATOMIC(16) (9Ch), SBC-4 5.48.
+
+    Byte 1: WRPROTECT (7:5), DPO, FUA; bytes 2-9 LBA; bytes 10-11 ATOMIC
+    BOUNDARY; bytes 12-13 TRANSFER LENGTH (blocks); byte 14 GROUP NUMBER (5:0).
+    Not an ``RW_LAYOUT`` command: its length field is two bytes at offset 12.
+    """
+
+    flags: int  # byte 1
+    lba: int
+    boundary: int
+    blocks: int
+    group: int
+
+    # Byte offsets of the fields, for sense-key-specific pointers.
+    LBA_FIELD = 2
+    BOUNDARY_FIELD = 10
+    LENGTH_FIELD = 12
+
+    @staticmethod
+    def decode(cdb: bytes | memoryview) -> WriteAtomic16Cdb:
+        need(cdb, 16)
+        _, flags, lba, boundary, blocks, group, _c = _WA16.unpack_from(cdb)
+        return WriteAtomic16Cdb(flags, lba, boundary, blocks, group & 0x3F)
+
+    def encode(self, control: int = 0) -> bytes:
+        return _WA16.pack(Opcode.WRITE_ATOMIC_16, self.flags, self.lba, self.boundary, self.blocks, self.group,
+                          control)
+
+
+_WA16 = struct.Struct(">BBQHHBB")
+
+
+@dataclass(frozen=True, slots=True)
 class InquiryCdb:
     """INQUIRY (12h), SPC-5 6.6.1."""
 

@@ -186,6 +186,12 @@ class BlockLimits:
     optimal_granularity: int = 1
     unmap_granularity: int = 1
     max_prefetch: int = 0
+    # WRITE ATOMIC (SBC-4 4.29, 6.6.4), in blocks; all 0: atomic writes not supported.
+    max_atomic_transfer: int = 0
+    atomic_alignment: int = 0  # 0: no alignment constraint
+    atomic_granularity: int = 0  # 0: no granularity constraint
+    max_atomic_with_boundary: int = 0  # TRANSFER LENGTH limit when ATOMIC BOUNDARY != 0
+    max_atomic_boundary: int = 0  # largest ATOMIC BOUNDARY; 0: only boundary 0
 
 
 def vpd_block_limits(bl: BlockLimits) -> bytes:
@@ -203,6 +209,10 @@ def vpd_block_limits(bl: BlockLimits) -> bytes:
     struct.pack_into(">I", b, 24, bl.unmap_granularity)
     struct.pack_into(">I", b, 28, 0x80000000)  # UGAVALID, alignment 0
     struct.pack_into(">Q", b, 32, bl.max_write_same)
+    struct.pack_into(
+        ">5I", b, 40, bl.max_atomic_transfer, bl.atomic_alignment, bl.atomic_granularity,
+        bl.max_atomic_with_boundary, bl.max_atomic_boundary,
+    )
     return _vpd(VpdPage.BLOCK_LIMITS, bytes(b))
 
 
