@@ -351,6 +351,8 @@ def test_expected_in_len_from_cdb() -> None:
     assert expected_in_len(bytes((0x08, 0, 0, 0, 0, 0)), 512) == 256 * 512
     assert expected_in_len(b"") == 0
     assert expected_in_len(bytes((0x2A,)) + bytes(9)) == 0
+    # WRITE ATOMIC(16): data out only, whatever bytes 10-13 (boundary, length) hold
+    assert expected_in_len(bytes((0x9C, 0)) + bytes(8) + bytes((0, 2, 0, 4)) + bytes(2), 512) == 0
 
 
 @run

@@ -105,6 +105,35 @@ async def test_write_residuals_follow_scsi_length():
 
 
 @run_async
+async def test_write_atomic_is_never_cut_to_an_overflowing_edtl(tmp_path):
+    """WRITE ATOMIC(16) with less Data-Out than its transfer length: the
+    LU gets the CDB as sent (not a shorter atomic write of the first
+    blocks), refuses the short data, and nothing is written; the response
+    still reports the overflow."""
+    from prmigrate.iscsi.session import TargetNode
+    from prmigrate.iscsi.target import IscsiTarget
+    from prmigrate.lun.unit import LogicalUnit
+
+    lu = LogicalUnit(tmp_path / "lu.img", 1 << 20)
+    target = IscsiTarget([TargetNode(TARGET, {0: lu})])
+    (host, port), *_ = await target.start("127.0.0.1", 0)
+    try:
+        c = await Client.connect(host, port)
+        await c.login()
+        atomic = bytes((0x9C, 0)) + (8).to_bytes(8, "big") + bytes(2) + (2).to_bytes(2, "big") + bytes(2)
+        final, _ = await c.command(atomic, data_out=b"x" * 512)  # EDTL 1 block < 2 blocks
+        assert final.status == Status.CHECK_CONDITION and final.sense[2] & 0x0F == 5  # ILLEGAL REQUEST
+        assert final.flags & P.ResponseFlags.OVERFLOW and final.residual == 512
+        assert lu.store.read(8 * 512, 1024) == bytes(1024)
+        final, _ = await c.command(atomic, data_out=b"y" * 1024)
+        assert final.status == 0 and not final.flags
+        assert lu.store.read(8 * 512, 1024) == b"y" * 1024
+        await c.close()
+    finally:
+        await target.close()
+
+
+@run_async
 async def test_digests_and_nop():
     target, node, lu, host, port = await make_target()
     try:

@@ -279,6 +279,7 @@ _IN_LEN: dict[int, Callable[[bytes, int], int]] = {
     Opcode.WRITE_16: _ZERO,
     Opcode.WRITE_SAME_10: _ZERO,
     Opcode.WRITE_SAME_16: _ZERO,
+    Opcode.WRITE_ATOMIC_16: _ZERO,
     Opcode.UNMAP: _ZERO,
     Opcode.SANITIZE: _ZERO,  # bytes 7-8 are the parameter list (Data-Out) length
     Opcode.MODE_SELECT_6: _ZERO,

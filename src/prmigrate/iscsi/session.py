@@ -268,7 +268,12 @@ _XFER_FIELD: dict[int, tuple[int, int, int]] = {
     ScsiOp.READ_16: (16, 10, 4),
     ScsiOp.WRITE_16: (16, 10, 4),
     ScsiOp.WRITE_AND_VERIFY_16: (16, 10, 4),
+    ScsiOp.WRITE_ATOMIC_16: (16, 12, 2),
 }
+# Writes that must not be cut to the blocks an overflowing EDTL carries: a
+# shorter WRITE ATOMIC would be another atomic write; the LU refuses the
+# short Data-Out instead, with nothing written.
+_WHOLE_ONLY = frozenset({ScsiOp.WRITE_ATOMIC_16})
 
 
 def scsi_transfer(cdb: bytes, block_size: int) -> tuple[int, int, int, int] | None:
@@ -981,6 +986,8 @@ class Connection:
                 if edtl > scsi_len:
                     flags, residual = ResponseFlags.UNDERFLOW, edtl - scsi_len
                     data = memoryview(data)[:scsi_len]
+                elif edtl < scsi_len and cdb[0] in _WHOLE_ONLY:
+                    flags, residual = ResponseFlags.OVERFLOW, scsi_len - edtl
                 elif edtl < scsi_len:
                     flags, residual = ResponseFlags.OVERFLOW, scsi_len - edtl
                     bs = scsi_len // blocks
