@@ -1051,34 +1051,43 @@ class Connection:
             n == edtl and n and res.status == _GOOD
             and n <= p.max_xmit_data_segment_length and n <= p.max_burst_length
         ):
-            # the forwarded read: one Data-In with status, as _respond builds
-            # it (no residual), StatSN and MaxCmdSN (see max_cmdsn) inline
-            statsn = self.statsn
-            self.statsn = (statsn + 1) & 0xFFFFFFFF
-            exp = self.exp_cmdsn
-            want = (exp + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
-            adv = self._max_adv
-            d = (want - adv) & 0xFFFFFFFF
-            if d and d < _HALF:
-                self._max_adv = adv = want
-            bhs = _HDR_U32.pack(
-                Opcode.DATA_IN, 0x81, _GOOD, n, 0, itt, RESERVED_TAG, statsn, exp, adv, 0, 0, 0,
-            )
-            out = self.out
-            out.append(bhs)
-            if self.hd:
-                out.append(digest_bytes(bhs))
-            out.append(data)
-            pad = _PADS[n & 3]
-            if pad:
-                out.append(pad)
-            if self.dd:
-                out.append(digest_bytes(data, pad))  # type: ignore[arg-type]  # n > 0: data is set
+            self._data_in_with_status(itt, _GOOD, data)  # type: ignore[arg-type]  # n > 0: data is set
         else:
             if isinstance(res, BaseException):
                 self.log.warning("LU result for ITT 0x%x failed: %r", itt, res)
                 res = Result(_CHECK, b"", encode_sense(Sense.INTERNAL_TARGET_FAILURE))
             self._respond(itt, res, edtl, flags, residual, write)
+        self._late_flush()
+
+    def _data_in_with_status(self, itt: int, status: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue the answer of a read that got all its data (EDTL, one
+        Data-In's worth): one Data-In with status, as _respond builds it (no
+        residual), StatSN and MaxCmdSN (see max_cmdsn) inline."""
+        n = len(data)
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        exp = self.exp_cmdsn
+        want = (exp + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
+        adv = self._max_adv
+        d = (want - adv) & 0xFFFFFFFF
+        if d and d < _HALF:
+            self._max_adv = adv = want
+        bhs = _HDR_U32.pack(Opcode.DATA_IN, 0x81, status, n, 0, itt, RESERVED_TAG, statsn, exp, adv, 0, 0, 0)
+        out = self.out
+        out.append(bhs)
+        if self.hd:
+            out.append(digest_bytes(bhs))
+        out.append(data)
+        pad = _PADS[n & 3]
+        if pad:
+            out.append(pad)
+        if self.dd:
+            out.append(digest_bytes(data, pad))
+
+    def _late_flush(self) -> None:
+        """Send what an answer outside a read event of this connection
+        queued: at the end of the current read event (another connection's),
+        else at once."""
         if not self._in_batch:
             if self._defer is None:
                 self.flush()
@@ -1098,32 +1107,8 @@ class Connection:
         if entry is None or entry[0] is not token or self.state != Connection.FULL_FEATURE:
             return  # connection gone or task aborted: drop
         del self.pending[itt]
-        n = len(data)
-        statsn = self.statsn
-        self.statsn = (statsn + 1) & 0xFFFFFFFF
-        exp = self.exp_cmdsn
-        want = (exp + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
-        adv = self._max_adv
-        d = (want - adv) & 0xFFFFFFFF
-        if d and d < _HALF:
-            self._max_adv = adv = want
-        bhs = _HDR_U32.pack(Opcode.DATA_IN, 0x81, status, n, 0, itt, RESERVED_TAG, statsn, exp, adv, 0, 0, 0)
-        out = self.out
-        out.append(bhs)
-        if self.hd:
-            out.append(digest_bytes(bhs))
-        out.append(data)  # a copy out of the backend's receive buffer
-        pad = _PADS[n & 3]
-        if pad:
-            out.append(pad)
-        if self.dd:
-            out.append(digest_bytes(data, pad))
-        if not self._in_batch:
-            if self._defer is None:
-                self.flush()
-            elif not self._flush_deferred:
-                self._flush_deferred = True
-                self._defer(self._deferred_flush)
+        self._data_in_with_status(itt, status, data)  # data: a copy, queued as is
+        self._late_flush()
 
     def relay_result(self, token: tuple[int, int], result: Any) -> None:
         """Any other end of a relayed read (sense, residual, several Data-In,
