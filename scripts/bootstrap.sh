@@ -21,7 +21,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if ! $PY -c 'import prmigrate, google_crc32c, pytest, hypothesis, pytest_timeout' >/dev/null 2>&1 \
+if ! $PY -c 'import prmigrate, google_crc32c, pytest, hypothesis, pytest_timeout, mypy, ruff' >/dev/null 2>&1 \
    || [ "$($PY -c 'import prmigrate,os;print(os.path.realpath(prmigrate.__file__))' 2>/dev/null)" != "$(realpath src/prmigrate/__init__.py)" ]; then
   echo "bootstrap: installing prmigrate and its Python dependencies"
   $PY -m pip install -q --disable-pip-version-check -e '.[dev,fast]'
