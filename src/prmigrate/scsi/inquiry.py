@@ -93,14 +93,15 @@ def _ascii(s: str, n: int) -> bytes:
     return b.ljust(n, b" ")
 
 
-def standard_inquiry(ident: Identity, *, protect: bool = False) -> bytes:
-    """96 bytes of standard INQUIRY data (SPC-5 6.6.2)."""
+def standard_inquiry(ident: Identity, *, protect: bool = False, third_party_copy: bool = False) -> bytes:
+    """96 bytes of standard INQUIRY data (SPC-5 6.6.2). ``third_party_copy``
+    sets 3PC: the LU's copy manager takes EXTENDED COPY."""
     b = bytearray(96)
     b[0] = DeviceType.DIRECT_ACCESS  # peripheral qualifier 000b
     b[2] = STANDARD_VERSION
     b[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
     b[4] = len(b) - 5
-    b[5] = 0x01 if protect else 0x00  # SCCS/ACC/TPGS=0/3PC=0
+    b[5] = (0x01 if protect else 0x00) | (0x08 if third_party_copy else 0x00)  # SCCS/ACC/TPGS=0, 3PC
     b[6] = 0x00
     b[7] = 0x02  # CMDQUE
     b[8:16] = _ascii(ident.vendor, 8)
