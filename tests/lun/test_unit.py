@@ -95,7 +95,7 @@ def good(r: Result) -> bytes:
 # ------------------------------------------------------------------ dispatch
 def test_unknown_opcode(lu: LogicalUnit) -> None:
     check(lu.execute(A, cdb("ff 00 00 00 00 00"), b""), Sense.INVALID_OPCODE)
-    check(lu.execute(A, cdb("83 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # EXTENDED COPY
+    check(lu.execute(A, cdb("85 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # ATA PASS-THROUGH(16)
 
 
 def test_short_and_empty_cdb(lu: LogicalUnit) -> None:
@@ -123,7 +123,7 @@ def test_reservation_conflict(lu: LogicalUnit) -> None:
 def test_standard_inquiry_golden(lu: LogicalUnit) -> None:
     d = good(lu.execute(A, cdb("12 00 00 01 04 00"), b""))
     assert len(d) == 96
-    assert d[:8] == bytes((0x00, 0x00, 0x06, 0x12, 91, 0x00, 0x00, 0x02))
+    assert d[:8] == bytes((0x00, 0x00, 0x06, 0x12, 91, 0x08, 0x00, 0x02))  # 3PC: EXTENDED COPY
     assert d[8:16] == b"PRMIGRAT" and d[16:32] == b"SHARED-LUN      " and d[32:36] == b"0001"
     descs = struct.unpack_from(">8H", d, 58)
     assert descs[:6] == (0x00A0, 0x0960, 0x0460, 0x04C0, 0x05C0, 0x0600)
