@@ -243,10 +243,10 @@ def _decode_cscds(buf: memoryview, start: int, length: int) -> tuple[Cscd, ...]:
         raise CheckCondition(Sense.TOO_MANY_TARGET_DESCRIPTORS)
     out = []
     for off in range(start, start + length, CSCD_LEN):
-        if buf[off] != DescriptorType.IDENTIFICATION:
-            raise CheckCondition(Sense.UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE, SenseField(cdb=False, field=off))
         if off + CSCD_LEN > start + length:
             raise invalid_param(2)  # the list ends inside a descriptor
+        if buf[off] != DescriptorType.IDENTIFICATION:
+            raise CheckCondition(Sense.UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE, SenseField(cdb=False, field=off))
         _t, b1, _port, cs, assoc_type, dlen = _CSCD_HEAD.unpack_from(buf, off)
         if dlen > MAX_DESIGNATOR_LEN:
             raise invalid_param(off + 7)
