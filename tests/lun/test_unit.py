@@ -138,7 +138,7 @@ def test_inquiry_bad_fields(lu: LogicalUnit) -> None:
 
 
 def test_vpd_supported_and_serial(lu: LogicalUnit) -> None:
-    assert good(lu.execute(A, cdb("12 01 00 00 ff 00"), b"")) == bytes.fromhex("00000006 00 80 83 b0 b1 b2")
+    assert good(lu.execute(A, cdb("12 01 00 00 ff 00"), b"")) == bytes.fromhex("00000007 00 80 83 8f b0 b1 b2")
     assert good(lu.execute(A, cdb("12 01 80 00 ff 00"), b"")) == bytes.fromhex("00800006") + b"SN0001"
 
 

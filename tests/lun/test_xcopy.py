@@ -489,3 +489,20 @@ def test_fuzz_parameter_lists(lu: LogicalUnit, data: bytes, naa_real: bool, cut:
     for action in (0x00, 0x03, 0x04):
         assert lu.execute(A, rcr_cdb(action, data[0] if data else 0), b"").status in (
             Status.GOOD, Status.CHECK_CONDITION)
+
+
+# ------------------------------------------------------------- Third-party Copy VPD page
+def test_third_party_copy_vpd_golden(lu: LogicalUnit) -> None:
+    """SPC-4 7.8.17, required with 3PC = 1: Supported Commands, Parameter
+    Data, Supported Descriptors, Supported CSCD Descriptor IDs (none beyond
+    list indexes), General Copy Operations; each padded to 4 bytes."""
+    d = good(lu.execute(A, bytes((0x12, 0x01, 0x8F, 0x04, 0x00, 0)), b""))
+    assert d == bytes.fromhex(
+        "008f 0060"
+        "0001 0008 07 83 01 00 84 02 00 03"
+        "0004 001c 00000000 0008 0010 000002c0 00000000" + "00" * 12 +
+        "0008 0004 02 02e4 00"
+        "000c 0004 0000 0000"
+        "8001 0020 00000001 00000001 02000000 09 09" + "00" * 18
+    )
+    assert good(lu.execute(A, bytes((0x12, 0x01, 0x8F, 0x00, 0x08, 0)), b"")) == d[:8]

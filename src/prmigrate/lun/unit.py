@@ -803,6 +803,8 @@ class LogicalUnit:
             out = inq.vpd_serial(self.ident)
         elif page == inq.VpdPage.DEVICE_ID:
             out = inq.vpd_device_id(self.ident, target=nexus.target, tpgt=nexus.tpgt, rel_port=nexus.rel_port)
+        elif page == inq.VpdPage.THIRD_PARTY_COPY:
+            out = inq.vpd_third_party_copy(xcopy.copy_limits(self.block_size))
         elif page == inq.VpdPage.BLOCK_LIMITS:
             out = inq.vpd_block_limits(self.limits)
         elif page == inq.VpdPage.BLOCK_CHARACTERISTICS:

@@ -59,8 +59,9 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from ..scsi import inquiry as inq
 from ..scsi.cdb import invalid_cdb, invalid_param, need
-from ..scsi.constants import ExtendedCopyAction, ReceiveCopyResultsAction
+from ..scsi.constants import ExtendedCopyAction, Opcode, ReceiveCopyResultsAction
 from ..scsi.sense import CheckCondition, Sense, SenseField
 from .store import BlockStore
 
@@ -328,6 +329,28 @@ def operating_parameters(block_size: int) -> bytes:
         len(IMPLEMENTED_DESCRIPTORS),
     ) + bytes(IMPLEMENTED_DESCRIPTORS)
     return _U32.pack(len(body)) + body
+
+
+def copy_limits(block_size: int) -> inq.CopyLimits:
+    """The Third-party Copy VPD page's view of the same limits."""
+    gran = block_size.bit_length() - 1
+    return inq.CopyLimits(
+        commands=(
+            (Opcode.EXTENDED_COPY, (ExtendedCopyAction.LID1,)),
+            (Opcode.RECEIVE_COPY_RESULTS,
+             (ReceiveCopyResultsAction.COPY_STATUS, ReceiveCopyResultsAction.OPERATING_PARAMETERS)),
+        ),
+        max_cscd_descriptors=MAX_CSCD_DESCRIPTORS,
+        max_segment_descriptors=MAX_SEGMENT_DESCRIPTORS,
+        max_descriptor_list_length=MAX_DESCRIPTOR_LIST_LENGTH,
+        max_inline_data=MAX_INLINE_DATA,
+        descriptor_codes=tuple(IMPLEMENTED_DESCRIPTORS),
+        total_concurrent_copies=TOTAL_CONCURRENT_COPIES,
+        max_identified_concurrent_copies=MAX_CONCURRENT_COPIES,
+        max_segment_length=MAX_SEGMENT_BYTES,
+        data_segment_granularity=gran,
+        inline_data_granularity=gran,
+    )
 
 
 def check_results_action(action: int) -> ReceiveCopyResultsAction:
