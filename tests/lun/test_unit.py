@@ -95,7 +95,7 @@ def good(r: Result) -> bytes:
 # ------------------------------------------------------------------ dispatch
 def test_unknown_opcode(lu: LogicalUnit) -> None:
     check(lu.execute(A, cdb("ff 00 00 00 00 00"), b""), Sense.INVALID_OPCODE)
-    check(lu.execute(A, cdb("83 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # EXTENDED COPY
+    check(lu.execute(A, cdb("85 00") + bytes(14), b""), Sense.INVALID_OPCODE)  # ATA PASS-THROUGH(16)
 
 
 def test_short_and_empty_cdb(lu: LogicalUnit) -> None:
@@ -123,7 +123,7 @@ def test_reservation_conflict(lu: LogicalUnit) -> None:
 def test_standard_inquiry_golden(lu: LogicalUnit) -> None:
     d = good(lu.execute(A, cdb("12 00 00 01 04 00"), b""))
     assert len(d) == 96
-    assert d[:8] == bytes((0x00, 0x00, 0x06, 0x12, 91, 0x00, 0x00, 0x02))
+    assert d[:8] == bytes((0x00, 0x00, 0x06, 0x12, 91, 0x08, 0x00, 0x02))  # 3PC: EXTENDED COPY
     assert d[8:16] == b"PRMIGRAT" and d[16:32] == b"SHARED-LUN      " and d[32:36] == b"0001"
     descs = struct.unpack_from(">8H", d, 58)
     assert descs[:6] == (0x00A0, 0x0960, 0x0460, 0x04C0, 0x05C0, 0x0600)
@@ -138,7 +138,7 @@ def test_inquiry_bad_fields(lu: LogicalUnit) -> None:
 
 
 def test_vpd_supported_and_serial(lu: LogicalUnit) -> None:
-    assert good(lu.execute(A, cdb("12 01 00 00 ff 00"), b"")) == bytes.fromhex("00000006 00 80 83 b0 b1 b2")
+    assert good(lu.execute(A, cdb("12 01 00 00 ff 00"), b"")) == bytes.fromhex("00000007 00 80 83 8f b0 b1 b2")
     assert good(lu.execute(A, cdb("12 01 80 00 ff 00"), b"")) == bytes.fromhex("00800006") + b"SN0001"
 
 
@@ -880,7 +880,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 _FUZZ_OPS = sorted(
     {0x00, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x1A, 0x1B, 0x1E, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x37,
-     0x41, 0x42, 0x55, 0x5A, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9C, 0x9E, 0xA0, 0xA3,
+     0x41, 0x42, 0x55, 0x5A, 0x83, 0x84, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9C, 0x9E, 0xA0, 0xA3,
      0xA8, 0xAA, 0xAE, 0xAF, 0xB7, 0x5E, 0x5F, 0x16, 0x17, 0x56, 0x57, 0xFF}
 )
 

@@ -81,6 +81,13 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                                     atomic_unit=args.atomic_unit)
         except ValueError as e:
             raise SystemExit(f"LUN {num}: {e}") from None
+    # EXTENDED COPY between the LUs of the node: each LU's copy manager finds
+    # the others by their NAA designators (lun/unit.py copy_peers).
+    def peers() -> list[LogicalUnit]:
+        return [lu for lu in luns.values() if isinstance(lu, LogicalUnit)]
+
+    for lu in peers():
+        lu.copy_peers = peers
     chap = None
     if args.chap_user:
         chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)

@@ -12,7 +12,15 @@ import struct
 from dataclasses import dataclass
 
 from ..scsi.cdb import ReportOpcodesCdb, invalid_cdb
-from ..scsi.constants import MaintenanceIn, Opcode, PrInAction, PrOutAction, ServiceActionIn16
+from ..scsi.constants import (
+    ExtendedCopyAction,
+    MaintenanceIn,
+    Opcode,
+    PrInAction,
+    PrOutAction,
+    ReceiveCopyResultsAction,
+    ServiceActionIn16,
+)
 from .sanitize import SanitizeAction
 
 
@@ -87,6 +95,15 @@ TABLE: tuple[OpInfo, ...] = (
         for sa in PrOutAction
         if sa != PrOutAction.REPLACE_LOST_RESERVATION
     ),
+    # EXTENDED COPY (LID1): PARAMETER LIST LENGTH (bytes 10-13); a copy of up
+    # to MAX_SEGMENT_DESCRIPTORS x MAX_SEGMENT_BYTES runs inside the command.
+    OpInfo(Opcode.EXTENDED_COPY, ExtendedCopyAction.LID1,
+           _u(0x83, ExtendedCopyAction.LID1, *(0,) * 8, *_LBA4, 0, 0), recommended=60),
+    # RECEIVE COPY RESULTS: LIST IDENTIFIER (byte 2, COPY STATUS only), ALLOCATION LENGTH (10-13)
+    OpInfo(Opcode.RECEIVE_COPY_RESULTS, ReceiveCopyResultsAction.COPY_STATUS,
+           _u(0x84, ReceiveCopyResultsAction.COPY_STATUS, 0xFF, *(0,) * 7, *_LBA4, 0, 0)),
+    OpInfo(Opcode.RECEIVE_COPY_RESULTS, ReceiveCopyResultsAction.OPERATING_PARAMETERS,
+           _u(0x84, ReceiveCopyResultsAction.OPERATING_PARAMETERS, *(0,) * 8, *_LBA4, 0, 0)),
     _rw16(Opcode.READ_16, 0x18),
     OpInfo(Opcode.COMPARE_AND_WRITE, None, _u(0x89, 0x18, *_LBA8, 0, 0, 0, 0xFF, 0x3F, 0)),
     _rw16(Opcode.WRITE_16, 0x18),

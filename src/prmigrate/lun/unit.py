@@ -71,9 +71,15 @@ from ..scsi.cdb import (
     invalid_cdb,
     invalid_param,
 )
-from ..scsi.constants import MaintenanceIn, Opcode, ServiceActionIn16, Status
+from ..scsi.constants import (
+    MaintenanceIn,
+    Opcode,
+    ReceiveCopyResultsAction,
+    ServiceActionIn16,
+    Status,
+)
 from ..scsi.sense import CheckCondition, Sense, SenseField, encode_sense
-from . import sanitize
+from . import sanitize, xcopy
 from .modepages import ModePages, PageControl
 from .opcodes import report_supported_opcodes
 from .store import BlockStore
@@ -125,6 +131,11 @@ _RW12_unpack = RW12.unpack_from
 _U32 = struct.Struct(">I")
 
 
+def _peer_cdb(op: int, lba: int) -> bytes:
+    """A one-block READ(16)/WRITE(16) CDB, for another LU's reservation check."""
+    return RW16.pack(op, 0, lba, 1, 0, 0)
+
+
 def _lun_entry(lun: int) -> bytes:
     """SAM-5 4.7: peripheral (00b) addressing below 256, flat space (01b) above."""
     if lun < 256:
@@ -161,6 +172,12 @@ class LogicalUnit:
         self.ua = UnitAttentions()
         self.modes = ModePages()
         self.report_luns: Callable[[], list[int]] = lambda: [self.lun]
+        # Logical units an EXTENDED COPY may name as copy source or
+        # destination (E4h descriptors carrying their NAA designator): this
+        # LU alone unless the target gives the LUs of its node.
+        self.copy_peers: Callable[[], Iterable[LogicalUnit]] = lambda: (self,)
+        self.naa = inq.naa6(self.name)
+        self._copy_results: dict[tuple[Nexus, int], xcopy.CopyRecord] = {}
         self.abort_hook: Callable[[set[Nexus]], None] | None = None
         self.log = logging.LoggerAdapter(log, {"lun": lun})
         if pr_factory is None:
@@ -188,7 +205,7 @@ class LogicalUnit:
             max_atomic_with_boundary=max_atomic,
             max_atomic_boundary=max_atomic,
         )
-        self._std_inquiry = inq.standard_inquiry(self.ident)
+        self._std_inquiry = inq.standard_inquiry(self.ident, third_party_copy=True)
         self._dispatch: dict[int, Callable[[Nexus, bytes, bytes | memoryview], Result]] = {
             Opcode.READ_10: self._read10,
             Opcode.READ_16: self._read16,
@@ -219,6 +236,8 @@ class LogicalUnit:
             Opcode.COMPARE_AND_WRITE: self._compare_and_write,
             Opcode.ORWRITE_16: self._orwrite,
             Opcode.WRITE_ATOMIC_16: self._write_atomic16,
+            Opcode.EXTENDED_COPY: self._extended_copy,
+            Opcode.RECEIVE_COPY_RESULTS: self._receive_copy_results,
             Opcode.PRE_FETCH_10: self._prefetch,
             Opcode.PRE_FETCH_16: self._prefetch,
             Opcode.MODE_SENSE_6: self._mode_sense,
@@ -275,10 +294,13 @@ class LogicalUnit:
     def nexus_lost(self, nexus: Nexus) -> None:
         self.pr.nexus_lost(nexus)
         self.ua.detach(nexus)
+        for key in [k for k in self._copy_results if k[0] == nexus]:
+            del self._copy_results[key]
 
     def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
         self.pr.reset()
         self.ua.attach(nexus)
+        self._copy_results.clear()
         if cold:
             self.modes = ModePages()
             self.ua.establish_all(Sense.POWER_ON_OCCURRED)
@@ -647,6 +669,102 @@ class LogicalUnit:
         self.log.info("lun %d: sanitized (%s) by %s", self.lun, action.name, nexus)
         return Result()
 
+    # ------------------------------------------------------- copy manager
+    def _extended_copy(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """EXTENDED COPY (LID1), SPC-4 6.4 (lun/xcopy.py): the parameter list
+        and every segment are checked before a byte is copied; the copy then
+        runs to completion inside the command."""
+        c = xcopy.ExtendedCopyCdb.decode(cdb)
+        plist = xcopy.CopyList.decode(data, c.length)
+        if plist is None:
+            return Result()
+        key = (nexus, plist.list_id)
+        self._copy_results.pop(key, None)  # a new copy with this list identifier
+        try:
+            plan = [self._plan_segment(nexus, plist, seg) for seg in plist.segments]
+        except CheckCondition as e:
+            if plist.held and e.sense.key == Sense.COPY_ABORTED.key:
+                self._copy_results[key] = xcopy.CopyRecord(xcopy.CopyManagerStatus.FAILED, 0, 0)
+            raise
+        done = moved = 0
+        try:
+            for src, src_off, dst, dst_off, length in plan:
+                xcopy.copy_range(src.store, src_off, dst.store, dst_off, length)
+                done += 1
+                moved += length
+        except OSError:
+            if plist.held:
+                self._copy_results[key] = xcopy.CopyRecord(xcopy.CopyManagerStatus.FAILED, done, moved)
+            raise
+        for dst in {id(p[2]): p[2] for p in plan}.values():
+            if not dst.modes.wce:
+                dst.store.flush()
+        if plist.held:
+            self._copy_results[key] = xcopy.CopyRecord(xcopy.CopyManagerStatus.COMPLETED, done, moved)
+        return Result()
+
+    def _plan_segment(
+        self, nexus: Nexus, plist: xcopy.CopyList, seg: xcopy.Segment
+    ) -> tuple[LogicalUnit, int, LogicalUnit, int, int]:
+        """(source LU, byte offset, destination LU, byte offset, length) of
+        one block to block segment, or the sense that stops the copy."""
+        Seg = xcopy.Segment
+        src = self._copy_target(plist, seg, seg.src, Seg.SRC_FIELD)
+        dst = self._copy_target(plist, seg, seg.dst, Seg.DST_FIELD)
+        length = seg.blocks * (dst.block_size if seg.dc else src.block_size)
+        if length % src.block_size or length % dst.block_size or length > xcopy.MAX_SEGMENT_BYTES:
+            raise invalid_param(seg.offset + Seg.BLOCKS_FIELD)
+        if seg.src_lba + length // src.block_size > src.blocks:
+            raise xcopy.segment_abort(seg, Seg.SRC_LBA_FIELD)
+        if seg.dst_lba + length // dst.block_size > dst.blocks:
+            raise xcopy.segment_abort(seg, Seg.DST_LBA_FIELD)
+        dst._check_writable()
+        # Another LU of the node is read and written on the same I_T nexus:
+        # its reservations decide as for a READ(16) / WRITE(16) from it.
+        if src is not self and src.pr.conflicts(nexus, _peer_cdb(Opcode.READ_16, seg.src_lba)):
+            raise ReservationConflict
+        if dst is not self and dst.pr.conflicts(nexus, _peer_cdb(Opcode.WRITE_16, seg.dst_lba)):
+            raise ReservationConflict
+        return src, seg.src_lba * src.block_size, dst, seg.dst_lba * dst.block_size, length
+
+    def _copy_target(self, plist: xcopy.CopyList, seg: xcopy.Segment, index: int, field: int) -> LogicalUnit:
+        """The LU a segment's CSCD DESCRIPTOR ID names: an E4h descriptor
+        whose designator is the NAA designator (binary, LU association) this
+        LU or a copy peer reports in VPD page 83h."""
+        if index >= len(plist.cscds):
+            raise CheckCondition(Sense.UNREACHABLE_COPY_TARGET, SenseField(cdb=False, field=seg.offset + field))
+        d = plist.cscds[index]
+        found = None
+        if (d.code_set, d.association, d.designator_type) == (
+            inq.CodeSet.BINARY, inq.Association.LU, inq.DesignatorType.NAA
+        ):
+            found = next((lu for lu in self.copy_peers() if lu.naa == d.designator), None)
+        if found is None:
+            raise CheckCondition(Sense.COPY_TARGET_DEVICE_NOT_REACHABLE,
+                                 SenseField(cdb=False, field=d.offset + xcopy.Cscd.DESIGNATOR_FIELD))
+        if d.device_type != 0:
+            raise CheckCondition(Sense.INCORRECT_COPY_TARGET_DEVICE_TYPE, SenseField(cdb=False, field=d.offset + 1))
+        if d.block_length != found.block_size:
+            raise CheckCondition(Sense.INCORRECT_COPY_TARGET_DEVICE_TYPE,
+                                 SenseField(cdb=False, field=d.offset + xcopy.Cscd.BLOCK_LENGTH_FIELD))
+        return found
+
+    def _receive_copy_results(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
+        """RECEIVE COPY RESULTS, SPC-4 6.18: COPY STATUS of this nexus's
+        last copy with the LIST IDENTIFIER (discarded once wholly returned),
+        OPERATING PARAMETERS. No copy known: INVALID FIELD IN CDB at byte 2."""
+        c = xcopy.ReceiveCopyResultsCdb.decode(cdb)
+        action = xcopy.check_results_action(c.action)
+        if action == ReceiveCopyResultsAction.OPERATING_PARAMETERS:
+            return Result(_GOOD, xcopy.operating_parameters(self.block_size)[: c.alloc])
+        record = self._copy_results.get((nexus, c.list_id))
+        if record is None:
+            raise invalid_cdb(2)
+        out = xcopy.copy_status(record)
+        if c.alloc >= len(out):
+            del self._copy_results[(nexus, c.list_id)]
+        return Result(_GOOD, out[: c.alloc])
+
     def _get_lba_status(self, lba: int, alloc: int) -> bytes:
         """GET LBA STATUS, SBC-4 5.8: descriptors of mapped / deallocated runs
         from ``lba``, as many as the allocation length holds (at least one)."""
@@ -685,6 +803,8 @@ class LogicalUnit:
             out = inq.vpd_serial(self.ident)
         elif page == inq.VpdPage.DEVICE_ID:
             out = inq.vpd_device_id(self.ident, target=nexus.target, tpgt=nexus.tpgt, rel_port=nexus.rel_port)
+        elif page == inq.VpdPage.THIRD_PARTY_COPY:
+            out = inq.vpd_third_party_copy(xcopy.copy_limits(self.block_size))
         elif page == inq.VpdPage.BLOCK_LIMITS:
             out = inq.vpd_block_limits(self.limits)
         elif page == inq.VpdPage.BLOCK_CHARACTERISTICS:

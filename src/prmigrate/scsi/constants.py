@@ -97,6 +97,22 @@ class ServiceActionIn16(IntEnum):
     GET_LBA_STATUS = 0x12
 
 
+class ExtendedCopyAction(IntEnum):
+    """Service actions of EXTENDED COPY (83h), SPC-4 6.4."""
+
+    LID1 = 0x00
+    LID4 = 0x01
+
+
+class ReceiveCopyResultsAction(IntEnum):
+    """Service actions of RECEIVE COPY RESULTS (84h), SPC-4 6.18 (LID1 forms)."""
+
+    COPY_STATUS = 0x00
+    RECEIVE_DATA = 0x01
+    OPERATING_PARAMETERS = 0x03
+    FAILED_SEGMENT_DETAILS = 0x04
+
+
 class MaintenanceIn(IntEnum):
     """Service actions of MAINTENANCE IN (A3h)."""
 

@@ -18,6 +18,7 @@ class VpdPage(IntEnum):
     SUPPORTED = 0x00
     UNIT_SERIAL = 0x80
     DEVICE_ID = 0x83
+    THIRD_PARTY_COPY = 0x8F
     BLOCK_LIMITS = 0xB0
     BLOCK_CHARACTERISTICS = 0xB1
     LOGICAL_BLOCK_PROVISIONING = 0xB2
@@ -93,14 +94,15 @@ def _ascii(s: str, n: int) -> bytes:
     return b.ljust(n, b" ")
 
 
-def standard_inquiry(ident: Identity, *, protect: bool = False) -> bytes:
-    """96 bytes of standard INQUIRY data (SPC-5 6.6.2)."""
+def standard_inquiry(ident: Identity, *, protect: bool = False, third_party_copy: bool = False) -> bytes:
+    """96 bytes of standard INQUIRY data (SPC-5 6.6.2). ``third_party_copy``
+    sets 3PC: the LU's copy manager takes EXTENDED COPY."""
     b = bytearray(96)
     b[0] = DeviceType.DIRECT_ACCESS  # peripheral qualifier 000b
     b[2] = STANDARD_VERSION
     b[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
     b[4] = len(b) - 5
-    b[5] = 0x01 if protect else 0x00  # SCCS/ACC/TPGS=0/3PC=0
+    b[5] = (0x01 if protect else 0x00) | (0x08 if third_party_copy else 0x00)  # SCCS/ACC/TPGS=0, 3PC
     b[6] = 0x00
     b[7] = 0x02  # CMDQUE
     b[8:16] = _ascii(ident.vendor, 8)
@@ -173,6 +175,62 @@ def vpd_device_id(
             _name_string(target), piv=True,
         )
     return _vpd(VpdPage.DEVICE_ID, d)
+
+
+class ThirdPartyCopyDescriptor(IntEnum):
+    """Third-party copy descriptor types of the Third-party Copy VPD page (SPC-4 7.8.17)."""
+
+    SUPPORTED_COMMANDS = 0x0001
+    PARAMETER_DATA = 0x0004
+    SUPPORTED_DESCRIPTORS = 0x0008
+    SUPPORTED_CSCD_DESCRIPTOR_IDS = 0x000C
+    GENERAL_COPY_OPERATIONS = 0x8001
+
+
+@dataclass(frozen=True, slots=True)
+class CopyLimits:
+    """What the copy manager supports, for the Third-party Copy VPD page."""
+
+    commands: tuple[tuple[int, tuple[int, ...]], ...]  # (opcode, service actions)
+    max_cscd_descriptors: int
+    max_segment_descriptors: int
+    max_descriptor_list_length: int
+    max_inline_data: int
+    descriptor_codes: tuple[int, ...]
+    total_concurrent_copies: int
+    max_identified_concurrent_copies: int
+    max_segment_length: int
+    data_segment_granularity: int  # log2 of bytes
+    inline_data_granularity: int
+
+
+def _tpc_descriptor(dtype: int, body: bytes) -> bytes:
+    """A third-party copy descriptor: type, length, body padded to a multiple of 4."""
+    body += bytes(-len(body) % 4)
+    return struct.pack(">HH", dtype, len(body)) + body
+
+
+def vpd_third_party_copy(c: CopyLimits) -> bytes:
+    """Third-party Copy (8Fh), SPC-4 7.8.17: the descriptors an EXTENDED COPY
+    (LID1) copy manager must report. No CSCD descriptor IDs beyond the
+    0000h-07FFh list indexes are supported (an empty list)."""
+    cmds = b"".join(bytes((op, len(sas), *sas)) for op, sas in c.commands)
+    d = _tpc_descriptor(ThirdPartyCopyDescriptor.SUPPORTED_COMMANDS, bytes((len(cmds),)) + cmds)
+    d += _tpc_descriptor(
+        ThirdPartyCopyDescriptor.PARAMETER_DATA,
+        struct.pack(">4xHHII12x", c.max_cscd_descriptors, c.max_segment_descriptors,
+                    c.max_descriptor_list_length, c.max_inline_data),
+    )
+    d += _tpc_descriptor(
+        ThirdPartyCopyDescriptor.SUPPORTED_DESCRIPTORS, bytes((len(c.descriptor_codes), *c.descriptor_codes))
+    )
+    d += _tpc_descriptor(ThirdPartyCopyDescriptor.SUPPORTED_CSCD_DESCRIPTOR_IDS, struct.pack(">H", 0))
+    d += _tpc_descriptor(
+        ThirdPartyCopyDescriptor.GENERAL_COPY_OPERATIONS,
+        struct.pack(">IIIBB18x", c.total_concurrent_copies, c.max_identified_concurrent_copies,
+                    c.max_segment_length, c.data_segment_granularity, c.inline_data_granularity),
+    )
+    return _vpd(VpdPage.THIRD_PARTY_COPY, d)
 
 
 @dataclass(frozen=True, slots=True)
