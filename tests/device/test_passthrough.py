@@ -353,6 +353,10 @@ def test_expected_in_len_from_cdb() -> None:
     assert expected_in_len(bytes((0x2A,)) + bytes(9)) == 0
     # WRITE ATOMIC(16): data out only, whatever bytes 10-13 (boundary, length) hold
     assert expected_in_len(bytes((0x9C, 0)) + bytes(8) + bytes((0, 2, 0, 4)) + bytes(2), 512) == 0
+    # EXTENDED COPY: bytes 10-13 are its parameter list length (out); RECEIVE
+    # COPY RESULTS: its allocation length (in)
+    assert expected_in_len(bytes((0x83, 0)) + bytes(8) + (80).to_bytes(4, "big") + bytes(2)) == 0
+    assert expected_in_len(bytes((0x84, 3)) + bytes(8) + (1024).to_bytes(4, "big") + bytes(2)) == 1024
 
 
 @run

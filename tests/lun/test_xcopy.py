@@ -114,7 +114,7 @@ def test_parameter_list_golden_vector() -> None:
 def test_operating_parameters_golden() -> None:
     d = xcopy.operating_parameters(512)
     assert d == bytes.fromhex(
-        "0000002a 01 000000 0008 0010 000002c0 02000000 00000000 00000000 00000000"
+        "0000002a 01 000000 0008 0010 000002c0 00400000 00000000 00000000 00000000"
         " 0000 0001 01 09 09 09 000000 02 02e4"
     )
 
@@ -503,6 +503,6 @@ def test_third_party_copy_vpd_golden(lu: LogicalUnit) -> None:
         "0004 001c 00000000 0008 0010 000002c0 00000000" + "00" * 12 +
         "0008 0004 02 02e4 00"
         "000c 0004 0000 0000"
-        "8001 0020 00000001 00000001 02000000 09 09" + "00" * 18
+        "8001 0020 00000001 00000001 00400000 09 09" + "00" * 18
     )
     assert good(lu.execute(A, bytes((0x12, 0x01, 0x8F, 0x00, 0x08, 0)), b"")) == d[:8]

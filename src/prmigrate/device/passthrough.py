@@ -280,6 +280,8 @@ _IN_LEN: dict[int, Callable[[bytes, int], int]] = {
     Opcode.WRITE_SAME_10: _ZERO,
     Opcode.WRITE_SAME_16: _ZERO,
     Opcode.WRITE_ATOMIC_16: _ZERO,
+    Opcode.EXTENDED_COPY: _ZERO,  # bytes 10-13: the parameter list (Data-Out) length
+    Opcode.RECEIVE_COPY_RESULTS: lambda c, b: _be(c, 10, 4),
     Opcode.UNMAP: _ZERO,
     Opcode.SANITIZE: _ZERO,  # bytes 7-8 are the parameter list (Data-Out) length
     Opcode.MODE_SELECT_6: _ZERO,
