@@ -77,3 +77,27 @@ def children_cpu() -> float:
 
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+_QEMU_RUN = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+def qemu_img_bench(url: str, write: bool, count: int = 100000, qd: int = 32,
+                   initiator: str | None = None) -> float:
+    """``qemu-img bench`` (QEMU's libiscsi block driver, a second client)
+    on an ``iscsi://HOST:PORT/TARGET/LUN`` URL: 4 KiB requests at queue depth
+    ``qd``, sequential offsets; IOPS."""
+    m = re.match(r"iscsi://([^/]+)/([^/]+)/(\d+)$", url)
+    if m is None:
+        raise ValueError(f"not an iscsi:// URL: {url}")
+    opts = f"driver=iscsi,transport=tcp,portal={m.group(1)},target={m.group(2)},lun={m.group(3)}"
+    if initiator is not None:
+        opts += f",initiator-name={initiator}"
+    args = ["qemu-img", "bench", "-c", str(count), "-d", str(qd), "-s", "4k", "--image-opts", opts]
+    if write:
+        args.insert(2, "-w")
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    found = _QEMU_RUN.findall(p.stdout + p.stderr)
+    if p.returncode != 0 or not found:
+        raise RuntimeError(f"qemu-img bench failed on {url}: {p.stdout[-500:]} {p.stderr[-500:]}")
+    return count / float(found[-1])

@@ -10,7 +10,9 @@ For each backend it starts the target and a ``prmigrate host`` daemon with
 one device in front of it (all on 127.0.0.x), then runs ``iscsi-perf -r``
 (4 KiB random reads) at QD1 and QD32, alternating direct and through the
 daemon, ``--rounds`` times, and prints the median IOPS of each and the
-ratio (goal: >= 70 % of direct at QD32). Every process is stopped at the end.
+ratio (goal: >= 70 % of direct at QD32); then ``qemu-img bench`` (another
+client, QEMU's libiscsi driver) for 4 KiB reads and writes at QD32, the
+same way. Every process is stopped at the end.
 
 It also prints the CPU time each process spent per I/O at QD32 (from
 /proc and getrusage): the daemon's figure is the device's overhead in a
@@ -36,7 +38,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from _common import children_cpu, env, free_port, iscsi_perf, process_cpu, stop, wait_port  # noqa: E402
+from _common import (  # noqa: E402
+    children_cpu,
+    env,
+    free_port,
+    iscsi_perf,
+    process_cpu,
+    qemu_img_bench,
+    stop,
+    wait_port,
+)
 
 SHARED = "iqn.2026-11.org.prmigrate:bench-shared"
 FRONTEND = "iqn.2026-11.org.prmigrate:bench-vm1"
@@ -158,6 +169,19 @@ def bench(name: str, direct: str, via: str, pids: dict[str, int], seconds: int, 
         print(f"  CPU-bound ceiling on {cores} cores: direct {cores * 1e6 / direct_sum:.0f} IOPS,"
               f" via host {cores * 1e6 / via_sum:.0f} IOPS"
               f" ({100 * direct_sum / via_sum:.0f}% of direct)", flush=True)
+    if shutil.which("qemu-img") is None:
+        print("  (qemu-img not found: no write figures; apt-get install qemu-utils qemu-block-extra)")
+        return
+    # a second client, and writes: qemu-img bench (QEMU's libiscsi driver)
+    for write in (False, True):
+        d2, v2 = [], []
+        for _ in range(rounds):
+            d2.append(qemu_img_bench(direct, write, initiator=PERF_IQN))
+            v2.append(qemu_img_bench(via, write, initiator=PERF_IQN))
+        md2, mv2 = statistics.median(d2), statistics.median(v2)
+        what = "writes" if write else "reads "
+        print(f"  qemu-img bench QD32 4 KiB {what}: direct {md2:>8.0f}  via host {mv2:>8.0f}"
+              f"  {100 * mv2 / md2:>6.1f}%", flush=True)
 
 
 def main() -> int:
