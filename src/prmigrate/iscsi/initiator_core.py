@@ -942,18 +942,7 @@ class InitiatorCore:
             raise ValueError("bidirectional commands are not supported")
         cmd = _Command(self._next_handle(), lun, bytes(cdb), memoryview(bytes(data_out)),
                        data_in_len, attr)
-        self._by_handle[cmd.handle] = cmd
-        if (
-            not self._waiting
-            and self.state is State.FULL_FEATURE
-            and len(self._active) < self.config.queue_depth
-            and ((self.max_cmdsn - self.cmdsn) & SN_MASK) < _HALF  # sn_le(cmdsn, max_cmdsn)
-        ):
-            self._issue(cmd, now)  # what _pump would do with it
-        else:
-            self._waiting.append(cmd)
-            self._pump(now)
-        return cmd.handle
+        return self._enqueue(cmd, now)
 
     def submit_relay(
         self, lun: int, cdb: bytes, data_in_len: int, sink: RelaySink, token: Any, now: float = 0.0
@@ -970,7 +959,13 @@ class InitiatorCore:
         self._handle = handle = self._handle + 1
         cmd = _Command(handle, lun, cdb, _NO_DATA, data_in_len, TaskAttribute.SIMPLE,
                        sink=sink, token=token)
-        self._by_handle[handle] = cmd
+        return self._enqueue(cmd, now)
+
+    def _enqueue(self, cmd: _Command, now: float) -> int:
+        """Register a new command and send it now if nothing waits before it
+        and the queue depth and the CmdSN window allow (what ``_pump`` would
+        do with it), else queue it."""
+        self._by_handle[cmd.handle] = cmd
         if (
             not self._waiting
             and self.state is State.FULL_FEATURE
@@ -981,7 +976,7 @@ class InitiatorCore:
         else:
             self._waiting.append(cmd)
             self._pump(now)
-        return handle
+        return cmd.handle
 
     def _pump(self, now: float) -> None:
         if self.state is not State.FULL_FEATURE:

@@ -1072,17 +1072,8 @@ class Connection:
         d = (want - adv) & 0xFFFFFFFF
         if d and d < _HALF:
             self._max_adv = adv = want
-        bhs = _HDR_U32.pack(Opcode.DATA_IN, 0x81, status, n, 0, itt, RESERVED_TAG, statsn, exp, adv, 0, 0, 0)
-        out = self.out
-        out.append(bhs)
-        if self.hd:
-            out.append(digest_bytes(bhs))
-        out.append(data)
-        pad = _PADS[n & 3]
-        if pad:
-            out.append(pad)
-        if self.dd:
-            out.append(digest_bytes(data, pad))
+        self._emit(_HDR_U32.pack(Opcode.DATA_IN, 0x81, status, n, 0, itt, RESERVED_TAG, statsn, exp, adv,
+                                 0, 0, 0), data)
 
     def _late_flush(self) -> None:
         """Send what an answer outside a read event of this connection
@@ -1142,17 +1133,7 @@ class Connection:
                 Opcode.DATA_IN, 0x81 | flags, status, n, 0, itt, RESERVED_TAG, self._next_statsn(),
                 self.exp_cmdsn, self.max_cmdsn, 0, 0, residual,
             )
-            chunk = data if len(data) == n else memoryview(data)[:n]
-            out = self.out
-            out.append(bhs)
-            if self.hd:
-                out.append(digest_bytes(bhs))
-            out.append(chunk)
-            pad = _PADS[n & 3]
-            if pad:
-                out.append(pad)
-            if self.dd:
-                out.append(digest_bytes(chunk, pad))
+            self._emit(bhs, data if len(data) == n else memoryview(data)[:n])
             return
         datasn = 0
         if n:
