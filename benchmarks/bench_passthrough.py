@@ -19,6 +19,12 @@ It also prints the CPU time each process spent per I/O at QD32 (from
 form that does not depend on the core count, and with every process busy
 the IOPS through the daemon cannot exceed cores / (sum of the per-I/O CPU
 of guest, daemon and target), which is printed as the ceiling.
+
+As a yardstick it runs the same reads through ``tcp_relay.py``, a process
+that copies bytes between the guest's and the target's sockets and does
+nothing else: what any forwarder costs by being in the data path on this
+machine (its socket reads and writes, its share of the cores). The daemon
+does that socket work and all of the device's on top.
 Not a test: numbers depend on the machine (CPU count matters: the guest,
 the daemon and the target share it).
 """
@@ -130,6 +136,25 @@ def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[tuple[str, i
         stop(proc)
 
 
+@contextlib.contextmanager
+def tcp_relay(direct: str, uvloop: bool) -> Iterator[tuple[str, int]]:
+    """benchmarks/tcp_relay.py in front of the backend: the same target
+    reached through a process that only copies bytes."""
+    hostport, _, path = direct[len("iscsi://"):].partition("/")
+    to_host, _, to_port = hostport.rpartition(":")
+    host = f"127.0.0.{random.randint(2, 250)}"
+    port = free_port(host)
+    args = [sys.executable, str(Path(__file__).with_name("tcp_relay.py")), host, str(port), to_host, to_port]
+    if uvloop:
+        args.append("--uvloop")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    try:
+        wait_port(host, port, proc)
+        yield f"iscsi://{host}:{port}/{path}", proc.pid
+    finally:
+        stop(proc)
+
+
 class Measured:
     """IOPS of one iscsi-perf run and the CPU seconds per I/O of each process."""
 
@@ -142,19 +167,25 @@ class Measured:
         self.cpu["guest"] = (children_cpu() - guest) / ios
 
 
-def bench(name: str, direct: str, via: str, pids: dict[str, int], seconds: int, rounds: int) -> None:
-    print(f"\n{name}\n  direct:   {direct}\n  via host: {via}")
-    print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}")
+def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], seconds: int,
+          rounds: int) -> None:
+    print(f"\n{name}\n  direct:   {direct}\n  via host: {via}\n  relay:    {relay}")
+    print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}"
+          f" {'relay IOPS':>11} {'ratio':>7}")
     cores = os.cpu_count() or 1
     for qd in (1, 32):
         d: list[Measured] = []
         v: list[Measured] = []
+        r: list[Measured] = []
         for _ in range(rounds):
             d.append(Measured(direct, qd, seconds, {"target": pids["target"]}))
-            v.append(Measured(via, qd, seconds, pids))
+            v.append(Measured(via, qd, seconds, {"target": pids["target"], "daemon": pids["daemon"]}))
+            r.append(Measured(relay, qd, seconds, {"target": pids["target"], "relay": pids["relay"]}))
         md, mv = statistics.median(m.iops for m in d), statistics.median(m.iops for m in v)
+        mr = statistics.median(m.iops for m in r)
         goal = "  (goal >= 70%)" if qd == 32 else ""
-        print(f"  QD{qd:<10} {md:>12.0f} {mv:>14.0f} {100 * mv / md:>6.1f}%{goal}", flush=True)
+        print(f"  QD{qd:<10} {md:>12.0f} {mv:>14.0f} {100 * mv / md:>6.1f}% {mr:>11.0f}"
+              f" {100 * mr / md:>6.1f}%{goal}", flush=True)
         if qd != 32:
             continue
 
@@ -169,6 +200,10 @@ def bench(name: str, direct: str, via: str, pids: dict[str, int], seconds: int, 
         print(f"  CPU-bound ceiling on {cores} cores: direct {cores * 1e6 / direct_sum:.0f} IOPS,"
               f" via host {cores * 1e6 / via_sum:.0f} IOPS"
               f" ({100 * direct_sum / via_sum:.0f}% of direct)", flush=True)
+        relay_sum = us(r, "target") + us(r, "relay") + us(r, "guest")
+        print(f"  byte relay (tcp_relay.py, no iSCSI work): relay {us(r, 'relay'):.1f} us per I/O,"
+              f" ceiling {cores * 1e6 / relay_sum:.0f} IOPS ({100 * direct_sum / relay_sum:.0f}% of direct);"
+              f" the daemon moved {100 * mv / mr:.0f}% of the relay's IOPS", flush=True)
     if shutil.which("qemu-img") is None:
         print("  (qemu-img not found: no write figures; apt-get install qemu-utils qemu-block-extra)")
         return
@@ -200,15 +235,18 @@ def main() -> int:
         work = Path(tmp)
         if args.backend in ("prm", "both"):
             with prm_target(work, args.target_uvloop) as (direct, tpid), \
-                    host_daemon(work, direct, args.uvloop) as (via, hpid):
-                bench("backend: prmigrate target", direct, via, {"target": tpid, "daemon": hpid},
-                      args.seconds, args.rounds)
+                    host_daemon(work, direct, args.uvloop) as (via, hpid), \
+                    tcp_relay(direct, args.uvloop) as (relay, rpid):
+                bench("backend: prmigrate target", direct, via, relay,
+                      {"target": tpid, "daemon": hpid, "relay": rpid}, args.seconds, args.rounds)
         if args.backend in ("tgt", "both"):
             if shutil.which("tgtd") is None:
                 print("tgtd not found (apt-get install tgt)", file=sys.stderr)
                 return 2
-            with tgt_target(work) as (direct, tpid), host_daemon(work, direct, args.uvloop) as (via, hpid):
-                bench("backend: tgt", direct, via, {"target": tpid, "daemon": hpid}, args.seconds, args.rounds)
+            with tgt_target(work) as (direct, tpid), host_daemon(work, direct, args.uvloop) as (via, hpid), \
+                    tcp_relay(direct, args.uvloop) as (relay, rpid):
+                bench("backend: tgt", direct, via, relay, {"target": tpid, "daemon": hpid, "relay": rpid},
+                      args.seconds, args.rounds)
     return 0
 
 
