@@ -125,6 +125,20 @@ class FakeSession:
         last, size = struct.unpack_from(">QI", data)
         return last + 1, size
 
+    async def report_supported_tmfs(self, *, lun: int | None = None) -> Any:
+        """As ``Session.report_supported_tmfs``: unit attentions retried,
+        ScsiError when not GOOD."""
+        from prmigrate.iscsi.initiator import ScsiError
+        from prmigrate.scsi.cdb import ReportTmfsCdb, SupportedTmfs
+
+        for _ in range(5):
+            r = await self.submit(0, ReportTmfsCdb.encode(4), b"", 4)
+            if r.status != Status.CHECK_CONDITION or not r.sense or r.sense[2] & 0x0F != 0x06:
+                break
+        if r.status != Status.GOOD:
+            raise ScsiError(r, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS")
+        return SupportedTmfs.decode(bytes(r.data_in))
+
 
 class FakeBackend:
     """``connect`` replacement; records every session opened."""
@@ -150,3 +164,4 @@ class FakeBackend:
 
     def open_sessions(self) -> list[FakeSession]:
         return [s for s in self.sessions if not s.closed]
+

@@ -79,6 +79,15 @@ class NoFullStatusUnit(LogicalUnit):
         return super().execute(nexus, cdb, data_out)
 
 
+class NoTmfReportUnit(LogicalUnit):
+    """A LUN without REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (like tgt)."""
+
+    def execute(self, nexus, cdb, data_out=b""):  # type: ignore[no-untyped-def]
+        if cdb[:1] == b"\xa3" and len(cdb) > 1 and cdb[1] & 0x1F == 0x0D:
+            return Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB))
+        return super().execute(nexus, cdb, data_out)
+
+
 class Rig:
     """One backend LU served by our iSCSI target on a loopback port, one
     device in front of it (reaching it with our initiator), guest nexuses
@@ -87,8 +96,9 @@ class Rig:
     session instead (no sockets)."""
 
     def __init__(self, tmp: Path, *, migrate_pr: bool | None = None, identity: str = "guest",
-                 no_full_status: bool = False, lun_size: int = 1 << 20, fake: bool = False) -> None:
-        cls = NoFullStatusUnit if no_full_status else LogicalUnit
+                 no_full_status: bool = False, lun_size: int = 1 << 20, fake: bool = False,
+                 unit: type[LogicalUnit] | None = None) -> None:
+        cls = unit or (NoFullStatusUnit if no_full_status else LogicalUnit)
         self.lu = cls(tmp / "disk.img", lun_size)
         self.tmp = tmp
         self.fake = fake
@@ -1177,3 +1187,61 @@ async def test_identity_host_keeps_ua_and_reservation_per_frontend(tmp_path: Pat
     assert (await rig.cmd(g1, READ1)).good
     assert _other_read(rig).good
     await rig.close()
+
+
+# ------------------------------------------- target resets follow the backend
+
+
+@pytest.mark.parametrize("fake", [False, True])
+@pytest.mark.parametrize("reports", [True, False])
+@run
+async def test_guest_target_reset_follows_the_backends_tmfs(tmp_path: Path, reports: bool, fake: bool) -> None:
+    """The device asks the backend LUN for REPORT SUPPORTED TASK MANAGEMENT
+    FUNCTIONS at start. A backend reporting target resets: the guest's
+    frontend takes a TARGET WARM RESET (as a LU reset of the backend LUN,
+    which releases a SCSI-2 reservation). A backend without the command
+    (tgt): the frontend answers "function not supported" and nothing is
+    reset, as the backend itself would answer. The guest's own REPORT
+    SUPPORTED TASK MANAGEMENT FUNCTIONS gets the backend's answer."""
+    from prmigrate.iscsi.initiator import TmfError, connect
+    from prmigrate.iscsi.pdu import TmfResponse
+
+    rig = Rig(tmp_path, fake=fake, unit=None if reports else NoTmfReportUnit)
+    await rig.start()
+    assert rig.dev.target_reset_supported is reports
+    assert (rig.dev.backend_tmfs is not None) is reports
+    assert rig.dev.describe()["target-reset"] is reports
+    frontend = IscsiTarget([TargetNode("iqn.2026-11.org.prmigrate:vm1", {0: rig.dev})])
+    host = f"127.0.0.{random.randint(2, 250)}"
+    (host, port), *_ = await frontend.start(host, 0)
+    s = await connect(f"iscsi://{host}:{port}/iqn.2026-11.org.prmigrate:vm1/0", initiator_name=G1,
+                      isid=0x23D000000077, reconnect=False)
+    try:
+        r = await s.submit(0, bytes.fromhex("a30d00000000000000040000"), b"", 4)
+        while _is_ua(r):
+            r = await s.submit(0, bytes.fromhex("a30d00000000000000040000"), b"", 4)
+        if reports:
+            assert r.good and bytes(r.data_in) == bytes((0xDA, 0, 0, 0))
+        else:
+            assert _sense(r) == Sense.INVALID_FIELD_IN_CDB.value
+        assert (await s.submit(0, RESERVE6, b"", 0)).good
+        assert _other_read(rig).status == Status.RESERVATION_CONFLICT
+        if reports:
+            assert await s.target_warm_reset() == TmfResponse.FUNCTION_COMPLETE
+            for _ in range(100):  # the LU reset reaches the backend after the answer
+                if _other_read(rig).good:
+                    break
+                await asyncio.sleep(0.01)
+            assert _other_read(rig).good
+        else:
+            with pytest.raises(TmfError) as e:
+                await s.target_warm_reset()
+            assert e.value.response == TmfResponse.NOT_SUPPORTED
+            with pytest.raises(TmfError):
+                await s.target_cold_reset()
+            await asyncio.sleep(0.05)
+            assert _other_read(rig).status == Status.RESERVATION_CONFLICT  # still reserved
+    finally:
+        await s.close()
+        await frontend.close()
+        await rig.close()

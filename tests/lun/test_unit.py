@@ -919,3 +919,19 @@ def test_cdbs_padded_to_16_bytes(lu: LogicalUnit) -> None:
     assert r.sense[15:18] == bytes((0xC0, 0, 7))  # points at TRANSFER LENGTH of the 10-byte CDB
     r = lu.execute(A, rw16(0x8A, 2, 2), b"p" * BS)
     assert r.sense[15:18] == bytes((0xC0, 0, 10))
+
+
+# ------------------------------------- REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS
+def test_report_supported_tmfs(lu: LogicalUnit) -> None:
+    """SPC-5: ATS ATSS CTSS LURS TRS (what the iSCSI target does), the
+    extended form with REPD (additional length 0Ch, no timeouts), cut to
+    the allocation length; an allocation length under 4 is refused."""
+    assert good(lu.execute(A, cdb("a30d00000000 00000004 0000"), b"")) == bytes((0xDA, 0, 0, 0))
+    ext = good(lu.execute(A, cdb("a30d80000000 00000100 0000"), b""))
+    assert ext == bytes((0xDA, 0, 0, 0x0C)) + bytes(12)
+    assert good(lu.execute(A, cdb("a30d80000000 00000006 0000"), b"")) == ext[:6]
+    r = lu.execute(A, cdb("a30d00000000 00000003 0000"), b"")
+    check(r, Sense.INVALID_FIELD_IN_CDB)
+    assert r.sense[15] & 0xC0 == 0xC0 and r.sense[16:18] == b"\x00\x06"  # SKSV, C/D: CDB byte 6
+    check(lu.execute(A, cdb("a30d0000"), b""), Sense.INVALID_FIELD_IN_CDB)  # short CDB
+    check(lu.execute(A, cdb("a30e00000000 00000004 0000"), b""), Sense.INVALID_FIELD_IN_CDB)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from prmigrate.scsi.cdb import (
     BlockCdb,
@@ -161,3 +163,25 @@ def test_report_luns_request_sense_rsoc_ssu_defect() -> None:
 def test_short_cdbs(decoder, full: int) -> None:
     with pytest.raises(CdbTooShort):
         decoder(bytes([0x89]) + bytes(full - 2))
+
+
+@given(st.integers(0, 0xFF), st.integers(0, 0x07), st.booleans())
+def test_supported_tmfs_round_trip(b0: int, b1: int, repd: bool) -> None:
+    from prmigrate.scsi.cdb import SupportedTmfs
+
+    t = SupportedTmfs.decode(bytes((b0, b1)))
+    data = t.encode(repd)
+    assert data[:2] == bytes((b0, b1)) and data[3] == (0x0C if repd else 0)
+    assert len(data) == (16 if repd else 4)
+    assert SupportedTmfs.decode(data) == t
+    assert t.target_reset == bool(b0 & 0x02) and t.lu_reset == bool(b0 & 0x08)
+
+
+def test_report_tmfs_cdb() -> None:
+    from prmigrate.scsi.cdb import CdbTooShort, ReportTmfsCdb
+
+    c = ReportTmfsCdb.encode(16, repd=True)
+    assert c == bytes.fromhex("a30d80000000000000100000")
+    assert ReportTmfsCdb.decode(c) == ReportTmfsCdb(True, 16)
+    with pytest.raises(CdbTooShort):
+        ReportTmfsCdb.decode(c[:11])

@@ -140,6 +140,7 @@ from ..iscsi.initiator import IscsiError, Session
 from ..iscsi.initiator_core import RelaySink
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
+from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, SenseKey, Status
 from ..scsi.pr import (
     PrDecodeError,
@@ -351,6 +352,10 @@ class PassthroughDevice:
         self.name = config.name
         self.host_initiator = host_initiator.lower()
         self.identity = identity
+        # the backend's answer to REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS
+        # (``start``): a guest's target reset is taken only when the backend
+        # reports target resets (see ``reset``); None: not asked or not known
+        self.backend_tmfs: SupportedTmfs | None = None
         self.frontend_lun = frontend_lun
         self.migrate_pr = config.effective_migrate_pr
         self.mode = IdentityMode(config.identity)
@@ -457,6 +462,7 @@ class PassthroughDevice:
                     f"backend {self.config.backend_url} is not the device's LUN: "
                     + "; ".join(self.identity.differences(seen, ("serial", "naa_id")))
                 )
+            self.backend_tmfs = await self.capture_tmfs()
         if self.snooper.state.unverified or (
             self.journal is not None and self.journal.pending_intents
         ):
@@ -1236,7 +1242,10 @@ class PassthroughDevice:
     def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
         """A guest's LOGICAL UNIT / TARGET RESET: the device is one LU of the
         backend, so every kind becomes a LOGICAL UNIT RESET there (a guest
-        must not reset the whole shared target)."""
+        must not reset the whole shared target). The frontend answers a
+        target reset "function not supported" instead, without calling
+        this, when the backend does not report target resets
+        (``target_reset_supported``)."""
         b = self._backends.get(state_key(self.mode, nexus.initiator))
         if b is not None and b.session is not None:
             holder = b.drop_reservation()  # SAM-5 6.3.3: a LU reset releases it
@@ -1437,6 +1446,28 @@ class PassthroughDevice:
         )
         return ident
 
+    async def capture_tmfs(self) -> SupportedTmfs | None:
+        """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS from the backend LUN;
+        None when the backend does not implement it (tgt) or fails it."""
+        s = await self._monitor_session()
+        try:
+            tmfs = await s.report_supported_tmfs(lun=self.lun)
+        except IscsiError as exc:
+            self.log.info("backend task management functions unknown (target resets refused): %s", exc)
+            return None
+        self.log.info("backend task management functions: %s",
+                      ", ".join(n for n in SupportedTmfs.__dataclass_fields__ if getattr(tmfs, n)) or "none")
+        return tmfs
+
+    @property
+    def target_reset_supported(self) -> bool:
+        """Whether the guest frontend takes a TARGET WARM/COLD RESET (as a
+        LOGICAL UNIT RESET of the backend LUN, see ``reset``): only when
+        the backend reports target resets, so a guest sees the same TMF
+        support through the device as on the backend (a guest REPORT
+        SUPPORTED TASK MANAGEMENT FUNCTIONS reaches the backend)."""
+        return self.backend_tmfs is not None and self.backend_tmfs.target_reset
+
     # ------------------------------------------------------------ reporting
     def _describe_state(self) -> str:
         return "; ".join(
@@ -1472,6 +1503,12 @@ class PassthroughDevice:
             "migrate-pr": self.migrate_pr,
             "held": self.held,
             "backend-nexus": nexuses,
+            # REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS of the backend (None:
+            # not implemented there); target-reset: what the frontend takes
+            "backend-tmfs": None
+            if self.backend_tmfs is None
+            else [n for n in SupportedTmfs.__dataclass_fields__ if getattr(self.backend_tmfs, n)],
+            "target-reset": self.target_reset_supported,
             "pr-state": {
                 "method": self.verify_method,
                 "method-cannot-tell": list(KEYS_METHOD_LIMITS)

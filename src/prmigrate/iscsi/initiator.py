@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..lun.types import Result
+from ..scsi.cdb import ReportTmfsCdb, SupportedTmfs
 from ..scsi.constants import (
     Opcode,
     PrInAction,
@@ -564,6 +565,14 @@ class Session:
         if size:
             self.block_size = size
         return last + 1, size
+
+    async def report_supported_tmfs(self, *, lun: int | None = None) -> SupportedTmfs:
+        """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS; ScsiError if not GOOD."""
+        r = await self._good(lun, ReportTmfsCdb.encode(4), "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
+                             data_in_len=4)
+        if not r.data_in:
+            raise IscsiError("no REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS data")
+        return SupportedTmfs.decode(bytes(r.data_in[:4]))
 
     async def read(self, lba: int, blocks: int, *, lun: int | None = None) -> bytes:
         """READ(16) of ``blocks`` blocks of ``self.block_size`` bytes; ScsiError if not GOOD."""

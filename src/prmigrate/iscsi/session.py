@@ -1342,6 +1342,12 @@ class Connection:
             else:
                 self.target._abort_lu(lu, None)
                 lu.reset(nexus)
+        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET) and not all(
+            getattr(unit, "target_reset_supported", True) for unit in self.luns.values()
+        ):
+            # an LU that cannot take part (the passthrough device in front
+            # of a backend without target resets): nothing is reset
+            resp = TmfResponse.NOT_SUPPORTED
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             cold = fn == TmfFunction.TARGET_COLD_RESET
             for unit in self.luns.values():

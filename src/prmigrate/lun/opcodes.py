@@ -131,6 +131,11 @@ TABLE: tuple[OpInfo, ...] = (
         MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
         _u(0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
     ),
+    OpInfo(
+        Opcode.MAINTENANCE_IN,
+        MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS,
+        _u(0xA3, 0x0D, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
+    ),
     _rw12(Opcode.READ_12, 0x18),
     _rw12(Opcode.WRITE_12, 0x18),
     _rw12(Opcode.WRITE_AND_VERIFY_12, 0x12),

@@ -72,7 +72,12 @@ class TaskManagementOutcome:
 
 
 class LogicalUnitLike(Protocol):
-    """What the iSCSI target needs from whatever it serves as a LUN."""
+    """What the iSCSI target needs from whatever it serves as a LUN.
+
+    Optional: ``target_reset_supported`` (True when absent); an LU whose
+    value is False makes the target answer TARGET WARM/COLD RESET with
+    "function not supported" (the passthrough device of a backend without
+    them)."""
 
     def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview) -> object:
         """Return a ``Result`` or an ``asyncio.Future`` resolving to one."""

@@ -62,9 +62,11 @@ from ..scsi.cdb import (
     ReadDefectCdb,
     ReportLunsCdb,
     ReportOpcodesCdb,
+    ReportTmfsCdb,
     RequestSenseCdb,
     ServiceAction16Cdb,
     StartStopCdb,
+    SupportedTmfs,
     UnmapCdb,
     WriteAtomic16Cdb,
     decode_unmap_list,
@@ -124,6 +126,12 @@ _WRITE_AND_VERIFY = frozenset((Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERI
 _UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
 
 _GOOD = Status.GOOD
+# What the iSCSI target does for each LU (iscsi.session: Connection._task_mgmt):
+# ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET and TARGET
+# WARM/COLD RESET; CLEAR ACA, QUERY TASK and the rest are answered
+# "function not supported".
+SUPPORTED_TMFS = SupportedTmfs(abort_task=True, abort_task_set=True, clear_task_set=True, lu_reset=True,
+                               target_reset=True)
 _CHECK = Status.CHECK_CONDITION
 _RW10_unpack = RW10.unpack_from
 _RW16_unpack = RW16.unpack_from
@@ -950,9 +958,15 @@ class LogicalUnit:
         self.pr.persistent_reserve_out(nexus, cdb, memoryview(data)[:length])
         return Result()
 
-    # --------------------------------------- REPORT SUPPORTED OPERATION CODES
+    # ------------------------------ REPORT SUPPORTED OPERATION CODES / TMFs
     def _maintenance_in(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
-        if cdb[1] & 0x1F != MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
+        sa = cdb[1] & 0x1F
+        if sa == MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS:
+            t = ReportTmfsCdb.decode(cdb)
+            if t.alloc < 4:
+                raise invalid_cdb(6)
+            return Result(_GOOD, SUPPORTED_TMFS.encode(t.repd)[: t.alloc])
+        if sa != MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
             raise invalid_cdb(1, 4)
         c = ReportOpcodesCdb.decode(cdb)
         return Result(_GOOD, report_supported_opcodes(c)[: c.alloc])

@@ -331,6 +331,67 @@ class ReportOpcodesCdb:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportTmfsCdb:
+    """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (A3h/0Dh), SPC-5: REPD
+    asks for the extended parameter data; the allocation length must be
+    at least 4."""
+
+    repd: bool
+    alloc: int
+
+    @staticmethod
+    def decode(cdb: bytes | memoryview) -> ReportTmfsCdb:
+        need(cdb, 12)
+        return ReportTmfsCdb(bool(cdb[2] & 0x80), _U32.unpack_from(cdb, 6)[0])
+
+    @staticmethod
+    def encode(alloc: int = 4, repd: bool = False) -> bytes:
+        return bytes((Opcode.MAINTENANCE_IN, 0x0D, 0x80 if repd else 0, 0, 0, 0)) + _U32.pack(alloc) + bytes(2)
+
+
+@dataclass(frozen=True, slots=True)
+class SupportedTmfs:
+    """The parameter data of REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS
+    (SPC-5): byte 0 ATS ATSS CACAS CTSS LURS QTS TRS WAKES (bit 7 to 0),
+    byte 1 QUAS QTSS ITNRS (bits 2 to 0), byte 3 the additional data
+    length (0Ch with REPD, whose 12 bytes carry the timeouts; none are
+    reported here: TMFTMOV 0)."""
+
+    abort_task: bool = False
+    abort_task_set: bool = False
+    clear_aca: bool = False
+    clear_task_set: bool = False
+    lu_reset: bool = False
+    query_task: bool = False
+    target_reset: bool = False
+    wakeup: bool = False
+    query_unit_attention: bool = False
+    query_task_set: bool = False
+    it_nexus_reset: bool = False
+
+    _BYTE0 = ("abort_task", "abort_task_set", "clear_aca", "clear_task_set", "lu_reset", "query_task",
+              "target_reset", "wakeup")
+    _BYTE1 = ("query_unit_attention", "query_task_set", "it_nexus_reset")
+
+    def encode(self, repd: bool = False) -> bytes:
+        b0 = sum(0x80 >> i for i, name in enumerate(self._BYTE0) if getattr(self, name))
+        b1 = sum(0x04 >> i for i, name in enumerate(self._BYTE1) if getattr(self, name))
+        if repd:
+            return bytes((b0, b1, 0, 0x0C)) + bytes(12)
+        return bytes((b0, b1, 0, 0))
+
+    @staticmethod
+    def decode(data: bytes | memoryview) -> SupportedTmfs:
+        """From the first 2 bytes (at least 1; a missing byte 1 reads as 0)."""
+        if not len(data):
+            raise ValueError("empty REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS data")
+        b0, b1 = data[0], data[1] if len(data) > 1 else 0
+        flags = {name: bool(b0 & (0x80 >> i)) for i, name in enumerate(SupportedTmfs._BYTE0)}
+        flags.update({name: bool(b1 & (0x04 >> i)) for i, name in enumerate(SupportedTmfs._BYTE1)})
+        return SupportedTmfs(**flags)
+
+
+@dataclass(frozen=True, slots=True)
 class StartStopCdb:
     """START STOP UNIT 1Bh, SBC-4 5.25."""
 
