@@ -105,6 +105,27 @@ async def test_write_residuals_follow_scsi_length():
 
 
 @run_async
+async def test_write_overflow_beyond_32_bits_saturates_the_residual():
+    """A WRITE(16) of 2^32 - 1 blocks with one block of Data-Out: the
+    overflow (about 2 TiB) does not fit the 32-bit Residual Count, which
+    saturates; the connection stays up (it used to end in an internal
+    error, and an initiator re-issuing the command looped)."""
+    target, node, lu, host, port = await make_target()
+    try:
+        c = await Client.connect(host, port)
+        await c.login()
+        write16 = bytes((0x8A, 0)) + (0).to_bytes(8, "big") + (0xFFFFFFFF).to_bytes(4, "big") + bytes(2)
+        final, _ = await c.command(write16, data_out=b"z" * 512)  # (this LU has no WRITE(16): 20/00)
+        assert isinstance(final, P.ScsiResponse) and final.flags & P.ResponseFlags.OVERFLOW
+        assert final.residual == 0xFFFFFFFF
+        final, _ = await c.command(write10(1, 1), data_out=b"w" * 512)  # the session goes on
+        assert final.status == 0 and not final.flags
+        await c.close()
+    finally:
+        await target.close()
+
+
+@run_async
 async def test_write_atomic_is_never_cut_to_an_overflowing_edtl(tmp_path):
     """WRITE ATOMIC(16) with less Data-Out than its transfer length: the
     LU gets the CDB as sent (not a shorter atomic write of the first

@@ -274,6 +274,40 @@ _XFER_FIELD: dict[int, tuple[int, int, int]] = {
 # shorter WRITE ATOMIC would be another atomic write; the LU refuses the
 # short Data-Out instead, with nothing written.
 _WHOLE_ONLY = frozenset({ScsiOp.WRITE_ATOMIC_16})
+_MAX_RESIDUAL = 0xFFFFFFFF
+
+
+def fit_write(
+    cdb: bytes, data: Any, edtl: int, block_size: int
+) -> tuple[bytes | None, Any, int, int] | None:
+    """A block WRITE whose EDTL is not its CDB's transfer length, as the
+    target runs it (RFC 7143 / SAM-5 residuals: write what both lengths
+    allow): (CDB, data-out, response flags, residual), the CDB None when
+    nothing is to be written (a WRITE(6) of no whole block: GOOD); None when
+    the lengths agree or the command is not a block write. An EDTL beyond
+    the transfer length writes the transfer length (underflow); a shorter
+    one writes its whole blocks, with the CDB's length cut to them
+    (overflow), except WRITE ATOMIC, which the LU refuses whole."""
+    xfer = scsi_transfer(cdb, block_size)
+    if xfer is None:
+        return None
+    scsi_len, blocks, off, size = xfer
+    if edtl > scsi_len:
+        return cdb, memoryview(data)[:scsi_len], ResponseFlags.UNDERFLOW, edtl - scsi_len
+    if edtl == scsi_len:
+        return None
+    # the Residual Count field is 32 bits: a transfer length of up to
+    # 2^32 blocks overflows it, and saturates
+    over = min(scsi_len - edtl, _MAX_RESIDUAL)
+    if cdb[0] in _WHOLE_ONLY:
+        return cdb, data, ResponseFlags.OVERFLOW, over
+    bs = scsi_len // blocks
+    keep = edtl // bs
+    if keep == 0 and size == 1:
+        return None, data, ResponseFlags.OVERFLOW, over
+    c = bytearray(cdb)
+    c[off : off + size] = keep.to_bytes(size, "big")
+    return bytes(c), memoryview(data)[: keep * bs], ResponseFlags.OVERFLOW, over
 
 
 def scsi_transfer(cdb: bytes, block_size: int) -> tuple[int, int, int, int] | None:
@@ -979,26 +1013,14 @@ class Connection:
             else:
                 res = Result(_CHECK, b"", encode_sense(Sense.LU_NOT_SUPPORTED))
         else:
-            xfer = scsi_transfer(cdb, getattr(lu, "block_size", 512)) if write else None
-            if xfer is not None:
-                # RFC 7143 / SAM-5 residuals: write what both lengths allow
-                scsi_len, blocks, off, size = xfer
-                if edtl > scsi_len:
-                    flags, residual = ResponseFlags.UNDERFLOW, edtl - scsi_len
-                    data = memoryview(data)[:scsi_len]
-                elif edtl < scsi_len and cdb[0] in _WHOLE_ONLY:
-                    flags, residual = ResponseFlags.OVERFLOW, scsi_len - edtl
-                elif edtl < scsi_len:
-                    flags, residual = ResponseFlags.OVERFLOW, scsi_len - edtl
-                    bs = scsi_len // blocks
-                    keep = edtl // bs
-                    if keep == 0 and size == 1:
+            if write:
+                fit = fit_write(cdb, data, edtl, getattr(lu, "block_size", 512))
+                if fit is not None:
+                    fitted, data, flags, residual = fit
+                    if fitted is None:
                         self._respond(itt, Result(_GOOD), edtl, flags, residual, True)
                         return
-                    c = bytearray(cdb)
-                    c[off : off + size] = keep.to_bytes(size, "big")
-                    cdb = bytes(c)
-                    data = memoryview(data)[: keep * bs]
+                    cdb = fitted
             then = getattr(lu, "execute_then", None)
             try:
                 if then is not None:
