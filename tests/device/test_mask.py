@@ -111,3 +111,16 @@ def test_garbage_never_raises(cdb, data):
     out = mask_pr_in(cdb, data)
     assert len(out) == len(data)
     refuse_pr_out(cdb, data)
+
+
+def test_only_the_parameter_list_the_cdb_names_counts():
+    """PARAMETER LIST LENGTH (CDB bytes 5-8) bounds what is judged: the
+    flags byte of data beyond a short list is not the guest's, and a list
+    shorter than 24 bytes goes to the backend (which answers PARAMETER
+    LIST LENGTH ERROR, as for any such PR OUT)."""
+    params = pr_out_params(0, 1, all_tg_pt=True) + bytes(16)  # 40 bytes of data-out
+    assert refuse_pr_out(pr_out_cdb(PrOutAction.REGISTER, param_len=24), params) is not None
+    assert refuse_pr_out(pr_out_cdb(PrOutAction.CLEAR, param_len=3), params) is None
+    assert refuse_pr_out(pr_out_cdb(PrOutAction.REGISTER, param_len=23), params) is None
+    assert refuse_pr_out(pr_out_cdb(PrOutAction.REGISTER, param_len=40), params[:23]) is None
+    assert refuse_pr_out(pr_out_cdb(PrOutAction.REGISTER, param_len=24)[:8], params) is None

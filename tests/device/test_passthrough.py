@@ -1245,3 +1245,21 @@ async def test_guest_target_reset_follows_the_backends_tmfs(tmp_path: Path, repo
         await s.close()
         await frontend.close()
         await rig.close()
+
+
+def test_expected_in_len_fits_an_edtl() -> None:
+    """A READ(12) of 2^32 - 1 blocks asks for more than an EDTL carries:
+    the device forwards it with the largest EDTL and the backend answers
+    the CDB (LBA OUT OF RANGE), where the initiator used to raise."""
+    read12 = bytes((0xA8, 0)) + (0).to_bytes(4, "big") + (0xFFFFFFFF).to_bytes(4, "big") + bytes(2)
+    assert expected_in_len(read12) == 0xFFFFFFFF
+
+
+def test_initiator_refuses_an_edtl_beyond_32_bits() -> None:
+    from prmigrate.iscsi.initiator_core import InitiatorCore, SessionConfig
+
+    core = InitiatorCore(SessionConfig("iqn.2026-11.org.prmigrate:i", 0x23D000000042, "iqn.2026-11.org.prmigrate:t"))
+    with pytest.raises(ValueError):
+        core.submit(0, bytes(16), b"", 1 << 32)
+    with pytest.raises(ValueError):
+        core.submit_relay(0, bytes(16), -1, None, None)  # type: ignore[arg-type]

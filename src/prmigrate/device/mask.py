@@ -35,6 +35,7 @@ ATP_C = 0x04
 MASKED_CAPS = SIP_C | ATP_C
 
 FLAGS_BYTE = 20  # basic PR OUT parameter list (SPC-5 6.17.3)
+BASIC_LIST_LENGTH = 24
 SPEC_I_PT_BIT = 3
 ALL_TG_PT_BIT = 2
 
@@ -76,12 +77,17 @@ def refuse_pr_out(
     enabled: bool = True,
 ) -> CheckCondition | None:
     """The CHECK CONDITION to answer instead of forwarding a PR OUT that asks
-    for SPEC_I_PT or ALL_TG_PT, else None (forward it). A CDB or parameter
-    list too short to tell is forwarded: the backend judges it."""
+    for SPEC_I_PT or ALL_TG_PT, else None (forward it). Only the parameter
+    list the CDB names counts (PARAMETER LIST LENGTH, bytes 5-8, of the
+    data sent): a CDB too short to name it, or a list shorter than the
+    basic 24 bytes, is forwarded, and the backend answers it as it answers
+    any such PR OUT (PARAMETER LIST LENGTH ERROR, INVALID FIELD IN CDB)."""
     if not enabled:
         return None
     sa = _service_action(cdb, Opcode.PERSISTENT_RESERVE_OUT)
-    if sa is None or sa not in _BASIC_LAYOUT or len(data_out) <= FLAGS_BYTE:
+    if sa is None or sa not in _BASIC_LAYOUT or len(cdb) < 9:
+        return None
+    if min(len(data_out), int.from_bytes(cdb[5:9], "big")) < BASIC_LIST_LENGTH:
         return None
     flags = data_out[FLAGS_BYTE]
     for bit in (SPEC_I_PT_BIT, ALL_TG_PT_BIT):

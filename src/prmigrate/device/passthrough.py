@@ -227,13 +227,15 @@ def _be(cdb: bytes, start: int, n: int) -> int:
 def expected_in_len(cdb: bytes, block_size: int = 512) -> int:
     """The data-in length a command asks for, from its CDB alone (SPC-5
     allocation length fields, SBC-4 transfer lengths). Only used when the
-    transport did not pass the guest's Expected Data Transfer Length."""
+    transport did not pass the guest's Expected Data Transfer Length.
+    At most 2^32 - 1, the most an EDTL field carries (a guest's transport
+    could not have asked for more: the backend answers the CDB itself)."""
     if not cdb:
         return 0
     op = cdb[0]
     rule = _IN_LEN.get(op)
     if rule is not None:
-        return rule(cdb, block_size)
+        return min(rule(cdb, block_size), _MAX_EDTL)
     group = op >> 5
     if group == 0:
         return cdb[4] if len(cdb) > 4 else 0
@@ -246,6 +248,7 @@ def expected_in_len(cdb: bytes, block_size: int = 512) -> int:
     return 0
 
 
+_MAX_EDTL = 0xFFFFFFFF
 _ZERO: Callable[[bytes, int], int] = lambda c, b: 0  # noqa: E731
 _IN_LEN: dict[int, Callable[[bytes, int], int]] = {
     Opcode.READ_6: lambda c, b: ((c[4] if len(c) > 4 else 0) or 256) * b,
@@ -780,7 +783,7 @@ class PassthroughDevice:
     def _report_luns(self, b: _Backend, nexus: Nexus, cdb: bytes, data_out: Any, n: int) -> Result:
         """SPC-5 6.33, answered by the device: the guest's one LUN."""
         if len(cdb) < 12:
-            return Result(_CHECK, b"", encode_sense(Sense.INVALID_OPCODE))
+            return self._invalid_cdb(0)  # as the LU answers a short CDB (CdbTooShort)
         select, alloc = cdb[2], _be(cdb, 6, 4)
         if select not in (0x00, 0x01, 0x02):
             return self._invalid_cdb(2)

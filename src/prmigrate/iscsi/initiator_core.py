@@ -938,6 +938,8 @@ class InitiatorCore:
         """Queue a SCSI command; returns its handle (CommandDone/Failed name it)."""
         if len(cdb) > 16:
             raise ValueError("CDBs longer than 16 bytes are not supported")
+        if not 0 <= data_in_len <= SN_MASK or len(data_out) > SN_MASK:
+            raise ValueError("an expected data transfer length is 0 to 2^32 - 1 bytes")
         if len(data_out) and data_in_len:
             raise ValueError("bidirectional commands are not supported")
         cmd = _Command(self._next_handle(), lun, bytes(cdb), memoryview(bytes(data_out)),
@@ -956,6 +958,8 @@ class InitiatorCore:
         it to pass a guest's reads through without a Result per command."""
         if len(cdb) > 16:
             raise ValueError("CDBs longer than 16 bytes are not supported")
+        if not 0 <= data_in_len <= SN_MASK:
+            raise ValueError("an expected data transfer length is 0 to 2^32 - 1 bytes")
         self._handle = handle = self._handle + 1
         cmd = _Command(handle, lun, cdb, _NO_DATA, data_in_len, TaskAttribute.SIMPLE,
                        sink=sink, token=token)
