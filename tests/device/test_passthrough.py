@@ -1263,3 +1263,29 @@ def test_initiator_refuses_an_edtl_beyond_32_bits() -> None:
         core.submit(0, bytes(16), b"", 1 << 32)
     with pytest.raises(ValueError):
         core.submit_relay(0, bytes(16), -1, None, None)  # type: ignore[arg-type]
+
+
+@run
+async def test_scsi2_reservation_and_pr_state_doubt(tmp_path: Path) -> None:
+    """While the guest's nexus holds a SCSI-2 reservation every PR command
+    conflicts (SPC-5 5.14.3): a REGISTER's RESERVATION CONFLICT then puts
+    no key in doubt, and a verification that the reservation refused runs
+    again when the guest releases it."""
+    rig = Rig(tmp_path, fake=True)
+    await rig.start()
+    assert (await rig.cmd(G1, RESERVE6)).good
+    r = await rig.pr_out(G1, REG, 0, 0x11)
+    assert r.status == Status.RESERVATION_CONFLICT
+    await rig.dev.drain()
+    assert not rig.dev.snooper.state.unverified
+    key = rig.dev.snooper.key_of(G1)
+    rig.dev.snooper.state.mark_unverified(key)  # doubt from elsewhere (a unit attention, say)
+    rig.dev._schedule_verify("test")
+    await rig.dev.drain()
+    assert key in rig.dev.snooper.state.unverified  # READ FULL STATUS conflicted
+    assert (await rig.cmd(G1, RELEASE6)).good
+    await rig.dev.drain()
+    assert not rig.dev.snooper.state.unverified
+    await rig.pr_out_ok(G1, REG, 0, 0x11)
+    await rig.assert_tracks()
+    await rig.close()

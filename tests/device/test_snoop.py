@@ -364,6 +364,19 @@ def test_conflict_to_register_with_tracked_key_flags_stale_state():
     assert not o.verify  # someone else holds it: an ordinary conflict
 
 
+def test_conflict_under_a_known_scsi2_reservation_says_nothing_about_keys():
+    """SPC-5 5.14.3: while a SCSI-2 reservation is held every PR OUT
+    conflicts, whatever its key: with one the device knows of, a conflict
+    does not put the tracked key in doubt (nothing to verify, and a
+    verification would conflict too)."""
+    sn = snooper(g1=g(0xAA))
+    params = pr_out_params(0xAA, 0xBB)
+    o = sn.observe(G1, pr_out_cdb(PrOutAction.REGISTER, PrType.NONE, 0, len(params)), params,
+                   Result(Status.RESERVATION_CONFLICT), scsi2_held=True)
+    assert not o.changed and not o.verify and not sn.state.unverified
+    assert sn.state.get(G1) == g(0xAA)
+
+
 def test_qemu_bug_conflict_does_not_rewrite_key():
     """The seed sets key = SARK even when the target answered RESERVATION CONFLICT."""
     sn = snooper(g1=g(0xAA, True, WE))

@@ -819,9 +819,14 @@ class PassthroughDevice:
         return sent
 
     def _scsi2_answered(self, b: _Backend, nexus: Nexus, cdb: bytes, r: Result) -> None:
+        held = b.holder is not None
         note = b.observe(nexus, cdb, r, registered=b.key in self.snooper.state.guests)
         if note is not None:
             self.log.info("SCSI-2 reservation on the backend nexus of %s: %s", b.key, note)
+        if held and b.holder is None and self.snooper.state.unverified:
+            # a verification the reservation refused (every PR IN conflicts
+            # with it, SPC-5 5.14.3) can run now
+            self._schedule_verify("SCSI-2 reservation released")
 
     def _scsi2_refused(self, b: _Backend, nexus: Nexus, op: int, verdict: Verdict) -> Result:
         """A frontend that does not hold the SCSI-2 reservation another
@@ -934,7 +939,10 @@ class PassthroughDevice:
         self, guest: str, cdb: bytes, data: bytes, result: Result, intent: Intent | None
     ) -> bool:
         """Feed one PR OUT answer to the snooper; journal; True: verify now."""
-        outcome = self.snooper.observe(guest, cdb, data, result)
+        # a SCSI-2 reservation one of the device's nexuses holds explains a
+        # conflict (one taken by another host is not known here: verified)
+        scsi2 = any(x.holder is not None for x in self._backends.values())
+        outcome = self.snooper.observe(guest, cdb, data, result, scsi2_held=scsi2)
         action = outcome.action.name if outcome.action is not None else "PR OUT"
         if (
             self._crash_after is not None

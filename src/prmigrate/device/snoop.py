@@ -33,7 +33,8 @@ Rules (REFERENCE 1-2, 6), and where they differ from the seed:
   I_T nexus loss: registrations without APTPL may be gone) in any answer for
   a guest mark that guest's state for verification.
 * A RESERVATION CONFLICT to REGISTER, RELEASE or CLEAR whose RK equals the
-  tracked key means the tracked key is wrong: verification again.
+  tracked key means the tracked key is wrong: verification again (unless a
+  SCSI-2 reservation the device knows of explains it: SPC-5 5.14.3).
 * A guest's own READ KEYS / READ RESERVATION / READ FULL STATUS answer whose
   PRgeneration differs from the last verified one: verification (this
   catches what sends no unit attention: another initiator's REGISTER AND
@@ -445,10 +446,13 @@ class PrSnooper:
         cdb: bytes | bytearray | memoryview,
         data_out: bytes | bytearray | memoryview,
         result: Result,
+        *,
+        scsi2_held: bool = False,
     ) -> SnoopOutcome:
         """Feed any command's answer from the backend. Never raises. Cheap
         for the data path: a non-PR-OUT answer without CHECK CONDITION
-        returns at once."""
+        returns at once. ``scsi2_held``: a SCSI-2 reservation is known to
+        be held on the LU (see ``snoop_pr_out``)."""
         key = self.key_of(guest)
         is_pr_out = len(cdb) >= 1 and cdb[0] == Opcode.PERSISTENT_RESERVE_OUT
         if not is_pr_out and result.status != Status.CHECK_CONDITION:
@@ -465,7 +469,7 @@ class PrSnooper:
             doubt = f"unit attention {ua[0]:02X}/{ua[1]:02X}"
             self.state.mark_unverified(key)
         if is_pr_out:
-            out = self.snoop_pr_out(guest, cdb, data_out, result)
+            out = self.snoop_pr_out(guest, cdb, data_out, result, scsi2_held=scsi2_held)
             if doubt and not out.verify:
                 out = replace(out, verify=True, note=f"{out.note}; {doubt}")
             return out
@@ -503,8 +507,13 @@ class PrSnooper:
         cdb: bytes | bytearray | memoryview,
         data_out: bytes | bytearray | memoryview,
         result: Result,
+        *,
+        scsi2_held: bool = False,
     ) -> SnoopOutcome:
-        """Apply one PR OUT answered by the backend. Never raises."""
+        """Apply one PR OUT answered by the backend. Never raises. While a
+        SCSI-2 reservation is held (``scsi2_held``) every PR OUT conflicts
+        (SPC-5 5.14.3), so a RESERVATION CONFLICT then says nothing about
+        the tracked key."""
         key = self.key_of(guest)
         cur = self.state.get(key)
         c = _decode_cdb(cdb)
@@ -524,6 +533,7 @@ class PrSnooper:
         if result.status != Status.GOOD:
             verify = (
                 result.status == Status.RESERVATION_CONFLICT
+                and not scsi2_held
                 and action in _CONFLICT_MEANS_KEY_MISMATCH
                 and isinstance(params, PrOutParams)
                 and params.rk == cur.key
