@@ -33,7 +33,7 @@ from prmigrate.lun.types import Nexus, Result
 from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.sense import Sense, decode_sense
 
-from .test_passthrough import G1, OTHER, SHARED, Rig, run
+from .test_passthrough import G1, G2, OTHER, SHARED, Rig, run
 
 LUN_BYTES = 1 << 20  # 2048 blocks of 512
 BLOCKS = LUN_BYTES // 512
@@ -203,6 +203,63 @@ async def twin_answer(ref: LogicalUnit, nexus: Nexus, cdb: bytes, data: bytes, f
     return await r if isinstance(r, asyncio.Future) else r
 
 
+async def run_twins(tmp_path: Path, seed: int, migrate_pr: bool, fake: bool, many: bool) -> None:
+    """1,000 random commands from G1 alone, or (``many``) from G1, G2 (two
+    guests of the device, two backend nexuses) and the other host, which
+    sends its commands to both LUs directly: its PR OUTs preempt, clear and
+    register around the guests, whose device learns it from the unit
+    attentions and verification (checked by ``assert_tracks`` at the end)."""
+    rng = random.Random(seed * 7919 + migrate_pr + (1 << 20 if many else 0))
+    rig = Rig(tmp_path, fake=fake, migrate_pr=migrate_pr, unit=TwinUnit, lun_size=LUN_BYTES)
+    ref = TwinUnit(tmp_path / "twin.img", LUN_BYTES)
+    ref.attach(rig.other)  # the rig's other host
+    await rig.start()
+    guests = (G1, G2) if many else (G1,)
+    twin: dict[str, Nexus] = {}
+    for guest in guests:
+        assert (await rig.cmd(guest, bytes(6))).good  # opens the guest's backend nexus
+        port = rig.dev._port(guest)
+        twin[guest] = Nexus.make(port.initiator, port.isid, SHARED)
+        assert twin[guest] in rig.lu.ua.nexuses  # the twin serves the same nexus itself
+        ref.attach(twin[guest])
+        assert ref.execute(twin[guest], bytes(6)).good
+    actors = [G1] * 6 + [G2] * 3 + [OTHER] * 2 if many else [G1]
+    history: list[str] = []
+    for i in range(1000):
+        who = rng.choice(actors)
+        cdb, data = random_command(rng)
+        if not fake:
+            cdb = cdb.ljust(16, b"\0")  # as a guest frontend hands it over: the PDU's CDB field
+        history.append(f"{i} {who.rsplit(':', 1)[1]}: {cdb.hex()} +{len(data)}")
+        if who == OTHER:
+            got = rig.lu.execute(rig.other, cdb, data)
+            want = ref.execute(rig.other, cdb, data)
+        else:
+            got = await rig.cmd(who, cdb, data)
+            if migrate_pr and refused_by_mask(cdb, data):
+                assert (got.status, decode_sense(got.sense).known) == (
+                    2, Sense.INVALID_FIELD_IN_PARAMETER_LIST), history[-5:]
+                continue
+            want = await twin_answer(ref, twin[who], cdb, data, fake)
+            if migrate_pr:
+                want = masked(cdb, want)
+        assert isinstance(got, Result) and isinstance(want, Result)
+        assert (got.status, bytes(got.data_in), bytes(got.sense)) == (
+            want.status, bytes(want.data_in), bytes(want.sense)
+        ), "\n".join(history[-8:])
+    assert len(history) == 1000
+    # a random STOP may have left the LU not ready, a RESERVE(6) reserved
+    # (it keeps READ FULL STATUS from the other host)
+    for cdb in [bytes.fromhex("1b0000000100")] * 3 + [bytes.fromhex("170000000000")]:
+        for guest in guests:
+            got, want = await rig.cmd(guest, cdb), ref.execute(twin[guest], cdb)
+            assert (got.status, bytes(got.sense)) == (want.status, bytes(want.sense))
+        rig.lu.execute(rig.other, cdb)
+    await rig.assert_tracks()
+    await rig.close()
+    ref.close()
+
+
 @pytest.mark.parametrize(("seed", "migrate_pr", "fake"), [
     (1, False, True), (2, False, True), (3, False, True), (1, True, True), (2, True, True), (3, True, True),
     (4, False, False), (5, True, False),
@@ -210,42 +267,20 @@ async def twin_answer(ref: LogicalUnit, nexus: Nexus, cdb: bytes, data: bytes, f
 @run
 async def test_random_commands_answered_like_the_twin_lu(tmp_path: Path, seed: int, migrate_pr: bool,
                                                          fake: bool) -> None:
-    """fake: the device reaches its LU in process; else through our
-    initiator and target on a loopback port, where every CDB travels in
-    the 16-byte CDB field (the twin gets it padded the same way)."""
-    rng = random.Random(seed * 7919 + migrate_pr)
-    rig = Rig(tmp_path, fake=fake, migrate_pr=migrate_pr, unit=TwinUnit, lun_size=LUN_BYTES)
-    ref = TwinUnit(tmp_path / "twin.img", LUN_BYTES)
-    ref.attach(Nexus.make(OTHER, 0x23D000000001, SHARED))  # the rig's other host
-    await rig.start()
-    assert (await rig.cmd(G1, bytes(6))).good  # opens the guest's backend nexus
-    port = rig.dev._port(G1)
-    ref_nexus = Nexus.make(port.initiator, port.isid, SHARED)
-    assert ref_nexus in rig.lu.ua.nexuses  # the twin serves the guest's backend nexus itself
-    ref.attach(ref_nexus)
-    assert ref.execute(ref_nexus, bytes(6)).good
-    history: list[str] = []
-    for i in range(1000):
-        cdb, data = random_command(rng)
-        history.append(f"{i}: {cdb.hex()} +{len(data)}")
-        if not fake:
-            cdb = cdb.ljust(16, b"\0")  # as a guest frontend hands it over: the PDU's CDB field
-        got = await rig.cmd(G1, cdb, data)
-        if migrate_pr and refused_by_mask(cdb, data):
-            assert (got.status, decode_sense(got.sense).known) == (2, Sense.INVALID_FIELD_IN_PARAMETER_LIST), \
-                history[-5:]
-            continue
-        want = await twin_answer(ref, ref_nexus, cdb, data, fake)
-        if migrate_pr:
-            want = masked(cdb, want)
-        assert (got.status, bytes(got.data_in), bytes(got.sense)) == (
-            want.status, bytes(want.data_in), bytes(want.sense)
-        ), "\n".join(history[-8:])
-    # a random STOP may have left the LU not ready, a RESERVE(6) reserved
-    # (it keeps READ FULL STATUS from the other host)
-    for cdb in [bytes.fromhex("1b0000000100")] * 3 + [bytes.fromhex("170000000000")]:
-        got, want = await rig.cmd(G1, cdb), ref.execute(ref_nexus, cdb)
-        assert (got.status, bytes(got.sense)) == (want.status, bytes(want.sense))
-    await rig.assert_tracks()
-    await rig.close()
-    ref.close()
+    """One guest. fake: the device reaches its LU in process; else through
+    our initiator and target on a loopback port, where every CDB travels
+    in the 16-byte CDB field (the twin gets it padded the same way)."""
+    await run_twins(tmp_path, seed, migrate_pr, fake, many=False)
+
+
+@pytest.mark.parametrize(("seed", "migrate_pr", "fake"), [
+    (1, False, True), (2, True, True), (3, True, True), (4, True, False),
+])
+@run
+async def test_two_guests_and_another_host_answered_like_the_twin_lu(
+    tmp_path: Path, seed: int, migrate_pr: bool, fake: bool
+) -> None:
+    """Two guests of the device and another host sending to the LU
+    directly, interleaved at random: every guest answer is the twin's, and
+    the PR state the device tracks is the backend's at the end."""
+    await run_twins(tmp_path, seed, migrate_pr, fake, many=True)
