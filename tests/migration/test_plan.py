@@ -394,3 +394,31 @@ def test_observed_from_pr_in_replies() -> None:
     assert obs.holds(holder(K1, PrType.EXCLUSIVE_ACCESS)) and not obs.holds(holder(K2, PrType.EXCLUSIVE_ACCESS))
     none = Observed.from_pr_in(keys, ReadReservation.decode(ReadReservation(3).encode()))
     assert none.reservation_key is None and not none.holds(holder(K1))
+
+
+def test_a_key_shared_outside_the_device_is_never_preempted() -> None:
+    """SPC-5 5.14.11.4.3: a PREEMPT with SARK = key removes every
+    registration with that key. When a nexus outside the device (another
+    host) shares the holder's key, the move is refused: in setup, and
+    inside the pause when the observation there shows it."""
+    other = "iqn.2026-11.org.prmigrate:other,i,0x1"
+    obs = Observed(frozenset({K1}), K1, PrType.WRITE_EXCLUSIVE, {"g1": K1}, {K1: (other,)})
+    pr = state(g1=holder(K1, PrType.WRITE_EXCLUSIVE))
+    with pytest.raises(PlanError, match="also registered by .*other.* outside the device"):
+        setup_plan(pr, obs)
+    with pytest.raises(PlanError):
+        takeover_plan(pr, {"g1": K1}, obs)
+    # another key, a register-only guest (the source releases: no PREEMPT),
+    # an all-registrants holder registered in setup: moved as before
+    assert setup_plan(pr, Observed(frozenset({K1, K2}), K1, PrType.WRITE_EXCLUSIVE, {"g1": K1}, {K2: (other,)})).ops
+    reg_only = state(g1=reg(K1))
+    obs_reg = Observed(frozenset({K1}), None, PrType.NONE, {"g1": K1}, {K1: (other,)})
+    tp = takeover_plan(reg_only, setup_plan(reg_only, obs_reg).registered, obs_reg)
+    assert not tp.preempts and tp.release
+    ar = state(g1=holder(K1, PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS))
+    obs_ar = Observed(frozenset({K1}), 0, PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS, {"g1": K1}, {K1: (other,)})
+    assert not takeover_plan(ar, setup_plan(ar, obs_ar).registered, obs_ar).preempts
+    # a guest fenced meanwhile (its key gone from its source nexus): nothing
+    # is preempted for it, so nothing to refuse
+    fenced = Observed(frozenset({K1}), K1, PrType.WRITE_EXCLUSIVE, {}, {K1: (other,)})
+    assert setup_plan(pr, fenced).skipped == ("g1",)

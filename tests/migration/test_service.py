@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, Status
-from prmigrate.scsi.pr import ReadReservation, pr_out_params
+from prmigrate.scsi.pr import ReadReservation, pr_out_cdb, pr_out_params
 
-from .service_rig import HOST_A, HOST_B, Cluster, good, run
+from .service_rig import HOST_A, HOST_B, OBSERVER, Cluster, good, run
 
 KEY = 0x1122334455667788
 REG, RES = PrOutAction.REGISTER, PrOutAction.RESERVE
@@ -185,5 +185,37 @@ async def test_a_restarted_source_keeps_redirecting_and_takes_the_device_back(tm
         assert await guest.read(0, 8) == data
         (e,) = c.entries_of(HOST_A)
         assert e.key == KEY and e.holder
+    finally:
+        await c.close()
+
+
+@run(40)
+async def test_a_move_that_would_preempt_another_hosts_registration_is_refused(tmp_path: Path) -> None:
+    """The guest holds WE with a key the observer host has registered too.
+    The takeover PREEMPT (SARK = key) would remove the observer's
+    registration, fencing a host the guest never meant to: the destination
+    refuses in setup, the source keeps the guest, nothing on the LU
+    changes. Once the observer has another key, the move goes through."""
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.WRITE_EXCLUSIVE)
+        params = pr_out_params(0, KEY)
+        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        before = c.full_status()
+        q = await c.migrate()
+        assert q["status"] == "rolled_back" and q["success"] is False, q
+        assert "outside the device" in q["reason"] and "observer" in q["reason"], q
+        assert "vm1" in c.daemons["hosta"].devices and "vm1" not in c.daemons["hostb"].devices
+        assert c.full_status() == before
+        assert good(await guest.submit(0, _write10(7, 1), bytes(512)))
+        params = pr_out_params(KEY, 0x77)
+        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        q = await c.migrate()
+        assert q["status"] == "completed", q
+        (b,) = c.entries_of(HOST_B)
+        assert b.key == KEY and b.holder
+        assert [e.key for e in c.full_status().entries if e.transport_id.name.lower() == OBSERVER.initiator] == [0x77]
     finally:
         await c.close()

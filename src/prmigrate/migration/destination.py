@@ -8,6 +8,10 @@ Rules (the table below is the authority; a missing pair is a ProtocolError):
   and fixups in flight) -PrOpsDone-> TAKEN_OVER (sends TAKEOVER_DONE)
   -Resume-> RESUMED (ResumeGuest, ACK). With nothing to register or to take
   over, the intermediate states are skipped.
+- A plan the target's PR state forbids (a PREEMPT would remove the
+  registration of a nexus outside the device that shares the guest's key:
+  ``plan.PlanError``) fails the migration where it is found: on DeviceReady
+  (nothing registered yet) or on StateLoaded (nothing preempted yet).
 - The destination resumes the guest ONLY on RESUME in TAKEN_OVER. Once it
   has sent ABORT or ACKed a ROLLBACK it never resumes (a late RESUME is
   ignored): that is what lets the source take the guest back safely.
@@ -40,7 +44,7 @@ from .channel import (
     State,
     TakeoverDone,
 )
-from .errors import AbortReason, MigrationError
+from .errors import AbortReason, MigrationError, PlanError
 from .machine import (
     Cancel,
     ChannelLost,
@@ -96,13 +100,13 @@ DESTINATION_TABLE = table(
     {
         (D.LISTENING, Setup): (D.SETUP, D.ABORTED),
         **{(D.LISTENING, e): D.ABORTED for e in (Abort, ChannelLost, Cancel)},
-        (D.SETUP, DeviceReady): (D.SETUP, D.READY),
+        (D.SETUP, DeviceReady): (D.SETUP, D.READY, D.ABORTING, D.ABORTED),  # refused: PlanError
         (D.SETUP, PrOpsDone): (D.READY, D.ABORTING, D.ABORTED),
         (D.SETUP, DeviceFailed): (D.ABORTING, D.ABORTED),
         **{(D.SETUP, e): (D.SETUP, D.ABORTING, D.ABORTED) for e in _FAILURES},
         (D.READY, State): (D.LOADING, D.ABORTING, D.ABORTED),
         **{(D.READY, e): (D.ABORTING, D.ABORTED) for e in _FAILURES},
-        (D.LOADING, StateLoaded): (D.TAKEOVER, D.TAKEN_OVER),
+        (D.LOADING, StateLoaded): (D.TAKEOVER, D.TAKEN_OVER, D.ABORTING, D.ABORTED),  # refused: PlanError
         (D.LOADING, DeviceFailed): (D.ABORTING, D.ABORTED),
         **{(D.LOADING, e): (D.ABORTING, D.ABORTED) for e in _FAILURES},
         (D.TAKEOVER, PrOpsDone): (D.TAKEN_OVER, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED),
@@ -182,7 +186,11 @@ class DestinationMigration(MachineBase):
         self._device_ready = True
         self.observed, self.traits = ev.observed, ev.traits
         assert self.snapshot is not None
-        plan = setup_plan(self.snapshot.pr, ev.observed)
+        try:
+            plan = setup_plan(self.snapshot.pr, ev.observed)
+        except PlanError as e:  # nothing registered yet: the move is refused, the guest stays
+            self._emit(Log(logging.WARNING, f"destination {self.name}: {e}"))
+            return self._failure(Cancel(AbortReason.PR_SETUP, str(e)), now)
         if self.strategy is Strategy.QEMU:  # QEMU registers inside the pause
             plan = SetupPlan((), plan.skipped, plan.notes, plan.fenced)
         self.fenced = dict(plan.fenced)
@@ -228,10 +236,14 @@ class DestinationMigration(MachineBase):
         if self.strategy is Strategy.QEMU:
             ops = qemu_plan(self.snapshot.pr)
         else:
-            plan = takeover_plan(
-                self.snapshot.pr, self.registered, ev.observed, self.traits,
-                register_only=self.strategy.register_only, fenced=self.fenced,
-            )
+            try:
+                plan = takeover_plan(
+                    self.snapshot.pr, self.registered, ev.observed, self.traits,
+                    register_only=self.strategy.register_only, fenced=self.fenced,
+                )
+            except PlanError as e:  # nothing preempted: the source takes the guest back
+                self._emit(Log(logging.WARNING, f"destination {self.name}: {e}"))
+                return self._failure(Cancel(AbortReason.PR_TAKEOVER, str(e)), now)
             for note in plan.notes:
                 self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
             ops = plan.destination_ops

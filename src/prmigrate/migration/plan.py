@@ -157,6 +157,9 @@ class Observed:
     reservation_key: int | None = None
     reservation_type: PrType = PrType.NONE
     source_keys: Mapping[str, int] | None = None
+    # key -> the nexuses outside the device (neither a guest's source nor
+    # its destination nexus) registered with it; READ FULL STATUS only
+    foreign: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
     @staticmethod
     def from_pr_in(read_keys: object, read_reservation: object, source_keys: Mapping[str, int] | None = None) -> Observed:
@@ -235,8 +238,30 @@ def check_state(pr: DevicePrState) -> None:
 _VALID = frozenset(t for t in PrType if t is not PrType.NONE)
 
 
+def _refuse_collateral(observed: Observed | None, name: str, key: int, what: str) -> None:
+    """A PREEMPT with SARK = ``key`` removes every registration with that
+    key (SPC-5 5.14.11.4.3 and .4), other hosts' too: one that is not the
+    device's would be fenced by the move. Refused (PlanError) when the
+    target shows one."""
+    shared = observed.foreign.get(key, ()) if observed is not None else ()
+    if shared:
+        raise PlanError(
+            f"{name}: key {key:#x} is also registered by {', '.join(shared)}, outside the device;"
+            f" {what} would remove {'that registration' if len(shared) == 1 else 'those registrations'}:"
+            " not moved"
+        )
+
+
 def setup_plan(pr: DevicePrState, observed: Observed | None = None) -> SetupPlan:
+    """SETUP ops; PlanError (the migration is refused before the pause)
+    when the takeover would have to PREEMPT a key another host shares."""
     check_state(pr)
+    # what the takeover would move, as the target shows it now (a guest
+    # fenced meanwhile, or no longer holding, is not preempted for)
+    eff, _ = _reconcile(pr, observed, {})
+    for name, g in sorted(eff.items()):
+        if g.holder and not g.rtype.all_registrants:
+            _refuse_collateral(observed, name, g.key, "the takeover PREEMPT")
     ops, skipped, notes, fenced = [], [], [], {}
     for name, g in _guests(pr):
         if observed is not None and not observed.registered(name, g.key):
@@ -308,6 +333,7 @@ def takeover_plan(
     if holder is not None:
         hname, h = holder
         preempted_key = h.key
+        _refuse_collateral(observed, hname, h.key, "the takeover PREEMPT")
         takeover.append(PrOp(Side.DESTINATION, hname, PrOutAction.PREEMPT, h.key, h.key, h.rtype, h.scope, True, h.aptpl, Phase.TAKEOVER, "move the reservation: RK = SARK = key"))
         for name, g in sorted(eff.items()):
             if name != hname and g.key == h.key:
@@ -325,11 +351,13 @@ def takeover_plan(
             # AR (SPC-5 5.14.11.4.4): non-zero SARK removes only the matching
             # registrations (the source's) and keeps the reservation, which the
             # destination shares as a registrant.
+            _refuse_collateral(observed, name, g.key, "the PREEMPT of the source's registration")
             takeover.append(PrOp(Side.DESTINATION, name, PrOutAction.PREEMPT, g.key, g.key, g.rtype, g.scope, True, g.aptpl, Phase.TAKEOVER, "AR: remove the source's registration"))
             if traits.preempt_drops_own_registration:
                 fixups.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, inside_pause=True, aptpl=g.aptpl, phase=Phase.FIXUP, why="target may drop the preempting nexus"))
         elif (register_only == "preempt" or name in demoted) and not g.holder and not any(o.holder and o.key == g.key for o in eff.values()):
             rtype = PrType.WRITE_EXCLUSIVE if traits.preempt_rejects_type_zero else PrType.NONE
+            _refuse_collateral(observed, name, g.key, "the PREEMPT of the source's registration")
             takeover.append(PrOp(Side.DESTINATION, name, PrOutAction.PREEMPT, g.key, g.key, rtype, 0, True, g.aptpl, Phase.TAKEOVER, "register-only: remove the source's registration"))
             if traits.preempt_drops_own_registration:
                 fixups.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, inside_pause=True, aptpl=g.aptpl, phase=Phase.FIXUP, why="target may drop the preempting nexus"))

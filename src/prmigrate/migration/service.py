@@ -826,14 +826,20 @@ class DestinationRunner(_Runner):
                 rtype = PrType(raw) if raw in PrType._value2member_map_ else PrType.NONE
                 res_key = 0 if rtype.all_registrants else holders[0].key
             source_keys: dict[str, int] | None = None
+            foreign: dict[int, tuple[str, ...]] = {}
             if self.source_initiator:
                 source_keys = {}
+                own = []
                 for guest in snap.pr.guests:
                     port = backend_port(dev.mode, self.source_initiator, dev.name, guest).transport_id
+                    own += [port, backend_port(dev.mode, dev.host_initiator, dev.name, guest).transport_id]
                     for e in rfs.entries:
                         if e.transport_id.same_port(port):
                             source_keys[guest] = e.key
-            observed = Observed(frozenset(e.key for e in rfs.entries), res_key, rtype, source_keys)
+                for e in rfs.entries:
+                    if not any(e.transport_id.same_port(p) for p in own):
+                        foreign[e.key] = (*foreign.get(e.key, ()), str(e.transport_id))
+            observed = Observed(frozenset(e.key for e in rfs.entries), res_key, rtype, source_keys, foreign)
             return observed, TargetTraits(read_full_status=True)
         # On the monitor nexus, like READ FULL STATUS: a new nexus's unit
         # attention (tgt reports POWER ON RESET on each) is retried there and
