@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from prmigrate.lun.types import Result
+from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, Status
 from prmigrate.scsi.pr import ReadReservation, pr_out_cdb, pr_out_params
+from prmigrate.scsi.sense import Sense, encode_sense
 
 from .service_rig import HOST_A, HOST_B, OBSERVER, Cluster, good, run
 
@@ -217,5 +220,37 @@ async def test_a_move_that_would_preempt_another_hosts_registration_is_refused(t
         (b,) = c.entries_of(HOST_B)
         assert b.key == KEY and b.holder
         assert [e.key for e in c.full_status().entries if e.transport_id.name.lower() == OBSERVER.initiator] == [0x77]
+    finally:
+        await c.close()
+
+
+class _NoFullStatus(LogicalUnit):
+    """A LU without READ FULL STATUS (as tgt): READ KEYS is all there is."""
+
+    def execute(self, nexus, cdb, data_out=b""):  # type: ignore[no-untyped-def]
+        if cdb[:1] == b"\x5e" and len(cdb) > 1 and cdb[1] & 0x1F == PrInAction.READ_FULL_STATUS:
+            return Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB))
+        return super().execute(nexus, cdb, data_out)
+
+
+@run(40)
+async def test_a_shared_key_is_counted_in_read_keys_without_full_status(tmp_path: Path) -> None:
+    """Without READ FULL STATUS the destination counts READ KEYS: the key
+    listed once more than the device's own registrations of it is shared
+    with a nexus outside the device; the move is refused the same way."""
+    c = Cluster(tmp_path, unit_cls=_NoFullStatus)
+    await c.start()
+    try:
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.EXCLUSIVE_ACCESS)
+        params = pr_out_params(0, KEY)
+        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        q = await c.migrate()
+        assert q["status"] == "rolled_back" and "outside the device" in q["reason"], q
+        assert "1 nexus(es) not the device's" in q["reason"], q
+        params = pr_out_params(KEY, 0)  # the observer unregisters: the move goes through
+        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        q = await c.migrate()
+        assert q["status"] == "completed", q
     finally:
         await c.close()

@@ -73,7 +73,9 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -852,7 +854,17 @@ class DestinationRunner(_Runner):
             raise IscsiError(f"PR IN: {e}") from e
         except DeviceError as e:
             raise IscsiError(str(e)) from e
-        return Observed.from_pr_in(keys, rr), TargetTraits(read_full_status=False)
+        observed = Observed.from_pr_in(keys, rr)
+        # READ KEYS lists one key per registered nexus: a key listed more
+        # often than the device's own registrations of it (the guests'
+        # source nexuses, and the destination's from setup) is shared with
+        # nexuses outside the device, unnamed here
+        mine = Counter(g.key for g in snap.pr.guests.values() if g.registered)
+        mine.update(getattr(self.machine, "registered", {}).values())
+        extra = Counter(getattr(keys, "keys", ()))
+        extra.subtract(mine)
+        foreign = {k: (f"{n} nexus(es) not the device's",) for k, n in extra.items() if n > 0 and k}
+        return replace(observed, foreign=foreign), TargetTraits(read_full_status=False)
 
     def _do_LoadState(self, a: LoadState) -> None:
         self._bg.spawn(self._load(a.snapshot))
