@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from prmigrate.device.identity import derive_isid
+from prmigrate.iscsi.initiator import connect
 from prmigrate.lun.types import Result
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, SenseKey, Status
 from prmigrate.scsi.pr import ReadFullStatus, pr_in_cdb, pr_out_cdb, pr_out_params
@@ -36,6 +37,7 @@ ACTIONS = (
     PrOutAction.PREEMPT, PrOutAction.PREEMPT_AND_ABORT,
 )
 INITIATOR = {"hosta": HOST_A, "hostb": HOST_B}
+GUEST2 = "iqn.2026-11.org.prmigrate:guest2"
 
 
 def random_pr_out(rng: random.Random, mine: int) -> tuple[bytes, bytes]:
@@ -63,14 +65,14 @@ def view(c: Cluster, guest_host: str) -> list[tuple[str, int, bool, int, int]]:
     """READ FULL STATUS, the guest's backend nexus on ``guest_host`` named
     "guest", the observer "observer", any other nexus by its TransportID
     (the guest's nexus on the other host among them: it must be empty)."""
-    isid = derive_isid("vm1", GUEST)
+    names = {derive_isid("vm1", g): label for g, label in ((GUEST, "guest"), (GUEST2, "guest2"))}
     out = []
     r = observer_in(c, pr_in_cdb(PrInAction.READ_FULL_STATUS, 8192))
     assert r.status == Status.GOOD, r
     for e in ReadFullStatus.decode(bytes(r.data_in)).entries:
         tid = e.transport_id
-        if tid.name.lower() == INITIATOR[guest_host] and tid.isid == isid:
-            who = "guest"
+        if tid.name.lower() == INITIATOR[guest_host] and tid.isid in names:
+            who = names[tid.isid]
         elif tid.name.lower() == OBSERVER.initiator:
             who = "observer"
         else:
@@ -80,10 +82,11 @@ def view(c: Cluster, guest_host: str) -> list[tuple[str, int, bool, int, int]]:
 
 
 def collateral(entries: list[tuple[str, int, bool, int, int]]) -> bool:
-    """Does the guest hold a single-holder reservation whose key another
-    nexus has registered too?"""
-    mine = [(k, rtype) for who, k, holder, rtype, _ in entries if who == "guest" and holder]
-    return any(rtype not in (7, 8) and any(who != "guest" and k2 == k for who, k2, *_ in entries)
+    """Does a guest of the device hold a single-holder reservation whose key
+    a nexus outside the device has registered too?"""
+    ours = ("guest", "guest2")
+    mine = [(k, rtype) for who, k, holder, rtype, _ in entries if who in ours and holder]
+    return any(rtype not in (7, 8) and any(who not in ours and k2 == k for who, k2, *_ in entries)
                for k, rtype in mine)
 
 
@@ -101,14 +104,22 @@ def observer_out(c: Cluster, cdb: bytes, params: bytes) -> Result:
     return r
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize(("seed", "two"), [(1, False), (2, False), (3, False), (4, False), (5, False),
+                                           (6, False), (1, True), (2, True), (3, True)])
 @run(120)
-async def test_random_pr_states_move_with_the_device(tmp_path: Path, seed: int) -> None:
-    rng = random.Random(seed)
+async def test_random_pr_states_move_with_the_device(tmp_path: Path, seed: int, two: bool) -> None:
+    """``two``: a second guest of the same device sends PR OUTs too (its own
+    backend nexus; keys shared with the first guest are moved by the
+    plan's fixups)."""
+    rng = random.Random(seed + (1000 if two else 0))
     c = Cluster(tmp_path)
     await c.start()
     try:
         guest = await c.connect_guest()
+        senders = {"guest": guest}
+        if two:
+            senders["guest2"] = await connect(c.frontend_url(), initiator_name=GUEST2, isid=0x23D000000043,
+                                              command_timeout=20)
         here = "hosta"
         r = await guest.submit(0, *_register(rng.choice(KEYS[1:])))  # a registration to start from
         assert r.status == Status.GOOD, r
@@ -117,8 +128,9 @@ async def test_random_pr_states_move_with_the_device(tmp_path: Path, seed: int) 
         for _ in range(3):
             for _ in range(rng.randrange(4, 12)):
                 if rng.random() < 0.65:
-                    cdb, params = random_pr_out(rng, key_of(c, "guest", here))
-                    r = await guest.submit(0, cdb, params)
+                    who = rng.choice(sorted(senders)) if two else "guest"
+                    cdb, params = random_pr_out(rng, key_of(c, who, here))
+                    r = await senders[who].submit(0, cdb, params)
                     assert r.status in (Status.GOOD, Status.RESERVATION_CONFLICT, Status.CHECK_CONDITION), r
                 else:
                     cdb, params = random_pr_out(rng, key_of(c, "observer", here))
@@ -137,12 +149,15 @@ async def test_random_pr_states_move_with_the_device(tmp_path: Path, seed: int) 
             assert q["status"] == "completed" and q["success"] is True, q
             after = view(c, there)
             assert after == before, (seed, here, there)
-            moved_something |= any(who == "guest" for who, *_ in before)
+            moved_something |= any(who in senders for who, *_ in before)
             here = there
             # the guest reaches the device on its new host: a TEST UNIT READY
             # (a unit attention of the move is retried away) and its own view
-            r = await guest.test_unit_ready()
-            assert r.status == Status.GOOD, r
+            for session in senders.values():
+                r = await session.test_unit_ready()
+                assert r.status == Status.GOOD, r
         assert moved_something, "no move carried a registration"  # (these seeds do)
     finally:
+        if "guest2" in senders:
+            await senders["guest2"].close()
         await c.close()
