@@ -8,8 +8,10 @@ device's backend initiator name and ISID, so TransportIDs in PR IN data
 match. Unlike ``test_differential.py`` (which calls the device directly),
 the Expected Data Transfer Length here is random too: shorter, equal or
 longer than what the CDB asks, so the frontend's read relay, its residual
-handling and its write fitting (``fit_write``) are on the path. Every
-answer (status, data, sense) must be the twin's.
+handling and its write fitting (``fit_write``) are on the path; now and
+then a task management function (LU reset, CLEAR/ABORT TASK SET, target
+warm/cold reset) goes to both as well. Every answer (status, data, sense;
+the function's response) must be the twin's.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from prmigrate.iscsi.initiator import connect
+from prmigrate.iscsi.initiator import Session, TmfError, connect
 from prmigrate.iscsi.target import IscsiTarget, TargetNode
+from prmigrate.lun.types import Result
+from prmigrate.scsi.constants import SenseKey, Status
+from prmigrate.scsi.sense import SenseDecodeError, decode_sense
 
 from .test_differential import LUN_BYTES, TwinUnit, masked, random_command, refused_by_mask
 from .test_passthrough import G1, SHARED, Rig, run
@@ -40,6 +45,26 @@ def edtl_for(rng: random.Random, cdb: bytes, data: bytes) -> int:
     want = expected_in_len(cdb)
     pick = rng.choice((want, want, want, 0, max(0, want - 512), want + 512, rng.randrange(0, 9000)))
     return min(pick, 0xFFFFFFFF)  # what an EDTL field carries
+
+
+def _ua(r: Result) -> tuple[int, int] | None:
+    """The unit attention an answer reports: as CHECK CONDITION, or as the
+    data of a REQUEST SENSE (GOOD, sense data as data-in)."""
+    sense = r.sense if r.status == Status.CHECK_CONDITION else r.data_in if r.status == Status.GOOD else b""
+    try:
+        d = decode_sense(sense) if sense else None
+    except SenseDecodeError:
+        return None
+    return (d.asc, d.ascq) if d is not None and d.key == SenseKey.UNIT_ATTENTION else None
+
+
+async def _tmf(session: Session, fn: str) -> int:
+    """The function's response code (0: FUNCTION COMPLETE)."""
+    call = getattr(session, fn)
+    try:
+        return await (call(0) if fn in ("lun_reset", "clear_task_set", "abort_task_set") else call())
+    except TmfError as e:
+        return e.response
 
 
 @pytest.mark.parametrize(("seed", "migrate_pr"), [(1, False), (2, True), (3, False)])
@@ -67,7 +92,17 @@ async def test_guest_path_answers_like_a_twin_target(tmp_path: Path, seed: int, 
         while (await guest.submit(0, bytes(16), b"", 0)).status != 0:
             pass
         history: list[str] = []
+        warm_reset = False
         for i in range(600):
+            if rng.random() < 0.03:  # a task management function, on both
+                # (no TARGET COLD RESET: it ends every connection, RFC 7143 11.5.1)
+                fn = rng.choice(("lun_reset", "clear_task_set", "abort_task_set", "target_warm_reset"))
+                history.append(f"{i}: {fn}")
+                a = await _tmf(guest, fn)
+                b = await _tmf(mirror, fn)
+                assert a == b, "\n".join(history[-6:])
+                warm_reset = warm_reset or fn == "target_warm_reset"
+                continue
             cdb, data = random_command(rng)
             if len(cdb) > 16:
                 continue
@@ -80,6 +115,14 @@ async def test_guest_path_answers_like_a_twin_target(tmp_path: Path, seed: int, 
             want = await mirror.submit(0, cdb, data, n)
             if migrate_pr:
                 want = masked(cdb, want)
+            if warm_reset and _ua(got) == (0x29, 0x03) and _ua(want) == (0x29, 0x02):
+                # the device runs a guest's target reset as a LU reset of the
+                # backend LUN (never a reset of the shared target): the guest
+                # learns of it as BUS DEVICE RESET FUNCTION OCCURRED, where a
+                # target of its own says SCSI BUS RESET OCCURRED
+                want = got
+            if _ua(want) is not None:
+                warm_reset = False
             assert (got.status, bytes(got.data_in), bytes(got.sense)) == (
                 want.status, bytes(want.data_in), bytes(want.sense)
             ), "\n".join(history[-6:])
