@@ -192,6 +192,12 @@ async def test_a_restarted_source_keeps_redirecting_and_takes_the_device_back(tm
         await c.close()
 
 
+def observer_register(c: Cluster, rk: int, sark: int) -> None:
+    """REGISTER from the observer host, straight on the LU."""
+    params = pr_out_params(rk, sark)
+    assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+
+
 @run(40)
 async def test_a_move_that_would_preempt_another_hosts_registration_is_refused(tmp_path: Path) -> None:
     """The guest holds WE with a key the observer host has registered too.
@@ -204,8 +210,7 @@ async def test_a_move_that_would_preempt_another_hosts_registration_is_refused(t
     try:
         guest = await c.connect_guest()
         await _setup_pr(guest, PrType.WRITE_EXCLUSIVE)
-        params = pr_out_params(0, KEY)
-        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        observer_register(c, 0, KEY)
         before = c.full_status()
         q = await c.migrate()
         assert q["status"] == "rolled_back" and q["success"] is False, q
@@ -213,8 +218,7 @@ async def test_a_move_that_would_preempt_another_hosts_registration_is_refused(t
         assert "vm1" in c.daemons["hosta"].devices and "vm1" not in c.daemons["hostb"].devices
         assert c.full_status() == before
         assert good(await guest.submit(0, _write10(7, 1), bytes(512)))
-        params = pr_out_params(KEY, 0x77)
-        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        observer_register(c, KEY, 0x77)
         q = await c.migrate()
         assert q["status"] == "completed", q
         (b,) = c.entries_of(HOST_B)
@@ -243,13 +247,11 @@ async def test_a_shared_key_is_counted_in_read_keys_without_full_status(tmp_path
     try:
         guest = await c.connect_guest()
         await _setup_pr(guest, PrType.EXCLUSIVE_ACCESS)
-        params = pr_out_params(0, KEY)
-        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        observer_register(c, 0, KEY)
         q = await c.migrate()
         assert q["status"] == "rolled_back" and "outside the device" in q["reason"], q
         assert "1 nexus(es) not the device's" in q["reason"], q
-        params = pr_out_params(KEY, 0)  # the observer unregisters: the move goes through
-        assert good(c.lu.execute(OBSERVER, pr_out_cdb(REG, PrType.NONE, 0, len(params)), params))
+        observer_register(c, KEY, 0)  # the observer unregisters: the move goes through
         q = await c.migrate()
         assert q["status"] == "completed", q
     finally:
