@@ -47,12 +47,10 @@ from enum import Enum
 
 from ..lun.conflicts import scsi2_allowed
 from ..lun.types import Nexus, Result
+from ..lun.ua import MAX_QUEUED, UA_EXEMPT  # per frontend nexus, as per I_T nexus on a LU
 from ..scsi.constants import Opcode, SenseKey, Status
 from ..scsi.sense import SenseDecodeError, decode_sense
 
-MAX_QUEUED = 16  # per frontend nexus, as lun/ua.py
-# SPC-5 5.15: a pending unit attention does not interrupt these.
-UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
 # RESERVE opcode -> the RELEASE a nexus loss stands for (SPC-2 7.19 / 7.21).
 RELEASE_FOR: dict[int, int] = {
     Opcode.RESERVE_6: Opcode.RELEASE_6,

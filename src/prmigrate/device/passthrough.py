@@ -140,6 +140,7 @@ from ..iscsi.initiator import IscsiError, Session
 from ..iscsi.initiator_core import RelaySink
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
+from ..lun.ua import UA_EXEMPT
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, SenseKey, Status
 from ..scsi.pr import (
@@ -154,7 +155,6 @@ from ..scsi.pr import (
 from ..scsi.sense import Sense, SenseDecodeError, decode_sense, encode_sense
 from .config import DeviceConfig
 from .frontends import (
-    UA_EXEMPT,
     SharedNexus,
     Verdict,
     drops_scsi2,
@@ -182,8 +182,6 @@ _GOOD = Status.GOOD
 _CHECK = Status.CHECK_CONDITION
 _PR_IN_ALLOC = 8192
 _UA_RETRIES = 8
-# A pending UA owed to the guest does not interrupt these (SPC-5 5.15).
-_UA_EXEMPT = UA_EXEMPT
 # Backend answers meaning "READ FULL STATUS is not implemented here".
 _NOT_IMPLEMENTED = frozenset(
     {(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00), (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)}
@@ -561,9 +559,13 @@ class PassthroughDevice:
             b.opening = None
         if self._tmf is not None:
             return  # the waiting commands go when the function is done
+        self._send_waiting(b, b.session)
+
+    def _send_waiting(self, b: _Backend, s: Session) -> None:
+        """Forward, in order, the commands that waited on ``b``."""
         waiting, b.waiting = b.waiting, []
         for cdb, data_out, n, fut in waiting:
-            self._chain(self._submit_now(b.session, cdb, data_out, n), fut)
+            self._chain(self._submit_now(s, cdb, data_out, n), fut)
 
     async def _close_backend(self, b: _Backend) -> None:
         session, b.session = b.session, None
@@ -670,7 +672,7 @@ class PassthroughDevice:
             self._held.append(_Held(nexus, cdb, data_out, data_in_len, fut))
             return fut
         op = cdb[0] if cdb else -1
-        if b.owed_uas and op not in _UA_EXEMPT:
+        if b.owed_uas and op not in UA_EXEMPT:
             sense = b.owed_uas.pop(0)
             self._fan_out(b, nexus, sense)
             return Result(_CHECK, b"", sense)
@@ -687,9 +689,7 @@ class PassthroughDevice:
         if data_out and op in _DATA_IN_ONLY:
             data_out = b""
         if data_in_len is None:
-            data_in_len = expected_in_len(
-                cdb, self.identity.block_size if self.identity is not None else 512
-            )
+            data_in_len = expected_in_len(cdb, self.block_size)
         special = self._special.get(op)
         if special is not None:
             r = special(b, nexus, cdb, data_out, data_in_len)
@@ -726,9 +726,7 @@ class PassthroughDevice:
                 and op not in self._special
                 and not (data_out and op in _DATA_IN_ONLY)
             ):
-                n = 0 if len(data_out) else expected_in_len(
-                    cdb, self.identity.block_size if self.identity is not None else 512
-                )
+                n = 0 if len(data_out) else expected_in_len(cdb, self.block_size)
                 try:
                     s.submit_then(self.lun, cdb, data_out, n, done)
                 except (IscsiError, ValueError) as exc:
@@ -771,7 +769,7 @@ class PassthroughDevice:
             blocks = int.from_bytes(cdb[10:14], "big")
         else:
             return False
-        if blocks * (self.identity.block_size if self.identity is not None else 512) != edtl:
+        if blocks * self.block_size != edtl:
             return False
         try:
             s.submit_relay(self.lun, cdb, edtl, sink, token)
@@ -1185,7 +1183,8 @@ class PassthroughDevice:
     # --------------------------------------------------------- guest events
     @property
     def block_size(self) -> int:
-        """Used by the target for write residuals."""
+        """The LUN's block size (512 until the identity is known); the
+        target's write residuals use it too."""
         return self.identity.block_size if self.identity is not None else 512
 
     def report_luns(self) -> list[int]:
@@ -1305,15 +1304,11 @@ class PassthroughDevice:
         """Send what waited for a task management function."""
         for b in self._backends.values():
             b.pause(False)
-            waiting, b.waiting = b.waiting, []
             s = b.session
             if s is not None and b.closing is None:
-                for cdb, data_out, n, fut in waiting:
-                    self._chain(self._submit_now(s, cdb, data_out, n), fut)
-            elif waiting and not self._closed:
-                b.waiting = waiting
-                if b.opening is None:
-                    b.opening = self._bg.spawn(self._open(b))
+                self._send_waiting(b, s)
+            elif b.waiting and not self._closed and b.opening is None:
+                b.opening = self._bg.spawn(self._open(b))
 
     # ------------------------------------------------------ migration hooks
     @property
@@ -1466,8 +1461,7 @@ class PassthroughDevice:
         except IscsiError as exc:
             self.log.info("backend task management functions unknown (target resets refused): %s", exc)
             return None
-        self.log.info("backend task management functions: %s",
-                      ", ".join(n for n in SupportedTmfs.__dataclass_fields__ if getattr(tmfs, n)) or "none")
+        self.log.info("backend task management functions: %s", ", ".join(tmfs.names()) or "none")
         return tmfs
 
     @property
@@ -1516,9 +1510,7 @@ class PassthroughDevice:
             "backend-nexus": nexuses,
             # REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS of the backend (None:
             # not implemented there); target-reset: what the frontend takes
-            "backend-tmfs": None
-            if self.backend_tmfs is None
-            else [n for n in SupportedTmfs.__dataclass_fields__ if getattr(self.backend_tmfs, n)],
+            "backend-tmfs": None if self.backend_tmfs is None else list(self.backend_tmfs.names()),
             "target-reset": self.target_reset_supported,
             "pr-state": {
                 "method": self.verify_method,

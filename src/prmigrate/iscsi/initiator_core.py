@@ -291,6 +291,15 @@ class _Command:
     token: Any = None  # the sink's name for the command
 
 
+def _check_lengths(cdb: bytes, data_in_len: int, data_out_len: int) -> None:
+    """ValueError for what one SCSI Command PDU cannot carry: a CDB over
+    16 bytes (no AHS here), a length outside the 32-bit EDTL field."""
+    if len(cdb) > 16:
+        raise ValueError("CDBs longer than 16 bytes are not supported")
+    if not 0 <= data_in_len <= SN_MASK or data_out_len > SN_MASK:
+        raise ValueError("an expected data transfer length is 0 to 2^32 - 1 bytes")
+
+
 class RelaySink(Protocol):
     """Where a relayed command completes (see ``InitiatorCore.submit_relay``).
 
@@ -936,10 +945,7 @@ class InitiatorCore:
         now: float = 0.0,
     ) -> int:
         """Queue a SCSI command; returns its handle (CommandDone/Failed name it)."""
-        if len(cdb) > 16:
-            raise ValueError("CDBs longer than 16 bytes are not supported")
-        if not 0 <= data_in_len <= SN_MASK or len(data_out) > SN_MASK:
-            raise ValueError("an expected data transfer length is 0 to 2^32 - 1 bytes")
+        _check_lengths(cdb, data_in_len, len(data_out))
         if len(data_out) and data_in_len:
             raise ValueError("bidirectional commands are not supported")
         cmd = _Command(self._next_handle(), lun, bytes(cdb), memoryview(bytes(data_out)),
@@ -956,10 +962,7 @@ class InitiatorCore:
         end, errors included. Otherwise as ``submit`` (queued, re-issued after
         a reconnect, counted in ``outstanding``). The forwarding device uses
         it to pass a guest's reads through without a Result per command."""
-        if len(cdb) > 16:
-            raise ValueError("CDBs longer than 16 bytes are not supported")
-        if not 0 <= data_in_len <= SN_MASK:
-            raise ValueError("an expected data transfer length is 0 to 2^32 - 1 bytes")
+        _check_lengths(cdb, data_in_len, 0)
         self._handle = handle = self._handle + 1
         cmd = _Command(handle, lun, cdb, _NO_DATA, data_in_len, TaskAttribute.SIMPLE,
                        sink=sink, token=token)

@@ -1364,17 +1364,16 @@ class Connection:
             else:
                 self.target._abort_lu(lu, None)
                 lu.reset(nexus)
-        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET) and not all(
-            getattr(unit, "target_reset_supported", True) for unit in self.luns.values()
-        ):
-            # an LU that cannot take part (the passthrough device in front
-            # of a backend without target resets): nothing is reset
-            resp = TmfResponse.NOT_SUPPORTED
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            cold = fn == TmfFunction.TARGET_COLD_RESET
-            for unit in self.luns.values():
-                self.target._abort_lu(unit, None)
-                unit.reset(nexus, cold=cold, target_reset=True)
+            if not all(getattr(unit, "target_reset_supported", True) for unit in self.luns.values()):
+                # an LU that cannot take part (the passthrough device in front
+                # of a backend without target resets): nothing is reset
+                resp = TmfResponse.NOT_SUPPORTED
+            else:
+                cold = fn == TmfFunction.TARGET_COLD_RESET
+                for unit in self.luns.values():
+                    self.target._abort_lu(unit, None)
+                    unit.reset(nexus, cold=cold, target_reset=True)
         elif fn == TmfFunction.TASK_REASSIGN:
             resp = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
         else:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..scsi.constants import Opcode
 from ..scsi.sense import Sense
 from .types import Nexus
 
 MAX_QUEUED = 16
+# SPC-5 5.15: a pending unit attention does not interrupt these.
+UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
 
 
 class UnitAttentions:

@@ -86,7 +86,7 @@ from .modepages import ModePages, PageControl
 from .opcodes import report_supported_opcodes
 from .store import BlockStore
 from .types import Nexus, ReservationConflict, Result
-from .ua import UnitAttentions
+from .ua import UA_EXEMPT, UnitAttentions
 
 if TYPE_CHECKING:
     from .pr import ReservationTable
@@ -123,7 +123,6 @@ _LEN_FIELD = (4, 7, 7, 0, 10, 6, 0, 0)
 _WRITE_AND_VERIFY = frozenset((Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16))
 
 # Commands a pending UA does not interrupt (SAM-5 5.14 / SPC-5 5.15).
-_UA_EXEMPT = frozenset((Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE))
 
 _GOOD = Status.GOOD
 # What the iSCSI target does for each LU (iscsi.session: Connection._task_mgmt):
@@ -277,7 +276,7 @@ class LogicalUnit:
             if len(cdb) < _GROUP_LEN[op >> 5]:
                 raise CdbTooShort(op, _GROUP_LEN[op >> 5], len(cdb))
             ua = self.ua
-            if ua._q and nexus in ua._q and op not in _UA_EXEMPT:
+            if ua._q and nexus in ua._q and op not in UA_EXEMPT:
                 sense = ua.pop(nexus)
                 if sense is not None:  # the queue of nexus is never empty
                     return Result(_CHECK, b"", encode_sense(sense, self.modes.d_sense))

@@ -373,6 +373,10 @@ class SupportedTmfs:
               "target_reset", "wakeup")
     _BYTE1 = ("query_unit_attention", "query_task_set", "it_nexus_reset")
 
+    def names(self) -> tuple[str, ...]:
+        """The supported functions, by field name, in the data's bit order."""
+        return tuple(n for n in self._BYTE0 + self._BYTE1 if getattr(self, n))
+
     def encode(self, repd: bool = False) -> bytes:
         b0 = sum(0x80 >> i for i, name in enumerate(self._BYTE0) if getattr(self, name))
         b1 = sum(0x04 >> i for i, name in enumerate(self._BYTE1) if getattr(self, name))
