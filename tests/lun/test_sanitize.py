@@ -16,17 +16,7 @@ from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.constants import PrType, Status
 from prmigrate.scsi.sense import Sense, decode_sense
 
-from .test_unit import BLOCKS, BS, A, B, StubPR, _set_control, check, good, rw10
-
-
-@pytest.fixture
-def lu(tmp_path: Path) -> LogicalUnit:
-    u = LogicalUnit(tmp_path / "img", BLOCKS * BS, name="lu-under-test", serial="SN0001", state_dir=tmp_path,
-                    pr_factory=StubPR)
-    u.attach(A)
-    u.attach(B)
-    yield u
-    u.close()
+from .test_unit import BLOCKS, BS, A, B, _set_control, check, good, rw10
 
 
 def san(action: int, length: int = 0, b1: int = 0, reserved: tuple[int, int] | None = None) -> bytes:

@@ -57,16 +57,6 @@ class StubPR:
         self.calls.append(("reset",))
 
 
-@pytest.fixture
-def lu(tmp_path: Path) -> LogicalUnit:
-    u = LogicalUnit(tmp_path / "img", BLOCKS * BS, name="lu-under-test", serial="SN0001", state_dir=tmp_path,
-                    pr_factory=StubPR)
-    u.attach(A)
-    u.attach(B)
-    yield u
-    u.close()
-
-
 def cdb(s: str) -> bytes:
     return bytes.fromhex(s)
 

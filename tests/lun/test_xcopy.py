@@ -24,16 +24,6 @@ from prmigrate.scsi.sense import Sense, decode_sense
 from .test_unit import BLOCKS, BS, A, B, StubPR, _set_control, check, good, rw10
 
 
-@pytest.fixture
-def lu(tmp_path: Path) -> Iterator[LogicalUnit]:
-    u = LogicalUnit(tmp_path / "img", BLOCKS * BS, name="lu-under-test", serial="SN0001", state_dir=tmp_path,
-                    pr_factory=StubPR)
-    u.attach(A)
-    u.attach(B)
-    yield u
-    u.close()
-
-
 # ------------------------------------------------------------- builders
 def xcopy_cdb(length: int, sa: int = 0) -> bytes:
     return struct.pack(">BB8xIxB", 0x83, sa, length, 0)
