@@ -5,6 +5,7 @@ directly against the same target, in the same run.
     python benchmarks/bench_passthrough.py                  # prmigrate target backend
     python benchmarks/bench_passthrough.py --backend tgt    # tgtd backend
     python benchmarks/bench_passthrough.py --backend both --seconds 10 --uvloop
+    python benchmarks/bench_passthrough.py --poll-us 50     # target and daemon busy-poll
 
 For each backend it starts the target and a ``prmigrate host`` daemon with
 one device in front of it (all on 127.0.0.x), then runs ``iscsi-perf -r``
@@ -62,13 +63,15 @@ PERF_IQN = "iqn.2026-11.org.prmigrate:bench-guest"
 
 
 @contextlib.contextmanager
-def prm_target(work: Path, uvloop: bool) -> Iterator[tuple[str, int]]:
+def prm_target(work: Path, uvloop: bool, poll_us: int = 0) -> Iterator[tuple[str, int]]:
     host = f"127.0.0.{random.randint(2, 250)}"
     port = free_port(host)
     args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{host}:{port}",
             "--iqn", SHARED, "--lun", f"0={work / 'lun0.img'}", "--size", "1G"]
     if uvloop:
         args.append("--uvloop")
+    if poll_us:
+        args += ["--poll-us", str(poll_us)]
     with open(work / "target.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
     try:
@@ -118,7 +121,7 @@ def tgt_target(work: Path) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[tuple[str, int]]:
+def host_daemon(work: Path, backend: str, uvloop: bool, poll_us: int = 0) -> Iterator[tuple[str, int]]:
     host = f"127.0.0.{random.randint(2, 250)}"
     port = free_port(host)
     args = [sys.executable, "-m", "prmigrate.cli", "host", "--name", "bench", "--initiator", HOST_IQN,
@@ -127,6 +130,8 @@ def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[tuple[str, i
             "--device", f"name=vm1,backend={backend},target={FRONTEND},machine=pc-q35-11.0"]
     if uvloop:
         args.append("--uvloop")
+    if poll_us:
+        args += ["--poll-us", str(poll_us)]
     with open(work / "host.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
     try:
@@ -137,7 +142,7 @@ def host_daemon(work: Path, backend: str, uvloop: bool) -> Iterator[tuple[str, i
 
 
 @contextlib.contextmanager
-def tcp_relay(direct: str, uvloop: bool) -> Iterator[tuple[str, int]]:
+def tcp_relay(direct: str, uvloop: bool, poll_us: int = 0) -> Iterator[tuple[str, int]]:
     """benchmarks/tcp_relay.py in front of the backend: the same target
     reached through a process that only copies bytes."""
     hostport, _, path = direct[len("iscsi://"):].partition("/")
@@ -147,6 +152,8 @@ def tcp_relay(direct: str, uvloop: bool) -> Iterator[tuple[str, int]]:
     args = [sys.executable, str(Path(__file__).with_name("tcp_relay.py")), host, str(port), to_host, to_port]
     if uvloop:
         args.append("--uvloop")
+    if poll_us:
+        args += ["--poll-us", str(poll_us)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     try:
         wait_port(host, port, proc)
@@ -226,25 +233,33 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="alternating runs per queue depth (median)")
     ap.add_argument("--uvloop", action="store_true", help="run the host daemon on uvloop")
     ap.add_argument("--target-uvloop", action="store_true", help="run prmigrate target on uvloop")
+    ap.add_argument("--poll-us", type=int, default=0,
+                    help="host daemon and prmigrate target busy-poll this long before they sleep"
+                         " (asyncio loop; not with --uvloop/--target-uvloop)")
     args = ap.parse_args()
+    if args.poll_us and (args.uvloop or args.target_uvloop):
+        print("--poll-us needs the asyncio loop, not uvloop", file=sys.stderr)
+        return 2
     if shutil.which("iscsi-perf") is None:
         print("iscsi-perf not found (apt-get install libiscsi-bin)", file=sys.stderr)
         return 2
-    print(f"{os.cpu_count()} CPUs; 4 KiB random reads; daemon on {'uvloop' if args.uvloop else 'asyncio'}")
+    poll = f", busy-polling {args.poll_us} us before sleeping" if args.poll_us else ""
+    print(f"{os.cpu_count()} CPUs; 4 KiB random reads; daemon on {'uvloop' if args.uvloop else 'asyncio'}{poll}")
     with tempfile.TemporaryDirectory(prefix="prm-bench-") as tmp:
         work = Path(tmp)
         if args.backend in ("prm", "both"):
-            with prm_target(work, args.target_uvloop) as (direct, tpid), \
-                    host_daemon(work, direct, args.uvloop) as (via, hpid), \
-                    tcp_relay(direct, args.uvloop) as (relay, rpid):
+            with prm_target(work, args.target_uvloop, args.poll_us) as (direct, tpid), \
+                    host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \
+                    tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid):
                 bench("backend: prmigrate target", direct, via, relay,
                       {"target": tpid, "daemon": hpid, "relay": rpid}, args.seconds, args.rounds)
         if args.backend in ("tgt", "both"):
             if shutil.which("tgtd") is None:
                 print("tgtd not found (apt-get install tgt)", file=sys.stderr)
                 return 2
-            with tgt_target(work) as (direct, tpid), host_daemon(work, direct, args.uvloop) as (via, hpid), \
-                    tcp_relay(direct, args.uvloop) as (relay, rpid):
+            with tgt_target(work) as (direct, tpid), \
+                    host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \
+                    tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid):
                 bench("backend: tgt", direct, via, relay, {"target": tpid, "daemon": hpid, "relay": rpid},
                       args.seconds, args.rounds)
     return 0

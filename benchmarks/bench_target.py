@@ -9,6 +9,11 @@ stopped at the end (tgtd via ``tgtadm --op delete`` on its control port,
 then SIGKILL if needed).
 
     python benchmarks/bench_target.py [--seconds 5] [--rounds 3] [--uvloop] [--size 256M]
+    python benchmarks/bench_target.py --poll-us 50    # our target busy-polling (tgt sleeps)
+
+With ``--poll-us`` both runs of ours are printed, sleeping and polling, so the
+CPU the polling costs is shown next to what it buys (CPU seconds per I/O of
+each target process, from /proc).
 """
 
 from __future__ import annotations
@@ -24,23 +29,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import free_port, iscsi_perf, wait_port  # noqa: E402
+from _common import free_port, iscsi_perf, process_cpu, wait_port  # noqa: E402
 
 IQN = "iqn.2026-11.org.prmigrate:bench"
 TGT_IQN = "iqn.2026-11.org.prmigrate:bench-tgt"
 
 
 class Ours:
-    def __init__(self, workdir: Path, size: str, uvloop: bool) -> None:
+    def __init__(self, workdir: Path, size: str, uvloop: bool, poll_us: int = 0) -> None:
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{self.host}:{self.port}",
-                "--iqn", IQN, "--lun", f"0={workdir / 'ours.img'}", "--size", size]
+                "--iqn", IQN, "--lun", f"0={workdir / f'ours-{self.port}.img'}", "--size", size]
         if uvloop:
             args.append("--uvloop")
+        if poll_us:
+            args += ["--poll-us", str(poll_us)]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
-        self.log = open(workdir / "ours.log", "wb")
+        self.log = open(workdir / f"ours-{self.port}.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         wait_port(self.host, self.port)
         self.url = f"iscsi://{self.host}:{self.port}/{IQN}/0"
@@ -103,7 +110,12 @@ def main() -> int:
     ap.add_argument("--size", default="256M")
     ap.add_argument("--uvloop", action="store_true")
     ap.add_argument("--qd", type=int, action="append", default=None)
+    ap.add_argument("--poll-us", type=int, default=0,
+                    help="also run our target busy-polling this long before it sleeps")
     args = ap.parse_args()
+    if args.poll_us and args.uvloop:
+        print("--poll-us needs the asyncio loop, not --uvloop", file=sys.stderr)
+        return 2
     for tool in ("iscsi-perf", "tgtd", "tgtadm"):
         if shutil.which(tool) is None:
             print(f"missing {tool}", file=sys.stderr)
@@ -111,30 +123,44 @@ def main() -> int:
     qds = args.qd or [1, 32]
     with tempfile.TemporaryDirectory(prefix="prmigrate-bench-") as tmp:
         work = Path(tmp)
-        ours = tgt = None
+        servers: dict[str, Ours | Tgt] = {}
         try:
-            ours = Ours(work, args.size, args.uvloop)
-            tgt = Tgt(work, parse_size(args.size))
-            # warm the page cache of both images
-            for url in (ours.url, tgt.url):
-                iscsi_perf(url, 32, 1)
+            servers["ours"] = Ours(work, args.size, args.uvloop)
+            if args.poll_us:
+                servers["polling"] = Ours(work, args.size, False, args.poll_us)
+            servers["tgt"] = Tgt(work, parse_size(args.size))
+            # warm the page cache of every image
+            for srv in servers.values():
+                iscsi_perf(srv.url, 32, 1)
             results: dict[tuple[str, int], list[float]] = {}
+            cpu: dict[tuple[str, int], list[float]] = {}
             for _ in range(args.rounds):
                 for qd in qds:
-                    for name, srv in (("ours", ours), ("tgt", tgt)):
-                        results.setdefault((name, qd), []).append(iscsi_perf(srv.url, qd, args.seconds))
+                    for name, srv in servers.items():
+                        before = process_cpu(srv.proc.pid)
+                        iops = iscsi_perf(srv.url, qd, args.seconds)
+                        results.setdefault((name, qd), []).append(iops)
+                        cpu.setdefault((name, qd), []).append(
+                            (process_cpu(srv.proc.pid) - before) / max(1, iops * args.seconds))
             print(f"4 KiB random reads, iscsi-perf, {args.rounds} rounds x {args.seconds}s, medians"
                   f"{' (uvloop)' if args.uvloop else ''}")
-            print(f"{'QD':>4} {'prmigrate IOPS':>15} {'tgt IOPS':>10} {'ours/tgt':>9}")
+            head = f"{'QD':>4} {'prmigrate IOPS':>15} {'tgt IOPS':>10} {'ours/tgt':>9}"
+            if args.poll_us:
+                head += f" {'polling ' + str(args.poll_us) + ' us':>16} {'polling/tgt':>12}"
+            print(head + "   target CPU per I/O (us)")
             for qd in qds:
                 o = statistics.median(results[("ours", qd)])
                 t = statistics.median(results[("tgt", qd)])
-                print(f"{qd:>4} {o:>15.0f} {t:>10.0f} {o / t:>9.2f}")
+                line = f"{qd:>4} {o:>15.0f} {t:>10.0f} {o / t:>9.2f}"
+                if args.poll_us:
+                    p = statistics.median(results[("polling", qd)])
+                    line += f" {p:>16.0f} {p / t:>12.2f}"
+                line += "   " + ", ".join(f"{name} {1e6 * statistics.median(cpu[(name, qd)]):.1f}"
+                                          for name in servers)
+                print(line, flush=True)
         finally:
-            if ours is not None:
-                ours.stop()
-            if tgt is not None:
-                tgt.stop()
+            for srv in servers.values():
+                srv.stop()
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A byte-for-byte TCP relay: the cheapest forwarder a Python process can be.
 
-    python benchmarks/tcp_relay.py LISTEN_HOST LISTEN_PORT TO_HOST TO_PORT [--uvloop]
+    python benchmarks/tcp_relay.py LISTEN_HOST LISTEN_PORT TO_HOST TO_PORT [--uvloop | --poll-us US]
 
 Each accepted connection gets its own connection to TO_HOST:TO_PORT and
 every chunk read on one side is written as is to the other (TCP_NODELAY on
@@ -78,12 +78,12 @@ def main() -> None:
     ap.add_argument("to_host")
     ap.add_argument("to_port", type=int)
     ap.add_argument("--uvloop", action="store_true")
+    ap.add_argument("--poll-us", type=int, default=0, help="busy-poll like prmigrate's --poll-us")
     args = ap.parse_args()
-    if args.uvloop:
-        import uvloop
+    from prmigrate.aio import run_loop
 
-        uvloop.install()
-    asyncio.run(_serve((args.listen_host, args.listen_port), (args.to_host, args.to_port)))
+    run_loop(_serve((args.listen_host, args.listen_port), (args.to_host, args.to_port)),
+             use_uvloop=args.uvloop, poll_us=args.poll_us)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ def test_command_line_overrides_and_adds(tmp_path: Path) -> None:
     (f'[[device]]\nname = "d"\nbackend = "{SHARED}"\ncolour = "red"\n', "unknown device property"),
     (f'[[device]]\nname = "d"\nbackend = "{SHARED}"\nmigrate-pr = "maybe"\n', "on/off"),
     ("[host\n", "host.toml"),
+    ('[host]\npoll-us = "50"\n', "poll-us must be an integer"),
+    ("[host]\npoll-us = -1\n", "must not be negative"),
+    ("[host]\npoll-us = 50\nuvloop = true\n", "not with uvloop"),
 ])
 def test_bad_files(tmp_path: Path, text: str, match: str) -> None:
     f = tmp_path / "host.toml"
@@ -110,3 +113,13 @@ def test_list_machines(capsys: pytest.CaptureFixture[str]) -> None:
     lines = {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:]}
     assert lines["pc-q35-11.0"] == "on" and lines["pc-q35-10.2"] == "off"
     assert lines["q35"] == "on" and lines["pc-i440fx-9.0"] == "off"
+
+
+def test_poll_us_from_file_and_command_line(tmp_path: Path) -> None:
+    f = tmp_path / "host.toml"
+    f.write_text("[host]\npoll-us = 50\n")
+    assert merge_cli(load_toml(f), parse([])).poll_us == 50
+    assert merge_cli(load_toml(f), parse(["--poll-us", "0"])).poll_us == 0  # the command line wins
+    assert merge_cli(HostConfig(), parse([])).poll_us == 0  # off by default
+    with pytest.raises(HostConfigError, match="not with uvloop"):
+        merge_cli(HostConfig(), parse(["--poll-us", "20", "--uvloop"]))

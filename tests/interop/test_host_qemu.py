@@ -4,7 +4,7 @@ The CLI form of the issue, verbatim apart from loopback ports, a temporary
 directory and a prmigrate target as the shared LUN: qemu-io writes patterns
 through the guest frontend URL and reads them back verified, and the data is
 on the backend LUN (read back directly). Also: two devices on one daemon, a
-TOML configuration, SIGINT stopping the daemon cleanly.
+TOML configuration, SIGINT stopping the daemon cleanly; target and daemon busy-polling.
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ def qemu_io(url: str, *cmds: str, timeout: float = 120) -> str:
     return p.stdout
 
 
-def test_qemu_io_through_the_host_daemon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("poll", [False, True], ids=["sleeping", "busy-polling"])
+def test_qemu_io_through_the_host_daemon(tmp_path: Path, poll: bool) -> None:
+    """Also with target and daemon busy-polling (``--poll-us``): same data."""
     need("qemu-io")
-    t = start_target(tmp_path)
+    extra = ["--poll-us", "50"] if poll else []
+    t = start_target(tmp_path, extra=extra)
     try:
-        host = start_host(tmp_path, device_spec(t.url()))
+        host = start_host(tmp_path, device_spec(t.url()), extra=extra)
         try:
             url = host.url()
             qemu_io(url, "write -P 0xa5 0 1M", "write -P 0x5a 1M 64k", "write -P 0x11 100M 4k")

@@ -42,7 +42,7 @@ from ..device.config import ConfigError, DeviceConfig, parse_device_spec
 
 DEFAULT_LISTEN = ("127.0.0.1", 3260)
 _HOST_KEYS = frozenset(
-    {"name", "initiator", "listen", "control", "state-dir", "log-format", "keepalive", "uvloop"}
+    {"name", "initiator", "listen", "control", "state-dir", "log-format", "keepalive", "uvloop", "poll-us"}
 )
 
 
@@ -68,6 +68,7 @@ class HostConfig:
     log_format: str = "text"
     keepalive: float | None = None
     uvloop: bool = False
+    poll_us: int = 0  # busy-poll before the loop sleeps (aio.PollingSelector)
 
     def validate(self) -> HostConfig:
         if not self.initiator:
@@ -78,6 +79,10 @@ class HostConfig:
             self.listen = [DEFAULT_LISTEN]
         if self.log_format not in ("text", "json"):
             raise HostConfigError(f"log-format must be text or json, not {self.log_format!r}")
+        if self.poll_us < 0:
+            raise HostConfigError(f"poll-us must not be negative, not {self.poll_us}")
+        if self.poll_us and self.uvloop:
+            raise HostConfigError("poll-us needs the asyncio loop: not with uvloop")
         seen: set[str] = set()
         for d in self.devices:
             if d.name in seen:
@@ -148,6 +153,10 @@ def from_mapping(doc: dict[str, Any], where: str = "config") -> HostConfig:
     if "keepalive" in host:
         cfg.keepalive = float(host["keepalive"])
     cfg.uvloop = bool(host.get("uvloop", False))
+    poll = host.get("poll-us", 0)
+    if not isinstance(poll, int) or isinstance(poll, bool):
+        raise HostConfigError(f"{where}: poll-us must be an integer (microseconds)")
+    cfg.poll_us = poll
     devices = doc.get("device", [])
     if not isinstance(devices, list):
         raise HostConfigError(f"{where}: use [[device]] tables")
@@ -173,6 +182,8 @@ def merge_cli(base: HostConfig, args: Any) -> HostConfig:
         base.keepalive = args.keepalive
     if getattr(args, "uvloop", False):
         base.uvloop = True
+    if getattr(args, "poll_us", None) is not None:
+        base.poll_us = args.poll_us
     for spec in args.device or []:
         try:
             base.devices.append(parse_device_spec(spec))
