@@ -133,3 +133,38 @@ async def test_guest_path_answers_like_a_twin_target(tmp_path: Path, seed: int, 
         await twin.close()
         await rig.close()
         twin_lu.close()
+
+
+@run
+async def test_guest_asking_gigabytes_for_a_short_answer_costs_the_host_no_memory(tmp_path: Path) -> None:
+    """A guest's REPORT LUNS and READ DEFECT DATA(12) with allocation lengths
+    and EDTLs of about 3 GiB (what a random guest found): answered like the
+    short answer or an error, and neither the frontend, the device's
+    backend session nor the target allocates the EDTL."""
+    import tracemalloc
+
+    rig = Rig(tmp_path, migrate_pr=True, unit=TwinUnit, lun_size=LUN_BYTES)
+    await rig.start()
+    frontend = IscsiTarget([TargetNode(FRONTEND, {0: rig.dev})])
+    host = f"127.0.0.{random.randint(2, 250)}"
+    (fh, fp), *_ = await frontend.start(host, 0)
+    guest = await connect(f"iscsi://{fh}:{fp}/{FRONTEND}/0", initiator_name=G1, isid=0x23D000000031,
+                          reconnect=False, command_timeout=10)
+    try:
+        while (await guest.submit(0, bytes(16), b"", 0)).status != 0:  # its first-contact UAs
+            pass
+        tracemalloc.start()
+        try:
+            for cdb in (bytes.fromhex("a00000000000c00002010000"),  # REPORT LUNS, 3 GiB
+                        bytes.fromhex("b70000000000b4000000009c")):  # READ DEFECT DATA(12)
+                r = await guest.submit(0, cdb, b"", 0xC0000201)
+                assert r.status in (Status.GOOD, Status.CHECK_CONDITION), r
+                assert len(r.data_in) < 4096
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 32 << 20, peak
+    finally:
+        await guest.close()
+        await frontend.close()
+        await rig.close()

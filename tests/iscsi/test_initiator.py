@@ -1149,3 +1149,56 @@ def test_login_refusal_is_an_iscsi_error_and_a_login_error() -> None:
             server.close()
 
     run(body(), 20)
+
+
+def test_core_huge_expected_length_short_answer_allocates_little() -> None:
+    """An EDTL of 256 MiB answered with 36 bytes (a guest may ask for any
+    allocation length; the passthrough device passes it on): the reassembly
+    buffer holds what came, not the EDTL."""
+    import tracemalloc
+
+    core = _core()
+    ScriptedTarget(core).login()
+    tracemalloc.start()
+    try:
+        h = core.submit(1, b"\x12\x00\x00\xff\xff\x00", data_in_len=256 << 20)
+        (cmd,) = _pdus(core.data_to_send())
+        rsp = DataIn(cmd.itt, 0, 0, b"I" * 36, final=True, status=Status.GOOD, statsn=200, expcmdsn=2,
+                     maxcmdsn=20, flags=ResponseFlags.UNDERFLOW, residual=(256 << 20) - 36)
+        (done,) = core.receive_data(rsp.encode(), 0.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(done, CommandDone) and done.handle == h and done.result.data_in == b"I" * 36
+    assert peak < 8 << 20, peak
+
+
+def test_core_data_in_beyond_the_first_allocation_out_of_order() -> None:
+    """A 3 MiB read whose pieces come last, first, middle: the buffer grows
+    past its first allocation with zeros in the gap, then holds every byte."""
+    core = _core(max_recv_data_segment_length=1 << 20)
+    ScriptedTarget(core, answers={"TargetMRDSL": str(1 << 20)}).login()
+    mib = 1 << 20
+    h = core.submit(1, b"\x88" + bytes(15), data_in_len=3 * mib)
+    (cmd,) = _pdus(core.data_to_send())
+    parts = [DataIn(cmd.itt, 2, 2 * mib, b"C" * mib, final=False, expcmdsn=2, maxcmdsn=20),
+             DataIn(cmd.itt, 0, 0, b"A" * mib, final=False, expcmdsn=2, maxcmdsn=20),
+             DataIn(cmd.itt, 1, mib, b"B" * mib, final=True, status=Status.GOOD, statsn=200,
+                    expcmdsn=2, maxcmdsn=20)]
+    events: list[object] = []
+    for p in parts:
+        events += core.receive_data(p.encode(), 0.0)
+    (done,) = events
+    assert isinstance(done, CommandDone) and done.handle == h
+    assert done.result.data_in == b"A" * mib + b"B" * mib + b"C" * mib
+
+
+def test_core_data_in_past_the_expected_length_is_a_protocol_error() -> None:
+    core = _core()
+    ScriptedTarget(core).login()
+    core.submit(1, b"\x88" + bytes(15), data_in_len=4096)
+    (cmd,) = _pdus(core.data_to_send())
+    bad = DataIn(cmd.itt, 0, 4000, b"X" * 200, final=True, status=Status.GOOD, statsn=200, expcmdsn=2,
+                 maxcmdsn=20)
+    (ev,) = core.receive_data(bad.encode(), 0.0)
+    assert isinstance(ev, ConnectionFailed) and "beyond the expected length" in ev.reason

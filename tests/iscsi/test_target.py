@@ -394,3 +394,69 @@ async def test_keepalive_nop_in():
         assert await c.closed(timeout=3)  # second ping not answered
     finally:
         await target.close()
+
+
+@run_async
+async def test_writes_announcing_large_data_cost_no_memory_until_it_comes():
+    """Eight WRITEs each announcing 64 MiB (the most a task may carry) and
+    sending no data: the target allocates nothing for them (a write task's
+    buffer grows with its Data-Out), and the session keeps answering."""
+    import tracemalloc
+
+    target, node, lu, host, port = await make_target()
+    try:
+        c = await Client.connect(host, port)
+        await c.login()
+        tracemalloc.start()
+        try:
+            for _ in range(8):
+                c.send_pdu(P.ScsiCommand(itt=c.next_itt(), lun=0, cdb=write10(0, 128), cmdsn=c.cmdsn,
+                                         exp_statsn=c.statsn, expected_length=64 << 20, write=True))
+                c.cmdsn += 1
+            tur = c.next_itt()
+            c.send_pdu(P.ScsiCommand(itt=tur, lun=0, cdb=bytes(6), cmdsn=c.cmdsn, exp_statsn=c.statsn))
+            c.cmdsn += 1
+            r2ts = 0
+            while True:
+                pdu = await c.recv()
+                if isinstance(pdu, P.R2T):
+                    r2ts += 1
+                    continue
+                assert isinstance(pdu, P.ScsiResponse) and pdu.itt == tur and pdu.status == 0
+                break
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r2ts >= 8  # each write was taken and asked for its data
+        assert peak < 16 << 20, peak  # not 8 x 64 MiB
+        await c.close()
+    finally:
+        await target.close()
+
+
+@run_async
+async def test_write_bursts_answered_in_reverse_order_land_whole():
+    """Data-Out for a later R2T first: the growing task buffer keeps a gap
+    for the earlier burst and the write lands byte for byte."""
+    target, node, lu, host, port = await make_target()
+    try:
+        c = await Client.connect(host, port)
+        await c.login(keys=[("ImmediateData", "No"), ("MaxBurstLength", "16384"), ("MaxOutstandingR2T", "4")])
+        payload = bytes(range(256)) * 256  # 64 KiB: four 16 KiB bursts
+        itt = c.next_itt()
+        c.send_pdu(P.ScsiCommand(itt=itt, lun=0, cdb=write10(8, 128), cmdsn=c.cmdsn, exp_statsn=c.statsn,
+                                 expected_length=len(payload), write=True))
+        c.cmdsn += 1
+        r2ts = [await c.recv() for _ in range(4)]
+        assert all(isinstance(r, P.R2T) for r in r2ts), r2ts
+        for r in reversed(r2ts):
+            chunk = payload[r.offset : r.offset + r.length]
+            for i, off in enumerate(range(0, len(chunk), 8192)):
+                c.send_pdu(P.DataOut(itt=itt, ttt=r.ttt, datasn=i, offset=r.offset + off,
+                                     data=chunk[off : off + 8192], final=off + 8192 >= len(chunk), lun=0))
+        rsp = await c.recv()
+        assert isinstance(rsp, P.ScsiResponse) and rsp.status == 0
+        assert lu.data[8 * 512 : 8 * 512 + len(payload)] == payload
+        await c.close()
+    finally:
+        await target.close()

@@ -247,6 +247,21 @@ class WriteTask:
     bursts: dict[int, _Burst] = field(default_factory=dict)
 
 
+def _place(buf: bytearray, offset: int, data: bytes | memoryview) -> None:
+    """Data-Out into a write task's buffer. The buffer holds what has come
+    (zeros in a gap another burst is still filling), never the whole EDTL up
+    front: a command announcing 64 MiB allocates nothing until its data
+    arrives, so a window of such commands without data costs no memory."""
+    have = len(buf)
+    if offset == have:
+        buf += data
+        return
+    end = offset + len(data)
+    if end > have:
+        buf.extend(bytes(end - have))
+    buf[offset:end] = data
+
+
 class _Ignored(Exception):
     """Stop handling the current PDU; nothing more to send."""
 
@@ -901,9 +916,7 @@ class Connection:
         if write and edtl > n:
             if edtl > self.target.max_task_bytes:
                 raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"EDTL {edtl} too large", raw.bhs)
-            buf = bytearray(edtl)
-            if n:
-                buf[:n] = data
+            buf = bytearray(data)  # grows with the Data-Out that comes (_place)
             unsolicited = not params.initial_r2t and not (b1 & 0x80)
             task = WriteTask(
                 itt, lun, lu, cdb, edtl, read, cmdsn, buf, n, unsolicited,
@@ -952,7 +965,7 @@ class Connection:
             if offset + n > task.unsolicited_limit:
                 self._data_error(raw, "unsolicited data beyond FirstBurstLength")
             task.unsolicited_datasn += 1
-            task.buf[offset : offset + n] = data
+            _place(task.buf, offset, data)
             task.received += n
             if final:
                 task.unsolicited_open = False
@@ -971,7 +984,7 @@ class Connection:
             if burst.received + n > burst.length:
                 self._data_error(raw, "more data than the R2T asked for")
             burst.next_datasn += 1
-            task.buf[offset : offset + n] = data
+            _place(task.buf, offset, data)
             burst.received += n
             task.received += n
             if final:
