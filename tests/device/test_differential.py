@@ -33,6 +33,7 @@ from prmigrate.lun.types import Nexus, Result
 from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.sense import Sense, decode_sense
 
+from .._seeds import extra_seeds
 from .test_passthrough import G1, G2, OTHER, SHARED, Rig, run
 
 LUN_BYTES = 1 << 20  # 2048 blocks of 512
@@ -263,7 +264,7 @@ async def run_twins(tmp_path: Path, seed: int, migrate_pr: bool, fake: bool, man
 @pytest.mark.parametrize(("seed", "migrate_pr", "fake"), [
     (1, False, True), (2, False, True), (3, False, True), (1, True, True), (2, True, True), (3, True, True),
     (4, False, False), (5, True, False),
-])
+] + [(s, bool(s & 1), bool(s & 2)) for s in extra_seeds()])
 @run
 async def test_random_commands_answered_like_the_twin_lu(tmp_path: Path, seed: int, migrate_pr: bool,
                                                          fake: bool) -> None:
@@ -275,7 +276,7 @@ async def test_random_commands_answered_like_the_twin_lu(tmp_path: Path, seed: i
 
 @pytest.mark.parametrize(("seed", "migrate_pr", "fake"), [
     (1, False, True), (2, True, True), (3, True, True), (4, True, False),
-])
+] + [(s, bool(s & 1), bool(s & 2)) for s in extra_seeds()])
 @run
 async def test_two_guests_and_another_host_answered_like_the_twin_lu(
     tmp_path: Path, seed: int, migrate_pr: bool, fake: bool

@@ -28,6 +28,7 @@ from prmigrate.lun.types import Result
 from prmigrate.scsi.constants import SenseKey, Status
 from prmigrate.scsi.sense import SenseDecodeError, decode_sense
 
+from .._seeds import extra_seeds
 from .test_differential import LUN_BYTES, TwinUnit, masked, random_command, refused_by_mask
 from .test_passthrough import G1, SHARED, Rig, run
 
@@ -67,7 +68,8 @@ async def _tmf(session: Session, fn: str) -> int:
         return e.response
 
 
-@pytest.mark.parametrize(("seed", "migrate_pr"), [(1, False), (2, True), (3, False)])
+@pytest.mark.parametrize(("seed", "migrate_pr"), [(1, False), (2, True), (3, False)]
+                         + [(s, bool(s & 1)) for s in extra_seeds()])
 @run
 async def test_guest_path_answers_like_a_twin_target(tmp_path: Path, seed: int, migrate_pr: bool) -> None:
     rng = random.Random(seed)

@@ -27,6 +27,7 @@ from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, SenseKey, 
 from prmigrate.scsi.pr import ReadFullStatus, pr_in_cdb, pr_out_cdb, pr_out_params
 from prmigrate.scsi.sense import decode_sense
 
+from .._seeds import extra_seeds
 from .service_rig import GUEST, HOST_A, HOST_B, OBSERVER, Cluster, run
 
 KEYS = (0, 0xA1, 0xB2, 0xC3)
@@ -105,7 +106,8 @@ def observer_out(c: Cluster, cdb: bytes, params: bytes) -> Result:
 
 
 @pytest.mark.parametrize(("seed", "two"), [(1, False), (2, False), (3, False), (4, False), (5, False),
-                                           (6, False), (1, True), (2, True), (3, True)])
+                                           (6, False), (1, True), (2, True), (3, True)]
+                         + [(s, bool(s & 1)) for s in extra_seeds()])
 @run(120)
 async def test_random_pr_states_move_with_the_device(tmp_path: Path, seed: int, two: bool) -> None:
     """``two``: a second guest of the same device sends PR OUTs too (its own
@@ -156,7 +158,8 @@ async def test_random_pr_states_move_with_the_device(tmp_path: Path, seed: int, 
             for session in senders.values():
                 r = await session.test_unit_ready()
                 assert r.status == Status.GOOD, r
-        assert moved_something, "no move carried a registration"  # (these seeds do)
+        if seed < 100:  # the pinned seeds do; an extra seed may not
+            assert moved_something, "no move carried a registration"
     finally:
         if "guest2" in senders:
             await senders["guest2"].close()
