@@ -202,6 +202,12 @@ class Rig:
 
     async def assert_tracks(self) -> None:
         await self.dev.drain()
+        # a verification that failed (a SCSI-2 reservation of another host
+        # refuses PR IN) is retried by the device after a while: wait for it
+        deadline = asyncio.get_running_loop().time() + 5
+        while self.dev.last_verify_error is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            await self.dev.drain()
         assert self.tracked() == self.backend_view()
         assert not self.dev.snooper.state.unverified
 
@@ -1288,4 +1294,41 @@ async def test_scsi2_reservation_and_pr_state_doubt(tmp_path: Path) -> None:
     assert not rig.dev.snooper.state.unverified
     await rig.pr_out_ok(G1, REG, 0, 0x11)
     await rig.assert_tracks()
+    await rig.close()
+
+
+@run
+async def test_verification_refused_by_another_hosts_scsi2_reservation_is_retried(tmp_path: Path) -> None:
+    """Another host's RESERVE(6) makes the device's READ FULL STATUS
+    conflict: the guest's state stays in doubt and the failure is reported;
+    the device tries again on a backing-off timer, which a migration's
+    drain does not wait for, and once the other host releases, one of the
+    retries clears the doubt (found by the twin test with more seeds: before,
+    the doubt stayed until some other trigger)."""
+    rig = Rig(tmp_path, fake=True)
+    await rig.start()
+    await rig.cmd(G1, bytes(6))  # opens the guest's nexus (no registration: RESERVE(6) would conflict)
+    assert rig.lu.execute(rig.other, RESERVE6).good
+    key = rig.dev.snooper.key_of(G1)
+    rig.dev.snooper.state.mark_unverified(key)  # doubt from elsewhere (a unit attention, say)
+    rig.dev._schedule_verify("test")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await rig.dev.drain()
+    assert loop.time() - t0 < 0.4  # the retry is a timer, not something drain waits for
+    assert key in rig.dev.snooper.state.unverified
+    assert rig.dev.last_verify_error and "RESERVATION CONFLICT" in rig.dev.last_verify_error
+    assert rig.dev._verify_retry is not None
+    await asyncio.sleep(0.7)  # the first retry (0.5 s) meets the reservation still there
+    await rig.dev.drain()
+    assert key in rig.dev.snooper.state.unverified
+    assert rig.lu.execute(rig.other, RELEASE6).good
+    deadline = loop.time() + 3  # the second retry comes 1 s after the first
+    while rig.dev.snooper.state.unverified and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    assert not rig.dev.snooper.state.unverified and rig.dev.last_verify_error is None
+    assert rig.dev._verify_retry is None
+    await rig.pr_out_ok(G1, REG, 0, 0x11)
+    await rig.assert_tracks()
+    assert rig.tracked()[G1].key == 0x11
     await rig.close()

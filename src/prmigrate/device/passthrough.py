@@ -182,6 +182,11 @@ _GOOD = Status.GOOD
 _CHECK = Status.CHECK_CONDITION
 _PR_IN_ALLOC = 8192
 _UA_RETRIES = 8
+# a failed verification (backend unreachable, or a SCSI-2 reservation of
+# another initiator refusing PERSISTENT RESERVE IN) is tried again after
+# this long, doubling up to the maximum, until one succeeds
+VERIFY_RETRY_FIRST = 0.5
+VERIFY_RETRY_MAX = 30.0
 # Backend answers meaning "READ FULL STATUS is not implemented here".
 _NOT_IMPLEMENTED = frozenset(
     {(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00), (SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)}
@@ -381,6 +386,8 @@ class PassthroughDevice:
         self._bg = BackgroundTasks(self, "background task")
         self._verifying: asyncio.Task[Any] | None = None
         self._verify_again = False
+        self._verify_retry: asyncio.TimerHandle | None = None  # after a failed verification
+        self._verify_retry_delay = VERIFY_RETRY_FIRST
         self._held: list[_Held] | None = None
         # a guest's task management function forwarded and not answered yet:
         # every backend's commands wait in ``waiting`` (the LU runs them after it)
@@ -482,6 +489,9 @@ class PassthroughDevice:
             return
         self._closed = True
         self._bg.cancel_all()
+        if self._verify_retry is not None:
+            self._verify_retry.cancel()
+            self._verify_retry = None
         for b in self._backends.values():
             for *_, fut in b.waiting:
                 if not fut.done():
@@ -930,6 +940,7 @@ class PassthroughDevice:
             await self.verify("after a PR OUT")
         except Exception as exc:  # the guest still gets the backend's answer
             self.log.warning("verification failed: %s", exc)
+            self._retry_verify_later()
         if not out.done():
             out.set_result(result)
 
@@ -1058,10 +1069,30 @@ class PassthroughDevice:
                     await self.verify(self._verify_reason)
                 except Exception as exc:
                     self.log.warning("verification failed: %s", exc)
+                    if not self._verify_again:
+                        self._retry_verify_later()
+                        return
                 if not self._verify_again:
                     return
         finally:
             self._verifying = None
+
+    def _retry_verify_later(self) -> None:
+        """After a failed verification: another one later (backing off), so
+        a guest's state in doubt does not stay so until some other trigger.
+        A timer, not a task: ``drain`` (a migration's hold) does not wait
+        for it."""
+        if self._closed or self._verify_retry is not None:
+            return
+        delay = self._verify_retry_delay
+        self._verify_retry_delay = min(delay * 2, VERIFY_RETRY_MAX)
+        self.log.info("verifying again in %.1f s", delay)
+
+        def fire() -> None:
+            self._verify_retry = None
+            self._schedule_verify("retry after a failed verification")
+
+        self._verify_retry = asyncio.get_running_loop().call_later(delay, fire)
 
     # ------------------------------------------------------- verification
     async def _monitor_run(self, cdb: bytes, alloc: int) -> Result:
@@ -1141,13 +1172,21 @@ class PassthroughDevice:
                 unknown = tuple(u.describe() for u in rec.unknown)
                 for u in unknown:
                     self.log.debug("verification left open: %s", u)
-        except (PrDecodeError, ReconcileError, IscsiError) as exc:
-            what = "backend unreachable" if isinstance(exc, IscsiError) else "backend PR data unusable"
+        except (PrDecodeError, ReconcileError, IscsiError, DeviceError) as exc:
+            what = (
+                "backend unreachable" if isinstance(exc, IscsiError)
+                else "backend refused" if isinstance(exc, DeviceError)
+                else "backend PR data unusable"
+            )
             self.last_verify_error = f"{what}: {exc}"
             self._reconciled(reason, None, (), (), self.last_verify_error)
             raise DeviceError(self.last_verify_error) from exc
         self.last_verified = time.time()
         self.last_verify_error = None
+        self._verify_retry_delay = VERIFY_RETRY_FIRST
+        if self._verify_retry is not None:  # this one did it
+            self._verify_retry.cancel()
+            self._verify_retry = None
         self.verify_unknown = unknown
         if changes:
             self.log.info("verified by %s (%s): %d change(s)", how, reason, len(changes))
