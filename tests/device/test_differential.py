@@ -31,6 +31,7 @@ import pytest
 from prmigrate.iscsi.session import fit_write
 from prmigrate.lun.types import Nexus, Result
 from prmigrate.lun.unit import LogicalUnit
+from prmigrate.scsi.constants import PrType
 from prmigrate.scsi.sense import Sense, decode_sense
 
 from .._seeds import extra_seeds
@@ -256,9 +257,32 @@ async def run_twins(tmp_path: Path, seed: int, migrate_pr: bool, fake: bool, man
             got, want = await rig.cmd(guest, cdb), ref.execute(twin[guest], cdb)
             assert (got.status, bytes(got.sense)) == (want.status, bytes(want.sense))
         rig.lu.execute(rig.other, cdb)
+    await rig.dev.drain()
+    if _only_unsignalled_all_registrants_holding(rig.tracked(), rig.backend_view()):
+        # the other host took an all-registrants reservation while a guest
+        # was registered: the guest became a holder and nothing tells the
+        # device (a RESERVE bumps no PRgeneration and sets no unit attention).
+        # Its next verification (before every migration, on demand) shows it.
+        await rig.dev.verify("all-registrants reservation of another initiator")
     await rig.assert_tracks()
     await rig.close()
     ref.close()
+
+
+def _only_unsignalled_all_registrants_holding(tracked: dict, backend: dict) -> bool:
+    """True when the tracked state differs from the backend's only by guests
+    that hold an all-registrants reservation (as every registrant does) and
+    are tracked as registered with the same key but not holding."""
+    if tracked.keys() != backend.keys() or tracked == backend:
+        return False
+    for guest, want in backend.items():
+        got = tracked[guest]
+        if got == want:
+            continue
+        if not (want.holder and PrType(want.rtype).all_registrants and not got.holder
+                and got.key == want.key):
+            return False
+    return True
 
 
 @pytest.mark.parametrize(("seed", "migrate_pr", "fake"), [
