@@ -1173,9 +1173,9 @@ def test_core_huge_expected_length_short_answer_allocates_little() -> None:
     assert peak < 8 << 20, peak
 
 
-def test_core_data_in_beyond_the_first_allocation_out_of_order() -> None:
+def test_core_data_in_out_of_order_past_the_data_so_far() -> None:
     """A 3 MiB read whose pieces come last, first, middle: the buffer grows
-    past its first allocation with zeros in the gap, then holds every byte."""
+    to the last piece with zeros in the gap, then holds every byte."""
     core = _core(max_recv_data_segment_length=1 << 20)
     ScriptedTarget(core, answers={"TargetMRDSL": str(1 << 20)}).login()
     mib = 1 << 20

@@ -84,16 +84,12 @@ from .pdu import (
     assemble,
     decode_pdu,
     encode_lun,
+    place_segment,
 )
 
 log = logging.getLogger(__name__)
 _STATUS = {int(s): s for s in Status}  # status byte -> Status
 _NO_DATA = memoryview(b"")
-# The reassembly buffer of a read is allocated at its first Data-In, at most
-# this large, and grows with the data that comes: an Expected Data Transfer
-# Length of gigabytes (any caller may ask for one; a guest's is passed on by
-# the passthrough device) answered with a few bytes allocates a few bytes.
-_PREALLOC = 1 << 20
 
 
 class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -779,12 +775,11 @@ class InitiatorCore:
         if end > cmd.data_in_len:
             raise ProtocolError(RejectReason.INVALID_PDU_FIELD,
                                 f"Data-In beyond the expected length ({end} > {cmd.data_in_len})")
-        buf = cmd.buf
-        if buf is None:  # allocated at the first Data-In (_PREALLOC)
-            buf = cmd.buf = bytearray(min(cmd.data_in_len, max(end, _PREALLOC)))
-        elif end > len(buf):  # grows with the data (zeros in any gap, as preallocated)
-            buf.extend(bytes(end - len(buf)))
-        buf[pdu.offset : end] = pdu.data
+        if cmd.buf is None:  # at the first Data-In; it grows with the data (an
+            # EDTL of gigabytes, as a guest may ask, answered with a few bytes
+            # allocates a few bytes)
+            cmd.buf = bytearray()
+        place_segment(cmd.buf, pdu.offset, pdu.data)
         if end > cmd.high:
             cmd.high = end
         if pdu.status is None:

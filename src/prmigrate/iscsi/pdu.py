@@ -274,6 +274,23 @@ def padded(n: int) -> int:
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
+def place_segment(buf: bytearray, offset: int, data: bytes | memoryview) -> None:
+    """A data segment (Data-In at the initiator, Data-Out at the target) into
+    its command's reassembly buffer at ``offset``. The buffer holds what has
+    come, zeros in any gap a later segment fills, never the whole Expected
+    Data Transfer Length up front: a command announcing gigabytes allocates
+    only the data actually sent for it. The caller checks ``offset`` and the
+    length against the EDTL."""
+    have = len(buf)
+    if offset == have:
+        buf += data
+        return
+    end = offset + len(data)
+    if end > have:
+        buf.extend(bytes(end - have))
+    buf[offset:end] = data
+
+
 def _pad(n: int) -> bytes:
     return _PADS[n & 3]
 

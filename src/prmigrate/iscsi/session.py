@@ -76,6 +76,7 @@ from .pdu import (
     TmfResponse,
     decode_lun,
     pack_scsi_response,
+    place_segment,
 )
 
 if TYPE_CHECKING:
@@ -245,21 +246,6 @@ class WriteTask:
     next_offset: int = 0  # next offset an R2T will ask for
     r2tsn: int = 0
     bursts: dict[int, _Burst] = field(default_factory=dict)
-
-
-def _place(buf: bytearray, offset: int, data: bytes | memoryview) -> None:
-    """Data-Out into a write task's buffer. The buffer holds what has come
-    (zeros in a gap another burst is still filling), never the whole EDTL up
-    front: a command announcing 64 MiB allocates nothing until its data
-    arrives, so a window of such commands without data costs no memory."""
-    have = len(buf)
-    if offset == have:
-        buf += data
-        return
-    end = offset + len(data)
-    if end > have:
-        buf.extend(bytes(end - have))
-    buf[offset:end] = data
 
 
 class _Ignored(Exception):
@@ -916,7 +902,7 @@ class Connection:
         if write and edtl > n:
             if edtl > self.target.max_task_bytes:
                 raise ProtocolError(RejectReason.INVALID_PDU_FIELD, f"EDTL {edtl} too large", raw.bhs)
-            buf = bytearray(data)  # grows with the Data-Out that comes (_place)
+            buf = bytearray(data)  # grows with the Data-Out that comes (place_segment)
             unsolicited = not params.initial_r2t and not (b1 & 0x80)
             task = WriteTask(
                 itt, lun, lu, cdb, edtl, read, cmdsn, buf, n, unsolicited,
@@ -965,7 +951,7 @@ class Connection:
             if offset + n > task.unsolicited_limit:
                 self._data_error(raw, "unsolicited data beyond FirstBurstLength")
             task.unsolicited_datasn += 1
-            _place(task.buf, offset, data)
+            place_segment(task.buf, offset, data)
             task.received += n
             if final:
                 task.unsolicited_open = False
@@ -984,7 +970,7 @@ class Connection:
             if burst.received + n > burst.length:
                 self._data_error(raw, "more data than the R2T asked for")
             burst.next_datasn += 1
-            _place(task.buf, offset, data)
+            place_segment(task.buf, offset, data)
             burst.received += n
             task.received += n
             if final:
