@@ -90,14 +90,24 @@ class PollingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-typ
         return super().select(timeout)  # type: ignore[no-any-return]
 
 
+def loop_options_error(use_uvloop: bool, poll_us: int) -> str | None:
+    """Why ``run_loop`` cannot take these options, or None."""
+    if poll_us < 0:
+        return f"the busy-poll time must not be negative, not {poll_us} us"
+    if use_uvloop and poll_us:
+        return "busy polling needs the asyncio loop: not with uvloop"
+    return None
+
+
 def run_loop(main: Coroutine[Any, Any, T], *, use_uvloop: bool = False, poll_us: int = 0) -> T:
     """Run ``main`` on a new event loop: uvloop, or asyncio's selector loop
     busy-polling ``poll_us`` microseconds before it sleeps (PollingSelector),
-    or plain asyncio. Polling needs asyncio's loop (uvloop's is libuv's)."""
-    if poll_us < 0:
-        raise ValueError("poll time must not be negative")
-    if use_uvloop and poll_us:
-        raise ValueError("busy polling needs the asyncio loop, not uvloop")
+    or plain asyncio. Polling needs asyncio's loop (uvloop's is libuv's):
+    ValueError (``loop_options_error``) otherwise."""
+    error = loop_options_error(use_uvloop, poll_us)
+    if error is not None:
+        main.close()
+        raise ValueError(error)
     if use_uvloop:
         import uvloop
 

@@ -8,7 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
-from ..aio import run_loop
+from ..aio import loop_options_error, run_loop
 
 log = logging.getLogger("prmigrate.target")
 
@@ -124,6 +124,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.poll_us < 0 or (args.poll_us and args.uvloop):
-        raise SystemExit("--poll-us takes microseconds >= 0 and needs the asyncio loop (not --uvloop)")
+    error = loop_options_error(args.uvloop, args.poll_us)
+    if error is not None:
+        raise SystemExit(f"--poll-us: {error}")
     return run_loop(_serve(args), use_uvloop=args.uvloop, poll_us=args.poll_us)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..aio import loop_options_error
 from ..device.config import ConfigError, DeviceConfig, parse_device_spec
 
 DEFAULT_LISTEN = ("127.0.0.1", 3260)
@@ -79,10 +80,9 @@ class HostConfig:
             self.listen = [DEFAULT_LISTEN]
         if self.log_format not in ("text", "json"):
             raise HostConfigError(f"log-format must be text or json, not {self.log_format!r}")
-        if self.poll_us < 0:
-            raise HostConfigError(f"poll-us must not be negative, not {self.poll_us}")
-        if self.poll_us and self.uvloop:
-            raise HostConfigError("poll-us needs the asyncio loop: not with uvloop")
+        loop_error = loop_options_error(self.uvloop, self.poll_us)
+        if loop_error is not None:
+            raise HostConfigError(f"poll-us: {loop_error}")
         seen: set[str] = set()
         for d in self.devices:
             if d.name in seen:

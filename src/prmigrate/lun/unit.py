@@ -122,8 +122,6 @@ _LEN_FIELD = (4, 7, 7, 0, 10, 6, 0, 0)
 
 _WRITE_AND_VERIFY = frozenset((Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16))
 
-# Commands a pending UA does not interrupt (SAM-5 5.14 / SPC-5 5.15).
-
 _GOOD = Status.GOOD
 # What the iSCSI target does for each LU (iscsi.session: Connection._task_mgmt):
 # ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET and TARGET
