@@ -206,3 +206,23 @@ def decode_sense(data: bytes | memoryview) -> DecodedSense:
             off += 2 + dlen
         return DecodedSense(b[1] & 0x0F, b[2], b[3], info)
     raise SenseDecodeError(f"unknown sense response code 0x{code:02x}")
+
+
+def sense_triple(sense: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
+    """(sense key, ASC, ASCQ) of fixed or descriptor sense data; None when the
+    bytes do not decode (SPC-5 4.4)."""
+    try:
+        s = decode_sense(sense)
+    except SenseDecodeError:
+        return None
+    return (s.key, s.asc, s.ascq)
+
+
+def unit_attention_of(sense: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """(ASC, ASCQ) when the sense data reports UNIT ATTENTION (SPC-5 5.14 /
+    SAM-5 5.14), else None. The one place that asks "is this a unit
+    attention?" of sense bytes; callers check the CHECK CONDITION status."""
+    t = sense_triple(sense)
+    if t is None or t[0] != SenseKey.UNIT_ATTENTION:
+        return None
+    return (t[1], t[2])
