@@ -8,7 +8,7 @@ One process per host. It owns:
   frontend) with one target node per device: node name
   ``config.frontend_iqn`` (default ``default_frontend_iqn(device)``), the
   device as its LUN 0, an ACL of the ``guests=`` names when given;
-* ``control``: the JSON control server on ``--control`` (``control.py``);
+* ``control``: the QMP control server on ``--control`` (``control.py``);
 * ``state_dir``: the devices' PR journals (``<device>.pr.json``) and, for a
   device that moved away, where its guest is redirected
   (``<device>.moved.json``, see ``record_moved``): a restarted daemon
@@ -26,7 +26,8 @@ Extending it (the migration service does, from its own module)::
 Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
 ``query-commands``, ``device-verify`` {device}, ``reconcile-pr`` {device?}
 (reconcile one device, or every one, with the backend LUN now),
-``subscribe``, ``quit``.
+``quit`` (and QMP's ``qmp_capabilities``; events go to every negotiated
+client).
 Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
 ``PR_RECONCILED`` (reason, method, changes, unknown, error), ``SHUTDOWN``.
 
