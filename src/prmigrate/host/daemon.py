@@ -466,7 +466,8 @@ class HostDaemon:
             self.config.devices = kept
             restart = [f for f in _RESTART_FIELDS if getattr(new, f) != getattr(self.config, f)]
             result = {"added": added, "removed": removed, "refused": refused, "restart-needed": restart}
-            self.log.info("configuration reloaded: %d device(s) added %s, %d removed %s, %d refused%s%s",
+            level = logging.WARNING if refused or restart else logging.INFO
+            self.log.log(level, "configuration reloaded: %d device(s) added %s, %d removed %s, %d refused%s%s",
                           len(added), added, len(removed), removed, len(refused),
                           "".join(f"; {n}: {why}" for n, why in sorted(refused.items())),
                           f"; needs a restart to change: {', '.join(restart)}" if restart else "")
