@@ -54,6 +54,7 @@ from ..device.state import DevicePrState, StateChange
 from ..iscsi.initiator import IscsiError, LoginError
 from ..iscsi.target import IscsiTarget, TargetNode
 from ..lock import DaemonLocks
+from ..logfiles import reopen_log_files
 from ..lun import persist
 from .config import HostConfig, HostConfigError, device_from_table
 from .control import CommandError, ControlServer, event_message
@@ -175,13 +176,7 @@ class HostDaemon:
         """Reopen the event log and every log file (after logrotate moved them)."""
         if self.event_log is not None:
             self.event_log.reopen()
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.acquire()
-                try:
-                    handler.close()  # the next record opens the path again
-                finally:
-                    handler.release()
+        reopen_log_files()
 
     # ---------------------------------------------------------- devices
     async def add_device(
