@@ -113,9 +113,10 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop)
     reloads: set[asyncio.Task[None]] = set()
+    started = asyncio.Event()  # a SIGHUP during start-up is applied after it
 
     def on_hup() -> None:
-        task = asyncio.ensure_future(_reload(daemon, args, notifier))
+        task = asyncio.ensure_future(_reload(daemon, args, notifier, started))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -132,6 +133,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
             log.error("cannot start host %s: %s", cfg.name, exc)
             return 1
         notifier.ready(f"serving {len(daemon.devices)} device(s)")
+        started.set()
         await daemon.serve_forever()
         log.info("stopping")
     finally:
@@ -144,10 +146,11 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     return 0
 
 
-async def _reload(daemon, args: argparse.Namespace, notifier) -> None:  # type: ignore[no-untyped-def]
+async def _reload(daemon, args: argparse.Namespace, notifier, started: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
     """SIGHUP: reopen the log files, apply the configuration file again."""
     from ..host.config import HostConfigError, load_toml, merge_cli
 
+    await started.wait()
     notifier.reloading()
     try:
         daemon.reopen_logs()
