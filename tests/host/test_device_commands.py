@@ -217,3 +217,40 @@ def test_prmigrate_device_cli(tmp_path: Path) -> None:
             await w.close()
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+@run
+async def test_reload_uses_the_device_paths_and_keeps_a_device_in_use(tmp_path: Path) -> None:
+    import dataclasses
+
+    from prmigrate.device.config import parse_device_spec
+
+    w = World(tmp_path)
+    await w.start(VM1)
+    try:
+        g1 = await w.guest(G1)
+        cfg = w.daemon.config
+        vm2 = parse_device_spec(f"name=vm2,backend={w.backend_url}/1")
+        # vm1 gone from the file while its guest is logged in; the portal changed
+        new = dataclasses.replace(cfg, devices=[vm2], listen=[("127.0.0.1", 1)])
+        result = await w.daemon.reload(new)
+        assert result["added"] == ["vm2"] and result["removed"] == []
+        assert "guest session(s) logged in" in result["refused"]["vm1"]
+        assert result["restart-needed"] == ["listen"]
+        assert set(w.daemon.devices) == {"vm1", "vm2"}
+        assert {d.name for d in w.daemon.config.devices} == {"vm1", "vm2"}
+        assert "vm2" not in w.daemon.runtime  # configured, not recorded as added at run time
+        assert (await g1.read(0, 1)) is not None
+        await g1.close()
+        await asyncio.sleep(0.05)
+        result = await w.daemon.reload(dataclasses.replace(cfg, devices=[vm2]))
+        assert result["removed"] == ["vm1"] and result["refused"] == {}
+        assert set(w.daemon.devices) == {"vm2"}
+        # a device added at run time is not the configuration's to remove
+        await control_call(cfg.control, "device-add", {"name": "vm3", "backend": f"{w.backend_url}/1",
+                                                      "frontend": "iqn.2026-11.org.prmigrate:vm3"})
+        result = await w.daemon.reload(dataclasses.replace(cfg, devices=[vm2]))
+        assert result == {"added": [], "removed": [], "refused": {}, "restart-needed": []}
+        assert set(w.daemon.devices) == {"vm2", "vm3"}
+    finally:
+        await w.close()

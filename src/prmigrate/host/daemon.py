@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 RUNTIME_DEVICES = "devices.json"  # devices added with device-add, by name
 RUNTIME_VERSION = 1
 # Host settings a reload does not change (a restart does).
-_RESTART_FIELDS = ("name", "initiator", "listen", "control", "state_dir", "keepalive", "uvloop", "poll_us")
+_RESTART_FIELDS = ("name", "initiator", "listen", "control", "state_dir", "log_format", "keepalive", "uvloop",
+                   "poll_us")
 FRONTEND_PREFIX = "iqn.2026-11.org.prmigrate"
 
 
