@@ -254,3 +254,19 @@ async def test_reload_uses_the_device_paths_and_keeps_a_device_in_use(tmp_path: 
         assert set(w.daemon.devices) == {"vm2", "vm3"}
     finally:
         await w.close()
+
+
+@run
+async def test_a_configured_device_deleted_at_run_time_comes_back_with_the_next_reload(tmp_path: Path) -> None:
+    import dataclasses
+
+    w = World(tmp_path)
+    await w.start(VM1)
+    try:
+        cfg = dataclasses.replace(w.daemon.config, devices=list(w.daemon.config.devices))
+        ans = await control_call(w.daemon.config.control, "device-del", {"device": "vm1"})
+        assert ans == {"device": "vm1", "configured": True} and not w.daemon.devices
+        result = await w.daemon.reload(cfg)
+        assert result["added"] == ["vm1"] and set(w.daemon.devices) == {"vm1"}
+    finally:
+        await w.close()

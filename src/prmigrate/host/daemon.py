@@ -26,10 +26,16 @@ Extending it (the migration service does, from its own module)::
 Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
 ``query-commands``, ``device-verify`` {device}, ``reconcile-pr`` {device?}
 (reconcile one device, or every one, with the backend LUN now),
-``quit`` (and QMP's ``qmp_capabilities``; events go to every negotiated
-client).
+``device-add`` {the ``--device`` keys} and ``device-del`` {device, force?}
+(devices at run time, recorded in ``<state-dir>/devices.json``), ``quit``
+(and QMP's ``qmp_capabilities``; events go to every negotiated client).
 Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
-``PR_RECONCILED`` (reason, method, changes, unknown, error), ``SHUTDOWN``.
+``PR_RECONCILED`` (reason, method, changes, unknown, error),
+``CONFIG_RELOADED`` (added, removed, refused, restart-needed), ``SHUTDOWN``.
+
+Life cycle: ``start`` takes the locks of the state directory and control
+socket (``prmigrate.lock``); ``reload(config)`` applies a changed
+configuration through ``device_add``/``device_del``; ``reopen_logs``.
 
 ``event_log``: a path; every event is also appended there as one JSON line
 (``eventlog.py``).
@@ -418,6 +424,10 @@ class HostDaemon:
                 self._save_runtime(rest)
                 self.runtime = rest
             await self.remove_device(name, forget_state=True)
+            if record:
+                # a configured device is gone until the configuration is
+                # applied again (a reload or a restart brings it back)
+                self.config.devices = [d for d in self.config.devices if d.name != name]
             self.log.info("device %s deleted%s", name, f" ({busy})" if busy else "")
 
     async def reload(self, new: HostConfig) -> dict[str, Any]:
