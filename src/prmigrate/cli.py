@@ -14,6 +14,7 @@ COMMANDS = {
     "target": "shared storage: serve logical units over iSCSI",
     "host": "host daemon: passthrough devices for guests",
     "migrate": "live-migrate a device between host daemons",
+    "device": "add, delete or list a running host daemon's devices",
     "pr": "persistent reservation tool for any iscsi:// URL",
     "demo": "end-to-end demonstration on the embedded target",
 }

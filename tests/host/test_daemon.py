@@ -153,11 +153,19 @@ async def test_control_api(tmp_path: Path) -> None:
     w.daemon.control.register_command("x-echo", echo)
     assert await control_call(ctl, "x-echo", {"a": 1}) == {"echo": {"a": 1}}
     assert "x-echo" in [c["name"] for c in await control_call(ctl, "query-commands")]
-    # raw protocol: greeting, bad JSON, ids
+    # raw protocol: QMP greeting, negotiation, bad JSON, ids
     reader, writer = await asyncio.open_unix_connection(str(ctl))
     greeting = json.loads(await reader.readline())
-    assert greeting["prmigrate"]["host"] == "hosta"
-    writer.write(b"{not json\n" + json.dumps({"execute": "query-host", "id": 5}).encode() + b"\n")
+    assert greeting["QMP"]["version"]["package"].startswith("prmigrate ")
+    assert greeting["QMP"]["capabilities"] == []
+    writer.write(b'{"execute": "query-host"}')
+    await writer.drain()
+    answer = json.loads(await reader.readline())
+    assert answer["error"]["class"] == "CommandNotFound" and "qmp_capabilities" in answer["error"]["desc"]
+    writer.write(b'{"execute": "qmp_capabilities"}')
+    await writer.drain()
+    assert json.loads(await reader.readline()) == {"return": {}}
+    writer.write(b"{not json}\n" + json.dumps({"execute": "query-host", "id": 5}).encode() + b"\n")
     await writer.drain()
     assert json.loads(await reader.readline())["error"]["class"] == "GenericError"
     answer = json.loads(await reader.readline())

@@ -16,7 +16,13 @@ device and guest: key, reservation, backend nexus, how and when the state
 was last verified against the LUN.
 
 SIGINT/SIGTERM stop the daemon cleanly (backend sessions logged out, the
-control socket removed).
+control socket removed). SIGHUP reopens the log files and applies
+``--config`` again (``HostDaemon.reload``: devices added or removed, a
+changed device refused; running guests untouched). The state directory and
+control socket are locked (``prmigrate.lock``): a second daemon on either is
+refused, naming the running one's pid. Under systemd (``Type=notify``) the
+daemon sends READY=1 once every device is served, STOPPING=1, RELOADING=1
+around a reload and WATCHDOG=1 when ``WatchdogSec=`` is set (``sdnotify.py``).
 
 Extensions: if ``prmigrate.host.migration_service`` exists, its
 ``add_arguments(parser)`` (optional) adds options here and its
@@ -63,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-machines", action="store_true",
                         help="list machine types and their migrate-pr default, then exit")
     parser.add_argument("--log-format", choices=("text", "json"), default=None)
+    parser.add_argument("--log-file", default=None, metavar="PATH",
+                        help="append the log there instead of stderr (reopened on SIGHUP)")
     parser.add_argument("--keepalive", type=float, default=None,
                         help="NOP-In interval on guest connections (s)")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
@@ -84,6 +92,8 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     from ..host.control import CommandError
     from ..host.daemon import HostDaemon
     from ..iscsi.initiator import IscsiError, LoginError
+    from ..lock import LockError
+    from ..sdnotify import Notifier
 
     event_log = args.event_log
     if event_log is None and cfg.state_dir is not None:
@@ -91,9 +101,26 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
 
         event_log = cfg.state_dir / DEFAULT_NAME
     daemon = HostDaemon(cfg, event_log=event_log)
+    notifier = Notifier()
+    # The locks come first: the migration service reads the state
+    # directory and binds its port when it is installed.
+    try:
+        daemon.locks.acquire()
+    except (LockError, OSError) as exc:
+        log.error("cannot start host %s: %s", cfg.name, exc)
+        return 1
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop)
+    reloads: set[asyncio.Task[None]] = set()
+    started = asyncio.Event()  # a SIGHUP during start-up is applied after it
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(_reload(daemon, args, notifier, started))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         ext = _extension()
         if ext is not None and hasattr(ext, "install"):
@@ -102,14 +129,42 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
                 await r
         try:
             await daemon.start()
-        except (DeviceError, IscsiError, LoginError, CommandError, OSError) as exc:
+        except (DeviceError, IscsiError, LoginError, CommandError, LockError, OSError) as exc:
             log.error("cannot start host %s: %s", cfg.name, exc)
             return 1
+        notifier.ready(f"serving {len(daemon.devices)} device(s)")
+        started.set()
         await daemon.serve_forever()
         log.info("stopping")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await notifier.stopping()
+        for task in list(reloads):
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
         await daemon.close()
     return 0
+
+
+async def _reload(daemon, args: argparse.Namespace, notifier, started: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP: reopen the log files, apply the configuration file again."""
+    from ..host.config import HostConfigError, load_toml, merge_cli
+
+    await started.wait()
+    notifier.reloading()
+    try:
+        daemon.reopen_logs()
+        if not args.config:
+            log.info("SIGHUP: log files reopened (no --config to reload)")
+            return
+        try:
+            new = merge_cli(load_toml(args.config), args)
+        except HostConfigError as exc:
+            log.error("SIGHUP: %s not applied: %s", args.config, exc)
+            return
+        await daemon.reload(new)
+    finally:
+        notifier.send(ready=1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +183,12 @@ def run(args: argparse.Namespace) -> int:
     except HostConfigError as e:
         print(f"prmigrate host: {e}", file=sys.stderr)
         return 1
-    setup_logging(cfg.log_format, logging.DEBUG if args.verbose > 1 else logging.INFO)
+    try:
+        setup_logging(cfg.log_format, logging.DEBUG if args.verbose > 1 else logging.INFO,
+                      getattr(args, "log_file", None))
+    except OSError as e:
+        print(f"prmigrate host: --log-file: {e}", file=sys.stderr)
+        return 1
     return run_loop(_serve(cfg, args), use_uvloop=cfg.uvloop, poll_us=cfg.poll_us)
 
 

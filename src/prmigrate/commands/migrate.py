@@ -82,27 +82,21 @@ async def _main(args: argparse.Namespace) -> int:
         print("prmigrate migrate: --to HOST:PORT is required", file=sys.stderr)
         return EXIT_USAGE
 
-    # Subscribe first so that no state change is missed.
+    # Listen first so that no state change is missed: a QMP connection
+    # receives every event once its qmp_capabilities is answered.
+    from ..qmp import QmpClient
+
     try:
-        reader, writer = await asyncio.open_unix_connection(args.host, limit=1 << 20)
-        await reader.readline()  # greeting
-        writer.write(b'{"execute": "subscribe"}\n')
-        await writer.drain()
-        await reader.readline()  # {"return": {}}: subscribed from here on
-    except OSError as e:
+        listener = await asyncio.wait_for(QmpClient.connect(args.host), 10)
+    except (OSError, TimeoutError, CommandError, ValueError) as e:
         print(f"prmigrate migrate: cannot reach {args.host}: {e}", file=sys.stderr)
         return EXIT_USAGE
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
     async def pump() -> None:
         try:
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
-                msg = json.loads(line)
-                if "event" in msg:
-                    await queue.put(msg)
+            async for msg in listener.events():
+                await queue.put(msg)
         except (OSError, ValueError):
             pass
         await queue.put(None)
@@ -153,7 +147,7 @@ async def _main(args: argparse.Namespace) -> int:
     finally:
         pumping.cancel()
         await asyncio.gather(pumping, return_exceptions=True)
-        writer.close()
+        await listener.close()
 
 
 def _report(args: argparse.Namespace, rec: dict[str, Any]) -> int:

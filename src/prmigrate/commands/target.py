@@ -102,19 +102,60 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
 
 
+def _reload(args: argparse.Namespace) -> None:
+    """SIGHUP: reopen the log files (the target has no configuration file
+    to read again yet)."""
+    from ..logfiles import reopen_log_files
+
+    reopen_log_files()
+    log.info("SIGHUP: log files reopened")
+
+
 async def _serve(args: argparse.Namespace) -> int:
+    from ..lock import DaemonLocks, LockError
+
+    # One daemon per state directory (and control socket): the lock comes
+    # before any LUN opens its APTPL state.
+    locks = DaemonLocks(args.state_dir, getattr(args, "control", None))
+    try:
+        locks.acquire()
+    except (LockError, OSError) as e:
+        log.error("cannot start the target: %s", e)
+        return 1
+    try:
+        return await _serve_locked(args)
+    finally:
+        locks.release()
+
+
+async def _serve_locked(args: argparse.Namespace) -> int:
+    from ..sdnotify import Notifier
+
     target, luns = _build(args)
     stop = asyncio.Event()
+    notifier = Notifier()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        notifier.reloading()
+        try:
+            _reload(args)
+        finally:
+            notifier.send(ready=1)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         for host, port in args.listen or [("127.0.0.1", 3260)]:
             for h, p in await target.start(host, port):
                 log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
+        notifier.ready(f"serving {args.iqn} ({len(luns)} LUN(s))")
         await stop.wait()
         log.info("stopping")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        await notifier.stopping()
         await target.close()
         for lu in luns.values():
             close = getattr(lu, "close", None)

@@ -8,7 +8,7 @@ One process per host. It owns:
   frontend) with one target node per device: node name
   ``config.frontend_iqn`` (default ``default_frontend_iqn(device)``), the
   device as its LUN 0, an ACL of the ``guests=`` names when given;
-* ``control``: the JSON control server on ``--control`` (``control.py``);
+* ``control``: the QMP control server on ``--control`` (``control.py``);
 * ``state_dir``: the devices' PR journals (``<device>.pr.json``) and, for a
   device that moved away, where its guest is redirected
   (``<device>.moved.json``, see ``record_moved``): a restarted daemon
@@ -26,9 +26,16 @@ Extending it (the migration service does, from its own module)::
 Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
 ``query-commands``, ``device-verify`` {device}, ``reconcile-pr`` {device?}
 (reconcile one device, or every one, with the backend LUN now),
-``subscribe``, ``quit``.
+``device-add`` {the ``--device`` keys} and ``device-del`` {device, force?}
+(devices at run time, recorded in ``<state-dir>/devices.json``), ``quit``
+(and QMP's ``qmp_capabilities``; events go to every negotiated client).
 Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
-``PR_RECONCILED`` (reason, method, changes, unknown, error), ``SHUTDOWN``.
+``PR_RECONCILED`` (reason, method, changes, unknown, error),
+``CONFIG_RELOADED`` (added, removed, refused, restart-needed), ``SHUTDOWN``.
+
+Life cycle: ``start`` takes the locks of the state directory and control
+socket (``prmigrate.lock``); ``reload(config)`` applies a changed
+configuration through ``device_add``/``device_del``; ``reopen_logs``.
 
 ``event_log``: a path; every event is also appended there as one JSON line
 (``eventlog.py``).
@@ -50,14 +57,22 @@ from ..device.identity import DeviceIdentity
 from ..device.machine import list_machines, resolve_machine
 from ..device.passthrough import DeviceError, PassthroughDevice
 from ..device.state import DevicePrState, StateChange
+from ..iscsi.initiator import IscsiError, LoginError
 from ..iscsi.target import IscsiTarget, TargetNode
+from ..lock import DaemonLocks
+from ..logfiles import reopen_log_files
 from ..lun import persist
-from .config import HostConfig
+from .config import HostConfig, HostConfigError, device_from_table
 from .control import CommandError, ControlServer, event_message
 from .eventlog import EventLog
 
 log = logging.getLogger(__name__)
 
+RUNTIME_DEVICES = "devices.json"  # devices added with device-add, by name
+RUNTIME_VERSION = 1
+# Host settings a reload does not change (a restart does).
+_RESTART_FIELDS = ("name", "initiator", "listen", "control", "state_dir", "log_format", "keepalive", "uvloop",
+                   "poll_us")
 FRONTEND_PREFIX = "iqn.2026-11.org.prmigrate"
 
 
@@ -96,15 +111,37 @@ class HostDaemon:
         self._stop = asyncio.Event()
         self.log = logging.LoggerAdapter(log, {"host": config.name})
         self.event_log: EventLog | None = None
-        if event_log is not None:
-            self.event_log = EventLog(event_log)
-            self.add_listener(self.event_log)
+        self._event_log_path = event_log
+        self.locks = DaemonLocks(config.state_dir, config.control)
+        # device -> its configuration as added with device-add (the record
+        # in <state-dir>/devices.json); configured devices are not in it
+        self.runtime: dict[str, dict[str, Any]] = {}
+        self._devices_lock = asyncio.Lock()
+        self._reload_lock = asyncio.Lock()
 
     # ------------------------------------------------------------- life
     async def start(self) -> None:
+        """Lock the state directory and control socket (``LockError`` when
+        another daemon holds them), then start every configured device and
+        every device added at run time, then serve."""
         if self.config.state_dir is not None:
             Path(self.config.state_dir).mkdir(parents=True, exist_ok=True)
-        for dc in self.config.devices:
+        self.locks.acquire()
+        if self._event_log_path is not None and self.event_log is None:
+            self.event_log = EventLog(self._event_log_path)
+            self.add_listener(self.event_log)
+        self.runtime = self._load_runtime()
+        configured = {dc.name for dc in self.config.devices}
+        runtime_devices = []
+        for name, table in self.runtime.items():
+            if name in configured:
+                self.log.warning("device %s is configured and was added at run time: the configuration wins", name)
+                continue
+            try:
+                runtime_devices.append(device_from_table(table))
+            except HostConfigError as e:
+                self.log.error("device %s added at run time cannot be started: %s", name, e)
+        for dc in list(self.config.devices) + runtime_devices:
             moved = self._moved(dc.name)
             if moved is not None:
                 self._publish_redirect(dc, moved)
@@ -138,7 +175,15 @@ class HostDaemon:
         if self.event_log is not None:
             self.remove_listener(self.event_log)
             self.event_log.close()
+            self.event_log = None
+        self.locks.release()
         self.log.info("host %s stopped", self.name)
+
+    def reopen_logs(self) -> None:
+        """Reopen the event log and every log file (after logrotate moved them)."""
+        if self.event_log is not None:
+            self.event_log.reopen()
+        reopen_log_files()
 
     # ---------------------------------------------------------- devices
     async def add_device(
@@ -169,9 +214,13 @@ class HostDaemon:
         dev.on_reconcile = self._reconciled
         if state is not None:
             dev.snooper.state = state.copy()
-        await dev.start(reconcile=state is None)
-        if state is not None or pending_uas:
-            dev.restore(dev.snooper.state, identity, pending_uas)
+        try:
+            await dev.start(reconcile=state is None)
+            if state is not None or pending_uas:
+                dev.restore(dev.snooper.state, identity, pending_uas)
+        except BaseException:
+            await dev.close()  # no backend session left behind
+            raise
         self.devices[config.name] = dev
         if expose:
             self.expose(config.name)
@@ -272,6 +321,165 @@ class HostDaemon:
             dev.journal.remove()
         self.emit({"event": "DEVICE_REMOVED", "device": name})
 
+    # ----------------------------------------- devices at run time
+    def _runtime_path(self) -> Path | None:
+        sd = self.config.state_dir
+        return None if sd is None else Path(sd) / RUNTIME_DEVICES
+
+    def _load_runtime(self) -> dict[str, dict[str, Any]]:
+        path = self._runtime_path()
+        if path is None:
+            return {}
+        try:
+            doc = persist.load(path)
+        except persist.PersistError as e:
+            self.log.error("devices added at run time not restored: %s", e)
+            return {}
+        devices = (doc or {}).get("devices", {})
+        if not isinstance(devices, dict) or not all(isinstance(t, dict) for t in devices.values()):
+            self.log.error("devices added at run time not restored: %s is not {devices: {NAME: {...}}}", path)
+            return {}
+        return dict(devices)
+
+    def _save_runtime(self, records: dict[str, dict[str, Any]]) -> None:
+        """Write the run-time devices atomically; ``CommandError`` when that
+        fails (the caller then changes nothing)."""
+        path = self._runtime_path()
+        if path is None:
+            return
+        try:
+            if records:
+                persist.save(path, {"version": RUNTIME_VERSION, "devices": records})
+            else:
+                persist.remove(path)
+        except OSError as e:
+            raise CommandError("GenericError", f"cannot record the device in {path}: {e}") from e
+
+    def _device_busy(self, name: str) -> str | None:
+        """Why ``name`` cannot be deleted without force, or None."""
+        dev = self.get_device(name)
+        node = frontend_iqn(dev.config)
+        sessions = self.target.sessions(node) if self.target.node(node) is not None else []
+        if sessions:
+            who = ", ".join(sorted({s.initiator for s in sessions}))
+            return f"{len(sessions)} guest session(s) logged in ({who})"
+        service = getattr(self, "migration", None)
+        runner = None if service is None else service.runners.get(name)
+        if dev.held or (runner is not None and runner.finished is None):
+            return "a migration of it is running"
+        if service is not None and any(getattr(r, "device_name", None) == name for r in service.incoming):
+            return "an incoming migration of it is running"
+        return None
+
+    async def device_add(self, table: dict[str, Any] | DeviceConfig, *, record: bool = True) -> PassthroughDevice:
+        """Add a device given as ``--device`` keys (a ``[[device]]`` table) or
+        a ``DeviceConfig`` (from the configuration file, not recorded).
+        With ``record`` it is first written to the state directory, so it
+        survives a restart; if that fails nothing is added."""
+        if isinstance(table, DeviceConfig):
+            dc, record = table, False
+        else:
+            try:
+                dc = device_from_table(table)
+            except HostConfigError as e:
+                raise CommandError("GenericError", str(e)) from e
+        async with self._devices_lock:
+            if dc.name in self.devices or dc.name in self.moved:
+                raise CommandError("GenericError", f"device {dc.name!r} exists")
+            if any(d.name == dc.name for d in self.config.devices) and record:
+                raise CommandError("GenericError", f"device {dc.name!r} is in the configuration")
+            if self.target.node(frontend_iqn(dc)) is not None:
+                raise CommandError("GenericError", f"target node {frontend_iqn(dc)} is in use")
+            if record:
+                assert isinstance(table, dict)
+                self._save_runtime({**self.runtime, dc.name: dict(table)})
+            try:
+                dev = await self.add_device(dc)
+            except BaseException as e:
+                if record:
+                    try:
+                        self._save_runtime(self.runtime)
+                    except CommandError as undo:
+                        self.log.error("device %s: not added, and its record stays: %s", dc.name, undo)
+                if isinstance(e, DeviceError | IscsiError | LoginError | OSError):
+                    raise CommandError("GenericError", f"device {dc.name}: {e}") from e
+                raise
+            if record:
+                assert isinstance(table, dict)
+                self.runtime[dc.name] = dict(table)
+            dev.log.info("device %s added%s", dc.name, " at run time" if record else "")
+            return dev
+
+    async def device_del(self, name: str, *, force: bool = False, record: bool = True) -> None:
+        """Remove a device and forget its PR journal; refused while guests
+        are logged in or a migration runs, unless ``force``."""
+        async with self._devices_lock:
+            self.get_device(name)
+            busy = self._device_busy(name)
+            if busy is not None and not force:
+                raise CommandError("GenericError",
+                                   f"device {name} is in use: {busy} (force: true deletes it anyway)")
+            if record and name in self.runtime:
+                rest = {k: v for k, v in self.runtime.items() if k != name}
+                self._save_runtime(rest)
+                self.runtime = rest
+            await self.remove_device(name, forget_state=True)
+            if record:
+                # a configured device is gone until the configuration is
+                # applied again (a reload or a restart brings it back)
+                self.config.devices = [d for d in self.config.devices if d.name != name]
+            self.log.info("device %s deleted%s", name, f" ({busy})" if busy else "")
+
+    async def reload(self, new: HostConfig) -> dict[str, Any]:
+        """Apply a changed configuration (SIGHUP): devices added to it are
+        added, devices gone from it are deleted (as ``device-del``, so not
+        while guests use them), a changed device is refused; the other
+        devices and their guests are not touched. Host settings that need a
+        restart are reported, not applied."""
+        async with self._reload_lock:
+            old = {d.name: d for d in self.config.devices}
+            want = {d.name: d for d in new.devices}
+            added: list[str] = []
+            removed: list[str] = []
+            refused: dict[str, str] = {}
+            for name, dc in want.items():
+                if name in old:
+                    if old[name] != dc:
+                        refused[name] = ("changed in the configuration; a running device is not "
+                                         "changed (delete it and add it again, or restart)")
+                    continue
+                try:
+                    await self.device_add(dc)
+                except CommandError as e:
+                    refused[name] = e.desc
+                    continue
+                added.append(name)
+            for name in old:
+                if name in want:
+                    continue
+                if name not in self.devices:
+                    refused[name] = "removed from the configuration, but not served here (moved away)"
+                    continue
+                try:
+                    await self.device_del(name, record=False)
+                except CommandError as e:
+                    refused[name] = e.desc
+                    continue
+                removed.append(name)
+            # what runs now: the old entry of a device kept as it was
+            kept = [old.get(n, d) for n, d in want.items() if n in added or n in old]
+            kept += [old[n] for n in old if n not in want and n not in removed]
+            self.config.devices = kept
+            restart = [f for f in _RESTART_FIELDS if getattr(new, f) != getattr(self.config, f)]
+            result = {"added": added, "removed": removed, "refused": refused, "restart-needed": restart}
+            level = logging.WARNING if refused or restart else logging.INFO
+            self.log.log(level, "configuration reloaded: %d device(s) added %s, %d removed %s, %d refused%s%s",
+                          len(added), added, len(removed), removed, len(refused),
+                          "".join(f"; {n}: {why}" for n, why in sorted(refused.items())),
+                          f"; needs a restart to change: {', '.join(restart)}" if restart else "")
+            self.emit({"event": "CONFIG_RELOADED", **result})
+            return result
+
     def get_device(self, name: str) -> PassthroughDevice:
         dev = self.devices.get(name)
         if dev is None:
@@ -320,6 +528,8 @@ class HostDaemon:
         control.register_command("query-host", self._cmd_query_host)
         control.register_command("device-verify", self._cmd_device_verify)
         control.register_command("reconcile-pr", self._cmd_reconcile_pr)
+        control.register_command("device-add", self._cmd_device_add)
+        control.register_command("device-del", self._cmd_device_del)
         control.register_command("quit", self._cmd_quit)
 
     def _cmd_query_devices(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -339,6 +549,7 @@ class HostDaemon:
             d["machine-info"] = {
                 "resolved": resolve_machine(dev.config.machine).name,
             }
+            d["added-at-run-time"] = name in self.runtime
             out.append(d)
         if "device" in args and not out:
             raise CommandError("DeviceNotFound", f"device {args['device']!r} not found")
@@ -400,6 +611,28 @@ class HostDaemon:
             )
         return out
 
+    async def _cmd_device_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            dev = await self.device_add(args)
+        except CommandError as e:
+            self.log.warning("device-add %s refused: %s", args.get("name"), e.desc)
+            raise
+        node = frontend_iqn(dev.config)
+        return {"device": dev.name, "node": node, "persistent": self._runtime_path() is not None,
+                "urls": [f"iscsi://{h}:{p}/{node}/0" for h, p in self.listening]}
+
+    async def _cmd_device_del(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = args["device"]
+        configured = any(d.name == name for d in self.config.devices)
+        try:
+            await self.device_del(name, force=bool(args.get("force", False)))
+        except CommandError as e:
+            self.log.warning("device-del %s refused: %s", name, e.desc)
+            raise
+        # a configured device comes back at the next start unless the
+        # configuration loses it too
+        return {"device": name, "configured": configured}
+
     def _cmd_quit(self, args: dict[str, Any]) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(self.request_stop)
         return {}
@@ -445,8 +678,9 @@ class ContextFormatter(logging.Formatter):
         return text
 
 
-def setup_logging(fmt: str, level: int) -> None:
-    handler = logging.StreamHandler()
+def setup_logging(fmt: str, level: int, path: str | Path | None = None) -> None:
+    """Log to stderr, or appended to ``path`` (reopened by ``reopen_logs``)."""
+    handler: logging.Handler = logging.StreamHandler() if path is None else logging.FileHandler(path)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -42,6 +42,16 @@ class EventLog:
         except (OSError, ValueError) as exc:
             log.error("event log %s: %s", self.path, exc)
 
+    def reopen(self) -> None:
+        """Open the path again (SIGHUP, after logrotate moved the file)."""
+        try:
+            new = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            log.error("event log %s: cannot reopen: %s", self.path, exc)
+            return
+        self.close()
+        self._file = new
+
     def close(self) -> None:
         if self._file is not None:
             try:
