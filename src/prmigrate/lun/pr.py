@@ -22,6 +22,19 @@ Rules, by service action (SPC-5 5.14.11 / 6.17):
 
 A unit attention goes to the affected nexuses, never to the one whose command
 caused it. Pure: no I/O except the APTPL state file (``persist``).
+
+Fail closed (SPC-5 5.14.5): a PR OUT that changes state is applied only once
+that state is persisted. Its unit attentions and task aborts are held back
+until the save succeeded; when the save fails, the table returns to exactly
+the state before the command (registrations and their order, reservation,
+PRgeneration, APTPL), nothing is queued, and the command ends with CHECK
+CONDITION, NOT READY, LOGICAL UNIT COMMUNICATION FAILURE (02/08/00), what
+LIO answers when it cannot write its APTPL file (a condition of the logical
+unit the initiator may retry, not an invalid command: ILLEGAL REQUEST
+INSUFFICIENT REGISTRATION RESOURCES would tell it the request itself cannot
+be honoured). A snapshot for that rollback is taken only when the command
+may write the state file (APTPL on before or requested by it, or a file
+left to remove), so registrations without APTPL stay free of it.
 """
 
 from __future__ import annotations
@@ -58,6 +71,13 @@ __all__ = ["ReservationTable", "Registration", "Reservation", "UnitAttentionSink
 _GEN_MASK = 0xFFFFFFFF
 STATE_VERSION = 1
 SPEC_I_PT_BYTE = 20  # byte of SPEC_I_PT / ALL_TG_PT / APTPL in the parameter list
+MOVE_APTPL_BYTE = 17  # byte of UNREG / APTPL in the REGISTER AND MOVE parameter list
+# Service actions whose parameter list may set APTPL (SPC-5 6.17.3, 6.17.4).
+_APTPL_BYTE = {
+    PrOutAction.REGISTER: SPEC_I_PT_BYTE,
+    PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY: SPEC_I_PT_BYTE,
+    PrOutAction.REGISTER_AND_MOVE: MOVE_APTPL_BYTE,
+}
 
 PortKey = tuple[str, int, int]  # (initiator name, ISID, relative target port)
 RegId = tuple[str, int | None, int]  # (initiator name, ISID or None = any, rel port)
@@ -171,6 +191,17 @@ CAPABILITIES = ReportCapabilities(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The persistent state before a PR OUT, restored when its save fails."""
+
+    regs: dict[RegId, Registration]
+    resv: Reservation | None
+    generation: int
+    aptpl: bool
+    on_disk: bool
+
+
 class ReservationTable:
     """Persistent (and SCSI-2) reservation state of one logical unit."""
 
@@ -192,6 +223,10 @@ class ReservationTable:
         self._scsi2: Nexus | None = None
         self._nexuses: dict[PortKey, Nexus] = {}  # every nexus seen, for unit attentions
         self._last_seen: Nexus | None = None  # the nexus _seen recorded last
+        self._on_disk = False  # a state file exists at _state_path
+        # Held back while a PR OUT runs, delivered once its state is saved.
+        self._held_uas: list[tuple[Nexus, Sense]] = []
+        self._held_aborts: set[Nexus] = set()
         if self._state_path is not None:
             self._load(self._state_path)
 
@@ -401,7 +436,65 @@ class ReservationTable:
         params = memoryview(bytes(data))[: req.param_len]
         if len(params) < req.param_len:
             raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
-        handler(self, nexus, req, params)
+        snap = self._snapshot() if self._may_save(req.action, params) else None
+        self._held_uas.clear()
+        self._held_aborts.clear()
+        try:
+            handler(self, nexus, req, params)
+        except OSError as e:
+            if snap is None:
+                raise
+            self._restore(snap, rewrite=isinstance(e, persist.NotDurable))
+            self._log.error(
+                "PR OUT %s from %s not applied: cannot save the APTPL state: %s",
+                PrOutAction(req.action).name,
+                nexus,
+                e,
+            )
+            raise CheckCondition(Sense.LOGICAL_UNIT_COMMUNICATION_FAILURE) from e
+        except BaseException:
+            if snap is not None:
+                self._restore(snap)
+            raise
+        finally:
+            uas, aborts = self._held_uas[:], set(self._held_aborts)
+            self._held_uas.clear()
+            self._held_aborts.clear()
+        for n, sense in uas:
+            self._ua.establish(n, sense)
+        if aborts and self._abort_tasks is not None:
+            self._abort_tasks(aborts)
+
+    # -- fail closed: snapshot and restore around a save (SPC-5 5.14.5)
+
+    def _may_save(self, action: int, params: memoryview) -> bool:
+        """Could this PR OUT write or remove the state file?"""
+        if self._state_path is None:
+            return False
+        if self._aptpl or self._on_disk:
+            return True
+        byte = _APTPL_BYTE.get(action)
+        return byte is not None and len(params) > byte and bool(params[byte] & 0x01)
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(dict(self._regs), self._resv, self._generation, self._aptpl, self._on_disk)
+
+    def _restore(self, snap: _Snapshot, rewrite: bool = False) -> None:
+        self._regs = dict(snap.regs)
+        self._resv = snap.resv
+        self._generation = snap.generation
+        self._aptpl = snap.aptpl
+        self._on_disk = snap.on_disk
+        self._held_uas.clear()
+        self._held_aborts.clear()
+        if rewrite:
+            # The new file was renamed into place (or the old one unlinked)
+            # but not made durable: put the previous state back, best effort.
+            self._on_disk = True
+            try:
+                self._write_state()
+            except OSError as e:
+                self._log.warning("could not restore the APTPL state file: %s", e)
 
     # -- parameter list parsing
 
@@ -626,9 +719,8 @@ class ReservationTable:
         elif resv is not None and resv.rtype.all_registrants and not self._regs:
             self._resv = None  # the last registrant of an all-registrants type was removed
         preempted = self._notify(victims, Sense.REGISTRATIONS_PREEMPTED, nexus)
-        if req.action == PrOutAction.PREEMPT_AND_ABORT and self._abort_tasks is not None:
-            if preempted:
-                self._abort_tasks(preempted)
+        if req.action == PrOutAction.PREEMPT_AND_ABORT:
+            self._held_aborts |= preempted  # aborted once the change is saved
         self._bump()
         self._save()
 
@@ -713,8 +805,8 @@ class ReservationTable:
             for n in self._nexuses_of(reg):
                 targets.setdefault(_port_key(n), n)
         targets.pop(_port_key(cause), None)
-        for n in targets.values():
-            self._ua.establish(n, sense)
+        # Queued once the change is saved (persistent_reserve_out).
+        self._held_uas.extend((n, sense) for n in targets.values())
         return set(targets.values())
 
     def _bump(self) -> None:
@@ -745,18 +837,27 @@ class ReservationTable:
         }
 
     def _save(self) -> None:
-        """Persist registrations + reservation when APTPL is on; forget otherwise."""
+        """Persist registrations + reservation when APTPL is on; forget otherwise.
+
+        Raises OSError when the state cannot be written (persistent_reserve_out
+        then restores the state before the command)."""
+        self._write_state()
+
+    def _write_state(self) -> None:
         if self._state_path is None:
             return
         if self._aptpl:
             persist.save(self._state_path, self._state())
-        else:
+            self._on_disk = True
+        elif self._on_disk:
             persist.remove(self._state_path)
+            self._on_disk = False
 
     def _load(self, path: Path) -> None:
         state = persist.load(path)
         if state is None:
             return
+        self._on_disk = True
         try:
             if state.get("version") != STATE_VERSION:
                 raise ValueError(f"unknown state version {state.get('version')!r}")
