@@ -25,7 +25,7 @@ from prmigrate.scsi.pr import pr_in_cdb, pr_out_cdb, pr_out_params, register_and
 from prmigrate.scsi.sense import Sense, sense_triple
 from prmigrate.scsi.transport_id import TransportId
 
-from .test_pr import A, B, C, EA_RO, KB, KC, WE_AR, K, UaLog, check, out, register, reserve
+from .test_pr import EA_RO, KB, KC, WE_AR, A, B, C, K, UaLog, check, out, register, reserve
 
 WE = PrType.WRITE_EXCLUSIVE
 
