@@ -135,3 +135,23 @@ def test_unsaved_change_is_not_made(control, tmp_path: Path, monkeypatch) -> Non
     with pytest.raises(QmpError, match="cannot save"):
         control.acl_add({"initiator": HOST})
     assert sorted(control.luns) == [0] and control.node.acl is None and control.events == []
+
+
+def test_an_empty_acl_from_the_file_stays_closed(tmp_path: Path) -> None:
+    """acl = [] in target.toml means no initiator may log in, not an open node."""
+    import argparse
+
+    from prmigrate.commands import target as cmd
+
+    config = tmp_path / "target.toml"
+    tc.TargetConfig(IQN, frozenset(), {0: tmp_path / "lun0.img"}).save(config)
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    args = parser.parse_args(["--config", str(config), "--size", "1M"])
+    target, luns = cmd._build(args)
+    try:
+        node = target.node(IQN)
+        assert node is not None and node.acl == set() and not node.allows(HOST)
+    finally:
+        for lu in luns.values():
+            lu.close()

@@ -110,7 +110,7 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     chap = None
     if args.chap_user:
         chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)
-    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl else None, chap, args.tpgt, args.alias)
+    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl is not None else None, chap, args.tpgt, args.alias)
     digests = {"allow": ("None", "CRC32C"), "require": ("CRC32C",), "off": ("None",)}[args.digests]
     settings = TargetSettings(max_recv_data_segment_length=args.max_recv, header_digest=digests, data_digest=digests)
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
