@@ -12,7 +12,9 @@ Parts (``--part``):
     as the others. The registrants are I_T nexuses registered through
     SPEC_I_PT lists (one iSCSI TransportID, name and ISID, each) by a filler
     session, so the number of real sessions stays bounded: per target four
-    measuring sessions (each its own ISID, each registered) and the filler.
+    measuring sessions (each its own ISID, each registered), up to
+    ``--sessions`` more logged-in sessions each registered under its own
+    ISID (default 32), and the filler.
     Over iSCSI at queue depth 1: time per REGISTER (a registered nexus
     unregisters, then registers again: both REGISTERs, the two paths), per
     READ RESERVATION, READ KEYS and READ FULL STATUS (allocation length
@@ -101,15 +103,20 @@ class IscsiSubject:
         self.sizes: list[int] = []  # the SPEC_I_PT batches registered
         self.filler: Session | None = None
         self.measuring: list[Session] = []
+        self.others: list[Session] = []  # logged in and registered, not measuring
         self.turn = 0
 
-    async def open(self, count: int) -> None:
+    async def open(self, count: int, sessions: int) -> None:
         self.filler = await connect(self.url, initiator_name=FILLER, isid=0x23D0000000F1)
         for i in range(MEASURING_SESSIONS):
             s = await connect(self.url, initiator_name=MEASURER, isid=0x23D000000100 + i)
             _ok(await s.pr_out(PrOutAction.REGISTER, 0, pr_out_params(0, 0xA000 + i)), "REGISTER")
             self.measuring.append(s)
-        want = count - MEASURING_SESSIONS
+        for i in range(min(sessions, count - MEASURING_SESSIONS)):
+            s = await connect(self.url, initiator_name=MEASURER, isid=0x23D000010000 + i)
+            _ok(await s.pr_out(PrOutAction.REGISTER, 0, pr_out_params(0, 0xB000 + i)), "REGISTER")
+            self.others.append(s)
+        want = count - MEASURING_SESSIONS - len(self.others)
         while sum(self.sizes) < want:
             i, size = len(self.sizes), min(BATCH, want - sum(self.sizes))
             # the caller registers with the batch's key too, and leaves again so
@@ -124,7 +131,7 @@ class IscsiSubject:
             raise Failed(f"{self.url}: not {count} registrants")
 
     async def close(self) -> None:
-        for s in [*self.measuring, *([self.filler] if self.filler else [])]:
+        for s in [*self.measuring, *self.others, *([self.filler] if self.filler else [])]:
             await s.close()
 
     def _next(self) -> tuple[int, Session]:
@@ -146,12 +153,12 @@ class IscsiSubject:
         return 1
 
 
-async def run_iscsi(urls: dict[int, str], repeat: int) -> dict[int, dict[str, float]]:
+async def run_iscsi(urls: dict[int, str], repeat: int, sessions: int) -> dict[int, dict[str, float]]:
     subjects = {n: IscsiSubject(url) for n, url in urls.items()}
     best = {n: dict.fromkeys(COLUMNS, float("inf")) for n in urls}
     try:
         for n, subject in subjects.items():
-            await subject.open(n)
+            await subject.open(n, sessions)
         per_round = max(2, repeat // ROUNDS)
         for _ in range(ROUNDS):
             for column in COLUMNS:
@@ -180,14 +187,18 @@ class EngineSubject:
 
     target = "iqn.2026-11.org.prmigrate:bench-scale"
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, sessions: int) -> None:
         self.t = ReservationTable(_NoUa(), None)
         self.measuring = [Nexus.make(MEASURER, 0x100 + i, self.target) for i in range(MEASURING_SESSIONS)]
         self.turn = 0
         for i, n in enumerate(self.measuring):
             self.out(n, PrOutAction.REGISTER, pr_out_params(0, 0xA000 + i))
+        others = min(sessions, count - MEASURING_SESSIONS)
+        for i in range(others):
+            self.out(Nexus.make(MEASURER, 0x10000 + i, self.target), PrOutAction.REGISTER,
+                     pr_out_params(0, 0xB000 + i))
         filler = Nexus.make(FILLER, 0xF1, self.target)
-        want, made, i = count - MEASURING_SESSIONS, 0, 0
+        want, made, i = count - MEASURING_SESSIONS - others, 0, 0
         while made < want:
             size = min(BATCH, want - made)
             self.out(filler, PrOutAction.REGISTER,
@@ -216,9 +227,9 @@ class EngineSubject:
         return 1
 
 
-def run_engine(counts: list[int], repeat: int) -> dict[int, dict[str, float]]:
+def run_engine(counts: list[int], repeat: int, sessions: int) -> dict[int, dict[str, float]]:
     logging.getLogger("prmigrate").setLevel(logging.WARNING)
-    subjects = {n: EngineSubject(n) for n in counts}
+    subjects = {n: EngineSubject(n, sessions) for n in counts}
     best = {n: dict.fromkeys(COLUMNS, float("inf")) for n in counts}
     per_round = max(2, repeat // ROUNDS)
     for _ in range(ROUNDS):
@@ -265,7 +276,7 @@ def start_target(workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], str
     return proc, f"iscsi://{host}:{port}/{IQN}/0"
 
 
-def part_pr(counts: list[int], repeat: int) -> int:
+def part_pr(counts: list[int], repeat: int, sessions: int) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as d:
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -273,11 +284,11 @@ def part_pr(counts: list[int], repeat: int) -> int:
             for n in counts:
                 proc, urls[n] = start_target(Path(d), str(n))
                 procs.append(proc)
-            iscsi = asyncio.run(asyncio.wait_for(run_iscsi(urls, repeat), timeout=1800))
+            iscsi = asyncio.run(asyncio.wait_for(run_iscsi(urls, repeat, sessions), timeout=1800))
         finally:
             for proc in procs:
                 stop(proc)
-    engine = run_engine(counts, repeat)
+    engine = run_engine(counts, repeat, sessions)
     r_iscsi = table("prmigrate target over iSCSI, QD1, one target per count", iscsi, counts)
     r_engine = table("the PR engine alone (lun.pr.ReservationTable; TEST UNIT READY: its conflict check)",
                      engine, counts)
@@ -297,6 +308,8 @@ def main() -> int:
                    help="pr: PR commands against the number of registrants; moves: not implemented yet")
     p.add_argument("--counts", default="10,100,1000,10000", help="registrant counts (comma-separated)")
     p.add_argument("--repeat", type=int, default=400, help="commands timed per figure (default 400)")
+    p.add_argument("--sessions", type=int, default=32,
+                   help="registered sessions logged in besides the measuring ones, per target (default 32)")
     args = p.parse_args()
     if args.part == "moves":
         print("bench_scale --part moves: not implemented yet (device migrations at scale)", file=sys.stderr)
@@ -304,7 +317,9 @@ def main() -> int:
     counts = sorted({int(c) for c in args.counts.split(",")})
     if min(counts) < MEASURING_SESSIONS or args.repeat < 2:
         p.error(f"counts start at {MEASURING_SESSIONS} (the measuring sessions); --repeat at least 2")
-    return part_pr(counts, args.repeat)
+    if not 0 <= args.sessions <= 256:
+        p.error("--sessions is 0..256 (the sessions stay bounded)")
+    return part_pr(counts, args.repeat, args.sessions)
 
 
 if __name__ == "__main__":
