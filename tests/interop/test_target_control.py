@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qemu.qmp as qmp
 
 from prmigrate.iscsi.initiator import ScsiError, connect
 from prmigrate.scsi.constants import PrOutAction, PrType, Status
@@ -35,7 +36,7 @@ from prmigrate.scsi.pr import pr_out_params
 
 from .conftest import TargetProcess, free_loopback_port, need, stop, wait_listening
 
-qmp = pytest.importorskip("qemu.qmp")
+pytestmark = pytest.mark.interop
 
 IQN = "iqn.2026-11.org.prmigrate:runtime"
 GUEST = "iqn.2026-11.org.prmigrate:runtime-guest"

@@ -27,6 +27,7 @@ INIT_A = "iqn.2026-11.org.prmigrate:faults-a"
 INIT_B = "iqn.2026-11.org.prmigrate:faults-b"
 OBSERVER = "iqn.2026-11.org.prmigrate:faults-observer"
 KEY_A, KEY_B = 0xA1A1, 0xB2B2
+pytestmark = pytest.mark.interop
 EXIT_NOT_READY = 2
 
 
