@@ -353,6 +353,13 @@ def _usage() -> str:
 
 def cli_request(words: list[str], size: int | None) -> tuple[str, dict[str, Any]]:
     """``lun add 1 lun1.img`` -> ("lun-add", {...}); ValueError with the usage."""
+    try:
+        return _cli_request(words, size)
+    except ValueError:
+        raise ValueError(_usage()) from None
+
+
+def _cli_request(words: list[str], size: int | None) -> tuple[str, dict[str, Any]]:
     match words:
         case ["lun", "add", num, path]:
             req: dict[str, Any] = {"lun": int(num), "path": os.path.abspath(path)}
