@@ -311,3 +311,10 @@ def test_server_with_qemu_qmp_client(tmp_path: Path) -> None:
             await srv.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_server_that_never_started_leaves_the_socket_file_alone(tmp_path: Path) -> None:
+    other = tmp_path / "qmp.sock"
+    other.write_text("another daemon's socket")
+    asyncio.run(QmpServer(other, "0.1.0").close())
+    assert other.exists()

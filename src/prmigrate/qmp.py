@@ -514,15 +514,17 @@ class QmpServer:
         log.info("QMP socket %s", self.path)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        """Stop serving; the socket file is removed only if this server
+        bound it (a server that never started leaves another's alone)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         for w in list(self._clients):
             w.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if server is not None:
+            await server.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     def event(self, name: str, data: Mapping[str, Any], now: float | None = None) -> None:
         """Send an event to every negotiated client."""
