@@ -1,4 +1,9 @@
-"""``prmigrate target``: serve file-backed logical units over iSCSI."""
+"""``prmigrate target``: serve file-backed logical units over iSCSI.
+
+With ``--control PATH`` the running target takes LUN and ACL changes over
+QMP (``prmigrate.target_control``), kept in ``--config target.toml``;
+``prmigrate target lun add|del|list ... --control PATH`` is its client.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from ..aio import loop_options_error, run_loop
@@ -36,9 +42,17 @@ def parse_lun(text: str) -> tuple[int, Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", type=parse_listen, action="append", default=None,
                         help="HOST:PORT to listen on (repeatable; default 127.0.0.1:3260)")
-    parser.add_argument("--iqn", required=True, help="target node name")
-    parser.add_argument("--lun", type=parse_lun, action="append", required=True, metavar="N=PATH",
+    parser.add_argument("words", nargs="*", metavar="lun add N PATH | lun del N | lun list | acl add|del IQN | "
+                        "acl list | sessions",
+                        help="with --control: change or ask a running target instead of starting one")
+    parser.add_argument("--iqn", default=None, help="target node name (required unless --config names it)")
+    parser.add_argument("--lun", type=parse_lun, action="append", default=None, metavar="N=PATH",
                         help="logical unit N backed by the file PATH (created when missing)")
+    parser.add_argument("--control", type=Path, default=None, metavar="PATH",
+                        help="QMP socket for lun-add/lun-del/acl-add/acl-del/query-luns/query-sessions")
+    parser.add_argument("--config", type=Path, default=None, metavar="TOML",
+                        help="LUNs and ACL read at start and rewritten by every change made over --control")
+    parser.add_argument("--json", action="store_true", help="client: print the QMP answer as JSON")
     parser.add_argument("--size", type=parse_size, default=None, help="size of images created (e.g. 256M)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where PR state is persisted (APTPL)")
     parser.add_argument("--alias", default=None, help="TargetAlias")
@@ -74,6 +88,7 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SystemExit("mutual CHAP needs --chap-user/--chap-secret")
     if args.state_dir is not None:
         args.state_dir.mkdir(parents=True, exist_ok=True)
+    _configure(args)
     luns: dict[int, LogicalUnitLike] = {}
     for num, path in args.lun:
         if num in luns:
@@ -82,8 +97,7 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         if not path.exists() and size is None:
             raise SystemExit(f"{path} does not exist: give --size to create it")
         try:
-            luns[num] = LogicalUnit(path, size, lun=num, name=f"{args.iqn}/{num}", state_dir=args.state_dir,
-                                    atomic_unit=args.atomic_unit)
+            luns[num] = _make_lu(args, num, path, size)
         except ValueError as e:
             raise SystemExit(f"LUN {num}: {e}") from None
     # EXTENDED COPY between the LUs of the node: each LU's copy manager finds
@@ -96,7 +110,7 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     chap = None
     if args.chap_user:
         chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)
-    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl else None, chap, args.tpgt, args.alias)
+    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl is not None else None, chap, args.tpgt, args.alias)
     digests = {"allow": ("None", "CRC32C"), "require": ("CRC32C",), "off": ("None",)}[args.digests]
     settings = TargetSettings(max_recv_data_segment_length=args.max_recv, header_digest=digests, data_digest=digests)
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
@@ -109,6 +123,59 @@ def _reload(args: argparse.Namespace) -> None:
 
     reopen_log_files()
     log.info("SIGHUP: log files reopened")
+
+
+def _make_lu(args: argparse.Namespace, num: int, path: Path, size: int | None):  # type: ignore[no-untyped-def]
+    from ..lun.unit import LogicalUnit
+
+    return LogicalUnit(path, size, lun=num, name=f"{args.iqn}/{num}", state_dir=args.state_dir,
+                       atomic_unit=args.atomic_unit)
+
+
+def _configure(args: argparse.Namespace) -> None:
+    """--config: the file's LUNs and ACL merged with the flags' (and saved back)."""
+    from ..target_control import ConfigError, TargetConfig, merge
+
+    if args.config is None:
+        if args.iqn is None or not args.lun:
+            raise SystemExit("--iqn and --lun are required (or --config with them)")
+        return
+    try:
+        cfg = merge(TargetConfig.load(args.config), args.iqn, args.lun or [], args.acl)
+    except ConfigError as e:
+        raise SystemExit(f"--config: {e}") from None
+    if cfg.iqn is None or not cfg.luns:
+        raise SystemExit("--config: no iqn, or no LUN (give --iqn / --lun)")
+    try:
+        cfg.save(args.config)
+    except OSError as e:
+        raise SystemExit(f"--config: cannot write {args.config}: {e}") from None
+    args.iqn, args.lun = cfg.iqn, sorted(cfg.luns.items())
+    args.acl = None if cfg.acl is None else sorted(cfg.acl)
+
+
+async def _start_control(args: argparse.Namespace, target, luns):  # type: ignore[no-untyped-def]
+    """The QMP socket of --control, or None."""
+    if args.control is None:
+        return None
+    from .. import __version__
+    from ..qmp import QmpServer
+    from ..target_control import TargetControl
+
+    server = QmpServer(args.control, __version__)
+    peers = next((lu.copy_peers for lu in luns.values() if hasattr(lu, "copy_peers")), None)
+
+    def make_lu(num: int, path: Path, size: int | None):  # type: ignore[no-untyped-def]
+        lu = _make_lu(args, num, path, size)
+        if peers is not None:
+            lu.copy_peers = peers  # EXTENDED COPY sees the LUs added at run time too
+        return lu
+
+    control = TargetControl(target, args.iqn, luns, dict(args.lun), make_lu, args.config,
+                            emit=lambda name, data: server.event(name, data))
+    control.register(server)
+    await server.start()
+    return server
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -132,6 +199,7 @@ async def _serve_locked(args: argparse.Namespace) -> int:
     from ..sdnotify import Notifier
 
     target, luns = _build(args)
+    control = None
     stop = asyncio.Event()
     notifier = Notifier()
     loop = asyncio.get_running_loop()
@@ -150,12 +218,15 @@ async def _serve_locked(args: argparse.Namespace) -> int:
         for host, port in args.listen or [("127.0.0.1", 3260)]:
             for h, p in await target.start(host, port):
                 log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
+        control = await _start_control(args, target, luns)
         notifier.ready(f"serving {args.iqn} ({len(luns)} LUN(s))")
         await stop.wait()
         log.info("stopping")
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         await notifier.stopping()
+        if control is not None:
+            await control.close()
         await target.close()
         for lu in luns.values():
             close = getattr(lu, "close", None)
@@ -164,7 +235,36 @@ async def _serve_locked(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> int:
+    """``prmigrate target lun add|del|list ... --control PATH``."""
+    import json
+
+    from ..qmp import QmpError, qmp_call
+    from ..target_control import cli_request, format_answer
+
+    if args.control is None:
+        raise SystemExit(f"prmigrate target {' '.join(args.words)}: --control PATH is required")
+    try:
+        command, arguments = cli_request(args.words, args.size)
+    except ValueError as e:
+        raise SystemExit(f"usage: {e}") from None
+    try:
+        result = asyncio.run(qmp_call(args.control, command, arguments))
+    except QmpError as e:
+        print(f"{command}: {e.cls}: {e.desc}", file=sys.stderr)
+        return 1
+    except (TimeoutError, OSError) as e:
+        print(f"cannot reach the target at {args.control}: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1) if args.json else format_answer(command, result)
+    if text:
+        print(text)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.words:
+        return _client(args)
     error = loop_options_error(args.uvloop, args.poll_us)
     if error is not None:
         raise SystemExit(f"--poll-us: {error}")

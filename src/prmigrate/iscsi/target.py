@@ -8,6 +8,7 @@ Public API (reused by the host daemon)::
                          portal_group_tag=None)   # set: TPGT of every node added
     await target.start("127.0.0.1", 3260)      # -> list of bound (host, port)
     target.add_node(node); target.remove_node(name)
+    target.add_lun(name, 1, unit); target.remove_lun(name, 1) -> unit   # at run time
     target.sessions(name) -> list[Session]      # .nexus, .tsih, .initiator, .isid
     target.request_logout(name, initiator=None, wait=2, enforce=False) -> int  # Async event 1
     target.drop_sessions(name, initiator=None) -> int            # nexus_lost to the LUs
@@ -39,6 +40,7 @@ from collections.abc import Iterable
 from functools import partial
 
 from ..lun.types import LogicalUnitLike, Nexus
+from ..scsi.sense import Sense
 from . import flushpoint
 from .pdu import AsyncEvent
 from .session import ChapConfig, Connection, Session, TargetNode, TargetSettings
@@ -162,6 +164,54 @@ class IscsiTarget:
 
     def node(self, name: str) -> TargetNode | None:
         return self.nodes.get(name.lower())
+
+    # ------------------------------------------------------------ LUNs at run time
+    def add_lun(self, node_name: str, lun: int, lu: LogicalUnitLike) -> None:
+        """Present ``lu`` as ``lun`` of a running node. The node's sessions
+        keep running; each of their nexuses is attached to the new LU and gets
+        REPORTED LUNS DATA HAS CHANGED (3F/0E) on every LU of the node."""
+        node = self._existing_node(node_name)
+        if lun in node.luns:
+            raise ValueError(f"LUN {lun} of {node.name} exists")
+        if hasattr(lu, "abort_hook"):
+            lu.abort_hook = self._abort_nexuses  # type: ignore[attr-defined]
+        nexuses = self._nexuses(node)
+        attach = getattr(lu, "attach", None)
+        if attach is not None:
+            for n in nexuses:
+                attach(n)
+        node.add_lun(lun, lu)
+        self._luns_changed(node, nexuses)
+
+    def remove_lun(self, node_name: str, lun: int) -> LogicalUnitLike:
+        """Stop presenting ``lun``; the caller closes the LU it gets back.
+        Tasks of that LU still queued are dropped (never answered: the LU is
+        gone); every other LU, session, registration and reservation stays,
+        and the sessions get 3F/0E on the remaining LUs."""
+        node = self._existing_node(node_name)
+        lu = node.luns.pop(lun)
+        self._abort_lu(lu, None)
+        self._luns_changed(node, self._nexuses(node))
+        return lu
+
+    def _existing_node(self, name: str) -> TargetNode:
+        node = self.node(name)
+        if node is None:
+            raise KeyError(f"no target node {name}")
+        return node
+
+    def _nexuses(self, node: TargetNode) -> list[Nexus]:
+        return [s.nexus for s in self.sessions(node.name) if s.nexus is not None]
+
+    @staticmethod
+    def _luns_changed(node: TargetNode, nexuses: list[Nexus]) -> None:
+        # SPC-5 6.33 / SAM-5 5.14: the logical unit inventory changed; REPORT
+        # LUNS clears the condition (lun/unit.py _report_luns).
+        for lu in node.luns.values():
+            ua = getattr(lu, "ua", None)
+            if ua is not None:
+                for n in nexuses:
+                    ua.establish(n, Sense.REPORTED_LUNS_DATA_HAS_CHANGED)
 
     # ------------------------------------------------------------ sessions
     def sessions(self, node_name: str | None = None) -> list[Session]:

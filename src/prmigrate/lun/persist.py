@@ -3,6 +3,10 @@
 ``save`` writes a temporary file in the same directory, fsyncs it, renames it
 over the target and fsyncs the directory, so a power loss leaves either the old
 or the new state, never a torn one. ``remove`` unlinks and fsyncs the directory.
+
+A failure before the rename (or the unlink) leaves the old file as it was and
+no temporary file behind; a failure of the directory's fsync after it raises
+``NotDurable``: the new name is in place but may not survive a power loss.
 """
 
 from __future__ import annotations
@@ -15,6 +19,17 @@ from typing import Any
 
 class PersistError(Exception):
     """A state file exists but cannot be read or parsed."""
+
+
+class NotDurable(OSError):
+    """The file was replaced or removed, but the directory's fsync failed."""
+
+
+def _fsync_dir_after_change(directory: Path) -> None:
+    try:
+        fsync_dir(directory)
+    except OSError as e:
+        raise NotDurable(e.errno, f"fsync of {directory} failed: {e.strerror}") from e
 
 
 def fsync_dir(directory: Path) -> None:
@@ -32,17 +47,26 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        # A full or failing file system: leave no partial temporary file
+        # taking the space the next attempt needs.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if fsync:
-        fsync_dir(path.parent)
+        _fsync_dir_after_change(path.parent)
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -77,4 +101,4 @@ def remove(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         return
-    fsync_dir(path.parent)
+    _fsync_dir_after_change(path.parent)

@@ -22,13 +22,39 @@ Rules, by service action (SPC-5 5.14.11 / 6.17):
 
 A unit attention goes to the affected nexuses, never to the one whose command
 caused it. Pure: no I/O except the APTPL state file (``persist``).
+
+Cost (``_Registry``): registrations are indexed by initiator port (name,
+ISID) and by key, the nexuses seen by initiator port, so finding the
+registration of a nexus (every conflict check, REGISTER, RESERVE, READ
+RESERVATION) and the registrations a PREEMPT removes takes time independent
+of how many others exist; an initiator port holds at most one registration
+per target port. What reports or notifies every registrant is linear in
+that output: READ KEYS, READ FULL STATUS, CLEAR, a PREEMPT or RELEASE that
+sends 2A/04 to all of them, and the APTPL save (the whole state is written).
+A format-00b TransportID (any ISID of a name, SPEC_I_PT or REGISTER AND
+MOVE) is checked against the registrations of that name.
+
+Fail closed (SPC-5 5.14.5): a PR OUT that changes state is applied only once
+that state is persisted. Its unit attentions and task aborts are held back
+until the save succeeded; when the save fails, the table returns to exactly
+the state before the command (registrations and their order, reservation,
+PRgeneration, APTPL), nothing is queued, and the command ends with CHECK
+CONDITION, NOT READY, LOGICAL UNIT COMMUNICATION FAILURE (02/08/00), what
+LIO answers when it cannot write its APTPL file (a condition of the logical
+unit the initiator may retry, not an invalid command: ILLEGAL REQUEST
+INSUFFICIENT REGISTRATION RESOURCES would tell it the request itself cannot
+be honoured). A snapshot for that rollback is taken only when the command
+may write the state file (APTPL on before or requested by it, or a file
+left to remove), so registrations without APTPL stay free of it.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,8 +67,6 @@ from ..scsi.pr import (
     PrLengthError,
     PrOutCdb,
     PrOutParams,
-    ReadFullStatus,
-    ReadKeys,
     ReadReservation,
     RegisterAndMoveParams,
     ReportCapabilities,
@@ -58,6 +82,13 @@ __all__ = ["ReservationTable", "Registration", "Reservation", "UnitAttentionSink
 _GEN_MASK = 0xFFFFFFFF
 STATE_VERSION = 1
 SPEC_I_PT_BYTE = 20  # byte of SPEC_I_PT / ALL_TG_PT / APTPL in the parameter list
+MOVE_APTPL_BYTE = 17  # byte of UNREG / APTPL in the REGISTER AND MOVE parameter list
+# Service actions whose parameter list may set APTPL (SPC-5 6.17.3, 6.17.4).
+_APTPL_BYTE: dict[int, int] = {
+    PrOutAction.REGISTER: SPEC_I_PT_BYTE,
+    PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY: SPEC_I_PT_BYTE,
+    PrOutAction.REGISTER_AND_MOVE: MOVE_APTPL_BYTE,
+}
 
 PortKey = tuple[str, int, int]  # (initiator name, ISID, relative target port)
 RegId = tuple[str, int | None, int]  # (initiator name, ISID or None = any, rel port)
@@ -171,6 +202,148 @@ CAPABILITIES = ReportCapabilities(
 )
 
 
+_Ids = dict[RegId, None]  # an ordered set of registration identifiers
+_PR_IN_HEADER = struct.Struct(">II")  # PRGENERATION, ADDITIONAL LENGTH (SPC-5 6.16.2, 6.16.5)
+_FULL_STATUS_FIXED = 24  # a READ FULL STATUS descriptor before its TransportID (SPC-5 6.16.5)
+
+
+def _entries_within(alloc: int, size: int) -> int:
+    """How many ``size``-byte entries after the 8-byte header reach into ``alloc`` bytes."""
+    return max(0, -(-(alloc - _PR_IN_HEADER.size) // size))
+
+
+def _full_status_size(reg: Registration) -> int:
+    return _FULL_STATUS_FIXED + len(reg.tid.encode())
+
+
+class _Registry:
+    """Registrations in the order they were made (READ KEYS / READ FULL STATUS
+    order; a key change keeps the place), indexed by initiator port
+    ``(name, ISID or None)``, by name and by key. Every lookup picks, among
+    the matching registrations, the one made first, as a scan in order would."""
+
+    __slots__ = ("_regs", "_seq", "_next", "_by_port", "_by_name", "_by_key", "full_status_length")
+
+    def __init__(self, regs: Iterable[Registration] = ()) -> None:
+        self._regs: dict[RegId, Registration] = {}
+        self._seq: dict[RegId, int] = {}
+        self._next = 0
+        self._by_port: dict[tuple[str, int | None], _Ids] = {}
+        self._by_name: dict[str, _Ids] = {}
+        self._by_key: dict[int, _Ids] = {}
+        self.full_status_length = 0  # READ FULL STATUS ADDITIONAL LENGTH, kept up to date
+        for r in regs:
+            self.put(r)
+
+    # -- the mapping
+    def __len__(self) -> int:
+        return len(self._regs)
+
+    def __bool__(self) -> bool:
+        return bool(self._regs)
+
+    def __getitem__(self, ident: RegId) -> Registration:
+        return self._regs[ident]
+
+    def values(self) -> Iterable[Registration]:
+        return self._regs.values()
+
+    def copy(self) -> _Registry:
+        return _Registry(self._regs.values())
+
+    # -- changes
+    def put(self, reg: Registration) -> None:
+        """Add ``reg``, or replace the registration of its identifier in place."""
+        ident = reg.ident
+        old = self._regs.get(ident)
+        if old is None:
+            self._seq[ident] = self._next
+            self._next += 1
+            self._by_port.setdefault((ident[0], ident[1]), {})[ident] = None
+            self._by_name.setdefault(ident[0], {})[ident] = None
+            self.full_status_length += _full_status_size(reg)
+        else:
+            self.full_status_length += _full_status_size(reg) - _full_status_size(old)
+            if old.key != reg.key:
+                self._unindex_key(old)
+        if old is None or old.key != reg.key:
+            self._by_key.setdefault(reg.key, {})[ident] = None
+        self._regs[ident] = reg
+
+    def drop(self, ident: RegId) -> None:
+        reg = self._regs.pop(ident)
+        del self._seq[ident]
+        self.full_status_length -= _full_status_size(reg)
+        _discard(self._by_port, (ident[0], ident[1]), ident)
+        _discard(self._by_name, ident[0], ident)
+        self._unindex_key(reg)
+
+    def clear(self) -> None:
+        for index in (self._regs, self._seq, self._by_port, self._by_name, self._by_key):
+            index.clear()
+        self.full_status_length = 0
+
+    def _unindex_key(self, reg: Registration) -> None:
+        _discard(self._by_key, reg.key, reg.ident)
+
+    # -- lookups
+    def _first(self, ids: Iterable[RegId], pred: Callable[[Registration], bool]) -> Registration | None:
+        best: Registration | None = None
+        best_seq = -1
+        seq = self._seq
+        for ident in ids:
+            reg = self._regs[ident]
+            if pred(reg) and (best is None or seq[ident] < best_seq):
+                best, best_seq = reg, seq[ident]
+        return best
+
+    def of_nexus(self, nexus: Nexus) -> Registration | None:
+        """The registration ``nexus`` acts under: exact ISID first, then format 00b."""
+        name = nexus.initiator.lower()
+        port = nexus.rel_port
+        for isid in (nexus.isid, None):
+            ids = self._by_port.get((name, isid))
+            if ids:
+                reg = self._first(ids, lambda r: r.all_tg_pt or r.rel_port == port)
+                if reg is not None:
+                    return reg
+        return None
+
+    def first_overlap(self, reg: Registration) -> Registration | None:
+        """The first registration sharing an I_T nexus with ``reg``."""
+        name = reg.tid.name.lower()
+        if reg.tid.isid is None:
+            ids: Iterable[RegId] = self._by_name.get(name, {})
+        else:
+            ids = [*self._by_port.get((name, reg.tid.isid), ()), *self._by_port.get((name, None), ())]
+        return self._first(ids, reg.overlaps)
+
+    def with_key(self, key: int) -> list[Registration]:
+        """The registrations holding ``key``, in order."""
+        ids = sorted(self._by_key.get(key, ()), key=self._seq.__getitem__)
+        return [self._regs[i] for i in ids]
+
+
+def _discard(index: dict[Any, dict[Any, Any]], where: Any, item: Any) -> None:
+    """Remove ``item`` from the group ``index[where]``, and the group once empty."""
+    group = index.get(where)
+    if group is not None:
+        group.pop(item, None)
+        if not group:
+            del index[where]
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The persistent state before a PR OUT, restored when its save fails."""
+
+    regs: _Registry
+    resv: Reservation | None
+    generation: int
+    aptpl: bool
+    on_disk: bool
+
+
 class ReservationTable:
     """Persistent (and SCSI-2) reservation state of one logical unit."""
 
@@ -185,13 +358,20 @@ class ReservationTable:
         self._state_path = Path(state_path) if state_path is not None else None
         self._abort_tasks = abort_tasks
         self._log = log if log is not None else logging.getLogger(__name__)
-        self._regs: dict[RegId, Registration] = {}
+        self._regs = _Registry()
         self._resv: Reservation | None = None
         self._generation = 0
         self._aptpl = False
         self._scsi2: Nexus | None = None
         self._nexuses: dict[PortKey, Nexus] = {}  # every nexus seen, for unit attentions
+        # the same, by initiator port and by name (for format 00b registrations)
+        self._nexus_by_port: dict[tuple[str, int], dict[PortKey, Nexus]] = {}
+        self._nexus_by_name: dict[str, dict[PortKey, Nexus]] = {}
         self._last_seen: Nexus | None = None  # the nexus _seen recorded last
+        self._on_disk = False  # a state file exists at _state_path
+        # Held back while a PR OUT runs, delivered once its state is saved.
+        self._held_uas: list[tuple[Nexus, Sense]] = []
+        self._held_aborts: set[Nexus] = set()
         if self._state_path is not None:
             self._load(self._state_path)
 
@@ -219,13 +399,7 @@ class ReservationTable:
 
     def registration_of(self, nexus: Nexus) -> Registration | None:
         """The registration ``nexus`` acts under (exact ISID first, then format 00b)."""
-        wildcard = None
-        for reg in self._regs.values():
-            if reg.matches(nexus):
-                if reg.tid.isid is not None:
-                    return reg
-                wildcard = wildcard or reg
-        return wildcard
+        return self._regs.of_nexus(nexus)
 
     def is_holder(self, nexus: Nexus) -> bool:
         return self._relation(nexus, self.registration_of(nexus)) is Relation.HOLDER
@@ -237,7 +411,10 @@ class ReservationTable:
         if self._scsi2 is not None and _port_key(self._scsi2) == _port_key(nexus):
             self._log.info("SCSI-2 reservation of %s released: I_T nexus loss", nexus)
             self._scsi2 = None
-        self._nexuses.pop(_port_key(nexus), None)
+        pk = _port_key(nexus)
+        if self._nexuses.pop(pk, None) is not None:
+            _discard(self._nexus_by_port, (pk[0], pk[1]), pk)
+            _discard(self._nexus_by_name, pk[0], pk)
         self._last_seen = None
 
     def reset(self) -> None:
@@ -340,12 +517,19 @@ class ReservationTable:
         builder = self._PR_IN.get(req.action)
         if builder is None:
             raise CheckCondition(Sense.INVALID_FIELD_IN_CDB, _cdb_field(1, 4))
-        return builder(self)[: req.alloc_len]
+        return builder(self, req.alloc_len)[: req.alloc_len]
 
-    def _read_keys(self) -> bytes:
-        return ReadKeys(self._generation, tuple(r.key for r in self._regs.values())).encode()
+    # Each builder returns at least the first ``alloc`` bytes of the full
+    # reply; READ KEYS and READ FULL STATUS encode only the entries that fit
+    # (their ADDITIONAL LENGTH still counts all of them, SPC-5 6.16.1), so
+    # their cost follows what is returned, not how many are registered.
 
-    def _read_reservation(self) -> bytes:
+    def _read_keys(self, alloc: int) -> bytes:
+        fit = islice(self._regs.values(), _entries_within(alloc, 8))
+        body = b"".join(r.key.to_bytes(8, "big") for r in fit)
+        return _PR_IN_HEADER.pack(self._generation, 8 * len(self._regs)) + body
+
+    def _read_reservation(self, alloc: int) -> bytes:
         resv = self._resv
         if resv is None:
             return ReadReservation(self._generation).encode()
@@ -354,28 +538,32 @@ class ReservationTable:
             key = self._regs[resv.holder].key
         return ReadReservation(self._generation, key, resv.scope, resv.rtype).encode()
 
-    def _report_capabilities(self) -> bytes:
+    def _report_capabilities(self, alloc: int) -> bytes:
         return replace(CAPABILITIES, ptpl_a=self._aptpl).encode()
 
-    def _read_full_status(self) -> bytes:
+    def _read_full_status(self, alloc: int) -> bytes:
         resv = self._resv
-        entries = []
+        body: list[bytes] = []
+        size = _PR_IN_HEADER.size
         for reg in self._regs.values():
+            if size >= alloc:
+                break
             holder = resv is not None and (resv.rtype.all_registrants or resv.holder == reg.ident)
-            entries.append(
-                FullStatusEntry(
-                    key=reg.key,
-                    all_tg_pt=reg.all_tg_pt,
-                    holder=holder,
-                    scope=resv.scope if holder and resv is not None else 0,
-                    rtype=resv.rtype if holder and resv is not None else PrType.NONE,
-                    rel_tgt_port=reg.rel_port,
-                    transport_id=reg.tid,
-                )
-            )
-        return ReadFullStatus(self._generation, tuple(entries)).encode()
+            entry = FullStatusEntry(
+                key=reg.key,
+                all_tg_pt=reg.all_tg_pt,
+                holder=holder,
+                scope=resv.scope if holder and resv is not None else 0,
+                rtype=resv.rtype if holder and resv is not None else PrType.NONE,
+                rel_tgt_port=reg.rel_port,
+                transport_id=reg.tid,
+            ).encode()
+            body.append(entry)
+            size += len(entry)
+        header = _PR_IN_HEADER.pack(self._generation, self._regs.full_status_length)
+        return header + b"".join(body)
 
-    _PR_IN: dict[int, Callable[[ReservationTable], bytes]] = {
+    _PR_IN: dict[int, Callable[[ReservationTable, int], bytes]] = {
         PrInAction.READ_KEYS: _read_keys,
         PrInAction.READ_RESERVATION: _read_reservation,
         PrInAction.REPORT_CAPABILITIES: _report_capabilities,
@@ -401,7 +589,65 @@ class ReservationTable:
         params = memoryview(bytes(data))[: req.param_len]
         if len(params) < req.param_len:
             raise CheckCondition(Sense.PARAMETER_LIST_LENGTH_ERROR)
-        handler(self, nexus, req, params)
+        snap = self._snapshot() if self._may_save(req.action, params) else None
+        self._held_uas.clear()
+        self._held_aborts.clear()
+        try:
+            handler(self, nexus, req, params)
+        except OSError as e:
+            if snap is None:
+                raise
+            self._restore(snap, rewrite=isinstance(e, persist.NotDurable))
+            self._log.error(
+                "PR OUT %s from %s not applied: cannot save the APTPL state: %s",
+                PrOutAction(req.action).name,
+                nexus,
+                e,
+            )
+            raise CheckCondition(Sense.LOGICAL_UNIT_COMMUNICATION_FAILURE) from e
+        except BaseException:
+            if snap is not None:
+                self._restore(snap)
+            raise
+        finally:
+            uas, aborts = self._held_uas[:], set(self._held_aborts)
+            self._held_uas.clear()
+            self._held_aborts.clear()
+        for n, sense in uas:
+            self._ua.establish(n, sense)
+        if aborts and self._abort_tasks is not None:
+            self._abort_tasks(aborts)
+
+    # -- fail closed: snapshot and restore around a save (SPC-5 5.14.5)
+
+    def _may_save(self, action: int, params: memoryview) -> bool:
+        """Could this PR OUT write or remove the state file?"""
+        if self._state_path is None:
+            return False
+        if self._aptpl or self._on_disk:
+            return True
+        byte = _APTPL_BYTE.get(action)
+        return byte is not None and len(params) > byte and bool(params[byte] & 0x01)
+
+    def _snapshot(self) -> _Snapshot:
+        return _Snapshot(self._regs.copy(), self._resv, self._generation, self._aptpl, self._on_disk)
+
+    def _restore(self, snap: _Snapshot, rewrite: bool = False) -> None:
+        self._regs = snap.regs
+        self._resv = snap.resv
+        self._generation = snap.generation
+        self._aptpl = snap.aptpl
+        self._on_disk = snap.on_disk
+        self._held_uas.clear()
+        self._held_aborts.clear()
+        if rewrite:
+            # The new file was renamed into place (or the old one unlinked)
+            # but not made durable: put the previous state back, best effort.
+            self._on_disk = True
+            try:
+                self._write_state()
+            except OSError as e:
+                self._log.warning("could not restore the APTPL state file: %s", e)
 
     # -- parameter list parsing
 
@@ -470,7 +716,7 @@ class ReservationTable:
             if p.spec_i_pt:
                 new += self._spec_i_pt(nexus, p)
             for r in new:
-                self._regs[r.ident] = r
+                self._regs.put(r)
                 self._log.info("registered %s key 0x%x", self._describe(r), r.key)
         else:
             if not ignore and p.rk != reg.key:
@@ -482,7 +728,7 @@ class ReservationTable:
             if p.sark == 0:
                 self._unregister(nexus, reg)
             else:
-                self._regs[reg.ident] = replace(reg, key=p.sark)
+                self._regs.put(replace(reg, key=p.sark))
                 self._log.info("%s key 0x%x -> 0x%x", self._describe(reg), reg.key, p.sark)
         self._aptpl = p.aptpl
         self._bump()
@@ -491,19 +737,19 @@ class ReservationTable:
     def _spec_i_pt(self, nexus: Nexus, p: PrOutParams) -> list[Registration]:
         """Registrations for the SPEC_I_PT TransportIDs: all or nothing (SPC-5 5.14.7.3)."""
         caller = Registration(p.sark, TransportId.of(nexus), nexus.rel_port, p.all_tg_pt)
-        made: list[Registration] = [caller]
+        made = _Registry([caller])
         for tid in p.transport_ids:
             r = Registration(p.sark, tid, nexus.rel_port, p.all_tg_pt, nexus.target, nexus.tpgt)
             # A duplicate in the list, the caller itself, or an already registered
             # I_T nexus makes the whole list invalid.
-            if any(r.overlaps(o) for o in made) or any(r.overlaps(o) for o in self._regs.values()):
+            if self._overlap(r, made) is not None or self._overlap(r, self._regs) is not None:
                 raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST)
-            made.append(r)
-        return made[1:]
+            made.put(r)
+        return list(made.values())[1:]
 
     def _unregister(self, nexus: Nexus, reg: Registration) -> None:
         """Remove ``reg`` at its own request (SPC-5 5.14.11.2.x)."""
-        del self._regs[reg.ident]
+        self._regs.drop(reg.ident)
         self._log.info("unregistered %s", self._describe(reg))
         resv = self._resv
         if resv is None:
@@ -601,7 +847,7 @@ class ReservationTable:
             holder_key = None
         if holder_key is not None and p.sark == holder_key:
             rtype = self._check_scope_type(req)
-            victims = [r for r in self._regs.values() if r.key == p.sark and r.ident != reg.ident]
+            victims = [r for r in self._with_key(p.sark) if r.ident != reg.ident]
             new_resv = Reservation(rtype, req.scope, None if rtype.all_registrants else reg.ident)
         elif resv is not None and resv.rtype.all_registrants and p.sark == 0:
             rtype = self._check_scope_type(req)
@@ -611,11 +857,11 @@ class ReservationTable:
             if p.sark == 0:
                 raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(8))
             keep = reg.ident if resv is not None and resv.rtype.all_registrants else None
-            victims = [r for r in self._regs.values() if r.key == p.sark and r.ident != keep]
+            victims = [r for r in self._with_key(p.sark) if r.ident != keep]
             if not victims:
                 raise ReservationConflict()
         for r in victims:
-            del self._regs[r.ident]
+            self._regs.drop(r.ident)
             self._log.info("preempted %s (key 0x%x) by %s", self._describe(r), r.key, nexus)
         if new_resv is not None and new_resv is not resv:
             changed = resv is None or (resv.rtype, resv.scope) != (new_resv.rtype, new_resv.scope)
@@ -626,9 +872,8 @@ class ReservationTable:
         elif resv is not None and resv.rtype.all_registrants and not self._regs:
             self._resv = None  # the last registrant of an all-registrants type was removed
         preempted = self._notify(victims, Sense.REGISTRATIONS_PREEMPTED, nexus)
-        if req.action == PrOutAction.PREEMPT_AND_ABORT and self._abort_tasks is not None:
-            if preempted:
-                self._abort_tasks(preempted)
+        if req.action == PrOutAction.PREEMPT_AND_ABORT:
+            self._held_aborts |= preempted  # aborted once the change is saved
         self._bump()
         self._save()
 
@@ -653,13 +898,13 @@ class ReservationTable:
         if dest.overlaps(reg):
             # The destination must be another I_T nexus than the caller's.
             raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(24))
-        existing = next((r for r in self._regs.values() if r.overlaps(dest)), None)
+        existing = self._overlap(dest, self._regs)
         if existing is not None:
             dest = replace(existing, key=p.sark)
-        self._regs[dest.ident] = dest
+        self._regs.put(dest)
         self._resv = Reservation(resv.rtype, resv.scope, dest.ident)
         if p.unreg:
-            del self._regs[reg.ident]
+            self._regs.drop(reg.ident)
         self._log.info(
             "%s moved %s to %s%s",
             self._describe(reg),
@@ -696,11 +941,28 @@ class ReservationTable:
         # Every command passes here: the nexus recorded last is not looked
         # up again (only _seen writes an entry; nexus_lost forgets the cache).
         if nexus is not self._last_seen:
-            self._nexuses[_port_key(nexus)] = nexus
+            pk = _port_key(nexus)
+            self._nexuses[pk] = nexus
+            self._nexus_by_port.setdefault((pk[0], pk[1]), {})[pk] = nexus
+            self._nexus_by_name.setdefault(pk[0], {})[pk] = nexus
             self._last_seen = nexus
 
+    # -- lookups through the indexes (tests/lun/test_pr_index.py checks them
+    #    against scans of everything)
+
+    def _with_key(self, key: int) -> list[Registration]:
+        return self._regs.with_key(key)
+
+    def _overlap(self, reg: Registration, among: _Registry) -> Registration | None:
+        return among.first_overlap(reg)
+
     def _nexuses_of(self, reg: Registration) -> set[Nexus]:
-        found = {n for n in self._nexuses.values() if reg.matches(n)}
+        name = reg.tid.name.lower()
+        if reg.tid.isid is None:
+            pool = self._nexus_by_name.get(name, {})
+        else:
+            pool = self._nexus_by_port.get((name, reg.tid.isid), {})
+        found = {n for n in pool.values() if reg.matches(n)}
         home = reg.home_nexus()
         if home is not None and not any(_port_key(n) == _port_key(home) for n in found):
             found.add(home)
@@ -713,8 +975,8 @@ class ReservationTable:
             for n in self._nexuses_of(reg):
                 targets.setdefault(_port_key(n), n)
         targets.pop(_port_key(cause), None)
-        for n in targets.values():
-            self._ua.establish(n, sense)
+        # Queued once the change is saved (persistent_reserve_out).
+        self._held_uas.extend((n, sense) for n in targets.values())
         return set(targets.values())
 
     def _bump(self) -> None:
@@ -745,18 +1007,27 @@ class ReservationTable:
         }
 
     def _save(self) -> None:
-        """Persist registrations + reservation when APTPL is on; forget otherwise."""
+        """Persist registrations + reservation when APTPL is on; forget otherwise.
+
+        Raises OSError when the state cannot be written (persistent_reserve_out
+        then restores the state before the command)."""
+        self._write_state()
+
+    def _write_state(self) -> None:
         if self._state_path is None:
             return
         if self._aptpl:
             persist.save(self._state_path, self._state())
-        else:
+            self._on_disk = True
+        elif self._on_disk:
             persist.remove(self._state_path)
+            self._on_disk = False
 
     def _load(self, path: Path) -> None:
         state = persist.load(path)
         if state is None:
             return
+        self._on_disk = True
         try:
             if state.get("version") != STATE_VERSION:
                 raise ValueError(f"unknown state version {state.get('version')!r}")
@@ -775,7 +1046,7 @@ class ReservationTable:
             generation = int(state.get("generation", 0)) & _GEN_MASK
         except (KeyError, ValueError, TypeError, IndexError, PrDecodeError) as e:
             raise persist.PersistError(f"{path}: bad PR state: {e}") from e
-        self._regs = {r.ident: r for r in regs}
+        self._regs = _Registry(regs)
         self._resv = resv
         self._generation = generation
         self._aptpl = True

@@ -52,6 +52,9 @@ class Sense(Enum):
     REPORTED_LUNS_DATA_HAS_CHANGED = (SenseKey.UNIT_ATTENTION, 0x3F, 0x0E)
     # NOT READY
     LU_NOT_READY_INIT_REQUIRED = (SenseKey.NOT_READY, 0x04, 0x02)
+    # A PR OUT whose APTPL state could not be saved (not applied); LIO's answer
+    # for the same fault (TCM_LOGICAL_UNIT_COMMUNICATION_FAILURE)
+    LOGICAL_UNIT_COMMUNICATION_FAILURE = (SenseKey.NOT_READY, 0x08, 0x00)
     MEDIUM_NOT_PRESENT = (SenseKey.NOT_READY, 0x3A, 0x00)
     # COPY ABORTED: an EXTENDED COPY stopped in its segment processing
     COPY_ABORTED = (SenseKey.COPY_ABORTED, 0x00, 0x00)
