@@ -18,35 +18,23 @@ was last verified against the LUN.
 SIGINT/SIGTERM stop the daemon cleanly (backend sessions logged out, the
 control socket removed).
 
-Extensions: if ``prmigrate.host.migration_service`` exists, its
-``add_arguments(parser)`` (optional) adds options here and its
-``install(daemon, args)`` (may be async) runs once the daemon is built,
-before it starts serving.
+Migration (``host/migration_control.py``): its ``add_arguments(parser)``
+adds the migration options here and its ``install(daemon, args)`` runs once
+the daemon is built, before it starts serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import inspect
 import logging
 import signal
 import sys
-from types import ModuleType
 
 from ..aio import run_loop
+from ..host import migration_control
 
 log = logging.getLogger("prmigrate.host")
-
-
-def _extension() -> ModuleType | None:
-    try:
-        return importlib.import_module("prmigrate.host.migration_service")
-    except ModuleNotFoundError as exc:
-        if exc.name != "prmigrate.host.migration_service":
-            raise
-        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", action="store_true",
                         help="show a running daemon's devices (needs --control), then exit")
     parser.add_argument("--json", action="store_true", help="with --status: print JSON")
-    ext = _extension()
-    if ext is not None and hasattr(ext, "add_arguments"):
-        ext.add_arguments(parser)
+    migration_control.add_arguments(parser)
 
 
 async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
@@ -95,11 +81,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop)
     try:
-        ext = _extension()
-        if ext is not None and hasattr(ext, "install"):
-            r = ext.install(daemon, args)
-            if inspect.isawaitable(r):
-                await r
+        await migration_control.install(daemon, args)
         try:
             await daemon.start()
         except (DeviceError, IscsiError, LoginError, CommandError, OSError) as exc:

@@ -5,7 +5,7 @@ A machine is driven by ``handle(event, now) -> list[Action]`` and by
 ``get_timer()`` / ``handle_timer(now)`` (aioquic style: the clock is a
 parameter). The transition table maps ``(state, event type)`` to the set of
 states the handler may move to; a pair missing from the table is a
-``ProtocolError`` and leaves the machine unchanged. Received protocol
+``EventNotAllowed`` and leaves the machine unchanged. Received protocol
 messages (``channel.Setup``...) are events themselves.
 """
 
@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any
 
 from .channel import Message
-from .errors import AbortReason, ProtocolError
+from .errors import AbortReason, EventNotAllowed
 from .plan import Observed, Phase, PrOp, TargetTraits
 from .stream import DeviceSnapshot
 
@@ -293,7 +293,7 @@ class MachineBase:
         key = (self.state, type(event))
         allowed = self.TABLE.get(key)
         if allowed is None:
-            raise ProtocolError(f"{self.role} {self.name}: {type(event).__name__} not allowed in {self.state.name}")
+            raise EventNotAllowed(f"{self.role} {self.name}: {type(event).__name__} not allowed in {self.state.name}")
         handler: Callable[[Any, float], Enum] = getattr(self, "_on_" + type(event).__name__)
         old = self.state
         new = handler(event, now)
