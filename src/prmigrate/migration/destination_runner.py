@@ -49,19 +49,18 @@ from .machine import (
     Timeouts,
 )
 from .plan import Observed, TargetTraits
-from .runner import Runner, log
+from .runner import Runner, RunnerOwner, log
 from .stream import DeviceSnapshot
 from .transport import decode_peer_id
 
 if TYPE_CHECKING:
     from ..device.passthrough import PassthroughDevice
-    from .service import MigrationService
 
 
 class DestinationRunner(Runner):
     role = "destination"
 
-    def __init__(self, service: MigrationService, link_peer: str, timeouts: Timeouts | None) -> None:
+    def __init__(self, service: RunnerOwner, link_peer: str, timeouts: Timeouts | None) -> None:
         machine = DestinationMigration(f"incoming from {link_peer}", timeouts)
         super().__init__(service, machine, "")
         self.machine: DestinationMigration = machine
@@ -230,4 +229,4 @@ class DestinationRunner(Runner):
 
     def _do_Finished(self, a: Finished) -> None:
         super()._do_Finished(a)
-        self.service.incoming.discard(self)
+        self.service.incoming_done(self)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..aio import BackgroundTasks
 from .channel import Authenticated, Message
@@ -38,9 +38,35 @@ from .transport import ChannelLink
 
 if TYPE_CHECKING:
     from ..device.passthrough import PassthroughDevice
-    from .service import MigrationService
+    from .handover import Handover
+    from .stream import DeviceSnapshot
 
 log = logging.getLogger("prmigrate.migration.service")
+
+
+class RunnerOwner(Protocol):
+    """What a runner needs of the service that started it (``service.py``'s
+    ``MigrationService`` implements it)."""
+
+    host: Handover
+    secret: bytes | None
+    fence_after_loss: bool  # see SourceRunner._fence_ops
+
+    def client_id(self) -> str:
+        """The identity this host sends in the channel handshake."""
+        ...
+
+    def snapshot(self, dev: PassthroughDevice) -> DeviceSnapshot:
+        """The migration stream's view of ``dev``."""
+        ...
+
+    def register(self, runner: Runner) -> None:
+        """An incoming migration now names its device."""
+        ...
+
+    def incoming_done(self, runner: Runner) -> None:
+        """An incoming migration finished."""
+        ...
 
 
 class Runner:
@@ -48,7 +74,7 @@ class Runner:
 
     role = ""
 
-    def __init__(self, service: MigrationService, machine: MachineBase, device: str) -> None:
+    def __init__(self, service: RunnerOwner, machine: MachineBase, device: str) -> None:
         self.service = service
         self.host = service.host
         self.machine = machine

@@ -217,6 +217,10 @@ class MigrationService:
         """The migration stream's view of ``dev`` (``_snapshot``)."""
         return _snapshot(dev)
 
+    def incoming_done(self, runner: Runner) -> None:
+        if isinstance(runner, DestinationRunner):
+            self.incoming.discard(runner)
+
     def register(self, runner: Runner) -> None:
         current = self.runners.get(runner.device_name)
         if current is None or current.finished is not None:

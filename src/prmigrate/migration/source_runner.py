@@ -57,13 +57,12 @@ from .machine import (
 from .marker import MigrationMarker
 from .plan import PrOp, Strategy, fence_ops
 from .pr_ops import issue_ops
-from .runner import Runner, log
+from .runner import Runner, RunnerOwner, log
 from .source import SourceMigration, SourceState
 from .transport import ChannelLink, decode_peer_id, new_channel, parse_address
 
 if TYPE_CHECKING:
     from ..device.passthrough import PassthroughDevice
-    from .service import MigrationService
 
 LOGOUT_GRACE = 3.0  # seconds the guest gets to log out before its sessions are dropped
 LOGOUT_WAIT = 0  # Async Message Parameter3: log out at once
@@ -74,7 +73,7 @@ class SourceRunner(Runner):
 
     def __init__(
         self,
-        service: MigrationService,
+        service: RunnerOwner,
         dev: PassthroughDevice,
         to: tuple[str, int],
         strategy: Strategy,
