@@ -6,8 +6,8 @@ target's known traits. The shell turns each ``PrOp`` into a CDB and parameter
 list (``PrOp.cdb()`` / ``PrOp.params()``, via ``scsi/pr.py``) and sends it on the
 named side's per-guest backend nexus, in order, stopping at the first failure.
 
-Phases (REFERENCE 1-2; SPC-5 5.14.11)
--------------------------------------
+Phases (SPC-5 5.14.11; QEMU's sequence: docs/design.md)
+-------------------------------------------------------
 SETUP (destination, outside the pause)
     REGISTER AND IGNORE EXISTING KEY, SARK = key, on each guest's destination
     nexus. RAIEK rather than QEMU's REGISTER RK=0: it also succeeds when a
@@ -463,7 +463,7 @@ def cleanup_plan(registered: Mapping[str, int]) -> tuple[PrOp, ...]:
 
 
 def qemu_plan(pr: DevicePrState) -> tuple[PrOp, ...]:
-    """QEMU 11 (REFERENCE 1): REGISTER RK=0 SARK=key, then PREEMPT RK=SARK=key
+    """QEMU 11 (docs/design.md, "QEMU's migrate-pr"): REGISTER RK=0 SARK=key, then PREEMPT RK=SARK=key
     with the saved type (0 when none, which LIO rejects), scope 0; both on the
     destination while loading state, i.e. inside the pause."""
     ops: list[PrOp] = []
