@@ -304,7 +304,7 @@ class DestinationMigration(MachineBase):
                 self.preempted = True
                 self.registered.setdefault(op.guest, op.sark)
         if self.state is D.TAKEOVER:
-            self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
+            self.timings.count_ops(ev)
         pending, self._pending = self._pending, None
         if not ev.ok:
             reason = AbortReason.PR_SETUP if self.state is D.SETUP else AbortReason.PR_TAKEOVER

@@ -218,6 +218,11 @@ class Timings:
     def takeover(self) -> float | None:
         return self._span(self.takeover_started, self.takeover_ended)
 
+    def count_ops(self, done: PrOpsDone) -> None:
+        """One ``IssuePrOps`` carried out inside the pause: each op that
+        completed and the one that failed cost a round trip."""
+        self.round_trips_in_pause += done.completed + (0 if done.ok else 1)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "total_s": self.total,

@@ -300,7 +300,7 @@ class SourceMigration(MachineBase):
 
     def _on_PrOpsDone(self, ev: PrOpsDone, now: float) -> S:
         if self.state is S.RELEASING:
-            self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
+            self.timings.count_ops(ev)
             if not ev.ok:
                 self._fail(AbortReason.PR_RELEASE)
                 self._emit(Log(logging.ERROR, f"source {self.name}: release failed: {ev.error}"))
@@ -310,7 +310,7 @@ class SourceMigration(MachineBase):
                 return self._reclaim(now)
             return self._transfer(now)
         # RECLAIMING: the guest is still held, so these count as pause round trips
-        self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
+        self.timings.count_ops(ev)
         if ev.ok:
             return self._resume_local(now)
         ops = self._reclaim_ops

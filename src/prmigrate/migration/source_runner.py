@@ -192,7 +192,7 @@ class SourceRunner(Runner):
                 self.machine.timings.paused = self.loop.time()
                 await dev.drain()
             done = await issue_ops(dev, ops, self.log)
-            self.machine.timings.round_trips_in_pause += done.completed + (0 if done.ok else 1)
+            self.machine.timings.count_ops(done)
             if not done.ok:
                 self._error(f"fencing the destination's registrations: {done.error}")
         finally:
