@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from .handover import Handover
     from .stream import DeviceSnapshot
 
+# One logger for the service and its runners: their lines read as the
+# migration service's, whichever module writes them.
 log = logging.getLogger("prmigrate.migration.service")
 
 
