@@ -19,7 +19,7 @@ from prmigrate.device.config import DeviceConfig
 from prmigrate.device.identity import derive_isid
 from prmigrate.host.config import HostConfig
 from prmigrate.host.daemon import HostDaemon, frontend_iqn
-from prmigrate.host.migration_service import attach_migration
+from prmigrate.host.migration_control import attach_migration
 from prmigrate.iscsi.initiator import Session, connect
 from prmigrate.iscsi.target import IscsiTarget, TargetNode
 from prmigrate.lun.types import Nexus, Result

@@ -30,7 +30,7 @@ from prmigrate.migration.destination import (
     DestinationMigration,
     DestinationState,
 )
-from prmigrate.migration.errors import AbortReason, ProtocolError
+from prmigrate.migration.errors import AbortReason, EventNotAllowed
 from prmigrate.migration.machine import (
     Cancel,
     ChannelLost,
@@ -227,11 +227,11 @@ def test_tables_only_name_known_states() -> None:
 
 def test_missing_pair_is_protocol_error_and_changes_nothing() -> None:
     src = SourceMigration("m", snap(DevicePrState()))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(EventNotAllowed):
         src.handle(Resume(), 0.0)
     assert src.state is SS.IDLE and src.history == []
     dst = DestinationMigration()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(EventNotAllowed):
         dst.handle(State(b"x"), 0.0)
     assert dst.state is DS.LISTENING
 
@@ -463,7 +463,7 @@ def test_cancel_after_commit_is_refused() -> None:
     src.handle(GuestHeld(snap(holder_state())), 0)
     src.handle(TakeoverDone(1), 0)
     assert src.state is SS.HANDOVER
-    with pytest.raises(ProtocolError):
+    with pytest.raises(EventNotAllowed):
         src.handle(Cancel(), 0)
     assert src.handle_timer(1000.0) and src.state is SS.IN_DOUBT and not src.serving
 
@@ -531,7 +531,7 @@ def test_random_event_sequences_never_reach_an_illegal_state(name: str, picks: l
         old = m.state
         try:
             acts = m.handle_timer(now + 1e6) if ev == "timer" else m.handle(ev, now)  # type: ignore[arg-type]
-        except ProtocolError:
+        except EventNotAllowed:
             assert m.state is old  # refused events change nothing
             continue
         assert (old, type(ev)) in m.TABLE or ev == "timer"

@@ -144,7 +144,7 @@ async def test_a_restarted_source_keeps_redirecting_and_takes_the_device_back(tm
     daemon does not serve the configured device, a guest logging in there
     lands on the destination; moving the device back clears the record."""
     from prmigrate.host.daemon import HostDaemon
-    from prmigrate.host.migration_service import attach_migration
+    from prmigrate.host.migration_control import attach_migration
 
     from .service_rig import GUEST, SECRET
 

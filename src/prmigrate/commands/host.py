@@ -24,35 +24,23 @@ refused, naming the running one's pid. Under systemd (``Type=notify``) the
 daemon sends READY=1 once every device is served, STOPPING=1, RELOADING=1
 around a reload and WATCHDOG=1 when ``WatchdogSec=`` is set (``sdnotify.py``).
 
-Extensions: if ``prmigrate.host.migration_service`` exists, its
-``add_arguments(parser)`` (optional) adds options here and its
-``install(daemon, args)`` (may be async) runs once the daemon is built,
-before it starts serving.
+Migration (``host/migration_control.py``): its ``add_arguments(parser)``
+adds the migration options here and its ``install(daemon, args)`` runs once
+the daemon is built, before it starts serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import inspect
 import logging
 import signal
 import sys
-from types import ModuleType
 
 from ..aio import run_loop
+from ..host import migration_control
 
 log = logging.getLogger("prmigrate.host")
-
-
-def _extension() -> ModuleType | None:
-    try:
-        return importlib.import_module("prmigrate.host.migration_service")
-    except ModuleNotFoundError as exc:
-        if exc.name != "prmigrate.host.migration_service":
-            raise
-        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", action="store_true",
                         help="show a running daemon's devices (needs --control), then exit")
     parser.add_argument("--json", action="store_true", help="with --status: print JSON")
-    ext = _extension()
-    if ext is not None and hasattr(ext, "add_arguments"):
-        ext.add_arguments(parser)
+    migration_control.add_arguments(parser)
 
 
 async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
@@ -122,11 +108,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        ext = _extension()
-        if ext is not None and hasattr(ext, "install"):
-            r = ext.install(daemon, args)
-            if inspect.isawaitable(r):
-                await r
+        await migration_control.install(daemon, args)
         try:
             await daemon.start()
         except (DeviceError, IscsiError, LoginError, CommandError, LockError, OSError) as exc:

@@ -29,14 +29,14 @@ from typing import Any
 from ..iscsi.initiator import IscsiError, LoginError, Session, connect, describe_result
 from ..iscsi.pdu import AsyncEvent, AsyncMessage
 from ..lun.types import Result
-from ..scsi.constants import Opcode, PrOutAction, PrType, SenseKey, Status
+from ..scsi.constants import Opcode, PrOutAction, PrType, Status
 from ..scsi.pr import pr_out_params
 from ..scsi.sense import DecodedSense
 from .stamp import Check, Counters, Ledger, stamp_block
 
 log = logging.getLogger(__name__)
 
-_UA_RETRIES = 4
+_UA_RETRIES = 4  # submissions again after a unit attention
 _BACKOFF = 0.01  # after a conflict or an error: a real guest would not spin
 _SWEEP_BLOCKS = 128  # blocks per READ in the final verification sweep
 
@@ -75,13 +75,6 @@ class _RedirectWatch(logging.Handler):
         elif text.endswith(self.REINSTATED):
             self.guest._event(f"logged in again, connected to {self.guest.connected_portal()}"
                               " (same ISID: session reinstated)")
-
-
-def _is_ua(r: Result) -> bool:
-    if r.status != Status.CHECK_CONDITION or len(r.sense) < 3:
-        return False
-    key = r.sense[2] if r.sense[0] & 0x7F in (0x70, 0x71) else r.sense[1]
-    return key & 0x0F == SenseKey.UNIT_ATTENTION
 
 
 def _rw16(opcode: Opcode, lba: int, blocks: int) -> bytes:
@@ -190,12 +183,8 @@ class Guest:
 
     async def _submit(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0) -> Result:
         assert self.session is not None
-        r = await self.session.submit(self.session.lun, cdb, data_out, data_in_len)
-        for _ in range(_UA_RETRIES):
-            if not _is_ua(r):
-                break
-            r = await self.session.submit(self.session.lun, cdb, data_out, data_in_len)
-        return r
+        return await self.session.submit_retrying(self.session.lun, cdb, data_out, data_in_len,
+                                                  tries=_UA_RETRIES + 1)
 
     async def _pr_out(self, action: PrOutAction, rtype: PrType | int, rk: int, sark: int) -> Result:
         from ..scsi.pr import pr_out_cdb

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..iscsi.initiator import IscsiError, Session, connect, describe_result
-from ..scsi.constants import Opcode, PrInAction, PrType, SenseKey, Status
+from ..lun.types import Result
+from ..scsi.constants import Opcode, PrInAction, PrType, Status
 from ..scsi.pr import PrDecodeError, ReadFullStatus
 
 OBSERVER_INITIATOR = "iqn.2026-11.org.prmigrate:observer"
@@ -82,13 +83,6 @@ class PrSnapshot:
             "registrations": [r.to_dict(label(r)) for r in self.registrations],
             "holder": holders[0].to_dict(label(holders[0])) if holders else None,
         }
-
-
-def _is_ua(status: int, sense: bytes) -> bool:
-    if status != Status.CHECK_CONDITION or len(sense) < 3:
-        return False
-    key = sense[2] if sense[0] & 0x7F in (0x70, 0x71) else sense[1]
-    return key & 0x0F == SenseKey.UNIT_ATTENTION
 
 
 class Observer:
@@ -156,14 +150,14 @@ async def probe_write(url: str, initiator: str, isid: int, lba: int,
     try:
         bs = block_size
         cdb = struct.pack(">BBQIBB", Opcode.WRITE_16, 0, lba, 1, 0, 0)
-        for _ in range(_UA_RETRIES):
-            r = await session.submit(session.lun, cdb, bytes(bs))
-            if not _is_ua(r.status, r.sense):
-                break
+
+        def met(ua: Result) -> None:
             try:
-                uas.append(decode_sense(r.sense).describe())
+                uas.append(decode_sense(ua.sense).describe())
             except SenseDecodeError:
                 uas.append("unit attention")
+
+        r = await session.submit_retrying(session.lun, cdb, bytes(bs), tries=_UA_RETRIES, on_retry=met)
     finally:
         await session.close()
     return ProbeResult(port, lba, describe_result(r),

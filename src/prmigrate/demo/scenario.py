@@ -9,8 +9,8 @@ Two runs on one shared target (one LUN each, so the second starts clean):
 ``migrate-pr=off``  machine ``pc-q35-10.2`` (compat: off): the device moves,
                     the reservation stays on A's nexus, so the guest's writes
                     through B get RESERVATION CONFLICT under WE/EA-type
-                    reservations (the documented consequence, seed
-                    ``scsi-migrate-pr``); back on A they work again.
+                    reservations (the documented consequence of QEMU's
+                    ``migrate-pr=off``, docs/design.md); back on A they work again.
 
 Each run starts its own host daemons A (127.0.0.2) and B (127.0.0.3); the
 guest logs in to A's frontend only, ever: after each move the source asks

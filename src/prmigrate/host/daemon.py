@@ -44,6 +44,7 @@ configuration through ``device_add``/``device_del``; ``reopen_logs``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -485,6 +486,75 @@ class HostDaemon:
         if dev is None:
             raise CommandError("DeviceNotFound", f"device {name!r} not found")
         return dev
+
+    # ------------------------------------- the migration's Handover contract
+    # (``migration/handover.py``): all a migration touches of this daemon.
+    @property
+    def state_dir(self) -> Path | None:
+        return None if self.config.state_dir is None else Path(self.config.state_dir)
+
+    def configured_devices(self) -> set[str]:
+        return {d.name for d in self.config.devices}
+
+    def frontend_node(self, config: DeviceConfig) -> str:
+        return frontend_iqn(config)
+
+    def node_redirects(self, node: str) -> bool | None:
+        n = self.target.node(node)
+        return None if n is None else n.redirect is not None
+
+    async def add_incoming_device(self, config: DeviceConfig, identity: DeviceIdentity) -> PassthroughDevice:
+        """A migrated device, not exposed; a redirect node of the same name
+        (left by an earlier move away) stays in place."""
+        node_name = frontend_iqn(config)
+        redirect = self.target.node(node_name)
+        if redirect is not None and redirect.redirect is not None:
+            self.target.nodes.pop(node_name.lower())  # its sessions stay: none, logins are redirected
+        else:
+            redirect = None
+        try:
+            return await self.add_device(config, identity=identity, expose=False)
+        finally:
+            if redirect is not None:
+                self.target.add_node(redirect)
+
+    def serve(self, name: str) -> None:
+        node_name = frontend_iqn(self.get_device(name).config)
+        if self.node_redirects(node_name):
+            self.target.remove_node(node_name)
+        self.expose(name)
+
+    async def drop_device(self, dev: PassthroughDevice) -> None:
+        if self.devices.get(dev.name) is dev:
+            del self.devices[dev.name]
+        await dev.close()
+        if dev.journal is not None:
+            with contextlib.suppress(OSError):
+                dev.journal.remove()
+        self.emit({"event": "DEVICE_REMOVED", "device": dev.name})
+
+    def redirect_logins(self, node: str, host: str, port: int, logout_wait: int) -> int | None:
+        n = self.target.node(node)
+        if n is None:
+            return None
+        n.redirect = (host, port, n.tpgt)
+        return self.target.request_logout(node, wait=logout_wait)
+
+    def guest_sessions(self, node: str) -> int:
+        return len(self.target.sessions(node))
+
+    def drop_guest_sessions(self, node: str) -> int:
+        return self.target.drop_sessions(node)
+
+    def record_moved_away(self, name: str, node: str, host: str, port: int) -> None:
+        n = self.target.node(node)
+        if n is None:
+            return
+        n.luns = {}
+        self.record_moved(name, node, host, port, n.tpgt)
+
+    def remove_node(self, node: str) -> bool:
+        return self.target.remove_node(node) is not None
 
     # ------------------------------------------------------------ events
     def add_listener(self, fn: Callable[[dict[str, Any]], Any]) -> None:

@@ -31,11 +31,10 @@ from ..scsi.constants import (
     PrInAction,
     PrOutAction,
     PrType,
-    SenseKey,
     ServiceActionIn16,
     Status,
 )
-from ..scsi.sense import DecodedSense
+from ..scsi.sense import DecodedSense, unit_attention_of
 from . import flushpoint
 from .initiator_core import (
     AsyncEventReceived,
@@ -72,13 +71,12 @@ HEAD_OF_QUEUE = TaskAttribute.HEAD_OF_QUEUE
 
 _TICK = 0.5  # seconds between timer calls into the core
 _MAX_REDIRECTS = 8
-_UA_RETRIES = 4
+UA_RETRIES = 4  # submissions of one command while it meets unit attentions
 
 
-def _is_unit_attention(r: Result) -> bool:
-    return r.status == Status.CHECK_CONDITION and len(r.sense) > 2 and (
-        (r.sense[2] if r.sense[0] & 0x7F in (0x70, 0x71) else r.sense[1]) & 0xF
-    ) == SenseKey.UNIT_ATTENTION
+def is_unit_attention(r: Result) -> bool:
+    """CHECK CONDITION with UNIT ATTENTION sense (SAM-5 5.14, SPC-5 4.4)."""
+    return r.status == Status.CHECK_CONDITION and unit_attention_of(r.sense) is not None
 
 __all__ = [
     "ConnectionLost",
@@ -91,6 +89,7 @@ __all__ = [
     "TmfError",
     "connect",
     "discover",
+    "is_unit_attention",
 ]
 
 
@@ -526,15 +525,36 @@ class Session:
     def _lun(self, lun: int | None) -> int:
         return self.lun if lun is None else lun
 
+    async def submit_retrying(
+        self,
+        lun: int,
+        cdb: bytes,
+        data_out: bytes = b"",
+        data_in_len: int = 0,
+        *,
+        tries: int = UA_RETRIES,
+        on_retry: Callable[[Result], Any] | None = None,
+    ) -> Result:
+        """Submit; an answer that is a UNIT ATTENTION (already reported
+        through ``on_unit_attention``) is submitted again, as a disk driver
+        would (SAM-5 5.14: a unit attention is reported once, then cleared),
+        up to ``tries`` submissions in all. ``on_retry(result)`` sees every
+        unit attention answer met, the last one too. The last answer is
+        returned whatever its status. The one unit attention retry loop of
+        prmigrate's initiator users (helpers below, the migration's PR OUT
+        commands, the demo's guest and observer)."""
+        r = Result()
+        for _ in range(tries):
+            r = await self.submit(lun, cdb, data_out, data_in_len)
+            if not is_unit_attention(r):
+                break
+            if on_retry is not None:
+                on_retry(r)
+        return r
+
     async def _run(self, lun: int | None, cdb: bytes, data_out: bytes = b"",
                    data_in_len: int = 0) -> Result:
-        """Submit; a UNIT ATTENTION answer (already reported through
-        ``on_unit_attention``) is retried a few times, as a disk driver would."""
-        for _ in range(_UA_RETRIES):
-            r = await self.submit(self._lun(lun), cdb, data_out, data_in_len)
-            if not _is_unit_attention(r):
-                break
-        return r
+        return await self.submit_retrying(self._lun(lun), cdb, data_out, data_in_len)
 
     async def _good(self, lun: int | None, cdb: bytes, what: str, data_out: bytes = b"",
                     data_in_len: int = 0) -> Result:

@@ -37,8 +37,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 from ..lun.types import Result
-from ..scsi.constants import SenseKey, Status
-from ..scsi.sense import DecodedSense, SenseDecodeError, decode_sense
+from ..scsi.constants import Status
+from ..scsi.sense import DecodedSense, SenseDecodeError, decode_sense, unit_attention_of
 from .chap import ChapClient, ChapCredentials
 from .login import (
     LoginError,
@@ -757,13 +757,8 @@ class InitiatorCore:
             cmd.sink.relay_result(cmd.token, result)
         else:
             events.append(CommandDone(cmd.handle, result))
-        if sense:
-            try:
-                ds = decode_sense(sense)
-            except SenseDecodeError:
-                ds = None
-            if ds is not None and ds.key == SenseKey.UNIT_ATTENTION:
-                events.append(UnitAttention(cmd.lun, ds))
+        if sense and unit_attention_of(sense) is not None:
+            events.append(UnitAttention(cmd.lun, decode_sense(sense)))
         return events
 
     def _on_data_in(self, pdu: DataIn, now: float) -> list[Event]:
@@ -897,15 +892,17 @@ class InitiatorCore:
         self._status_seen(msg.statsn)
         self._update_window(msg.expcmdsn, msg.maxcmdsn)
         sense = None
+        raw = b""
         events: list[Event] = []
         if msg.event == AsyncEvent.SCSI_ASYNC_EVENT and len(msg.data) >= 2:
             n = int.from_bytes(msg.data[:2], "big")
+            raw = bytes(msg.data[2 : 2 + n])
             try:
-                sense = decode_sense(msg.data[2 : 2 + n])
+                sense = decode_sense(raw)
             except SenseDecodeError:
                 sense = None
         events.append(AsyncEventReceived(msg, sense))
-        if sense is not None and sense.key == SenseKey.UNIT_ATTENTION:
+        if sense is not None and unit_attention_of(raw) is not None:
             events.append(UnitAttention(msg.lun, sense))
         if msg.event in (AsyncEvent.LOGOUT_REQUEST, AsyncEvent.CONNECTION_DROP,
                          AsyncEvent.SESSION_DROP):

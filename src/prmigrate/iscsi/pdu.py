@@ -34,7 +34,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .digest import DIGEST_LEN, digest_bytes
 
@@ -344,6 +344,35 @@ class RawPdu:
         return int.from_bytes(self.bhs[16:20], "big")
 
 
+def frame_into(
+    out: list[Any],
+    bhs: bytes | bytearray,
+    data: bytes | bytearray | memoryview = b"",
+    header_digest: bool = False,
+    data_digest: bool = False,
+    ahs: bytes = b"",
+) -> None:
+    """Append one PDU's wire parts to ``out`` (RFC 7143 10.2.1 PDU layout,
+    13.1 digests): BHS (DataSegmentLength / TotalAHSLength already set),
+    AHS, header digest (over BHS + AHS), the data segment, its pad to a
+    multiple of 4 bytes, the data digest (over data + pad). The one place
+    PDU framing is written: ``assemble``, the target connection's answers
+    and its read fast path all frame through here."""
+    out.append(bhs)
+    if ahs:
+        out.append(ahs)
+    if header_digest:
+        out.append(digest_bytes(bhs, ahs))
+    n = len(data)
+    if n:
+        out.append(data)
+        pad = _PADS[n & 3]
+        if pad:
+            out.append(pad)
+        if data_digest:
+            out.append(digest_bytes(data, pad))
+
+
 def assemble(
     bhs: bytes | bytearray,
     data: bytes | bytearray | memoryview = b"",
@@ -351,20 +380,9 @@ def assemble(
     header_digest: bool = False,
     data_digest: bool = False,
 ) -> bytes:
-    """BHS (DataSegmentLength/TotalAHSLength already set) + AHS + data + pad + digests."""
-    parts: list[bytes | bytearray | memoryview] = [bhs]
-    if ahs:
-        parts.append(ahs)
-    if header_digest:
-        parts.append(digest_bytes(bhs, ahs))
-    n = len(data)
-    if n:
-        pad = _PADS[n & 3]
-        parts.append(data)
-        if pad:
-            parts.append(pad)
-        if data_digest:
-            parts.append(digest_bytes(data, pad))
+    """One PDU's bytes (``frame_into`` joined)."""
+    parts: list[bytes | bytearray | memoryview] = []
+    frame_into(parts, bhs, data, header_digest, data_digest, ahs)
     return b"".join(parts)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..lun.types import LogicalUnitLike, Nexus, Result
 from ..scsi.constants import Opcode as ScsiOp
@@ -46,6 +46,7 @@ from .login import (
     TextAccumulator,
     encode_text,
 )
+from .lu import LuContracts, contracts_of
 from .pdu import (
     _HDR_U32,
     RESERVED_TAG,
@@ -75,18 +76,15 @@ from .pdu import (
     TmfFunction,
     TmfResponse,
     decode_lun,
+    frame_into,
     pack_scsi_response,
     place_segment,
 )
-
-if TYPE_CHECKING:
-    from .target import IscsiTarget
 
 log = logging.getLogger("prmigrate.iscsi.target")
 
 SN_MOD = 1 << 32
 _HALF = 1 << 31
-_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 _GOOD = Status.GOOD
 _RELAYED = frozenset((0x28, 0x88))  # READ(10), READ(16): what _fast_reads may relay
 _CHECK = Status.CHECK_CONDITION
@@ -335,19 +333,49 @@ def _inquiry_no_lun(cdb: bytes) -> bytes:
 # The connection
 
 
+class ConnectionOwner(Protocol):
+    """What a target connection needs of the target that owns it: the
+    node registry, the session table (RFC 7143 6.3.5 reinstatement) and the
+    resets that reach every connection (``iscsi/target.py`` implements it;
+    this module imports nothing of it)."""
+
+    settings: TargetSettings
+    max_task_bytes: int  # the largest EDTL a command may announce
+    nodes: dict[str, TargetNode]  # lower-cased name -> node (SendTargets)
+
+    def node(self, name: str) -> TargetNode | None:
+        ...
+
+    def register_session(self, session: Session) -> bool:
+        """Add a session at the end of its login; True when it reinstates one."""
+        ...
+
+    def connection_closed(self, conn: Connection) -> None:
+        ...
+
+    def abort_lu(self, lu: LogicalUnitLike, nexuses: set[Nexus] | None) -> None:
+        """Abort the tasks of ``lu`` on every connection (of ``nexuses``)."""
+        ...
+
+    def cold_reset(self, node: TargetNode) -> None:
+        """TARGET COLD RESET: every session of ``node`` ends after its answer."""
+        ...
+
+
 class Connection:
     """One TCP connection: login, then full feature phase.
 
     ``send(parts)`` writes the concatenation of ``parts`` (one write per batch);
     ``close()`` ends the transport. ``target`` is the registry of nodes and
-    sessions (:class:`IscsiTarget`).
+    sessions, seen through ``ConnectionOwner`` (``target.py``'s
+    ``IscsiTarget`` implements it).
     """
 
     LOGIN, FULL_FEATURE, CLOSED = 0, 1, 2
 
     def __init__(
         self,
-        target: IscsiTarget,
+        target: ConnectionOwner,
         peer: str,
         local_address: tuple[str, int] | None,
         send: Callable[[list[Any]], None],
@@ -394,6 +422,7 @@ class Connection:
         self._fast_lu: LogicalUnitLike | None = None  # last LU the read fast path met
         self._fast_fn: Callable[..., Any] | None = None  # its read_fast, if any
         self._fast_relay: Callable[..., bool] | None = None  # its relay_read, if any
+        self._contracts: dict[int, tuple[object, LuContracts]] = {}  # id(LU) -> its optional contracts
         # login state
         self._stages = LoginStages()
         self._text = TextAccumulator()
@@ -440,6 +469,20 @@ class Connection:
     def closed(self) -> bool:
         return self.state == Connection.CLOSED
 
+    @property
+    def ended_by_reset(self) -> bool:
+        """Ended by TARGET COLD RESET: its LUs were reset already, so the
+        end of its session is not a nexus loss for them."""
+        return self._cold
+
+    def end_after_answers(self) -> None:
+        """TARGET COLD RESET of the connection's node (RFC 7143 11.5.1):
+        the connection closes once what is queued has been sent."""
+        self._cold = True
+        self._close_after_flush = True
+        if not self._in_batch:
+            self.flush()
+
     def _next_statsn(self) -> int:
         sn = self.statsn
         self.statsn = (sn + 1) & 0xFFFFFFFF
@@ -447,18 +490,7 @@ class Connection:
 
     def _emit(self, bhs: bytes, data: Any = b"") -> None:
         """Queue one PDU (BHS already carries DataSegmentLength)."""
-        out = self.out
-        out.append(bhs)
-        if self.hd:
-            out.append(digest_bytes(bhs))
-        n = len(data)
-        if n:
-            out.append(data)
-            pad = _PADS[n & 3]
-            if pad:
-                out.append(pad)
-            if self.dd:
-                out.append(digest_bytes(data, pad))
+        frame_into(self.out, bhs, data, self.hd, self.dd)
 
     def _emit_pdu(self, pdu: Any) -> None:
         wire = pdu.encode()
@@ -541,6 +573,7 @@ class Connection:
         dd = self.dd
         unpack = SCSI_COMMAND.unpack_from
         pack = _HDR_U32.pack
+        frame = frame_into
         last_lu = self._fast_lu
         fn = self._fast_fn
         relay = self._fast_relay
@@ -556,8 +589,9 @@ class Connection:
                 lu = luns.get(lun)
                 if lu is not last_lu:
                     last_lu = self._fast_lu = lu
-                    fn = self._fast_fn = getattr(lu, "read_fast", None)
-                    relay = self._fast_relay = getattr(lu, "relay_read", None)
+                    contracts = self._contracts_of(lu)
+                    fn = self._fast_fn = contracts.read_fast
+                    relay = self._fast_relay = contracts.relay_read
                 if fn is None:
                     if lu is None:
                         break
@@ -615,15 +649,7 @@ class Connection:
                     adv = mx
                 bhs = pack(0x25, 0x81, 0, n, 0, itt, 0xFFFFFFFF, statsn, exp, adv, 0, 0, 0)
                 statsn = (statsn + 1) & 0xFFFFFFFF
-                out.append(bhs)
-                if hd:
-                    out.append(digest_bytes(bhs))
-                out.append(data)
-                pad = _PADS[n & 3]
-                if pad:
-                    out.append(pad)
-                if dd:
-                    out.append(digest_bytes(data, pad))
+                frame(out, bhs, data, hd, dd)
         finally:
             self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
             reader.consumed(pos)
@@ -687,14 +713,14 @@ class Connection:
         self.pending.clear()
         self.queued.clear()
         self._close_transport()
-        self.target._connection_closed(self)
+        self.target.connection_closed(self)
 
     def connection_lost(self) -> None:
         if self.state != Connection.CLOSED:
             self.state = Connection.CLOSED
             self.tasks.clear()
             self.pending.clear()
-            self.target._connection_closed(self)
+            self.target.connection_closed(self)
 
     # ------------------------------------------------------------ login
     def _login(self, raw: RawPdu) -> None:
@@ -852,7 +878,7 @@ class Connection:
             self.luns = node.luns
         self.nexus = nexus
         session = Session(0, self._initiator, req.isid, node, nexus, params, self, self.exp_cmdsn, self.window)
-        reinstated = self.target._register_session(session)
+        reinstated = self.target.register_session(session)
         self.session = session
         self._login_respond(req, Stage.OPERATIONAL if req.csg == Stage.OPERATIONAL else Stage.SECURITY,
                             Stage.FULL_FEATURE, True, text, tsih=session.tsih)
@@ -997,6 +1023,13 @@ class Connection:
             self._respond(itt, res, task.edtl, 0, 0, True)
         raise _Ignored()
 
+    def _contracts_of(self, lu: object) -> LuContracts:
+        """The optional contracts (``lu.py``) ``lu`` implements, asked once."""
+        entry = self._contracts.get(id(lu))
+        if entry is None or entry[0] is not lu:
+            entry = self._contracts[id(lu)] = (lu, contracts_of(lu))
+        return entry[1]
+
     def _execute(
         self, itt: int, lun: int, lu: LogicalUnitLike | None, cdb: bytes, data: Any, edtl: int, write: bool,
     ) -> None:
@@ -1020,7 +1053,7 @@ class Connection:
                         self._respond(itt, Result(_GOOD), edtl, flags, residual, True)
                         return
                     cdb = fitted
-            then = getattr(lu, "execute_then", None)
+            then = self._contracts_of(lu).execute_then
             try:
                 if then is not None:
                     # completion by callback, no Future (the passthrough device).
@@ -1034,9 +1067,10 @@ class Connection:
                             self._answer(itt, r, edtl, flags, residual, write)
 
                     self.pending[itt] = (mine, lu)
-                    res = then(self.nexus, cdb, data, done)
-                    if res is None:
+                    answer = then(self.nexus, cdb, data, done)  # type: ignore[arg-type]
+                    if answer is None:
                         return
+                    res = answer
                     self.pending.pop(itt, None)
                 else:
                     res = lu.execute(self.nexus, cdb, data)  # type: ignore[arg-type,assignment]
@@ -1183,16 +1217,7 @@ class Connection:
                     )
                 if seq_end:
                     in_burst = 0
-                chunk = view[off:end]
-                out.append(bhs)
-                if hd:
-                    out.append(digest_bytes(bhs))
-                out.append(chunk)
-                pad = _PADS[seg & 3]
-                if pad:
-                    out.append(pad)
-                if dd:
-                    out.append(digest_bytes(chunk, pad))
+                frame_into(out, bhs, view[off:end], hd, dd)
                 datasn += 1
                 off = end
             if collapse:
@@ -1358,10 +1383,10 @@ class Connection:
             elif fn == TmfFunction.ABORT_TASK_SET:
                 self.abort_tasks(lu)
             elif fn == TmfFunction.CLEAR_TASK_SET:
-                self.target._abort_lu(lu, None)
+                self.target.abort_lu(lu, None)
                 lu.clear_task_set(nexus)
             else:
-                self.target._abort_lu(lu, None)
+                self.target.abort_lu(lu, None)
                 lu.reset(nexus)
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             if not all(getattr(unit, "target_reset_supported", True) for unit in self.luns.values()):
@@ -1371,7 +1396,7 @@ class Connection:
             else:
                 cold = fn == TmfFunction.TARGET_COLD_RESET
                 for unit in self.luns.values():
-                    self.target._abort_lu(unit, None)
+                    self.target.abort_lu(unit, None)
                     unit.reset(nexus, cold=cold, target_reset=True)
         elif fn == TmfFunction.TASK_REASSIGN:
             resp = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
@@ -1382,5 +1407,5 @@ class Connection:
                       TmfResponse(resp).name)
         self._emit_pdu(TaskMgmtResponse(req.itt, resp, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn))
         if cold and self.node is not None:
-            self.target._cold_reset(self.node)
+            self.target.cold_reset(self.node)
 

@@ -15,7 +15,9 @@ Public API (reused by the host daemon)::
     await target.close()
 
 ``TargetNode``, ``ChapConfig``, ``TargetSettings`` and ``Session`` come from
-``session.py``, where the per-connection protocol logic lives (no asyncio).
+``session.py``, where the per-connection protocol logic lives (no asyncio);
+a connection reaches this target only through ``session.ConnectionOwner``,
+which ``IscsiTarget`` implements (session.py imports nothing from here).
 This module only moves bytes: ``_IscsiProtocol`` reads into one reused
 buffer and feeds every read to the connection, which parses all PDUs of the
 batch in place and sends all their responses with one ``transport.write``. No Task, coroutine or executor
@@ -190,7 +192,7 @@ class IscsiTarget:
         and the sessions get 3F/0E on the remaining LUs."""
         node = self._existing_node(node_name)
         lu = node.luns.pop(lun)
-        self._abort_lu(lu, None)
+        self.abort_lu(lu, None)
         self._luns_changed(node, self._nexuses(node))
         return lu
 
@@ -257,7 +259,7 @@ class IscsiTarget:
                 self._end_session(s, nexus_lost=True)
         return len(chosen)
 
-    def _register_session(self, session: Session) -> bool:
+    def register_session(self, session: Session) -> bool:
         """Add a session at the end of its login; True when it reinstates one."""
         key = session.key
         old = self._sessions.get(key)
@@ -283,11 +285,11 @@ class IscsiTarget:
                     attach(session.nexus)
         return reinstated
 
-    def _connection_closed(self, conn: Connection) -> None:
+    def connection_closed(self, conn: Connection) -> None:
         self._connections.discard(conn)
         s = conn.session
         if s is not None and self._sessions.get(s.key) is s:
-            self._end_session(s, nexus_lost=not conn._cold)
+            self._end_session(s, nexus_lost=not conn.ended_by_reset)
 
     def _end_session(self, s: Session, nexus_lost: bool) -> None:
         self._sessions.pop(s.key, None)
@@ -301,7 +303,7 @@ class IscsiTarget:
                     except Exception:
                         log.exception("nexus_lost failed for %s", s.nexus)
 
-    def _abort_lu(self, lu: LogicalUnitLike, nexuses: set[Nexus] | None) -> None:
+    def abort_lu(self, lu: LogicalUnitLike, nexuses: set[Nexus] | None) -> None:
         for conn in list(self._connections):
             if nexuses is None or conn.nexus in nexuses:
                 conn.abort_tasks(lu)
@@ -311,14 +313,11 @@ class IscsiTarget:
             if conn.nexus in nexuses:
                 conn.abort_tasks()
 
-    def _cold_reset(self, node: TargetNode) -> None:
+    def cold_reset(self, node: TargetNode) -> None:
         """TARGET COLD RESET: every session of the node ends after its answer."""
         for s in self.sessions(node.name):
             if s.conn is not None:
-                s.conn._cold = True
-                s.conn._close_after_flush = True
-                if not s.conn._in_batch:
-                    s.conn.flush()
+                s.conn.end_after_answers()
 
     # ------------------------------------------------------------ server
     async def start(self, host: str = "127.0.0.1", port: int = 3260) -> list[tuple[str, int]]:

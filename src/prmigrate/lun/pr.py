@@ -1,4 +1,4 @@
-"""The SPC-5 persistent reservation engine of one logical unit (REFERENCE 2-6).
+"""The SPC-5 persistent reservation engine of one logical unit (SPC-5 5.14, 6.16, 6.17).
 
 State: registrations keyed by initiator port (TransportID: name + ISID) and
 target port (relative target port identifier), at most one persistent

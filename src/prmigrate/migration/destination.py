@@ -1,6 +1,6 @@
 """The destination side of a device migration, as a sans-IO state machine.
 
-Rules (the table below is the authority; a missing pair is a ProtocolError):
+Rules (the table below is the authority; a missing pair is a EventNotAllowed):
 
 - LISTENING -Setup-> SETUP (CreateDevice) -DeviceReady-> SETUP (register the
   guests' keys, plan.SETUP) -PrOpsDone-> READY (sends SETUP_OK) -State->
@@ -304,7 +304,7 @@ class DestinationMigration(MachineBase):
                 self.preempted = True
                 self.registered.setdefault(op.guest, op.sark)
         if self.state is D.TAKEOVER:
-            self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
+            self.timings.count_ops(ev)
         pending, self._pending = self._pending, None
         if not ev.ok:
             reason = AbortReason.PR_SETUP if self.state is D.SETUP else AbortReason.PR_TAKEOVER
@@ -393,6 +393,6 @@ def _detail(ev: object) -> str:
 
 
 def _protocol(m: MachineBase, ev: object) -> Exception:
-    from .errors import ProtocolError
+    from .errors import EventNotAllowed
 
-    return ProtocolError(f"{m.role} {m.name}: {type(ev).__name__} not allowed in {m.state.name}")
+    return EventNotAllowed(f"{m.role} {m.name}: {type(ev).__name__} not allowed in {m.state.name}")

@@ -91,7 +91,7 @@ class ChannelClosed(ChannelError):
 
 
 # -- machines and plans
-class ProtocolError(MigrationError):
+class EventNotAllowed(MigrationError):
     """An event that the state table does not allow in the current state."""
 
     reason = AbortReason.PROTOCOL

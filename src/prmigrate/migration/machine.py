@@ -5,7 +5,7 @@ A machine is driven by ``handle(event, now) -> list[Action]`` and by
 ``get_timer()`` / ``handle_timer(now)`` (aioquic style: the clock is a
 parameter). The transition table maps ``(state, event type)`` to the set of
 states the handler may move to; a pair missing from the table is a
-``ProtocolError`` and leaves the machine unchanged. Received protocol
+``EventNotAllowed`` and leaves the machine unchanged. Received protocol
 messages (``channel.Setup``...) are events themselves.
 """
 
@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any
 
 from .channel import Message
-from .errors import AbortReason, ProtocolError
+from .errors import AbortReason, EventNotAllowed
 from .plan import Observed, Phase, PrOp, TargetTraits
 from .stream import DeviceSnapshot
 
@@ -218,6 +218,11 @@ class Timings:
     def takeover(self) -> float | None:
         return self._span(self.takeover_started, self.takeover_ended)
 
+    def count_ops(self, done: PrOpsDone) -> None:
+        """One ``IssuePrOps`` carried out inside the pause: each op that
+        completed and the one that failed cost a round trip."""
+        self.round_trips_in_pause += done.completed + (0 if done.ok else 1)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "total_s": self.total,
@@ -293,7 +298,7 @@ class MachineBase:
         key = (self.state, type(event))
         allowed = self.TABLE.get(key)
         if allowed is None:
-            raise ProtocolError(f"{self.role} {self.name}: {type(event).__name__} not allowed in {self.state.name}")
+            raise EventNotAllowed(f"{self.role} {self.name}: {type(event).__name__} not allowed in {self.state.name}")
         handler: Callable[[Any, float], Enum] = getattr(self, "_on_" + type(event).__name__)
         old = self.state
         new = handler(event, now)

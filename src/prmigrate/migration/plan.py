@@ -6,8 +6,8 @@ target's known traits. The shell turns each ``PrOp`` into a CDB and parameter
 list (``PrOp.cdb()`` / ``PrOp.params()``, via ``scsi/pr.py``) and sends it on the
 named side's per-guest backend nexus, in order, stopping at the first failure.
 
-Phases (REFERENCE 1-2; SPC-5 5.14.11)
--------------------------------------
+Phases (SPC-5 5.14.11; QEMU's sequence: docs/design.md)
+-------------------------------------------------------
 SETUP (destination, outside the pause)
     REGISTER AND IGNORE EXISTING KEY, SARK = key, on each guest's destination
     nexus. RAIEK rather than QEMU's REGISTER RK=0: it also succeeds when a
@@ -418,6 +418,40 @@ def rollback_plan(
     return tuple(ops)
 
 
+def fence_ops(pr: DevicePrState, registered: Mapping[str, int] | None, preempted: bool | None) -> tuple[PrOp, ...]:
+    """Source ops removing the keys a silent destination may have registered
+    during setup (a dead process cannot unregister; a live one unregisters
+    them itself on a lost channel, and then these ops find nothing to
+    remove). ``registered``: what SETUP_OK reported, None/empty: unknown, so
+    every key. For each: PREEMPT RK = SARK = key from the source nexus (the
+    holder of a single-holder reservation with its own type and scope, so
+    the reservation stays where it is), register again (a target may drop
+    the caller's own registration when no reservation is held with that
+    key), RESERVE again for a holder (GOOD when it still holds). A holder
+    whose key a reclaim PREEMPT already covered (``preempted`` not False) is
+    skipped. Every op is idempotent; the guest must be held meanwhile."""
+    keys = dict(registered or {}) or {n: g.key for n, g in pr.guests.items() if g.registered}
+    ops: list[PrOp] = []
+    for guest, key in sorted(keys.items()):
+        g = pr.get(guest)
+        if not g.registered or g.key != key:
+            continue
+        if preempted is not False and g.holder and not g.rtype.all_registrants:
+            continue  # the reclaim's PREEMPT of this key already removed them
+        rtype = g.rtype if g.holder else PrType.WRITE_EXCLUSIVE
+        scope = g.scope if g.holder else 0
+        ops.append(PrOp(Side.SOURCE, guest, PrOutAction.PREEMPT, key, key, rtype, scope, True,
+                        g.aptpl, Phase.ROLLBACK, "remove the silent destination's registration",
+                        conflict_ok=True))
+        ops.append(PrOp(Side.SOURCE, guest, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, 0, key,
+                        inside_pause=True, aptpl=g.aptpl, phase=Phase.ROLLBACK,
+                        why="keep the source's own registration"))
+        if g.holder:
+            ops.append(PrOp(Side.SOURCE, guest, PrOutAction.RESERVE, key, 0, g.rtype, g.scope, True,
+                            False, Phase.ROLLBACK, "the reservation stays with the source"))
+    return tuple(ops)
+
+
 def cleanup_plan(registered: Mapping[str, int]) -> tuple[PrOp, ...]:
     """Destination: drop every registration it made. RAIEK with SARK = 0 is a
     no-op on a nexus that is not (or no longer) registered, so it is safe
@@ -429,7 +463,7 @@ def cleanup_plan(registered: Mapping[str, int]) -> tuple[PrOp, ...]:
 
 
 def qemu_plan(pr: DevicePrState) -> tuple[PrOp, ...]:
-    """QEMU 11 (REFERENCE 1): REGISTER RK=0 SARK=key, then PREEMPT RK=SARK=key
+    """QEMU 11 (docs/design.md, "QEMU's migrate-pr"): REGISTER RK=0 SARK=key, then PREEMPT RK=SARK=key
     with the saved type (0 when none, which LIO rejects), scope 0; both on the
     destination while loading state, i.e. inside the pause."""
     ops: list[PrOp] = []

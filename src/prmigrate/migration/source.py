@@ -1,6 +1,6 @@
 """The source side of a device migration, as a sans-IO state machine.
 
-Rules (the table below is the authority; a missing pair is a ProtocolError):
+Rules (the table below is the authority; a missing pair is a EventNotAllowed):
 
 - IDLE -Start-> CONNECTING -ChannelUp-> SETUP (sends SETUP with the device
   config, identity and current PR state) -SetupOk-> STOPPING (HoldGuest: the
@@ -47,7 +47,7 @@ from .channel import (
     State,
     TakeoverDone,
 )
-from .errors import AbortReason, ProtocolError
+from .errors import AbortReason, EventNotAllowed
 from .machine import (
     Cancel,
     ChannelLost,
@@ -218,7 +218,7 @@ class SourceMigration(MachineBase):
     def _on_Ack(self, ev: Ack, now: float) -> S:
         if self.state is S.HANDOVER:
             if ev.of is not MsgType.RESUME:
-                raise ProtocolError(f"source {self.name}: ACK of {ev.of.name} in HANDOVER")
+                raise EventNotAllowed(f"source {self.name}: ACK of {ev.of.name} in HANDOVER")
             self.timings.resumed = now
             self.guest_held = False
             self._emit(HandOverGuest())
@@ -300,7 +300,7 @@ class SourceMigration(MachineBase):
 
     def _on_PrOpsDone(self, ev: PrOpsDone, now: float) -> S:
         if self.state is S.RELEASING:
-            self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
+            self.timings.count_ops(ev)
             if not ev.ok:
                 self._fail(AbortReason.PR_RELEASE)
                 self._emit(Log(logging.ERROR, f"source {self.name}: release failed: {ev.error}"))
@@ -310,7 +310,7 @@ class SourceMigration(MachineBase):
                 return self._reclaim(now)
             return self._transfer(now)
         # RECLAIMING: the guest is still held, so these count as pause round trips
-        self.timings.round_trips_in_pause += ev.completed + (0 if ev.ok else 1)
+        self.timings.count_ops(ev)
         if ev.ok:
             return self._resume_local(now)
         ops = self._reclaim_ops

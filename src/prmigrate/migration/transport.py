@@ -48,6 +48,14 @@ def decode_peer_id(peer_id: str | None) -> tuple[str, str]:
     return name, detail
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets) -> (host, port); ValueError otherwise."""
+    host, sep, port = str(text).strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"address {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def new_channel(role: Role, secret: bytes, local_id: str) -> Channel:
     return Channel(role, secret, os.urandom(32), local_id)
 

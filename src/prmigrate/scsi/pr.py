@@ -1,4 +1,4 @@
-"""PERSISTENT RESERVE IN/OUT codecs (SPC-5 6.16, 6.17; REFERENCE 2-3).
+"""PERSISTENT RESERVE IN/OUT codecs (SPC-5 6.16, 6.17; TransportIDs 7.6.4).
 
 Pure byte layouts: CDBs, PR OUT parameter lists and PR IN parameter data, each a
 frozen dataclass with ``decode()`` / ``encode()``. Malformed input raises

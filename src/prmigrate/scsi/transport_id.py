@@ -1,4 +1,4 @@
-"""iSCSI TransportIDs (SPC-5 7.6.4.6, REFERENCE 4).
+"""iSCSI TransportIDs (SPC-5 7.6.4.6; RFC 7143 4.2.7 for the port names).
 
 Layout::
 
@@ -17,12 +17,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
 
 from .constants import ProtocolId
-
-if TYPE_CHECKING:
-    from ..lun.types import Nexus
+from .nexus import Nexus
 
 
 class PrDecodeError(ValueError):

@@ -1,9 +1,11 @@
 """Migration for the host daemon: options, control commands and events.
 
-``prmigrate host`` imports this module when it exists (commands/host.py):
-``add_arguments(parser)`` adds ``--migrate-listen ADDR:PORT`` and
-``--secret-file FILE``; ``install(daemon, args)`` attaches the service before
-the daemon starts serving. Programs embedding a daemon call
+The wiring between the host daemon and the migration service
+(``migration/service.py``; the daemon is its ``Handover``). ``prmigrate
+host`` (commands/host.py) calls ``add_arguments(parser)``, which adds
+``--migrate-listen ADDR:PORT`` and ``--secret-file FILE``, and
+``install(daemon, args)``, which attaches the service before the daemon
+starts serving. Programs embedding a daemon call
 ``await attach_migration(daemon, listen, secret)`` themselves.
 
 Control commands (JSON control socket)::
@@ -163,7 +165,7 @@ async def _reconcile_before(service: MigrationService, device: str) -> None:
     the final snapshot. A failed reconciliation leaves the tracked state as
     it is (the migration goes on; the destination verifies after its
     takeover)."""
-    dev = service.daemon.devices.get(device)
+    dev = service.host.devices.get(device)
     if dev is None or not dev.migrate_pr or dev.held:
         return
     try:

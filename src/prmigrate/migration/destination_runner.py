@@ -1,0 +1,232 @@
+"""The destination side of a migration in the shell: ``DestinationRunner``.
+
+Carries out the ``DestinationMigration`` machine's actions
+(``destination.py``) on the host (``handover.py``) and the new device:
+
+``CreateDevice``
+    The host's ``add_incoming_device`` with the migrated config and identity
+    (not exposed yet; the identical node name, LUN, INQUIRY data and
+    capacity), the guests' backend sessions opened, then PR IN (READ FULL
+    STATUS, or READ KEYS + READ RESERVATION; SPC-5 6.16) -> ``DeviceReady``.
+``LoadState``
+    ``device.restore`` (PR state, pending unit attentions).
+``ResumeGuest``
+    The node is published (replacing a redirect left by an earlier move
+    away), then the tracked state is verified in the background.
+``DropDevice``
+    Creation cancelled, device closed, journal removed; a redirect node
+    that was there before is left in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from ..device.identity import backend_port
+from ..device.passthrough import DeviceError
+from ..iscsi.initiator import IscsiError
+from ..scsi.constants import PrType
+from ..scsi.pr import PrDecodeError
+from .channel import Message, Setup
+from .destination import DestinationMigration, DestinationState
+from .errors import MigrationError
+from .machine import (
+    CreateDevice,
+    DeviceFailed,
+    DeviceReady,
+    DropDevice,
+    Event,
+    Finished,
+    HandOverGuest,
+    LoadState,
+    ResumeGuest,
+    StateLoaded,
+    Timeouts,
+)
+from .plan import Observed, TargetTraits
+from .runner import Runner, RunnerOwner, log
+from .stream import DeviceSnapshot
+from .transport import decode_peer_id
+
+if TYPE_CHECKING:
+    from ..device.passthrough import PassthroughDevice
+
+
+class DestinationRunner(Runner):
+    role = "destination"
+
+    def __init__(self, service: RunnerOwner, link_peer: str, timeouts: Timeouts | None) -> None:
+        machine = DestinationMigration(f"incoming from {link_peer}", timeouts)
+        super().__init__(service, machine, "")
+        self.machine: DestinationMigration = machine
+        self.peer = link_peer
+        self.source_initiator: str | None = None
+        self._creating: asyncio.Task[Any] | None = None
+        self._created = False
+        self.log = logging.LoggerAdapter(log, {"migration": f"incoming from {link_peer}"})
+
+    @property
+    def succeeded(self) -> bool:
+        return self.machine.state is DestinationState.RESUMED
+
+    def on_authenticated(self, peer_id: str) -> None:
+        name, initiator = decode_peer_id(peer_id)
+        self.peer = f"{name}@{self.peer}" if name else self.peer
+        self.source_initiator = initiator or None
+
+    def feed(self, event: Event | Message) -> None:
+        if isinstance(event, Setup) and not self.migration_id:
+            self.migration_id = event.migration_id
+            self.log = logging.LoggerAdapter(log, {"migration": f"{event.migration_id} destination"})
+        super().feed(event)
+        snap = self.machine.snapshot
+        if snap is not None and not self.device_name:
+            self.device_name = snap.name
+            self.service.register(self)
+            self.host.emit(self._event())
+
+    def _do_CreateDevice(self, a: CreateDevice) -> None:
+        self._creating = self._bg.spawn(self._create(a.snapshot))
+
+    async def _create(self, snap: DeviceSnapshot) -> None:
+        try:
+            cfg = snap.device_config()
+            ident = snap.device_identity()
+        except MigrationError as e:
+            self.feed(DeviceFailed(str(e)))
+            return
+        host = self.host
+        if cfg.name in host.devices:
+            self.feed(DeviceFailed(f"device {cfg.name!r} already exists on this host"))
+            return
+        node_name = host.frontend_node(cfg)
+        if host.node_redirects(node_name) is False:
+            self.feed(DeviceFailed(f"target node {node_name} is in use on this host"))
+            return
+        # A node that redirects (the device moved away from here earlier)
+        # stays in place until this host serves the guest again.
+        try:
+            dev = await host.add_incoming_device(cfg, ident)
+        except Exception as e:
+            self.feed(DeviceFailed(f"cannot create device: {e}"))
+            return
+        self._created = True
+        try:
+            guests = sorted(snap.pr.guests)
+            for g in guests:
+                await dev.backend_session(g)
+            observed, traits = await self._observe(dev, snap) if guests else (None, TargetTraits())
+        except Exception as e:
+            self.feed(DeviceFailed(f"backend: {type(e).__name__}: {e}"))
+            return
+        self.feed(DeviceReady(observed, traits))
+
+    async def _observe(self, dev: PassthroughDevice, snap: DeviceSnapshot) -> tuple[Observed, TargetTraits]:
+        """The target's PR state as seen from here (outside the pause)."""
+        rfs = await dev.read_full_status()
+        if rfs is not None:
+            holders = [e for e in rfs.entries if e.holder]
+            rtype = PrType.NONE
+            res_key: int | None = None
+            if holders:
+                raw = int(holders[0].rtype)
+                rtype = PrType(raw) if raw in PrType._value2member_map_ else PrType.NONE
+                res_key = 0 if rtype.all_registrants else holders[0].key
+            source_keys: dict[str, int] | None = None
+            foreign: dict[int, tuple[str, ...]] = {}
+            if self.source_initiator:
+                source_keys = {}
+                own = []
+                for guest in snap.pr.guests:
+                    port = backend_port(dev.mode, self.source_initiator, dev.name, guest).transport_id
+                    own += [port, backend_port(dev.mode, dev.host_initiator, dev.name, guest).transport_id]
+                    for e in rfs.entries:
+                        if e.transport_id.same_port(port):
+                            source_keys[guest] = e.key
+                for e in rfs.entries:
+                    if not any(e.transport_id.same_port(p) for p in own):
+                        foreign[e.key] = (*foreign.get(e.key, ()), str(e.transport_id))
+            observed = Observed(frozenset(e.key for e in rfs.entries), res_key, rtype, source_keys, foreign)
+            return observed, TargetTraits(read_full_status=True)
+        # On the monitor nexus, like READ FULL STATUS: a new nexus's unit
+        # attention (tgt reports POWER ON RESET on each) is retried there and
+        # none meant for a guest is consumed.
+        try:
+            keys, rr = await dev.read_keys_and_reservation()
+        except PrDecodeError as e:
+            raise IscsiError(f"PR IN: {e}") from e
+        except DeviceError as e:
+            raise IscsiError(str(e)) from e
+        observed = Observed.from_pr_in(keys, rr)
+        # READ KEYS lists one key per registered nexus: a key listed more
+        # often than the device's own registrations of it (the guests'
+        # source nexuses, and the destination's from setup) is shared with
+        # nexuses outside the device, unnamed here
+        mine = Counter(g.key for g in snap.pr.guests.values() if g.registered)
+        mine.update(getattr(self.machine, "registered", {}).values())
+        extra = Counter(getattr(keys, "keys", ()))
+        extra.subtract(mine)
+        foreign = {k: (f"{n} nexus(es) not the device's",) for k, n in extra.items() if n > 0 and k}
+        return replace(observed, foreign=foreign), TargetTraits(read_full_status=False)
+
+    def _do_LoadState(self, a: LoadState) -> None:
+        self._bg.spawn(self._load(a.snapshot))
+
+    async def _load(self, snap: DeviceSnapshot) -> None:
+        dev = self.device()
+        if dev is None:
+            self.feed(DeviceFailed("device is gone"))
+            return
+        try:
+            ident = snap.device_identity()
+            ua = {g: list(pairs) for g, pairs in snap.ua.items()}
+            dev.restore(snap.pr, ident, ua)
+            observed = None
+            if snap.pr.unverified and snap.pr.guests:
+                # The tracked state is in doubt: look before preempting (one
+                # more round trip inside the pause, only in this case).
+                observed, _ = await self._observe(dev, snap)
+        except Exception as e:
+            self.feed(DeviceFailed(f"cannot load state: {e}"))
+            return
+        self.feed(StateLoaded(observed))
+
+    def _do_ResumeGuest(self, a: ResumeGuest) -> None:
+        dev = self.device()
+        if dev is None:
+            return
+        self.host.serve(dev.name)
+        self.log.info("guest served on this host (node %s)", self.host.frontend_node(dev.config))
+        if dev.migrate_pr and dev.snooper.state.guests:
+            self._bg.spawn(self._verify_later(dev))
+
+    async def _verify_later(self, dev: PassthroughDevice) -> None:
+        try:
+            await dev.verify()
+        except Exception as e:
+            self.log.warning("verification after the move failed: %s", e)
+
+    def _do_DropDevice(self, a: DropDevice) -> None:
+        if self._creating is not None and not self._creating.done():
+            self._creating.cancel()
+        self._bg.spawn(self._drop())
+
+    async def _drop(self) -> None:
+        if self._creating is not None:
+            with contextlib.suppress(BaseException):
+                await self._creating
+        dev = self.device()
+        if dev is not None and self._created:
+            await self.host.drop_device(dev)
+
+    def _do_HandOverGuest(self, a: HandOverGuest) -> None:  # pragma: no cover - source only
+        raise AssertionError("HandOverGuest on a destination")
+
+    def _do_Finished(self, a: Finished) -> None:
+        super()._do_Finished(a)
+        self.service.incoming_done(self)

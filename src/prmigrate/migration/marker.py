@@ -1,0 +1,51 @@
+"""The moved-device record of an outgoing migration in progress.
+
+``<state-dir>/<device>.migration.json`` lets a source daemon killed in the
+middle of a migration settle it when it starts again
+(``MigrationService.recover_interrupted``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MigrationMarker:
+    """``<state-dir>/<device>.migration.json``: an outgoing migration in
+    progress, so that a source daemon killed in the middle can settle it
+    when it starts again. Phases: ``setup`` (SETUP sent: the destination
+    may register), ``held`` (the guest is held: the destination may
+    preempt), ``resume-sent`` (the commit point is passed: the destination
+    may serve the guest). Written atomically (temp file, rename); fsync
+    only for the first write, outside the pause."""
+
+    def __init__(self, state_dir: Path | None, device: str) -> None:
+        self.path = None if state_dir is None else Path(state_dir) / f"{device}.migration.json"
+
+    def write(self, record: dict[str, Any], fsync: bool = False) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    @staticmethod
+    def load(path: Path) -> dict[str, Any] | None:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
