@@ -1,49 +1,62 @@
-"""``prmigrate target``: serve file-backed logical units over iSCSI."""
+"""``prmigrate target``: serve file-backed logical units over iSCSI.
+
+    prmigrate target --listen 127.0.0.1:3260 --iqn iqn.2026-11.org.prmigrate:shared \\
+      --lun 0=/tmp/shared.img --size 256M --state-dir /tmp/prstate
+
+The listening sockets are bound before any image file is created, so an
+address already in use leaves nothing behind.
+
+Exit status: 0 stopped by SIGINT/SIGTERM; 1 cannot start (address in use,
+image missing or unusable, option combination refused); 2 usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
+import socket
+import sys
 from pathlib import Path
+from typing import Any
 
-from ..aio import loop_options_error, run_loop
+from . import _args
 
 log = logging.getLogger("prmigrate.target")
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+EXIT_OK, EXIT_START, EXIT_USAGE = 0, 1, 2
+
+parse_size = _args.size
+parse_listen = _args.listen_address
 
 
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1] if t and t[-1] in _UNITS else ""
-    return int(t[: len(t) - len(unit)]) * _UNITS[unit]
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+class StartError(Exception):
+    """The target cannot start; the message says why."""
 
 
 def parse_lun(text: str) -> tuple[int, Path]:
+    """``N=PATH``: logical unit number N (0-16383) backed by the file PATH."""
     num, eq, path = text.partition("=")
-    if not eq:
-        raise argparse.ArgumentTypeError(f"--lun wants N=PATH, got {text!r}")
+    if not eq or not num.strip().isdigit() or not path or int(num) > 0x3FFF:
+        raise argparse.ArgumentTypeError(
+            f"not a LUN: {text!r} (N=PATH with N 0-16383, e.g. 0=/tmp/shared.img)")
     return int(num), Path(path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", type=parse_listen, action="append", default=None,
+                        metavar="HOST:PORT",
                         help="HOST:PORT to listen on (repeatable; default 127.0.0.1:3260)")
-    parser.add_argument("--iqn", required=True, help="target node name")
+    parser.add_argument("--iqn", required=True, type=_args.iscsi_name, metavar="NAME",
+                        help="target node name (iqn., eui. or naa. form, RFC 7143 4.2.7.2)")
     parser.add_argument("--lun", type=parse_lun, action="append", required=True, metavar="N=PATH",
                         help="logical unit N backed by the file PATH (created when missing)")
-    parser.add_argument("--size", type=parse_size, default=None, help="size of images created (e.g. 256M)")
+    parser.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
+                        help="size of images created (bytes, or with K, M, G, T: e.g. 256M)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where PR state is persisted (APTPL)")
     parser.add_argument("--alias", default=None, help="TargetAlias")
     parser.add_argument("--tpgt", type=int, default=1, help="target portal group tag")
     parser.add_argument("--acl", action="append", default=None, metavar="INITIATOR_IQN",
+                        type=_args.iscsi_name,
                         help="allow only these initiators (repeatable)")
     parser.add_argument("--chap-user", default=None)
     parser.add_argument("--chap-secret", default=None)
@@ -61,31 +74,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="WRITE ATOMIC alignment and length granularity in blocks (default 1: none)")
 
 
-def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _build(args: argparse.Namespace, created: list[Path]) -> tuple[Any, dict[int, Any]]:
+    """The target and its logical units; image files this creates are
+    appended to ``created`` (removed again when the target cannot start)."""
     from ..iscsi.target import ChapConfig, IscsiTarget, TargetNode, TargetSettings
     from ..lun.types import LogicalUnitLike
     from ..lun.unit import LogicalUnit
 
-    if (args.chap_user is None) != (args.chap_secret is None):
-        raise SystemExit("--chap-user and --chap-secret go together")
-    if (args.mutual_user is None) != (args.mutual_secret is None):
-        raise SystemExit("--mutual-user and --mutual-secret go together")
-    if args.mutual_user and not args.chap_user:
-        raise SystemExit("mutual CHAP needs --chap-user/--chap-secret")
-    if args.state_dir is not None:
-        args.state_dir.mkdir(parents=True, exist_ok=True)
     luns: dict[int, LogicalUnitLike] = {}
     for num, path in args.lun:
         if num in luns:
-            raise SystemExit(f"LUN {num} given twice")
-        size = args.size
-        if not path.exists() and size is None:
-            raise SystemExit(f"{path} does not exist: give --size to create it")
+            raise StartError(f"LUN {num} given twice")
+        new = not path.exists()
         try:
-            luns[num] = LogicalUnit(path, size, lun=num, name=f"{args.iqn}/{num}", state_dir=args.state_dir,
-                                    atomic_unit=args.atomic_unit)
-        except ValueError as e:
-            raise SystemExit(f"LUN {num}: {e}") from None
+            luns[num] = LogicalUnit(path, args.size, lun=num, name=f"{args.iqn}/{num}",
+                                    state_dir=args.state_dir, atomic_unit=args.atomic_unit)
+        except (ValueError, OSError) as e:
+            raise StartError(f"LUN {num} ({path}): {e}") from None
+        finally:
+            if new and path.exists():
+                created.append(path)
     # EXTENDED COPY between the LUs of the node: each LU's copy manager finds
     # the others by their NAA designators (lun/unit.py copy_peers).
     def peers() -> list[LogicalUnit]:
@@ -102,29 +110,107 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    target, luns = _build(args)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+def _check_options(args: argparse.Namespace) -> None:
+    """Refusals that need no file or socket."""
+    from ..aio import loop_options_error
+
+    if (args.chap_user is None) != (args.chap_secret is None):
+        raise StartError("--chap-user and --chap-secret go together")
+    if (args.mutual_user is None) != (args.mutual_secret is None):
+        raise StartError("--mutual-user and --mutual-secret go together")
+    if args.mutual_user and not args.chap_user:
+        raise StartError("mutual CHAP needs --chap-user/--chap-secret")
+    error = loop_options_error(args.uvloop, args.poll_us)
+    if error is not None:
+        raise StartError(f"--poll-us: {error}")
+    for _, path in args.lun:
+        if not path.exists() and args.size is None:
+            raise StartError(f"{path} does not exist: give --size to create it")
+
+
+def _claim(addresses: list[tuple[str, int]]) -> list[socket.socket]:
+    """Bind each listening address once before anything is created, so that
+    an address in use is refused while nothing exists yet (the sockets are
+    closed again right before the target binds them for real)."""
+    held: list[socket.socket] = []
     try:
-        for host, port in args.listen or [("127.0.0.1", 3260)]:
-            for h, p in await target.start(host, port):
-                log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
+        for host, port in addresses:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+            except socket.gaierror as e:
+                raise StartError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+            for family, kind, proto, _, addr in infos:
+                s = socket.socket(family, kind, proto)
+                held.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(addr)
+                    s.listen()
+                except OSError as e:
+                    raise StartError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    except BaseException:
+        for s in held:
+            s.close()
+        raise
+    return held
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    addresses = args.listen or [("127.0.0.1", 3260)]
+    if any(port == 0 for _, port in addresses):
+        probes: list[socket.socket] = []  # an ephemeral port is never in use
+    else:
+        probes = _claim(addresses)
+    created: list[Path] = []
+    target = None
+    luns: dict[int, Any] = {}
+    try:
+        try:
+            if args.state_dir is not None:
+                args.state_dir.mkdir(parents=True, exist_ok=True)
+            target, luns = _build(args, created)
+        except OSError as e:
+            raise StartError(str(e)) from None
+        finally:
+            for s in probes:
+                s.close()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        for host, port in addresses:
+            try:
+                bound = await target.start(host, port)
+            except OSError as e:
+                raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            for h, p in bound:
+                log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns),
+                         "" if len(luns) == 1 else "s")
+        created.clear()  # serving: the images are the user's now
         await stop.wait()
         log.info("stopping")
     finally:
-        await target.close()
+        if target is not None:
+            await target.close()
         for lu in luns.values():
             close = getattr(lu, "close", None)
             if close is not None:
                 close()
-    return 0
+        for path in created:
+            path.unlink(missing_ok=True)
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
-    error = loop_options_error(args.uvloop, args.poll_us)
-    if error is not None:
-        raise SystemExit(f"--poll-us: {error}")
-    return run_loop(_serve(args), use_uvloop=args.uvloop, poll_us=args.poll_us)
+    from ..aio import run_loop
+
+    try:
+        _check_options(args)
+        return run_loop(_serve(args), use_uvloop=args.uvloop, poll_us=args.poll_us)
+    except StartError as e:
+        print(f"prmigrate target: {e}", file=sys.stderr)
+        return EXIT_START
