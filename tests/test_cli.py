@@ -182,3 +182,44 @@ def test_target_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_env_has_no_effect_on_help() -> None:
     env = dict(os.environ, COLUMNS="200")
     assert run("--help", env=env).returncode == 0
+
+
+# ------------------------------------------------------------ device keys
+
+
+def test_device_key_backend_target_and_its_old_spelling() -> None:
+    from prmigrate.device.config import ConfigError, parse_device_spec
+
+    new = parse_device_spec("name=vm1,backend=iscsi://127.0.0.1:3260,backend-target=iqn.2026-11.org.x:s,lun=2")
+    old = parse_device_spec("name=vm1,backend=iscsi://127.0.0.1:3260,target=iqn.2026-11.org.x:s,lun=2")
+    assert new == old and new.target_iqn == "iqn.2026-11.org.x:s" and new.lun == 2
+    # target= that differs from the URL's still names the frontend node (old form)
+    d = parse_device_spec("name=vm1,backend=iscsi://h/iqn.2026-11.org.x:s/0,target=iqn.2026-11.org.x:vm1")
+    assert (d.target_iqn, d.frontend_iqn) == ("iqn.2026-11.org.x:s", "iqn.2026-11.org.x:vm1")
+    with pytest.raises(ConfigError, match="disagrees"):
+        parse_device_spec("name=vm1,backend=iscsi://h/iqn.2026-11.org.x:s/0,backend-target=iqn.2026-11.org.x:t")
+    with pytest.raises(ConfigError, match="not both"):
+        parse_device_spec("name=vm1,backend=iscsi://h,backend-target=iqn.a:b,target=iqn.a:b")
+
+
+def test_host_device_spec_error_reads_well(tmp_path: Path) -> None:
+    r = run("host", "--name", "h", "--initiator", "iqn.2026-11.org.x:h", "--control",
+            str(tmp_path / "c.sock"), "--listen", "127.0.0.1:3999",
+            "--device", "name=vm1,backend=iscsi://127.0.0.1:1/iqn.2026-11.org.x:s/0,colour=red")
+    assert r.returncode == 1 and "unknown device property 'colour'" in r.stderr
+    assert "backend-target" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_host_initiator_is_checked() -> None:
+    r = run("host", "--initiator", "hosta", "--list-machines")
+    assert r.returncode == 2 and "argument --initiator: not an iSCSI name: 'hosta'" in r.stderr
+
+
+def test_demo_type_takes_every_spelling() -> None:
+    from prmigrate.commands.demo import parse_type
+    from prmigrate.scsi.constants import PrType
+
+    for text in ("7", "WE_AR", "we-ar", "Write Exclusive, all registrants", "WRITE_EXCLUSIVE_ALL_REGISTRANTS"):
+        assert parse_type(text) is PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS
+    r = run("demo", "--type", "2")
+    assert r.returncode == 2 and "argument --type: not a reservation type: '2'" in r.stderr
