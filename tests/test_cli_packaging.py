@@ -15,7 +15,7 @@ import pytest
 import prmigrate
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("target", "host", "migrate", "pr", "demo")
+from prmigrate.cli import COMMANDS  # noqa: E402
 
 
 def _generate(out: Path) -> subprocess.CompletedProcess[str]:
@@ -80,7 +80,8 @@ def test_the_wheel_installs_the_man_pages_and_completion(tmp_path: Path) -> None
     assert wheel.name.startswith(f"prmigrate-{prmigrate.__version__}-")
     names = zipfile.ZipFile(wheel).namelist()
     data = f"prmigrate-{prmigrate.__version__}.data/data/"
-    assert data + "share/man/man1/prmigrate-pr.1" in names
+    for name in ("prmigrate", *(f"prmigrate-{c}" for c in COMMANDS)):
+        assert f"{data}share/man/man1/{name}.1" in names, name
     assert data + "share/bash-completion/completions/prmigrate" in names
     meta = zipfile.ZipFile(wheel).read(f"prmigrate-{prmigrate.__version__}.dist-info/METADATA").decode()
     assert "Classifier: Operating System :: POSIX :: Linux" in meta and "Project-URL:" in meta
