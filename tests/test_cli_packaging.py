@@ -96,3 +96,43 @@ def test_the_wheel_installs_the_man_pages_and_completion(tmp_path: Path) -> None
                            env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin", "MANPAGER": "cat"})
         assert r.returncode == 0, r.stderr
         assert "prmigrate-pr - persistent reservations" in r.stdout
+
+
+# ------------------------------------------------------------------ docs
+
+
+def test_docs_name_every_device_key_and_pr_exit_status() -> None:
+    from prmigrate.commands import pr
+    from prmigrate.device.config import _KEYS
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    for key in _KEYS:
+        assert f"| `{key}` |" in text or f"`{key}=`" in text, key
+    readme = (ROOT / "README.md").read_text()
+    for code in (pr.EXIT_SYNTAX, pr.EXIT_NOT_READY, pr.EXIT_MEDIUM_HARD, pr.EXIT_ILLEGAL_REQUEST,
+                 pr.EXIT_UNIT_ATTENTION, pr.EXIT_FILE_ERROR, pr.EXIT_CONFLICT, pr.EXIT_CONTRADICT):
+        assert f"| {code} |" in text, code
+        assert f"{code} " in readme.split("sg3_utils' exit status")[1][:1200], code
+
+
+def test_host_toml_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    from prmigrate.host.config import load_toml
+
+    cfg = load_toml(ROOT / "docs" / "examples" / "host.toml").validate()
+    (dev,) = cfg.devices
+    assert cfg.name == "hosta" and dev.name == "vm1"
+    assert dev.target_iqn == "iqn.2026-11.org.prmigrate:shared"
+    assert dev.frontend_iqn == "iqn.2026-11.org.prmigrate:vm1"
+
+
+def test_target_example_parses() -> None:
+    import shlex
+
+    from prmigrate.cli import build_parser
+
+    script = (ROOT / "docs" / "examples" / "target.sh").read_text()
+    command = script.split("exec ", 1)[1].replace("\\\n", " ")
+    words = shlex.split(command)
+    assert words[0] == "prmigrate"
+    args = build_parser("target").parse_args(words[1:])
+    assert args.iqn == "iqn.2026-11.org.prmigrate:shared" and args.size == 256 << 20
