@@ -12,11 +12,15 @@ timings) are appended as JSON lines to ``--event-log PATH``, default
 ``<state-dir>/events.jsonl`` when there is a state directory.
 
 ``--status`` asks a running daemon (``query-devices``) and prints, per
-device and guest: key, reservation, backend nexus, how and when the state
-was last verified against the LUN.
+device, the URLs its guests log in to and, per guest: key, reservation,
+backend nexus, how and when the state was last verified against the LUN.
 
 SIGINT/SIGTERM stop the daemon cleanly (backend sessions logged out, the
 control socket removed).
+
+Exit status: 0 stopped by SIGINT/SIGTERM; 1 cannot start (configuration
+refused, backend unreachable) or ``--status`` cannot reach the daemon; 2
+usage error.
 
 Extensions: if ``prmigrate.host.migration_service`` exists, its
 ``add_arguments(parser)`` (optional) adds options here and its
@@ -50,6 +54,8 @@ def _extension() -> ModuleType | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = __doc__.split("\n\n", 1)[1].split("\n\nExtensions:")[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default=None, metavar="HOST.TOML", help="TOML configuration")
     parser.add_argument("--name", default=None, help="host name (logs, events)")
     parser.add_argument("--initiator", default=None, type=_args.iscsi_name, metavar="NAME",

@@ -43,6 +43,8 @@ def parse_lun(text: str) -> tuple[int, Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--listen", type=parse_listen, action="append", default=None,
                         metavar="HOST:PORT",
                         help="HOST:PORT to listen on (repeatable; default 127.0.0.1:3260)")
@@ -131,7 +133,7 @@ def _check_options(args: argparse.Namespace) -> None:
 def _claim(addresses: list[tuple[str, int]]) -> list[socket.socket]:
     """Bind each listening address once before anything is created, so that
     an address in use is refused while nothing exists yet (the sockets are
-    closed again right before the target binds them for real)."""
+    closed again right before the target listens there for real)."""
     held: list[socket.socket] = []
     try:
         for host, port in addresses:
@@ -145,8 +147,9 @@ def _claim(addresses: list[tuple[str, int]]) -> list[socket.socket]:
                 held.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
+                    # bind alone fails while another socket listens there; not
+                    # listening, it accepts nobody in the meantime
                     s.bind(addr)
-                    s.listen()
                 except OSError as e:
                     raise StartError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     except BaseException:
