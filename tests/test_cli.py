@@ -223,3 +223,10 @@ def test_demo_type_takes_every_spelling() -> None:
         assert parse_type(text) is PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS
     r = run("demo", "--type", "2")
     assert r.returncode == 2 and "argument --type: not a reservation type: '2'" in r.stderr
+
+
+def test_demo_runs_with_an_all_registrants_type(tmp_path: Path) -> None:
+    r = run("demo", "--quick", "--type", "WE_AR", "--workdir", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "type Write Exclusive, all registrants;" in r.stdout
+    assert "result: OK" in r.stdout and "Traceback" not in r.stderr
