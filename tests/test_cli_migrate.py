@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,11 @@ def test_migrate_with_control_shows_timed_states_and_a_clean_record(tmp_path: Pa
             rec = json.loads(out)
             assert code == 0 and rec["success"] is True
             assert rec["errors"] == [], rec["errors"]
+            # the stumble: the JSON record through `| head -1`
+            piped = subprocess.run(f"{sys.executable} -m prmigrate migrate --control {control} "
+                                   "--device vm1 --query | head -1", shell=True, env=env(),
+                                   capture_output=True, text=True, timeout=60)
+            assert piped.stdout == "{\n" and piped.stderr == "", piped.stderr
 
         asyncio.run(go())
 
