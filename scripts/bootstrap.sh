@@ -14,6 +14,7 @@ command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v tshark >/dev/null 2>&1 || need_apt+=(tshark)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v man >/dev/null 2>&1 || need_apt+=(man-db)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -22,7 +23,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if ! $PY -c 'import prmigrate, google_crc32c, pytest, hypothesis, pytest_timeout, mypy, ruff, qemu.qmp' >/dev/null 2>&1 \
+if ! $PY -c 'import prmigrate, google_crc32c, pytest, hypothesis, pytest_timeout, mypy, ruff, argparse_manpage, shtab, wheel, qemu.qmp' >/dev/null 2>&1 \
    || [ "$($PY -c 'import prmigrate,os;print(os.path.realpath(prmigrate.__file__))' 2>/dev/null)" != "$(realpath src/prmigrate/__init__.py)" ]; then
   echo "bootstrap: installing prmigrate and its Python dependencies"
   $PY -m pip install -q --disable-pip-version-check -e '.[dev,fast]'

@@ -277,7 +277,7 @@ def test_demo_text_report_and_type_choice(tmp_path: Path) -> None:
     p = _demo("--quick", "--type", "ea", "--workdir", str(tmp_path))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     out = p.stdout
-    assert "EXCLUSIVE ACCESS" in out and "FAILED" not in out
+    assert "Exclusive Access" in out and "FAILED" not in out
     assert out.count("RESERVATION CONFLICT: FENCED") >= 2
     assert "lost 0" in out and "result: OK" in out
     assert _processes_under(tmp_path) == []
@@ -362,7 +362,7 @@ def test_report_text() -> None:
 
     text = render(_fake_report(0))
     assert "holder after:    hostb iqn.2026-11.org.prmigrate:hostb,i,0x80a711821e1e  key 0x1  " \
-           "EXCLUSIVE ACCESS" in text
+           "Exclusive Access" in text
     assert "PR takeover 0.9 ms at the destination" in text
     assert "backend PR round trips in the pause: 1" in text
     assert "result: OK" in text

@@ -30,7 +30,7 @@ LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"device"}),
     frozenset({"migration"}),
     frozenset({"host", "target_control"}),
-    frozenset({"demo", "commands", "cli"}),
+    frozenset({"demo", "commands", "cli", "__main__"}),
 )
 
 

@@ -148,7 +148,8 @@ def test_an_empty_acl_from_the_file_stays_closed(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     cmd.add_arguments(parser)
     args = parser.parse_args(["--config", str(config), "--size", "1M"])
-    target, luns = cmd._build(args)
+    cmd._configure(args)
+    target, luns = cmd._build(args, [])
     try:
         node = target.node(IQN)
         assert node is not None and node.acl == set() and not node.allows(HOST)

@@ -36,7 +36,11 @@ class DaemonLock:
         if self._fd is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # The descriptor that holds the lock is read-only (flock needs no
+        # write access): a daemon whose state directory is remounted
+        # read-only under it must not make the remount fail as busy. The pid
+        # is written through a second, short-lived descriptor.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -47,20 +51,28 @@ class DaemonLock:
         except OSError:
             os.close(fd)
             raise
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            pass  # the lock is what matters; the pid is only for the message
+        _write_pid(self.path, f"{os.getpid()}\n")
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
+        _write_pid(self.path, "")
         os.close(self._fd)  # closing the last descriptor drops the flock
         self._fd = None
+
+
+def _write_pid(path: Path, text: str) -> None:
+    """The lock file's content: the holder's pid, or nothing once released.
+    The lock is what matters; the pid is only for the refusal's message, so
+    a file that cannot be written (read-only, full) is left as it is."""
+    with contextlib.suppress(OSError):
+        wfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(wfd, 0)
+            os.pwrite(wfd, text.encode(), 0)
+        finally:
+            os.close(wfd)
 
 
 def _read_pid(fd: int) -> int | None:

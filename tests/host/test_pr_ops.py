@@ -86,7 +86,8 @@ async def test_adopted_at_start_dropped_on_demand_journaled_and_logged(tmp_path:
         rec = PrJournal(tmp_path / "state" / "vm1.pr.json").load()
         assert rec is not None and rec.state.get(G1).holder and rec.state.get(G1).key == K1
         text = format_status([d])
-        assert f"guest {G1}: key 0x{K1:016x}, holds WRITE_EXCLUSIVE scope 0" in text, text
+        assert f"guest {G1}: key 0x{K1:x}, holds Write Exclusive, backend nexus" not in text
+        assert f"guest {G1}: key 0x{K1:x}, holds Write Exclusive; backend nexus" in text, text
         assert "by READ FULL STATUS" in text and "backend nexus " + HOST in text, text
 
         # another initiator preempts the guest; reconcile-pr drops it

@@ -415,7 +415,8 @@ def test_status_and_event_log(tmp_path: Path) -> None:
                 assert st.returncode == 0, st.stderr
                 out = st.stdout
                 assert "device vm1" in out and GUEST in out, out
-                assert f"0x{KEY:016x}" in out and "holds WRITE_EXCLUSIVE" in out, out
+                assert f"key 0x{KEY:x}, holds Write Exclusive" in out, out
+                assert f"guest URL: {c.frontend_url('hosta')}" in out, out
                 assert INITIATORS["hosta"] in out and "verified:" in out, out
                 assert "by READ FULL STATUS" in out, out
                 js = subprocess.run(

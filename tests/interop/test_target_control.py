@@ -122,7 +122,7 @@ def test_lun_added_and_deleted_while_a_guest_keeps_its_reservation(workdir: Path
                 assert r.status == Status.GOOD
                 await guest.write(0, b"\x11" * 512)
                 before = await asyncio.to_thread(read_reservation, t)
-                assert before["reservation"]["type_name"] == "WE", before
+                assert before["reservation"]["type_name"] == "Write Exclusive", before
 
                 with client.listener("LUN_ADDED") as added:
                     info = await client.execute("lun-add", {"lun": 1, "path": "lun1.img", "size": "8M"})

@@ -109,7 +109,7 @@ def test_full_then_read_only_state_dir_changes_nothing(tmp_path: Path, small_sta
         fails_not_ready(pr(t, INIT_A, "--reserve", "--key", f"{KEY_A:x}", "--type", "WE"))
         assert observe(t) == before
         assert state_file.read_bytes() == saved
-        assert sorted(p.name for p in small_state_dir.iterdir()) == ["filler", "lun0-pr.json"]
+        assert sorted(p.name for p in small_state_dir.iterdir()) == ["daemon.lock", "filler", "lun0-pr.json"]
 
         # space is back: the same commands work
         filler.unlink()
@@ -117,7 +117,7 @@ def test_full_then_read_only_state_dir_changes_nothing(tmp_path: Path, small_sta
         ok(pr(t, INIT_A, "--reserve", "--key", f"{KEY_A:x}", "--type", "WE"))
         after = observe(t)
         assert after["--read-keys"]["keys"] == [f"0x{KEY_A:x}", f"0x{KEY_B:x}"], after
-        assert after["--read-reservation"]["reservation"]["type_name"] == "WE", after
+        assert after["--read-reservation"]["reservation"]["type_name"] == "Write Exclusive", after
         assert after["--read-keys"]["generation"] == before["--read-keys"]["generation"] + 1
 
         # 2. the file system is read-only
@@ -132,7 +132,7 @@ def test_full_then_read_only_state_dir_changes_nothing(tmp_path: Path, small_sta
         subprocess.run(["mount", "-o", "remount,rw", str(small_state_dir)], check=True, timeout=30)
         ok(pr(t, INIT_A, "--release", "--key", f"{KEY_A:x}", "--type", "WE"))
         ok(pr(t, INIT_A, "--reserve", "--key", f"{KEY_A:x}", "--type", "EA"))
-        assert observe(t)["--read-reservation"]["reservation"]["type_name"] == "EA"
+        assert observe(t)["--read-reservation"]["reservation"]["type_name"] == "Exclusive Access"
     finally:
         stop(t.proc)
     log = t.log

@@ -1,6 +1,6 @@
 """``prmigrate demo``: live-migrate a device and its guest's reservation, end to end.
 
-    prmigrate demo [--quick] [--json] [--workdir DIR] [--keep] [--type we-ro|ea|...]
+    prmigrate demo [--quick] [--json] [--workdir DIR] [--keep] [--type TYPE]
 
 Starts a shared target (127.0.0.1), host daemons A (127.0.0.2) and B
 (127.0.0.3) and a guest that registers a key, reserves the LUN and writes
@@ -24,13 +24,27 @@ import sys
 from pathlib import Path
 
 from ..scsi.constants import PrType
+from ..scsi.vocabulary import TYPE_CHOICES, PrTypeError, parse_pr_type
 
+# The older spellings of --type (still accepted: the vocabulary takes them).
 TYPES = {
     "we": PrType.WRITE_EXCLUSIVE,
     "ea": PrType.EXCLUSIVE_ACCESS,
     "we-ro": PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
     "ea-ro": PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY,
+    "we-ar": PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS,
+    "ea-ar": PrType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS,
 }
+
+
+def parse_type(text: str) -> PrType:
+    """A reservation type in any of sg_persist's spellings (scsi/vocabulary.py)."""
+    try:
+        t = parse_pr_type(text)
+    except PrTypeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    assert isinstance(t, PrType)
+    return t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--quick", action="store_true", help="shorter write phases")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--type", choices=sorted(TYPES), default="we-ro",
-                        help="the guest's reservation type (default we-ro: WRITE EXCLUSIVE - "
-                             "REGISTRANTS ONLY, as fence_scsi uses)")
+    parser.add_argument("--type", type=parse_type, default=PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+                        metavar="TYPE",
+                        help=f"the guest's reservation type: {TYPE_CHOICES} (also we-ro etc.; "
+                             "default 5, WE_RO: Write Exclusive, registrants only, as fence_scsi uses)")
 
 
 async def _main(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
@@ -53,7 +68,7 @@ async def _main(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)  # clean up as on Ctrl-C
     return await run_demo(workdir=args.workdir, keep=args.keep, quick=args.quick,
-                          rtype=TYPES[args.type])
+                          rtype=args.type)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,8 +12,8 @@ timings) are appended as JSON lines to ``--event-log PATH``, default
 ``<state-dir>/events.jsonl`` when there is a state directory.
 
 ``--status`` asks a running daemon (``query-devices``) and prints, per
-device and guest: key, reservation, backend nexus, how and when the state
-was last verified against the LUN.
+device, the URLs its guests log in to and, per guest: key, reservation,
+backend nexus, how and when the state was last verified against the LUN.
 
 SIGINT/SIGTERM stop the daemon cleanly (backend sessions logged out, the
 control socket removed). SIGHUP reopens the log files and applies
@@ -24,7 +24,11 @@ refused, naming the running one's pid. Under systemd (``Type=notify``) the
 daemon sends READY=1 once every device is served, STOPPING=1, RELOADING=1
 around a reload and WATCHDOG=1 when ``WatchdogSec=`` is set (``sdnotify.py``).
 
-Migration (``host/migration_control.py``): its ``add_arguments(parser)``
+Exit status: 0 stopped by SIGINT/SIGTERM; 1 cannot start (configuration
+refused, backend unreachable) or ``--status`` cannot reach the daemon; 2
+usage error.
+
+Extensions: migration (``host/migration_control.py``): its ``add_arguments(parser)``
 adds the migration options here and its ``install(daemon, args)`` runs once
 the daemon is built, before it starts serving.
 """
@@ -37,23 +41,27 @@ import logging
 import signal
 import sys
 
-from ..aio import run_loop
 from ..host import migration_control
+from . import _args
 
 log = logging.getLogger("prmigrate.host")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = __doc__.split("\n\n", 1)[1].split("\n\nExtensions:")[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default=None, metavar="HOST.TOML", help="TOML configuration")
     parser.add_argument("--name", default=None, help="host name (logs, events)")
-    parser.add_argument("--initiator", default=None, help="the host's iSCSI initiator name")
+    parser.add_argument("--initiator", default=None, type=_args.iscsi_name, metavar="NAME",
+                        help="the host's iSCSI initiator name (iqn., eui. or naa. form)")
     parser.add_argument("--listen", action="append", default=None, metavar="HOST:PORT",
                         help="guest frontend portal (repeatable; default 127.0.0.1:3260)")
     parser.add_argument("--control", default=None, metavar="PATH", help="control Unix socket")
     parser.add_argument("--state-dir", default=None, metavar="DIR", help="PR state journals")
     parser.add_argument("--device", action="append", default=None, metavar="SPEC",
-                        help="name=,backend=iscsi://...,target=,machine=,migrate-pr=on|off,"
-                             "guests=IQN+IQN,identity=guest|host (repeatable)")
+                        help="a device, in QEMU's -device form: name=NAME,backend=iscsi://HOST[:PORT]/"
+                             "IQN/LUN[,frontend=IQN][,machine=][,migrate-pr=on|off][,guests=IQN+IQN]"
+                             "[,identity=guest|host] (repeatable; every key: docs/cli.md)")
     parser.add_argument("--list-machines", action="store_true",
                         help="list machine types and their migrate-pr default, then exit")
     parser.add_argument("--log-format", choices=("text", "json"), default=None)
@@ -165,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     except HostConfigError as e:
         print(f"prmigrate host: {e}", file=sys.stderr)
         return 1
+    from ..aio import run_loop
+
     try:
         setup_logging(cfg.log_format, logging.DEBUG if args.verbose > 1 else logging.INFO,
                       getattr(args, "log_file", None))
@@ -180,20 +190,17 @@ def run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from ..host.control import CommandError, control_call
+    from ._control_client import ControlConnection, ControlError
 
     if not args.control:
         print("prmigrate host --status: needs --control PATH of the daemon", file=sys.stderr)
         return 2
-    async def ask() -> tuple[list[dict], dict]:  # type: ignore[type-arg]
-        devices = await control_call(args.control, "query-devices", timeout=10)
-        host = await control_call(args.control, "query-host", timeout=10)
-        return devices, host
-
     try:
-        devices, host = asyncio.run(ask())
-    except (OSError, TimeoutError, CommandError) as exc:
-        print(f"prmigrate host --status: {args.control}: {exc}", file=sys.stderr)
+        with ControlConnection(args.control) as c:
+            devices = c.call("query-devices", timeout=10)
+            host = c.call("query-host", timeout=10)
+    except ControlError as exc:
+        print(f"prmigrate host --status: {exc}", file=sys.stderr)
         return 1
     moved = host.get("moved", {})
     if args.json:
@@ -210,6 +217,8 @@ def format_status(devices: list[dict], moved: dict[str, str] | None = None) -> s
             for name, where in sorted((moved or {}).items())]
     if not devices:
         return "\n".join(away) or "no devices"
+    from ..scsi.vocabulary import format_key, words
+
     lines = []
     for d in devices:
         pr = d.get("pr-state", {})
@@ -221,6 +230,8 @@ def format_status(devices: list[dict], moved: dict[str, str] | None = None) -> s
             f"migrate-pr {'on' if d.get('migrate-pr') else 'off'}"
             f"{', HELD (migrating)' if d.get('held') else ''}"
         )
+        for url in d.get("frontend", {}).get("urls", []):
+            lines.append(f"  guest URL: {url}")
         lines.append(
             f"  verified: {verified}" + (f" ({age:.1f} s ago)" if age is not None else "")
             + f" by {method}"
@@ -235,10 +246,12 @@ def format_status(devices: list[dict], moved: dict[str, str] | None = None) -> s
         if not guests:
             lines.append("  no guest PR state")
         for g, st in sorted(guests.items()):
-            res = f"holds {st['type']} scope {st['scope']}" if st.get("holder") else "no reservation"
+            scope = "" if not st.get("scope") else f", scope {st['scope']}"
+            res = (f"holds {words(st['type'])}{scope}" if st.get("holder")
+                   else "no reservation")
             flag = "" if st.get("verified") else ", NOT verified"
             lines.append(
-                f"  guest {g}: key {st['key']}, {res}{', APTPL' if st.get('aptpl') else ''}"
+                f"  guest {g}: key {format_key(st['key'])}, {res}{', APTPL' if st.get('aptpl') else ''}"
                 f"{flag}; backend nexus {st.get('backend-nexus', '?')}"
             )
         for key, nx in sorted(d.get("backend-nexus", {}).items()):

@@ -1,12 +1,18 @@
 """``prmigrate migrate``: live-migrate a device between host daemons.
 
-    prmigrate migrate --host /tmp/hosta.sock --device vm1 --to 127.0.0.3:4444
-    prmigrate migrate --host /tmp/hosta.sock --device vm1 --cancel
-    prmigrate migrate --host /tmp/hosta.sock --device vm1 --query
+    prmigrate migrate --control /tmp/hosta.sock --device vm1 --to 127.0.0.3:4444
+    prmigrate migrate --control /tmp/hosta.sock --device vm1 --cancel
+    prmigrate migrate --control /tmp/hosta.sock --device vm1 --query
 
 Starts the migration on the source daemon's control socket, prints each
-state change as it happens, blocks until the end and prints the timings
-(total, guest pause, PR takeover, backend PR round trips inside the pause).
+state change with the time since the start, blocks until the end and
+prints the timings (total, guest pause, PR takeover, backend PR round trips
+inside the pause). ``--timeout`` bounds the whole wait: while the
+destination cannot be reached (nothing has moved yet) the migration is
+started again until then; at the deadline a migration still connecting or
+setting up is cancelled (the device stays on the source).
+
+``--host`` is the old spelling of ``--control`` and still accepted.
 
 Exit status: 0 the device runs on the destination; 1 it failed and stayed on
 the source (the reason is printed); 3 the outcome is in doubt or the guest
@@ -16,29 +22,38 @@ is held (see the daemon's log); 2 usage or control errors.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
+import time
 from typing import Any
 
+from . import _args
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DOUBT = 0, 1, 2, 3
+# States in which nothing has moved: a failure there may simply be retried.
+NOTHING_MOVED = ("idle", "connecting")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", required=True, metavar="SOCKET", help="source daemon's control socket")
-    parser.add_argument("--device", required=True, help="device name")
-    parser.add_argument("--to", metavar="HOST:PORT", help="destination daemon's --migrate-listen address")
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--control", "--host", dest="control", required=True, metavar="SOCKET",
+                        help="the source daemon's control socket (its --control PATH; "
+                             "--host is the old spelling)")
+    parser.add_argument("--device", required=True, metavar="NAME",
+                        help="the device's name (name= of the daemon's --device spec)")
+    parser.add_argument("--to", metavar="HOST:PORT", type=_args.port_address,
+                        help="destination daemon's --migrate-listen address")
     parser.add_argument("--strategy", default="prmigrate", choices=("prmigrate", "dest-preempt", "qemu"),
                         help="how the reservation moves (qemu: QEMU 11's REGISTER+PREEMPT in the pause)")
-    parser.add_argument("--frontend", metavar="HOST:PORT", default=None,
+    parser.add_argument("--frontend", metavar="HOST:PORT", default=None, type=_args.port_address,
                         help="portal the guest is redirected to (default: the destination's own)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="give up waiting after this many seconds")
+    parser.add_argument("--timeout", type=_args.seconds, default=120.0, metavar="SECONDS",
+                        help="give up waiting after this many seconds (default 120)")
     parser.add_argument("--cancel", action="store_true", help="cancel the device's running migration")
     parser.add_argument("--query", action="store_true", help="print the device's last migration and exit")
     parser.add_argument("--json", action="store_true", help="print the final query-migrate record as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-
-
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.2f} ms"
 
@@ -63,91 +78,119 @@ def exit_code(record: dict[str, Any]) -> int:
     return EXIT_DOUBT
 
 
-async def _main(args: argparse.Namespace) -> int:
-    from ..host.control import CommandError, control_call
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _query(args: argparse.Namespace) -> int:
+    from ._control_client import ControlError, control_call
+
+    try:
+        if args.cancel:
+            ans = control_call(args.control, "migrate-cancel", {"device": args.device})
+            print("cancelled" if ans.get("cancelled")
+                  else "nothing to cancel (finished or past the point of no return)")
+            return EXIT_OK
+        (rec,) = control_call(args.control, "query-migrate", {"device": args.device})
+    except ControlError as e:
+        print(f"prmigrate migrate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(rec, indent=2))
+    return EXIT_OK
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ._control_client import ControlConnection, ControlError
 
     if args.query or args.cancel:
-        try:
-            if args.cancel:
-                ans = await control_call(args.host, "migrate-cancel", {"device": args.device})
-                print("cancelled" if ans.get("cancelled") else "nothing to cancel (finished or past the point of no return)")
-                return EXIT_OK
-            (rec,) = await control_call(args.host, "query-migrate", {"device": args.device})
-        except (CommandError, OSError) as e:
-            print(f"prmigrate migrate: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        print(json.dumps(rec, indent=2))
-        return EXIT_OK
+        return _query(args)
     if not args.to:
         print("prmigrate migrate: --to HOST:PORT is required", file=sys.stderr)
         return EXIT_USAGE
+    start = time.monotonic()
+    deadline = start + args.timeout
 
-    # Listen first so that no state change is missed: a QMP connection
-    # receives every event once its qmp_capabilities is answered.
-    from ..qmp import QmpClient
+    def stamp() -> str:
+        return f"{(time.monotonic() - start) * 1000:9.1f} ms"
 
     try:
-        listener = await asyncio.wait_for(QmpClient.connect(args.host), 10)
-    except (OSError, TimeoutError, CommandError, ValueError) as e:
-        print(f"prmigrate migrate: cannot reach {args.host}: {e}", file=sys.stderr)
+        events = ControlConnection(args.control)
+    except ControlError as e:
+        print(f"prmigrate migrate: {e}", file=sys.stderr)
         return EXIT_USAGE
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for msg in listener.events():
-                await queue.put(msg)
-        except (OSError, ValueError):
-            pass
-        await queue.put(None)
-
-    pumping = asyncio.ensure_future(pump())
     try:
         arguments = {"device": args.device, "to": args.to, "strategy": args.strategy}
         if args.frontend:
             arguments["frontend"] = args.frontend
-        try:
-            started = await control_call(args.host, "migrate", arguments)
-        except (CommandError, OSError) as e:
-            print(f"prmigrate migrate: {e}", file=sys.stderr)
-            return EXIT_FAILED if isinstance(e, CommandError) and e.cls == "GenericError" else EXIT_USAGE
-        mid = started["id"]
-        if not args.quiet:
-            print(f"migrating {args.device} to {args.to} (migration {mid}, strategy {args.strategy})", flush=True)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + args.timeout
+        attempt = 0
         while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                print(f"prmigrate migrate: no outcome after {args.timeout:g} s", file=sys.stderr)
-                return EXIT_DOUBT
+            attempt += 1
             try:
-                ev = await asyncio.wait_for(queue.get(), min(left, 1.0))
-            except TimeoutError:
-                ev = {}
-            if ev is None:  # event stream ended: the daemon went away
-                print("prmigrate migrate: lost the source daemon's control socket", file=sys.stderr)
-                return EXIT_DOUBT
-            data = ev.get("data", {}) if ev else {}
-            if ev and ev.get("event") == "MIGRATION" and data.get("id") == mid:
-                if not args.quiet and data.get("role") == "source":
-                    print(f"  {data.get('status')}", flush=True)
-                if not data.get("finished") or data.get("role") != "source":
-                    continue
-            elif ev:
-                continue
-            try:
-                (rec,) = await control_call(args.host, "query-migrate", {"device": args.device})
-            except (CommandError, OSError) as e:
+                started = events.call("migrate", arguments)
+            except ControlError as e:
                 print(f"prmigrate migrate: {e}", file=sys.stderr)
-                return EXIT_DOUBT
-            if rec.get("id") != mid or not rec.get("finished"):
+                return EXIT_FAILED if e.cls == "GenericError" else EXIT_USAGE
+            mid = started["id"]
+            again = f", attempt {attempt}" if attempt > 1 else ""
+            _say(args, f"migrating {args.device} to {args.to} (migration {mid}, "
+                       f"strategy {args.strategy}{again})")
+            rec = _follow(args, events, mid, deadline, stamp)
+            if rec is None:
+                return _give_up(args, events, mid)
+            left_from = {str(h.get("from")).lower() for h in rec.get("history", []) if isinstance(h, dict)}
+            nothing_moved = (not rec.get("success") and rec.get("status") == "rolled_back"
+                             and left_from <= set(NOTHING_MOVED))
+            if nothing_moved and deadline - time.monotonic() > 1.0:
+                _say(args, f"{stamp()}  {args.to} not reachable ({_reason(rec)}); trying again")
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - 1.0)))
                 continue
             return _report(args, rec)
+    except ControlError as e:
+        print(f"prmigrate migrate: lost the source daemon's control socket: {e}", file=sys.stderr)
+        return EXIT_DOUBT
     finally:
-        pumping.cancel()
-        await asyncio.gather(pumping, return_exceptions=True)
-        await listener.close()
+        events.close()
+
+
+def _follow(args: argparse.Namespace, events: Any, mid: str, deadline: float,
+            stamp: Any) -> dict[str, Any] | None:
+    """Progress lines until migration ``mid`` ends on the source: its
+    query-migrate record, or None at the deadline."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ev = events.next_event(min(left, 1.0))
+        if ev is not None:
+            data = ev.get("data", {})
+            if ev.get("event") != "MIGRATION" or data.get("id") != mid or data.get("role") != "source":
+                continue
+            _say(args, f"{stamp()}  {data.get('status')}")
+            if not data.get("finished"):
+                continue
+        (rec,) = events.call("query-migrate", {"device": args.device})
+        if rec.get("id") == mid and rec.get("finished"):
+            return rec  # type: ignore[no-any-return]
+
+
+def _give_up(args: argparse.Namespace, events: Any, mid: str) -> int:
+    ans = events.call("migrate-cancel", {"device": args.device})
+    if ans.get("cancelled"):
+        print(f"prmigrate migrate: no outcome after {args.timeout:g} s: migration cancelled, "
+              f"{args.device} stays on the source", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"prmigrate migrate: no outcome after {args.timeout:g} s and past the point of no "
+          f"return: see 'prmigrate migrate --query' and the daemon's log", file=sys.stderr)
+    return EXIT_DOUBT
+
+
+def _reason(rec: dict[str, Any]) -> str:
+    """The record's reason as a sentence."""
+    reason = str(rec.get("reason") or "unknown")
+    if "TIMEOUT in CONNECTING" in reason:
+        return "the destination did not answer within the daemon's connect timeout"
+    return reason
 
 
 def _report(args: argparse.Namespace, rec: dict[str, Any]) -> int:
@@ -157,7 +200,7 @@ def _report(args: argparse.Namespace, rec: dict[str, Any]) -> int:
     elif code == EXIT_OK:
         print(f"{args.device} now runs on {rec.get('peer')}")
     elif code == EXIT_FAILED:
-        print(f"migration failed, {args.device} stays on the source: {rec.get('reason')}")
+        print(f"migration failed, {args.device} stays on the source: {_reason(rec)}")
     else:
         print(f"migration ended {rec.get('status')}: {rec.get('reason')}; "
               f"the guest is held on the source until the outcome is known")
@@ -168,4 +211,4 @@ def _report(args: argparse.Namespace, rec: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_main(args))
+    return _main(args)

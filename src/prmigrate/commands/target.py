@@ -1,5 +1,14 @@
 """``prmigrate target``: serve file-backed logical units over iSCSI.
 
+    prmigrate target --listen 127.0.0.1:3260 --iqn iqn.2026-11.org.prmigrate:shared \\
+      --lun 0=/tmp/shared.img --size 256M --state-dir /tmp/prstate
+
+The listening sockets are bound before any image file is created, so an
+address already in use leaves nothing behind.
+
+Exit status: 0 stopped by SIGINT/SIGTERM; 1 cannot start (address in use,
+image missing or unusable, option combination refused); 2 usage error.
+
 With ``--control PATH`` the running target takes LUN and ACL changes over
 QMP (``prmigrate.target_control``), kept in ``--config target.toml``;
 ``prmigrate target lun add|del|list ... --control PATH`` is its client.
@@ -8,56 +17,62 @@ QMP (``prmigrate.target_control``), kept in ``--config target.toml``;
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
-from ..aio import loop_options_error, run_loop
+from . import _args
 
 log = logging.getLogger("prmigrate.target")
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+EXIT_OK, EXIT_START, EXIT_USAGE = 0, 1, 2
+
+parse_size = _args.size
+parse_listen = _args.listen_address
 
 
-def parse_size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1] if t and t[-1] in _UNITS else ""
-    return int(t[: len(t) - len(unit)]) * _UNITS[unit]
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+class StartError(Exception):
+    """The target cannot start; the message says why."""
 
 
 def parse_lun(text: str) -> tuple[int, Path]:
+    """``N=PATH``: logical unit number N (0-16383) backed by the file PATH."""
     num, eq, path = text.partition("=")
-    if not eq:
-        raise argparse.ArgumentTypeError(f"--lun wants N=PATH, got {text!r}")
+    if not eq or not num.strip().isdigit() or not path or int(num) > 0x3FFF:
+        raise argparse.ArgumentTypeError(
+            f"not a LUN: {text!r} (N=PATH with N 0-16383, e.g. 0=/tmp/shared.img)")
     return int(num), Path(path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--listen", type=parse_listen, action="append", default=None,
+                        metavar="HOST:PORT",
                         help="HOST:PORT to listen on (repeatable; default 127.0.0.1:3260)")
     parser.add_argument("words", nargs="*", metavar="lun add N PATH | lun del N | lun list | acl add|del IQN | "
                         "acl list | sessions",
                         help="with --control: change or ask a running target instead of starting one")
-    parser.add_argument("--iqn", default=None, help="target node name (required unless --config names it)")
+    parser.add_argument("--iqn", default=None, type=_args.iscsi_name, metavar="NAME",
+                        help="target node name (iqn., eui. or naa. form, RFC 7143 4.2.7.2; "
+                             "required unless --config names it)")
     parser.add_argument("--lun", type=parse_lun, action="append", default=None, metavar="N=PATH",
-                        help="logical unit N backed by the file PATH (created when missing)")
+                        help="logical unit N backed by the file PATH (created when missing; "
+                             "required unless --config names one)")
     parser.add_argument("--control", type=Path, default=None, metavar="PATH",
                         help="QMP socket for lun-add/lun-del/acl-add/acl-del/query-luns/query-sessions")
     parser.add_argument("--config", type=Path, default=None, metavar="TOML",
                         help="LUNs and ACL read at start and rewritten by every change made over --control")
     parser.add_argument("--json", action="store_true", help="client: print the QMP answer as JSON")
-    parser.add_argument("--size", type=parse_size, default=None, help="size of images created (e.g. 256M)")
+    parser.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
+                        help="size of images created (bytes, or with K, M, G, T: e.g. 256M)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where PR state is persisted (APTPL)")
     parser.add_argument("--alias", default=None, help="TargetAlias")
     parser.add_argument("--tpgt", type=int, default=1, help="target portal group tag")
     parser.add_argument("--acl", action="append", default=None, metavar="INITIATOR_IQN",
+                        type=_args.iscsi_name,
                         help="allow only these initiators (repeatable)")
     parser.add_argument("--chap-user", default=None)
     parser.add_argument("--chap-secret", default=None)
@@ -75,31 +90,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="WRITE ATOMIC alignment and length granularity in blocks (default 1: none)")
 
 
-def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _build(args: argparse.Namespace, created: list[Path]) -> tuple[Any, dict[int, Any]]:
+    """The target and its logical units; image files this creates are
+    appended to ``created`` (removed again when the target cannot start)."""
     from ..iscsi.target import ChapConfig, IscsiTarget, TargetNode, TargetSettings
     from ..lun.types import LogicalUnitLike
     from ..lun.unit import LogicalUnit
 
-    if (args.chap_user is None) != (args.chap_secret is None):
-        raise SystemExit("--chap-user and --chap-secret go together")
-    if (args.mutual_user is None) != (args.mutual_secret is None):
-        raise SystemExit("--mutual-user and --mutual-secret go together")
-    if args.mutual_user and not args.chap_user:
-        raise SystemExit("mutual CHAP needs --chap-user/--chap-secret")
-    if args.state_dir is not None:
-        args.state_dir.mkdir(parents=True, exist_ok=True)
-    _configure(args)
     luns: dict[int, LogicalUnitLike] = {}
     for num, path in args.lun:
         if num in luns:
-            raise SystemExit(f"LUN {num} given twice")
-        size = args.size
-        if not path.exists() and size is None:
-            raise SystemExit(f"{path} does not exist: give --size to create it")
+            raise StartError(f"LUN {num} given twice")
+        new = not path.exists()
         try:
-            luns[num] = _make_lu(args, num, path, size)
-        except ValueError as e:
-            raise SystemExit(f"LUN {num}: {e}") from None
+            luns[num] = _make_lu(args, num, path, args.size)
+        except (ValueError, OSError) as e:
+            raise StartError(f"LUN {num} ({path}): {e}") from None
+        finally:
+            if new and path.exists():
+                created.append(path)
     # EXTENDED COPY between the LUs of the node: each LU's copy manager finds
     # the others by their NAA designators (lun/unit.py copy_peers).
     def peers() -> list[LogicalUnit]:
@@ -138,18 +147,18 @@ def _configure(args: argparse.Namespace) -> None:
 
     if args.config is None:
         if args.iqn is None or not args.lun:
-            raise SystemExit("--iqn and --lun are required (or --config with them)")
+            raise StartError("--iqn and --lun are required (or --config with them)")
         return
     try:
         cfg = merge(TargetConfig.load(args.config), args.iqn, args.lun or [], args.acl)
     except ConfigError as e:
-        raise SystemExit(f"--config: {e}") from None
+        raise StartError(f"--config: {e}") from None
     if cfg.iqn is None or not cfg.luns:
-        raise SystemExit("--config: no iqn, or no LUN (give --iqn / --lun)")
+        raise StartError("--config: no iqn, or no LUN (give --iqn / --lun)")
     try:
         cfg.save(args.config)
     except OSError as e:
-        raise SystemExit(f"--config: cannot write {args.config}: {e}") from None
+        raise StartError(f"--config: cannot write {args.config}: {e}") from None
     args.iqn, args.lun = cfg.iqn, sorted(cfg.luns.items())
     args.acl = None if cfg.acl is None else sorted(cfg.acl)
 
@@ -178,17 +187,63 @@ async def _start_control(args: argparse.Namespace, target, luns):  # type: ignor
     return server
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refusals that need no file or socket."""
+    from ..aio import loop_options_error
+
+    if (args.chap_user is None) != (args.chap_secret is None):
+        raise StartError("--chap-user and --chap-secret go together")
+    if (args.mutual_user is None) != (args.mutual_secret is None):
+        raise StartError("--mutual-user and --mutual-secret go together")
+    if args.mutual_user and not args.chap_user:
+        raise StartError("mutual CHAP needs --chap-user/--chap-secret")
+    error = loop_options_error(args.uvloop, args.poll_us)
+    if error is not None:
+        raise StartError(f"--poll-us: {error}")
+    for _, path in args.lun:
+        if not path.exists() and args.size is None:
+            raise StartError(f"{path} does not exist: give --size to create it")
+
+
+def _claim(addresses: list[tuple[str, int]]) -> list[socket.socket]:
+    """Bind each listening address once before anything is created, so that
+    an address in use is refused while nothing exists yet (the sockets are
+    closed again right before the target listens there for real)."""
+    held: list[socket.socket] = []
+    try:
+        for host, port in addresses:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+            except socket.gaierror as e:
+                raise StartError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+            for family, kind, proto, _, addr in infos:
+                s = socket.socket(family, kind, proto)
+                held.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    # bind alone fails while another socket listens there; not
+                    # listening, it accepts nobody in the meantime
+                    s.bind(addr)
+                except OSError as e:
+                    raise StartError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    except BaseException:
+        for s in held:
+            s.close()
+        raise
+    return held
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from ..lock import DaemonLocks, LockError
 
     # One daemon per state directory (and control socket): the lock comes
     # before any LUN opens its APTPL state.
-    locks = DaemonLocks(args.state_dir, getattr(args, "control", None))
+    locks = DaemonLocks(args.state_dir, args.control)
     try:
         locks.acquire()
     except (LockError, OSError) as e:
-        log.error("cannot start the target: %s", e)
-        return 1
+        raise StartError(str(e)) from None
     try:
         return await _serve_locked(args)
     finally:
@@ -196,29 +251,52 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_locked(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
     from ..sdnotify import Notifier
 
-    target, luns = _build(args)
+    addresses = args.listen or [("127.0.0.1", 3260)]
+    if any(port == 0 for _, port in addresses):
+        probes: list[socket.socket] = []  # an ephemeral port is never in use
+    else:
+        probes = _claim(addresses)
+    created: list[Path] = []
+    target = None
     control = None
-    stop = asyncio.Event()
+    luns: dict[int, Any] = {}
     notifier = Notifier()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    def on_hup() -> None:
-        notifier.reloading()
-        try:
-            _reload(args)
-        finally:
-            notifier.send(ready=1)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        for host, port in args.listen or [("127.0.0.1", 3260)]:
-            for h, p in await target.start(host, port):
-                log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
+        try:
+            target, luns = _build(args, created)
+        except OSError as e:
+            raise StartError(str(e)) from None
+        finally:
+            for s in probes:
+                s.close()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def on_hup() -> None:
+            notifier.reloading()
+            try:
+                _reload(args)
+            finally:
+                notifier.send(ready=1)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        for host, port in addresses:
+            try:
+                bound = await target.start(host, port)
+            except OSError as e:
+                raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            for h, p in bound:
+                log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns),
+                         "" if len(luns) == 1 else "s")
         control = await _start_control(args, target, luns)
+        created.clear()  # serving: the images are the user's now
         notifier.ready(f"serving {args.iqn} ({len(luns)} LUN(s))")
         await stop.wait()
         log.info("stopping")
@@ -227,16 +305,20 @@ async def _serve_locked(args: argparse.Namespace) -> int:
         await notifier.stopping()
         if control is not None:
             await control.close()
-        await target.close()
+        if target is not None:
+            await target.close()
         for lu in luns.values():
             close = getattr(lu, "close", None)
             if close is not None:
                 close()
-    return 0
+        for path in created:
+            path.unlink(missing_ok=True)
+    return EXIT_OK
 
 
 def _client(args: argparse.Namespace) -> int:
     """``prmigrate target lun add|del|list ... --control PATH``."""
+    import asyncio
     import json
 
     from ..qmp import QmpError, qmp_call
@@ -265,7 +347,14 @@ def _client(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.words:
         return _client(args)
-    error = loop_options_error(args.uvloop, args.poll_us)
-    if error is not None:
-        raise SystemExit(f"--poll-us: {error}")
-    return run_loop(_serve(args), use_uvloop=args.uvloop, poll_us=args.poll_us)
+    from ..aio import run_loop
+
+    try:
+        _configure(args)
+        _check_options(args)
+        if args.state_dir is not None:
+            args.state_dir.mkdir(parents=True, exist_ok=True)
+        return run_loop(_serve(args), use_uvloop=args.uvloop, poll_us=args.poll_us)
+    except StartError as e:
+        print(f"prmigrate target: {e}", file=sys.stderr)
+        return EXIT_START

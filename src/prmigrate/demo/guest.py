@@ -196,8 +196,8 @@ class Guest:
         """PR OUT REGISTER (SARK = key), then RESERVE with the chosen type."""
         r = await self._pr_out(PrOutAction.REGISTER, PrType.NONE, 0, self.key)
         if r.status != Status.GOOD:
-            raise GuestError(f"REGISTER key 0x{self.key:016x}: {describe_result(r)}")
-        self._event(f"registered key 0x{self.key:016x}")
+            raise GuestError(f"REGISTER key 0x{self.key:x}: {describe_result(r)}")
+        self._event(f"registered key 0x{self.key:x}")
         r = await self._pr_out(PrOutAction.RESERVE, self.rtype, self.key, 0)
         if r.status != Status.GOOD:
             raise GuestError(f"RESERVE {self.rtype.name}: {describe_result(r)}")
@@ -330,7 +330,7 @@ class Guest:
         return {
             "initiator": self.initiator,
             "isid": f"0x{self.isid:012x}",
-            "key": f"0x{self.key:016x}",
+            "key": f"0x{self.key:x}",
             "type": self.rtype.name,
             "writes": self.counters.to_dict(),
             "lost_writes": [

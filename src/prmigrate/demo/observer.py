@@ -50,7 +50,7 @@ class Registration:
             "initiator": self.initiator,
             "isid": None if self.isid is None else f"0x{self.isid:012x}",
             "host": label,
-            "key": f"0x{self.key:016x}",
+            "key": f"0x{self.key:x}",
             "holder": self.holder,
             "type": _type_name(self.rtype) if self.holder else None,
             "scope": self.scope if self.holder else None,

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-_TYPE_SHORT = {
-    "WRITE_EXCLUSIVE": "WRITE EXCLUSIVE",
-    "EXCLUSIVE_ACCESS": "EXCLUSIVE ACCESS",
-    "WRITE_EXCLUSIVE_REGISTRANTS_ONLY": "WRITE EXCLUSIVE - REGISTRANTS ONLY",
-    "EXCLUSIVE_ACCESS_REGISTRANTS_ONLY": "EXCLUSIVE ACCESS - REGISTRANTS ONLY",
-    "WRITE_EXCLUSIVE_ALL_REGISTRANTS": "WRITE EXCLUSIVE - ALL REGISTRANTS",
-    "EXCLUSIVE_ACCESS_ALL_REGISTRANTS": "EXCLUSIVE ACCESS - ALL REGISTRANTS",
-}
-
 
 def type_name(t: str | None) -> str:
-    return "-" if t is None else _TYPE_SHORT.get(t, t)
+    """The one printed form of a reservation type (scsi/vocabulary.py); the
+    result dict carries the enum name."""
+    from ..scsi.vocabulary import PrTypeError, words
+
+    if t is None:
+        return "-"
+    try:
+        return words(t)
+    except PrTypeError:
+        return t
 
 
 def _ms(seconds: float | None) -> str:

@@ -35,6 +35,7 @@ from ..device.identity import derive_isid
 from ..host.control import CommandError
 from ..iscsi.initiator import IscsiError, LoginError
 from ..scsi.constants import PrType
+from ..scsi.vocabulary import words
 from .cluster import Cluster, ClusterError, HostInfo, TargetInfo
 from .guest import Guest, GuestError
 from .observer import Observer, PrSnapshot, probe_write
@@ -155,7 +156,7 @@ async def run_one(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: Pac
         "device": DEVICE,
         "backend": target.url(spec.lun),
         "reservation_type": rtype.name,
-        "key": f"0x{GUEST_KEY:016x}",
+        "key": f"0x{GUEST_KEY:x}",
         "moves": [],
         "checks": checks.items,
     }
@@ -291,10 +292,10 @@ async def _move(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: Pace,
                    and h.is_port(dst.initiator, isid), h.port if h else f"{len(holders)} holders")
         checks.add(f"{tag}: same key and type", h is not None and h.key == GUEST_KEY
                    and h.rtype == rtype,
-                   f"key 0x{h.key:016x} {getattr(h.rtype, 'name', h.rtype)}" if h else "-")
+                   f"key 0x{h.key:x} {words(h.rtype)}" if h else "-")
         left = after.of_port(src.initiator, isid)
         checks.add(f"{tag}: nothing left on {src.name}'s nexus", not left,
-                   ", ".join(f"0x{r.key:016x}" for r in left) or src_port)
+                   ", ".join(f"0x{r.key:x}" for r in left) or src_port)
         checks.add(f"{tag}: {src.name} is fenced (WRITE from its nexus conflicts)", probe.fenced,
                    probe.status)
         checks.add(f"{tag}: guest wrote on {dst.name}", d.acknowledged > 0,

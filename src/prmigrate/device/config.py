@@ -12,8 +12,9 @@ Rules of the syntax:
   ``,,`` (QEMU's escape). iSCSI URLs and IQNs normally have no comma;
 * keys are case-insensitive; each key at most once; an unknown key is an error;
 * ``backend`` is an ``iscsi://`` URL. It may carry ``/target/lun``; then
-  ``target=``/``lun=`` are optional and, if given, must agree with it.
-  A portal-only URL (``iscsi://host[:port]``) needs ``target=``;
+  ``backend-target=``/``lun=`` are optional and, if given, must agree with it.
+  A portal-only URL (``iscsi://host[:port]``) needs ``backend-target=``
+  (``target=`` is its old spelling, still accepted, see ``frontend``);
 * ``guests`` lists the guest initiator names allowed to use the device,
   separated by ``+`` (an IQN never holds ``+``); absent = any initiator;
 * ``migrate-pr`` takes on/off/yes/no/true/false; absent = the machine
@@ -186,7 +187,8 @@ def _str(d: dict[str, object], key: str, default: str | None = None) -> str:
 
 
 _KEYS = frozenset(
-    {"name", "backend", "target", "lun", "machine", "migrate-pr", "guests", "identity", "frontend"}
+    {"name", "backend", "backend-target", "target", "lun", "machine", "migrate-pr", "guests",
+     "identity", "frontend"}
 )
 
 
@@ -237,6 +239,13 @@ def parse_device_spec(spec: str) -> DeviceConfig:
         url = parse_url(seen["backend"], require_lun=False)
     except UrlError as e:
         raise ConfigError(f"backend: {e}") from e
+    if "backend-target" in seen:
+        if "target" in seen:
+            raise ConfigError("give backend-target= or its old spelling target=, not both")
+        if url.target and seen["backend-target"].lower() != url.target.lower():
+            raise ConfigError(
+                f"backend-target {seen['backend-target']!r} disagrees with the URL's {url.target!r}")
+        seen["target"] = seen.pop("backend-target")
     target = seen.get("target", url.target)
     frontend = seen.get("frontend")
     if url.target and "target" in seen and target.lower() != url.target.lower():

@@ -1534,7 +1534,8 @@ class PassthroughDevice:
             "name": self.name,
             "properties": {
                 "backend": self.config.backend_url,
-                "target": self.config.target_iqn,
+                "backend-target": self.config.target_iqn,
+                "target": self.config.target_iqn,  # the old name of backend-target
                 "lun": self.config.lun,
                 "machine": self.config.machine,
                 "migrate-pr": None

@@ -297,7 +297,10 @@ class Runner:
             self.feed(ev)
 
     def _on_lost(self, detail: str, error: Exception | None) -> None:
-        self._error(f"channel: {detail}")
+        if self.machine.finished:  # the peer hanging up after the end is no error
+            self.log.info("channel: %s", detail)
+        else:
+            self._error(f"channel: {detail}")
         self.feed(ChannelLost(detail))
 
 

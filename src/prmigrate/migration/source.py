@@ -234,7 +234,7 @@ class SourceMigration(MachineBase):
         return self._failure(ev.reason, now, ev.detail)
 
     def _on_Timeout(self, ev: Timeout, now: float) -> S:
-        return self._failure(AbortReason.TIMEOUT, now, f"in {ev.state}")
+        return self._failure(AbortReason.TIMEOUT, now, f"{ev.state.lower()} took longer than allowed")
 
     def _on_ChannelLost(self, ev: ChannelLost, now: float) -> S:
         self.channel_open = False
