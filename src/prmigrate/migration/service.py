@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..aio import BackgroundTasks
+from ..device.errors import DeviceError
 from ..device.identity import backend_port
 from ..device.state import DevicePrState
 from ..iscsi.initiator import IscsiError, describe_result
@@ -726,11 +727,11 @@ class SourceRunner(_Runner):
 def _snapshot(dev: PassthroughDevice) -> DeviceSnapshot:
     """The migration stream's view of a device; no PR state with migrate-pr off
     (QEMU sends its ``scsi-disk/pr`` subsection only with migrate-pr on)."""
-    snap = dev.snapshot()
-    pr = snap.state if dev.migrate_pr else DevicePrState()
-    if snap.identity is None:
-        raise ServiceError("GenericError", f"device {dev.name}: identity not captured yet")
-    return DeviceSnapshot.build(snap.config, snap.identity, pr, snap.pending_uas)
+    try:
+        snap = dev.snapshot()
+    except DeviceError as e:  # identity not captured yet
+        raise ServiceError("GenericError", str(e)) from e
+    return snap if dev.migrate_pr else replace(snap, pr=DevicePrState())
 
 
 # ----------------------------------------------------------------- destination
