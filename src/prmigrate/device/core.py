@@ -118,7 +118,7 @@ from .mask import PrFilter
 from .snapshot import DeviceSnapshot
 from .snoop import PrSnooper, puts_state_in_doubt
 from .state import DevicePrState, StateChange, describe_guest
-from .verify import Verification, describe
+from .verify import Verification, describe, failure_text
 
 log = logging.getLogger("prmigrate.device.passthrough")
 
@@ -260,6 +260,8 @@ class DeviceCore:
         self._tmf: Any = None
         self._closed = False
         self.on_state_change: Callable[[Any, tuple[StateChange, ...]], Any] | None = None
+        # fn(device, reconciliation dict) after every reconciliation (verify)
+        self.on_reconcile: Callable[[Any, dict[str, Any]], Any] | None = None
         self._crash_after = os.environ.get(CRASH_ENV, "").upper() or None
         self._given_state = state is not None  # a migration's: not reconciled at start
         for guest in self.snooper.state.guests:
@@ -665,7 +667,11 @@ class DeviceCore:
             if key not in self.snooper.transport_ids:
                 self._note_port(key)
 
-    def verified(self, reason: str, how: str, changes: tuple[StateChange, ...], before: dict[str, Any]) -> None:
+    def verified(
+        self, reason: str, how: str, changes: tuple[StateChange, ...], before: dict[str, Any]
+    ) -> None:
+        """A verification read and applied the backend's state (``before``:
+        the tracked state it started from): report, journal, tell."""
         for u in self.verification.unknown:
             self.log.debug("verification left open: %s", u)
         if changes:
@@ -673,6 +679,34 @@ class DeviceCore:
             self.report(changes)
         if changes or self.snooper.state.to_dict() != before:
             self.save()
+        self._reconciled(reason, how, changes, list(self.verification.unknown), None)
+
+    def verify_failed(self, reason: str, exc: BaseException, unreachable: bool) -> DeviceError:
+        """A verification could not read or use the backend's state: the
+        error to raise (``last_verify_error`` says why)."""
+        text = failure_text(exc, unreachable)
+        self.verification.failed(text)
+        self._reconciled(reason, None, (), [], text)
+        return DeviceError(text)
+
+    def _reconciled(
+        self, reason: str, method: str | None, changes: tuple[StateChange, ...],
+        unknown: list[str], error: str | None,
+    ) -> None:
+        if self.on_reconcile is None:
+            return
+        info: dict[str, Any] = {
+            "reason": reason,
+            "method": method,
+            "changes": [c.describe() for c in changes],
+            "unknown": unknown,
+        }
+        if error is not None:
+            info["error"] = error
+        try:
+            self.on_reconcile(self, info)
+        except Exception:
+            self.log.exception("reconcile listener failed")
 
     # ------------------------------------------------------ migration hooks
     @property
