@@ -41,6 +41,7 @@ from .core import MONITOR, SPECIAL, DeviceError, Forward, Held, Kind
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .identity import DeviceIdentity, IdentityMode
+from .journal import Intent
 from .monitor import submit_retrying
 from .reconcile import ReconcileError
 from .sessions import (
@@ -58,6 +59,7 @@ from .state import StateChange
 from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
 
 _GUEST = IdentityMode.GUEST
+_ACTIONS = frozenset(PrOutAction)
 
 
 class PassthroughDevice(BackendSessions):
@@ -123,13 +125,11 @@ class PassthroughDevice(BackendSessions):
             guest, data, intent = nexus.initiator, f.data_out, f.intent
 
             def answered(r: Result | BaseException | None) -> None:
-                if not isinstance(r, Result):
-                    self.pr_out_lost(b.key, intent)
+                verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
+                if verifying is None:
                     settle(out, r)
-                elif self.pr_out_answered(guest, cdb, data, r, intent):
-                    self._bg.spawn(self._verify_then(out, r))
-                elif not out.done():
-                    out.set_result(r)
+                else:  # the guest has its answer once the state is verified
+                    verifying.add_done_callback(lambda _: settle(out, r))
 
             on_outcome(sent, answered)
             return out
@@ -210,13 +210,12 @@ class PassthroughDevice(BackendSessions):
         finally:
             self._verifying = None
 
-    async def _verify_then(self, out: asyncio.Future[Result], result: Result) -> None:
+    async def _verify_after(self, what: str) -> None:
         try:
-            await self.verify("after a PR OUT")
-        except Exception as exc:  # the guest still gets the backend's answer
-            self.log.warning("verification failed: %s", exc)
+            await self.verify(f"after {what}")
+        except Exception as exc:  # the PR OUT's answer still goes
+            self.log.warning("verification after %s failed: %s", what, exc)
             self._retry_verify_later()
-        settle(out, result)
 
     def _retry_verify_later(self) -> None:
         """A timer, not a task: ``drain`` (a migration's hold) does not wait for it."""
@@ -267,22 +266,38 @@ class PassthroughDevice(BackendSessions):
         return changes
 
     # ------------------------------------------------ the backend PR OUT port
+    def _pr_out_back(self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,
+                     r: Result | BaseException | None) -> asyncio.Task[None] | None:
+        """The one way back for a PR OUT, a guest's or the device's own:
+        snooped and journaled (``pr_out_answered``) or, with no answer, its
+        effect in doubt (``pr_out_lost``). Returns the verification its
+        outcome asks for, which runs before the answer is given."""
+        if not isinstance(r, Result):
+            self.pr_out_lost(key, intent)
+        elif self.pr_out_answered(guest, cdb, data, r, intent):
+            action = PrOutAction(cdb[1] & 0x1F) if len(cdb) > 1 and cdb[1] & 0x1F in _ACTIONS else None
+            return self._bg.spawn(self._verify_after(action.name if action is not None else "a PR OUT"))
+        return None
+
     async def pr_out(self, guest: str, action: PrOutAction | int, rtype: PrType | int, rk: int, sark: int,
                      scope: int = 0, aptpl: bool = False) -> Result:
-        """A PR OUT on ``guest``'s backend nexus, journaled and snooped as a
-        guest's own. Unit attentions are retried (``UaRetry``) and owed to
-        the guest (reported on its next command)."""
+        """A PR OUT of the device's own (a migration's takeover or rollback)
+        on ``guest``'s backend nexus, journaled, snooped and verified as a
+        guest's. Unit attentions are retried (``UaRetry``) and owed to the
+        guest (reported on its next command)."""
         b = self._backend(guest)
         session = await self.backend_session(guest)
         cdb, data = pr_out_cdb(action, rtype, scope), pr_out_params(rk, sark, aptpl=aptpl)
         intent = self.begin(b.key, cdb, data)
-        r, met = await submit_retrying(session, self.lun, cdb, data)
+        try:
+            r, met = await submit_retrying(session, self.lun, cdb, data)
+        except IscsiError as exc:
+            self._pr_out_back(b.key, guest, cdb, data, intent, exc)
+            raise
         self.owe(b.key, met)
-        if self.pr_out_answered(guest, cdb, data, r, intent):
-            try:
-                await self.verify(f"after {PrOutAction(action).name}")
-            except DeviceError as exc:
-                self.log.warning("verification after %s failed: %s", PrOutAction(action).name, exc)
+        verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
+        if verifying is not None:
+            await verifying
         return r
 
     # ------------------------------------------------------ migration hooks
