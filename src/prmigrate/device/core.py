@@ -16,8 +16,8 @@ Forwarding
 Every guest command goes to the backend unchanged (same CDB and data-out)
 and the backend's status, sense and data come back unchanged. The data path
 is one ``Session.submit`` whose Future is handed straight to the target: no
-Task, no callback, no copy. The exceptions, each one small handler in
-``route``:
+Task, no callback, no copy. The exceptions, each decided by ``route``
+(``Kind``) and finished by the answer's handler:
 
 * PERSISTENT RESERVE OUT: with migrate-pr on, SPEC_I_PT / ALL_TG_PT are
   refused before they reach the backend (``mask.refuse_pr_out``). Otherwise

@@ -37,7 +37,7 @@ from ..scsi.pr import (
     pr_out_cdb,
     pr_out_params,
 )
-from .core import MONITOR, SPECIAL, DeviceError, Forward, Held, Kind
+from .core import CRASH_ENV, MONITOR, SPECIAL, DeviceError, Forward, Held, Kind
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .identity import DeviceIdentity, IdentityMode
@@ -333,5 +333,5 @@ class PassthroughDevice(BackendSessions):
         return describe_device(self, time.time())
 
 
-__all__ = ["DeviceError", "DeviceSnapshot", "MONITOR", "PassthroughDevice", "expected_in_len",
+__all__ = ["CRASH_ENV", "DeviceError", "DeviceSnapshot", "MONITOR", "PassthroughDevice", "expected_in_len",
            "FULL_STATUS_METHOD", "KEYS_METHOD", "KEYS_METHOD_LIMITS"]
