@@ -42,7 +42,7 @@ def nexus(isid: int = 0x23D000000001) -> Nexus:
 
 
 def route(core: Core, n: Nexus, cdb: bytes, data: bytes = b"") -> Result | Forward:
-    b = core._backend(n.initiator)
+    b = core.backend_for(n.initiator)
     b.attach(n)
     return core.route(b, n, cdb, data, None)
 
@@ -93,7 +93,7 @@ def test_pr_out_answer_is_snooped_and_a_doubtful_unit_attention_asks_for_verific
     assert isinstance(f, Forward) and f.kind is Kind.PR_OUT
     core.pr_out_answered(G1, f.cdb, f.data_out, Result(Status.GOOD), f.intent)
     assert core.snooper.state.get(G1).key == 0x11
-    b = core._backend(G1)
+    b = core.backend_for(G1)
     core.unit_attention_met(b, 0x2A, 0x03)  # RESERVATIONS PREEMPTED: the state is in doubt
     assert core.wanted == ["unit attention 2A/03"] and G1 in core.snooper.state.unverified
 

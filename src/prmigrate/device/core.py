@@ -291,6 +291,10 @@ class DeviceCore:
     def backend_key(self, nexus: Nexus) -> str:
         return state_key(self.mode, nexus.initiator)
 
+    def backend_for(self, guest: str) -> Backend:
+        """The backend nexus of ``guest`` (a state key or a guest name), made if new."""
+        return self._backend(guest)
+
     def _backend(self, guest: str) -> Backend:
         key = state_key(self.mode, guest)
         b = self._backends.get(key)
