@@ -1,17 +1,20 @@
-"""The device's monitor nexus: how it reads the backend without touching a
-guest's nexus (asyncio).
+"""How the device watches the backend's PR state (asyncio): the monitor
+nexus and the verifications run on it.
 
 Host initiator name, ISID ``derive_isid(device, MONITOR)``, never
 registered: a PR IN issued on a guest's own nexus could consume a unit
 attention meant for the guest. Unit attentions met here are the monitor's
 own: retried (``UaRetry``) and dropped. What the answers mean is decided
-by ``verify.Verification``; this module only sends.
+by ``verify.Verification``, what is learnt by the core (``verified``,
+``verify_failed``); this module sends, and arms the retry timer (a timer,
+not a task: a migration's ``drain`` does not wait for it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,20 +22,13 @@ from ..iscsi.initiator import IscsiError, Session
 from ..lun.types import Result
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import PrInAction
-from ..scsi.pr import ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
-from .core import UaRetry
-from .identity import DeviceIdentity
+from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
+from .core import MONITOR, DeviceError
+from .identity import DeviceIdentity, derive_isid
+from .reconcile import ReconcileError
+from .sessions import BackendSessions, submit_retrying
+from .state import StateChange
 from .verify import PR_IN_ALLOC, Verification
-
-
-async def submit_retrying(session: Session, lun: int, cdb: bytes, data: Any, n: int = 0) -> tuple[Result, list[bytes]]:
-    """One of the device's own commands under the one unit attention rule
-    (``UaRetry``): the last answer and the unit attentions met."""
-    retry = UaRetry()
-    while True:
-        r = await session.submit(lun, cdb, data, n)
-        if not retry.again(r):
-            return r, retry.met
 
 
 class Monitor:
@@ -117,4 +113,111 @@ class Monitor:
         return tmfs
 
 
-__all__ = ["Monitor", "submit_retrying"]
+class BackendMonitor(BackendSessions):
+    """The device's verifications: one at a time, coalesced, on the monitor
+    nexus; after a failure, again on a backing-off timer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._monitor = Monitor(
+            lambda: self._open_session(derive_isid(self.name, MONITOR), "monitor"),
+            self.lun, self.verification, self.log,
+        )
+        self._verifying: asyncio.Task[Any] | None = None
+        self._verify_again = False
+        self._verify_reason = "unit attention"
+        self._verify_retry: asyncio.TimerHandle | None = None
+
+    async def close(self) -> None:
+        """Log out of every backend session and the monitor's."""
+        if self._verify_retry is not None:
+            self._verify_retry.cancel()
+            self._verify_retry = None
+        monitor, self._monitor.session = self._monitor.session, None
+        await asyncio.gather(super().close(), *(() if monitor is None else (monitor.close(),)),
+                             return_exceptions=True)
+
+    def want_verify(self, reason: str = "state in doubt") -> None:
+        """One coalesced verification in the background."""
+        if self._closed:
+            return
+        self._verify_reason = reason
+        if self._verifying is not None:
+            self._verify_again = True
+        else:
+            self._verifying = self._bg.spawn(self._verify_loop())
+
+    schedule_verify = want_verify
+
+    async def _verify_loop(self) -> None:
+        try:
+            self._verify_again = True
+            while self._verify_again:
+                self._verify_again = False
+                try:
+                    await self.verify(self._verify_reason)
+                except Exception as exc:
+                    self.log.warning("verification failed: %s", exc)
+                    if not self._verify_again:
+                        self._retry_verify_later()
+        finally:
+            self._verifying = None
+
+    async def _verify_after(self, what: str) -> None:
+        try:
+            await self.verify(f"after {what}")
+        except Exception as exc:  # the PR OUT's answer still goes
+            self.log.warning("verification after %s failed: %s", what, exc)
+            self._retry_verify_later()
+
+    def _retry_verify_later(self) -> None:
+        """A timer, not a task: ``drain`` (a migration's hold) does not wait for it."""
+        if self._closed or self._verify_retry is not None:
+            return
+        delay = self.verification.next_retry()
+        self.log.info("verifying again in %.1f s", delay)
+        self._verify_retry = asyncio.get_running_loop().call_later(delay, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._verify_retry = None
+        self.want_verify("retry after a failed verification")
+
+    @property
+    def verify_retry_at(self) -> float | None:
+        """Loop time of the pending retry after a failed verification."""
+        return None if self._verify_retry is None else self._verify_retry.when()
+
+    async def read_full_status(self) -> ReadFullStatus | None:
+        """READ FULL STATUS on the monitor nexus; None when not implemented."""
+        return await self._monitor.read_full_status()
+
+    async def read_keys_and_reservation(self) -> tuple[ReadKeys, ReadReservation]:
+        """READ KEYS and READ RESERVATION on the monitor nexus."""
+        return await self._monitor.read_keys_and_reservation()
+
+    async def capture_identity(self) -> DeviceIdentity:
+        return await self._monitor.capture_identity()
+
+    async def capture_tmfs(self) -> SupportedTmfs | None:
+        return await self._monitor.capture_tmfs()
+
+    async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
+        """Reconcile every tracked guest with the backend now (journaled)."""
+        self.note_ports()
+        before = self.snooper.state.to_dict()
+        try:
+            read: Any = await self.read_full_status()
+            if read is None:
+                read = await self.read_keys_and_reservation()
+            changes, how = self.verification.apply(self.snooper, read, time.time())
+        except (PrDecodeError, ReconcileError, IscsiError, DeviceError) as exc:
+            raise self.verify_failed(reason, exc, isinstance(exc, IscsiError)) from exc
+        if self._verify_retry is not None:  # this one did it
+            self._verify_retry.cancel()
+            self._verify_retry = None
+        self.verified(reason, how, changes, before)
+        return changes
+
+
+
+__all__ = ["BackendMonitor", "Monitor", "submit_retrying"]

@@ -27,42 +27,35 @@ from typing import Any
 from ..iscsi.initiator import IscsiError
 from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
-from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import PrOutAction, PrType
 from ..scsi.pr import (
-    PrDecodeError,
-    ReadFullStatus,
-    ReadKeys,
-    ReadReservation,
     pr_out_cdb,
     pr_out_params,
 )
 from .core import CRASH_ENV, MONITOR, SPECIAL, DeviceError, Forward, Held, Kind
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
-from .identity import DeviceIdentity, IdentityMode
+from .identity import IdentityMode
 from .journal import Intent
-from .monitor import submit_retrying
-from .reconcile import ReconcileError
+from .monitor import BackendMonitor
 from .sessions import (
     Answer,
-    BackendSessions,
     Link,
     chain,
     map_answer,
     on_answer,
     on_outcome,
     settle,
+    submit_retrying,
 )
 from .snapshot import DeviceSnapshot
-from .state import StateChange
 from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
 
 _GUEST = IdentityMode.GUEST
 _ACTIONS = frozenset(PrOutAction)
 
 
-class PassthroughDevice(BackendSessions):
+class PassthroughDevice(BackendMonitor):
     """A guest-facing logical unit forwarding to a shared backend LUN."""
 
     async def start(self, *, capture_identity: bool = True, reconcile: bool = True) -> None:
@@ -182,88 +175,6 @@ class PassthroughDevice(BackendSessions):
         except (IscsiError, ValueError):
             return False  # execute_then answers it (and logs why)
         return True
-
-    # ------------------------------------------------------- verification
-    def want_verify(self, reason: str = "state in doubt") -> None:
-        """One coalesced verification in the background."""
-        if self._closed:
-            return
-        self._verify_reason = reason
-        if self._verifying is not None:
-            self._verify_again = True
-        else:
-            self._verifying = self._bg.spawn(self._verify_loop())
-
-    schedule_verify = want_verify
-
-    async def _verify_loop(self) -> None:
-        try:
-            self._verify_again = True
-            while self._verify_again:
-                self._verify_again = False
-                try:
-                    await self.verify(self._verify_reason)
-                except Exception as exc:
-                    self.log.warning("verification failed: %s", exc)
-                    if not self._verify_again:
-                        self._retry_verify_later()
-        finally:
-            self._verifying = None
-
-    async def _verify_after(self, what: str) -> None:
-        try:
-            await self.verify(f"after {what}")
-        except Exception as exc:  # the PR OUT's answer still goes
-            self.log.warning("verification after %s failed: %s", what, exc)
-            self._retry_verify_later()
-
-    def _retry_verify_later(self) -> None:
-        """A timer, not a task: ``drain`` (a migration's hold) does not wait for it."""
-        if self._closed or self._verify_retry is not None:
-            return
-        delay = self.verification.next_retry()
-        self.log.info("verifying again in %.1f s", delay)
-        self._verify_retry = asyncio.get_running_loop().call_later(delay, self._retry_due)
-
-    def _retry_due(self) -> None:
-        self._verify_retry = None
-        self.want_verify("retry after a failed verification")
-
-    @property
-    def verify_retry_at(self) -> float | None:
-        """Loop time of the pending retry after a failed verification."""
-        return None if self._verify_retry is None else self._verify_retry.when()
-
-    async def read_full_status(self) -> ReadFullStatus | None:
-        """READ FULL STATUS on the monitor nexus; None when not implemented."""
-        return await self._monitor.read_full_status()
-
-    async def read_keys_and_reservation(self) -> tuple[ReadKeys, ReadReservation]:
-        """READ KEYS and READ RESERVATION on the monitor nexus."""
-        return await self._monitor.read_keys_and_reservation()
-
-    async def capture_identity(self) -> DeviceIdentity:
-        return await self._monitor.capture_identity()
-
-    async def capture_tmfs(self) -> SupportedTmfs | None:
-        return await self._monitor.capture_tmfs()
-
-    async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
-        """Reconcile every tracked guest with the backend now (journaled)."""
-        self.note_ports()
-        before = self.snooper.state.to_dict()
-        try:
-            read: Any = await self.read_full_status()
-            if read is None:
-                read = await self.read_keys_and_reservation()
-            changes, how = self.verification.apply(self.snooper, read, time.time())
-        except (PrDecodeError, ReconcileError, IscsiError, DeviceError) as exc:
-            raise self.verify_failed(reason, exc, isinstance(exc, IscsiError)) from exc
-        if self._verify_retry is not None:  # this one did it
-            self._verify_retry.cancel()
-            self._verify_retry = None
-        self.verified(reason, how, changes, before)
-        return changes
 
     # ------------------------------------------------ the backend PR OUT port
     def _pr_out_back(self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,

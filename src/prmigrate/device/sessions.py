@@ -30,9 +30,8 @@ from ..lun.types import Nexus, Result
 from ..scsi.constants import Opcode, Status
 from ..scsi.sense import Sense, encode_sense
 from .config import DeviceConfig
-from .core import MONITOR, Backend, DeviceCore, DeviceError
-from .identity import DeviceIdentity, IdentityMode, derive_isid
-from .monitor import Monitor, submit_retrying
+from .core import Backend, DeviceCore, DeviceError, UaRetry
+from .identity import DeviceIdentity, IdentityMode
 from .state import DevicePrState
 
 _CHECK = Status.CHECK_CONDITION
@@ -40,6 +39,16 @@ _ABORTED = Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
 Connector = Callable[..., Any]  # iscsi.initiator.connect's signature
 Answer = Result | asyncio.Future[Result]
 _GUEST = IdentityMode.GUEST
+
+
+async def submit_retrying(session: Session, lun: int, cdb: bytes, data: Any, n: int = 0) -> tuple[Result, list[bytes]]:
+    """One of the device's own commands under the one unit attention rule
+    (``UaRetry``): the last answer and the unit attentions met."""
+    retry = UaRetry()
+    while True:
+        r = await session.submit(lun, cdb, data, n)
+        if not retry.again(r):
+            return r, retry.met
 
 
 class Link(Backend):
@@ -69,15 +78,8 @@ class BackendSessions(DeviceCore):
         self.portal, self.target_iqn = self.url.portal, config.target_iqn
         self._connect = connect or _initiator.connect
         self._session_options = dict(session_options or {})
-        self._monitor = Monitor(lambda: self._open_session(derive_isid(self.name, MONITOR), "monitor"),
-                                self.lun, self.verification, self.log)
         self._inflight: set[asyncio.Future[Any]] = set()
         self._bg = BackgroundTasks(self, "background task")
-        # the shell's verification: one task at a time, coalesced; a timer after a failure
-        self._verifying: asyncio.Task[Any] | None = None
-        self._verify_again = False
-        self._verify_reason = "unit attention"
-        self._verify_retry: asyncio.TimerHandle | None = None
 
     def _new_backend(self, key: str, port: Any) -> Link:
         return Link(key, port)
@@ -92,21 +94,15 @@ class BackendSessions(DeviceCore):
             return
         self._closed = True
         self._bg.cancel_all()
-        if self._verify_retry is not None:
-            self._verify_retry.cancel()
-            self._verify_retry = None
         for b in self._backends.values():
             for *_, fut in b.waiting:
                 if not fut.done():
                     fut.set_exception(DeviceError("device closed"))
             b.waiting.clear()
         sessions = [b.session for b in self._backends.values() if b.session is not None]
-        if self._monitor.session is not None:
-            sessions.append(self._monitor.session)
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
         for b in self._backends.values():
             b.session = None
-        self._monitor.session = None
 
     # --------------------------------------------------------- sessions
     async def _open_session(self, isid: int, what: str, on_ua: Any = None, on_event: Any = None) -> Session:
@@ -317,6 +313,7 @@ def on_answer(r: Answer, fn: Callable[[Result], Any]) -> None:
 
 __all__ = [
     "Answer",
+    "submit_retrying",
     "BackendSessions",
     "Connector",
     "Link",
