@@ -118,7 +118,7 @@ from .mask import PrFilter
 from .snapshot import DeviceSnapshot
 from .snoop import PrSnooper, puts_state_in_doubt
 from .state import DevicePrState, StateChange, describe_guest
-from .verify import Verification, describe, failure_text
+from .verify import Verification, failure_text, status_text
 
 log = logging.getLogger("prmigrate.device.passthrough")
 
@@ -252,7 +252,7 @@ class DeviceCore:
         if state_dir is not None:
             self.journal = PrJournal(Path(state_dir) / f"{config.name}.pr.json", fsync=fsync)
         self.log = logging.LoggerAdapter(log, {"device": config.name})
-        self.verification = Verification()
+        self.verification = Verification(self.describe_result)
         self._backends: dict[str, Backend] = {}
         self._held: list[Held] | None = None
         # a guest's task management function forwarded and not answered yet
@@ -273,6 +273,8 @@ class DeviceCore:
                 self._note_port(state_key(self.mode, guest))
 
     # ----------------------------------------------------- shell's hooks
+    describe_result: Callable[[Result], str] = staticmethod(status_text)  # the shell's adds the sense
+
     def want_verify(self, reason: str = "state in doubt") -> None:
         """The tracked state must be verified (the shell schedules it)."""
 
@@ -505,7 +507,7 @@ class DeviceCore:
             "guest %s %s -> %s%s",
             outcome.guest or guest,
             action,
-            describe(result),
+            self.describe_result(result),
             f" ({outcome.note})" if outcome.note else "",
         )
         self.report(outcome.changes)

@@ -67,6 +67,7 @@ class BackendSessions(DeviceCore):
     waiting for them, task management functions and nexus events."""
 
     _backends: dict[str, Link]  # type: ignore[assignment]
+    describe_result = staticmethod(_initiator.describe_result)
 
     def __init__(self, config: DeviceConfig, host_initiator: str, *, state_dir: str | Path | None = None,
                  identity: DeviceIdentity | None = None, state: DevicePrState | None = None,

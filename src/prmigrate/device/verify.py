@@ -22,10 +22,12 @@ the shell does the reads and arms the timer. Pure: the clock is ``now``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..lun.types import Result
 from ..scsi.constants import SenseKey, Status
 from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation
-from ..scsi.sense import SenseDecodeError, decode_sense, sense_triple
+from ..scsi.sense import sense_triple
 from .errors import DeviceError
 from .reconcile import ReconcileError
 from .snoop import PrSnooper
@@ -49,6 +51,14 @@ _NOT_IMPLEMENTED = frozenset(
 )
 
 
+def status_text(result: Result) -> str:
+    """A status in words (the shell gives the device one that adds the sense)."""
+    try:
+        return Status(result.status).name.replace("_", " ")
+    except ValueError:
+        return f"status 0x{int(result.status):02x}"
+
+
 def failure_text(exc: BaseException, unreachable: bool) -> str:
     """What ``last_verify_error`` says about a failed verification."""
     what = (
@@ -62,7 +72,8 @@ def failure_text(exc: BaseException, unreachable: bool) -> str:
 class Verification:
     """The monitor's view of the backend: method, last outcome, back-off."""
 
-    def __init__(self) -> None:
+    def __init__(self, describe: Callable[[Result], str] = status_text) -> None:
+        self.describe = describe  # a backend answer in words, for error texts
         self.full_status: bool | None = None  # None: not known yet
         self.last_verified: float | None = None  # wall clock of the last good one
         self.last_error: str | None = None
@@ -86,23 +97,21 @@ class Verification:
             self.full_status = False
             return None, None
         if r.status != Status.GOOD:
-            raise DeviceError(f"READ FULL STATUS: {describe(r)}")
+            raise DeviceError(f"READ FULL STATUS: {self.describe(r)}")
         self.full_status = True
         rfs = ReadFullStatus.decode(bytes(r.data_in))
         if not rfs.truncated or alloc >= 0xFFFF:
             return rfs, None
         return None, min(0xFFFF, (rfs.additional_length or 0) + 8)
 
-    @staticmethod
-    def keys_answer(r: Result) -> ReadKeys:
+    def keys_answer(self, r: Result) -> ReadKeys:
         if r.status != Status.GOOD:
-            raise DeviceError(f"READ KEYS: {describe(r)}")
+            raise DeviceError(f"READ KEYS: {self.describe(r)}")
         return ReadKeys.decode(bytes(r.data_in))
 
-    @staticmethod
-    def reservation_answer(r: Result) -> ReadReservation:
+    def reservation_answer(self, r: Result) -> ReadReservation:
         if r.status != Status.GOOD:
-            raise DeviceError(f"READ RESERVATION: {describe(r)}")
+            raise DeviceError(f"READ RESERVATION: {self.describe(r)}")
         return ReadReservation.decode(bytes(r.data_in))
 
     def apply(
@@ -133,21 +142,6 @@ class Verification:
         return delay
 
 
-def describe(result: Result) -> str:
-    """``GOOD`` / ``RESERVATION CONFLICT`` / ``CHECK CONDITION: ILLEGAL
-    REQUEST: INVALID FIELD IN CDB``, for log lines and error texts."""
-    try:
-        text = Status(result.status).name.replace("_", " ")
-    except ValueError:
-        text = f"status 0x{int(result.status):02x}"
-    if result.status == Status.CHECK_CONDITION:
-        try:
-            text += ": " + decode_sense(result.sense).describe()
-        except SenseDecodeError:
-            text += " (no valid sense data)"
-    return text
-
-
 __all__ = [
     "FULL_STATUS_METHOD",
     "KEYS_METHOD",
@@ -156,6 +150,6 @@ __all__ = [
     "VERIFY_RETRY_FIRST",
     "VERIFY_RETRY_MAX",
     "Verification",
-    "describe",
+    "status_text",
     "failure_text",
 ]
