@@ -32,7 +32,7 @@ from ..scsi.pr import (
     pr_out_cdb,
     pr_out_params,
 )
-from .core import CRASH_ENV, MONITOR, SPECIAL, DeviceError, Forward, Held, Kind
+from .core import CRASH_ENV, MONITOR, SPECIAL, DeviceError, Forward, Held, Kind, UaRetry
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .identity import IdentityMode
@@ -200,12 +200,14 @@ class PassthroughDevice(BackendMonitor):
         session = await self.backend_session(guest)
         cdb, data = pr_out_cdb(action, rtype, scope), pr_out_params(rk, sark, aptpl=aptpl)
         intent = self.begin(b.key, cdb, data)
+        retry = UaRetry()
         try:
-            r, met = await submit_retrying(session, self.lun, cdb, data)
+            r = await submit_retrying(session, self.lun, cdb, data, retry)
         except IscsiError as exc:
             self._pr_out_back(b.key, guest, cdb, data, intent, exc)
             raise
-        self.owe(b.key, met)
+        finally:
+            self.owe(b.key, retry.met)
         verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
         if verifying is not None:
             await verifying

@@ -41,14 +41,15 @@ Answer = Result | asyncio.Future[Result]
 _GUEST = IdentityMode.GUEST
 
 
-async def submit_retrying(session: Session, lun: int, cdb: bytes, data: Any, n: int = 0) -> tuple[Result, list[bytes]]:
+async def submit_retrying(session: Session, lun: int, cdb: bytes, data: Any, retry: UaRetry,
+                          n: int = 0) -> Result:
     """One of the device's own commands under the one unit attention rule
-    (``UaRetry``): the last answer and the unit attentions met."""
-    retry = UaRetry()
+    (``UaRetry``): the last answer; ``retry.met`` keeps the unit attentions
+    met, also when the transport fails midway."""
     while True:
         r = await session.submit(lun, cdb, data, n)
         if not retry.again(r):
-            return r, retry.met
+            return r
 
 
 class Link(Backend):
@@ -215,13 +216,15 @@ class BackendSessions(DeviceCore):
         if b.closing is not None:
             return  # the backend nexus ends: its loss releases the reservation
         what = Opcode(cdb[0]).name
+        retry = UaRetry()
         try:
-            r, met = await submit_retrying(s, self.lun, cdb, b"")
+            r = await submit_retrying(s, self.lun, cdb, b"", retry)
         except IscsiError as exc:
             self.log.warning("%s on the backend nexus of %s failed: %s", what, b.key, exc)
             return
-        for sense in met:
-            self.fan_out(b, None, sense)
+        finally:
+            for sense in retry.met:
+                self.fan_out(b, None, sense)
         self.log.info("%s on the backend nexus of %s -> %s", what, b.key, _initiator.describe_result(r))
 
     def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
