@@ -35,7 +35,13 @@ from .identity import DeviceIdentity, IdentityMode
 from .state import DevicePrState
 
 _CHECK = Status.CHECK_CONDITION
-_ABORTED = Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
+
+
+def _aborted() -> Result:
+    """COMMAND ABORTED: the backend could not be reached for this command."""
+    return Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
+
+
 Connector = Callable[..., Any]  # iscsi.initiator.connect's signature
 Answer = Result | asyncio.Future[Result]
 _GUEST = IdentityMode.GUEST
@@ -131,7 +137,7 @@ class BackendSessions(DeviceCore):
             waiting, b.waiting = b.waiting, []
             for *_, fut in waiting:
                 if not fut.done():
-                    fut.set_result(_ABORTED)
+                    fut.set_result(_aborted())
             return
         finally:
             b.opening = None
@@ -180,14 +186,14 @@ class BackendSessions(DeviceCore):
         self.log.warning("cannot forward CDB %s: %s", bytes(cdb[:16]).hex(), exc)
         if isinstance(exc, ValueError):
             return Result(_CHECK, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB))
-        return _ABORTED
+        return _aborted()
 
     def _submit(self, b: Link, cdb: bytes, data_out: Any, n: int) -> Answer:
         s = b.session
         if s is not None and b.closing is None and self._tmf is None:
             return self._submit_now(s, cdb, data_out, n)
         if self._closed:
-            return _ABORTED
+            return _aborted()
         fut = self._future()
         b.waiting.append((cdb, data_out, n, fut))
         self._inflight.add(fut)
