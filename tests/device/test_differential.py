@@ -220,7 +220,7 @@ async def run_twins(tmp_path: Path, seed: int, migrate_pr: bool, fake: bool, man
     twin: dict[str, Nexus] = {}
     for guest in guests:
         assert (await rig.cmd(guest, bytes(6))).good  # opens the guest's backend nexus
-        port = rig.dev._port(guest)
+        port = rig.dev.port_of(guest)
         twin[guest] = Nexus.make(port.initiator, port.isid, SHARED)
         assert twin[guest] in rig.lu.ua.nexuses  # the twin serves the same nexus itself
         ref.attach(twin[guest])

@@ -85,7 +85,7 @@ async def test_guest_path_answers_like_a_twin_target(tmp_path: Path, seed: int, 
     guest = await connect(f"iscsi://{fh}:{fp}/{FRONTEND}/0", initiator_name=G1, isid=0x23D000000031,
                           reconnect=False, command_timeout=10)
     assert (await guest.submit(0, bytes(16), b"", 0)).status in (0, 2)  # opens the device's nexus
-    port = rig.dev._port(G1)
+    port = rig.dev.port_of(G1)
     mirror = await connect(f"iscsi://{th}:{tp}/{TWIN}/0", initiator_name=port.initiator, isid=port.isid,
                            reconnect=False, command_timeout=10)
     try:

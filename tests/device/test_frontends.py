@@ -12,12 +12,11 @@ from prmigrate.device.frontends import (
     drops_scsi2,
     release_cdb,
     request_sense_data,
-    sense_triple,
     unit_attention,
 )
 from prmigrate.lun.types import Nexus, Result
 from prmigrate.scsi.constants import Opcode, Status
-from prmigrate.scsi.sense import Sense, encode_sense
+from prmigrate.scsi.sense import Sense, encode_sense, sense_triple
 
 G = "iqn.2026-11.org.prmigrate:guest1"
 N1 = Nexus.make(G, 0x23D000000001, "iqn.2026-11.org.prmigrate:vm1")

@@ -18,7 +18,7 @@ import pytest
 from prmigrate.device.config import DeviceConfig
 from prmigrate.device.identity import derive_isid
 from prmigrate.device.journal import PrJournal
-from prmigrate.device.passthrough import PassthroughDevice, expected_in_len
+from prmigrate.device.passthrough import KEYS_METHOD, PassthroughDevice, expected_in_len
 from prmigrate.device.reconcile import reconcile_full_status
 from prmigrate.device.state import DevicePrState, GuestPrState
 from prmigrate.iscsi.target import IscsiTarget, TargetNode
@@ -345,8 +345,7 @@ async def test_relay_read_forwards_the_plain_read_and_declines_the_rest(rig: Rig
     rig.dev.hold()
     assert not rig.dev.relay_read(n1, rd16, 2048, Sink(), 3)
     rig.dev.release_held()
-    b = rig.dev._backends[G1]
-    b.owed_uas.append(encode_sense(Sense.POWER_ON_RESET))
+    rig.dev.owe(G1, [encode_sense(Sense.POWER_ON_RESET)])
     assert not rig.dev.relay_read(n1, rd16, 2048, Sink(), 3)
     assert _is_ua(await rig.cmd(n1, rd16))
     assert rig.dev.relay_read(n1, rd16, 2048, sink := Sink(), 4)
@@ -543,7 +542,7 @@ async def test_fallback_without_read_full_status(tmp_path: Path) -> None:
     assert rig.other_out(PRE, 0x52, 0x51, EA).good
     await rig.dev.verify()
     await rig.dev.drain()
-    assert rig.dev._full_status is False
+    assert rig.dev.verify_method == KEYS_METHOD
     assert rig.tracked() == rig.backend_view() == {}
     await rig.close()
 
@@ -714,7 +713,7 @@ async def test_hold_drain_release_and_discard(rig: Rig) -> None:
     assert not fut.done()
     await rig.dev.drain()
     snap = rig.dev.snapshot()
-    assert snap.state.get(G1).key == 0xF1 and snap.config.name == "vm1"
+    assert snap.pr.get(G1).key == 0xF1 and snap.device_config().name == "vm1"
     rig.dev.release_held()
     assert (await fut).status == Status.GOOD
     rig.dev.hold()
@@ -738,7 +737,7 @@ async def test_takeover_hooks_and_journal(tmp_path: Path) -> None:
     dst_dir.mkdir()
     dst = rig.device("iqn.2026-11.org.prmigrate:hostb", dst_dir)
     await dst.start()
-    dst.restore(snap.state, snap.identity, snap.pending_uas)
+    dst.restore(snap.pr, snap.device_identity(), dict(snap.ua))
     r = await dst.pr_out(G1, REG, 0, 0, 0xAB)
     assert r.status == Status.GOOD
     r = await dst.pr_out(G1, PRE, EA, 0xAB, 0xAB)
@@ -774,7 +773,7 @@ async def test_journal_survives_restart(tmp_path: Path) -> None:
 async def test_unit_attentions_owed_to_the_guest_survive_a_snapshot(rig: Rig) -> None:
     await rig.start()
     rig.dev.restore(DevicePrState(), None, {G1: [(6, 0x2A, 0x03), Sense.REGISTRATIONS_PREEMPTED]})
-    assert rig.dev.snapshot().pending_uas == {G1: [(6, 0x2A, 0x03), (6, 0x2A, 0x05)]}
+    assert rig.dev.snapshot().ua == {G1: ((0x2A, 0x03), (0x2A, 0x05))}
     inq = await rig.cmd(G1, bytes((0x12, 0, 0, 0, 36, 0)))
     assert inq.status == Status.GOOD  # INQUIRY is not interrupted (SPC-5 5.15)
     r = await rig.cmd(G1, bytes(6))
@@ -783,7 +782,7 @@ async def test_unit_attentions_owed_to_the_guest_survive_a_snapshot(rig: Rig) ->
     assert _sense(r) == (6, 0x2A, 0x05)
     r = await rig.cmd(G2, bytes(6))  # owed to G1 only
     assert r.status in (Status.GOOD, Status.CHECK_CONDITION) and (r.good or _sense(r)[1] != 0x2A)
-    assert rig.dev.snapshot().pending_uas == {}
+    assert rig.dev.snapshot().ua == {}
     await rig.close()
 
 
@@ -920,8 +919,8 @@ async def test_drain_waits_for_the_verification_of_a_pr_out(rig: Rig) -> None:
     await rig.dev.drain()
     assert isinstance(fut, asyncio.Future) and fut.done() and fut.result().good
     snap = rig.dev.snapshot()
-    assert not snap.state.unverified and snap.state.get(G1).holder
-    assert {g: _core(s) for g, s in snap.state.guests.items()} == rig.backend_view()
+    assert not snap.pr.unverified and snap.pr.get(G1).holder
+    assert {g: _core(s) for g, s in snap.pr.guests.items()} == rig.backend_view()
     rig.dev.release_held()
     await rig.close()
 
@@ -1038,9 +1037,9 @@ async def test_ua_queued_for_a_frontend_survives_a_snapshot(rig: Rig) -> None:
     assert (await rig.cmd(n1, TUR)).good and (await rig.cmd(n2, TUR)).good
     rig.lu.reset(rig.other)
     assert _sense(await rig.cmd(n1, TUR)) == (6, 0x29, 0x03)
-    assert rig.dev.snapshot().pending_uas == {G1: [(6, 0x29, 0x03)]}  # still owed to n2
+    assert rig.dev.snapshot().ua == {G1: ((0x29, 0x03),)}  # still owed to n2
     assert _sense(await rig.cmd(n2, TUR)) == (6, 0x29, 0x03)
-    assert rig.dev.snapshot().pending_uas == {}
+    assert rig.dev.snapshot().ua == {}
     await rig.close()
 
 
@@ -1286,7 +1285,7 @@ async def test_scsi2_reservation_and_pr_state_doubt(tmp_path: Path) -> None:
     assert not rig.dev.snooper.state.unverified
     key = rig.dev.snooper.key_of(G1)
     rig.dev.snooper.state.mark_unverified(key)  # doubt from elsewhere (a unit attention, say)
-    rig.dev._schedule_verify("test")
+    rig.dev.schedule_verify("test")
     await rig.dev.drain()
     assert key in rig.dev.snooper.state.unverified  # READ FULL STATUS conflicted
     assert (await rig.cmd(G1, RELEASE6)).good
@@ -1311,11 +1310,11 @@ async def test_verification_refused_by_another_hosts_scsi2_reservation_is_retrie
     assert rig.lu.execute(rig.other, RESERVE6).good
     key = rig.dev.snooper.key_of(G1)
     rig.dev.snooper.state.mark_unverified(key)  # doubt from elsewhere (a unit attention, say)
-    rig.dev._schedule_verify("test")
+    rig.dev.schedule_verify("test")
     loop = asyncio.get_running_loop()
     await rig.dev.drain()
-    retry = rig.dev._verify_retry
-    assert retry is not None and retry.when() > loop.time()  # drain did not wait for the retry
+    retry_at = rig.dev.verify_retry_at
+    assert retry_at is not None and retry_at > loop.time()  # drain did not wait for the retry
     assert key in rig.dev.snooper.state.unverified
     assert rig.dev.last_verify_error and "RESERVATION CONFLICT" in rig.dev.last_verify_error
     await asyncio.sleep(0.7)  # the first retry (0.5 s) meets the reservation still there
@@ -1326,7 +1325,7 @@ async def test_verification_refused_by_another_hosts_scsi2_reservation_is_retrie
     while rig.dev.snooper.state.unverified and loop.time() < deadline:
         await asyncio.sleep(0.05)
     assert not rig.dev.snooper.state.unverified and rig.dev.last_verify_error is None
-    assert rig.dev._verify_retry is None
+    assert rig.dev.verify_retry_at is None
     await rig.pr_out_ok(G1, REG, 0, 0x11)
     await rig.assert_tracks()
     assert rig.tracked()[G1].key == 0x11

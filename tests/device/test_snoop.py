@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prmigrate.device.frontends import unit_attention
 from prmigrate.device.identity import SHARED_NEXUS
-from prmigrate.device.snoop import PrSnooper, unit_attention_of
+from prmigrate.device.snoop import PrSnooper
 from prmigrate.device.state import DevicePrState, GuestPrState
 from prmigrate.lun.types import Result
 from prmigrate.scsi.constants import PrOutAction, PrType, Status
@@ -477,14 +478,14 @@ def test_other_answers_do_not_mark(result):
     assert sn.pending_verification == frozenset()
 
 
-def test_unit_attention_of():
-    assert unit_attention_of(ua(Sense.RESERVATIONS_PREEMPTED)) == (0x2A, 0x03)
+def test_unit_attention():
+    assert unit_attention(ua(Sense.RESERVATIONS_PREEMPTED)) == (0x2A, 0x03)
     assert (
-        unit_attention_of(Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_OPCODE)))
+        unit_attention(Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_OPCODE)))
         is None
     )
     assert (
-        unit_attention_of(Result(Status.GOOD, b"", encode_sense(Sense.RESERVATIONS_PREEMPTED)))
+        unit_attention(Result(Status.GOOD, b"", encode_sense(Sense.RESERVATIONS_PREEMPTED)))
         is None
     )
 

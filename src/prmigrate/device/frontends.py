@@ -48,8 +48,8 @@ from enum import Enum
 from ..lun.conflicts import scsi2_allowed
 from ..lun.types import Nexus, Result
 from ..lun.ua import MAX_QUEUED, UA_EXEMPT  # per frontend nexus, as per I_T nexus on a LU
-from ..scsi.constants import Opcode, SenseKey, Status
-from ..scsi.sense import SenseDecodeError, decode_sense
+from ..scsi.constants import Opcode, Status
+from ..scsi.sense import sense_triple, unit_attention_of
 
 # RESERVE opcode -> the RELEASE a nexus loss stands for (SPC-2 7.19 / 7.21).
 RELEASE_FOR: dict[int, int] = {
@@ -72,23 +72,12 @@ class Verdict(Enum):
     GOOD = "good"  # RELEASE by a non-holder: GOOD, nothing released (SPC-2 7.19)
 
 
-def sense_triple(sense: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
-    """(key, ASC, ASCQ) of sense data, None when it does not decode."""
-    try:
-        s = decode_sense(bytes(sense))
-    except SenseDecodeError:
-        return None
-    return (s.key, s.asc, s.ascq)
-
-
 def unit_attention(result: Result) -> tuple[int, int] | None:
-    """(ASC, ASCQ) when ``result`` is a CHECK CONDITION with UNIT ATTENTION."""
+    """(ASC, ASCQ) when ``result`` is a CHECK CONDITION with UNIT ATTENTION:
+    the device's one test of a backend answer (``scsi.sense`` decodes)."""
     if result.status != Status.CHECK_CONDITION or not result.sense:
         return None
-    t = sense_triple(result.sense)
-    if t is None or t[0] != SenseKey.UNIT_ATTENTION:
-        return None
-    return t[1], t[2]
+    return unit_attention_of(result.sense)
 
 
 def drops_scsi2(asc: int, ascq: int) -> bool:
@@ -265,6 +254,5 @@ __all__ = [
     "drops_scsi2",
     "release_cdb",
     "request_sense_data",
-    "sense_triple",
     "unit_attention",
 ]

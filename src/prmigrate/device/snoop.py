@@ -52,7 +52,7 @@ from dataclasses import dataclass, replace
 from typing import cast
 
 from ..lun.types import Result
-from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, SenseKey, Status
+from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, Status
 from ..scsi.pr import (
     FullStatusEntry,
     PrDecodeError,
@@ -64,8 +64,8 @@ from ..scsi.pr import (
     ReadReservation,
     RegisterAndMoveParams,
 )
-from ..scsi.sense import SenseDecodeError, decode_sense
 from ..scsi.transport_id import TransportId
+from .frontends import unit_attention
 from .identity import SHARED_NEXUS, IdentityMode
 from .reconcile import KeysReconcile, UnknownKind, reconcile_full_status, reconcile_keys
 from .state import DevicePrState, GuestPrState, StateChange
@@ -379,19 +379,6 @@ _RULES: dict[PrOutAction, tuple[type[PrOutParams] | type[RegisterAndMoveParams],
 }
 
 
-def unit_attention_of(result: Result) -> tuple[int, int] | None:
-    """(ASC, ASCQ) when ``result`` is a CHECK CONDITION with UNIT ATTENTION sense."""
-    if result.status != Status.CHECK_CONDITION or not result.sense:
-        return None
-    try:
-        s = decode_sense(result.sense)
-    except SenseDecodeError:
-        return None
-    if s.key != SenseKey.UNIT_ATTENTION:
-        return None
-    return s.asc, s.ascq
-
-
 def puts_state_in_doubt(asc_ascq: tuple[int, int]) -> bool:
     asc, ascq = asc_ascq
     return (asc, ascq) in VERIFY_UNIT_ATTENTIONS or (asc, None) in VERIFY_UNIT_ATTENTIONS
@@ -463,7 +450,7 @@ class PrSnooper:
             ):
                 return self._observe_pr_in(key, cdb, result)
             return SnoopOutcome(key)
-        ua = unit_attention_of(result)
+        ua = unit_attention(result)
         doubt = ""
         if ua is not None and puts_state_in_doubt(ua):
             doubt = f"unit attention {ua[0]:02X}/{ua[1]:02X}"
@@ -648,5 +635,4 @@ __all__ = [
     "UnknownKind",
     "VERIFY_UNIT_ATTENTIONS",
     "puts_state_in_doubt",
-    "unit_attention_of",
 ]

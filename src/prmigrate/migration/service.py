@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..device.errors import DeviceError
 from ..device.state import DevicePrState
 from .channel import Authenticated, Message, Role
 from .destination_runner import DestinationRunner
@@ -66,11 +68,11 @@ class ServiceError(Exception):
 def _snapshot(dev: PassthroughDevice) -> DeviceSnapshot:
     """The migration stream's view of a device; no PR state with migrate-pr off
     (QEMU sends its ``scsi-disk/pr`` subsection only with migrate-pr on)."""
-    snap = dev.snapshot()
-    pr = snap.state if dev.migrate_pr else DevicePrState()
-    if snap.identity is None:
-        raise ServiceError("GenericError", f"device {dev.name}: identity not captured yet")
-    return DeviceSnapshot.build(snap.config, snap.identity, pr, snap.pending_uas)
+    try:
+        snap = dev.snapshot()
+    except DeviceError as e:  # identity not captured yet
+        raise ServiceError("GenericError", str(e)) from e
+    return snap if dev.migrate_pr else replace(snap, pr=DevicePrState())
 
 
 class MigrationService:

@@ -46,9 +46,10 @@ import json
 import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from ..device.snapshot import DeviceSnapshot
 from ..device.state import DevicePrState, GuestPrState
 from ..scsi.constants import PrType
 from .errors import (
@@ -108,62 +109,6 @@ class Section:
     instance: str
     version: int
     fields: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True, eq=True)
-class DeviceSnapshot:
-    """Everything the stream carries about one device.
-
-    ``config`` and ``identity`` are the dicts of ``DeviceConfig`` and
-    ``DeviceIdentity`` (their owners' ``from_dict`` validates them; see
-    ``device_config()`` / ``device_identity()``). ``ua`` maps a guest to its
-    pending unit attentions as (ASC, ASCQ), oldest first.
-    """
-
-    name: str
-    config: Mapping[str, Any]
-    identity: Mapping[str, Any]
-    pr: DevicePrState = field(default_factory=DevicePrState)
-    ua: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
-
-    __hash__ = None  # type: ignore[assignment]  # holds dicts
-
-    @staticmethod
-    def build(
-        config: Any,
-        identity: Any,
-        pr: DevicePrState | None = None,
-        ua: Mapping[str, Sequence[Any]] | None = None,
-    ) -> DeviceSnapshot:
-        """From a ``DeviceConfig``, a ``DeviceIdentity`` (anything with
-        ``to_dict()``), the tracked PR state, and per-guest pending unit
-        attentions given as ``scsi.sense.Sense`` members or (ASC, ASCQ)."""
-        cfg = config.to_dict()
-        pairs: dict[str, tuple[tuple[int, int], ...]] = {}
-        for guest, items in (ua or {}).items():
-            out = []
-            for item in items:
-                value = getattr(item, "value", item)  # Sense -> (key, asc, ascq)
-                out.append((int(value[-2]), int(value[-1])))
-            if out:
-                pairs[guest.lower()] = tuple(out)
-        return DeviceSnapshot(str(cfg["name"]), cfg, identity.to_dict(), pr.copy() if pr is not None else DevicePrState(), pairs)
-
-    def device_config(self) -> Any:
-        from ..device.config import DeviceConfig
-
-        try:
-            return DeviceConfig.from_dict(dict(self.config))
-        except ValueError as e:
-            raise SectionError(f"{SECTION_DEVICE}[{self.name}]: {e}") from e
-
-    def device_identity(self) -> Any:
-        from ..device.identity import DeviceIdentity
-
-        try:
-            return DeviceIdentity.from_dict(dict(self.identity))
-        except ValueError as e:
-            raise SectionError(f"{SECTION_IDENTITY}[{self.name}]: {e}") from e
 
 
 # ---------------------------------------------------------------- framing
@@ -496,6 +441,7 @@ def decode_stream(data: bytes | bytearray | memoryview) -> tuple[DeviceSnapshot,
             d[SECTION_IDENTITY],
             d.get(SECTION_PR, DevicePrState()),
             d.get(SECTION_UA, {}),
+            SectionError,
         )
         for name, d in devices.items()
     )
