@@ -132,6 +132,7 @@ OP_TIMEOUT = 10.0  # one PR OUT on the backend; beyond it the outcome is unknown
 UA_RETRIES = 8
 LOGOUT_GRACE = 3.0  # seconds the guest gets to log out before its sessions are dropped
 LOGOUT_WAIT = 0  # Async Message Parameter3: log out at once
+RECONNECT_WAIT = 0  # Async event 3 Parameter2: log in again at once (iscsi/target.py request_logout)
 # Unit attentions the migration's own PR OUTs cause on the nexuses it uses.
 _OWN_UA_ASC = 0x2A
 
@@ -702,7 +703,7 @@ class SourceRunner(_Runner):
         if node is not None and self.frontend is not None:
             host, port = self.frontend
             node.redirect = (host, port, node.tpgt)
-            asked = target.request_logout(node_name, wait=LOGOUT_WAIT)
+            asked = target.request_logout(node_name, wait=LOGOUT_WAIT, time2wait=RECONNECT_WAIT)
             self.log.info(
                 "guest handed over: %d held command(s) dropped unanswered, %d session(s) asked to log out, logins redirected to %s:%d",
                 dropped, asked, host, port,
