@@ -244,10 +244,20 @@ class Net:
         return f"{self.prefix}.{n}"
 
 
+def _remove_stale_namespaces() -> None:
+    """Namespaces of ours left by a process that was killed (prmvm-PID-...)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir("/run/netns"):
+            m = re.fullmatch(r"prmvm-(\d+)-\d+", entry)
+            if m and not os.path.exists(f"/proc/{m.group(1)}"):
+                subprocess.run(["ip", "netns", "del", entry], capture_output=True, timeout=10, check=False)
+
+
 @contextlib.contextmanager
 def netns(taps: int = 1, prefix: str = "10.77.0", host_ids: tuple[int, ...] = (1, 2, 3)) -> Iterator[Net]:
     """A fresh network namespace (lo up; br0 with PREFIX.1, .2, .3/24; taps
     tap0.. on br0), entered by the calling thread for the duration."""
+    _remove_stale_namespaces()
     name = f"prmvm-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
     _ip("netns", "add", name)
     orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
