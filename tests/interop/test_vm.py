@@ -13,8 +13,13 @@ device moves A -> B -> A with ``prmigrate migrate``. After each move READ
 FULL STATUS from an independent observer shows the guest's key and type
 on the new host's nexus and nothing on the old one; the guest saw no I/O
 error, no RESERVATION CONFLICT and no mismatch; its longest I/O stall per
-move is at most 500 ms. Then another node's PREEMPT AND ABORT of the
-guest's key (``prmigrate pr``) fences the VM.
+move (the longest gap between two completions that began while ``prmigrate
+migrate`` ran) is at most 500 ms. For open-iscsi, a move in which iscsid
+met its own 1 s connect timer (``Guest.iscsid_timer_waits``) is reported
+and bounded by that timer instead, and more moves are made until two
+without it show what the target side costs. Then another node's PREEMPT
+AND ABORT of the guest's key (``prmigrate pr``) fences the VM: its next
+write gets RESERVATION CONFLICT.
 """
 
 from __future__ import annotations
@@ -60,12 +65,15 @@ async def holder_entries(c: ProcCluster, host: str) -> list[Any]:
 
 
 def assert_held_by(c: ProcCluster, new: str, old: str) -> None:
+    """READ FULL STATUS (observer nexus): the guest's key and type held on
+    ``new``'s nexus for the guest, no registration at all of ``old``."""
     on_new = _run(holder_entries(c, new))
-    on_old = _run(holder_entries(c, old))
     assert len(on_new) == 1, f"{new}: {on_new}"
     e = on_new[0]
     assert e.key == GUEST_KEY and e.holder and e.rtype == PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY, e
-    assert on_old == [], f"{old} still has the guest's registration: {on_old}"
+    every = _run(c.full_status()).entries
+    on_old = [x for x in every if x.transport_id.name.lower() == INITIATORS[old]]
+    assert on_old == [], f"{old} still has registrations: {on_old}"
 
 
 def settle(g: Guest, limit_s: float = 10.0) -> dict[str, int]:
@@ -197,7 +205,6 @@ def test_libiscsi_vm_across_pushed_moves_then_fenced(tmp_path: Path, image: Path
         stalls = [w["stall_us"] for w in windows]
         print(f"libiscsi VM: longest I/O stall per move {stalls} us")
         assert max(stalls) <= STALL_LIMIT_US, (stalls, g.console_tail())
-        assert INITIATORS["hosta"] in {e.transport_id.name.lower() for e in _run(c.full_status()).entries}
         fence_from_other_node(c, g)
     except BaseException:
         print(c.dump_logs())
