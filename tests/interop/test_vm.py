@@ -47,7 +47,9 @@ from .vm import (
     netns,
 )
 
-pytestmark = pytest.mark.interop
+# the first test may build the guest (scripts/build-guest.sh: QEMU and
+# Debian packages from apt, a minute or two on a fresh machine)
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(900)]
 
 STALL_LIMIT_US = 500_000
 MOVES = (("hosta", "hostb"), ("hostb", "hosta"))

@@ -68,6 +68,7 @@ class Guest:
     append: dict[str, str]
     qemu_args: list[str]
     memory: str = "256"
+    time_limit: float = 900.0  # QEMU is killed after this long whatever happens to us
     proc: subprocess.Popen[bytes] | None = None
     lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -82,7 +83,7 @@ class Guest:
     def start(self) -> Guest:
         cache = self.image
         append = "console=ttyS0 panic=-1 loglevel=4 " + " ".join(f"prm.{k}={v}" for k, v in self.append.items())
-        args = ["qemu-system-x86_64", "-accel", "tcg", "-m", self.memory, "-nographic", "-no-reboot",
+        args = ["timeout", "-k", "5", str(int(self.time_limit)), "qemu-system-x86_64", "-accel", "tcg", "-m", self.memory, "-nographic", "-no-reboot",
                 "-kernel", str(cache / "vmlinuz"), "-initrd", str(cache / "initrd.img"),
                 "-append", append, *self.qemu_args]
         (self.workdir / f"{self.name}.cmdline").write_text(" ".join(args) + "\n")
