@@ -41,6 +41,7 @@ from .vm import (
     GUEST_IQN,
     GUEST_KEY,
     Guest,
+    Qmp,
     VmCluster,
     frontend_portal,
     guest_image,
@@ -214,4 +215,66 @@ def test_libiscsi_vm_across_pushed_moves_then_fenced(tmp_path: Path, image: Path
         raise
     finally:
         g.stop()
+        c.stop()
+
+
+def test_libiscsi_vm_migrated_by_qemu_then_its_device_pushed(tmp_path: Path, image: Path) -> None:
+    """What works today without incoming devices: QEMU's own live migration
+    (QMP ``migrate`` to a QEMU started with ``-incoming`` whose drive is host
+    A's URL too), then ``prmigrate migrate`` moves the device to B: the VM
+    keeps its reservation throughout and ends with it on B's nexus; its
+    writes and read-backs never fail."""
+    c = ProcCluster(tmp_path)
+    c.start()
+    url = c.frontend_url("hosta")
+
+    def vm(name: str, extra: list[str]) -> Guest:
+        return Guest(image, tmp_path, name, {"mode": "libiscsi", "key": hex(GUEST_KEY)},
+                     ["-device", "virtio-scsi-pci",
+                      "-drive", f"file={url},if=none,id=d0,format=raw,cache=none",
+                      "-device", "scsi-block,drive=d0", "-iscsi", f"initiator-name={GUEST_IQN}",
+                      "-nic", "none", "-qmp", f"unix:{tmp_path / (name + '.qmp')},server=on,wait=off", *extra])
+
+    src = vm("vm-source", [])
+    dst = vm("vm-destination", ["-incoming", f"unix:{tmp_path / 'migration.sock'}"])
+    qmp: list[Qmp] = []
+    try:
+        src.start()
+        src.wait("ready", BOOT_TIMEOUT)
+        src.wait("io")
+        assert_held_by(c, "hosta", "hostb")
+        src.mark()
+        dst.start()  # opens its drive (host A's URL) at start: a second login of the guest's name
+        qmp += [Qmp(tmp_path / "vm-source.qmp"), Qmp(tmp_path / "vm-destination.qmp")]
+        qmp[0].execute("migrate", {"uri": f"unix:{tmp_path / 'migration.sock'}"})
+        deadline = time.monotonic() + 120
+        while (status := qmp[0].execute("query-migrate")["status"]) != "completed":  # type: ignore[index]
+            assert status in ("setup", "active", "device", "pre-switchover"), status
+            assert time.monotonic() < deadline, "QEMU's migration did not complete"
+            time.sleep(0.2)
+        assert qmp[1].execute("query-status")["status"] == "running"  # type: ignore[index]
+        src.kill()  # the source QEMU (paused after its migration) quits: its session ends
+        time.sleep(1.0)
+        for _ in range(3):
+            w = dst.mark()  # the window since the source's last mark: the VM migration in it
+            assert w["errors"] == 0 and w["mismatches"] == 0, (w, dst.console_tail())
+        assert w["ops"] > 0, w
+        assert_held_by(c, "hosta", "hostb")  # the VM moved, the device not yet
+        rc, out = _run(c.migrate("hosta", "hostb"))
+        assert rc == 0, out
+        w = settle(dst)
+        assert w["errors"] == 0 and w["mismatches"] == 0 and w["ops"] > 0, (w, dst.console_tail())
+        assert_held_by(c, "hostb", "hosta")
+        assert not dst.lines_of("error") and not src.lines_of("error")
+        assert not dst.lines_of("mismatch") and not src.lines_of("mismatch")
+    except BaseException:
+        print(c.dump_logs())
+        print(src.console_tail(40))
+        print(dst.console_tail(40))
+        raise
+    finally:
+        for q in qmp:
+            q.close()
+        src.kill()
+        dst.stop()
         c.stop()

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -201,6 +203,16 @@ class Guest:
                 open_move = False
         return waits
 
+    def kill(self) -> None:
+        """End QEMU now (a VM paused after its migration answers nothing)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -214,6 +226,45 @@ class Guest:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+class Qmp:
+    """A minimal QMP client on QEMU's ``-qmp unix:PATH,server=on,wait=off``."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.settimeout(timeout)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.reader = self.sock.makefile("r")
+        json.loads(self.reader.readline())  # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        msg: dict[str, object] = {"execute": command}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = json.loads(self.reader.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {command}: {reply['error']}")
+            # an event: skip
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reader.close()
+            self.sock.close()
 
 
 # ------------------------------------------------------------ network namespace
