@@ -85,7 +85,8 @@ def open_iscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, 
         c.start()
         g = Guest(image, workdir, "open-iscsi", {
             "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
-            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1"},
+            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1",
+            "neighbours": f"{net.addr(2)},{net.addr(3)}"},
             ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
              "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
         try:

@@ -10,6 +10,7 @@
  *   mark    print "PRM window ..." for the time since the last mark, reset it
  *           (a stall in progress counts in the window where it ends); its
  *           now_us lets the host map guest times to its own clock
+ *   pause   stop the load (no command of it in flight afterwards): "PRM paused"
  *   fence   stop the load; one O_DIRECT write and one SG_IO WRITE(10): print
  *           "PRM fence write_errno=E sg_status=0xSS" (0x18: RESERVATION CONFLICT)
  *   quit    print "PRM done ..." and exit
@@ -203,6 +204,9 @@ int main(int argc, char **argv)
 					if (strstr(line, "mark")) {
 						window_print("window");
 						window_reset(now_us());
+					} else if (strstr(line, "pause")) {
+						running = 0;
+						printf("PRM paused total_ops=%llu\n", (unsigned long long)total_ops);
 					} else if (strstr(line, "fence")) {
 						running = 0;
 						uint32_t lba = first;

@@ -131,7 +131,12 @@ def pr_tool(c: ProcCluster, *args: str) -> str:
 
 def fence_from_other_node(c: ProcCluster, g: Guest) -> None:
     """fence_scsi's fence: the other node registers, then PREEMPT AND ABORT
-    type 5 of the guest's key; the guest's next write is refused."""
+    type 5 of the guest's key; the guest's next write is refused. The
+    guest's load is paused first (a fenced node is one that stopped
+    answering): what happens to a command in flight at the PREEMPT AND
+    ABORT is not what this checks."""
+    g.send("pause")
+    g.wait("paused", 60)
     pr_tool(c, "-I", "-S", f"{OTHER_KEY:x}")
     pr_tool(c, "-A", "-K", f"{OTHER_KEY:x}", "-S", f"{GUEST_KEY:x}", "-T", "5")
     keys = pr_tool(c, "-k")
@@ -153,7 +158,8 @@ def test_open_iscsi_guest_across_pushed_moves(tmp_path: Path, image: Path) -> No
         c.start()
         g = Guest(image, tmp_path, "open-iscsi", {
             "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
-            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1"},
+            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1",
+            "neighbours": f"{net.addr(2)},{net.addr(3)}"},
             ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
              "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
         try:
