@@ -75,8 +75,8 @@ class Guest:
     lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _seen: int = 0
-    _offset: float | None = None  # guest clock - ours, seconds
-    _round_trip: float = float("inf")
+    # per mark: (our time at its middle, guest clock - ours, round trip), seconds
+    _marks: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def log_path(self) -> Path:
@@ -144,29 +144,35 @@ class Guest:
     def mark(self, timeout: float = 30.0) -> dict[str, int]:
         """Counters of the window since the previous mark (and start a new
         one). Each mark also maps the guest's clock to ours: the guest's
-        ``now_us`` against the middle of our send and receive, kept from the
-        mark with the shortest round trip."""
+        ``now_us`` against the middle of our send and receive."""
         h0 = time.monotonic()
         self.send("mark")
         kv = {k: int(v) for k, v in self.wait("window", timeout).items()}
         h1 = time.monotonic()
-        if h1 - h0 < self._round_trip:
-            self._round_trip = h1 - h0
-            self._offset = kv["now_us"] / 1e6 - (h0 + h1) / 2
+        self._marks.append(((h0 + h1) / 2, kv["now_us"] / 1e6 - (h0 + h1) / 2, h1 - h0))
         return kv
+
+    def _mapping(self, at: float) -> tuple[float, float]:
+        """(offset, uncertainty) of the guest clock near our time ``at``: from
+        the last marks before it, the one with the shortest round trip (the
+        guest's TCG clock may run at a slightly different rate, so a mapping
+        from long ago would drift)."""
+        before = [m for m in self._marks if m[0] <= at] or self._marks[:1]
+        assert before, "mark() first"
+        mid, offset, rt = min(before[-3:], key=lambda m: m[2])
+        return offset, max(rt, 0.02) + 0.01 * max(0.0, at - mid)
 
     def stalls(self) -> list[tuple[float, float, float | None]]:
         """Every gap of 20 ms or more between two I/O completions in the
-        guest so far: (its start on our time.monotonic() clock, its length,
-        the latency of the first command after it), seconds."""
-        assert self._offset is not None, "mark() first"
+        guest so far: (its start on the guest's clock, its length, the
+        latency of the first command after it), seconds."""
         out: list[tuple[float, float, float | None]] = []
         with self._cond:
             prm = [parse_prm(ln) for ln in self.lines if "PRM " in ln]
         for what, kv in prm:
             if what == "stall":
                 gap = int(kv["gap_us"]) / 1e6
-                out.append((int(kv["at_us"]) / 1e6 - gap - self._offset, gap, None))
+                out.append((int(kv["at_us"]) / 1e6 - gap, gap, None))
             elif what == "after" and out and out[-1][2] is None:
                 out[-1] = (out[-1][0], out[-1][1], int(kv["lat_us"]) / 1e6)
         return out
@@ -176,8 +182,9 @@ class Guest:
         clock, widened by the clock mapping's uncertainty) -- the stall a
         move run in that interval caused -- and the latency of the command
         after it; (0.0, None) when no gap reached 20 ms."""
-        slack = max(self._round_trip, 0.02)
-        found = [(g, a) for t, g, a in self.stalls() if start - slack <= t <= end + slack]
+        offset, slack = self._mapping(start)
+        lo, hi = start + offset - slack, end + offset + slack
+        found = [(g, a) for t, g, a in self.stalls() if lo <= t <= hi]
         return max(found, key=lambda x: x[0], default=(0.0, None))
 
 
