@@ -190,12 +190,14 @@ class Guest:
 
     def iscsid_timer_waits(self) -> list[bool]:
         """Per logout request iscsid received (one per move), whether its
-        reconnection waited for its own 1 s timer ("Poll was woken by an
+        reconnection waited for its own 1 s alarm ("Poll was woken by an
         alarm", iscsid debug level 1). iscsid polls a new connection's TCP
         connect for 1 ms and, if the handshake is not done by then, looks
         again only when something wakes it, at the latest its next 1 s
         alarm: under TCG on a busy host the guest's handshake sometimes
-        takes longer than 1 ms. Nothing on the target side changes that."""
+        takes longer than 1 ms. A reconnection can also wait about 1 s
+        without that line (work iscsid queued for its next loop, run when
+        the next event wakes it); this tells only the visible case."""
         waits: list[bool] = []
         with self._cond:
             lines = list(self.lines)
