@@ -314,6 +314,31 @@ async def test_request_logout_and_drop_sessions():
         await target.close()
 
 
+@run_async
+async def test_request_logout_with_time2wait_adds_event_3():
+    """Event 1 (log out now), then event 3 with Parameter2 = Time2Wait and
+    Parameter3 = DefaultTime2Retain: the initiator may log in again at once
+    (open-iscsi otherwise waits the negotiated DefaultTime2Wait); its logout
+    is answered as usual and the connection ends."""
+    target, node, lu, host, port = await make_target()
+    try:
+        c = await Client.connect(host, port)
+        await c.login()
+        assert target.request_logout(TARGET, wait=0, time2wait=0) == 1
+        first, second = await c.recv(), await c.recv()
+        assert isinstance(first, P.AsyncMessage) and first.event == P.AsyncEvent.LOGOUT_REQUEST
+        assert first.parameter3 == 0
+        assert isinstance(second, P.AsyncMessage) and second.event == P.AsyncEvent.SESSION_DROP
+        assert (second.parameter2, second.parameter3) == (0, target.settings.default_time2retain)
+        assert second.statsn == first.statsn + 1
+        c.send_pdu(P.LogoutRequest(itt=c.next_itt(), reason=P.LogoutReason.CLOSE_SESSION, cmdsn=c.cmdsn))
+        rsp = await c.recv()
+        assert isinstance(rsp, P.LogoutResponse) and rsp.response == 0
+        assert await c.closed()
+    finally:
+        await target.close()
+
+
 @pytest.mark.parametrize("mutual", [False, True])
 @run_async
 async def test_chap(mutual):

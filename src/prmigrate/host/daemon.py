@@ -533,12 +533,13 @@ class HostDaemon:
                 dev.journal.remove()
         self.emit({"event": "DEVICE_REMOVED", "device": dev.name})
 
-    def redirect_logins(self, node: str, host: str, port: int, logout_wait: int) -> int | None:
+    def redirect_logins(self, node: str, host: str, port: int, logout_wait: int,
+                        reconnect_wait: int | None = None) -> int | None:
         n = self.target.node(node)
         if n is None:
             return None
         n.redirect = (host, port, n.tpgt)
-        return self.target.request_logout(node, wait=logout_wait)
+        return self.target.request_logout(node, wait=logout_wait, time2wait=reconnect_wait)
 
     def guest_sessions(self, node: str) -> int:
         return len(self.target.sessions(node))

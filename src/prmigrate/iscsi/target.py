@@ -10,7 +10,8 @@ Public API (reused by the host daemon)::
     target.add_node(node); target.remove_node(name)
     target.add_lun(name, 1, unit); target.remove_lun(name, 1) -> unit   # at run time
     target.sessions(name) -> list[Session]      # .nexus, .tsih, .initiator, .isid
-    target.request_logout(name, initiator=None, wait=2, enforce=False) -> int  # Async event 1
+    target.request_logout(name, initiator=None, wait=2, enforce=False,
+                          time2wait=None) -> int   # Async event 1 (then 3, see below)
     target.drop_sessions(name, initiator=None) -> int            # nexus_lost to the LUs
     await target.close()
 
@@ -227,18 +228,34 @@ class IscsiTarget:
         return [s for s in self.sessions(node_name) if initiator is None or s.initiator.lower() == initiator.lower()]
 
     def request_logout(
-        self, node_name: str, initiator: str | None = None, wait: int = 2, enforce: bool = False
+        self, node_name: str, initiator: str | None = None, wait: int = 2, enforce: bool = False,
+        time2wait: int | None = None,
     ) -> int:
         """Ask sessions to log out (Async Message, event 1, Parameter3 = ``wait`` s).
 
         With ``enforce``, a session still present ``wait`` + 1 s later is
-        dropped (RFC 7143 11.9.1). Returns the number of sessions asked.
+        dropped (RFC 7143 11.9.1). With ``time2wait``, event 3 (the target
+        drops the session's connections) follows at once with Parameter2 =
+        ``time2wait``: the time the initiator waits before it logs in again.
+        The negotiated DefaultTime2Wait, which an initiator waits after a
+        logout, cannot be lowered by the target (RFC 7143 13.15: result
+        function Maximum; open-iscsi offers 2 s); event 3's Parameter2
+        replaces it for the reconnection (open-iscsi's iscsid takes it as
+        its Time2Wait; libiscsi reconnects at once either way). The
+        connections do end: by the initiator's logout, or dropped by the
+        caller (``enforce``, ``drop_sessions``). Returns the number of
+        sessions asked.
         """
         chosen = self._select(node_name, initiator)
         for s in chosen:
             if s.conn is not None:
                 s.conn.log.info("asking the initiator to log out within %d s", wait)
                 s.conn.send_async(AsyncEvent.LOGOUT_REQUEST, parameter3=wait)
+                if time2wait is not None:
+                    # RFC 7143 11.9.1, AsyncEvent 3: Parameter2 = Time2Wait,
+                    # Parameter3 = Time2Retain (no task reassignment at ERL 0).
+                    s.conn.send_async(AsyncEvent.SESSION_DROP, parameter2=time2wait,
+                                      parameter3=s.conn.settings.default_time2retain)
                 if enforce:
                     asyncio.get_running_loop().call_later(wait + 1, self._enforce_logout, s)
         return len(chosen)

@@ -76,10 +76,14 @@ class Handover(Protocol):
         ...
 
     # -- source
-    def redirect_logins(self, node: str, host: str, port: int, logout_wait: int) -> int | None:
+    def redirect_logins(self, node: str, host: str, port: int, logout_wait: int,
+                        reconnect_wait: int | None = None) -> int | None:
         """Answer every login to ``node`` with a redirect to ``host:port``
         (same TPGT) and ask its sessions to log out within ``logout_wait``
-        seconds; the number of sessions asked, None when there is no node."""
+        seconds, then (``reconnect_wait`` given) to log in again after that
+        many seconds rather than after DefaultTime2Wait (Async event 3,
+        RFC 7143 11.9.1); the number of sessions asked, None when there is
+        no node."""
         ...
 
     def guest_sessions(self, node: str) -> int:

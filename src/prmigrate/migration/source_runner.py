@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 
 LOGOUT_GRACE = 3.0  # seconds the guest gets to log out before its sessions are dropped
 LOGOUT_WAIT = 0  # Async Message Parameter3: log out at once
+# Async event 3 Parameter2: log in again at once, not after DefaultTime2Wait
+# (open-iscsi waits the negotiated 2 s after event 1 alone)
+RECONNECT_WAIT = 0
 
 
 class SourceRunner(Runner):
@@ -251,7 +254,7 @@ class SourceRunner(Runner):
         node_name = host.frontend_node(dev.config)
         dropped = dev.discard_held()
         to_host, to_port = self.frontend or ("", 0)
-        asked = host.redirect_logins(node_name, to_host, to_port, LOGOUT_WAIT) if self.frontend else None
+        asked = host.redirect_logins(node_name, to_host, to_port, LOGOUT_WAIT, RECONNECT_WAIT) if self.frontend else None
         if asked is not None:
             self.log.info(
                 "guest handed over: %d held command(s) dropped unanswered, %d session(s) asked to log out, logins redirected to %s:%d",

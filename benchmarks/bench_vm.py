@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""A real guest's I/O across pushed moves: the longest stall per move and the
+added latency of its first command after the move.
+
+Not a test. Boots the guest of ``scripts/build-guest.sh`` (built when
+missing) under TCG, twice:
+
+- ``libiscsi``: a QEMU VM whose disk is host A's frontend LUN through
+  virtio-scsi + ``scsi-block`` over ``iscsi://`` (QEMU's libiscsi is the
+  initiator; everything on loopback);
+- ``open-iscsi``: the kernel initiator inside the VM (iscsid + iscsiadm),
+  its network a tap on a bridge in a network namespace made for the run.
+
+In each, the guest registers a key and reserves (fence_scsi's unfence), then
+writes 4 KiB blocks with O_DIRECT and reads each back, while ``prmigrate
+migrate`` moves the device A -> B -> A ... ``--moves`` times. Per move: the
+longest interval between two I/O completions in the guest that began while
+``prmigrate migrate`` ran (the stall; the guest's clock is mapped to ours
+through its console), and the latency of the command that followed it
+minus the guest's median latency (the added latency of its first command
+after the move). The yardstick, same run, same guest: the same measure over
+an interval as long as the move, with no move (what TCG on this machine
+costs anyway), and the median latency. A move in which open-iscsi's iscsid
+waited for its own 1 s timer to see its new TCP connection (it polls a
+connect for 1 ms only; under TCG on a busy host the guest's handshake can
+take longer) is marked.
+
+``--pull`` (a VM migrated by QEMU to a destination whose device is pulled on
+first use) needs incoming devices, which are not built yet: it is refused.
+
+    python benchmarks/bench_vm.py [--moves 4] [--guest both|libiscsi|open-iscsi] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from tests.interop.migration_cluster import FRONTEND, ProcCluster  # noqa: E402
+from tests.interop.vm import (  # noqa: E402
+    BOOT_TIMEOUT,
+    GUEST_IQN,
+    GUEST_KEY,
+    Guest,
+    VmCluster,
+    frontend_portal,
+    guest_image,
+    netns,
+)
+
+SETTLE_S = 1.5  # each window: the move (or nothing) and this long after it
+
+
+@contextlib.contextmanager
+def libiscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, Guest]]:
+    c = ProcCluster(workdir)
+    c.start()
+    g = Guest(image, workdir, "libiscsi-vm", {"mode": "libiscsi", "key": hex(GUEST_KEY)},
+              ["-device", "virtio-scsi-pci",
+               "-drive", f"file={c.frontend_url('hosta')},if=none,id=d0,format=raw,cache=none",
+               "-device", "scsi-block,drive=d0", "-iscsi", f"initiator-name={GUEST_IQN}", "-nic", "none"])
+    try:
+        yield c, g.start()
+    finally:
+        g.stop()
+        c.stop()
+
+
+@contextlib.contextmanager
+def open_iscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, Guest]]:
+    with netns(taps=1) as net:
+        c = VmCluster(workdir, addresses={"hosta": net.addr(2), "hostb": net.addr(3)})
+        c.start()
+        g = Guest(image, workdir, "open-iscsi", {
+            "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
+            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1",
+            "neighbours": f"{net.addr(2)},{net.addr(3)}"},
+            ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
+             "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
+        try:
+            yield c, g.start()
+        finally:
+            g.stop()
+            c.stop()
+
+
+def measure_move(g: Guest, go: Any) -> dict[str, Any]:
+    """One move: the longest gap in the guest's I/O that began while
+    ``prmigrate migrate`` ran, and the latency of the command after it."""
+    g.mark()
+    t0 = time.monotonic()
+    label = go()
+    t1 = time.monotonic()
+    time.sleep(SETTLE_S)
+    w: dict[str, Any] = dict(g.mark())
+    stall, after = g.stall_during(t0, t1)
+    w.update(move=label, cli_s=t1 - t0, stall_s=stall, after_s=after)
+    return w
+
+
+def measure_quiet(g: Guest, length: float) -> dict[str, Any]:
+    """The yardstick: the same measure over an interval as long as a move,
+    with no move."""
+    g.mark()
+    t0 = time.monotonic()
+    time.sleep(length)
+    t1 = time.monotonic()
+    time.sleep(SETTLE_S)
+    w: dict[str, Any] = dict(g.mark())
+    stall, after = g.stall_during(t0, t1)
+    w.update(stall_s=stall, after_s=after)
+    return w
+
+
+def run_guest(kind: str, image: Path, moves: int) -> dict[str, Any]:
+    starter = libiscsi_guest if kind == "libiscsi" else open_iscsi_guest
+    with tempfile.TemporaryDirectory(prefix=f"bench-vm-{kind}-") as d, starter(image, Path(d)) as (c, g):
+        g.wait("ready", BOOT_TIMEOUT)
+        g.wait("io")
+        for _ in range(3):
+            g.mark()
+        hosts = ["hosta", "hostb"]
+        moved, quiet = [], []
+        for i in range(moves):
+            src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+
+            def go(src: str = src, dst: str = dst) -> str:
+                rc, text = asyncio.run(c.migrate(src, dst))
+                if rc != 0:
+                    raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
+                return f"{src} -> {dst}"
+
+            moved.append(measure_move(g, go))
+            quiet.append(measure_quiet(g, moved[-1]["cli_s"]))
+        waits = g.iscsid_timer_waits() if kind == "open-iscsi" else [False] * len(moved)
+        for w, waited in zip(moved, waits, strict=True):
+            w["iscsid_timer"] = waited
+        bad = [w for w in moved + quiet if w["errors"] or w["mismatches"] or not w["ops"]]
+        if bad:
+            raise RuntimeError(f"{kind}: I/O errors, mismatches or no I/O: {bad}\n{g.console_tail()}")
+    median = statistics.median(w["median_us"] for w in quiet) / 1e6
+    return {
+        "guest": kind,
+        # stall_ms 0.0: no gap of 20 ms or more began during the move
+        "moves": [{"move": w["move"], "stall_ms": w["stall_s"] * 1000,
+                   "first_after_ms": None if w["after_s"] is None else w["after_s"] * 1000,
+                   "added_first_ms": None if w["after_s"] is None else max(0.0, w["after_s"] - median) * 1000,
+                   "iscsid_1s_timer": w["iscsid_timer"]}
+                  for w in moved],
+        "quiet_longest_gap_ms": [w["stall_s"] * 1000 for w in quiet],
+        "median_latency_ms": median * 1000,
+        "ops_per_s_quiet": round(statistics.median(w["ops"] / (w["window_us"] / 1e6) for w in quiet)),
+    }
+
+
+def _ms(v: float | None, fmt: str = "6.2f") -> str:
+    return "   n/a" if v is None else format(v, fmt)
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        stalls = [m["stall_ms"] for m in r["moves"]]
+        added = [m["added_first_ms"] for m in r["moves"] if m["added_first_ms"] is not None]
+        lines.append(f"== {r['guest']} guest (pushed moves; median I/O latency {r['median_latency_ms']:.2f} ms, "
+                     f"{r['ops_per_s_quiet']} completions/s)")
+        for m in r["moves"]:
+            stall = f"{m['stall_ms']:8.1f}" if m["stall_ms"] else "   < 20"
+            lines.append(f"  {m['move']:<16} longest stall {stall} ms   first command after it "
+                         f"{_ms(m['first_after_ms'])} ms (+{_ms(m['added_first_ms'], '.2f')} ms)"
+                         + ("   [iscsid waited for its 1 s timer]" if m["iscsid_1s_timer"] else ""))
+        stalls = [st or 20.0 for st in stalls]  # "< 20" counted as 20
+        lines.append(f"  stall per move (< 20 counted as 20): median {statistics.median(stalls):.1f} ms, "
+                     f"max {max(stalls):.1f} ms; "
+                     f"added latency of the first command: median "
+                     f"{_ms(statistics.median(added) if added else None, '.2f')} ms")
+        q = r["quiet_longest_gap_ms"]
+        q = [x or 20.0 for x in q]
+        lines.append(f"  yardstick, same run: longest gap in an interval as long as a move, without one: "
+                     f"median {statistics.median(q):.1f} ms, max {max(q):.1f} ms")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--moves", type=int, default=4)
+    ap.add_argument("--guest", choices=["both", "libiscsi", "open-iscsi"], default="both")
+    ap.add_argument("--pull", action="store_true", help="pulled moves (needs incoming devices: not built yet)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if a.pull:
+        print("bench_vm: --pull needs incoming devices (device-add incoming-from=), which are not built yet",
+              file=sys.stderr)
+        return 2
+    if a.moves < 1:
+        ap.error("--moves must be at least 1")
+    image = guest_image()  # outside the network namespace: the build downloads packages
+    kinds = ["libiscsi", "open-iscsi"] if a.guest == "both" else [a.guest]
+    results = [run_guest(k, image, a.moves) for k in kinds]
+    print(json.dumps(results, indent=2) if a.json else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
