@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             ("del", "delete a device"),
                             ("list", "list the devices")):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--host", required=True, metavar="SOCKET", help="the host daemon's control socket")
+        # --control as for migrate and host --status; --host is the spelling
+        # orchestrators were first given, kept as an alias
+        p.add_argument("--control", "--host", dest="host", required=True, metavar="SOCKET",
+                       help="the host daemon's control socket (--host: the same)")
         if name == "add":
             p.add_argument("spec", metavar="SPEC", help="name=...,backend=iscsi://...[,key=value...]")
         elif name == "del":
