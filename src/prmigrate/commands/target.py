@@ -32,6 +32,34 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def parse_portal(text: str) -> tuple[str, int, int | None]:
+    """``HOST:PORT`` or ``HOST:PORT,TPGT`` (the SendTargets form, RFC 7143 13.8)."""
+    addr, comma, tag = text.rpartition(",")
+    if not comma:
+        addr, tag = text, ""
+    try:
+        host, port = parse_listen(addr)
+        tpgt = int(tag) if tag else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT[,TPGT], got {text!r}") from None
+    if not 0 <= port <= 0xFFFF or (tpgt is not None and not 0 <= tpgt <= 0xFFFF):
+        raise argparse.ArgumentTypeError(f"--listen {text!r}: port and TPGT are 0..65535")
+    return host, port, tpgt
+
+
+def portal_groups(listen: list[tuple[str, int, int | None]] | None, tpgt: int | None) -> list[tuple[str, int, int]]:
+    """Each ``--listen`` with its portal group tag: the one it names, else its
+    position (1, 2, ...); a single ``--listen`` takes ``--tpgt`` (default 1).
+    Listen addresses with the same tag are portals of one group (one target port)."""
+    portals = listen or [("127.0.0.1", 3260, None)]
+    if tpgt is not None and len(portals) > 1:
+        raise SystemExit("--tpgt goes with a single --listen: give each its tag as --listen HOST:PORT,TPGT")
+    if len(portals) == 1:
+        host, port, tag = portals[0]
+        return [(host, port, tag if tag is not None else (tpgt if tpgt is not None else 1))]
+    return [(host, port, tag if tag is not None else i) for i, (host, port, tag) in enumerate(portals, 1)]
+
+
 def parse_lun(text: str) -> tuple[int, Path]:
     num, eq, path = text.partition("=")
     if not eq:
@@ -40,8 +68,9 @@ def parse_lun(text: str) -> tuple[int, Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", type=parse_listen, action="append", default=None,
-                        help="HOST:PORT to listen on (repeatable; default 127.0.0.1:3260)")
+    parser.add_argument("--listen", type=parse_portal, action="append", default=None, metavar="HOST:PORT[,TPGT]",
+                        help="portal to listen on (repeatable; default 127.0.0.1:3260); each is its own "
+                             "target portal group and target port (tags 1, 2, ... unless given)")
     parser.add_argument("words", nargs="*", metavar="lun add N PATH | lun del N | lun list | acl add|del IQN | "
                         "acl list | sessions",
                         help="with --control: change or ask a running target instead of starting one")
@@ -56,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, default=None, help="size of images created (e.g. 256M)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where PR state is persisted (APTPL)")
     parser.add_argument("--alias", default=None, help="TargetAlias")
-    parser.add_argument("--tpgt", type=int, default=1, help="target portal group tag")
+    parser.add_argument("--tpgt", type=int, default=None, help="target portal group tag of a single --listen (default 1)")
     parser.add_argument("--acl", action="append", default=None, metavar="INITIATOR_IQN",
                         help="allow only these initiators (repeatable)")
     parser.add_argument("--chap-user", default=None)
@@ -89,6 +118,7 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.state_dir is not None:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     _configure(args)
+    args.portals = portal_groups(args.listen, args.tpgt)
     luns: dict[int, LogicalUnitLike] = {}
     for num, path in args.lun:
         if num in luns:
@@ -110,7 +140,8 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     chap = None
     if args.chap_user:
         chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)
-    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl is not None else None, chap, args.tpgt, args.alias)
+    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl is not None else None, chap, args.portals[0][2],
+                      args.alias)
     digests = {"allow": ("None", "CRC32C"), "require": ("CRC32C",), "off": ("None",)}[args.digests]
     settings = TargetSettings(max_recv_data_segment_length=args.max_recv, header_digest=digests, data_digest=digests)
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
@@ -215,9 +246,10 @@ async def _serve_locked(args: argparse.Namespace) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        for host, port in args.listen or [("127.0.0.1", 3260)]:
-            for h, p in await target.start(host, port):
-                log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
+        for host, port, tpgt in args.portals:
+            for h, p in await target.start(host, port, tpgt=tpgt):
+                log.info("serving %s on %s:%d,%d (%d LUN%s)", args.iqn, h, p, tpgt, len(luns),
+                         "" if len(luns) == 1 else "s")
         control = await _start_control(args, target, luns)
         notifier.ready(f"serving {args.iqn} ({len(luns)} LUN(s))")
         await stop.wait()

@@ -80,7 +80,7 @@ from .pdu import (
 )
 
 if TYPE_CHECKING:
-    from .target import IscsiTarget
+    from .target import IscsiTarget, PortalGroup
 
 log = logging.getLogger("prmigrate.iscsi.target")
 
@@ -208,8 +208,11 @@ class Session:
         return self.node is None
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.initiator.lower(), self.isid, self.node.name.lower() if self.node else "")
+    def key(self) -> tuple[str, int, str, int]:
+        # RFC 7143 4.4.3: a session is its initiator port and target portal
+        # group (the same ISID through another portal group is another session)
+        return (self.initiator.lower(), self.isid, self.node.name.lower() if self.node else "",
+                self.nexus.tpgt if self.nexus is not None else 0)
 
     def describe(self) -> str:
         if self.nexus is not None:
@@ -406,6 +409,7 @@ class Connection:
         self._discovery = False
         self._initiator = ""
         self._sent_tpgt = False
+        self.portal_group: PortalGroup | None = None  # the portal's group (set by the shell)
         self.handlers: dict[int, Callable[[RawPdu], None]] = {
             Opcode.SCSI_COMMAND: self._scsi_command,
             Opcode.DATA_OUT: self._data_out,
@@ -753,7 +757,7 @@ class Connection:
         if stage is Stage.SECURITY:
             answer += self._security(keys)
         if not self._sent_tpgt and not self._discovery and self.node is not None:
-            answer.append(("TargetPortalGroupTag", str(self.node.tpgt)))
+            answer.append(("TargetPortalGroupTag", str(self._target_port(self.node)[0])))
             if self.node.alias:
                 answer.append(("TargetAlias", self.node.alias))
             self._sent_tpgt = True
@@ -848,7 +852,7 @@ class Connection:
         node = self.node
         nexus = None
         if node is not None:
-            nexus = Nexus.make(self._initiator, req.isid, node.name, node.tpgt)
+            nexus = Nexus.make(self._initiator, req.isid, node.name, *self._target_port(node))
             self.luns = node.luns
         self.nexus = nexus
         session = Session(0, self._initiator, req.isid, node, nexus, params, self, self.exp_cmdsn, self.window)
@@ -869,6 +873,11 @@ class Connection:
             params.max_recv_data_segment_length, params.max_xmit_data_segment_length,
             params.max_burst_length, params.first_burst_length, params.initial_r2t, params.immediate_data,
         )
+
+    def _target_port(self, node: TargetNode) -> tuple[int, int]:
+        """(portal group tag, relative target port) of this connection's portal."""
+        group = self.portal_group
+        return (node.tpgt, 1) if group is None else (group.tpgt, group.rel_port)
 
     def _login_in_ffp(self, raw: RawPdu) -> None:
         raise ProtocolError(RejectReason.PROTOCOL_ERROR, "Login Request in full feature phase", raw.bhs)
@@ -1281,9 +1290,22 @@ class Connection:
             if node.redirect is not None:
                 rh, rp, rt = node.redirect
                 out.append(("TargetAddress", f"{rh}:{rp},{rt}"))
-            else:
+            elif self.portal_group is None or not self.target.portal_groups:
                 out.append(("TargetAddress", f"{addr}:{port},{node.tpgt}"))
+            else:
+                out += self._portal_addresses(host, port)
         return out
+
+    def _portal_addresses(self, host: str, port: int) -> list[tuple[str, str]]:
+        """Every portal of every portal group (RFC 7143 12.11, appendix D):
+        the one this connection reached first, then the others of its group,
+        then the other groups'."""
+        own = self.portal_group
+        assert own is not None
+        out = [(host, port, own.tpgt)]
+        for group in (own, *(g for g in self.target.portal_groups.values() if g is not own)):
+            out += [(h, p, group.tpgt) for h, p in group.addresses(host) if (h, p) != (host, port)]
+        return [("TargetAddress", f"{f'[{h}]' if ':' in h else h}:{p},{t}") for h, p, t in out]
 
     def _logout(self, raw: RawPdu) -> None:
         req = LogoutRequest.decode(raw)
