@@ -36,10 +36,10 @@ def parse_portal(text: str) -> tuple[str, int, int | None]:
     """``HOST:PORT`` or ``HOST:PORT,TPGT`` (the SendTargets form, RFC 7143 13.8)."""
     addr, comma, tag = text.rpartition(",")
     if not comma:
-        addr, tag = text, ""
+        addr = text
     try:
         host, port = parse_listen(addr)
-        tpgt = int(tag) if tag else None
+        tpgt = int(tag) if comma else None
     except ValueError:
         raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT[,TPGT], got {text!r}") from None
     if not 0 <= port <= 0xFFFF or (tpgt is not None and not 0 <= tpgt <= 0xFFFF):

@@ -181,7 +181,7 @@ class IscsiTarget:
         self.keepalive = keepalive
         self.max_task_bytes = max_task_bytes
         self.nodes: dict[str, TargetNode] = {}
-        self._sessions: dict[tuple[str, int, str], Session] = {}
+        self._sessions: dict[tuple[str, int, str, int], Session] = {}
         self._connections: set[Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._tsih = 0
