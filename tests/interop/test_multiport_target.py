@@ -34,7 +34,15 @@ from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, Status
 from prmigrate.scsi.pr import ReadFullStatus, pr_out_params
 from prmigrate.scsi.tpg import AccessState, ReportTpgCdb, decode_report
 
-from .conftest import IQN, TargetProcess, free_loopback_port, need, start_target, stop, wait_listening
+from .conftest import (
+    IQN,
+    TargetProcess,
+    free_loopback_port,
+    need,
+    start_target,
+    stop,
+    wait_listening,
+)
 from .test_conformance import RESERVATION, parse_cunit, run_suite
 
 pytestmark = pytest.mark.interop
