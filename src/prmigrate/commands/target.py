@@ -1,5 +1,9 @@
 """``prmigrate target``: serve file-backed logical units over iSCSI.
 
+Each ``--listen HOST:PORT[,TPGT]`` is a portal of its own target portal
+group (tags 1, 2, ... unless given), i.e. its own target port of every LU
+(``iscsi/target.py``).
+
 With ``--control PATH`` the running target takes LUN and ACL changes over
 QMP (``prmigrate.target_control``), kept in ``--config target.toml``;
 ``prmigrate target lun add|del|list ... --control PATH`` is its client.
