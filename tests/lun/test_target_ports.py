@@ -232,3 +232,14 @@ def test_target_port_group_codec_round_trip_and_bounds():
         TargetPortGroup(0, (1,))
     with pytest.raises(ValueError):
         TargetPortGroup(1, ())
+
+
+def test_register_and_move_to_the_same_initiator_port_on_another_target_port(t, ua):
+    """The destination I_T nexus differs from the caller's by its target port
+    alone: allowed (SPC-5 5.14.8 asks only for another I_T nexus)."""
+    register(t, A1, K)
+    reserve(t, A1, K, WE)
+    _move(t, A1, K, KB, TransportId.of(A1), 2, unreg=True)
+    assert t.is_holder(A2) and t.registration_of(A1) is None
+    assert [(e.key, e.rel_tgt_port, e.holder) for e in full(t).entries] == [(KB, 2, True)]
+    assert not t.conflicts(A2, WRITE10) and t.conflicts(A1, WRITE10)
