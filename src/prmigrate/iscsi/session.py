@@ -1293,15 +1293,13 @@ class Connection:
             elif self.portal_group is None or not self.target.portal_groups:
                 out.append(("TargetAddress", f"{addr}:{port},{node.tpgt}"))
             else:
-                out += self._portal_addresses(host, port)
+                out += self._portal_addresses(self.portal_group, host, port)
         return out
 
-    def _portal_addresses(self, host: str, port: int) -> list[tuple[str, str]]:
+    def _portal_addresses(self, own: PortalGroup, host: str, port: int) -> list[tuple[str, str]]:
         """Every portal of every portal group (RFC 7143 12.11, appendix D):
-        the one this connection reached first, then the others of its group,
-        then the other groups'."""
-        own = self.portal_group
-        assert own is not None
+        the one this connection reached (of group ``own``) first, then the
+        others of its group, then the other groups'."""
         out = [(host, port, own.tpgt)]
         for group in (own, *(g for g in self.target.portal_groups.values() if g is not own)):
             out += [(h, p, group.tpgt) for h, p in group.addresses(host) if (h, p) != (host, port)]
