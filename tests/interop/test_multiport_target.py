@@ -227,3 +227,18 @@ def test_one_initiator_port_through_two_portals_is_two_nexuses(two: TwoPortals) 
             await p2.close()
 
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_portal_that_cannot_be_bound_stops_the_target_with_a_message(tmp_path: Path) -> None:
+    host, port = free_loopback_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{host}:{port}",
+                        "--listen", f"{host}:{port}", "--iqn", IQN, "--lun", f"0={tmp_path / 'img'}",
+                        "--size", "16M"], capture_output=True, text=True, timeout=30, check=False, env=env)
+    assert r.returncode == 1, r.stderr
+    assert f"cannot listen on {host}:{port}: " in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{host}:{port}",
+                        "--listen", f"{host}:{port + 1}", "--tpgt", "3", "--iqn", IQN, "--lun",
+                        f"0={tmp_path / 'img'}"], capture_output=True, text=True, timeout=30, check=False, env=env)
+    assert r.returncode != 0 and "--tpgt goes with a single --listen" in r.stderr, r.stderr

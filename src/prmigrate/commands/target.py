@@ -251,7 +251,12 @@ async def _serve_locked(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         for host, port, tpgt in args.portals:
-            for h, p in await target.start(host, port, tpgt=tpgt):
+            try:
+                bound = await target.start(host, port, tpgt=tpgt)
+            except OSError as e:  # address in use or not ours: nothing is served
+                log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
+                return 1
+            for h, p in bound:
                 log.info("serving %s on %s:%d,%d (%d LUN%s)", args.iqn, h, p, tpgt, len(luns),
                          "" if len(luns) == 1 else "s")
         control = await _start_control(args, target, luns)
