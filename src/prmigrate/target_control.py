@@ -10,7 +10,7 @@ Commands (QMP, ``prmigrate.qmp``; arguments typed and checked there):
 | ``acl-add`` | ``initiator`` str | allows that initiator to log in (an open node becomes a list of one) |
 | ``acl-del`` | ``initiator`` str | forbids it and ends its sessions (LIO does the same on a node ACL's removal) |
 | ``query-luns`` | | each LUN: path, size, block size, registrations, reservation |
-| ``query-sessions`` | | each session: initiator port, nexus, TSIH, and per LUN what it registered |
+| ``query-sessions`` | | each session: initiator port, nexus (its portal group tag and relative target port), TSIH, and per LUN what it registered |
 | ``query-acl`` | | ``{"open": true}`` (every initiator may log in) or the ``initiators`` allowed |
 
 Adding or removing a LUN touches no other LUN: sessions, registrations and
@@ -307,6 +307,8 @@ class TargetControl:
                 "isid": f"0x{s.isid:012x}",
                 "tsih": s.tsih,
                 "nexus": None if nexus is None else str(nexus),
+                "tpgt": None if nexus is None else nexus.tpgt,
+                "relative-target-port": None if nexus is None else nexus.rel_port,
                 "registered": regs,
             })
         return out

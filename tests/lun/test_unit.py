@@ -113,7 +113,8 @@ def test_reservation_conflict(lu: LogicalUnit) -> None:
 def test_standard_inquiry_golden(lu: LogicalUnit) -> None:
     d = good(lu.execute(A, cdb("12 00 00 01 04 00"), b""))
     assert len(d) == 96
-    assert d[:8] == bytes((0x00, 0x00, 0x06, 0x12, 91, 0x08, 0x00, 0x02))  # 3PC: EXTENDED COPY
+    # TPGS 01b (implicit asymmetric access, REPORT TARGET PORT GROUPS), 3PC: EXTENDED COPY
+    assert d[:8] == bytes((0x00, 0x00, 0x06, 0x12, 91, 0x18, 0x00, 0x02))
     assert d[8:16] == b"PRMIGRAT" and d[16:32] == b"SHARED-LUN      " and d[32:36] == b"0001"
     descs = struct.unpack_from(">8H", d, 58)
     assert descs[:6] == (0x00A0, 0x0960, 0x0460, 0x04C0, 0x05C0, 0x0600)
@@ -823,7 +824,9 @@ def test_rsoc_one_command(lu: LogicalUnit) -> None:
     d = good(lu.execute(A, rsoc(1, 0x9C), b""))
     assert d == bytes.fromhex("00030010 9c 18 ffffffffffffffff ffff ffff 3f 00")
     assert good(lu.execute(A, rsoc(0, alloc=4), b""))[:4] == good(lu.execute(A, rsoc(0), b""))[:4]
-    check(lu.execute(A, cdb("a3 0a 00 00 00 00 00 00 10 00 00 00"), b""), Sense.INVALID_FIELD_IN_CDB)
+    # an unsupported MAINTENANCE IN service action (REPORT TIMESTAMP); A3h/0Ah
+    # (REPORT TARGET PORT GROUPS) is answered now: tests/lun/test_target_ports.py
+    check(lu.execute(A, cdb("a3 0f 00 00 00 00 00 00 10 00 00 00"), b""), Sense.INVALID_FIELD_IN_CDB)
 
 
 # ------------------------------------------------------------ reservations

@@ -1,5 +1,9 @@
 """``prmigrate target``: serve file-backed logical units over iSCSI.
 
+Each ``--listen HOST:PORT[,TPGT]`` is a portal of its own target portal
+group (tags 1, 2, ... unless given), i.e. its own target port of every LU
+(``iscsi/target.py``).
+
     prmigrate target --listen 127.0.0.1:3260 --iqn iqn.2026-11.org.prmigrate:shared \\
       --lun 0=/tmp/shared.img --size 256M --state-dir /tmp/prstate
 
@@ -37,6 +41,35 @@ class StartError(Exception):
     """The target cannot start; the message says why."""
 
 
+def parse_portal(text: str) -> tuple[str, int, int | None]:
+    """``HOST:PORT`` or ``HOST:PORT,TPGT`` (the SendTargets form, RFC 7143 13.8)."""
+    addr, comma, tag = text.rpartition(",")
+    if not comma:
+        addr = text
+    try:
+        host, port = parse_listen(addr)
+        tpgt = int(tag) if comma else None
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"not an address: {text!r} (HOST:PORT[,TPGT] with PORT and TPGT 0-65535, e.g. 127.0.0.1:3260,1)") from None
+    if not 0 <= port <= 0xFFFF or (tpgt is not None and not 0 <= tpgt <= 0xFFFF):
+        raise argparse.ArgumentTypeError(f"not an address: {text!r} (PORT and TPGT are 0-65535)")
+    return host, port, tpgt
+
+
+def portal_groups(listen: list[tuple[str, int, int | None]] | None, tpgt: int | None) -> list[tuple[str, int, int]]:
+    """Each ``--listen`` with its portal group tag: the one it names, else its
+    position (1, 2, ...); a single ``--listen`` takes ``--tpgt`` (default 1).
+    Listen addresses with the same tag are portals of one group (one target port)."""
+    portals = listen or [("127.0.0.1", 3260, None)]
+    if tpgt is not None and len(portals) > 1:
+        raise StartError("--tpgt goes with a single --listen: give each its tag as --listen HOST:PORT,TPGT")
+    if len(portals) == 1:
+        host, port, tag = portals[0]
+        return [(host, port, tag if tag is not None else (tpgt if tpgt is not None else 1))]
+    return [(host, port, tag if tag is not None else i) for i, (host, port, tag) in enumerate(portals, 1)]
+
+
 def parse_lun(text: str) -> tuple[int, Path]:
     """``N=PATH``: logical unit number N (0-16383) backed by the file PATH."""
     num, eq, path = text.partition("=")
@@ -49,9 +82,9 @@ def parse_lun(text: str) -> tuple[int, Path]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--listen", type=parse_listen, action="append", default=None,
-                        metavar="HOST:PORT",
-                        help="HOST:PORT to listen on (repeatable; default 127.0.0.1:3260)")
+    parser.add_argument("--listen", type=parse_portal, action="append", default=None, metavar="HOST:PORT[,TPGT]",
+                        help="portal to listen on (repeatable; default 127.0.0.1:3260); each is its own "
+                             "target portal group and target port (tags 1, 2, ... unless given)")
     parser.add_argument("words", nargs="*", metavar="lun add N PATH | lun del N | lun list | acl add|del IQN | "
                         "acl list | sessions",
                         help="with --control: change or ask a running target instead of starting one")
@@ -70,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of images created (bytes, or with K, M, G, T: e.g. 256M)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where PR state is persisted (APTPL)")
     parser.add_argument("--alias", default=None, help="TargetAlias")
-    parser.add_argument("--tpgt", type=int, default=1, help="target portal group tag")
+    parser.add_argument("--tpgt", type=int, default=None, help="target portal group tag of a single --listen (default 1)")
     parser.add_argument("--acl", action="append", default=None, metavar="INITIATOR_IQN",
                         type=_args.iscsi_name,
                         help="allow only these initiators (repeatable)")
@@ -119,7 +152,8 @@ def _build(args: argparse.Namespace, created: list[Path]) -> tuple[Any, dict[int
     chap = None
     if args.chap_user:
         chap = ChapConfig(args.chap_user, args.chap_secret, args.mutual_user, args.mutual_secret)
-    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl is not None else None, chap, args.tpgt, args.alias)
+    node = TargetNode(args.iqn, luns, set(args.acl) if args.acl is not None else None, chap, args.portals[0][2],
+                      args.alias)
     digests = {"allow": ("None", "CRC32C"), "require": ("CRC32C",), "off": ("None",)}[args.digests]
     settings = TargetSettings(max_recv_data_segment_length=args.max_recv, header_digest=digests, data_digest=digests)
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
@@ -256,7 +290,7 @@ async def _serve_locked(args: argparse.Namespace) -> int:
 
     from ..sdnotify import Notifier
 
-    addresses = args.listen or [("127.0.0.1", 3260)]
+    addresses = [(host, port) for host, port, _ in args.portals]
     if any(port == 0 for _, port in addresses):
         probes: list[socket.socket] = []  # an ephemeral port is never in use
     else:
@@ -287,13 +321,13 @@ async def _serve_locked(args: argparse.Namespace) -> int:
                 notifier.send(ready=1)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        for host, port in addresses:
+        for host, port, tpgt in args.portals:
             try:
-                bound = await target.start(host, port)
+                bound = await target.start(host, port, tpgt=tpgt)
             except OSError as e:
                 raise StartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
             for h, p in bound:
-                log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns),
+                log.info("serving %s on %s:%d,%d (%d LUN%s)", args.iqn, h, p, tpgt, len(luns),
                          "" if len(luns) == 1 else "s")
         control = await _start_control(args, target, luns)
         created.clear()  # serving: the images are the user's now
@@ -351,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         _configure(args)
+        args.portals = portal_groups(args.listen, args.tpgt)
         _check_options(args)
         if args.state_dir is not None:
             args.state_dir.mkdir(parents=True, exist_ok=True)

@@ -206,8 +206,11 @@ class Session:
         return self.node is None
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.initiator.lower(), self.isid, self.node.name.lower() if self.node else "")
+    def key(self) -> tuple[str, int, str, int]:
+        # RFC 7143 4.4.3: a session is its initiator port and target portal
+        # group (the same ISID through another portal group is another session)
+        return (self.initiator.lower(), self.isid, self.node.name.lower() if self.node else "",
+                self.nexus.tpgt if self.nexus is not None else 0)
 
     def describe(self) -> str:
         if self.nexus is not None:
@@ -333,6 +336,32 @@ def _inquiry_no_lun(cdb: bytes) -> bytes:
 # The connection
 
 
+@dataclass(eq=False)
+class PortalGroup:
+    """A target portal group: its tag, the relative target port identifier of
+    the target port it is, and the addresses its portals are bound to."""
+
+    tpgt: int
+    rel_port: int
+    portals: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tpgt <= 0xFFFF:  # RFC 7143 13.9: 16 bits
+            raise ValueError(f"portal group tag {self.tpgt} is not 0..65535")
+        if not 0 < self.rel_port <= 0xFFFF:  # SPC-5 4.3.2: 0 is reserved
+            raise ValueError(f"relative target port {self.rel_port} is not 1..65535")
+
+    def addresses(self, local_host: str) -> list[tuple[str, int]]:
+        """The portals to advertise; a wildcard address becomes ``local_host``
+        (the address the asking connection reached)."""
+        out: list[tuple[str, int]] = []
+        for h, p in self.portals:
+            a = (local_host if h in ("0.0.0.0", "::", "") else h, p)
+            if a not in out:
+                out.append(a)
+        return out
+
+
 class ConnectionOwner(Protocol):
     """What a target connection needs of the target that owns it: the
     node registry, the session table (RFC 7143 6.3.5 reinstatement) and the
@@ -342,6 +371,7 @@ class ConnectionOwner(Protocol):
     settings: TargetSettings
     max_task_bytes: int  # the largest EDTL a command may announce
     nodes: dict[str, TargetNode]  # lower-cased name -> node (SendTargets)
+    portal_groups: dict[int, PortalGroup]  # by tag (SendTargets lists every portal)
 
     def node(self, name: str) -> TargetNode | None:
         ...
@@ -435,6 +465,7 @@ class Connection:
         self._discovery = False
         self._initiator = ""
         self._sent_tpgt = False
+        self.portal_group: PortalGroup | None = None  # the portal's group (set by the shell)
         self.handlers: dict[int, Callable[[RawPdu], None]] = {
             Opcode.SCSI_COMMAND: self._scsi_command,
             Opcode.DATA_OUT: self._data_out,
@@ -779,7 +810,7 @@ class Connection:
         if stage is Stage.SECURITY:
             answer += self._security(keys)
         if not self._sent_tpgt and not self._discovery and self.node is not None:
-            answer.append(("TargetPortalGroupTag", str(self.node.tpgt)))
+            answer.append(("TargetPortalGroupTag", str(self._target_port(self.node)[0])))
             if self.node.alias:
                 answer.append(("TargetAlias", self.node.alias))
             self._sent_tpgt = True
@@ -874,7 +905,7 @@ class Connection:
         node = self.node
         nexus = None
         if node is not None:
-            nexus = Nexus.make(self._initiator, req.isid, node.name, node.tpgt)
+            nexus = Nexus.make(self._initiator, req.isid, node.name, *self._target_port(node))
             self.luns = node.luns
         self.nexus = nexus
         session = Session(0, self._initiator, req.isid, node, nexus, params, self, self.exp_cmdsn, self.window)
@@ -895,6 +926,11 @@ class Connection:
             params.max_recv_data_segment_length, params.max_xmit_data_segment_length,
             params.max_burst_length, params.first_burst_length, params.initial_r2t, params.immediate_data,
         )
+
+    def _target_port(self, node: TargetNode) -> tuple[int, int]:
+        """(portal group tag, relative target port) of this connection's portal."""
+        group = self.portal_group
+        return (node.tpgt, 1) if group is None else (group.tpgt, group.rel_port)
 
     def _login_in_ffp(self, raw: RawPdu) -> None:
         raise ProtocolError(RejectReason.PROTOCOL_ERROR, "Login Request in full feature phase", raw.bhs)
@@ -1306,9 +1342,20 @@ class Connection:
             if node.redirect is not None:
                 rh, rp, rt = node.redirect
                 out.append(("TargetAddress", f"{rh}:{rp},{rt}"))
-            else:
+            elif self.portal_group is None or not self.target.portal_groups:
                 out.append(("TargetAddress", f"{addr}:{port},{node.tpgt}"))
+            else:
+                out += self._portal_addresses(self.portal_group, host, port)
         return out
+
+    def _portal_addresses(self, own: PortalGroup, host: str, port: int) -> list[tuple[str, str]]:
+        """Every portal of every portal group (RFC 7143 12.11, appendix D):
+        the one this connection reached (of group ``own``) first, then the
+        others of its group, then the other groups'."""
+        out = [(host, port, own.tpgt)]
+        for group in (own, *(g for g in self.target.portal_groups.values() if g is not own)):
+            out += [(h, p, group.tpgt) for h, p in group.addresses(host) if (h, p) != (host, port)]
+        return [("TargetAddress", f"{f'[{h}]' if ':' in h else h}:{p},{t}") for h, p, t in out]
 
     def _logout(self, raw: RawPdu) -> None:
         req = LogoutRequest.decode(raw)

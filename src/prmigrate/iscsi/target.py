@@ -7,6 +7,8 @@ Public API (reused by the host daemon)::
     target = IscsiTarget(nodes=[node], settings=TargetSettings(), keepalive=None,
                          portal_group_tag=None)   # set: TPGT of every node added
     await target.start("127.0.0.1", 3260)      # -> list of bound (host, port)
+    await target.start("127.0.0.1", 3261, tpgt=2)  # a portal of target portal group 2
+    target.portal_groups -> {tpgt: PortalGroup}  # .rel_port, .portals (bound addresses)
     target.add_node(node); target.remove_node(name)
     target.add_lun(name, 1, unit); target.remove_lun(name, 1) -> unit   # at run time
     target.sessions(name) -> list[Session]      # .nexus, .tsih, .initiator, .isid
@@ -14,6 +16,16 @@ Public API (reused by the host daemon)::
                           time2wait=None) -> int   # Async event 1 (then 3, see below)
     target.drop_sessions(name, initiator=None) -> int            # nexus_lost to the LUs
     await target.close()
+
+Target portal groups (RFC 7143 4.4.1): a portal started with ``tpgt`` belongs
+to that portal group, and each portal group is one SCSI target port, with
+relative target port identifiers 1, 2, ... in the order the groups are first
+started (SPC-5 4.3.2; VPD 83h, READ FULL STATUS, REPORT TARGET PORT GROUPS).
+A session's I_T nexus is its initiator port with the target port of the
+portal it logged in through: one initiator port on two portal groups has two
+nexuses and two sessions. SendTargets lists every portal of every group with
+its tag. A portal started without ``tpgt`` serves as before portal groups:
+the node's ``tpgt``, relative target port 1, SendTargets naming it alone.
 
 ``TargetNode``, ``ChapConfig``, ``TargetSettings`` and ``Session`` come from
 ``session.py``, where the per-connection protocol logic lives (no asyncio);
@@ -46,9 +58,9 @@ from ..lun.types import LogicalUnitLike, Nexus
 from ..scsi.sense import Sense
 from . import flushpoint
 from .pdu import AsyncEvent
-from .session import ChapConfig, Connection, Session, TargetNode, TargetSettings
+from .session import ChapConfig, Connection, PortalGroup, Session, TargetNode, TargetSettings
 
-__all__ = ["ChapConfig", "IscsiTarget", "Session", "TargetNode", "TargetSettings"]
+__all__ = ["ChapConfig", "IscsiTarget", "PortalGroup", "Session", "TargetNode", "TargetSettings"]
 
 log = logging.getLogger("prmigrate.iscsi.target")
 
@@ -61,10 +73,11 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
     Protocol gets a fresh 256 KiB bytes object per read, which costs an
     mmap, an mremap and an munmap plus page faults on every read event."""
 
-    __slots__ = ("target", "conn", "transport", "_timer", "_active", "_view")
+    __slots__ = ("target", "group", "conn", "transport", "_timer", "_active", "_view")
 
-    def __init__(self, target: IscsiTarget) -> None:
+    def __init__(self, target: IscsiTarget, group: PortalGroup | None = None) -> None:
         self.target = target
+        self.group = group
         self.conn: Connection | None = None
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -84,6 +97,7 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
             transport.close,
             partial(flushpoint.defer, call_soon=asyncio.get_running_loop().call_soon),
         )
+        self.conn.portal_group = self.group
         self.target._connections.add(self.conn)
         if self.target.keepalive:
             self._arm()
@@ -143,10 +157,11 @@ class IscsiTarget:
         self.keepalive = keepalive
         self.max_task_bytes = max_task_bytes
         self.nodes: dict[str, TargetNode] = {}
-        self._sessions: dict[tuple[str, int, str], Session] = {}
+        self._sessions: dict[tuple[str, int, str, int], Session] = {}
         self._connections: set[Connection] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._tsih = 0
+        self.portal_groups: dict[int, PortalGroup] = {}  # by tag, in the order first started
         for node in nodes:
             self.add_node(node)
 
@@ -156,8 +171,18 @@ class IscsiTarget:
             node.tpgt = self.portal_group_tag
         self.nodes[node.name.lower()] = node
         for lu in node.luns.values():
-            if hasattr(lu, "abort_hook"):
-                lu.abort_hook = self._abort_nexuses  # type: ignore[attr-defined]
+            self._present(lu)
+
+    def _present(self, lu: LogicalUnitLike) -> None:
+        if hasattr(lu, "abort_hook"):
+            lu.abort_hook = self._abort_nexuses  # type: ignore[attr-defined]
+        if hasattr(lu, "target_ports"):
+            lu.target_ports = self.target_ports  # type: ignore[attr-defined]
+
+    def target_ports(self) -> dict[int, int]:
+        """Relative target port identifier -> portal group tag of every target
+        port (the portal groups; ``{1: 1}`` while none is started)."""
+        return {g.rel_port: g.tpgt for g in self.portal_groups.values()} or {1: 1}
 
     def remove_node(self, name: str) -> TargetNode | None:
         node = self.nodes.pop(name.lower(), None)
@@ -176,8 +201,7 @@ class IscsiTarget:
         node = self._existing_node(node_name)
         if lun in node.luns:
             raise ValueError(f"LUN {lun} of {node.name} exists")
-        if hasattr(lu, "abort_hook"):
-            lu.abort_hook = self._abort_nexuses  # type: ignore[attr-defined]
+        self._present(lu)
         nexuses = self._nexuses(node)
         attach = getattr(lu, "attach", None)
         if attach is not None:
@@ -337,12 +361,28 @@ class IscsiTarget:
                 s.conn.end_after_answers()
 
     # ------------------------------------------------------------ server
-    async def start(self, host: str = "127.0.0.1", port: int = 3260) -> list[tuple[str, int]]:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 3260, tpgt: int | None = None
+    ) -> list[tuple[str, int]]:
+        """Listen on ``host:port``; with ``tpgt``, as a portal of that target
+        portal group (created on first use, with the next relative target
+        port identifier)."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _IscsiProtocol(self), host, port, reuse_address=True)
+        group = None
+        if tpgt is not None:
+            group = self.portal_groups.get(tpgt)
+            if group is None:
+                group = PortalGroup(tpgt, len(self.portal_groups) + 1)
+        server = await loop.create_server(lambda: _IscsiProtocol(self, group), host, port, reuse_address=True)
         self._servers.append(server)
         bound = [s.getsockname()[:2] for s in server.sockets]
-        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        if group is not None:
+            group.portals += bound
+            self.portal_groups.setdefault(group.tpgt, group)
+            log.info("listening on %s (portal group %d, relative target port %d)",
+                     ", ".join(f"{h}:{p}" for h, p in bound), group.tpgt, group.rel_port)
+        else:
+            log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
         return bound
 
     async def close(self) -> None:

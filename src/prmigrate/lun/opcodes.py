@@ -128,6 +128,11 @@ TABLE: tuple[OpInfo, ...] = (
     OpInfo(Opcode.REPORT_LUNS, None, _u(0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0)),
     OpInfo(
         Opcode.MAINTENANCE_IN,
+        MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
+        _u(0xA3, 0x2A, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),  # PARAMETER DATA FORMAT 000b/001b
+    ),
+    OpInfo(
+        Opcode.MAINTENANCE_IN,
         MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
         _u(0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
     ),

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -372,6 +372,10 @@ class ReservationTable:
         # Held back while a PR OUT runs, delivered once its state is saved.
         self._held_uas: list[tuple[Nexus, Sense]] = []
         self._held_aborts: set[Nexus] = set()
+        # The SCSI target device's target ports: relative target port
+        # identifier -> portal group tag (set by the logical unit; None: not
+        # known, any non-zero identifier is taken).
+        self.target_ports: Callable[[], Mapping[int, int]] | None = None
         if self._state_path is not None:
             self._load(self._state_path)
 
@@ -892,9 +896,13 @@ class ReservationTable:
             raise ReservationConflict()  # only the holder of a single-holder type moves
         if p.sark == 0:
             raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(8))
-        if p.rel_tgt_port == 0:
+        tpgt = self._port_tpgt(nexus, p.rel_tgt_port)
+        if tpgt is None:
+            # SPC-5 5.14.8: the destination I_T nexus is the TransportID's
+            # initiator port with the target port RELATIVE TARGET PORT
+            # IDENTIFIER names; one that names no target port is invalid.
             raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(18))
-        dest = Registration(p.sark, p.transport_id, p.rel_tgt_port, False, nexus.target, nexus.tpgt)
+        dest = Registration(p.sark, p.transport_id, p.rel_tgt_port, False, nexus.target, tpgt)
         if dest.overlaps(reg):
             # The destination must be another I_T nexus than the caller's.
             raise CheckCondition(Sense.INVALID_FIELD_IN_PARAMETER_LIST, _param_field(24))
@@ -915,6 +923,16 @@ class ReservationTable:
         self._aptpl = p.aptpl
         self._bump()
         self._save()
+
+    def _port_tpgt(self, nexus: Nexus, rel_port: int) -> int | None:
+        """The portal group tag of target port ``rel_port``; None if there is no such port."""
+        if rel_port == 0:
+            return None
+        if rel_port == nexus.rel_port:
+            return nexus.tpgt
+        if self.target_ports is None:
+            return nexus.tpgt
+        return self.target_ports().get(rel_port)
 
     # -- REPLACE LOST RESERVATION (SPC-5 5.14.12)
 

@@ -37,11 +37,12 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..scsi import inquiry as inq
+from ..scsi import tpg
 from ..scsi.cdb import (
     BYTCHK_MASK,
     FUA,
@@ -177,6 +178,11 @@ class LogicalUnit:
         self.ua = UnitAttentions()
         self.modes = ModePages()
         self.report_luns: Callable[[], list[int]] = lambda: [self.lun]
+        # The target ports of the SCSI target device, relative target port
+        # identifier -> iSCSI target portal group tag (one port per portal
+        # group); the iSCSI target sets it (iscsi/target.py). Each port is its
+        # own target port group of the same number (REPORT TARGET PORT GROUPS).
+        self.target_ports: Callable[[], Mapping[int, int]] = lambda: {1: 1}
         # Logical units an EXTENDED COPY may name as copy source or
         # destination (E4h descriptors carrying their NAA designator): this
         # LU alone unless the target gives the LUs of its node.
@@ -191,6 +197,8 @@ class LogicalUnit:
             pr_factory = ReservationTable
         state_path = Path(state_dir) / f"lun{lun}-pr.json" if state_dir else None
         self.pr: ReservationTable = pr_factory(self.ua, state_path, abort_tasks=self._abort_tasks, log=self.log)
+        if hasattr(self.pr, "target_ports"):
+            self.pr.target_ports = lambda: self.target_ports()  # REGISTER AND MOVE checks its port
         self._fd = self.store.fd
         self._max_xfer = min(MAX_TRANSFER_BLOCKS, MAX_TRANSFER_BYTES // block_size)
         max_atomic = min(self._max_xfer, MAX_ATOMIC_BYTES // block_size, 0xFFFF)
@@ -210,7 +218,7 @@ class LogicalUnit:
             max_atomic_with_boundary=max_atomic,
             max_atomic_boundary=max_atomic,
         )
-        self._std_inquiry = inq.standard_inquiry(self.ident, third_party_copy=True)
+        self._std_inquiry = inq.standard_inquiry(self.ident, third_party_copy=True, tpgs=tpg.Tpgs.IMPLICIT)
         self._dispatch: dict[int, Callable[[Nexus, bytes, bytes | memoryview], Result]] = {
             Opcode.READ_10: self._read10,
             Opcode.READ_16: self._read16,
@@ -807,7 +815,8 @@ class LogicalUnit:
         elif page == inq.VpdPage.UNIT_SERIAL:
             out = inq.vpd_serial(self.ident)
         elif page == inq.VpdPage.DEVICE_ID:
-            out = inq.vpd_device_id(self.ident, target=nexus.target, tpgt=nexus.tpgt, rel_port=nexus.rel_port)
+            out = inq.vpd_device_id(self.ident, target=nexus.target, tpgt=nexus.tpgt, rel_port=nexus.rel_port,
+                                    port_group=nexus.rel_port)
         elif page == inq.VpdPage.THIRD_PARTY_COPY:
             out = inq.vpd_third_party_copy(xcopy.copy_limits(self.block_size))
         elif page == inq.VpdPage.BLOCK_LIMITS:
@@ -963,7 +972,17 @@ class LogicalUnit:
             if t.alloc < 4:
                 raise invalid_cdb(6)
             return Result(_GOOD, SUPPORTED_TMFS.encode(t.repd)[: t.alloc])
+        if sa == MaintenanceIn.REPORT_TARGET_PORT_GROUPS:
+            return self._report_target_port_groups(cdb)
         if sa != MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
             raise invalid_cdb(1, 4)
         c = ReportOpcodesCdb.decode(cdb)
         return Result(_GOOD, report_supported_opcodes(c)[: c.alloc])
+
+    def _report_target_port_groups(self, cdb: bytes) -> Result:
+        """REPORT TARGET PORT GROUPS (SPC-5 6.36): one group per target port,
+        numbered like it, every one active/optimized (implicit ALUA: the
+        state never changes, all paths are equal)."""
+        c = tpg.ReportTpgCdb.decode(cdb)
+        groups = [tpg.TargetPortGroup(port, (port,)) for port in sorted(self.target_ports())]
+        return Result(_GOOD, tpg.encode_report(groups, c.fmt)[: c.alloc])

@@ -94,7 +94,9 @@ def _ascii(s: str, n: int) -> bytes:
     return b.ljust(n, b" ")
 
 
-def standard_inquiry(ident: Identity, *, protect: bool = False, third_party_copy: bool = False) -> bytes:
+def standard_inquiry(
+    ident: Identity, *, protect: bool = False, third_party_copy: bool = False, tpgs: int = 0
+) -> bytes:
     """96 bytes of standard INQUIRY data (SPC-5 6.6.2). ``third_party_copy``
     sets 3PC: the LU's copy manager takes EXTENDED COPY."""
     b = bytearray(96)
@@ -102,7 +104,8 @@ def standard_inquiry(ident: Identity, *, protect: bool = False, third_party_copy
     b[2] = STANDARD_VERSION
     b[3] = 0x10 | 0x02  # HISUP, RESPONSE DATA FORMAT 2
     b[4] = len(b) - 5
-    b[5] = (0x01 if protect else 0x00) | (0x08 if third_party_copy else 0x00)  # SCCS/ACC/TPGS=0, 3PC
+    # SCCS/ACC 0, TPGS (bits 5:4: asymmetric access, scsi/tpg.py), 3PC, PROTECT
+    b[5] = (0x01 if protect else 0x00) | (0x08 if third_party_copy else 0x00) | (tpgs & 0x3) << 4
     b[6] = 0x00
     b[7] = 0x02  # CMDQUE
     b[8:16] = _ascii(ident.vendor, 8)
