@@ -86,7 +86,9 @@ def test_the_wheel_installs_the_man_pages_and_completion(tmp_path: Path) -> None
     meta = zipfile.ZipFile(wheel).read(f"prmigrate-{prmigrate.__version__}.dist-info/METADATA").decode()
     assert "Classifier: Operating System :: POSIX :: Linux" in meta and "Project-URL:" in meta
     prefix = tmp_path / "prefix"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix",
+    # --ignore-installed: the package is also installed (editable) in this
+    # environment, and pip would otherwise skip a wheel of the same version
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--prefix",
                         str(prefix), str(wheel)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (prefix / "share" / "man" / "man1" / "prmigrate-pr.1").is_file()
