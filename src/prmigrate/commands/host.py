@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(lower latency at low queue depth for CPU; asyncio loop only; default 0: off)")
     parser.add_argument("--event-log", default=None, metavar="PATH",
                         help="JSON lines event log (default: <state-dir>/events.jsonl)")
+    parser.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                        help="serve Prometheus metrics over HTTP here (default: off)")
     parser.add_argument("--status", action="store_true",
                         help="show a running daemon's devices (needs --control), then exit")
     parser.add_argument("--json", action="store_true", help="with --status: print JSON")
@@ -91,6 +93,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
 
         event_log = cfg.state_dir / DEFAULT_NAME
     daemon = HostDaemon(cfg, event_log=event_log)
+    metrics = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop)
@@ -105,9 +108,19 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
         except (DeviceError, IscsiError, LoginError, CommandError, OSError) as exc:
             log.error("cannot start host %s: %s", cfg.name, exc)
             return 1
+        if cfg.metrics:
+            from ..metrics import MetricsError, parse_metrics_address, serve_host
+
+            try:
+                metrics = serve_host(daemon, *parse_metrics_address(cfg.metrics))
+            except MetricsError as e:
+                log.error("metrics: %s", e)
+                return 1
         await daemon.serve_forever()
         log.info("stopping")
     finally:
+        if metrics is not None:
+            metrics.close()
         await daemon.close()
     return 0
 

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-us", type=int, default=0, metavar="US",
                         help="busy-poll up to US microseconds for the next PDU before sleeping "
                              "(lower latency at low queue depth for CPU; asyncio loop only; default 0: off)")
+    parser.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                        help="serve Prometheus metrics over HTTP here (default: off)")
     parser.add_argument("--atomic-unit", type=int, default=1, metavar="BLOCKS",
                         help="WRITE ATOMIC alignment and length granularity in blocks (default 1: none)")
 
@@ -104,6 +106,7 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 async def _serve(args: argparse.Namespace) -> int:
     target, luns = _build(args)
+    metrics = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -112,9 +115,19 @@ async def _serve(args: argparse.Namespace) -> int:
         for host, port in args.listen or [("127.0.0.1", 3260)]:
             for h, p in await target.start(host, port):
                 log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
+        if args.metrics:
+            from ..metrics import MetricsError, parse_metrics_address, serve_target
+
+            try:
+                metrics = serve_target(target, *parse_metrics_address(args.metrics))
+            except MetricsError as e:
+                log.error("--metrics: %s", e)
+                return 1
         await stop.wait()
         log.info("stopping")
     finally:
+        if metrics is not None:
+            metrics.close()
         await target.close()
         for lu in luns.values():
             close = getattr(lu, "close", None)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..counters import KIND_OF, OTHER, READ, LuCounters, pr_action_of
 from ..lun.types import LogicalUnitLike, Nexus, Result
 from ..scsi.constants import Opcode as ScsiOp
 from ..scsi.constants import Status
@@ -394,6 +395,15 @@ class Connection:
         self._fast_lu: LogicalUnitLike | None = None  # last LU the read fast path met
         self._fast_fn: Callable[..., Any] | None = None  # its read_fast, if any
         self._fast_relay: Callable[..., bool] | None = None  # its relay_read, if any
+        # metrics (counters.py): the shell's clock (ns), when the current
+        # batch came, the counters of each LUN met, the answers of this batch
+        # (latency taken once it is written), pending commands' records
+        self._now: Callable[[], int] = target.clock_ns
+        self._t_in = 0
+        self._lu_counters: dict[int, LuCounters] = {}
+        self._fast_counters: LuCounters | None = None  # the counters of _fast_lu
+        self._batch: list[tuple[LuCounters, int, int]] = []  # (counters, kind, commands)
+        self._late: dict[int, tuple[LuCounters, int, int, int]] = {}  # itt -> (counters, kind, t, PR action)
         # login state
         self._stages = LoginStages()
         self._text = TextAccumulator()
@@ -478,6 +488,7 @@ class Connection:
         if self.state == Connection.CLOSED:
             return
         self._in_batch = True
+        self._t_in = self._now()
         try:
             self.reader.feed(data)
             while self.state != Connection.CLOSED and not self._close_after_flush:
@@ -506,6 +517,41 @@ class Connection:
         finally:
             self._in_batch = False
         self.flush()
+        if self._batch or len(self._late) > len(self.pending) + 256:
+            self._batch_written()
+
+    # ------------------------------------------------------------ metrics
+    def _counters_of(self, lun: int) -> LuCounters:
+        c = self._lu_counters.get(lun)
+        if c is None:
+            node = self.node.name if self.node is not None else ""
+            c = self._lu_counters[lun] = self.target.counters_for(node, lun)
+        return c
+
+    def _batch_written(self) -> None:
+        """The answers of this batch are written: their latency is now."""
+        ns = self._now() - self._t_in
+        for c, kind, n in self._batch:
+            c.latencies(kind, n, ns)
+        self._batch.clear()
+        if len(self._late) > len(self.pending) + 256:  # records of aborted tasks
+            self._late = {itt: r for itt, r in self._late.items() if itt in self.pending}
+
+    def _count_reads(self, c: LuCounters | None, n: int, nbytes: int, good: int) -> None:
+        """What ``_fast_reads`` took for one LU: ``n`` reads, ``good`` of them answered."""
+        if c is not None and n:
+            c.commands[READ] += n
+            c.bytes[READ] += nbytes
+            if good:
+                c.good_reads(good)
+                self._batch.append((c, READ, good))
+
+    def _late_answered(self, itt: int, status: int, sense: Any) -> None:
+        rec = self._late.pop(itt, None)
+        if rec is not None:
+            c, kind, t, pr_action = rec
+            c.latencies(kind, 1, self._now() - t)
+            c.answered(status, sense, pr_action)
 
     def _fast_reads(self) -> None:
         """Answer the READ(10)/READ(16) commands at the head of the buffer.
@@ -545,6 +591,10 @@ class Connection:
         fn = self._fast_fn
         relay = self._fast_relay
         statsn = self.statsn
+        fc = self._fast_counters
+        late = self._late
+        t_in = self._t_in
+        nread = nbytes = ngood = 0  # counted into fc at the end or when the LU changes
         try:
             while end - pos >= hlen and buf[pos] == 0x01 and buf[pos + 1] & 0xE0 == 0xC0:
                 _, _, _, word, lunf, itt, edtl, cmdsn, _, cdb = unpack(buf, pos)
@@ -555,9 +605,13 @@ class Connection:
                 lun = (lunf >> 48) & 0xFF if not lunf & 0xFF00FFFFFFFFFFFF else decode_lun(lunf)
                 lu = luns.get(lun)
                 if lu is not last_lu:
+                    if nread:
+                        self._count_reads(fc, nread, nbytes, ngood)
+                        nread = nbytes = ngood = 0
                     last_lu = self._fast_lu = lu
                     fn = self._fast_fn = getattr(lu, "read_fast", None)
                     relay = self._fast_relay = getattr(lu, "relay_read", None)
+                    fc = self._fast_counters = None if lu is None else self._counters_of(lun)
                 if fn is None:
                     if lu is None:
                         break
@@ -568,6 +622,9 @@ class Connection:
                         # forwarded as is (the passthrough device): answered
                         # by relay_data/relay_result, no Result in between
                         self.pending[itt] = (token, lu)
+                        late[itt] = (fc, READ, t_in, -1)  # type: ignore[assignment]  # fc: lu is set
+                        nread += 1
+                        nbytes += edtl
                         pos += hlen
                         exp = (exp + 1) & 0xFFFFFFFF
                         if failed:
@@ -602,6 +659,9 @@ class Connection:
                 exp = (exp + 1) & 0xFFFFFFFF
                 if failed:
                     failed.discard(itt)
+                nread += 1
+                nbytes += edtl
+                ngood += 1
                 n = len(data)
                 if n != edtl or n > limit or not n:
                     self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
@@ -627,6 +687,8 @@ class Connection:
         finally:
             self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
             reader.consumed(pos)
+            if nread:
+                self._count_reads(fc, nread, nbytes, ngood)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         hdr = exc.header or b""
@@ -1003,6 +1065,7 @@ class Connection:
         """Run the command on the LU and answer it (now or when its future resolves)."""
         flags = 0
         residual = 0
+        c: LuCounters | None = None
         if lu is None:
             op = cdb[0] if cdb else -1
             if op == ScsiOp.INQUIRY:
@@ -1012,14 +1075,21 @@ class Connection:
             else:
                 res = Result(_CHECK, b"", encode_sense(Sense.LU_NOT_SUPPORTED))
         else:
+            c = self._lu_counters.get(lun) or self._counters_of(lun)
+            kind = KIND_OF[cdb[0]] if cdb else OTHER
+            c.commands[kind] += 1
+            c.bytes[kind] += edtl
             if write:
                 fit = fit_write(cdb, data, edtl, getattr(lu, "block_size", 512))
                 if fit is not None:
                     fitted, data, flags, residual = fit
                     if fitted is None:
+                        c.answered(_GOOD, None, -1)
+                        self._batch.append((c, kind, 1))
                         self._respond(itt, Result(_GOOD), edtl, flags, residual, True)
                         return
                     cdb = fitted
+            self._late[itt] = (c, kind, self._t_in, pr_action_of(cdb))
             then = getattr(lu, "execute_then", None)
             try:
                 if then is not None:
@@ -1049,6 +1119,10 @@ class Connection:
                 self.pending[itt] = (fut, lu)
                 fut.add_done_callback(lambda f: self._completed(itt, f, edtl, flags, residual, write))
                 return
+            rec = self._late.pop(itt, None)
+            if rec is not None:  # answered now: its latency once the batch is written
+                c.answered(res.status, res.sense, rec[3])  # type: ignore[union-attr]
+                self._batch.append((c, kind, 1))
         self._respond(itt, res, edtl, flags, residual, write)  # type: ignore[arg-type]
 
     def _completed(self, itt: int, fut: Any, edtl: int, flags: int, residual: int, write: bool) -> None:
@@ -1065,6 +1139,10 @@ class Connection:
         """An LU's late answer (Result, or the exception its future ended
         with) to the pending task ``itt``."""
         del self.pending[itt]
+        if isinstance(res, Result):
+            self._late_answered(itt, res.status, res.sense)
+        else:
+            self._late_answered(itt, _CHECK, None)
         data = res.data_in if type(res) is Result and not write and not flags and not res.sense else None
         n = len(data) if data else 0
         p = self.params
@@ -1119,6 +1197,7 @@ class Connection:
         if entry is None or entry[0] is not token or self.state != Connection.FULL_FEATURE:
             return  # connection gone or task aborted: drop
         del self.pending[itt]
+        self._late_answered(itt, status, None)
         self._data_in_with_status(itt, status, data)  # data: a copy, queued as is
         self._late_flush()
 
