@@ -88,6 +88,7 @@ from ..lun.types import Result
 from ..scsi.constants import PrOutAction, PrType, SenseKey, Status
 from ..scsi.pr import PrDecodeError
 from ..scsi.sense import SenseDecodeError, decode_sense
+from . import transport
 from .channel import Authenticated, Message, Resume, Role
 from .destination import DestinationMigration, DestinationState
 from .errors import AbortReason, AuthenticationFailed, MigrationError, ProtocolError
@@ -556,8 +557,12 @@ class SourceRunner(_Runner):
         host, port = self.to
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.machine.timeouts.connect
+                transport.open_connection(host, port, self.service.tls), self.machine.timeouts.connect
             )
+        except transport.TlsRefused as e:  # the destination's certificate, or ours, refused
+            self._error(f"destination {host}:{port} refused: {e}")
+            self.feed(Cancel(AbortReason.AUTHENTICATION, str(e)))
+            return
         except (OSError, TimeoutError) as e:
             self._error(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
             self.feed(ChannelLost(f"cannot connect to {host}:{port}"))
@@ -935,9 +940,11 @@ class DestinationRunner(_Runner):
 class MigrationService:
     """Incoming and outgoing migrations of one host daemon."""
 
-    def __init__(self, daemon: HostDaemon, secret: bytes | None, *, timeouts: Timeouts | None = None) -> None:
+    def __init__(self, daemon: HostDaemon, secret: bytes | None, *, timeouts: Timeouts | None = None,
+                 tls: transport.ChannelTls | None = None) -> None:
         self.daemon = daemon
         self.secret = secret
+        self.tls = tls  # mutual TLS under the channel (transport.load_tls_dir)
         self.timeouts = timeouts
         self.listening: list[tuple[str, int]] = []
         self.runners: dict[str, _Runner] = {}  # device -> latest migration
@@ -975,6 +982,11 @@ class MigrationService:
         assert self.secret is not None
         peer = writer.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
+        refused = await transport.accept_tls(writer, self.tls)
+        if refused is not None:
+            log.warning("migration peer %s refused: %s", peer_s, refused)
+            self.daemon.emit({"event": "MIGRATION_REFUSED", "peer": peer_s, "reason": refused})
+            return
         runner = DestinationRunner(self, peer_s, self.timeouts)
         chan = new_channel(Role.SERVER, self.secret, self.server_id())
         authenticated = False
