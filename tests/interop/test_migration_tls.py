@@ -83,23 +83,9 @@ def tls_dir(d: Path, trust: tuple[Path, Path], host: str, server_ca: tuple[Path,
     return d
 
 
-class TlsCluster(ProcCluster):
-    """The interop cluster with extra options per host daemon."""
-
-    host_args: dict[str, list[str]]
-
-    def _launch_host(self, name: str, args: list[str], addr: str, port: int, control: Path,
-                     mport: int) -> Any:
-        extra = self.host_args.get(name, [])
-        if extra and not set(extra) <= set(args):
-            args = args + extra
-        return super()._launch_host(name, args, addr, port, control, mport)
-
-
 @contextlib.contextmanager
 def tls_cluster(workdir: Path, host_args: dict[str, list[str]]):  # type: ignore[no-untyped-def]
-    c = TlsCluster(workdir)
-    c.host_args = host_args
+    c = ProcCluster(workdir, host_args=host_args)
     c.start()
     try:
         yield c
