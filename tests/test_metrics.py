@@ -105,7 +105,10 @@ def test_answers_are_classified() -> None:
     c.answered(Status.GOOD, None, PrOutAction.REGISTER)
     c.answered(Status.RESERVATION_CONFLICT, None, PrOutAction.RESERVE)
     assert (c.conflicts, c.unit_attentions) == (2, 1)
-    assert c.statuses == {0x18: 2, 0x02: 2, 0x00: 1}
+    assert c.statuses == {0x18: 2, 0x02: 2}  # GOOD: every answer in the histograms but these
+    c.latencies(READ, 10, 5_000)
+    c.latencies(OTHER, 5, 5_000)
+    assert c.answers() == 15 and c.good() == 11
     assert c.pr_out == {(0, 0): 1, (1, 0x18): 1}
 
 

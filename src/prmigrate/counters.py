@@ -46,27 +46,54 @@ class LuCounters:
     """What the target did for one logical unit (all its connections)."""
 
     __slots__ = ("commands", "bytes", "latency", "latency_ns", "statuses", "conflicts",
-                 "unit_attentions", "pr_out")
+                 "unit_attentions", "pr_out", "batch", "in_batch")
 
     def __init__(self) -> None:
         self.commands = [0, 0, 0]  # by kind (READ, WRITE, OTHER)
         self.bytes = [0, 0, 0]  # bytes the commands asked to move (their EDTL)
+        # every answer goes into one latency bucket: their sum is the number
+        # of answers, and GOOD ones are that minus the other statuses
         self.latency = [[0] * N_BUCKETS for _ in KINDS]
         self.latency_ns = [0, 0, 0]  # sum of the latencies, for the histogram's _sum
-        self.statuses: dict[int, int] = {}  # SCSI status -> answers (the read fast path: GOOD)
+        self.statuses: dict[int, int] = {}  # SCSI status other than GOOD -> answers
         self.conflicts = 0  # RESERVATION CONFLICT answers
         self.unit_attentions = 0  # CHECK CONDITION with sense key UNIT ATTENTION
         self.pr_out: dict[tuple[int, int], int] = {}  # (service action, status) -> answers
+        # answers of the connection's current read event, by kind: their
+        # latency is taken once (close_batch) when its answers are written
+        self.batch = [0, 0, 0]
+        self.in_batch = False
 
     def latencies(self, kind: int, n: int, ns: int) -> None:
         """``n`` commands of ``kind`` answered ``ns`` after they came."""
         self.latency[kind][latency_bucket(ns)] += n
         self.latency_ns[kind] += n * ns
 
+    def close_batch(self, ns: int) -> None:
+        """The answers counted in ``batch`` were written ``ns`` after their read event."""
+        b = (ns // 1000).bit_length()
+        if b > _LAST:
+            b = _LAST
+        batch = self.batch
+        r, w, o = batch
+        if r:
+            self.latency[0][b] += r
+            self.latency_ns[0] += r * ns
+        if w:
+            self.latency[1][b] += w
+            self.latency_ns[1] += w * ns
+        if o:
+            self.latency[2][b] += o
+            self.latency_ns[2] += o * ns
+        batch[0] = batch[1] = batch[2] = 0
+        self.in_batch = False
+
     def answered(self, status: int, sense: bytes | bytearray | memoryview | None, pr_action: int) -> None:
-        """An answer's status (``pr_action`` >= 0: the service action of a PR OUT)."""
-        st = self.statuses
-        st[status] = st.get(status, 0) + 1
+        """An answer's status (``pr_action`` >= 0: the service action of a PR
+        OUT); GOOD answers other than PR OUT need no call."""
+        if status:
+            st = self.statuses
+            st[status] = st.get(status, 0) + 1
         if status == _CONFLICT:
             self.conflicts += 1
         elif status == _CHECK and sense and unit_attention_of(sense) is not None:
@@ -75,10 +102,12 @@ class LuCounters:
             key = (pr_action, status)
             self.pr_out[key] = self.pr_out.get(key, 0) + 1
 
-    def good_reads(self, n: int) -> None:
-        """``n`` reads the fast path answered GOOD (counted, bytes and latency apart)."""
-        st = self.statuses
-        st[0] = st.get(0, 0) + n
+    def answers(self) -> int:
+        return sum(sum(buckets) for buckets in self.latency)
+
+    def good(self) -> int:
+        """GOOD answers: every answer but those with another status."""
+        return self.answers() - sum(self.statuses.values())
 
 
 def pr_action_of(cdb: bytes | bytearray | memoryview) -> int:

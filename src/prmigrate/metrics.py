@@ -187,6 +187,7 @@ def lu_families(
             commands.add_metric([*labels, kind], c.commands[i])
             nbytes.add_metric([*labels, kind], c.bytes[i])
             latency.add_metric([*labels, kind], _cumulative(_LATENCY_LE, c.latency[i]), c.latency_ns[i] / 1e9)
+        statuses.add_metric([*labels, "GOOD"], c.good())
         for status, n in sorted(c.statuses.items()):
             statuses.add_metric([*labels, _name(Status, status)], n)
         conflicts.add_metric(labels, c.conflicts)

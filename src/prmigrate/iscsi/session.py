@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..counters import KIND_OF, OTHER, READ, LuCounters, pr_action_of
+from ..counters import KIND_OF, OTHER, READ, LuCounters, latency_bucket, pr_action_of
 from ..lun.types import LogicalUnitLike, Nexus, Result
 from ..scsi.constants import Opcode as ScsiOp
 from ..scsi.constants import Status
@@ -402,7 +402,7 @@ class Connection:
         self._t_in = 0
         self._lu_counters: dict[int, LuCounters] = {}
         self._fast_counters: LuCounters | None = None  # the counters of _fast_lu
-        self._batch: list[tuple[LuCounters, int, int]] = []  # (counters, kind, commands)
+        self._batch: list[LuCounters] = []  # counters with answers of this batch (LuCounters.batch)
         self._late: dict[int, tuple[LuCounters, int, int, int]] = {}  # itt -> (counters, kind, t, PR action)
         # login state
         self._stages = LoginStages()
@@ -517,8 +517,14 @@ class Connection:
         finally:
             self._in_batch = False
         self.flush()
-        if self._batch or len(self._late) > len(self.pending) + 256:
-            self._batch_written()
+        batch = self._batch
+        if batch:  # the answers of this batch are written: their latency is now
+            ns = self._now() - self._t_in
+            for c in batch:
+                c.close_batch(ns)
+            batch.clear()
+        if len(self._late) > 256:
+            self._prune_late()
 
     # ------------------------------------------------------------ metrics
     def _counters_of(self, lun: int) -> LuCounters:
@@ -528,12 +534,7 @@ class Connection:
             c = self._lu_counters[lun] = self.target.counters_for(node, lun)
         return c
 
-    def _batch_written(self) -> None:
-        """The answers of this batch are written: their latency is now."""
-        ns = self._now() - self._t_in
-        for c, kind, n in self._batch:
-            c.latencies(kind, n, ns)
-        self._batch.clear()
+    def _prune_late(self) -> None:
         if len(self._late) > len(self.pending) + 256:  # records of aborted tasks
             self._late = {itt: r for itt, r in self._late.items() if itt in self.pending}
 
@@ -543,15 +544,29 @@ class Connection:
             c.commands[READ] += n
             c.bytes[READ] += nbytes
             if good:
-                c.good_reads(good)
-                self._batch.append((c, READ, good))
+                c.batch[READ] += good
+                if not c.in_batch:
+                    c.in_batch = True
+                    self._batch.append(c)
+
+    def _answered_now(self, c: LuCounters, kind: int, status: int, sense: Any, cdb: bytes) -> None:
+        """A command of this batch answered at once: its latency when the batch is written."""
+        c.batch[kind] += 1
+        if not c.in_batch:
+            c.in_batch = True
+            self._batch.append(c)
+        if status or (cdb and cdb[0] == 0x5F):
+            c.answered(status, sense, pr_action_of(cdb))
 
     def _late_answered(self, itt: int, status: int, sense: Any) -> None:
         rec = self._late.pop(itt, None)
         if rec is not None:
             c, kind, t, pr_action = rec
-            c.latencies(kind, 1, self._now() - t)
-            c.answered(status, sense, pr_action)
+            ns = self._now() - t
+            c.latency[kind][latency_bucket(ns)] += 1
+            c.latency_ns[kind] += ns
+            if status or pr_action >= 0:
+                c.answered(status, sense, pr_action)
 
     def _fast_reads(self) -> None:
         """Answer the READ(10)/READ(16) commands at the head of the buffer.
@@ -687,8 +702,14 @@ class Connection:
         finally:
             self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
             reader.consumed(pos)
-            if nread:
-                self._count_reads(fc, nread, nbytes, ngood)
+            if nread and fc is not None:  # _count_reads, inline
+                fc.commands[READ] += nread
+                fc.bytes[READ] += nbytes
+                if ngood:
+                    fc.batch[READ] += ngood
+                    if not fc.in_batch:
+                        fc.in_batch = True
+                        self._batch.append(fc)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         hdr = exc.header or b""
@@ -1084,12 +1105,10 @@ class Connection:
                 if fit is not None:
                     fitted, data, flags, residual = fit
                     if fitted is None:
-                        c.answered(_GOOD, None, -1)
-                        self._batch.append((c, kind, 1))
+                        self._answered_now(c, kind, _GOOD, None, cdb)
                         self._respond(itt, Result(_GOOD), edtl, flags, residual, True)
                         return
                     cdb = fitted
-            self._late[itt] = (c, kind, self._t_in, pr_action_of(cdb))
             then = getattr(lu, "execute_then", None)
             try:
                 if then is not None:
@@ -1104,6 +1123,7 @@ class Connection:
                             self._answer(itt, r, edtl, flags, residual, write)
 
                     self.pending[itt] = (mine, lu)
+                    self._late[itt] = (c, kind, self._t_in, pr_action_of(cdb))
                     res = then(self.nexus, cdb, data, done)
                     if res is None:
                         return
@@ -1117,12 +1137,12 @@ class Connection:
             if type(res) is not Result and hasattr(res, "add_done_callback"):
                 fut = res
                 self.pending[itt] = (fut, lu)
+                self._late[itt] = (c, kind, self._t_in, pr_action_of(cdb))
                 fut.add_done_callback(lambda f: self._completed(itt, f, edtl, flags, residual, write))
                 return
-            rec = self._late.pop(itt, None)
-            if rec is not None:  # answered now: its latency once the batch is written
-                c.answered(res.status, res.sense, rec[3])  # type: ignore[union-attr]
-                self._batch.append((c, kind, 1))
+            if self._late:
+                self._late.pop(itt, None)  # execute_then answered at once
+            self._answered_now(c, kind, res.status, res.sense, cdb)  # type: ignore[union-attr]
         self._respond(itt, res, edtl, flags, residual, write)  # type: ignore[arg-type]
 
     def _completed(self, itt: int, fut: Any, edtl: int, flags: int, residual: int, write: bool) -> None:
