@@ -130,6 +130,9 @@ class DaemonStats:
         self.refused = 0
         self.pr_changes: dict[str, int] = {}
         self.reconciliations: dict[tuple[str, str], int] = {}
+        # frontend node -> device, kept after the device left (moved away):
+        # its counters are still exported under its name
+        self.node_device: dict[str, str] = {}
 
     def __call__(self, msg: dict[str, Any]) -> None:
         name = msg.get("event")
@@ -207,8 +210,9 @@ def lu_families(
 def host_families(daemon: HostDaemon, stats: DaemonStats) -> list[Metric]:
     from .host.daemon import frontend_iqn
 
-    node_device = {frontend_iqn(d.config): name for name, d in daemon.devices.items()}
-    families = lu_families(daemon.target, node_device.get)
+    for name, d in daemon.devices.items():
+        stats.node_device[frontend_iqn(d.config)] = name
+    families = lu_families(daemon.target, stats.node_device.get)
     up = GaugeMetricFamily("prmigrate_backend_session_up",
                            "1 while the guest's backend I_T nexus is logged in", labels=["device", "guest"])
     held = GaugeMetricFamily("prmigrate_device_held", "1 while a migration holds the guest's commands",

@@ -11,6 +11,10 @@ Events (PR state changes, reconciliations, migrations with their phase
 timings) are appended as JSON lines to ``--event-log PATH``, default
 ``<state-dir>/events.jsonl`` when there is a state directory.
 
+``--metrics ADDR:PORT`` (or ``metrics =`` in host.toml) serves Prometheus
+metrics (``prmigrate.metrics``); ``--migrate-tls-dir DIR`` puts the
+migration channel under mutual TLS (``host/migration_service.py``).
+
 ``--status`` asks a running daemon (``query-devices``) and prints, per
 device and guest: key, reservation, backend nexus, how and when the state
 was last verified against the LUN.
