@@ -251,3 +251,19 @@ def test_endpoint_address_in_use_is_a_clear_error() -> None:
             first.close()
 
     asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_host_toml_keys() -> None:
+    from prmigrate.host.config import HostConfigError, from_mapping
+
+    cfg = from_mapping({"host": {"name": "h", "metrics": "127.0.0.2:9464",
+                                 "migrate-tls-dir": "/etc/prmigrate/tls"}}).validate()
+    assert cfg.metrics == "127.0.0.2:9464"
+    assert str(cfg.migrate_tls_dir) == "/etc/prmigrate/tls"
+    assert from_mapping({"host": {"name": "h"}}).validate().metrics is None
+    try:
+        from_mapping({"host": {"name": "h", "metrics": "9464"}}).validate()
+    except HostConfigError as e:
+        assert "metrics address '9464' is not ADDR:PORT" in str(e)
+    else:
+        raise AssertionError("a metrics address without a port accepted")

@@ -105,8 +105,16 @@ def _build(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    metrics = metrics_at = None
+    if args.metrics:
+        from ..metrics import MetricsError, parse_metrics_address, serve_target
+
+        try:
+            metrics_at = parse_metrics_address(args.metrics)
+        except MetricsError as e:
+            log.error("--metrics: %s", e)
+            return 2
     target, luns = _build(args)
-    metrics = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -115,11 +123,9 @@ async def _serve(args: argparse.Namespace) -> int:
         for host, port in args.listen or [("127.0.0.1", 3260)]:
             for h, p in await target.start(host, port):
                 log.info("serving %s on %s:%d (%d LUN%s)", args.iqn, h, p, len(luns), "" if len(luns) == 1 else "s")
-        if args.metrics:
-            from ..metrics import MetricsError, parse_metrics_address, serve_target
-
+        if metrics_at is not None:
             try:
-                metrics = serve_target(target, *parse_metrics_address(args.metrics))
+                metrics = serve_target(target, *metrics_at)
             except MetricsError as e:
                 log.error("--metrics: %s", e)
                 return 1
