@@ -8,7 +8,8 @@ recording holds no form of the guest's reservation key (big-endian bytes,
 decimal as the state stream's JSON carries it, hexadecimal), without TLS
 the same recording does (so the search can find it). A destination whose
 certificate another CA signed, and a source whose client certificate
-another CA signed, are refused: ``prmigrate migrate`` exits non-zero naming
+another CA signed, and a source whose client certificate is in the
+destination's ``ca-crl.pem``, are refused: ``prmigrate migrate`` exits non-zero naming
 TLS and the certificate, the destination records ``MIGRATION_REFUSED`` with
 the reason, and the guest keeps its reservation on the source.
 """
@@ -178,13 +179,33 @@ async def _reserve(c: ProcCluster) -> Any:
     return s
 
 
+def revoke(ca: tuple[Path, Path], cert: Path, crl: Path) -> None:
+    """Revoke ``cert`` and write the CA's CRL to ``crl`` (``openssl ca``)."""
+    d = ca[0].parent / "ca-db"
+    d.mkdir(exist_ok=True)
+    (d / "index.txt").touch()
+    if not (d / "crlnumber").exists():
+        (d / "crlnumber").write_text("01\n")
+    cnf = d / "ca.cnf"
+    cnf.write_text(f"[ca]\ndefault_ca = d\n[d]\ndatabase = {d / 'index.txt'}\ncrlnumber = {d / 'crlnumber'}\n"
+                   f"certificate = {ca[0]}\nprivate_key = {ca[1]}\ndefault_md = sha256\n"
+                   "default_crl_days = 2\n")
+    _openssl("ca", "-config", str(cnf), "-revoke", str(cert), cwd=d)
+    _openssl("ca", "-config", str(cnf), "-gencrl", "-out", str(crl), cwd=d)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _need_openssl()
     root = tmp_path_factory.mktemp("pki")
     ca = make_ca(root / "ca", "prmigrate-test-ca")
     rogue = make_ca(root / "rogue", "someone-else-ca")
+    revoked_a = tls_dir(root / "hosta-revoked", ca, "hosta")
+    hostb_crl = tls_dir(root / "hostb-crl", ca, "hostb")
+    revoke(ca, revoked_a / "client-cert.pem", hostb_crl / "ca-crl.pem")
     return {
+        "hosta-revoked": revoked_a,
+        "hostb-crl": hostb_crl,
         "hosta": tls_dir(root / "hosta", ca, "hosta"),
         "hostb": tls_dir(root / "hostb", ca, "hostb"),
         "hostb-rogue-server": tls_dir(root / "hostb-rogue", ca, "hostb", server_ca=rogue),
@@ -229,11 +250,14 @@ def test_migration_over_tls_hides_the_key(tmp_path: Path, pki: dict[str, Any], t
         _run(go())
 
 
-@pytest.mark.parametrize("who", ["destination", "source"])
+@pytest.mark.parametrize("who", ["destination", "source", "revoked"])
 def test_untrusted_certificate_is_refused(tmp_path: Path, pki: dict[str, Any], who: str) -> None:
     if who == "destination":  # B's server certificate comes from another CA
         host_args = {"hosta": ["--migrate-tls-dir", str(pki["hosta"])],
                      "hostb": ["--migrate-tls-dir", str(pki["hostb-rogue-server"])]}
+    elif who == "revoked":  # A's client certificate is in B's ca-crl.pem
+        host_args = {"hosta": ["--migrate-tls-dir", str(pki["hosta-revoked"])],
+                     "hostb": ["--migrate-tls-dir", str(pki["hostb-crl"])]}
     else:  # A's client certificate comes from another CA
         host_args = {"hosta": ["--migrate-tls-dir", str(pki["hosta-rogue-client"])],
                      "hostb": ["--migrate-tls-dir", str(pki["hostb"])]}
@@ -259,6 +283,8 @@ def test_untrusted_certificate_is_refused(tmp_path: Path, pki: dict[str, Any], w
             # the server; a server refusing a client certificate sends one
             expected = ("TLS: the peer closed the connection during the handshake (it may not trust our "
                         "certificate" if who == "destination" else "TLS: the peer's certificate is not trusted")
+            if who == "revoked":
+                expected = "TLS: the peer's certificate is not trusted (certificate revoked)"
             assert any(expected in r for r in refusals), _refusals(c, "hostb")
             assert "refused: TLS" in c.procs["hostb"].log
             # nothing moved: the guest keeps its reservation on A and is served there

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the cluster's shared migration secret (>= 16 bytes)")
     parser.add_argument("--migrate-tls-dir", default=None, metavar="DIR",
                         help="mutual x509 TLS on the migration channel: ca-cert.pem, server-cert.pem, "
-                             "server-key.pem, client-cert.pem, client-key.pem (QEMU's names); "
+                             "server-key.pem, client-cert.pem, client-key.pem, optionally ca-crl.pem (QEMU's names); "
                              "the secret is still required")
 
 

@@ -23,7 +23,8 @@ to find the source's registrations in READ FULL STATUS) and the server
 
 TLS (optional, ``load_tls_dir``): mutual x509 under the channel, from a
 directory laid out like QEMU's ``tls-creds-x509`` (``ca-cert.pem``,
-``server-cert.pem``/``server-key.pem``, ``client-cert.pem``/``client-key.pem``).
+``server-cert.pem``/``server-key.pem``, ``client-cert.pem``/``client-key.pem``,
+optionally ``ca-crl.pem``: a peer certificate the CA revoked is refused).
 The destination listens on plain TCP and starts TLS on each connection
 (``accept_tls``), so a peer refused during the handshake is reported (the
 service's ``MIGRATION_REFUSED`` event), not only dropped by the library; the
@@ -55,6 +56,7 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 
 # QEMU's tls-creds-x509 file names (docs/system/tls.rst)
 CA_CERT = "ca-cert.pem"
+CA_CRL = "ca-crl.pem"  # optional: certificates the CA revoked
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
 
@@ -94,6 +96,12 @@ def load_tls_dir(directory: str | Path) -> ChannelTls:
             ctx.load_cert_chain(str(d / cert), str(d / key))
         except (OSError, ssl.SSLError) as e:
             raise TlsError(f"{d}: cannot load {cert}/{key} with {CA_CERT}: {e}") from e
+        if (d / CA_CRL).is_file():
+            try:
+                ctx.load_verify_locations(cafile=str(d / CA_CRL))
+            except (OSError, ssl.SSLError) as e:
+                raise TlsError(f"{d}: cannot load {CA_CRL}: {e}") from e
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF  # a peer's revoked certificate is refused
         return ctx
 
     return ChannelTls(d, context(ssl.PROTOCOL_TLS_SERVER, SERVER_CERT, SERVER_KEY),
