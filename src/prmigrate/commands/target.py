@@ -263,10 +263,11 @@ async def _serve_locked(args: argparse.Namespace) -> int:
     from ..sdnotify import Notifier
 
     addresses = args.listen or [("127.0.0.1", 3260)]
-    if any(port == 0 for _, port in addresses):
-        probes: list[socket.socket] = []  # an ephemeral port is never in use
-    else:
-        probes = _claim(addresses + ([args.metrics_at] if args.metrics_at else []))
+    # an ephemeral port is never in use; the metrics port is never ephemeral
+    claimed = [] if any(port == 0 for _, port in addresses) else list(addresses)
+    if args.metrics_at:
+        claimed.append(args.metrics_at)
+    probes = _claim(claimed)
     created: list[Path] = []
     target = None
     control = None
