@@ -8,7 +8,9 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +103,25 @@ def qemu_img_bench(url: str, write: bool, count: int = 100000, qd: int = 32,
     if p.returncode != 0 or not found:
         raise RuntimeError(f"qemu-img bench failed on {url}: {p.stdout[-500:]} {p.stderr[-500:]}")
     return count / float(found[-1])
+
+
+class Scraper:
+    """Scrapes a metrics endpoint every ``interval`` seconds until stopped."""
+
+    def __init__(self, addr: str, interval: float) -> None:
+        self.addr, self.interval = addr, interval
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=10) as resp:
+                resp.read()
+            self.scrapes += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(15)
+        return self.scrapes

@@ -26,6 +26,10 @@ that copies bytes between the guest's and the target's sockets and does
 nothing else: what any forwarder costs by being in the data path on this
 machine (its socket reads and writes, its share of the cores). The daemon
 does that socket work and all of the device's on top.
+``--metrics``: instead, two host daemons in front of the same ``prmigrate
+target``, one with ``--metrics`` (scraped every ``--scrape-interval`` s
+while iscsi-perf runs through it), alternating rounds; prints the IOPS of
+the one with metrics over the other's.
 Not a test: numbers depend on the machine (CPU count matters: the guest,
 the daemon and the target share it).
 """
@@ -44,8 +48,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from _common import (  # noqa: E402
+    Scraper,
     children_cpu,
     env,
     free_port,
@@ -121,18 +127,22 @@ def tgt_target(work: Path) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def host_daemon(work: Path, backend: str, uvloop: bool, poll_us: int = 0) -> Iterator[tuple[str, int]]:
+def host_daemon(work: Path, backend: str, uvloop: bool, poll_us: int = 0, tag: str = "",
+                metrics: str | None = None) -> Iterator[tuple[str, int]]:
     host = f"127.0.0.{random.randint(2, 250)}"
     port = free_port(host)
-    args = [sys.executable, "-m", "prmigrate.cli", "host", "--name", "bench", "--initiator", HOST_IQN,
-            "--listen", f"{host}:{port}", "--control", str(work / "host.sock"),
-            "--state-dir", str(work / "host-state"),
+    args = [sys.executable, "-m", "prmigrate.cli", "host", "--name", "bench" + tag,
+            "--initiator", HOST_IQN + tag,
+            "--listen", f"{host}:{port}", "--control", str(work / f"host{tag}.sock"),
+            "--state-dir", str(work / f"host{tag}-state"),
             "--device", f"name=vm1,backend={backend},target={FRONTEND},machine=pc-q35-11.0"]
     if uvloop:
         args.append("--uvloop")
     if poll_us:
         args += ["--poll-us", str(poll_us)]
-    with open(work / "host.log", "wb") as log:
+    if metrics:
+        args += ["--metrics", metrics]
+    with open(work / f"host{tag}.log", "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
     try:
         wait_port(host, port, proc)
@@ -226,6 +236,33 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
               f"  {100 * mv2 / md2:>6.1f}%", flush=True)
 
 
+def bench_metrics(off: str, on: str, metrics: str, pids: dict[str, int], seconds: int, rounds: int,
+                  interval: float) -> None:
+    """The same reads through a daemon without and one with --metrics (scraped)."""
+    print(f"\nmetrics: through a daemon with --metrics {metrics} (scraped every {interval:g} s) / without")
+    for qd in (1, 32):
+        ratios: list[float] = []
+        got: dict[str, list[Any]] = {"off": [], "on": []}
+        for _ in range(rounds):
+            m_off = Measured(off, qd, seconds, {"daemon": pids["off"]})
+            scraper = Scraper(metrics, interval)
+            try:
+                m_on = Measured(on, qd, seconds, {"daemon": pids["on"]})
+            finally:
+                if not scraper.stop():
+                    raise RuntimeError("the metrics endpoint was never scraped")
+            got["off"].append(m_off)
+            got["on"].append(m_on)
+            ratios.append(m_on.iops / m_off.iops)
+        off_iops = statistics.median(m.iops for m in got["off"])
+        on_iops = statistics.median(m.iops for m in got["on"])
+        cpu_off = 1e6 * statistics.median(m.cpu["daemon"] for m in got["off"])
+        cpu_on = 1e6 * statistics.median(m.cpu["daemon"] for m in got["on"])
+        print(f"  QD{qd:<3} off {off_iops:>8.0f} IOPS  on {on_iops:>8.0f} IOPS  on/off {statistics.median(ratios):.3f}"
+              f" (rounds {', '.join(f'{r:.3f}' for r in ratios)}); daemon CPU per I/O {cpu_off:.1f} / {cpu_on:.1f} us",
+              flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("prm", "tgt", "both"), default="prm")
@@ -236,6 +273,9 @@ def main() -> int:
     ap.add_argument("--poll-us", type=int, default=0,
                     help="host daemon and prmigrate target busy-poll this long before they sleep"
                          " (asyncio loop; not with --uvloop/--target-uvloop)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="only compare a daemon with --metrics (scraped) against one without")
+    ap.add_argument("--scrape-interval", type=float, default=1.0, metavar="S")
     args = ap.parse_args()
     if args.poll_us and (args.uvloop or args.target_uvloop):
         print("--poll-us needs the asyncio loop, not uvloop", file=sys.stderr)
@@ -247,6 +287,14 @@ def main() -> int:
     print(f"{os.cpu_count()} CPUs; 4 KiB random reads; daemon on {'uvloop' if args.uvloop else 'asyncio'}{poll}")
     with tempfile.TemporaryDirectory(prefix="prm-bench-") as tmp:
         work = Path(tmp)
+        if args.metrics:
+            addr = f"127.0.0.1:{free_port('127.0.0.1')}"
+            with prm_target(work, args.target_uvloop, args.poll_us) as (direct, tpid), \
+                    host_daemon(work, direct, args.uvloop, args.poll_us, tag="-off") as (off, opid), \
+                    host_daemon(work, direct, args.uvloop, args.poll_us, tag="-on", metrics=addr) as (on, npid):
+                bench_metrics(off, on, addr, {"off": opid, "on": npid}, args.seconds, args.rounds,
+                              args.scrape_interval)
+            return 0
         if args.backend in ("prm", "both"):
             with prm_target(work, args.target_uvloop, args.poll_us) as (direct, tpid), \
                     host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \

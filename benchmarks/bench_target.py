@@ -14,6 +14,16 @@ then SIGKILL if needed).
 With ``--poll-us`` both runs of ours are printed, sleeping and polling, so the
 CPU the polling costs is shown next to what it buys (CPU seconds per I/O of
 each target process, from /proc).
+
+    python benchmarks/bench_target.py --metrics [--scrape-interval 1]
+    python benchmarks/bench_target.py --metrics --baseline-src /tmp/old/src
+
+``--metrics`` adds a second target of ours with ``--metrics`` on, scraped
+every ``--scrape-interval`` seconds while iscsi-perf runs against it, and
+prints its IOPS over the first one's (metrics off), same rounds. The
+counters behind the metrics are kept whether metrics are on or off;
+``--baseline-src DIR`` adds a target run from another source tree (e.g. a
+``git archive`` of a commit without them) to measure what they cost.
 """
 
 from __future__ import annotations
@@ -29,14 +39,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import free_port, iscsi_perf, process_cpu, wait_port  # noqa: E402
+from _common import Scraper, free_port, iscsi_perf, process_cpu, wait_port  # noqa: E402
 
 IQN = "iqn.2026-11.org.prmigrate:bench"
 TGT_IQN = "iqn.2026-11.org.prmigrate:bench-tgt"
 
 
 class Ours:
-    def __init__(self, workdir: Path, size: str, uvloop: bool, poll_us: int = 0) -> None:
+    def __init__(self, workdir: Path, size: str, uvloop: bool, poll_us: int = 0, metrics: bool = False,
+                 src: str | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{self.host}:{self.port}",
@@ -45,8 +56,13 @@ class Ours:
             args.append("--uvloop")
         if poll_us:
             args += ["--poll-us", str(poll_us)]
+        self.metrics: str | None = None
+        if metrics:
+            self.metrics = f"{self.host}:{free_port(self.host)}"
+            args += ["--metrics", self.metrics]
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        src = src or str(Path(__file__).resolve().parents[1] / "src")
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         self.log = open(workdir / f"ours-{self.port}.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         wait_port(self.host, self.port)
@@ -112,6 +128,11 @@ def main() -> int:
     ap.add_argument("--qd", type=int, action="append", default=None)
     ap.add_argument("--poll-us", type=int, default=0,
                     help="also run our target busy-polling this long before it sleeps")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also run our target with --metrics, scraped during the runs")
+    ap.add_argument("--scrape-interval", type=float, default=1.0, metavar="S")
+    ap.add_argument("--baseline-src", default=None, metavar="DIR",
+                    help="also run our target from this source tree (a yardstick for the counters)")
     args = ap.parse_args()
     if args.poll_us and args.uvloop:
         print("--poll-us needs the asyncio loop, not --uvloop", file=sys.stderr)
@@ -128,6 +149,10 @@ def main() -> int:
             servers["ours"] = Ours(work, args.size, args.uvloop)
             if args.poll_us:
                 servers["polling"] = Ours(work, args.size, False, args.poll_us)
+            if args.metrics:
+                servers["metrics"] = Ours(work, args.size, args.uvloop, metrics=True)
+            if args.baseline_src:
+                servers["baseline"] = Ours(work, args.size, args.uvloop, src=args.baseline_src)
             servers["tgt"] = Tgt(work, parse_size(args.size))
             # warm the page cache of every image
             for srv in servers.values():
@@ -138,7 +163,13 @@ def main() -> int:
                 for qd in qds:
                     for name, srv in servers.items():
                         before = process_cpu(srv.proc.pid)
-                        iops = iscsi_perf(srv.url, qd, args.seconds)
+                        metrics_addr = getattr(srv, "metrics", None)
+                        scraper = Scraper(metrics_addr, args.scrape_interval) if metrics_addr else None
+                        try:
+                            iops = iscsi_perf(srv.url, qd, args.seconds)
+                        finally:
+                            if scraper is not None and not scraper.stop():
+                                raise RuntimeError("the metrics endpoint was never scraped")
                         results.setdefault((name, qd), []).append(iops)
                         cpu.setdefault((name, qd), []).append(
                             (process_cpu(srv.proc.pid) - before) / max(1, iops * args.seconds))
@@ -158,6 +189,20 @@ def main() -> int:
                 line += "   " + ", ".join(f"{name} {1e6 * statistics.median(cpu[(name, qd)]):.1f}"
                                           for name in servers)
                 print(line, flush=True)
+            for other, what in (("metrics", "metrics on / off"), ("baseline", "counters / baseline tree")):
+                if other not in servers:
+                    continue
+                ratios = []
+                for qd in qds:
+                    mine = results[("ours", qd)]
+                    theirs = results[(other, qd)]
+                    pairs = [a / b for a, b in zip(theirs if other == "metrics" else mine,
+                                                    mine if other == "metrics" else theirs, strict=True)]
+                    a, b = (other, "ours") if other == "metrics" else ("ours", other)
+                    cpu_ratio = statistics.median(cpu[(a, qd)]) / statistics.median(cpu[(b, qd)])
+                    ratios.append(f"QD{qd} IOPS {statistics.median(pairs):.3f} (rounds "
+                                  f"{', '.join(f'{r:.3f}' for r in pairs)}), CPU per I/O {cpu_ratio:.3f}")
+                print(f"{what}: " + "; ".join(ratios), flush=True)
         finally:
             for srv in servers.values():
                 srv.stop()

@@ -142,6 +142,32 @@ def test_target_port_in_use_is_refused_before_the_image_exists(tmp_path: Path) -
     assert not img.exists()
 
 
+@pytest.mark.parametrize("address", ["9464", "127.0.0.1:0", ":9464", "127.0.0.1:70000"])
+def test_target_bad_metrics_address_is_a_usage_error(tmp_path: Path, address: str) -> None:
+    img = tmp_path / "a.img"
+    r = run("target", "--listen", "127.0.0.1:0", "--iqn", IQN, "--lun", f"0={img}", "--size", "1M",
+            "--metrics", address)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"prmigrate target: --metrics: metrics address {address!r} is not ADDR:PORT"
+    assert not img.exists()
+
+
+def test_target_metrics_port_in_use_is_refused_before_the_image_exists(tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    img = tmp_path / "shared.img"
+    try:
+        r = run("target", "--listen", "127.0.0.1:0", "--iqn", IQN, "--lun", f"0={img}",
+                "--size", "1M", "--metrics", f"127.0.0.1:{port}")
+    finally:
+        busy.close()
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == f"prmigrate target: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not img.exists()
+
+
 def test_target_missing_image_without_size(tmp_path: Path) -> None:
     r = run("target", "--listen", "127.0.0.1:0", "--iqn", IQN, "--lun", f"0={tmp_path / 'no.img'}")
     assert r.returncode == 1

@@ -21,15 +21,17 @@ ROOT = "prmigrate"
 # Lower first. ``prmigrate`` is the package itself (``__version__``); ``aio``
 # holds asyncio helpers, and ``qmp``, ``lock``, ``sdnotify`` and
 # ``logfiles`` the daemons' control and life-cycle helpers: none imports
-# anything of ours. ``target_control`` is the target daemon's control plane,
-# beside the host daemon.
+# anything of ours. ``counters`` (the data path's plain counters) imports
+# only ``scsi``. ``target_control`` is the target daemon's control plane,
+# beside the host daemon; ``metrics`` (the Prometheus export) reads the
+# target's and the host daemon's objects.
 LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"scsi"}),
-    frozenset({"prmigrate", "aio", "qmp", "lock", "sdnotify", "logfiles", "lun"}),
+    frozenset({"prmigrate", "aio", "qmp", "lock", "sdnotify", "logfiles", "counters", "lun"}),
     frozenset({"iscsi"}),
     frozenset({"device"}),
     frozenset({"migration"}),
-    frozenset({"host", "target_control"}),
+    frozenset({"host", "target_control", "metrics"}),
     frozenset({"demo", "commands", "cli", "__main__"}),
 )
 

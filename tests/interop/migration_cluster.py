@@ -100,6 +100,8 @@ class ProcCluster:
     backend: str | None = None  # another target's URL (e.g. tgt): no prmigrate target started
     extra_devices: list[str] = field(default_factory=list)  # more --device specs on hosta
     host_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per host, at each launch
+    host_args: dict[str, list[str]] = field(default_factory=dict)  # more options per host
+    target_args: list[str] = field(default_factory=list)  # more options of prmigrate target
 
     # ------------------------------------------------------------ life
     def start_target(self) -> Proc:
@@ -112,7 +114,7 @@ class ProcCluster:
         else:
             args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{self.target_host}:{port}",
                     "--iqn", SHARED, "--size", "64M", "--lun", f"0={self.workdir / 'lun0.img'}",
-                    "--state-dir", str(self.workdir / "target-state")]
+                    "--state-dir", str(self.workdir / "target-state"), *self.target_args]
         p = spawn("target", args, self.workdir)
         p.host, p.port = self.target_host, port
         self.procs["target"] = p
@@ -161,6 +163,7 @@ class ProcCluster:
                 "--initiator", INITIATORS[name], "--listen", f"{addr}:{port}",
                 "--control", str(control), "--state-dir", str(self.workdir / f"{name}-state"),
                 "--migrate-listen", f"{addr}:{mport}", "--secret-file", str(secret)]
+        args += self.host_args.get(name, [])
         if with_device:
             args += ["--device", self.device_spec()]
             for spec in self.extra_devices:

@@ -11,6 +11,10 @@ Events (PR state changes, reconciliations, migrations with their phase
 timings) are appended as JSON lines to ``--event-log PATH``, default
 ``<state-dir>/events.jsonl`` when there is a state directory.
 
+``--metrics ADDR:PORT`` (or ``metrics =`` in host.toml) serves Prometheus
+metrics (``prmigrate.metrics``); ``--migrate-tls-dir DIR`` puts the
+migration channel under mutual TLS (``host/migration_control.py``).
+
 ``--status`` asks a running daemon (``query-devices``) and prints, per
 device, the URLs its guests log in to and, per guest: key, reservation,
 backend nexus, how and when the state was last verified against the LUN.
@@ -75,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(lower latency at low queue depth for CPU; asyncio loop only; default 0: off)")
     parser.add_argument("--event-log", default=None, metavar="PATH",
                         help="JSON lines event log (default: <state-dir>/events.jsonl)")
+    parser.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                        help="serve Prometheus metrics over HTTP here (default: off)")
     parser.add_argument("--status", action="store_true",
                         help="show a running daemon's devices (needs --control), then exit")
     parser.add_argument("--json", action="store_true", help="with --status: print JSON")
@@ -103,6 +109,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     except (LockError, OSError) as exc:
         log.error("cannot start host %s: %s", cfg.name, exc)
         return 1
+    metrics = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop)
@@ -122,6 +129,14 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
         except (DeviceError, IscsiError, LoginError, CommandError, LockError, OSError) as exc:
             log.error("cannot start host %s: %s", cfg.name, exc)
             return 1
+        if cfg.metrics:
+            from ..metrics import MetricsError, parse_metrics_address, serve_host
+
+            try:
+                metrics = serve_host(daemon, *parse_metrics_address(cfg.metrics))
+            except MetricsError as e:
+                log.error("cannot start host %s: metrics: %s", cfg.name, e)
+                return 1
         notifier.ready(f"serving {len(daemon.devices)} device(s)")
         started.set()
         await daemon.serve_forever()
@@ -132,6 +147,8 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
         for task in list(reloads):
             task.cancel()
         await asyncio.gather(*reloads, return_exceptions=True)
+        if metrics is not None:
+            metrics.close()
         await daemon.close()
     return 0
 

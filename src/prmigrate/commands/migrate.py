@@ -9,8 +9,10 @@ state change with the time since the start, blocks until the end and
 prints the timings (total, guest pause, PR takeover, backend PR round trips
 inside the pause). ``--timeout`` bounds the whole wait: while the
 destination cannot be reached (nothing has moved yet) the migration is
-started again until then; at the deadline a migration still connecting or
-setting up is cancelled (the device stays on the source).
+started again until then (not when the destination refused this host: the
+cluster secret or its TLS certificate, which trying again does not change);
+at the deadline a migration still connecting or setting up is cancelled (the
+device stays on the source).
 
 ``--host`` is the old spelling of ``--control`` and still accepted.
 
@@ -32,6 +34,9 @@ from . import _args
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DOUBT = 0, 1, 2, 3
 # States in which nothing has moved: a failure there may simply be retried.
 NOTHING_MOVED = ("idle", "connecting")
+# The reason of a migration the destination refused (AbortReason.AUTHENTICATION:
+# the cluster secret or the TLS certificate): trying again changes nothing.
+REFUSED = "authentication"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +146,8 @@ def _main(args: argparse.Namespace) -> int:
             left_from = {str(h.get("from")).lower() for h in rec.get("history", []) if isinstance(h, dict)}
             nothing_moved = (not rec.get("success") and rec.get("status") == "rolled_back"
                              and left_from <= set(NOTHING_MOVED))
-            if nothing_moved and deadline - time.monotonic() > 1.0:
+            refused = str(rec.get("reason") or "").startswith(REFUSED)
+            if nothing_moved and not refused and deadline - time.monotonic() > 1.0:
                 _say(args, f"{stamp()}  {args.to} not reachable ({_reason(rec)}); trying again")
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - 1.0)))
                 continue

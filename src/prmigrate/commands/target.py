@@ -16,6 +16,10 @@ image missing or unusable, option combination refused); 2 usage error.
 With ``--control PATH`` the running target takes LUN and ACL changes over
 QMP (``prmigrate.target_control``), kept in ``--config target.toml``;
 ``prmigrate target lun add|del|list ... --control PATH`` is its client.
+
+With ``--metrics ADDR:PORT`` the target serves Prometheus metrics there
+(``prmigrate.metrics``: per-LUN commands, bytes, latency, statuses,
+reservation conflicts, PR OUT; bound before anything is created too).
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-us", type=int, default=0, metavar="US",
                         help="busy-poll up to US microseconds for the next PDU before sleeping "
                              "(lower latency at low queue depth for CPU; asyncio loop only; default 0: off)")
+    parser.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                        help="serve Prometheus metrics over HTTP here (default: off)")
     parser.add_argument("--atomic-unit", type=int, default=1, metavar="BLOCKS",
                         help="WRITE ATOMIC alignment and length granularity in blocks (default 1: none)")
 
@@ -291,13 +297,15 @@ async def _serve_locked(args: argparse.Namespace) -> int:
     from ..sdnotify import Notifier
 
     addresses = [(host, port) for host, port, _ in args.portals]
-    if any(port == 0 for _, port in addresses):
-        probes: list[socket.socket] = []  # an ephemeral port is never in use
-    else:
-        probes = _claim(addresses)
+    # an ephemeral port is never in use; the metrics port is never ephemeral
+    claimed = [] if any(port == 0 for _, port in addresses) else list(addresses)
+    if args.metrics_at:
+        claimed.append(args.metrics_at)
+    probes = _claim(claimed)
     created: list[Path] = []
     target = None
     control = None
+    metrics = None
     luns: dict[int, Any] = {}
     notifier = Notifier()
     loop = asyncio.get_running_loop()
@@ -329,6 +337,13 @@ async def _serve_locked(args: argparse.Namespace) -> int:
             for h, p in bound:
                 log.info("serving %s on %s:%d,%d (%d LUN%s)", args.iqn, h, p, tpgt, len(luns),
                          "" if len(luns) == 1 else "s")
+        if args.metrics_at:
+            from ..metrics import MetricsError, serve_target
+
+            try:
+                metrics = serve_target(target, *args.metrics_at)
+            except MetricsError as e:
+                raise StartError(str(e)) from None
         control = await _start_control(args, target, luns)
         created.clear()  # serving: the images are the user's now
         notifier.ready(f"serving {args.iqn} ({len(luns)} LUN(s))")
@@ -339,6 +354,8 @@ async def _serve_locked(args: argparse.Namespace) -> int:
         await notifier.stopping()
         if control is not None:
             await control.close()
+        if metrics is not None:
+            metrics.close()
         if target is not None:
             await target.close()
         for lu in luns.values():
@@ -383,6 +400,15 @@ def run(args: argparse.Namespace) -> int:
         return _client(args)
     from ..aio import run_loop
 
+    args.metrics_at = None  # (host, port) of --metrics
+    if args.metrics:
+        from ..metrics import MetricsError, parse_metrics_address
+
+        try:
+            args.metrics_at = parse_metrics_address(args.metrics)
+        except MetricsError as e:
+            print(f"prmigrate target: --metrics: {e}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         _configure(args)
         args.portals = portal_groups(args.listen, args.tpgt)

@@ -15,6 +15,8 @@ or from a TOML file (``--config host.toml``), the same settings::
     control = "/tmp/hosta.sock"
     state-dir = "/tmp/hosta"
     log-format = "text"                # or "json" (one JSON object a line)
+    metrics = "127.0.0.2:9464"         # Prometheus endpoint (default: none)
+    migrate-tls-dir = "/etc/prmigrate/tls"   # mutual TLS on the migration channel
 
     [[device]]
     name = "vm1"
@@ -43,7 +45,8 @@ from ..device.config import ConfigError, DeviceConfig, parse_device_spec
 
 DEFAULT_LISTEN = ("127.0.0.1", 3260)
 _HOST_KEYS = frozenset(
-    {"name", "initiator", "listen", "control", "state-dir", "log-format", "keepalive", "uvloop", "poll-us"}
+    {"name", "initiator", "listen", "control", "state-dir", "log-format", "keepalive", "uvloop", "poll-us",
+     "metrics", "migrate-tls-dir"}
 )
 
 
@@ -70,6 +73,8 @@ class HostConfig:
     keepalive: float | None = None
     uvloop: bool = False
     poll_us: int = 0  # busy-poll before the loop sleeps (aio.PollingSelector)
+    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint (metrics.py)
+    migrate_tls_dir: Path | None = None  # PEM files of the migration channel's TLS
 
     def validate(self) -> HostConfig:
         if not self.initiator:
@@ -80,6 +85,11 @@ class HostConfig:
             self.listen = [DEFAULT_LISTEN]
         if self.log_format not in ("text", "json"):
             raise HostConfigError(f"log-format must be text or json, not {self.log_format!r}")
+        if self.metrics is not None:
+            try:
+                parse_listen(self.metrics)
+            except HostConfigError:
+                raise HostConfigError(f"metrics address {self.metrics!r} is not ADDR:PORT") from None
         loop_error = loop_options_error(self.uvloop, self.poll_us)
         if loop_error is not None:
             raise HostConfigError(f"poll-us: {loop_error}")
@@ -157,6 +167,10 @@ def from_mapping(doc: dict[str, Any], where: str = "config") -> HostConfig:
     if not isinstance(poll, int) or isinstance(poll, bool):
         raise HostConfigError(f"{where}: poll-us must be an integer (microseconds)")
     cfg.poll_us = poll
+    if "metrics" in host:
+        cfg.metrics = str(host["metrics"])
+    if "migrate-tls-dir" in host:
+        cfg.migrate_tls_dir = Path(host["migrate-tls-dir"])
     devices = doc.get("device", [])
     if not isinstance(devices, list):
         raise HostConfigError(f"{where}: use [[device]] tables")
@@ -184,6 +198,10 @@ def merge_cli(base: HostConfig, args: Any) -> HostConfig:
         base.uvloop = True
     if getattr(args, "poll_us", None) is not None:
         base.poll_us = args.poll_us
+    if getattr(args, "metrics", None):
+        base.metrics = args.metrics
+    if getattr(args, "migrate_tls_dir", None):
+        base.migrate_tls_dir = Path(args.migrate_tls_dir)
     for spec in args.device or []:
         try:
             base.devices.append(parse_device_spec(spec))

@@ -73,7 +73,7 @@ RUNTIME_DEVICES = "devices.json"  # devices added with device-add, by name
 RUNTIME_VERSION = 1
 # Host settings a reload does not change (a restart does).
 _RESTART_FIELDS = ("name", "initiator", "listen", "control", "state_dir", "log_format", "keepalive", "uvloop",
-                   "poll_us")
+                   "poll_us", "metrics", "migrate_tls_dir")
 FRONTEND_PREFIX = "iqn.2026-11.org.prmigrate"
 
 

@@ -3,9 +3,12 @@
 The wiring between the host daemon and the migration service
 (``migration/service.py``; the daemon is its ``Handover``). ``prmigrate
 host`` (commands/host.py) calls ``add_arguments(parser)``, which adds
-``--migrate-listen ADDR:PORT`` and ``--secret-file FILE``, and
-``install(daemon, args)``, which attaches the service before the daemon
-starts serving. Programs embedding a daemon call
+``--migrate-listen ADDR:PORT``, ``--secret-file FILE`` and
+``--migrate-tls-dir DIR`` (mutual TLS under the channel, PEM files named as
+QEMU's ``tls-creds-x509``: see ``migration/transport.py``; also
+``migrate-tls-dir`` in host.toml), and ``install(daemon, args)``, which
+attaches the service before the daemon starts serving. Programs embedding a
+daemon call
 ``await attach_migration(daemon, listen, secret)`` themselves.
 
 Control commands (JSON control socket)::
@@ -42,6 +45,7 @@ from typing import Any
 from ..device.passthrough import DeviceError
 from ..migration.channel import MIN_SECRET_LEN
 from ..migration.service import MigrationService, ServiceError, parse_address
+from ..migration.transport import TlsError, load_tls_dir
 from .control import CommandError
 from .daemon import HostDaemon
 
@@ -69,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept incoming device migrations here")
     parser.add_argument("--secret-file", default=None, metavar="FILE",
                         help="the cluster's shared migration secret (>= 16 bytes)")
+    parser.add_argument("--migrate-tls-dir", default=None, metavar="DIR",
+                        help="mutual x509 TLS on the migration channel: ca-cert.pem, server-cert.pem, "
+                             "server-key.pem, client-cert.pem, client-key.pem, optionally ca-crl.pem (QEMU's names); "
+                             "the secret is still required")
 
 
 async def install(daemon: HostDaemon, args: argparse.Namespace) -> MigrationService | None:
@@ -86,7 +94,17 @@ async def install(daemon: HostDaemon, args: argparse.Namespace) -> MigrationServ
         addr = parse_address(listen) if listen else None
     except ValueError as e:
         raise SystemExit(f"prmigrate host: --migrate-listen: {e}") from None
-    return await attach_migration(daemon, addr, secret)
+    tls_dir = getattr(args, "migrate_tls_dir", None) or daemon.config.migrate_tls_dir
+    tls = None
+    if tls_dir:
+        if secret is None:
+            raise SystemExit("prmigrate host: --migrate-tls-dir needs --secret-file (TLS does not replace it)")
+        try:
+            tls = load_tls_dir(tls_dir)
+        except TlsError as e:
+            raise SystemExit(f"prmigrate host: --migrate-tls-dir: {e}") from None
+        log.info("migration channel: mutual TLS with the certificates in %s", tls.directory)
+    return await attach_migration(daemon, addr, secret, tls=tls)
 
 
 async def attach_migration(

@@ -20,6 +20,11 @@ Sequence numbers (RFC 7143 4.2.2): StatSN is assigned when a response is
 built; ExpCmdSN/MaxCmdSN are sampled at the same moment. Non-immediate
 commands outside [ExpCmdSN, MaxCmdSN] are dropped silently (4.2.2.1);
 in-window commands ahead of ExpCmdSN wait until the gap is filled.
+
+Metrics: each command adds plain integers to the ``LuCounters`` of its
+logical unit (``counters.py``, from ``ConnectionOwner.counters_for``); the
+answers of a read event get their latency with one clock read once they are
+written, late answers with one clock read each. No library call per command.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..counters import KIND_OF, OTHER, READ, LuCounters, latency_bucket, pr_action_of
 from ..lun.types import LogicalUnitLike, Nexus, Result
 from ..scsi.constants import Opcode as ScsiOp
 from ..scsi.constants import Status
@@ -364,16 +370,22 @@ class PortalGroup:
 
 class ConnectionOwner(Protocol):
     """What a target connection needs of the target that owns it: the
-    node registry, the session table (RFC 7143 6.3.5 reinstatement) and the
-    resets that reach every connection (``iscsi/target.py`` implements it;
+    node registry, the session table (RFC 7143 6.3.5 reinstatement), the
+    per-LU counters and clock of the metrics, and the resets that reach every connection (``iscsi/target.py`` implements it;
     this module imports nothing of it)."""
 
     settings: TargetSettings
     max_task_bytes: int  # the largest EDTL a command may announce
     nodes: dict[str, TargetNode]  # lower-cased name -> node (SendTargets)
     portal_groups: dict[int, PortalGroup]  # by tag (SendTargets lists every portal)
+    clock_ns: Callable[[], int]  # the clock commands are timed with (metrics)
 
     def node(self, name: str) -> TargetNode | None:
+        ...
+
+    def counters_for(self, node_name: str, lun: int) -> LuCounters:
+        """The counters of one logical unit (``counters.py``), shared by
+        every connection to it."""
         ...
 
     def register_session(self, session: Session) -> bool:
@@ -453,6 +465,15 @@ class Connection:
         self._fast_fn: Callable[..., Any] | None = None  # its read_fast, if any
         self._fast_relay: Callable[..., bool] | None = None  # its relay_read, if any
         self._contracts: dict[int, tuple[object, LuContracts]] = {}  # id(LU) -> its optional contracts
+        # metrics (counters.py): the shell's clock (ns), when the current
+        # batch came, the counters of each LUN met, the answers of this batch
+        # (latency taken once it is written), pending commands' records
+        self._now: Callable[[], int] = target.clock_ns
+        self._t_in = 0
+        self._lu_counters: dict[int, LuCounters] = {}
+        self._fast_counters: LuCounters | None = None  # the counters of _fast_lu
+        self._batch: list[LuCounters] = []  # counters with answers of this batch (LuCounters.batch)
+        self._late: dict[int, tuple[LuCounters, int, int, int]] = {}  # itt -> (counters, kind, t, PR action)
         # login state
         self._stages = LoginStages()
         self._text = TextAccumulator()
@@ -541,6 +562,7 @@ class Connection:
         if self.state == Connection.CLOSED:
             return
         self._in_batch = True
+        self._t_in = self._now()
         try:
             self.reader.feed(data)
             while self.state != Connection.CLOSED and not self._close_after_flush:
@@ -569,6 +591,56 @@ class Connection:
         finally:
             self._in_batch = False
         self.flush()
+        batch = self._batch
+        if batch:  # the answers of this batch are written: their latency is now
+            ns = self._now() - self._t_in
+            for c in batch:
+                c.close_batch(ns)
+            batch.clear()
+        if len(self._late) > 256:
+            self._prune_late()
+
+    # ------------------------------------------------------------ metrics
+    def _counters_of(self, lun: int) -> LuCounters:
+        c = self._lu_counters.get(lun)
+        if c is None:
+            node = self.node.name if self.node is not None else ""
+            c = self._lu_counters[lun] = self.target.counters_for(node, lun)
+        return c
+
+    def _prune_late(self) -> None:
+        if len(self._late) > len(self.pending) + 256:  # records of aborted tasks
+            self._late = {itt: r for itt, r in self._late.items() if itt in self.pending}
+
+    def _count_reads(self, c: LuCounters | None, n: int, nbytes: int, good: int) -> None:
+        """What ``_fast_reads`` took for one LU: ``n`` reads, ``good`` of them answered."""
+        if c is not None and n:
+            c.commands[READ] += n
+            c.bytes[READ] += nbytes
+            if good:
+                c.batch[READ] += good
+                if not c.in_batch:
+                    c.in_batch = True
+                    self._batch.append(c)
+
+    def _answered_now(self, c: LuCounters, kind: int, status: int, sense: Any, cdb: bytes) -> None:
+        """A command of this batch answered at once: its latency when the batch is written."""
+        c.batch[kind] += 1
+        if not c.in_batch:
+            c.in_batch = True
+            self._batch.append(c)
+        if status or (cdb and cdb[0] == 0x5F):
+            c.answered(status, sense, pr_action_of(cdb))
+
+    def _late_answered(self, itt: int, status: int, sense: Any) -> None:
+        rec = self._late.pop(itt, None)
+        if rec is not None:
+            c, kind, t, pr_action = rec
+            ns = self._now() - t
+            c.latency[kind][latency_bucket(ns)] += 1
+            c.latency_ns[kind] += ns
+            if status or pr_action >= 0:
+                c.answered(status, sense, pr_action)
 
     def _fast_reads(self) -> None:
         """Answer the READ(10)/READ(16) commands at the head of the buffer.
@@ -609,6 +681,10 @@ class Connection:
         fn = self._fast_fn
         relay = self._fast_relay
         statsn = self.statsn
+        fc = self._fast_counters
+        late = self._late
+        t_in = self._t_in
+        nread = nbytes = ngood = 0  # counted into fc at the end or when the LU changes
         try:
             while end - pos >= hlen and buf[pos] == 0x01 and buf[pos + 1] & 0xE0 == 0xC0:
                 _, _, _, word, lunf, itt, edtl, cmdsn, _, cdb = unpack(buf, pos)
@@ -619,10 +695,14 @@ class Connection:
                 lun = (lunf >> 48) & 0xFF if not lunf & 0xFF00FFFFFFFFFFFF else decode_lun(lunf)
                 lu = luns.get(lun)
                 if lu is not last_lu:
+                    if nread:
+                        self._count_reads(fc, nread, nbytes, ngood)
+                        nread = nbytes = ngood = 0
                     last_lu = self._fast_lu = lu
                     contracts = self._contracts_of(lu)
                     fn = self._fast_fn = contracts.read_fast
                     relay = self._fast_relay = contracts.relay_read
+                    fc = self._fast_counters = None if lu is None else self._counters_of(lun)
                 if fn is None:
                     if lu is None:
                         break
@@ -633,6 +713,9 @@ class Connection:
                         # forwarded as is (the passthrough device): answered
                         # by relay_data/relay_result, no Result in between
                         self.pending[itt] = (token, lu)
+                        late[itt] = (fc, READ, t_in, -1)  # type: ignore[assignment]  # fc: lu is set
+                        nread += 1
+                        nbytes += edtl
                         pos += hlen
                         exp = (exp + 1) & 0xFFFFFFFF
                         if failed:
@@ -667,6 +750,9 @@ class Connection:
                 exp = (exp + 1) & 0xFFFFFFFF
                 if failed:
                     failed.discard(itt)
+                nread += 1
+                nbytes += edtl
+                ngood += 1
                 n = len(data)
                 if n != edtl or n > limit or not n:
                     self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
@@ -684,6 +770,14 @@ class Connection:
         finally:
             self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
             reader.consumed(pos)
+            if nread and fc is not None:  # _count_reads, inline
+                fc.commands[READ] += nread
+                fc.bytes[READ] += nbytes
+                if ngood:
+                    fc.batch[READ] += ngood
+                    if not fc.in_batch:
+                        fc.in_batch = True
+                        self._batch.append(fc)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         hdr = exc.header or b""
@@ -1072,6 +1166,7 @@ class Connection:
         """Run the command on the LU and answer it (now or when its future resolves)."""
         flags = 0
         residual = 0
+        c: LuCounters | None = None
         if lu is None:
             op = cdb[0] if cdb else -1
             if op == ScsiOp.INQUIRY:
@@ -1081,11 +1176,16 @@ class Connection:
             else:
                 res = Result(_CHECK, b"", encode_sense(Sense.LU_NOT_SUPPORTED))
         else:
+            c = self._lu_counters.get(lun) or self._counters_of(lun)
+            kind = KIND_OF[cdb[0]] if cdb else OTHER
+            c.commands[kind] += 1
+            c.bytes[kind] += edtl
             if write:
                 fit = fit_write(cdb, data, edtl, getattr(lu, "block_size", 512))
                 if fit is not None:
                     fitted, data, flags, residual = fit
                     if fitted is None:
+                        self._answered_now(c, kind, _GOOD, None, cdb)
                         self._respond(itt, Result(_GOOD), edtl, flags, residual, True)
                         return
                     cdb = fitted
@@ -1103,6 +1203,7 @@ class Connection:
                             self._answer(itt, r, edtl, flags, residual, write)
 
                     self.pending[itt] = (mine, lu)
+                    self._late[itt] = (c, kind, self._t_in, pr_action_of(cdb))
                     answer = then(self.nexus, cdb, data, done)  # type: ignore[arg-type]
                     if answer is None:
                         return
@@ -1117,8 +1218,12 @@ class Connection:
             if type(res) is not Result and hasattr(res, "add_done_callback"):
                 fut = res
                 self.pending[itt] = (fut, lu)
+                self._late[itt] = (c, kind, self._t_in, pr_action_of(cdb))
                 fut.add_done_callback(lambda f: self._completed(itt, f, edtl, flags, residual, write))
                 return
+            if self._late:
+                self._late.pop(itt, None)  # execute_then answered at once
+            self._answered_now(c, kind, res.status, res.sense, cdb)  # type: ignore[union-attr]
         self._respond(itt, res, edtl, flags, residual, write)  # type: ignore[arg-type]
 
     def _completed(self, itt: int, fut: Any, edtl: int, flags: int, residual: int, write: bool) -> None:
@@ -1135,6 +1240,10 @@ class Connection:
         """An LU's late answer (Result, or the exception its future ended
         with) to the pending task ``itt``."""
         del self.pending[itt]
+        if isinstance(res, Result):
+            self._late_answered(itt, res.status, res.sense)
+        else:
+            self._late_answered(itt, _CHECK, None)
         data = res.data_in if type(res) is Result and not write and not flags and not res.sense else None
         n = len(data) if data else 0
         p = self.params
@@ -1189,6 +1298,7 @@ class Connection:
         if entry is None or entry[0] is not token or self.state != Connection.FULL_FEATURE:
             return  # connection gone or task aborted: drop
         del self.pending[itt]
+        self._late_answered(itt, status, None)
         self._data_in_with_status(itt, status, data)  # data: a copy, queued as is
         self._late_flush()
 

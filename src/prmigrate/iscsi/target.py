@@ -15,6 +15,7 @@ Public API (reused by the host daemon)::
     target.request_logout(name, initiator=None, wait=2, enforce=False,
                           time2wait=None) -> int   # Async event 1 (then 3, see below)
     target.drop_sessions(name, initiator=None) -> int            # nexus_lost to the LUs
+    target.lu_counters -> {(node name, LUN): counters.LuCounters}  # exported by metrics.py
     await target.close()
 
 Target portal groups (RFC 7143 4.4.1): a portal started with ``tpgt`` belongs
@@ -51,9 +52,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from functools import partial
 
+from ..counters import LuCounters
 from ..lun.types import LogicalUnitLike, Nexus
 from ..scsi.sense import Sense
 from . import flushpoint
@@ -162,6 +165,10 @@ class IscsiTarget:
         self._servers: list[asyncio.base_events.Server] = []
         self._tsih = 0
         self.portal_groups: dict[int, PortalGroup] = {}  # by tag, in the order first started
+        # per (node name, LUN): what the connections did (counters.py; read
+        # by metrics.py); the clock the connections time commands with
+        self.lu_counters: dict[tuple[str, int], LuCounters] = {}
+        self.clock_ns = time.perf_counter_ns
         for node in nodes:
             self.add_node(node)
 
@@ -192,6 +199,13 @@ class IscsiTarget:
 
     def node(self, name: str) -> TargetNode | None:
         return self.nodes.get(name.lower())
+
+    def counters_for(self, node_name: str, lun: int) -> LuCounters:
+        key = (node_name, lun)
+        c = self.lu_counters.get(key)
+        if c is None:
+            c = self.lu_counters[key] = LuCounters()
+        return c
 
     # ------------------------------------------------------------ LUNs at run time
     def add_lun(self, node_name: str, lun: int, lu: LogicalUnitLike) -> None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ..device.passthrough import PassthroughDevice
     from .handover import Handover
     from .stream import DeviceSnapshot
+    from .transport import ChannelTls
 
 # One logger for the service and its runners: their lines read as the
 # migration service's, whichever module writes them.
@@ -52,6 +53,7 @@ class RunnerOwner(Protocol):
 
     host: Handover
     secret: bytes | None
+    tls: ChannelTls | None  # mutual TLS under the channel (transport.load_tls_dir)
     fence_after_loss: bool  # see SourceRunner._fence_ops
 
     def client_id(self) -> str:

@@ -11,6 +11,12 @@ lives in the machines (``source.py``, ``destination.py``) and the plans
 (``plan.py``). The host is reached only through the ``Handover`` contract
 (``handover.py``), which ``host/daemon.py`` implements.
 
+With ``tls`` (``transport.load_tls_dir``) the channel runs under mutual
+x509 TLS: the listener starts TLS on each accepted connection
+(``transport.accept_tls``; a refused handshake is a ``MIGRATION_REFUSED``
+event), the source connects with it (``transport.open_connection``; a
+refused handshake cancels the migration with the reason).
+
 A source daemon killed in the middle of a migration settles it when started
 again: a record of the migration's progress
 (``<state-dir>/<device>.migration.json``, ``marker.py``) tells
@@ -48,7 +54,14 @@ from .pr_ops import issue_ops
 from .runner import Runner, log
 from .source_runner import SourceRunner
 from .stream import DeviceSnapshot
-from .transport import ChannelLink, encode_peer_id, new_channel, parse_address
+from .transport import (
+    ChannelLink,
+    ChannelTls,
+    accept_tls,
+    encode_peer_id,
+    new_channel,
+    parse_address,
+)
 
 if TYPE_CHECKING:
     from ..device.passthrough import PassthroughDevice
@@ -78,9 +91,11 @@ def _snapshot(dev: PassthroughDevice) -> DeviceSnapshot:
 class MigrationService:
     """Incoming and outgoing migrations of one host daemon."""
 
-    def __init__(self, host: Handover, secret: bytes | None, *, timeouts: Timeouts | None = None) -> None:
+    def __init__(self, host: Handover, secret: bytes | None, *, timeouts: Timeouts | None = None,
+                 tls: ChannelTls | None = None) -> None:
         self.host = host
         self.secret = secret
+        self.tls = tls  # mutual TLS under the channel (transport.load_tls_dir)
         self.timeouts = timeouts
         self.listening: list[tuple[str, int]] = []
         self.runners: dict[str, Runner] = {}  # device -> latest migration
@@ -118,6 +133,11 @@ class MigrationService:
         assert self.secret is not None
         peer = writer.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
+        refused = await accept_tls(writer, self.tls)
+        if refused is not None:
+            log.warning("migration peer %s refused: %s", peer_s, refused)
+            self.host.emit({"event": "MIGRATION_REFUSED", "peer": peer_s, "reason": refused})
+            return
         runner = DestinationRunner(self, peer_s, self.timeouts)
         chan = new_channel(Role.SERVER, self.secret, self.server_id())
         authenticated = False

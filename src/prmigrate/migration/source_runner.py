@@ -59,7 +59,14 @@ from .plan import PrOp, Strategy, fence_ops
 from .pr_ops import issue_ops
 from .runner import Runner, RunnerOwner, log
 from .source import SourceMigration, SourceState
-from .transport import ChannelLink, decode_peer_id, new_channel, parse_address
+from .transport import (
+    ChannelLink,
+    TlsRefused,
+    decode_peer_id,
+    new_channel,
+    open_connection,
+    parse_address,
+)
 
 if TYPE_CHECKING:
     from ..device.passthrough import PassthroughDevice
@@ -113,8 +120,12 @@ class SourceRunner(Runner):
         host, port = self.to
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.machine.timeouts.connect
+                open_connection(host, port, self.service.tls), self.machine.timeouts.connect
             )
+        except TlsRefused as e:  # the destination's certificate, or ours, refused
+            self._error(f"destination {host}:{port} refused: {e}")
+            self.feed(Cancel(AbortReason.AUTHENTICATION, str(e)))
+            return
         except (OSError, TimeoutError) as e:
             self._error(f"cannot connect to {host}:{port}: {e or type(e).__name__}")
             self.feed(ChannelLost(f"cannot connect to {host}:{port}"))

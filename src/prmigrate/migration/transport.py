@@ -20,6 +20,18 @@ both proofs, so they are as authentic as the messages): the client sends
 ``host-name|initiator-name`` (the destination uses the source's initiator name
 to find the source's registrations in READ FULL STATUS) and the server
 ``host-name|frontend-host:port`` (the portal the source redirects the guest to).
+
+TLS (optional, ``load_tls_dir``): mutual x509 under the channel, from a
+directory laid out like QEMU's ``tls-creds-x509`` (``ca-cert.pem``,
+``server-cert.pem``/``server-key.pem``, ``client-cert.pem``/``client-key.pem``,
+optionally ``ca-crl.pem``: a peer certificate the CA revoked is refused).
+The destination listens on plain TCP and starts TLS on each connection
+(``accept_tls``), so a peer refused during the handshake is reported (the
+service's ``MIGRATION_REFUSED`` event), not only dropped by the library; the
+source connects with TLS (``open_connection``). Both sides require the
+other's certificate to chain to the CA; host names are not checked (the
+peers are named by address; the per-cluster secret still authenticates
+every frame on top). TLS 1.2 or newer.
 """
 
 from __future__ import annotations
@@ -28,15 +40,123 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .channel import Authenticated, Channel, Message, Role
-from .errors import ChannelError
+from .channel import Authenticated, Channel, ChannelState, Message, Role
+from .errors import AuthenticationFailed, ChannelError
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+# QEMU's tls-creds-x509 file names (docs/system/tls.rst)
+CA_CERT = "ca-cert.pem"
+CA_CRL = "ca-crl.pem"  # optional: certificates the CA revoked
+SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
+CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+
+
+class TlsError(ValueError):
+    """A TLS directory that cannot be used (missing or unreadable PEM files)."""
+
+
+class TlsRefused(ConnectionError):
+    """The TLS handshake with a migration peer failed (its message says why)."""
+
+
+@dataclass(frozen=True)
+class ChannelTls:
+    """The two contexts of a host: ``server`` (incoming migrations) and
+    ``client`` (outgoing), both requiring the peer's certificate."""
+
+    directory: Path
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+def load_tls_dir(directory: str | Path) -> ChannelTls:
+    d = Path(directory)
+    missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY) if not (d / n).is_file()]
+    if missing:
+        raise TlsError(f"{d}: missing {', '.join(missing)} (a host needs the CA certificate and both "
+                       "its server and client certificates and keys)")
+
+    def context(purpose: ssl._SSLMethod, cert: str, key: str) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(purpose)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cafile=str(d / CA_CERT))
+            ctx.load_cert_chain(str(d / cert), str(d / key))
+        except (OSError, ssl.SSLError) as e:
+            raise TlsError(f"{d}: cannot load {cert}/{key} with {CA_CERT}: {e}") from e
+        if (d / CA_CRL).is_file():
+            try:
+                ctx.load_verify_locations(cafile=str(d / CA_CRL))
+            except (OSError, ssl.SSLError) as e:
+                raise TlsError(f"{d}: cannot load {CA_CRL}: {e}") from e
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF  # a peer's revoked certificate is refused
+        return ctx
+
+    return ChannelTls(d, context(ssl.PROTOCOL_TLS_SERVER, SERVER_CERT, SERVER_KEY),
+                      context(ssl.PROTOCOL_TLS_CLIENT, CLIENT_CERT, CLIENT_KEY))
+
+
+_PEER_REFUSED_US = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "CERTIFICATE_UNKNOWN",
+                    "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED")
+
+
+def describe_tls_error(e: BaseException) -> str:
+    """One line naming why a TLS handshake with a peer failed."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS: the peer's certificate is not trusted ({e.verify_message})"
+    if isinstance(e, ssl.SSLError):
+        reason = e.reason or str(e)
+        if "ALERT" in reason and any(w in reason for w in _PEER_REFUSED_US):
+            return f"TLS: the peer refused our certificate ({reason.lower()})"
+        if reason == "WRONG_VERSION_NUMBER" or reason == "HTTP_REQUEST":
+            return "TLS: the peer does not speak TLS"
+        return f"TLS handshake failed ({reason.lower()})"
+    if isinstance(e, TimeoutError):
+        return "TLS: no handshake from the peer in time"
+    if isinstance(e, ConnectionError | OSError):
+        # a client that does not trust our certificate closes without an alert
+        return ("TLS: the peer closed the connection during the handshake "
+                f"(it may not trust our certificate; {str(e) or type(e).__name__})")
+    return f"TLS handshake failed ({e})"
+
+
+async def open_connection(
+    host: str, port: int, tls: ChannelTls | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The source's connection to a destination; a failed TLS handshake is ``TlsRefused``."""
+    if tls is None:
+        return await asyncio.open_connection(host, port)
+    try:
+        return await asyncio.open_connection(host, port, ssl=tls.client, server_hostname=host,
+                                             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+    except ssl.SSLError as e:
+        raise TlsRefused(describe_tls_error(e)) from e
+
+
+async def accept_tls(writer: asyncio.StreamWriter, tls: ChannelTls | None) -> str | None:
+    """Start TLS on an accepted connection; None when done (or no TLS),
+    else why the peer is refused."""
+    if tls is None:
+        return None
+    try:
+        await writer.start_tls(tls.server, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+    except (ssl.SSLError, OSError, TimeoutError) as e:
+        with contextlib.suppress(Exception):
+            writer.transport.abort()
+        return describe_tls_error(e)
+    return None
 
 
 def encode_peer_id(name: str, detail: str) -> str:
@@ -137,10 +257,23 @@ class ChannelLink:
             while not self._closed:
                 try:
                     data = await self.reader.read(READ_CHUNK)
+                except ssl.SSLError as e:
+                    # TLS 1.3: a server refusing our certificate says so after
+                    # the client's handshake is done, on the first read
+                    detail = describe_tls_error(e)
+                    self._lost(detail, AuthenticationFailed(detail))
+                    return
                 except (ConnectionError, OSError) as e:
                     self._lost(f"connection to {self.peer} failed: {e}", None)
                     return
                 if not data:
+                    if self.channel.state is ChannelState.HELLO_SENT and self.writer.get_extra_info("ssl_object"):
+                        # TLS 1.3: a server that refuses our certificate may
+                        # close without an alert, before any answer
+                        detail = (f"TLS: {self.peer} closed the connection before answering (it may "
+                                  "not trust our certificate)")
+                        self._lost(detail, AuthenticationFailed(detail))
+                        return
                     self._lost(f"{self.peer} closed the connection", None)
                     return
                 try:
