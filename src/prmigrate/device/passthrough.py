@@ -137,7 +137,7 @@ from typing import Any, NamedTuple
 from ..aio import BackgroundTasks
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
-from ..iscsi.initiator_core import RelaySink
+from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT, RelaySink
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
 from ..lun.ua import UA_EXEMPT
@@ -524,10 +524,17 @@ class PassthroughDevice:
         return b
 
     async def _open_session(
-        self, isid: int, what: str, on_ua: Any = None, on_event: Any = None
+        self, isid: int, what: str, on_ua: Any = None, on_event: Any = None,
+        on_reconnect: Any = None,
     ) -> Session:
         opts = dict(self._session_options)
         opts.setdefault("queue_depth", 128)
+        # an outage of any length: log in again for as long as the device
+        # lives; a guest command waits at most HOLD_TIMEOUT, then gets BUSY
+        opts.setdefault("reconnect_policy", PERSISTENT)
+        opts.setdefault("hold_timeout", HOLD_TIMEOUT)
+        if on_reconnect is not None:
+            opts["on_reconnect"] = on_reconnect
         if on_event is not None:
             opts["on_async_event"] = on_event
         session: Session = await self._connect(
@@ -556,6 +563,7 @@ class PassthroughDevice:
                 f"guest {b.key}",
                 lambda lun, sense: self._on_ua(b, sense),
                 lambda message, sense: self._on_async_event(b, message, sense),
+                lambda: self._verify_after_login(b.key),
             )
         except (IscsiError, OSError, TimeoutError) as exc:
             self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
@@ -570,6 +578,18 @@ class PassthroughDevice:
         if self._tmf is not None:
             return  # the waiting commands go when the function is done
         self._send_waiting(b, b.session)
+
+    async def _verify_after_login(self, key: str) -> None:
+        """The backend nexus of ``key`` logged in again after a lost
+        connection (the session holds the guest's commands meanwhile): the
+        LUN may have changed while it was away (a target restarted without
+        APTPL, another host's PREEMPT), so the tracked PR state is checked
+        before the first command goes. A failed check is retried later."""
+        try:
+            await self.verify(f"backend nexus of {key} logged in again")
+        except DeviceError:
+            self._retry_verify_later()
+            raise
 
     def _send_waiting(self, b: _Backend, s: Session) -> None:
         """Forward, in order, the commands that waited on ``b``."""
@@ -899,7 +919,10 @@ class PassthroughDevice:
             )
             return Result(_CHECK, b"", refusal.encode())
         data = bytes(data_out)
-        intent = self._begin(b.key, bytes(cdb), data)
+        try:
+            intent = self._begin(b.key, bytes(cdb), data)
+        except DeviceError:  # fail closed: what cannot be journaled is not done
+            return Result(_CHECK, b"", encode_sense(Sense.INSUFFICIENT_REGISTRATION_RESOURCES))
         sent = self._submit(b, cdb, data, 0)
         loop = self._loop or asyncio.get_running_loop()
         out: asyncio.Future[Result] = loop.create_future()
@@ -988,8 +1011,8 @@ class PassthroughDevice:
         try:
             return self.journal.begin(key, cdb, data)
         except JournalError as exc:
-            self.log.error("journal: cannot record PR OUT intent: %s", exc)
-            return None
+            self.log.error("journal: cannot record PR OUT intent, not forwarded: %s", exc)
+            raise DeviceError(f"cannot journal the PR OUT: {exc}") from exc
 
     def _commit(self, intent: Intent | None, state: DevicePrState | None) -> None:
         if self.journal is None:
@@ -1480,6 +1503,14 @@ class PassthroughDevice:
             rc = struct.pack(">QI", blocks - 1, size)
         except IscsiError:
             rc = None
+        if not std or std[0] >> 5 != 0 or rc is None:
+            # SPC-5 6.7.2: qualifier 011b, no LU at this LUN (READ CAPACITY
+            # then fails too): nothing to front
+            raise DeviceError(
+                f"backend {self.config.backend_url} has no logical unit {self.lun}"
+                f" (INQUIRY peripheral qualifier {std[0] >> 5 if std else '?'}"
+                f"{', READ CAPACITY failed' if rc is None else ''})"
+            )
         ident = DeviceIdentity.capture(std, vpd, rc)
         self.log.info(
             "backend LUN: %s %s serial %s, %d x %d bytes",
@@ -1528,6 +1559,7 @@ class PassthroughDevice:
                 "isid": f"0x{b.port.isid:012x}",
                 "transport_id": str(b.port),
                 "connected": b.session is not None and b.session.logged_in,
+                "session": _initiator.link_state_of(b.session),
                 "frontends": sorted(n.initiator_port for n in b.frontends),
             }
         return {
@@ -1547,6 +1579,7 @@ class PassthroughDevice:
             "migrate-pr": self.migrate_pr,
             "held": self.held,
             "backend-nexus": nexuses,
+            "monitor-session": _initiator.link_state_of(self._monitor),
             # REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS of the backend (None:
             # not implemented there); target-reset: what the frontend takes
             "backend-tmfs": None if self.backend_tmfs is None else list(self.backend_tmfs.names()),

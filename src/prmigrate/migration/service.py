@@ -169,6 +169,7 @@ class _Runner:
         self.peer = ""
         self.link: ChannelLink | None = None
         self.errors: list[str] = []
+        self.unrecorded: str | None = None  # why the source could not record the move
         self.started_wall = time.time()
         self.finished: Finished | None = None
         self.done: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
@@ -355,6 +356,7 @@ class _Runner:
             "timings": self.timings(),
             "reason": self.reason,
             "errors": list(self.errors),
+            "unrecorded": self.unrecorded,
             "started": self.started_wall,
             "history": [
                 {"t": round(now - (self.machine.timings.started or now), 6), "from": a, "event": e, "to": b}
@@ -715,7 +717,11 @@ class SourceRunner(_Runner):
                 self.log.info("%d guest session(s) did not log out in time: dropped", left)
             if forget:
                 node.luns = {}
-                self.daemon.record_moved(dev.name, node_name, host, port, node.tpgt)
+                unrecorded = self.daemon.record_moved(dev.name, node_name, host, port, node.tpgt)
+                if unrecorded is not None:
+                    self.unrecorded = unrecorded
+                    self._error(f"the move is not recorded on this host ({unrecorded}): "
+                                "restarted now, it would serve the device again")
         elif node is not None:
             self._error("no destination portal known: guest sessions dropped without redirect")
             target.remove_node(node_name)
@@ -1089,7 +1095,7 @@ class MigrationService:
             raise ServiceError("GenericError", "no cluster secret: start the daemon with --secret-file")
         dev = self.daemon.devices.get(device)
         if dev is None:
-            raise ServiceError("DeviceNotFound", f"device {device!r} not found")
+            raise ServiceError("DeviceNotFound", self.daemon.not_here(device))
         current = self.runners.get(device)
         if current is not None and current.finished is None:
             raise ServiceError("GenericError", f"device {device!r} is already migrating ({current.migration_id})")
