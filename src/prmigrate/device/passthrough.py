@@ -585,11 +585,15 @@ class PassthroughDevice:
         LUN may have changed while it was away (a target restarted without
         APTPL, another host's PREEMPT), so the tracked PR state is checked
         before the first command goes. A failed check is retried later."""
+        if self._monitor is not None and hasattr(self._monitor, "retry_now"):
+            self._monitor.retry_now()  # the check reads through it: no waiting out its backoff
         try:
-            await self.verify(f"backend nexus of {key} logged in again")
+            changes = await self.verify(f"backend nexus of {key} logged in again")
         except DeviceError:
             self._retry_verify_later()
             raise
+        self.log.info("backend nexus of %s logged in again: PR state verified before resuming, "
+                      "%d change(s)", key, len(changes))
 
     def _send_waiting(self, b: _Backend, s: Session) -> None:
         """Forward, in order, the commands that waited on ``b``."""

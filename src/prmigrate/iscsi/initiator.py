@@ -26,6 +26,7 @@ or retrying, and since when.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import struct
@@ -205,6 +206,7 @@ class Session:
         # by the command timeout; its failure is logged and they go anyway)
         self.on_reconnect = on_reconnect
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()  # cuts the wait before the next login attempt (retry_now)
         self.on_async_event = on_async_event
         self.on_unit_attention = on_unit_attention
         self.core = InitiatorCore(config)
@@ -415,6 +417,11 @@ class Session:
             self._dead = True
             self._closed.set()
 
+    def retry_now(self) -> None:
+        """While waiting to log in again: try at once (another session to
+        the same target just got in, so it is probably back)."""
+        self._wake.set()
+
     def _arm_hold_timer(self) -> None:
         """While the session is down or gated: let the core complete the
         commands held too long (``SessionConfig.hold_timeout``)."""
@@ -445,7 +452,9 @@ class Session:
                     delay, line = self.link.attempt_failed(now, str(exc), random.random())
                     if line is not None:
                         self.core.log.info("%s", line)
-                    await asyncio.sleep(delay)
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
                     continue
                 self.reconnects += 1
                 self.core.log.info("session to %s reinstated (isid 0x%012x), %s", self.portal,
