@@ -69,6 +69,30 @@ def restart_target(c: ProcCluster) -> None:
     c.procs["target"] = p
 
 
+class EventLogAside(ProcCluster):
+    """Hosts keep their event log beside, not in, the state directory: a
+    file open for writing keeps ``mount -o remount,ro`` from working."""
+
+    def _launch_host(self, name: str, args: list[str], addr: str, port: int, control: Path,
+                     mport: int) -> Any:
+        if "--event-log" not in args:
+            args = [*args, "--event-log", str(self.workdir / f"{name}-events.jsonl")]
+        return super()._launch_host(name, args, addr, port, control, mport)
+
+
+@contextlib.contextmanager
+def aside_cluster(workdir: Path):  # type: ignore[no-untyped-def]
+    c = EventLogAside(workdir)
+    c.start()
+    try:
+        yield c
+    except BaseException:
+        print(c.dump_logs())
+        raise
+    finally:
+        c.stop()
+
+
 # ------------------------------------------------------------------ judges
 
 
@@ -210,17 +234,14 @@ def tmpfs(path: Path, size: str = "256k"):  # type: ignore[no-untyped-def]
 def fill(path: Path) -> Path:
     """Fill the file system of ``path`` to the last byte."""
     filler = path / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass
-    with contextlib.suppress(OSError), open(filler, "ab") as f:
-        while True:
-            f.write(b"\0")
-            f.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
     return filler
 
 

@@ -501,8 +501,12 @@ class MigrationMarker:
 
     def remove(self) -> None:
         if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # a read-only or failing state directory: one line, no crash
+                log.warning("cannot remove %s: %s", self.path, e)
 
     @staticmethod
     def load(path: Path) -> dict[str, Any] | None:
