@@ -32,6 +32,7 @@ from .faultkit import (
     image_blocks,
     kill_target,
     register_and_reserve,
+    registrations,
     restart_target,
 )
 
@@ -117,3 +118,34 @@ def test_target_killed_during_write_burst(tmp_path: Path) -> None:
             assert_holds(c, "hosta", int(PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY))
 
         asyncio.run(asyncio.wait_for(go(), 150))
+
+
+def test_target_restarted_without_the_state_is_noticed_before_resuming(tmp_path: Path) -> None:
+    """The guest's registration and reservation were not APTPL: the
+    restarted target has none. The device's verification after the
+    re-login finds that before the guest's next command is forwarded, so
+    query-devices no longer claims a reservation the LUN does not have."""
+    with cluster(tmp_path) as c:
+
+        async def go() -> None:
+            s = await guest_session(c.frontend_url("hosta"))
+            try:
+                await register_and_reserve(s, WE, aptpl=False)
+                (d,) = await c.call("hosta", "query-devices")
+                (g,) = d["pr-state"]["guests"].values()
+                assert g["holder"], g
+                kill_target(c)
+                restart_target(c)
+                w = RetryingWriter(s)
+                await w.wait_acks(time.monotonic(), 40)
+                await w.stop()
+                assert not w.bad, w.bad
+                (d,) = await c.call("hosta", "query-devices")
+                assert d["pr-state"]["guests"] == {}, d["pr-state"]
+                assert "logged in again: PR state verified before resuming" in c.procs["hosta"].log
+            finally:
+                await s.close()
+            image_blocks(c, w.acked)
+            assert registrations(c) == []
+
+        asyncio.run(asyncio.wait_for(go(), 120))
