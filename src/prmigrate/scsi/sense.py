@@ -185,7 +185,7 @@ class SenseDecodeError(ValueError):
     pass
 
 
-def decode_sense(data: bytes | memoryview) -> DecodedSense:
+def decode_sense(data: bytes | bytearray | memoryview) -> DecodedSense:
     """Decode fixed or descriptor format sense data."""
     b = bytes(data)
     if len(b) < 8:
