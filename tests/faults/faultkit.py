@@ -105,6 +105,14 @@ def pr_tool(c: ProcCluster, *args: str) -> dict[str, Any]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+def status_text(c: ProcCluster, host: str) -> str:
+    """``prmigrate host --status`` of ``host``, as a separate process."""
+    out = subprocess.run([sys.executable, "-m", "prmigrate.cli", "host", "--status", "--control",
+                          str(c.procs[host].control)],
+                         capture_output=True, text=True, env=env(), timeout=30, check=False)
+    return out.stdout + out.stderr
+
+
 def registrations(c: ProcCluster) -> list[dict[str, Any]]:
     st = pr_tool(c, "-s")
     assert st["status"] == "GOOD", st

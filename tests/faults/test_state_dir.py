@@ -17,8 +17,6 @@ works again: restarted then, it redirects instead of serving the device."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from prmigrate.scsi.constants import PrType, SenseKey, Status
 from prmigrate.scsi.pr import pr_out_params
 from prmigrate.scsi.sense import decode_sense
 
-from ..interop.migration_cluster import ProcCluster, env
 from .faultkit import (
     KEY,
     RetryingWriter,
@@ -40,6 +37,7 @@ from .faultkit import (
     register_and_reserve,
     registrations,
     remount,
+    status_text,
     tmpfs,
 )
 
@@ -94,13 +92,6 @@ def test_pr_out_not_forwarded_when_not_journaled(tmp_path: Path, fault: str) -> 
         asyncio.run(asyncio.wait_for(go(), 120))
 
 
-def _status_text(c: ProcCluster, host: str) -> str:
-    control = c.procs[host].control
-    out = subprocess.run([sys.executable, "-m", "prmigrate.cli", "host", "--status", "--control", str(control)],
-                         capture_output=True, text=True, env=env(), timeout=30, check=False)
-    return out.stdout + out.stderr
-
-
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_move_whose_record_fails(tmp_path: Path, fault: str) -> None:
     with tmpfs(tmp_path / "hosta-state") as state, aside_cluster(tmp_path) as c:
@@ -122,7 +113,7 @@ def test_move_whose_record_fails(tmp_path: Path, fault: str) -> None:
                 await c.wait_device("hostb", True)
                 host = await c.call("hosta", "query-host")
                 assert "vm1" in host["moved"] and "vm1" in host["moved-unrecorded"], host
-                assert "MOVE NOT RECORDED" in _status_text(c, "hosta")
+                assert "MOVE NOT RECORDED" in status_text(c, "hosta")
                 # asked to move it again, the source says where it went
                 code2, out2 = await c.migrate("hosta", "hostb")
                 assert code2 != 0 and "moved to 127.0.0.3" in out2, out2
