@@ -153,3 +153,33 @@ def test_target_restarted_without_the_state_is_noticed_before_resuming(tmp_path:
             assert registrations(c) == []
 
         asyncio.run(asyncio.wait_for(go(), 120))
+
+
+def test_guest_logging_in_while_the_backend_is_down(tmp_path: Path) -> None:
+    """A guest whose backend session is not open yet (it logs in during the
+    outage): its commands wait while the device tries to open the session,
+    then get BUSY, and go through once the target is back; a bounded number
+    of log lines however many commands the guest retries."""
+    with cluster(tmp_path) as c:
+
+        async def go() -> None:
+            kill_target(c)
+            s = await guest_session(c.frontend_url("hosta"))
+            try:
+                w = RetryingWriter(s, streams=4)
+                await asyncio.sleep(15)
+                assert w.retried.get("busy", 0) >= 4 and not w.acked, (w.retried, len(w.acked))
+                restart_target(c)
+                await w.wait_acks(time.monotonic(), 40)
+                await asyncio.sleep(0.5)
+                await w.stop()
+                assert not w.bad, w.bad
+            finally:
+                await s.close()
+            log = c.procs["hosta"].log
+            assert log.count("cannot open backend nexus") <= 4, log[-3000:]
+            image_blocks(c, w.acked)
+            assert registrations(c) == []
+            assert await c.call("hostb", "query-devices") == []
+
+        asyncio.run(asyncio.wait_for(go(), 120))

@@ -558,17 +558,23 @@ class PassthroughDevice:
         try:
             if b.closing is not None:
                 await asyncio.shield(b.closing)
-            b.session = await self._open_session(
-                b.port.isid,
-                f"guest {b.key}",
-                lambda lun, sense: self._on_ua(b, sense),
-                lambda message, sense: self._on_async_event(b, message, sense),
-                lambda: self._verify_after_login(b.key),
+            # the backend down: its commands wait (HOLD_TIMEOUT) as a
+            # reconnecting session's do, then get BUSY, which guests retry
+            b.session = await _initiator.login_within(
+                lambda: self._open_session(
+                    b.port.isid,
+                    f"guest {b.key}",
+                    lambda lun, sense: self._on_ua(b, sense),
+                    lambda message, sense: self._on_async_event(b, message, sense),
+                    lambda: self._verify_after_login(b.key),
+                ),
+                HOLD_TIMEOUT, PERSISTENT,
+                lambda exc: self.log.warning("backend nexus for %s: %s; trying again", b.key, exc),
             )
         except (IscsiError, OSError, TimeoutError) as exc:
             self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
             waiting, b.waiting = b.waiting, []
-            failed = Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
+            failed = Result(Status.BUSY, b"", b"")
             for *_, fut in waiting:
                 if not fut.done():
                     fut.set_result(failed)
@@ -1472,7 +1478,8 @@ class PassthroughDevice:
         aptpl: bool = False,
     ) -> Result:
         """A PR OUT on ``guest``'s backend nexus, journaled and snooped.
-        Unit attentions are retried and kept to be reported to the guest."""
+        Unit attentions are retried and kept to be reported to the guest.
+        DeviceError, and nothing sent, when its intent cannot be journaled."""
         b = self._backend(guest)
         session = await self.backend_session(guest)
         cdb = pr_out_cdb(action, rtype, scope)

@@ -701,6 +701,32 @@ class Session:
         return await self._run(lun, pr_out_cdb(action, rtype, scope, len(params)), params)
 
 
+async def login_within(
+    open_session: Callable[[], Awaitable[Session]],
+    within: float,
+    policy: ReconnectPolicy,
+    on_first_failure: Callable[[BaseException], Any] | None = None,
+) -> Session:
+    """``await open_session()`` (a first login), tried again as ``policy``
+    says for up to ``within`` seconds; the last error is raised. A
+    forwarding device opens a guest's backend session this way, so a guest
+    that logs in while the backend is down waits like a reconnecting one."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    failed = 0
+    while True:
+        try:
+            return await open_session()
+        except (IscsiError, LoginError, OSError, TimeoutError) as exc:
+            failed += 1
+            delay = policy.delay(failed, random.random())
+            if loop.time() + delay > end:
+                raise
+            if failed == 1 and on_first_failure is not None:
+                on_first_failure(exc)
+            await asyncio.sleep(delay)
+
+
 def link_state_of(session: object) -> dict[str, Any] | None:
     """``Session.link_state()`` of ``session``; None for no session or an
     object without one (a test's stand-in)."""
