@@ -88,6 +88,7 @@ def test_pr_out_not_forwarded_when_not_journaled(tmp_path: Path, fault: str) -> 
                 await s.close()
             log = c.procs["hosta"].log
             assert "Traceback" not in log, log[-3000:]
+            assert await c.call("hostb", "query-devices") == []  # only A serves the device
 
         asyncio.run(asyncio.wait_for(go(), 120))
 
