@@ -73,3 +73,10 @@ def test_event_log_is_private(tmp_path: Path) -> None:
     log.close()
     assert stat.S_IMODE(os.stat(old).st_mode) == 0o600
     assert [e["event"] for e in read_events(old)] == ["OLD", "NEW"]
+
+
+def test_migrate_exit_status_when_the_move_is_not_recorded() -> None:
+    from prmigrate.commands.migrate import EXIT_DOUBT, EXIT_OK, exit_code
+
+    assert exit_code({"success": True, "unrecorded": None}) == EXIT_OK
+    assert exit_code({"success": True, "unrecorded": "cannot write x: read-only"}) == EXIT_DOUBT != EXIT_OK
