@@ -19,13 +19,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = "prmigrate"
 
 # Lower first. ``prmigrate`` is the package itself (``__version__``); ``aio``
-# holds asyncio helpers, and ``qmp``, ``lock``, ``sdnotify`` and
-# ``logfiles`` the daemons' control and life-cycle helpers: none imports
-# anything of ours. ``target_control`` is the target daemon's control plane,
+# holds asyncio helpers, ``logprefix`` the log adapter that prefixes a
+# peer's name, and ``qmp``, ``lock``, ``sdnotify`` and ``logfiles`` the
+# daemons' control and life-cycle helpers: none imports anything of ours. ``target_control`` is the target daemon's control plane,
 # beside the host daemon.
 LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"scsi"}),
-    frozenset({"prmigrate", "aio", "qmp", "lock", "sdnotify", "logfiles", "lun"}),
+    frozenset({"prmigrate", "aio", "logprefix", "qmp", "lock", "sdnotify", "logfiles", "lun"}),
     frozenset({"iscsi"}),
     frozenset({"device"}),
     frozenset({"migration"}),

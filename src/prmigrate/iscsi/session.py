@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..logprefix import PrefixLog
 from ..lun.types import LogicalUnitLike, Nexus, Result
 from ..scsi.constants import Opcode as ScsiOp
 from ..scsi.constants import Status
@@ -182,9 +183,9 @@ class TargetSettings:
         }
 
 
-class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['session']}] {msg}", kwargs  # type: ignore[index]
+class SessionLog(PrefixLog):
+    """Prefixes every line with the session's I_T nexus name (an argument,
+    never part of the format string: a name may contain ``%``)."""
 
 
 @dataclass(eq=False)
