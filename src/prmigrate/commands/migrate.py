@@ -9,8 +9,9 @@ state change with the time since the start, blocks until the end and
 prints the timings (total, guest pause, PR takeover, backend PR round trips
 inside the pause). ``--timeout`` bounds the whole wait: while the
 destination cannot be reached (nothing has moved yet) the migration is
-started again until then; at the deadline a migration still connecting or
-setting up is cancelled (the device stays on the source).
+started again until then (not when it refused the cluster secret); at the
+deadline a migration still connecting or setting up is cancelled (the
+device stays on the source).
 
 ``--host`` is the old spelling of ``--control`` and still accepted.
 
@@ -34,6 +35,9 @@ from . import _args
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DOUBT = 0, 1, 2, 3
 # States in which nothing has moved: a failure there may simply be retried.
 NOTHING_MOVED = ("idle", "connecting")
+# ... unless the destination answered with a refusal that trying again does
+# not change (the record's reason, AbortReason as its lowercase name)
+NOT_RETRIED = ("authentication",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,8 +147,9 @@ def _main(args: argparse.Namespace) -> int:
             if rec is None:
                 return _give_up(args, events, mid)
             left_from = {str(h.get("from")).lower() for h in rec.get("history", []) if isinstance(h, dict)}
+            refused = str(rec.get("reason") or "").split(":", 1)[0] in NOT_RETRIED
             nothing_moved = (not rec.get("success") and rec.get("status") == "rolled_back"
-                             and left_from <= set(NOTHING_MOVED))
+                             and left_from <= set(NOTHING_MOVED) and not refused)
             if nothing_moved and deadline - time.monotonic() > 1.0:
                 _say(args, f"{stamp()}  {args.to} not reachable ({_reason(rec)}); trying again")
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - 1.0)))
