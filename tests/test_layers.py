@@ -19,15 +19,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = "prmigrate"
 
 # Lower first. ``prmigrate`` is the package itself (``__version__``); ``aio``
-# holds asyncio helpers, and ``qmp``, ``lock``, ``sdnotify`` and
-# ``logfiles`` the daemons' control and life-cycle helpers: none imports
-# anything of ours. ``counters`` (the data path's plain counters) imports
-# only ``scsi``. ``target_control`` is the target daemon's control plane,
-# beside the host daemon; ``metrics`` (the Prometheus export) reads the
-# target's and the host daemon's objects.
+# holds asyncio helpers, ``logprefix`` the log adapter that prefixes a
+# peer's name, and ``qmp``, ``lock``, ``sdnotify`` and ``logfiles`` the
+# daemons' control and life-cycle helpers: none imports anything of ours.
+# ``counters`` (the data path's plain counters) imports only ``scsi``.
+# ``target_control`` is the target daemon's control plane, beside the host
+# daemon; ``metrics`` (the Prometheus export) reads the target's and the
+# host daemon's objects.
 LEVELS: tuple[frozenset[str], ...] = (
     frozenset({"scsi"}),
-    frozenset({"prmigrate", "aio", "qmp", "lock", "sdnotify", "logfiles", "counters", "lun"}),
+    frozenset({"prmigrate", "aio", "logprefix", "qmp", "lock", "sdnotify", "logfiles", "counters", "lun"}),
     frozenset({"iscsi"}),
     frozenset({"device"}),
     frozenset({"migration"}),

@@ -149,6 +149,7 @@ def test_an_empty_acl_from_the_file_stays_closed(tmp_path: Path) -> None:
     cmd.add_arguments(parser)
     args = parser.parse_args(["--config", str(config), "--size", "1M"])
     cmd._configure(args)
+    args.portals = cmd.portal_groups(args.listen, args.tpgt)
     target, luns = cmd._build(args, [])
     try:
         node = target.node(IQN)

@@ -9,6 +9,7 @@ from prmigrate.device.identity import (
     derive_isid,
     isid_format,
     nexus_transport_ids,
+    no_logical_unit,
     state_key,
 )
 
@@ -143,3 +144,15 @@ def test_round_trip_and_same_lun():
 def test_from_dict_rejects(d):
     with pytest.raises(IdentityError):
         DeviceIdentity.from_dict(d)  # type: ignore[arg-type]
+
+
+def test_no_logical_unit_from_the_backend_answers() -> None:
+    """SPC-5 6.7.2: peripheral qualifier 000b and a READ CAPACITY answer is
+    a LU; qualifier 011b (no LU at this LUN) or no capacity is none."""
+    rc = bytes(8) + (512).to_bytes(4, "big")
+    assert no_logical_unit(bytes([0x00]) + bytes(35), rc) is None
+    assert no_logical_unit(bytes([0x7F]) + bytes(35), None) == \
+        "INQUIRY peripheral qualifier 3, READ CAPACITY failed"
+    assert no_logical_unit(bytes([0x60]) + bytes(35), rc) == "INQUIRY peripheral qualifier 3"
+    assert no_logical_unit(b"", None) == "INQUIRY peripheral qualifier ?, READ CAPACITY failed"
+    assert no_logical_unit(bytes(36), None) == "INQUIRY peripheral qualifier 0, READ CAPACITY failed"

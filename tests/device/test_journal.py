@@ -267,3 +267,26 @@ def test_random_truncation_or_flip_of_a_record(tmp_path_factory, data):
     except JournalCorrupt:
         return
     assert rec.state.to_dict() == PrJournal.decode(raw).state.to_dict()  # only whitespace damage
+
+
+def test_failed_begin_leaves_no_intent(tmp_path, monkeypatch):
+    """A PR OUT whose intent could not be written is not forwarded, so the
+    intent must not ride along with a later write either (nor a temp file
+    cut short hold the space of a full disk)."""
+    p = tmp_path / "j"
+    j = PrJournal(p)
+    j.save(_state())
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jmod.os, "replace", full)
+    cdb = pr_out_cdb(PrOutAction.REGISTER, 0, 0, 24)
+    with pytest.raises(JournalError):
+        j.begin("iqn.a:g1", cdb, pr_out_params(0, 0x77))
+    assert j.pending_intents == ()
+    assert sorted(os.listdir(tmp_path)) == ["j"]
+    monkeypatch.undo()
+    j.save(_state(0x55))
+    rec = PrJournal(p).load()
+    assert rec is not None and rec.intents == () and not rec.needs_reconcile

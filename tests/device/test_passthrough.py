@@ -17,7 +17,7 @@ import pytest
 
 from prmigrate.device.config import DeviceConfig
 from prmigrate.device.identity import derive_isid
-from prmigrate.device.journal import PrJournal
+from prmigrate.device.journal import JournalError, PrJournal
 from prmigrate.device.passthrough import KEYS_METHOD, PassthroughDevice, expected_in_len
 from prmigrate.device.reconcile import reconcile_full_status
 from prmigrate.device.state import DevicePrState, GuestPrState
@@ -1329,4 +1329,33 @@ async def test_verification_refused_by_another_hosts_scsi2_reservation_is_retrie
     await rig.pr_out_ok(G1, REG, 0, 0x11)
     await rig.assert_tracks()
     assert rig.tracked()[G1].key == 0x11
+    await rig.close()
+
+
+@pytest.mark.parametrize("fake", [True, False], ids=["fake", "iscsi"])
+@run
+async def test_pr_out_not_journaled_is_not_forwarded(tmp_path: Path, fake: bool, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Fail closed: a PR OUT whose intent cannot be written to the journal
+    never reaches the backend; the guest gets CHECK CONDITION (ILLEGAL
+    REQUEST, INSUFFICIENT REGISTRATION RESOURCES) and the log says why.
+    Once the journal works again the same command goes through."""
+    rig = Rig(tmp_path, fake=fake)
+    await rig.start()
+    assert rig.dev.journal is not None
+    real = rig.dev.journal._write
+
+    def full() -> int:
+        raise JournalError("journal: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(rig.dev.journal, "_write", full)
+    r = await rig.pr_out(G1, REG, 0, 0xAB)
+    assert r.status == Status.CHECK_CONDITION
+    d = decode_sense(bytes(r.sense))
+    assert (d.key, d.asc, d.ascq) == (SenseKey.ILLEGAL_REQUEST, 0x55, 0x04)
+    assert rig.lu.pr.registrations == ()  # never forwarded
+    assert rig.tracked() == {} and not rig.dev.journal.pending_intents
+    assert "not forwarded" in caplog.text
+    monkeypatch.setattr(rig.dev.journal, "_write", real)
+    await rig.pr_out_ok(G1, REG, 0, 0xAB)
+    assert [reg.key for reg in rig.lu.pr.registrations] == [0xAB]
     await rig.close()

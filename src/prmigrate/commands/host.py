@@ -223,14 +223,19 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(devices, indent=2, sort_keys=True))
         return 0
-    print(format_status(devices, moved))
+    print(format_status(devices, moved, host.get("moved-unrecorded")))
     return 0
 
 
-def format_status(devices: list[dict], moved: dict[str, str] | None = None) -> str:  # type: ignore[type-arg]
+def format_status(devices: list[dict], moved: dict[str, str] | None = None,  # type: ignore[type-arg]
+                  unrecorded: dict[str, str] | None = None) -> str:
     """``query-devices`` as the operator reads it: one block per device, one
-    line per guest; then the devices that moved away (``query-host``)."""
+    line per guest and per backend session; then the devices that moved
+    away (``query-host``), with the moves not recorded on disk."""
+    unrecorded = unrecorded or {}
     away = [f"device {name}: moved to {where} (guest logins redirected there)"
+            + (f"; MOVE NOT RECORDED ({unrecorded[name]}): a restart now would serve it here"
+               if name in unrecorded else "")
             for name, where in sorted((moved or {}).items())]
     if not devices:
         return "\n".join(away) or "no devices"
@@ -277,4 +282,18 @@ def format_status(devices: list[dict], moved: dict[str, str] | None = None) -> s
                     f"  guest {key}: no PR state; backend nexus {nx['transport_id']}"
                     f"{'' if nx.get('connected') else ' (closed)'}"
                 )
+        sessions = [(f"guest {k}", nx.get("session")) for k, nx in sorted(d.get("backend-nexus", {}).items())]
+        sessions.append(("monitor", d.get("monitor-session")))
+        for who, link in sessions:
+            if link:
+                lines.append(f"  backend session ({who}): {_link_text(link)}")
     return "\n".join(lines + away)
+
+
+def _link_text(link: dict) -> str:  # type: ignore[type-arg]
+    """One backend session's ``link_state()`` in words."""
+    text = f"{str(link.get('state', '?')).upper()} since {link.get('since', '?')} ({link.get('for-s', 0):.0f} s)"
+    if link.get("state") != "up":
+        text += (f", {link.get('failed-attempts', 0)} failed login(s), next in {link.get('next-delay-s', 0):.1f} s, "
+                 f"{link.get('held-commands', 0)} command(s) held; last error: {link.get('error') or '-'}")
+    return text

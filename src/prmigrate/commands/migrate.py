@@ -18,7 +18,9 @@ device stays on the source).
 
 Exit status: 0 the device runs on the destination; 1 it failed and stayed on
 the source (the reason is printed); 3 the outcome is in doubt or the guest
-is held (see the daemon's log); 2 usage or control errors.
+is held (see the daemon's log), or the device runs on the destination but
+the source could not record the move in its state directory; 2 usage or
+control errors.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def format_timings(t: dict[str, Any]) -> str:
 
 
 def exit_code(record: dict[str, Any]) -> int:
+    if record.get("success") and record.get("unrecorded"):
+        return EXIT_DOUBT  # runs on the destination; the source would not redirect after a restart
     if record.get("success"):
         return EXIT_OK
     if record.get("status") == "rolled_back":
@@ -205,6 +209,10 @@ def _report(args: argparse.Namespace, rec: dict[str, Any]) -> int:
         print(json.dumps(rec, indent=2))
     elif code == EXIT_OK:
         print(f"{args.device} now runs on {rec.get('peer')}")
+    elif rec.get("success") and rec.get("unrecorded"):
+        print(f"{args.device} now runs on {rec.get('peer')}, but the source could not record the move "
+              f"({rec['unrecorded']}): restarted before the record is written, it would serve "
+              f"{args.device} again (see `prmigrate host --status`)")
     elif code == EXIT_FAILED:
         print(f"migration failed, {args.device} stays on the source: {_reason(rec)}")
     else:

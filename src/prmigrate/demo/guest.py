@@ -65,13 +65,20 @@ class _RedirectWatch(logging.Handler):
         self.guest = guest
 
     def emit(self, record: logging.LogRecord) -> None:
-        # The session's log adapter prefixes the message with its I_T nexus.
+        # The session's log adapter (logprefix.PrefixLog) puts its I_T nexus
+        # in front, as the first argument; the line's own arguments follow.
         text = str(record.msg)
-        if not isinstance(record.args, tuple) or self.guest.nexus.lower() not in text.lower():
+        if not isinstance(record.args, tuple):
             return
-        if text.endswith(self.REDIRECTED) and len(record.args) == 2:
+        try:
+            line = record.getMessage()
+        except (TypeError, ValueError):
+            return
+        if self.guest.nexus.lower() not in line.lower():
+            return
+        if text.endswith(self.REDIRECTED) and len(record.args) >= 2:
             self.guest.redirects += 1
-            self.guest._event(f"login to {record.args[0]} redirected to {record.args[1]}")
+            self.guest._event(f"login to {record.args[-2]} redirected to {record.args[-1]}")
         elif text.endswith(self.REINSTATED):
             self.guest._event(f"logged in again, connected to {self.guest.connected_portal()}"
                               " (same ISID: session reinstated)")

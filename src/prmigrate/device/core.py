@@ -315,6 +315,14 @@ class DeviceCore:
         """Whether ``b``'s backend session is logged in (the shell knows)."""
         return False
 
+    def link_state(self, b: Backend) -> dict[str, Any] | None:
+        """``b``'s backend session's link state (the shell knows; None: none)."""
+        return None
+
+    def monitor_link_state(self) -> dict[str, Any] | None:
+        """The monitor session's link state (the shell knows; None: none)."""
+        return None
+
     @property
     def block_size(self) -> int:
         """The LUN's block size (512 until the identity is known); the
@@ -415,7 +423,11 @@ class DeviceCore:
                 )
                 return Result(_CHECK, b"", refusal.encode())
             data = bytes(data_out)
-            return Forward(kind, bytes(cdb), data, 0, self.begin(b.key, bytes(cdb), data))
+            try:
+                intent = self.begin(b.key, bytes(cdb), data)
+            except DeviceError:  # fail closed: what cannot be journaled is not done
+                return Result(_CHECK, b"", encode_sense(Sense.INSUFFICIENT_REGISTRATION_RESOURCES))
+            return Forward(kind, bytes(cdb), data, 0, intent)
         return Forward(kind, cdb, data_out, data_in_len)
 
     def _report_luns(self, b: Backend, nexus: Nexus, cdb: bytes) -> Result:
@@ -531,13 +543,16 @@ class DeviceCore:
 
     # ------------------------------------------------------------ journal
     def begin(self, key: str, cdb: bytes, data: bytes) -> Intent | None:
+        """The PR OUT's intent, journaled before it is forwarded (None: no
+        journal). DeviceError when it cannot be written: fail closed, the
+        PR OUT is not forwarded."""
         if self.journal is None:
             return None
         try:
             return self.journal.begin(key, cdb, data)
         except JournalError as exc:
-            self.log.error("journal: cannot record PR OUT intent: %s", exc)
-            return None
+            self.log.error("journal: cannot record PR OUT intent, not forwarded: %s", exc)
+            raise DeviceError(f"cannot journal the PR OUT: {exc}") from exc
 
     def commit(self, intent: Intent | None, state: DevicePrState | None) -> None:
         if self.journal is None:

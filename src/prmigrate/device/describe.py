@@ -26,6 +26,7 @@ def describe_device(dev: Any, now: float) -> dict[str, object]:
             "isid": f"0x{b.port.isid:012x}",
             "transport_id": str(b.port),
             "connected": dev.connected(b),
+            "session": dev.link_state(b),
             "frontends": sorted(n.initiator_port for n in b.frontends),
         }
     last = dev.last_verified
@@ -45,6 +46,7 @@ def describe_device(dev: Any, now: float) -> dict[str, object]:
         "migrate-pr": dev.migrate_pr,
         "held": dev.held,
         "backend-nexus": nexuses,
+        "monitor-session": dev.monitor_link_state(),
         # REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS of the backend (None:
         # not implemented there); target-reset: what the frontend takes
         "backend-tmfs": None if dev.backend_tmfs is None else list(dev.backend_tmfs.names()),

@@ -61,6 +61,17 @@ class IdentityError(ValueError):
     """Identity data that cannot be parsed or serialised."""
 
 
+def no_logical_unit(inquiry_std: bytes, read_capacity: bytes | None) -> str | None:
+    """Why the backend's answers show no logical unit at the LUN (None:
+    there is one). SPC-5 6.7.2: peripheral qualifier 011b (or any but 000b),
+    no LU at this LUN; READ CAPACITY then fails too."""
+    qualifier = inquiry_std[0] >> 5 if inquiry_std else None
+    if qualifier == 0 and read_capacity is not None:
+        return None
+    return (f"INQUIRY peripheral qualifier {'?' if qualifier is None else qualifier}"
+            f"{', READ CAPACITY failed' if read_capacity is None else ''}")
+
+
 def derive_isid(device: str, guest: str | None) -> int:
     """The ISID of the backend session of ``guest`` on ``device`` (``None``:
     the device's shared session). Random format T = 10b, A = 0."""

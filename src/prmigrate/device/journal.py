@@ -28,6 +28,7 @@ Never a crash with a stray exception.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -211,11 +212,18 @@ class PrJournal:
         return self._write()
 
     def begin(self, guest: str, cdb: bytes, data_out: bytes = b"") -> Intent:
-        """Record a PR OUT about to be forwarded, durably, before forwarding it."""
+        """Record a PR OUT about to be forwarded, durably, before forwarding it.
+        JournalError: nothing recorded, in memory either (the caller must not
+        forward it: a later write would otherwise carry an intent that was
+        never acted on)."""
         intent = Intent(self._c.next_intent, guest.lower(), bytes(cdb), bytes(data_out))
         self._c.next_intent += 1
         self._c.intents[intent.id] = intent
-        self._write()
+        try:
+            self._write()
+        except JournalError:
+            del self._c.intents[intent.id]
+            raise
         return intent
 
     def commit(self, intent: Intent, state: DevicePrState | None = None) -> int:
@@ -250,6 +258,9 @@ class PrJournal:
             atomic_write(self.path, data, fsync=self.fsync)
         except OSError as e:
             self._c.seq -= 1
+            # a temp file cut short by a full disk: gone, so it holds no space
+            with contextlib.suppress(OSError):
+                self.path.with_name(f".{self.path.name}.tmp").unlink()
             raise JournalError(f"{self.path}: {e}") from e
         return self._c.seq
 

@@ -18,13 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..iscsi.initiator import IscsiError, Session
+from ..iscsi.initiator import IscsiError, Session, link_state_of
 from ..lun.types import Result
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import PrInAction
 from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
 from .core import MONITOR, DeviceError, UaRetry
-from .identity import DeviceIdentity, derive_isid
+from .identity import DeviceIdentity, derive_isid, no_logical_unit
 from .reconcile import ReconcileError
 from .sessions import BackendSessions, submit_retrying
 from .state import StateChange
@@ -33,10 +33,12 @@ from .verify import PR_IN_ALLOC, Verification
 
 class Monitor:
     def __init__(
-        self, open_session: Callable[[], Awaitable[Session]], lun: int, verification: Verification, log: Any
+        self, open_session: Callable[[], Awaitable[Session]], lun: int, verification: Verification, log: Any,
+        backend: str = "",
     ) -> None:
         self._open = open_session
         self.lun = lun
+        self.backend = backend  # the backend's URL, for messages
         self.verification = verification
         self.log = log
         self.session: Session | None = None
@@ -92,6 +94,9 @@ class Monitor:
             rc = struct.pack(">QI", blocks - 1, size)
         except IscsiError:
             rc = None
+        missing = no_logical_unit(std, rc)
+        if missing is not None:
+            raise DeviceError(f"backend {self.backend} has no logical unit {self.lun} ({missing})")
         ident = DeviceIdentity.capture(std, vpd, rc)
         self.log.info(
             "backend LUN: %s %s serial %s, %d x %d bytes",
@@ -120,7 +125,7 @@ class BackendMonitor(BackendSessions):
         super().__init__(*args, **kwargs)
         self._monitor = Monitor(
             lambda: self._open_session(derive_isid(self.name, MONITOR), "monitor"),
-            self.lun, self.verification, self.log,
+            self.lun, self.verification, self.log, self.config.backend_url,
         )
         self._verifying: asyncio.Task[Any] | None = None
         self._verify_again = False
@@ -168,6 +173,27 @@ class BackendMonitor(BackendSessions):
         except Exception as exc:  # the PR OUT's answer still goes
             self.log.warning("verification after %s failed: %s", what, exc)
             self._retry_verify_later()
+
+    async def _verify_after_login(self, key: str) -> None:
+        """The backend nexus of ``key`` logged in again after a lost
+        connection (the session holds the guest's commands meanwhile): the
+        LUN may have changed while it was away (a target restarted without
+        APTPL, another host's PREEMPT), so the tracked PR state is checked
+        before the first command goes. A failed check is retried later."""
+        monitor = self._monitor.session
+        if monitor is not None and hasattr(monitor, "retry_now"):
+            monitor.retry_now()  # the check reads through it: no waiting out its backoff
+        try:
+            changes = await self.verify(f"backend nexus of {key} logged in again")
+        except DeviceError:
+            self._retry_verify_later()
+            raise
+        self.log.info("backend nexus of %s logged in again: PR state verified before resuming, "
+                      "%d change(s)", key, len(changes))
+
+    def monitor_link_state(self) -> dict[str, Any] | None:
+        """``Session.link_state()`` of the monitor's session (None: none)."""
+        return link_state_of(self._monitor.session)
 
     def _retry_verify_later(self) -> None:
         """A timer, not a task: ``drain`` (a migration's hold) does not wait for it."""

@@ -195,7 +195,8 @@ class PassthroughDevice(BackendMonitor):
         """A PR OUT of the device's own (a migration's takeover or rollback)
         on ``guest``'s backend nexus, journaled, snooped and verified as a
         guest's. Unit attentions are retried (``UaRetry``) and owed to the
-        guest (reported on its next command)."""
+        guest (reported on its next command). DeviceError, and nothing
+        sent, when its intent cannot be journaled."""
         b = self._backend(guest)
         session = await self.backend_session(guest)
         cdb, data = pr_out_cdb(action, rtype, scope), pr_out_params(rk, sark, aptpl=aptpl)

@@ -13,6 +13,13 @@ nexuses): a command sent after the response reaches the LU after the
 function, as on a LU (MultipathIO.Reset resets through one path and
 expects the UA on the next command of each). A RELEASE for a departed
 SCSI-2 holder is sent the same way.
+
+A backend outage of any length: every session logs in again for as long as
+the device lives (``iscsi.initiator_core.PERSISTENT``), a command waits at
+most ``HOLD_TIMEOUT`` and is then answered BUSY; a guest's first login to a
+backend that is down is tried the same way (``login_within``). After a
+re-login the PR state is checked before the held commands go
+(``_verify_after_login``, done by ``BackendMonitor``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 from ..aio import BackgroundTasks
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
+from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Opcode, Status
@@ -40,6 +48,12 @@ _CHECK = Status.CHECK_CONDITION
 def _aborted() -> Result:
     """COMMAND ABORTED: the backend could not be reached for this command."""
     return Result(_CHECK, b"", encode_sense(Sense.COMMAND_ABORTED))
+
+
+def _busy() -> Result:
+    """BUSY (SAM-5 5.3.1: the LU cannot take the command now; the guest
+    retries): the backend was not reachable within ``HOLD_TIMEOUT``."""
+    return Result(Status.BUSY, b"", b"")
 
 
 Connector = Callable[..., Any]  # iscsi.initiator.connect's signature
@@ -112,10 +126,21 @@ class BackendSessions(DeviceCore):
         for b in self._backends.values():
             b.session = None
 
+    def link_state(self, b: Backend) -> dict[str, Any] | None:
+        """``Session.link_state()`` of ``b``'s backend session (None: none)."""
+        return _initiator.link_state_of(getattr(b, "session", None))
+
     # --------------------------------------------------------- sessions
-    async def _open_session(self, isid: int, what: str, on_ua: Any = None, on_event: Any = None) -> Session:
+    async def _open_session(self, isid: int, what: str, on_ua: Any = None, on_event: Any = None,
+                            on_reconnect: Any = None) -> Session:
         opts = dict(self._session_options)
         opts.setdefault("queue_depth", 128)
+        # an outage of any length: log in again for as long as the device
+        # lives; a guest command waits at most HOLD_TIMEOUT, then gets BUSY
+        opts.setdefault("reconnect_policy", PERSISTENT)
+        opts.setdefault("hold_timeout", HOLD_TIMEOUT)
+        if on_reconnect is not None:
+            opts["on_reconnect"] = on_reconnect
         if on_event is not None:
             opts["on_async_event"] = on_event
         session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, isid,
@@ -128,21 +153,32 @@ class BackendSessions(DeviceCore):
         try:
             if b.closing is not None:
                 await asyncio.shield(b.closing)
-            b.session = await self._open_session(
-                b.port.isid, f"guest {b.key}",
-                lambda lun, sense: self.unit_attention_met(b, sense.asc, sense.ascq),
-                lambda message, sense: self.async_unit_attention(b, sense))
+            # the backend down: its commands wait (HOLD_TIMEOUT) as a
+            # reconnecting session's do, then get BUSY, which guests retry
+            b.session = await _initiator.login_within(
+                lambda: self._open_session(
+                    b.port.isid, f"guest {b.key}",
+                    lambda lun, sense: self.unit_attention_met(b, sense.asc, sense.ascq),
+                    lambda message, sense: self.async_unit_attention(b, sense),
+                    lambda: self._verify_after_login(b.key)),
+                HOLD_TIMEOUT, PERSISTENT,
+                lambda exc: self.log.warning("backend nexus for %s: %s; trying again", b.key, exc),
+            )
         except (IscsiError, OSError, TimeoutError) as exc:
             self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
             waiting, b.waiting = b.waiting, []
             for *_, fut in waiting:
                 if not fut.done():
-                    fut.set_result(_aborted())
+                    fut.set_result(_busy())
             return
         finally:
             b.opening = None
         if self._tmf is None:  # else the waiting commands go when the function is done
             self._send_waiting(b, b.session)
+
+    async def _verify_after_login(self, key: str) -> None:
+        """Awaited by ``key``'s backend session after it logged in again,
+        before its held commands go (``BackendMonitor`` checks the PR state)."""
 
     def _send_waiting(self, b: Link, s: Session) -> None:
         """Forward, in order, the commands that waited on ``b``."""

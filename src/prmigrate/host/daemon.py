@@ -74,6 +74,8 @@ RUNTIME_VERSION = 1
 # Host settings a reload does not change (a restart does).
 _RESTART_FIELDS = ("name", "initiator", "listen", "control", "state_dir", "log_format", "keepalive", "uvloop",
                    "poll_us", "metrics", "migrate_tls_dir")
+MOVED_RETRY_S = 5.0  # a move record that could not be written is tried again this often
+
 FRONTEND_PREFIX = "iqn.2026-11.org.prmigrate"
 
 
@@ -99,6 +101,7 @@ class HostDaemon:
         self.initiator = config.initiator
         self.devices: dict[str, PassthroughDevice] = {}
         self.moved: dict[str, dict[str, Any]] = {}  # device -> where it moved (record_moved)
+        self._moved_retry: asyncio.TimerHandle | None = None  # rewrites failed move records
         self.target = IscsiTarget(keepalive=config.keepalive)
         self.control: ControlServer | None = None
         if config.control is not None:
@@ -167,6 +170,9 @@ class HostDaemon:
         self._stop.set()
 
     async def close(self) -> None:
+        if self._moved_retry is not None:
+            self._moved_retry.cancel()
+            self._moved_retry = None
         self.emit({"event": "SHUTDOWN", "host": self.name})
         await self.target.close()
         for dev in list(self.devices.values()):
@@ -233,17 +239,67 @@ class HostDaemon:
         sd = self.config.state_dir
         return None if sd is None else Path(sd) / f"{name}.moved.json"
 
-    def record_moved(self, name: str, node: str, host: str, port: int, tpgt: int) -> None:
-        """The device ``name`` moved to ``host:port``: remembered in the state
-        directory, so that after a restart this daemon still redirects its
-        guest there (instead of serving the configured device again, with a
-        backend nexus that no longer holds the guest's registration)."""
+    def record_moved(self, name: str, node: str, host: str, port: int, tpgt: int) -> str | None:
+        """The device ``name`` moved to ``host:port``: listed as moved at once
+        (``query-host``, ``host --status``; asked to move it again, the
+        daemon says where it went) and remembered in the state directory,
+        so that after a restart this daemon still redirects its guest there
+        (instead of serving the configured device again, with a backend
+        nexus that no longer holds the guest's registration).
+
+        Returns None, or why the record could not be written: the failure is
+        then kept (``moved[name]["unrecorded"]``, shown by ``query-host``
+        and ``host --status``) for the migration to report; this process
+        still redirects, a restart with this state directory would not."""
+        rec: dict[str, Any] = {"device": name, "node": node, "host": host, "port": port, "tpgt": tpgt,
+                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.moved[name] = rec
         path = self._moved_path(name)
         if path is None:
             self.log.warning("device %s moved, but without --state-dir its redirect ends with this process", name)
-            return
-        persist.save(path, {"device": name, "node": node, "host": host, "port": port, "tpgt": tpgt,
-                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            return None
+        try:
+            persist.save(path, rec)
+        except (OSError, persist.PersistError) as e:
+            why = f"cannot write {path}: {e}"
+            rec["unrecorded"] = why
+            self.log.error(
+                "device %s moved to %s:%d but the move is not recorded (%s): a restart with this "
+                "state directory would serve the device here again; written again every %.0f s "
+                "until it works (keep this process running until then)",
+                name, host, port, why, MOVED_RETRY_S,
+            )
+            self._arm_moved_retry()
+            return why
+        return None
+
+    def _arm_moved_retry(self) -> None:
+        if self._moved_retry is None and not self._stop.is_set():
+            self._moved_retry = asyncio.get_running_loop().call_later(MOVED_RETRY_S, self._retry_moved)
+
+    def _retry_moved(self) -> None:
+        """Write the move records that failed; one log line when one works."""
+        self._moved_retry = None
+        for name, rec in list(self.moved.items()):
+            path = self._moved_path(name)
+            if not rec.get("unrecorded") or path is None:
+                continue
+            try:
+                persist.save(path, {k: v for k, v in rec.items() if k != "unrecorded"})
+            except (OSError, persist.PersistError):
+                continue
+            del rec["unrecorded"]
+            self.log.info("device %s: move to %s:%d recorded in %s", name, rec["host"], rec["port"], path)
+        if any(r.get("unrecorded") for r in self.moved.values()):
+            self._arm_moved_retry()
+
+    def not_here(self, name: str) -> str:
+        """Why ``name`` is not a device of this daemon, for an error reply."""
+        m = self.moved.get(name)
+        if m is None:
+            return f"device {name!r} not found"
+        return (f"device {name!r} moved to {m['host']}:{m['port']} at {m.get('at', '?')}: "
+                f"it runs there now")
 
     def _moved(self, name: str) -> dict[str, Any] | None:
         path = self._moved_path(name)
@@ -484,7 +540,7 @@ class HostDaemon:
     def get_device(self, name: str) -> PassthroughDevice:
         dev = self.devices.get(name)
         if dev is None:
-            raise CommandError("DeviceNotFound", f"device {name!r} not found")
+            raise CommandError("DeviceNotFound", self.not_here(name))
         return dev
 
     # ------------------------------------- the migration's Handover contract
@@ -547,12 +603,12 @@ class HostDaemon:
     def drop_guest_sessions(self, node: str) -> int:
         return self.target.drop_sessions(node)
 
-    def record_moved_away(self, name: str, node: str, host: str, port: int) -> None:
+    def record_moved_away(self, name: str, node: str, host: str, port: int) -> str | None:
         n = self.target.node(node)
         if n is None:
-            return
+            return None
         n.luns = {}
-        self.record_moved(name, node, host, port, n.tpgt)
+        return self.record_moved(name, node, host, port, n.tpgt)
 
     def remove_node(self, node: str) -> bool:
         return self.target.remove_node(node) is not None
@@ -644,6 +700,9 @@ class HostDaemon:
             "state-dir": None if self.config.state_dir is None else str(self.config.state_dir),
             "devices": sorted(self.devices),
             "moved": {n: f"{m['host']}:{m['port']}" for n, m in sorted(self.moved.items())},
+            # moves whose record could not be written: lost by a restart
+            "moved-unrecorded": {n: m["unrecorded"] for n, m in sorted(self.moved.items())
+                                 if m.get("unrecorded")},
         }
 
     async def _cmd_device_verify(self, args: dict[str, Any]) -> dict[str, Any]:

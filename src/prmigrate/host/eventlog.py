@@ -10,6 +10,10 @@ line (the same message control subscribers get: ``event``, ``timestamp``,
 
 Lines are appended and flushed one by one, so a crashed daemon leaves every
 event it emitted before the crash (up to the OS); a line is never split.
+The file holds reservation keys: it is created with mode 0600 and an
+existing one is tightened to 0600 when opened. A write that fails (a full
+or read-only disk) loses that event and is logged once, until one works
+again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import IO, Any
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "events.jsonl"
+MODE = 0o600  # reservation keys: the owner only
 
 
 class EventLog:
@@ -31,21 +36,39 @@ class EventLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file: IO[bytes] | None = self._open()
+        self._failing: str | None = None  # the error while writes fail
+
+    def _open(self) -> IO[bytes]:
+        """The path for appending, mode 0600 (created so, or tightened)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, MODE)
+        try:
+            if os.stat(fd).st_mode & 0o777 != MODE:
+                os.fchmod(fd, MODE)  # an older file, created 0644
+        except OSError as exc:
+            log.warning("event log %s: cannot set mode %o: %s", self.path, MODE, exc)
+        # unbuffered bytes: a failed write leaves nothing behind to retry
+        return os.fdopen(fd, "ab", buffering=0)
 
     def __call__(self, message: dict[str, Any]) -> None:
         if self._file is None:
             return
         try:
-            self._file.write(json.dumps(message, default=str, separators=(",", ":")) + "\n")
-            self._file.flush()
+            line = (json.dumps(message, default=str, separators=(",", ":")) + "\n").encode("utf-8")
+            self._file.write(line)
         except (OSError, ValueError) as exc:
-            log.error("event log %s: %s", self.path, exc)
+            if self._failing is None:
+                log.error("event log %s: %s (events are lost until a write works again)", self.path, exc)
+            self._failing = str(exc)
+            return
+        if self._failing is not None:
+            log.info("event log %s: writing again", self.path)
+            self._failing = None
 
     def reopen(self) -> None:
         """Open the path again (SIGHUP, after logrotate moved the file)."""
         try:
-            new = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            new = self._open()
         except OSError as exc:
             log.error("event log %s: cannot reopen: %s", self.path, exc)
             return
@@ -55,7 +78,6 @@ class EventLog:
     def close(self) -> None:
         if self._file is not None:
             try:
-                self._file.flush()
                 os.fsync(self._file.fileno())
             except OSError:
                 pass

@@ -14,14 +14,24 @@ of submits) go out in one ``write``.
 After a lost connection the session logs in again with the same ISID (session
 reinstatement keeps the I_T nexus, hence PR registrations) and re-issues
 every command that got no status; ``reconnect=False`` fails them instead.
+How often and how long it tries is a ``ReconnectPolicy`` (by default 0.05 s
+doubling to 2 s, giving up ``reconnect_timeout`` after the loss;
+``initiator_core.PERSISTENT`` never gives up). With ``hold_timeout`` a
+command that waits that long for the session to come back completes with
+BUSY; ``on_reconnect`` is awaited after a re-login before any queued
+command is sent. ``link_state()`` tells whether the session is up, down
+or retrying, and since when.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..lun.types import Result
@@ -45,12 +55,15 @@ from .initiator_core import (
     Event,
     InitiatorCore,
     IscsiError,
+    Link,
+    LinkState,
     LoginDone,
     LoginFailed,
     LoginRedirect,
     LoginTimeout,
     LogoutDone,
     Negotiated,
+    ReconnectPolicy,
     RelaySink,
     SessionConfig,
     SessionLoginError,
@@ -174,6 +187,8 @@ class Session:
         on_async_event: Callable[[AsyncMessage, DecodedSense | None], Any] | None = None,
         on_unit_attention: Callable[[int, DecodedSense], Any] | None = None,
         lun: int = 0,
+        reconnect_policy: ReconnectPolicy | None = None,
+        on_reconnect: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self.portal = portal
         self.lun = lun  # default LUN of the helpers
@@ -182,6 +197,15 @@ class Session:
         self.login_timeout = login_timeout
         self.reconnect = reconnect
         self.reconnect_timeout = reconnect_timeout
+        if reconnect_policy is None:
+            reconnect_policy = ReconnectPolicy(
+                first=0.05, cap=2.0, jitter=0.0, give_up_after=reconnect_timeout)
+        self.link = Link(reconnect_policy)
+        # awaited after a re-login, before the queued commands go (bounded
+        # by the command timeout; its failure is logged and they go anyway)
+        self.on_reconnect = on_reconnect
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()  # cuts the wait before the next login attempt (retry_now)
         self.on_async_event = on_async_event
         self.on_unit_attention = on_unit_attention
         self.core = InitiatorCore(config)
@@ -197,8 +221,28 @@ class Session:
         self._closing = False
         self._dead = False  # the connection is gone for good (no reconnect)
         self._closed = asyncio.Event()
+        self.link.since = self._loop.time()
 
     # ------------------------------------------------------------ properties
+
+    def link_state(self) -> dict[str, Any]:
+        """The connection's state for a status report: ``state`` (up, down,
+        retrying, closed), ``since`` (UTC, ISO 8601) and, while down, the
+        failed login attempts, the next delay, the last error and the
+        commands held."""
+        now = self._loop.time()
+        link = self.link
+        info: dict[str, Any] = {
+            "state": link.state.value,
+            "since": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (now - link.since))),
+            "for-s": round(now - link.since, 3),
+            "reconnects": self.reconnects,
+        }
+        if link.state is not LinkState.UP:
+            info.update({"failed-attempts": link.failed, "next-delay-s": round(link.next_delay, 3),
+                         "error": link.last_error, "held-commands": self.core.held})
+        return info
 
     @property
     def params(self) -> SessionParams:
@@ -358,38 +402,80 @@ class Session:
             self._handle(self.core.connection_lost(retry=True))
             return
         retry = self.reconnect and not self._closing
-        self._handle(self.core.connection_lost(retry=retry))
+        now = self._loop.time()
+        self._handle(self.core.connection_lost(retry=retry, now=now))
         if retry:
+            why = f"connection to {self.portal} lost" + (f": {exc}" if exc else "")
+            self.core.log.warning("%s; %d command(s) to re-issue", self.link.lost(now, why),
+                                  self.core.outstanding)
+            self._arm_hold_timer()
             if self._reconnecting is None:
                 self._reconnecting = asyncio.ensure_future(self._reconnect())
         else:
+            self.link.closed(now, "connection lost")
             self._dead = True
             self._closed.set()
 
+    def retry_now(self) -> None:
+        """While waiting to log in again: try at once (another session to
+        the same target just got in, so it is probably back)."""
+        self._wake.set()
+
+    def _arm_hold_timer(self) -> None:
+        """While the session is down or gated: let the core complete the
+        commands held too long (``SessionConfig.hold_timeout``)."""
+        if self._hold_timer is None and self.config.hold_timeout is not None and not self._closing:
+            self._hold_timer = self._loop.call_later(_TICK, self._on_hold_tick)
+
+    def _on_hold_tick(self) -> None:
+        self._hold_timer = None
+        self._handle(self.core.expire_held(self._loop.time()))
+        if self.link.state is not LinkState.UP or self.core.gated:
+            self._arm_hold_timer()
+
     async def _reconnect(self) -> None:
-        """Log in again with the same ISID until it works or time runs out."""
-        deadline = self._loop.time() + self.reconnect_timeout
-        delay = 0.05
+        """Log in again with the same ISID, waiting as ``self.link.policy``
+        says between attempts, until it works or the policy gives up; with
+        ``on_reconnect``, await it (commands held) before resuming."""
         try:
             while not self._closing:
+                if self.on_reconnect is not None:
+                    self.core.gate()
                 try:
                     await self._login()
-                    self.reconnects += 1
-                    self.core.log.info("session to %s reinstated (isid 0x%012x)", self.portal, self.isid)
-                    self._flush()
-                    return
                 except (IscsiError, LoginError) as exc:
-                    if self._loop.time() + delay > deadline:
+                    now = self._loop.time()
+                    if self.link.exhausted(now):
                         self.core.log.error("giving up reconnecting to %s: %s", self.portal, exc)
                         break
-                    self.core.log.info("reconnect to %s failed (%s); retrying", self.portal, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                    delay, line = self.link.attempt_failed(now, str(exc), random.random())
+                    if line is not None:
+                        self.core.log.info("%s", line)
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+                    continue
+                self.reconnects += 1
+                self.core.log.info("session to %s reinstated (isid 0x%012x), %s", self.portal,
+                                   self.isid, self.link.up(self._loop.time()))
+                if self.on_reconnect is not None:
+                    try:
+                        await asyncio.wait_for(self.on_reconnect(), self.config.command_timeout)
+                    except Exception as exc:  # noqa: BLE001 - the owner's check; logged, then resume
+                        self.core.log.warning("check after the re-login failed (%s); resuming", exc)
+                    if not self.core.logged_in:  # lost again meanwhile: try again
+                        continue
+                    self.core.release_gate(self._loop.time())
+                self._flush()
+                return
             self._dead = True
+            self.link.closed(self._loop.time(), "gave up reconnecting")
             self._handle(self.core.fail_all(ConnectionLost("reconnection failed")))
             self._closed.set()
         finally:
             self._reconnecting = None
+            if self.core.gated and (self._closing or self._dead):
+                self.core.gated = False
 
     # ---------------------------------------------------------------- public
 
@@ -503,6 +589,10 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self.link.closed(self._loop.time(), "closed")
         self._handle(self.core.fail_all(ConnectionLost("session closed")))
         if proto is not None and proto.transport is not None:
             proto.transport.close()
@@ -631,6 +721,39 @@ class Session:
         return await self._run(lun, pr_out_cdb(action, rtype, scope, len(params)), params)
 
 
+async def login_within(
+    open_session: Callable[[], Awaitable[Session]],
+    within: float,
+    policy: ReconnectPolicy,
+    on_first_failure: Callable[[BaseException], Any] | None = None,
+) -> Session:
+    """``await open_session()`` (a first login), tried again as ``policy``
+    says for up to ``within`` seconds; the last error is raised. A
+    forwarding device opens a guest's backend session this way, so a guest
+    that logs in while the backend is down waits like a reconnecting one."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    failed = 0
+    while True:
+        try:
+            return await open_session()
+        except (IscsiError, LoginError, OSError, TimeoutError) as exc:
+            failed += 1
+            delay = policy.delay(failed, random.random())
+            if loop.time() + delay > end:
+                raise
+            if failed == 1 and on_first_failure is not None:
+                on_first_failure(exc)
+            await asyncio.sleep(delay)
+
+
+def link_state_of(session: object) -> dict[str, Any] | None:
+    """``Session.link_state()`` of ``session``; None for no session or an
+    object without one (a test's stand-in)."""
+    fn = getattr(session, "link_state", None)
+    return fn() if callable(fn) else None
+
+
 async def connect(
     url_or_portal: str | IscsiUrl,
     target: str | None = None,
@@ -650,6 +773,8 @@ async def connect(
     on_async_event: Callable[[AsyncMessage, DecodedSense | None], Any] | None = None,
     on_unit_attention: Callable[[int, DecodedSense], Any] | None = None,
     lun: int | None = None,
+    reconnect_policy: ReconnectPolicy | None = None,
+    on_reconnect: Callable[[], Awaitable[Any]] | None = None,
     **options: Any,
 ) -> Session:
     """Log in to ``target`` at a portal (``host[:port]``) or at an ``iscsi://``
@@ -689,6 +814,7 @@ async def connect(
         portal, config, login_timeout=login_timeout, reconnect=reconnect,
         reconnect_timeout=reconnect_timeout, on_async_event=on_async_event,
         on_unit_attention=on_unit_attention, lun=lun or 0,
+        reconnect_policy=reconnect_policy, on_reconnect=on_reconnect,
     )
     await session._login()
     return session

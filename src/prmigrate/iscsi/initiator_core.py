@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Protocol
 
+from ..logprefix import PrefixLog
 from ..lun.types import Result
 from ..scsi.constants import Status
 from ..scsi.sense import DecodedSense, SenseDecodeError, decode_sense, unit_attention_of
@@ -92,11 +93,9 @@ _STATUS = {int(s): s for s in Status}  # status byte -> Status
 _NO_DATA = memoryview(b"")
 
 
-class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes every line with the session's I_T nexus name."""
-
-    def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
-        return f"[{self.extra['session']}] {msg}", kwargs  # type: ignore[index]
+class SessionLog(PrefixLog):
+    """Prefixes every line with the session's I_T nexus name (an argument,
+    never part of the format string: a name may contain ``%``)."""
 
 SN_MASK = 0xFFFFFFFF
 _HALF = 1 << 31
@@ -184,6 +183,10 @@ class SessionConfig:
     nop_interval: float = 5.0  # seconds of silence before a NOP-Out ping
     nop_timeout: float = 10.0  # a ping unanswered this long drops the connection
     cid: int = 0
+    # While the session is down (or held after a re-login, see ``gate``), a
+    # command waits at most this long, then completes with BUSY status
+    # (``expire_held``); None: it waits for the next login however long.
+    hold_timeout: float | None = None
 
     @property
     def discovery(self) -> bool:
@@ -290,6 +293,7 @@ class _Command:
     retries: int = 0
     sink: RelaySink | None = None  # completes by call instead of event (see submit_relay)
     token: Any = None  # the sink's name for the command
+    held_since: float | None = None  # queued while the session was down (see expire_held)
 
 
 def _check_lengths(cdb: bytes, data_in_len: int, data_out_len: int) -> None:
@@ -339,6 +343,111 @@ class State(Enum):
     LOGGED_OUT = "logged-out"
 
 
+# --------------------------------------------------------------- reconnect
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How a session whose connection was lost logs in again.
+
+    The delay before attempt n+1 (n failed attempts so far, n >= 1) is
+    ``first * factor ** (n - 1)``, at most ``cap``, spread by +/- ``jitter``
+    (a fraction) so that the sessions of many devices do not log in at the
+    same instant. ``give_up_after`` seconds after the loss the session stops
+    trying and fails what it holds; None: it tries for as long as it lives.
+    """
+
+    first: float = 0.5
+    factor: float = 2.0
+    cap: float = 15.0
+    jitter: float = 0.2
+    give_up_after: float | None = None
+
+    def delay(self, failed: int, rand: float) -> float:
+        """The wait after ``failed`` failed attempts; ``rand`` in [0, 1)."""
+        base = min(self.cap, self.first * self.factor ** max(0, failed - 1))
+        return max(0.0, base * (1.0 + self.jitter * (2.0 * rand - 1.0)))
+
+
+# What a forwarding device's backend sessions use: never give up (an outage
+# of any length ends when the target is back), at most 15 s (+/- 20 %)
+# between two attempts.
+PERSISTENT = ReconnectPolicy()
+
+# How long a forwarding device's backend session holds a guest's command
+# while it is down, before answering BUSY (SessionConfig.hold_timeout): well
+# under the guests' command timeouts (Linux sd 30 s, Windows 60 s), so the
+# guest sees a status it retries rather than a timeout it escalates into
+# aborts and resets; long enough that an outage of a few seconds is only
+# a stall.
+HOLD_TIMEOUT = 10.0
+
+
+class LinkState(Enum):
+    """A session's connection as its users see it (one log line per change)."""
+
+    UP = "up"  # logged in, commands flow
+    DOWN = "down"  # connection lost, the first login attempt under way
+    RETRYING = "retrying"  # a login attempt failed; the next one is scheduled
+    CLOSED = "closed"  # closed by its owner, or given up: commands fail
+
+
+@dataclass(slots=True)
+class Link:
+    """The connection state of one session over time: when it went down,
+    how many login attempts failed, the delay before the next one. Each
+    method returns the log line its transition deserves, or None: a
+    failed attempt is logged while the delay still grows or the error
+    changes, so an outage of any length costs a bounded number of lines."""
+
+    policy: ReconnectPolicy
+    state: LinkState = LinkState.UP
+    since: float = 0.0  # clock of the last change of ``state``
+    down_since: float | None = None
+    failed: int = 0  # login attempts failed since ``down_since``
+    next_delay: float = 0.0
+    last_error: str = ""
+
+    def _enter(self, state: LinkState, now: float) -> None:
+        if state is not self.state:
+            self.state, self.since = state, now
+
+    def lost(self, now: float, reason: str) -> str:
+        self._enter(LinkState.DOWN, now)
+        self.down_since, self.failed, self.next_delay, self.last_error = now, 0, 0.0, reason
+        return f"connection down ({reason}): logging in again"
+
+    def attempt_failed(self, now: float, error: str, rand: float) -> tuple[float, str | None]:
+        """A login attempt failed: (delay before the next one, log line)."""
+        self.failed += 1
+        delay = self.policy.delay(self.failed, rand)
+        grew = self.failed == 1 or self.policy.delay(self.failed - 1, 0.5) < self.policy.delay(self.failed, 0.5)
+        changed = error != self.last_error
+        self.next_delay, self.last_error = delay, error
+        self._enter(LinkState.RETRYING, now)
+        if not (grew or changed):
+            return delay, None
+        tail = "" if grew else f" (retrying every {self.policy.cap:.0f} s, logged again on a change)"
+        return delay, (f"login attempt {self.failed} failed ({error}); next in {delay:.1f} s{tail}")
+
+    def exhausted(self, now: float) -> bool:
+        """True when the policy gives up on this outage."""
+        limit = self.policy.give_up_after
+        return limit is not None and self.down_since is not None and now - self.down_since >= limit
+
+    def up(self, now: float) -> str:
+        down = 0.0 if self.down_since is None else now - self.down_since
+        line = f"back up after {down:.1f} s down ({self.failed} failed login attempt(s))"
+        self._enter(LinkState.UP, now)
+        self.down_since, self.failed, self.next_delay, self.last_error = None, 0, 0.0, ""
+        return line
+
+    def closed(self, now: float, why: str = "") -> None:
+        self._enter(LinkState.CLOSED, now)
+        if why:
+            self.last_error = why
+
+
 # Login stages on the wire (RFC 7143 11.12.3).
 _CSG = {State.SECURITY: Stage.SECURITY, State.OPERATIONAL: Stage.OPERATIONAL}
 _MAX_LOGIN_EXCHANGES = 16
@@ -371,6 +480,8 @@ class InitiatorCore:
         self._other: dict[int, _Other] = {}  # itt -> request
         self._last_rx = 0.0
         self._ping_itt: int | None = None
+        # True: logged in, but queued commands are not sent (``gate``)
+        self.gated = False
         # login
         self.negotiated = Negotiated()
         self._login_itt = 0
@@ -977,17 +1088,20 @@ class InitiatorCore:
         if (
             not self._waiting
             and self.state is State.FULL_FEATURE
+            and not self.gated
             and len(self._active) < self.config.queue_depth
             and ((self.max_cmdsn - self.cmdsn) & SN_MASK) < _HALF  # sn_le(cmdsn, max_cmdsn)
         ):
             self._issue(cmd, now)
         else:
+            if self.state is not State.FULL_FEATURE or self.gated:
+                cmd.held_since = now
             self._waiting.append(cmd)
             self._pump(now)
         return cmd.handle
 
     def _pump(self, now: float) -> None:
-        if self.state is not State.FULL_FEATURE:
+        if self.state is not State.FULL_FEATURE or self.gated:
             return
         while (
             self._waiting
@@ -1003,6 +1117,7 @@ class InitiatorCore:
         cmd.cmdsn = cmdsn = self.cmdsn
         self.cmdsn = (cmdsn + 1) & SN_MASK
         cmd.sent_at = now
+        cmd.held_since = None
         cmd.high = 0
         cmd.buf = None  # the reassembly buffer, allocated at the first Data-In
         total = len(cmd.data_out)
@@ -1116,10 +1231,11 @@ class InitiatorCore:
 
     # ----------------------------------------------------- connection loss
 
-    def connection_lost(self, retry: bool = True) -> list[Event]:
+    def connection_lost(self, retry: bool = True, now: float | None = None) -> list[Event]:
         """The TCP connection is gone. Commands without status go back to
         the queue (or fail when ``retry`` is false or their retries are used
-        up); other requests fail."""
+        up); other requests fail. ``now``: from then on the queued commands
+        count as held (``expire_held``)."""
         was = self.state
         self.state = State.FREE
         self._out.clear()
@@ -1141,9 +1257,57 @@ class InitiatorCore:
                 events += self._failed(cmd, ConnectionLost(f"connection lost (after {cmd.retries} attempts)"))
         if not retry:
             events += self.fail_all(ConnectionLost("connection lost"))
-        if was is State.FULL_FEATURE:
-            self.log.info("connection lost; %d commands to re-issue", len(self._waiting))
+        elif now is not None:
+            for cmd in self._waiting:
+                if cmd.held_since is None:
+                    cmd.held_since = now
+        if was is State.FULL_FEATURE and not retry:
+            self.log.info("connection lost")
         return events
+
+    # ------------------------------------------------------- held commands
+
+    def gate(self) -> None:
+        """Keep queued and new commands from being sent, even once logged in,
+        until ``release_gate``: the caller checks something first (the
+        forwarding device verifies its PR state after a re-login)."""
+        self.gated = True
+
+    def release_gate(self, now: float) -> None:
+        self.gated = False
+        self._pump(now)
+
+    def expire_held(self, now: float) -> list[Event]:
+        """Commands queued while the session is down (or gated) for
+        ``hold_timeout`` or longer complete with BUSY status, no sense: the
+        status SAM-5 5.3.1 gives a device server that cannot accept a
+        command for now, which the initiators retry (Linux: ADD_TO_MLQUEUE
+        until its overall command deadline; QEMU's iSCSI driver: seven
+        retries with growing delays) rather than fail. Returns their events."""
+        hold = self.config.hold_timeout
+        if hold is None or (self.state is State.FULL_FEATURE and not self.gated):
+            return []
+        events: list[Event] = []
+        keep: deque[_Command] = deque()
+        for cmd in self._waiting:
+            if cmd.held_since is not None and now - cmd.held_since >= hold:
+                del self._by_handle[cmd.handle]
+                result = Result(Status.BUSY, b"", b"")
+                if cmd.sink is not None:
+                    cmd.sink.relay_result(cmd.token, result)
+                else:
+                    events.append(CommandDone(cmd.handle, result))
+            else:
+                keep.append(cmd)
+        self._waiting = keep
+        return events
+
+    @property
+    def held(self) -> int:
+        """Commands queued and not sendable now (session down or gated)."""
+        if self.state is State.FULL_FEATURE and not self.gated:
+            return 0
+        return len(self._waiting)
 
     def fail_all(self, error: Exception) -> list[Event]:
         events: list[Event] = []

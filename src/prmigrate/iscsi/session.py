@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..counters import KIND_OF, OTHER, READ, LuCounters, latency_bucket, pr_action_of
+from ..logprefix import PrefixLog
 from ..lun.types import LogicalUnitLike, Nexus, Result
 from ..scsi.constants import Opcode as ScsiOp
 from ..scsi.constants import Status
@@ -188,9 +189,9 @@ class TargetSettings:
         }
 
 
-class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['session']}] {msg}", kwargs  # type: ignore[index]
+class SessionLog(PrefixLog):
+    """Prefixes every line with the session's I_T nexus name (an argument,
+    never part of the format string: a name may contain ``%``)."""
 
 
 @dataclass(eq=False)

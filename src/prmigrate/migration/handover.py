@@ -39,6 +39,11 @@ class Handover(Protocol):
         """Where journals and migration markers live (None: nowhere)."""
         ...
 
+    def not_here(self, name: str) -> str:
+        """Why ``name`` is not a device of this host, for an error reply
+        (it moved away, and where; or it is unknown)."""
+        ...
+
     def configured_devices(self) -> set[str]:
         """The names of the devices of the host's configuration."""
         ...
@@ -94,9 +99,12 @@ class Handover(Protocol):
         """Drop ``node``'s sessions; how many there were."""
         ...
 
-    def record_moved_away(self, name: str, node: str, host: str, port: int) -> None:
+    def record_moved_away(self, name: str, node: str, host: str, port: int) -> str | None:
         """The device moved to ``host:port``: its node keeps redirecting
-        (serving no LU), after a restart too."""
+        (serving no LU), after a restart too. Listed as moved at once.
+        Returns None, or why the move could not be recorded in the state
+        directory (then this process still redirects, a restart would not;
+        the host keeps trying to write it)."""
         ...
 
     def remove_node(self, node: str) -> bool:

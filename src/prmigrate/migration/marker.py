@@ -7,11 +7,13 @@ middle of a migration settle it when it starts again
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class MigrationMarker:
@@ -39,8 +41,12 @@ class MigrationMarker:
 
     def remove(self) -> None:
         if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # a read-only or failing state directory: one line, no crash
+                log.warning("cannot remove %s: %s", self.path, e)
 
     @staticmethod
     def load(path: Path) -> dict[str, Any] | None:

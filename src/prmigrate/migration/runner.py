@@ -87,6 +87,7 @@ class Runner:
         self.peer = ""
         self.link: ChannelLink | None = None
         self.errors: list[str] = []
+        self.unrecorded: str | None = None  # why the source could not record the move
         self.started_wall = time.time()
         self.finished: Finished | None = None
         self.done: asyncio.Future[Finished] = asyncio.get_running_loop().create_future()
@@ -273,6 +274,7 @@ class Runner:
             "timings": self.timings(),
             "reason": self.reason,
             "errors": list(self.errors),
+            "unrecorded": self.unrecorded,
             "started": self.started_wall,
             "history": [
                 {"t": round(now - (self.machine.timings.started or now), 6), "from": a, "event": e, "to": b}

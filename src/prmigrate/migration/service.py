@@ -260,7 +260,7 @@ class MigrationService:
             raise ServiceError("GenericError", "no cluster secret: start the daemon with --secret-file")
         dev = self.host.devices.get(device)
         if dev is None:
-            raise ServiceError("DeviceNotFound", f"device {device!r} not found")
+            raise ServiceError("DeviceNotFound", self.host.not_here(device))
         current = self.runners.get(device)
         if current is not None and current.finished is None:
             raise ServiceError("GenericError", f"device {device!r} is already migrating ({current.migration_id})")

@@ -278,7 +278,11 @@ class SourceRunner(Runner):
             if left:
                 self.log.info("%d guest session(s) did not log out in time: dropped", left)
             if forget:
-                host.record_moved_away(dev.name, node_name, to_host, to_port)
+                unrecorded = host.record_moved_away(dev.name, node_name, to_host, to_port)
+                if unrecorded is not None:
+                    self.unrecorded = unrecorded
+                    self._error(f"the move is not recorded on this host ({unrecorded}): "
+                                "restarted now, it would serve the device again")
         elif self.frontend is None and host.node_redirects(node_name) is not None:
             self._error("no destination portal known: guest sessions dropped without redirect")
             host.remove_node(node_name)
