@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from ..lun.types import Result
+from ..lun.types import Result, unit_attention
 from ..scsi.cdb import ReportTmfsCdb, SupportedTmfs
 from ..scsi.constants import (
     Opcode,
@@ -34,7 +34,7 @@ from ..scsi.constants import (
     ServiceActionIn16,
     Status,
 )
-from ..scsi.sense import DecodedSense, unit_attention_of
+from ..scsi.sense import DecodedSense
 from . import flushpoint
 from .initiator_core import (
     AsyncEventReceived,
@@ -74,10 +74,6 @@ _MAX_REDIRECTS = 8
 UA_RETRIES = 4  # submissions of one command while it meets unit attentions
 
 
-def is_unit_attention(r: Result) -> bool:
-    """CHECK CONDITION with UNIT ATTENTION sense (SAM-5 5.14, SPC-5 4.4)."""
-    return r.status == Status.CHECK_CONDITION and unit_attention_of(r.sense) is not None
-
 __all__ = [
     "ConnectionLost",
     "IscsiError",
@@ -89,7 +85,6 @@ __all__ = [
     "TmfError",
     "connect",
     "discover",
-    "is_unit_attention",
 ]
 
 
@@ -546,7 +541,7 @@ class Session:
         r = Result()
         for _ in range(tries):
             r = await self.submit(lun, cdb, data_out, data_in_len)
-            if not is_unit_attention(r):
+            if unit_attention(r) is None:
                 break
             if on_retry is not None:
                 on_retry(r)
