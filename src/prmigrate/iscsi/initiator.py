@@ -536,8 +536,9 @@ class Session:
         up to ``tries`` submissions in all. ``on_retry(result)`` sees every
         unit attention answer met, the last one too. The last answer is
         returned whatever its status. The one unit attention retry loop of
-        prmigrate's initiator users (helpers below, the migration's PR OUT
-        commands, the demo's guest and observer)."""
+        prmigrate's initiator users (helpers below, the device's own commands:
+        its PR OUT port, used by the migration too, its monitor and RELEASE,
+        ``device/sessions.py``; the demo's guest and observer)."""
         r = Result()
         for _ in range(tries):
             r = await self.submit(lun, cdb, data_out, data_in_len)
