@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from prmigrate.iscsi.initiator import Session
 from prmigrate.lun.types import Nexus, Result
 from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.constants import PrInAction, SenseKey, Status
@@ -71,6 +72,9 @@ class FakeSession:
         fut.set_result(r)
         return fut
 
+    # the initiator's one unit attention retry, over this session's submit
+    submit_retrying = Session.submit_retrying
+
     def submit_then(self, lun: int, cdb: bytes, data_out: Any, data_in_len: int, done: Any) -> None:
         fut = self.submit(lun, cdb, data_out, data_in_len)
         fut.add_done_callback(lambda f: done(f.exception() or f.result()))
@@ -131,10 +135,7 @@ class FakeSession:
         from prmigrate.iscsi.initiator import ScsiError
         from prmigrate.scsi.cdb import ReportTmfsCdb, SupportedTmfs
 
-        for _ in range(5):
-            r = await self.submit(0, ReportTmfsCdb.encode(4), b"", 4)
-            if r.status != Status.CHECK_CONDITION or not r.sense or r.sense[2] & 0x0F != 0x06:
-                break
+        r = await self.submit_retrying(0, ReportTmfsCdb.encode(4), b"", 4, tries=5)
         if r.status != Status.GOOD:
             raise ScsiError(r, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS")
         return SupportedTmfs.decode(bytes(r.data_in))

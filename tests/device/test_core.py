@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from prmigrate.device.config import DeviceConfig
-from prmigrate.device.core import UA_RETRIES, DeviceCore, DeviceError, Forward, Kind, UaRetry
+from prmigrate.device.core import (
+    OWN_COMMANDS,
+    DeviceCore,
+    DeviceError,
+    Forward,
+    Kind,
+    Purpose,
+    UaRetry,
+)
 from prmigrate.device.identity import DeviceIdentity
 from prmigrate.device.snapshot import DeviceSnapshot, SnapshotError
 from prmigrate.device.state import DevicePrState, GuestPrState
@@ -137,11 +145,22 @@ def test_a_bad_snapshot_config_is_a_snapshot_error() -> None:
         DeviceSnapshot("vm1", {}, IDENT.to_dict()).device_config()
 
 
-def test_ua_retry_is_bounded_and_keeps_what_it_met() -> None:
-    retry = UaRetry()
-    sends = 1
-    while retry.again(UA):
-        sends += 1
-    assert sends == UA_RETRIES and len(retry.met) == UA_RETRIES
-    retry = UaRetry()
-    assert retry.again(UA) and not retry.again(Result(Status.GOOD)) and len(retry.met) == 1
+def test_ua_retry_keeps_what_it_met_and_what_is_owed_by_purpose() -> None:
+    lost = Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR))
+    owed = {}
+    for purpose in Purpose:
+        retry = UaRetry(purpose)
+        for r in (UA, lost, Result(Status.GOOD)):
+            retry.note(r)
+        assert retry.met == [bytes(UA.sense), bytes(lost.sense)]
+        owed[purpose] = [sense_triple(s) for s in retry.owed]
+    ua, cleared = (6, 0x2A, 0x03), (6, 0x2F, 0x00)
+    assert owed == {
+        Purpose.GUEST: [ua, cleared],
+        Purpose.MIGRATION: [cleared],  # 2A/xx: the migration's own
+        Purpose.MONITOR: [],
+        Purpose.RELEASE: [ua, cleared],
+    }
+    assert [p for p in Purpose if OWN_COMMANDS[p].tracked] == [Purpose.GUEST]
+
+

@@ -12,7 +12,6 @@ from prmigrate.device.frontends import (
     drops_scsi2,
     release_cdb,
     request_sense_data,
-    unit_attention,
 )
 from prmigrate.lun.types import Nexus, Result
 from prmigrate.scsi.constants import Opcode, Status
@@ -217,13 +216,6 @@ def test_request_sense_data_in_the_asked_format() -> None:
     back = request_sense_data(desc, bytes((0x03, 0, 0, 0, 252, 0)))
     assert back[0] == 0x70 and sense_triple(back) == (6, 0x29, 0x03)
     assert request_sense_data(RESET_UA, bytes((0x03, 0, 0, 0, 8, 0))) == RESET_UA[:8]
-
-
-def test_unit_attention_of_a_result() -> None:
-    assert unit_attention(Result(Status.CHECK_CONDITION, b"", RESET_UA)) == (0x29, 0x03)
-    assert unit_attention(Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_OPCODE))) is None
-    assert unit_attention(Result(Status.CHECK_CONDITION, b"", b"\x70")) is None
-    assert unit_attention(GOOD) is None
 
 
 def test_release_cdb() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from prmigrate.device.config import DeviceConfig
+from prmigrate.device.core import Purpose
 from prmigrate.device.identity import derive_isid
 from prmigrate.device.journal import JournalError, PrJournal
 from prmigrate.device.passthrough import KEYS_METHOD, PassthroughDevice, expected_in_len
@@ -753,6 +754,50 @@ async def test_takeover_hooks_and_journal(tmp_path: Path) -> None:
     await rig.dev.verify()
     assert rig.tracked() == {}
     await dst.close()
+    await rig.close()
+
+
+@run
+async def test_a_migration_pr_out_is_one_send_not_snooped_nor_verified(tmp_path: Path) -> None:
+    """The takeover PREEMPT through the port with Purpose.MIGRATION: sent
+    again after a unit attention, no journal intent, no snooping, no READ
+    FULL STATUS; a UA that is not the migration's own is owed to the guest."""
+    rig = Rig(tmp_path, fake=True)
+    await rig.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x7A)
+    await rig.pr_out_ok(G1, RES, 0x7A, 0, WE)
+    before = rig.dev.snooper.state.to_dict()
+    seq = PrJournal(tmp_path / "vm1.pr.json").load()
+    rig.lu.clear_task_set(rig.other)  # 2F/00 for G1's backend nexus
+    sent = {id(s): len(s.submitted) for s in rig.backend.sessions}
+    r = await rig.dev.pr_out(G1, PRE, WE, 0x7A, 0x7A, purpose=Purpose.MIGRATION)
+    assert r.status == Status.GOOD, _describe(r)
+    new = [c for s in rig.backend.sessions for c in s.submitted[sent.get(id(s), 0):]]
+    assert [c[0] for c in new] == [0x5F, 0x5F]  # the UA, then GOOD; no PR IN
+    assert rig.dev.snooper.state.to_dict() == before
+    after = PrJournal(tmp_path / "vm1.pr.json").load()
+    assert after is not None and seq is not None and after.seq == seq.seq and not after.intents
+    assert rig.dev.snapshot().ua == {G1: ((0x2F, 0x00),)}
+    r = await rig.cmd(G1, bytes(6))
+    assert _sense(r) == (6, 0x2F, 0x00)
+    await rig.close()
+
+
+@run
+async def test_the_ports_unit_attention_rule_by_purpose(rig: Rig) -> None:
+    """2A/xx met by a migration's PR OUT is its own (not owed); met by a
+    PR OUT for the guest it is the guest's."""
+    await rig.start()
+    await rig.pr_out_ok(G1, REG, 0, 0x7B)
+    for purpose, owed in ((Purpose.MIGRATION, {}), (Purpose.GUEST, {G1: ((0x2A, 0x05),)})):
+        rig.other_out(REG, 0, 0x0B)
+        rig.other_out(PRE, 0x0B, 0x7B, WE)  # removes G1's registration: 2A/05 on its nexus
+        r = await rig.dev.pr_out(G1, REG, 0, 0, 0x7B, purpose=purpose)
+        assert r.status == Status.GOOD, _describe(r)
+        assert rig.dev.snapshot().ua == owed, purpose
+        rig.other_out(REG, 0x0B, 0)
+    r = await rig.cmd(G1, bytes(6))
+    assert _sense(r) == (6, 0x2A, 0x05)
     await rig.close()
 
 

@@ -4,11 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prmigrate.device.frontends import unit_attention
 from prmigrate.device.identity import SHARED_NEXUS
 from prmigrate.device.snoop import PrSnooper
 from prmigrate.device.state import DevicePrState, GuestPrState
-from prmigrate.lun.types import Result
+from prmigrate.lun.types import Result, unit_attention
 from prmigrate.scsi.constants import PrOutAction, PrType, Status
 from prmigrate.scsi.pr import (
     FullStatusEntry,

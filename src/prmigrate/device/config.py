@@ -20,7 +20,7 @@ Rules of the syntax:
 * ``migrate-pr`` takes on/off/yes/no/true/false; absent = the machine
   type's default (``effective_migrate_pr``);
 * ``identity`` is ``guest`` (one backend nexus per guest, default) or
-  ``host`` (one shared nexus, the seed's behaviour);
+  ``host`` (one shared nexus, QEMU's behaviour);
 * ``frontend`` names the iSCSI target node the guest logs in to. When the
   backend URL already names its target, a ``target=`` that differs from it
   is read as the frontend node name (the host daemon's documented form

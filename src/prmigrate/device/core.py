@@ -103,7 +103,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..lun.types import Nexus, Result
+from ..lun.types import Nexus, Result, unit_attention
 from ..lun.ua import UA_EXEMPT
 from ..scsi.cdb import SupportedTmfs, invalid_cdb
 from ..scsi.constants import Opcode, PrInAction, SenseKey, Status
@@ -111,7 +111,7 @@ from ..scsi.sense import Sense, encode_sense, sense_triple
 from .config import DeviceConfig
 from .datain import DATA_IN_ONLY, expected_in_len
 from .errors import DeviceError
-from .frontends import SharedNexus, Verdict, drops_scsi2, request_sense_data, unit_attention
+from .frontends import SharedNexus, Verdict, drops_scsi2, request_sense_data
 from .identity import BackendPort, DeviceIdentity, IdentityMode, backend_port, state_key
 from .journal import Intent, JournalError, PrJournal
 from .mask import PrFilter
@@ -135,25 +135,69 @@ _GOOD = Status.GOOD
 _CHECK = Status.CHECK_CONDITION
 
 
+class Purpose(Enum):
+    """Why the device sends a command of its own on a backend nexus: what
+    the backend PR OUT port and the one unit attention rule
+    (``OWN_COMMANDS``) do with it."""
+
+    GUEST = "guest"  # a PR OUT for a guest (``pr_out``)
+    MIGRATION = "migration"  # a migration's setup, takeover, rollback, fence or cleanup PR OUT
+    MONITOR = "monitor"  # the verification's reads on the monitor nexus
+    RELEASE = "release"  # RELEASE for a SCSI-2 holder that left
+
+
+@dataclass(frozen=True, slots=True)
+class OwnCommand:
+    """The rule for one ``Purpose``. Every unit attention answer is retried
+    (SAM-5 5.14: the command was not run), ``UA_RETRIES`` sends in all.
+    ``tracked``: a PR OUT is journaled and snooped, and verified when its
+    outcome asks for it, as a guest's. ``owed``: the unit attentions met are
+    the guest's (reported on its next command), but for those whose ASC is
+    in ``own_asc`` (caused by the command itself)."""
+
+    tracked: bool
+    owed: bool
+    own_asc: frozenset[int] = frozenset()
+
+
+OWN_COMMANDS: dict[Purpose, OwnCommand] = {
+    # the guest's nexus: what it meets is the guest's (SAM-5 5.14)
+    Purpose.GUEST: OwnCommand(tracked=True, owed=True),
+    # the snapshot already carries the state these ops move, and a snooped
+    # op's verification would be a round trip inside the pause (docs/design.md,
+    # "How a PR OUT travels"); the 2A/xx they cause on the nexuses they touch
+    # (RESERVATIONS / REGISTRATIONS PREEMPTED, RESERVATIONS RELEASED, SPC-5
+    # 5.14.11) are the migration's own, any other UA is the guest's
+    Purpose.MIGRATION: OwnCommand(tracked=False, owed=True, own_asc=frozenset({0x2A})),
+    # the monitor nexus is no guest's (verify.py): dropped
+    Purpose.MONITOR: OwnCommand(tracked=False, owed=False),
+    # reached no frontend: every frontend of the nexus gets them
+    Purpose.RELEASE: OwnCommand(tracked=False, owed=True),
+}
+
+
 class UaRetry:
-    """The one unit attention rule for the device's own commands (its PR
-    OUTs, the monitor's PR INs, a RELEASE for a departed holder): a unit
-    attention answer is retried, at most ``UA_RETRIES`` sends in all, and
-    every one met is kept (``met``) for whoever it is owed to."""
+    """The unit attentions one of the device's own commands met while the
+    initiator's ``Session.submit_retrying`` sent it again (``note`` is its
+    ``on_retry``): all of them (``met``), and those ``OWN_COMMANDS`` owes
+    the guest for this ``purpose`` (``owed``)."""
 
-    __slots__ = ("left", "met")
+    __slots__ = ("rule", "met", "owed")
 
-    def __init__(self, tries: int = UA_RETRIES) -> None:
-        self.left = tries
+    def __init__(self, purpose: Purpose) -> None:
+        self.rule = OWN_COMMANDS[purpose]
         self.met: list[bytes] = []
+        self.owed: list[bytes] = []
 
-    def again(self, r: Result) -> bool:
-        """After an answer: send the command again?"""
-        if unit_attention(r) is None:
-            return False
-        self.met.append(bytes(r.sense))
-        self.left -= 1
-        return self.left > 0
+    def note(self, r: Result) -> None:
+        """A unit attention answer was met (the command is sent again)."""
+        ua = unit_attention(r)
+        if ua is None:
+            return
+        sense = bytes(r.sense)
+        self.met.append(sense)
+        if self.rule.owed and ua[0] not in self.rule.own_asc:
+            self.owed.append(sense)
 
 
 class Backend(SharedNexus):
@@ -660,7 +704,8 @@ class DeviceCore:
 
     def owe(self, key: str, senses: list[bytes]) -> None:
         """Unit attentions the device met on ``key``'s nexus with a command
-        of its own: reported to the guest's next command."""
+        of its own and owes the guest (``UaRetry.owed``): reported to the
+        guest's next command, then queued for its other frontends."""
         self._backend(key).owed_uas.extend(senses)
 
     # ------------------------------------------------------ verification
@@ -836,6 +881,9 @@ __all__ = [
     "Forward",
     "Held",
     "Kind",
+    "OWN_COMMANDS",
+    "OwnCommand",
+    "Purpose",
     "UaRetry",
     "owed",
     "ua_sense",

@@ -49,7 +49,7 @@ from ..lun.conflicts import scsi2_allowed
 from ..lun.types import Nexus, Result
 from ..lun.ua import MAX_QUEUED, UA_EXEMPT  # per frontend nexus, as per I_T nexus on a LU
 from ..scsi.constants import Opcode, Status
-from ..scsi.sense import sense_triple, unit_attention_of
+from ..scsi.sense import sense_triple
 
 # RESERVE opcode -> the RELEASE a nexus loss stands for (SPC-2 7.19 / 7.21).
 RELEASE_FOR: dict[int, int] = {
@@ -70,14 +70,6 @@ class Verdict(Enum):
     FORWARD = "forward"
     CONFLICT = "conflict"  # RESERVATION CONFLICT, not forwarded
     GOOD = "good"  # RELEASE by a non-holder: GOOD, nothing released (SPC-2 7.19)
-
-
-def unit_attention(result: Result) -> tuple[int, int] | None:
-    """(ASC, ASCQ) when ``result`` is a CHECK CONDITION with UNIT ATTENTION:
-    the device's one test of a backend answer (``scsi.sense`` decodes)."""
-    if result.status != Status.CHECK_CONDITION or not result.sense:
-        return None
-    return unit_attention_of(result.sense)
 
 
 def drops_scsi2(asc: int, ascq: int) -> bool:
@@ -254,5 +246,4 @@ __all__ = [
     "drops_scsi2",
     "release_cdb",
     "request_sense_data",
-    "unit_attention",
 ]

@@ -1,10 +1,10 @@
 """Who the device is, towards the backend and towards the guest.
 
-Backend identity (REFERENCE 4)
-------------------------------
+Backend identity (SPC-5 5.14, RFC 7143 4.4.3)
+---------------------------------------------
 A persistent reservation belongs to an I_T nexus, and an iSCSI initiator port
-is (initiator name, ISID). The seed's weakness is that every guest of a host
-is the same initiator port. Here each guest initiator of a device gets its own
+is (initiator name, ISID). QEMU's weakness is that every guest of a host is
+the same initiator port (docs/limitations.md, 3). Here each guest initiator of a device gets its own
 backend session under the HOST's initiator name with its own ISID, so the
 backend keeps a separate registration per guest:
 
@@ -23,7 +23,7 @@ backend keeps a separate registration per guest:
 
 With ``identity=host`` every guest of the device shares one nexus: ISID from
 the device name alone, and the tracked state has one entry, ``SHARED_NEXUS``
-(the seed's behaviour, kept for comparison).
+(QEMU's behaviour, kept for comparison).
 
 Guest-facing identity
 ---------------------
@@ -54,7 +54,7 @@ SHARED_NEXUS = "*"
 
 class IdentityMode(StrEnum):
     GUEST = "guest"  # one backend nexus per guest initiator (default)
-    HOST = "host"  # one backend nexus for all guests of the device (the seed)
+    HOST = "host"  # one backend nexus for all guests of the device (QEMU's)
 
 
 class IdentityError(ValueError):

@@ -1,9 +1,10 @@
 """Crash-safe journal of one device's tracked PR state.
 
-The seed forgets its snooped state on restart (seed doc, "Limitations"). The
+QEMU forgets its snooped state on restart (docs/limitations.md, 1). The
 journal keeps it: one small JSON file per device, replaced atomically on
-every change (REFERENCE 2, APTPL: temp file, fsync, rename, fsync dir), so a
-reader sees either the old or the new record, never a mix.
+every change (as a LU keeps APTPL state, SPC-5 5.14.5: temp file, fsync,
+rename, fsync dir), so a reader sees either the old or the new record,
+never a mix.
 
 Record (one JSON object)::
 

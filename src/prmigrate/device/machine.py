@@ -14,8 +14,8 @@ Precedence when a device is created (lowest first):
 
 Machine types: ``pc-q35-X.Y`` and ``pc-i440fx-X.Y`` for every release in
 ``RELEASES``; unversioned aliases ``q35``/``pc-q35`` and ``pc``/``pc-i440fx``
-name the newest. The seed documents the one property this project cares
-about: ``scsi-block.migrate-pr`` defaults on since 11.0 and is off for
+name the newest. QEMU documents the one property this project cares about
+(docs/design.md, "QEMU's `migrate-pr`"): ``scsi-block.migrate-pr`` defaults on since 11.0 and is off for
 machine types <= 10.2.
 """
 

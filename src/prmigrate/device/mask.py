@@ -1,22 +1,23 @@
 """What the device hides from and refuses to the guest when migrate-pr is on.
 
-Seed doc: with migration enabled the device masks two capabilities reported
-by PERSISTENT RESERVE IN / REPORT CAPABILITIES:
+QEMU (docs/design.md, "QEMU's `migrate-pr`"): with migration enabled the
+device masks two capabilities reported by PERSISTENT RESERVE IN / REPORT
+CAPABILITIES:
 
 * SIP_C (byte 2 bit 3, Specify Initiator Ports Capable),
-* ATP_C (byte 2 bit 2, All Target Ports Capable; the seed calls it ATC_C),
+* ATP_C (byte 2 bit 2, All Target Ports Capable; QEMU calls it ATC_C),
 
 because a registration made for other initiator ports, or for every target
-port, is not one the device can move with the guest. The seed only masks;
+port, is not one the device can move with the guest. QEMU only masks;
 a guest that ignores the capability bits and sets SPEC_I_PT or ALL_TG_PT
 anyway would still create such registrations. So the device also refuses
 those PR OUTs itself, before they reach the backend, with ILLEGAL REQUEST /
 INVALID FIELD IN PARAMETER LIST pointing at byte 20 (SPC-5 6.17.3: what a
 device server that does not support the bit answers).
 
-Differences from the seed, on purpose:
+Differences from QEMU, on purpose:
 
-* the seed asserts the REPORT CAPABILITIES reply is >= 3 bytes; here a reply
+* QEMU asserts the REPORT CAPABILITIES reply is >= 3 bytes; here a reply
   of 0-2 bytes (allocation length < 3) is returned unchanged;
 * REGISTER AND MOVE has its own parameter list where byte 20 is part of the
   TransportID length, not flags: it is never refused here.

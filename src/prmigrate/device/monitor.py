@@ -23,7 +23,7 @@ from ..lun.types import Result
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import PrInAction
 from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
-from .core import MONITOR, DeviceError, UaRetry
+from .core import MONITOR, DeviceError, Purpose, UaRetry
 from .identity import DeviceIdentity, derive_isid, no_logical_unit
 from .reconcile import ReconcileError
 from .sessions import BackendSessions, submit_retrying
@@ -51,7 +51,7 @@ class Monitor:
             return self.session
 
     async def run(self, cdb: bytes, alloc: int) -> Result:
-        return await submit_retrying(await self._session(), self.lun, cdb, b"", UaRetry(), alloc)
+        return await submit_retrying(await self._session(), self.lun, cdb, b"", UaRetry(Purpose.MONITOR), alloc)
 
     async def read_full_status(self) -> ReadFullStatus | None:
         """READ FULL STATUS (grown until complete); None when the backend

@@ -12,8 +12,9 @@ to the target: no Task, no callback of ours, no copy.
 Migration hooks: ``hold()``, ``await drain()``, ``release_held()``,
 ``discard_held()``, ``snapshot() -> DeviceSnapshot``, ``restore(state,
 identity=None, pending_uas=None)``, ``await backend_session(guest)``,
-``await pr_out(guest, action, rtype, rk, sark, scope=0, aptpl=False)`` (the
-one backend PR OUT port), ``await read_full_status()``, ``await verify()``,
+``await pr_out(guest, action, rtype, rk, sark, scope=0, aptpl=False,
+purpose=Purpose.GUEST)`` (the one backend PR OUT port; the migration's ops
+with ``Purpose.MIGRATION``), ``await read_full_status()``, ``await verify()``,
 ``await close()``.
 """
 
@@ -32,7 +33,18 @@ from ..scsi.pr import (
     pr_out_cdb,
     pr_out_params,
 )
-from .core import CRASH_ENV, MONITOR, SPECIAL, DeviceError, Forward, Held, Kind, UaRetry
+from .core import (
+    CRASH_ENV,
+    MONITOR,
+    OWN_COMMANDS,
+    SPECIAL,
+    DeviceError,
+    Forward,
+    Held,
+    Kind,
+    Purpose,
+    UaRetry,
+)
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .identity import IdentityMode
@@ -191,27 +203,33 @@ class PassthroughDevice(BackendMonitor):
         return None
 
     async def pr_out(self, guest: str, action: PrOutAction | int, rtype: PrType | int, rk: int, sark: int,
-                     scope: int = 0, aptpl: bool = False) -> Result:
-        """A PR OUT of the device's own (a migration's takeover or rollback)
-        on ``guest``'s backend nexus, journaled, snooped and verified as a
-        guest's. Unit attentions are retried (``UaRetry``) and owed to the
-        guest (reported on its next command). DeviceError, and nothing
-        sent, when its intent cannot be journaled."""
+                     scope: int = 0, aptpl: bool = False, *, purpose: Purpose = Purpose.GUEST) -> Result:
+        """A PR OUT of the device's own on ``guest``'s backend nexus: the
+        one backend PR OUT port. Unit attentions are retried and, per
+        ``OWN_COMMANDS[purpose]``, owed to the guest (``owe``: reported on
+        its next command). ``Purpose.GUEST``: journaled, snooped and
+        verified as a guest's (DeviceError, and nothing sent, when its intent
+        cannot be journaled); ``Purpose.MIGRATION`` (the takeover,
+        rollback, setup and cleanup ops, ``migration/pr_ops.py``): none of
+        that, one round trip per send, the 2A/xx it causes not owed."""
+        rule = OWN_COMMANDS[purpose]
         b = self._backend(guest)
         session = await self.backend_session(guest)
         cdb, data = pr_out_cdb(action, rtype, scope), pr_out_params(rk, sark, aptpl=aptpl)
-        intent = self.begin(b.key, cdb, data)
-        retry = UaRetry()
+        intent = self.begin(b.key, cdb, data) if rule.tracked else None
+        retry = UaRetry(purpose)
         try:
             r = await submit_retrying(session, self.lun, cdb, data, retry)
         except IscsiError as exc:
-            self._pr_out_back(b.key, guest, cdb, data, intent, exc)
+            if rule.tracked:
+                self._pr_out_back(b.key, guest, cdb, data, intent, exc)
             raise
         finally:
-            self.owe(b.key, retry.met)
-        verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
-        if verifying is not None:
-            await verifying
+            self.owe(b.key, retry.owed)
+        if rule.tracked:
+            verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
+            if verifying is not None:
+                await verifying
         return r
 
     # ------------------------------------------------------ migration hooks

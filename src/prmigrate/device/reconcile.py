@@ -1,6 +1,6 @@
 """Bring the tracked PR state in line with what the backend says.
 
-Snooping only sees the guest's own PR OUTs (seed doc, "Limitations"): another
+Snooping only sees the guest's own PR OUTs (docs/limitations.md, 2): another
 initiator may preempt the guest, clear the LUN, or someone may take a
 reservation on the device's own nexus outside the guest. Reconciling reads
 the backend's view and rewrites the tracked state from it. Pure functions:

@@ -38,7 +38,7 @@ from ..lun.types import Nexus, Result
 from ..scsi.constants import Opcode, Status
 from ..scsi.sense import Sense, encode_sense
 from .config import DeviceConfig
-from .core import Backend, DeviceCore, DeviceError, UaRetry
+from .core import UA_RETRIES, Backend, DeviceCore, DeviceError, Purpose, UaRetry
 from .identity import DeviceIdentity, IdentityMode
 from .state import DevicePrState
 
@@ -63,13 +63,11 @@ _GUEST = IdentityMode.GUEST
 
 async def submit_retrying(session: Session, lun: int, cdb: bytes, data: Any, retry: UaRetry,
                           n: int = 0) -> Result:
-    """One of the device's own commands under the one unit attention rule
-    (``UaRetry``): the last answer; ``retry.met`` keeps the unit attentions
-    met, also when the transport fails midway."""
-    while True:
-        r = await session.submit(lun, cdb, data, n)
-        if not retry.again(r):
-            return r
+    """One of the device's own commands under the one unit attention rule:
+    the initiator's retry (``Session.submit_retrying``, ``UA_RETRIES``
+    sends) with ``retry`` keeping the unit attentions met, also when the
+    transport fails midway. The last answer."""
+    return await session.submit_retrying(lun, cdb, data, n, tries=UA_RETRIES, on_retry=retry.note)
 
 
 class Link(Backend):
@@ -258,14 +256,14 @@ class BackendSessions(DeviceCore):
         if b.closing is not None:
             return  # the backend nexus ends: its loss releases the reservation
         what = Opcode(cdb[0]).name
-        retry = UaRetry()
+        retry = UaRetry(Purpose.RELEASE)
         try:
             r = await submit_retrying(s, self.lun, cdb, b"", retry)
         except IscsiError as exc:
             self.log.warning("%s on the backend nexus of %s failed: %s", what, b.key, exc)
             return
         finally:
-            for sense in retry.met:
+            for sense in retry.owed:
                 self.fan_out(b, None, sense)
         self.log.info("%s on the backend nexus of %s -> %s", what, b.key, _initiator.describe_result(r))
 

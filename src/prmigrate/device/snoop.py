@@ -5,15 +5,16 @@ backend nexus (``identity.py``), and once the backend answered, the shell
 feeds ``(guest, cdb, data_out, result)`` to ``PrSnooper.observe``. Nothing
 here raises on malformed input or performs I/O.
 
-Rules (REFERENCE 1-2, 6), and where they differ from the seed:
+Rules (SPC-5 5.14.11, 6.17), and where they differ from QEMU's snooping
+(docs/design.md, "QEMU's `migrate-pr`"):
 
-* Only a PERSISTENT RESERVE OUT that completed with GOOD changes state. The
-  seed changes state whatever the status: a PR OUT refused with RESERVATION
+* Only a PERSISTENT RESERVE OUT that completed with GOOD changes state. QEMU
+  changes state whatever the status: a PR OUT refused with RESERVATION
   CONFLICT still rewrote its key. Here CONFLICT, CHECK CONDITION, BUSY, TASK
   SET FULL, ... change nothing.
 * A CDB shorter than 10 bytes, an unknown service action, a parameter list
   that does not decode (shorter than 24 bytes, bad TransportID...) change
-  nothing either (the seed asserts >= 16 bytes). If the backend nevertheless
+  nothing either (QEMU asserts >= 16 bytes). If the backend nevertheless
   said GOOD, the guest is marked for verification.
 * Per service action, what GOOD proves, in ``_RULES`` below with the SPC-5
   clause of each. State the rule can derive from the device's other guests
@@ -51,7 +52,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import cast
 
-from ..lun.types import Result
+from ..lun.types import Result, unit_attention
 from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, Status
 from ..scsi.pr import (
     FullStatusEntry,
@@ -65,7 +66,6 @@ from ..scsi.pr import (
     RegisterAndMoveParams,
 )
 from ..scsi.transport_id import TransportId
-from .frontends import unit_attention
 from .identity import SHARED_NEXUS, IdentityMode
 from .reconcile import KeysReconcile, UnknownKind, reconcile_full_status, reconcile_keys
 from .state import DevicePrState, GuestPrState, StateChange
@@ -88,7 +88,7 @@ _GENERATION_CARRIERS = frozenset(
     {PrInAction.READ_KEYS, PrInAction.READ_RESERVATION, PrInAction.READ_FULL_STATUS}
 )
 
-# Successful PR OUTs that increment PRgeneration (SPC-5 6.16.2; REFERENCE 2).
+# Successful PR OUTs that increment PRgeneration (SPC-5 6.16.2, 5.14.11).
 _BUMPS_GENERATION = frozenset(
     {
         PrOutAction.REGISTER,
@@ -560,7 +560,7 @@ class PrSnooper:
 
     # -------------------------------------------------------- verification
     def apply_read_reservation(self, guest: str, rr: ReadReservation) -> SnoopOutcome:
-        """READ RESERVATION as the seed uses it after a PREEMPT. It tells who
+        """READ RESERVATION as QEMU uses it after a PREEMPT. It tells who
         holds the reservation only by key, so a guest is taken as the holder
         when the key is its own and no other guest of the device has that key
         (then ``verify`` stays False); the registration itself is not checked.

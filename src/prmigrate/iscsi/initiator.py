@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..lun.types import Result
+from ..lun.types import Result, unit_attention
 from ..scsi.cdb import ReportTmfsCdb, SupportedTmfs
 from ..scsi.constants import (
     Opcode,
@@ -44,7 +44,7 @@ from ..scsi.constants import (
     ServiceActionIn16,
     Status,
 )
-from ..scsi.sense import DecodedSense, unit_attention_of
+from ..scsi.sense import DecodedSense
 from . import flushpoint
 from .initiator_core import (
     AsyncEventReceived,
@@ -87,10 +87,6 @@ _MAX_REDIRECTS = 8
 UA_RETRIES = 4  # submissions of one command while it meets unit attentions
 
 
-def is_unit_attention(r: Result) -> bool:
-    """CHECK CONDITION with UNIT ATTENTION sense (SAM-5 5.14, SPC-5 4.4)."""
-    return r.status == Status.CHECK_CONDITION and unit_attention_of(r.sense) is not None
-
 __all__ = [
     "ConnectionLost",
     "IscsiError",
@@ -102,7 +98,6 @@ __all__ = [
     "TmfError",
     "connect",
     "discover",
-    "is_unit_attention",
 ]
 
 
@@ -631,12 +626,13 @@ class Session:
         up to ``tries`` submissions in all. ``on_retry(result)`` sees every
         unit attention answer met, the last one too. The last answer is
         returned whatever its status. The one unit attention retry loop of
-        prmigrate's initiator users (helpers below, the migration's PR OUT
-        commands, the demo's guest and observer)."""
+        prmigrate's initiator users (helpers below, the device's own commands:
+        its PR OUT port, used by the migration too, its monitor and RELEASE,
+        ``device/sessions.py``; the demo's guest and observer)."""
         r = Result()
         for _ in range(tries):
             r = await self.submit(lun, cdb, data_out, data_in_len)
-            if not is_unit_attention(r):
+            if unit_attention(r) is None:
                 break
             if on_retry is not None:
                 on_retry(r)

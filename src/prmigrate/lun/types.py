@@ -17,6 +17,7 @@ from ..scsi.constants import Status
 
 # Nexus is defined in scsi/ (transport IDs name nexuses) and re-exported here.
 from ..scsi.nexus import Nexus as Nexus
+from ..scsi.sense import unit_attention_of
 
 
 @dataclass(slots=True)
@@ -33,6 +34,15 @@ class Result:
 
 
 GOOD = Result()
+
+
+def unit_attention(result: Result) -> tuple[int, int] | None:
+    """(ASC, ASCQ) when ``result`` is a CHECK CONDITION with UNIT ATTENTION
+    sense (SAM-5 5.14, SPC-5 4.4), else None: the one test of an answer
+    (``scsi.sense.unit_attention_of`` reads the sense bytes)."""
+    if result.status != Status.CHECK_CONDITION or not result.sense:
+        return None
+    return unit_attention_of(result.sense)
 
 
 class ReservationConflict(Exception):  # noqa: N818 - named after the status it becomes
