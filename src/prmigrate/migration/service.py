@@ -48,7 +48,6 @@ from .marker import MigrationMarker
 from .plan import Strategy, fence_ops, rollback_plan
 from .pr_ops import issue_ops
 from .runner import Runner, log
-from .source import SourceState
 from .source_runner import SourceRunner
 from .stream import DeviceSnapshot
 from .transport import ChannelLink, encode_peer_id, new_channel, parse_address
@@ -76,11 +75,6 @@ def _snapshot(dev: PassthroughDevice) -> DeviceSnapshot:
     except DeviceError as e:  # identity not captured yet
         raise ServiceError("GenericError", str(e)) from e
     return snap if dev.migrate_pr else replace(snap, pr=DevicePrState())
-
-
-# Source states in which a move's pause is over (or never began), for the batch.
-_PAUSE_OVER = frozenset({SourceState.COMPLETED, SourceState.ROLLED_BACK, SourceState.FAILED,
-                         SourceState.IN_DOUBT})
 
 
 class Batch:
@@ -115,10 +109,16 @@ class Batch:
         self.gate.ready(runner.device_name)
         self.pump()
 
-    def on_state(self, runner: SourceRunner) -> None:
-        if runner.machine.state in _PAUSE_OVER:
+    def follow(self, runner: SourceRunner) -> None:
+        """A move's pause is over for the batch when the runner reports its
+        end: after a success that is once the guest's sessions left for the
+        destination (the hand-over), so the next guest's pause does not
+        share the loops with this guest's logins."""
+        def over(_: object) -> None:
             self.gate.done(runner.device_name)
             self.pump()
+
+        runner.done.add_done_callback(over)
 
     def query(self) -> dict[str, Any]:
         return {"batch": self.id, "migrations": [
@@ -343,6 +343,8 @@ class MigrationService:
         for name in names:
             runners.append(SourceRunner(self, self.host.devices[name], to, strat, frontend, self.timeouts, batch))
         batch.runners = {r.device_name: r for r in runners}
+        for r in runners:
+            batch.follow(r)
         for r in runners:
             self.runners[r.device_name] = r
         log.info("batch %s: %d device(s) to %s:%d (%d setting up at once, %d paused at once)",

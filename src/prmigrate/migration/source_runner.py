@@ -67,11 +67,9 @@ if TYPE_CHECKING:
 
 class BatchMember(Protocol):
     """The batch a move belongs to (``service.py``'s ``Batch``): told when
-    the move is set up (READY) and of every state change after."""
+    the move is set up (READY); it follows the move's end on ``done``."""
 
     def on_ready(self, runner: SourceRunner) -> None: ...
-
-    def on_state(self, runner: SourceRunner) -> None: ...
 
 
 LOGOUT_GRACE = 3.0  # seconds the guest gets to log out before its sessions are dropped
@@ -122,11 +120,6 @@ class SourceRunner(Runner):
     def _do_AwaitGo(self, a: AwaitGo) -> None:
         if self.batch is not None:
             self.batch.on_ready(self)
-
-    def _emit_state(self) -> None:
-        if self.batch is not None:
-            self.batch.on_state(self)
-        super()._emit_state()
 
     def _do_Connect(self, a: Connect) -> None:
         self._bg.spawn(self._connect())
