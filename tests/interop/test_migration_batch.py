@@ -120,3 +120,59 @@ async def _full_status(c: ProcCluster, lun: int):  # type: ignore[no-untyped-def
         return ReadFullStatus.decode(bytes(r.data_in))
     finally:
         await s.close()
+
+
+def test_a_move_refused_in_a_batch_rolls_back_alone(tmp_path: Path) -> None:
+    """B already has a device named vm3: that move fails in setup and vm3
+    stays on A with its guest and reservation; the other nine move."""
+    c = _start(tmp_path)
+    try:
+        async def go() -> None:
+            a = c.procs["hosta"]
+            t = c.procs["target"]
+            await c.call("hostb", "device-add", {
+                "name": "vm3", "backend": f"iscsi://{t.host}:{t.port}/{SHARED}/2",
+                "target": "iqn.2026-11.org.prmigrate:other-vm3"})
+            sessions = []
+            for i in range(1, DEVICES + 1):
+                s = await connect(f"iscsi://{a.host}:{a.port}/{_frontend(i)}/0", initiator_name=GUEST,
+                                  isid=0x23D000000042, command_timeout=30, reconnect_timeout=30)
+                sessions.append(s)
+                await take_reservation(s, PrType.EXCLUSIVE_ACCESS)
+            writers = [Writer(s) for s in sessions]
+            try:
+                await asyncio.sleep(0.2)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "prmigrate.cli", "migrate", "--control", str(a.control),
+                    *[x for i in range(1, DEVICES + 1) for x in ("--device", f"vm{i}")],
+                    "--to", c.procs["hostb"].migrate_addr,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env())
+                out_b, _ = await asyncio.wait_for(proc.communicate(), 90)
+                out = out_b.decode(errors="replace")
+                assert proc.returncode == 1, out  # the worst of the moves: one failed, stayed
+                assert f"{DEVICES - 1} of {DEVICES} moved" in out, out
+                assert re.search(r"^vm3: failed, stays on the source: .*already exists", out, re.M), out
+                await asyncio.sleep(0.3)
+                for w in writers:
+                    await w.stop()
+                    assert not w.bad, w.bad
+                    assert await w.verify() > 5
+                on_a = [d["name"] for d in await c.call("hosta", "query-devices")]
+                assert on_a == ["vm3"], on_a
+                for i in range(1, DEVICES + 1):
+                    rfs = await _full_status(c, i - 1)
+                    isid = derive_isid(f"vm{i}", GUEST)
+                    mine = [e for e in rfs.entries if e.transport_id.isid == isid]
+                    host = "hosta" if i == 3 else "hostb"
+                    assert [e.transport_id.name.lower() for e in mine] == [INITIATORS[host]], (i, mine)
+                    assert mine[0].holder
+            finally:
+                for s in sessions:
+                    await s.close()
+
+        asyncio.run(asyncio.wait_for(go(), 180))
+    except BaseException:
+        print(c.dump_logs())
+        raise
+    finally:
+        c.stop()
