@@ -193,7 +193,8 @@ async def _migrate_batch(service: MigrationService, args: dict[str, Any], to: st
             parse_address(frontend)
 
     _wrap(check)
-    targets = names if names is not None else sorted(service.host.devices)
+    busy = {n for n, r in service.runners.items() if r.finished is None}
+    targets = [n for n in (names if names is not None else sorted(service.host.devices)) if n not in busy]
     await asyncio.gather(*(_reconcile_before(service, n) for n in targets))
 
     def start() -> dict[str, Any]:
