@@ -29,9 +29,20 @@ Parts (``--part``):
     registrants takes at most 1.5x its time at 100, over iSCSI and on the
     engine; exit status 1 otherwise.
 
-``moves`` (not implemented yet)
-    Reserved for device migrations at scale (many devices moved one by one,
-    in groups and all at once); asking for it exits with status 2.
+``moves`` (``_scale_moves.py``)
+    ``--devices`` (default 100) devices on host A, each on its own LUN of
+    one ``prmigrate target``, each guest (our initiator, in this process)
+    holding WRITE EXCLUSIVE and writing a block every 100 ms, and one more
+    device moved alone, there and back, before and between the groups (the
+    yardstick, taken under the same load as the groups). Moved: all one by
+    one A -> B (one control command per move); B -> A 20 at a time (one
+    ``prmigrate migrate`` with 20 ``--device`` per group); A -> B all at
+    once (one ``prmigrate migrate --all``, the yardstick device too). Each row: moves that succeeded,
+    total time, the guests' pause (median, maximum; the source's
+    ``pause_s``, hold to the destination's ACK of RESUME). Gate: 20 at a
+    time, median pause at most 2x the lone move's and maximum under 100 ms;
+    all at once under 10 s with every pause under 100 ms; every move and
+    every guest write GOOD; exit status 1 otherwise.
 """
 
 from __future__ import annotations
@@ -305,15 +316,21 @@ def part_pr(counts: list[int], repeat: int, sessions: int) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("pr", "moves"), default="pr",
-                   help="pr: PR commands against the number of registrants; moves: not implemented yet")
+                   help="pr: PR commands against the number of registrants; moves: device migrations at scale")
+    p.add_argument("--devices", type=int, default=100, help="moves: devices on the host (default 100)")
+    p.add_argument("--pause-parallel", type=int, default=None,
+                   help="moves: the batches' --pause-parallel (default: the daemon's, 1)")
     p.add_argument("--counts", default="10,100,1000,10000", help="registrant counts (comma-separated)")
     p.add_argument("--repeat", type=int, default=400, help="commands timed per figure (default 400)")
     p.add_argument("--sessions", type=int, default=32,
                    help="registered sessions logged in besides the measuring ones, per target (default 32)")
     args = p.parse_args()
     if args.part == "moves":
-        print("bench_scale --part moves: not implemented yet (device migrations at scale)", file=sys.stderr)
-        return 2
+        if not 1 <= args.devices <= 200:
+            p.error("--devices is 1..200 (guests and sessions stay bounded)")
+        from _scale_moves import run_moves
+
+        return run_moves(args.devices, args.pause_parallel)
     counts = sorted({int(c) for c in args.counts.split(",")})
     if min(counts) < MEASURING_SESSIONS or args.repeat < 2:
         p.error(f"counts start at {MEASURING_SESSIONS} (the measuring sessions); --repeat at least 2")

@@ -90,3 +90,30 @@ def test_migrate_usage_errors(tmp_path: Path) -> None:
         assert "Traceback" not in err
 
     asyncio.run(go())
+
+
+def test_migrate_batch_usage_errors(tmp_path: Path) -> None:
+    async def go() -> None:
+        for args, says in ((("--all", "--device", "vm1", "--to", "127.0.0.1:4444"), "exclude each other"),
+                           (("--to", "127.0.0.1:4444"), "--device NAME or --all is required"),
+                           (("--device", "vm1", "--device", "vm2", "--query"), "take one --device"),
+                           (("--all", "--cancel"), "take one --device")):
+            code, out, err = await _migrate("--control", str(tmp_path / "none.sock"), *args)
+            assert code == 2 and says in err, (args, err)
+            assert "Traceback" not in err
+
+    asyncio.run(go())
+
+
+def test_migrate_batch_refuses_an_unknown_device_and_starts_nothing(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+
+        async def go() -> None:
+            control = str(c.procs["hosta"].control)
+            code, out, err = await _migrate("--control", control, "--device", "vm1", "--device", "nope",
+                                            "--to", c.procs["hostb"].migrate_addr)
+            assert code == 2 and "nope" in err, out + err
+            assert await c.call("hosta", "query-migrate") == []  # nothing started
+            assert [d["name"] for d in await c.call("hosta", "query-devices")] == ["vm1"]
+
+        asyncio.run(go())

@@ -256,3 +256,58 @@ async def test_a_shared_key_is_counted_in_read_keys_without_full_status(tmp_path
         assert q["status"] == "completed", q
     finally:
         await c.close()
+
+
+@run(60)
+async def test_batch_control_api(tmp_path: Path) -> None:
+    """migrate with devices / all: refused as a whole before anything
+    starts; a batch's move goes through READY, its pause begins after its
+    setup and the reservation moves."""
+    from prmigrate.host.control import CommandError, control_call, control_events
+
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.WRITE_EXCLUSIVE)
+        sock = tmp_path / "hosta.sock"
+        h, p = c.migration_address("hostb")
+        to = f"{h}:{p}"
+        for args, cls in (({"devices": ["vm1", "nope"]}, "DeviceNotFound"),
+                          ({"devices": []}, "InvalidParameter"),
+                          ({"all": True, "device": "vm1"}, "InvalidParameter"),
+                          ({"devices": ["vm1"], "device": "vm1"}, "InvalidParameter"),
+                          ({"all": True, "pause-parallel": 0}, "InvalidParameter"),
+                          ({"all": True, "strategy": "x"}, "InvalidParameter")):
+            with pytest.raises(CommandError) as e:
+                await control_call(sock, "migrate", {"to": to, **args})
+            assert e.value.cls == cls, (args, e.value)
+        assert await control_call(sock, "query-migrate") == []  # nothing started
+        events: list[dict] = []
+
+        async def collect() -> None:
+            async for ev in control_events(sock):
+                if ev["event"] == "MIGRATION":
+                    events.append(ev["data"])
+                    if ev["data"].get("finished"):
+                        return
+
+        collector = asyncio.ensure_future(collect())
+        await asyncio.sleep(0.1)
+        started = await control_call(sock, "migrate", {"all": True, "to": to})
+        assert [m["device"] for m in started["migrations"]] == ["vm1"] and started["batch"]
+        with pytest.raises(CommandError) as e:  # already migrating
+            await control_call(sock, "migrate", {"devices": ["vm1"], "to": to})
+        assert e.value.cls == "GenericError"
+        await asyncio.wait_for(collector, 20)
+        assert [e["status"] for e in events] == [
+            "idle", "connecting", "setup", "ready", "stopping", "transferred", "handover", "completed"]
+        (rec,) = await control_call(sock, "query-migrate", {"device": "vm1"})
+        assert rec["success"] and rec["timings"]["round_trips_in_pause"] == 1
+        hist = {x["event"]: x["t"] for x in rec["history"]}
+        assert hist["SetupOk"] <= hist["Go"]
+        assert c.entries_of(HOST_A) == []
+        (b,) = c.entries_of(HOST_B)
+        assert b.holder and b.key == KEY
+    finally:
+        await c.close()

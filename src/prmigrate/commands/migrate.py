@@ -3,6 +3,8 @@
     prmigrate migrate --control /tmp/hosta.sock --device vm1 --to 127.0.0.3:4444
     prmigrate migrate --control /tmp/hosta.sock --device vm1 --cancel
     prmigrate migrate --control /tmp/hosta.sock --device vm1 --query
+    prmigrate migrate --control /tmp/hosta.sock --all --to 127.0.0.3:4444
+    prmigrate migrate --control /tmp/hosta.sock --device vm1 --device vm2 --to 127.0.0.3:4444
 
 Starts the migration on the source daemon's control socket, prints each
 state change with the time since the start, blocks until the end and
@@ -13,6 +15,14 @@ started again until then (not when the destination refused this host: the
 cluster secret or its TLS certificate, which trying again does not change);
 at the deadline a migration still connecting or setting up is cancelled (the
 device stays on the source).
+
+``--all`` or ``--device`` given more than once moves the devices as one
+batch (one migration per device, each over its own channel, all from the
+one daemon): every move sets up first (devices created on the destination,
+logins, registrations), then the guests pause one after another
+(``--pause-parallel``), so that no guest's pause carries another move's
+setup. One line per device at the end; the exit status is the worst of
+the moves'.
 
 ``--host`` is the old spelling of ``--control`` and still accepted.
 
@@ -47,8 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", "--host", dest="control", required=True, metavar="SOCKET",
                         help="the source daemon's control socket (its --control PATH; "
                              "--host is the old spelling)")
-    parser.add_argument("--device", required=True, metavar="NAME",
-                        help="the device's name (name= of the daemon's --device spec)")
+    parser.add_argument("--device", action="append", metavar="NAME",
+                        help="the device's name (name= of the daemon's --device spec); "
+                             "more than once: move them as one batch")
+    parser.add_argument("--all", action="store_true",
+                        help="move every device of the source daemon as one batch")
+    parser.add_argument("--setup-parallel", type=int, default=None, metavar="N",
+                        help="batch: moves setting up at once (default 16)")
+    parser.add_argument("--pause-parallel", type=int, default=None, metavar="N",
+                        help="batch: guests paused at once (default 1)")
     parser.add_argument("--to", metavar="HOST:PORT", type=_args.port_address,
                         help="destination daemon's --migrate-listen address")
     parser.add_argument("--strategy", default="prmigrate", choices=("prmigrate", "dest-preempt", "qemu"),
@@ -112,11 +129,25 @@ def _query(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     from ._control_client import ControlConnection, ControlError
 
+    devices = args.device or []
+    if args.all and devices:
+        print("prmigrate migrate: --all and --device exclude each other", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.all and not devices:
+        print("prmigrate migrate: --device NAME or --all is required", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.query or args.cancel) and (args.all or len(devices) > 1):
+        print("prmigrate migrate: --query and --cancel take one --device", file=sys.stderr)
+        return EXIT_USAGE
     if args.query or args.cancel:
+        args.device = devices[0]
         return _query(args)
     if not args.to:
         print("prmigrate migrate: --to HOST:PORT is required", file=sys.stderr)
         return EXIT_USAGE
+    if args.all or len(devices) > 1:
+        return _main_batch(args, devices)
+    args.device = devices[0]
     start = time.monotonic()
     deadline = start + args.timeout
 
@@ -156,6 +187,85 @@ def _main(args: argparse.Namespace) -> int:
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - 1.0)))
                 continue
             return _report(args, rec)
+    except ControlError as e:
+        print(f"prmigrate migrate: lost the source daemon's control socket: {e}", file=sys.stderr)
+        return EXIT_DOUBT
+    finally:
+        events.close()
+
+
+def _main_batch(args: argparse.Namespace, devices: list[str]) -> int:
+    """A batch: start it, follow every move, one line per device at the end."""
+    from ._control_client import ControlConnection, ControlError
+
+    start = time.monotonic()
+    deadline = start + args.timeout
+    arguments: dict[str, Any] = {"to": args.to, "strategy": args.strategy}
+    arguments |= {"all": True} if args.all else {"devices": devices}
+    if args.frontend:
+        arguments["frontend"] = args.frontend
+    for key in ("setup_parallel", "pause_parallel"):
+        if getattr(args, key) is not None:
+            arguments[key.replace("_", "-")] = getattr(args, key)
+    try:
+        events = ControlConnection(args.control)
+    except ControlError as e:
+        print(f"prmigrate migrate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        try:
+            started = events.call("migrate", arguments)
+        except ControlError as e:
+            print(f"prmigrate migrate: {e}", file=sys.stderr)
+            return EXIT_FAILED if e.cls == "GenericError" else EXIT_USAGE
+        ids = {m["id"]: m["device"] for m in started["migrations"]}
+        _say(args, f"migrating {len(ids)} device(s) to {args.to} (batch {started['batch']}, "
+                   f"strategy {args.strategy})")
+        left = set(ids)
+        while left:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                break
+            ev = events.next_event(min(wait, 1.0))
+            if ev is None:
+                continue
+            data = ev.get("data", {})
+            if ev.get("event") != "MIGRATION" or data.get("id") not in left or data.get("role") != "source":
+                continue
+            if data.get("finished"):
+                left.discard(data["id"])
+                _say(args, f"{(time.monotonic() - start) * 1000:9.1f} ms  {data.get('device')} "
+                           f"{data.get('status')}")
+        records = {r["id"]: r for r in events.call("query-migrate", {}) if r.get("id") in ids}
+        code = EXIT_OK
+        for mid in left:  # no outcome by the deadline: cancel what can still be
+            ans = events.call("migrate-cancel", {"device": ids[mid]})
+            print(f"prmigrate migrate: {ids[mid]}: no outcome after {args.timeout:g} s"
+                  + (": cancelled, stays on the source" if ans.get("cancelled") else
+                     ": past the point of no return, see the daemon's log"), file=sys.stderr)
+            code = max(code, EXIT_FAILED if ans.get("cancelled") else EXIT_DOUBT)
+        if args.json:
+            print(json.dumps([records[m] for m in ids if m in records], indent=2))
+        pauses = []
+        for mid, name in ids.items():
+            rec = records.get(mid)
+            if rec is None or mid in left:
+                continue
+            rc = exit_code(rec)
+            code = max(code, rc)
+            pause = rec.get("timings", {}).get("pause_s")
+            if pause is not None:
+                pauses.append(pause)
+            if not args.json:
+                what = (f"now runs on {rec.get('peer')}" if rc == EXIT_OK else
+                        f"failed, stays on the source: {_reason(rec)}" if rc == EXIT_FAILED else
+                        f"ended {rec.get('status')}: {rec.get('reason')}")
+                print(f"{name}: {what} (pause {_ms(pause)})")
+        if not args.json:
+            ok = sum(1 for m in ids if m in records and records[m].get("success"))
+            worst = f", longest pause {_ms(max(pauses))}" if pauses else ""
+            print(f"{ok} of {len(ids)} moved in {(time.monotonic() - start):.2f} s{worst}")
+        return code
     except ControlError as e:
         print(f"prmigrate migrate: lost the source daemon's control socket: {e}", file=sys.stderr)
         return EXIT_DOUBT

@@ -81,8 +81,10 @@ COMMAND_ARGS: dict[str, tuple[Any, ...]] = {
     "device-del": (arg("device", S), arg("force", B, optional=True)),
     "quit": (),
     "subscribe": (),
-    "migrate": (arg("device", S), arg("to", S, optional=True), arg("destination", S, optional=True),
-                arg("strategy", S, optional=True), arg("frontend", S, optional=True)),
+    "migrate": (arg("device", S, optional=True), arg("to", S, optional=True), arg("destination", S, optional=True),
+                arg("strategy", S, optional=True), arg("frontend", S, optional=True),
+                arg("devices", A, optional=True), arg("all", B, optional=True),
+                arg("setup-parallel", INT, optional=True), arg("pause-parallel", INT, optional=True)),
     "query-migrate": (arg("device", S, optional=True),),
     "migrate-cancel": (arg("device", S),),
 }

@@ -20,6 +20,12 @@ Control commands (JSON control socket)::
       frontend: "HOST:PORT" optional, the portal the guest is redirected to
                 (default: the one the destination announces)
       -> {"id": ..., "device": "vm1", "status": "connecting"}
+    {"execute": "migrate", "arguments": {"devices": ["vm1", "vm2"], "to": ...}}   # or "all": true
+      (a batch, migration/batch.py: every device set up first, then the
+      guests paused one after another; optional "setup-parallel" (default
+      16) moves setting up at once, "pause-parallel" (default 1) guests
+      paused at once)
+      -> {"batch": ..., "migrations": [{"id", "device", "status"}, ...]}
     {"execute": "query-migrate", "arguments": {"device": "vm1"}}   # device optional
       -> [{"id", "device", "role", "peer", "status", "finished", "success",
            "strategy", "timings": {"total_s", "pause_s", "takeover_s",
@@ -154,10 +160,12 @@ def _wrap(fn: Any) -> Any:
 
 
 async def _migrate(service: MigrationService, args: dict[str, Any]) -> dict[str, Any]:
-    device = _device_arg(args)
     to = args.get("to") or args.get("destination")
     if not isinstance(to, str):
         raise CommandError("InvalidParameter", "to: expected HOST:PORT of the destination daemon")
+    if args.get("devices") is not None or args.get("all"):
+        return await _migrate_batch(service, args, to)
+    device = _device_arg(args)
     await _reconcile_before(service, device)  # type: ignore[arg-type]
 
     def start() -> dict[str, Any]:
@@ -169,6 +177,50 @@ async def _migrate(service: MigrationService, args: dict[str, Any]) -> dict[str,
             parse_address(frontend) if frontend else None,
         )
         return {"id": runner.migration_id, "device": device, "status": runner.machine.state.value}
+
+    return _wrap(start)  # type: ignore[no-any-return]
+
+
+async def _migrate_batch(service: MigrationService, args: dict[str, Any], to: str) -> dict[str, Any]:
+    devices = args.get("devices")
+    if args.get("all"):
+        if devices is not None or args.get("device") is not None:
+            raise CommandError("InvalidParameter", "all: not with device or devices")
+        names = None
+    else:
+        if args.get("device") is not None:
+            raise CommandError("InvalidParameter", "device: not with devices")
+        if not isinstance(devices, list) or not devices or not all(isinstance(d, str) and d for d in devices):
+            raise CommandError("InvalidParameter", "devices: expected a non-empty list of device names")
+        names = list(devices)
+    parallel = {}
+    for key in ("setup-parallel", "pause-parallel"):
+        value = args.get(key)
+        if value is not None:
+            if not 1 <= value <= 1024:
+                raise CommandError("InvalidParameter", f"{key}: expected 1 to 1024")
+            parallel[key.replace("-", "_")] = value
+    frontend = args.get("frontend")
+
+    def check() -> None:  # refuse a bad batch before reconciling anything
+        for name in names or ():
+            if name not in service.host.devices:
+                raise ServiceError("DeviceNotFound", f"device {name!r} not found")
+        parse_address(to)
+        if frontend:
+            parse_address(frontend)
+
+    _wrap(check)
+    busy = {n for n, r in service.runners.items() if r.finished is None}
+    targets = [n for n in (names if names is not None else sorted(service.host.devices)) if n not in busy]
+    await asyncio.gather(*(_reconcile_before(service, n) for n in targets))
+
+    def start() -> dict[str, Any]:
+        batch = service.migrate_batch(
+            names, parse_address(to), args.get("strategy") or "prmigrate",
+            parse_address(frontend) if frontend else None, **parallel,
+        )
+        return batch.query()
 
     return _wrap(start)  # type: ignore[no-any-return]
 

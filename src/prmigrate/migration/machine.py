@@ -47,6 +47,12 @@ class HoldGuest(Action):
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitGo(Action):
+    """Source in a batch: set up, the guest still runs; feed ``Go`` when the
+    batch lets this move's pause begin."""
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeGuest(Action):
     """Serve the guest again (source after a rollback; destination on RESUME)."""
 
@@ -135,6 +141,11 @@ class Timeout(Event):
     """Fed by ``handle_timer``; not meant to be fed directly."""
 
     state: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Go(Event):
+    """Source in a batch, READY: the pause may begin now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +251,9 @@ class Timeouts:
     connect: float = 10.0
     setup: float = 30.0  # source: SETUP -> SETUP_OK; destination: create + register
     quiesce: float = 10.0  # source: hold + drain the guest
+    # source in a batch: set up, waiting for its turn to pause. Shorter than
+    # the destination's ``await_state``, so the source gives up first.
+    ready: float = 300.0
     await_state: float = 600.0  # destination: READY -> STATE
     load: float = 5.0
     transfer: float = 5.0  # source: STATE sent -> TAKEOVER_DONE

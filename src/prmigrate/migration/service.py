@@ -38,16 +38,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..device.errors import DeviceError
 from ..device.state import DevicePrState
+from .batch import PAUSE_PARALLEL, SETUP_PARALLEL, BatchGate
 from .channel import Authenticated, Message, Role
 from .destination_runner import DestinationRunner
 from .handover import Handover
-from .machine import Timeouts
+from .machine import Go, Timeouts
 from .marker import MigrationMarker
 from .plan import Strategy, fence_ops, rollback_plan
 from .pr_ops import issue_ops
@@ -86,6 +88,55 @@ def _snapshot(dev: PassthroughDevice) -> DeviceSnapshot:
     except DeviceError as e:  # identity not captured yet
         raise ServiceError("GenericError", str(e)) from e
     return snap if dev.migrate_pr else replace(snap, pr=DevicePrState())
+
+
+class Batch:
+    """Several devices moved to one destination in one order (``batch.py``):
+    the setups first, then the pauses one after another. Each move is its
+    own ``SourceRunner`` over its own channel."""
+
+    def __init__(self, service: MigrationService, runners: list[SourceRunner], gate: BatchGate) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.service = service
+        self.runners = {r.device_name: r for r in runners}
+        self.gate = gate
+
+    def pump(self) -> None:
+        for name in self.gate.to_start():
+            runner = self.runners[name]
+            dev = self.service.host.devices.get(name)
+            if dev is not None:
+                try:  # the state as it is now, not when the batch was asked for
+                    runner.machine.snapshot = self.service.snapshot(dev)
+                except ServiceError as e:
+                    runner._error(str(e))
+            runner.start()
+        for name in self.gate.to_go():
+            runner = self.runners[name]
+            if runner.machine.allowed(Go()):
+                runner.feed(Go())
+            else:
+                self.gate.done(name)
+
+    def on_ready(self, runner: SourceRunner) -> None:
+        self.gate.ready(runner.device_name)
+        self.pump()
+
+    def follow(self, runner: SourceRunner) -> None:
+        """A move's pause is over for the batch when the runner reports its
+        end: after a success that is once the guest's sessions left for the
+        destination (the hand-over), so the next guest's pause does not
+        share the loops with this guest's logins."""
+        def over(_: object) -> None:
+            self.gate.done(runner.device_name)
+            self.pump()
+
+        runner.done.add_done_callback(over)
+
+    def query(self) -> dict[str, Any]:
+        return {"batch": self.id, "migrations": [
+            {"id": r.migration_id, "device": r.device_name, "status": r.machine.state.value}
+            for r in self.runners.values()]}
 
 
 class MigrationService:
@@ -272,6 +323,54 @@ class MigrationService:
         self.runners[device] = runner
         runner.start()
         return runner
+
+    def migrate_batch(
+        self,
+        devices: list[str] | None,
+        to: tuple[str, int],
+        strategy: Strategy | str = Strategy.PRMIGRATE,
+        frontend: tuple[str, int] | None = None,
+        setup_parallel: int = SETUP_PARALLEL,
+        pause_parallel: int = PAUSE_PARALLEL,
+    ) -> Batch:
+        """Move ``devices`` (None: every device of the host not migrating now)
+        to ``to`` as one batch (``batch.py``). Refused as a whole, nothing
+        started, when a named device is unknown or already migrating."""
+        if not self.secret:
+            raise ServiceError("GenericError", "no cluster secret: start the daemon with --secret-file")
+        try:
+            strat = Strategy(strategy)
+        except ValueError:
+            raise ServiceError("InvalidParameter", f"unknown strategy {strategy!r} (one of {', '.join(s.value for s in Strategy)})") from None
+        busy = {n for n, r in self.runners.items() if r.finished is None}
+        if devices is None:
+            names = sorted(n for n in self.host.devices if n not in busy)
+        else:
+            names = list(dict.fromkeys(devices))
+            for name in names:
+                if name not in self.host.devices:
+                    raise ServiceError("DeviceNotFound", f"device {name!r} not found")
+                if name in busy:
+                    raise ServiceError("GenericError", f"device {name!r} is already migrating ({self.runners[name].migration_id})")
+        if not names:
+            raise ServiceError("GenericError", "no device to migrate")
+        try:
+            gate = BatchGate(names, setup_parallel, pause_parallel)
+        except ValueError as e:
+            raise ServiceError("InvalidParameter", str(e)) from None
+        runners: list[SourceRunner] = []
+        batch = Batch(self, runners, gate)
+        for name in names:
+            runners.append(SourceRunner(self, self.host.devices[name], to, strat, frontend, self.timeouts, batch))
+        batch.runners = {r.device_name: r for r in runners}
+        for r in runners:
+            batch.follow(r)
+        for r in runners:
+            self.runners[r.device_name] = r
+        log.info("batch %s: %d device(s) to %s:%d (%d setting up at once, %d paused at once)",
+                 batch.id, len(names), to[0], to[1], gate.setup_parallel, gate.pause_parallel)
+        batch.pump()
+        return batch
 
     def get(self, device: str) -> Runner | None:
         return self.runners.get(device)

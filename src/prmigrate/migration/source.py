@@ -9,6 +9,9 @@ Rules (the table below is the authority; a missing pair is a EventNotAllowed):
   STATE) -TakeoverDone-> HANDOVER (sends RESUME: the commit point)
   -Ack-> COMPLETED (HandOverGuest). With nothing to release, GuestHeld goes
   straight to TRANSFERRED.
+- A move in a batch (``gated``) waits after SETUP_OK in READY, the guest
+  still running, until the batch feeds ``Go`` (AwaitGo): then it holds the
+  guest as above. READY fails like SETUP (nothing preempted yet).
 - Before STATE is sent the destination cannot have preempted: any failure
   (ChannelLost, Cancel, Timeout, Abort) resumes the guest -> ROLLED_BACK.
 - After STATE is sent: Cancel / Timeout -> ROLLING_BACK (sends ROLLBACK; the
@@ -49,10 +52,12 @@ from .channel import (
 )
 from .errors import AbortReason, EventNotAllowed
 from .machine import (
+    AwaitGo,
     Cancel,
     ChannelLost,
     ChannelUp,
     Connect,
+    Go,
     GuestHeld,
     HandOverGuest,
     HoldGuest,
@@ -75,6 +80,7 @@ class SourceState(Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
     SETUP = "setup"
+    READY = "ready"
     STOPPING = "stopping"
     RELEASING = "releasing"
     TRANSFERRED = "transferred"
@@ -97,8 +103,10 @@ SOURCE_TABLE = table(
         (S.IDLE, Cancel): S.ROLLED_BACK,
         (S.CONNECTING, ChannelUp): S.SETUP,
         **{(S.CONNECTING, e): S.ROLLED_BACK for e in (ChannelLost, Cancel, Timeout)},
-        (S.SETUP, SetupOk): S.STOPPING,
+        (S.SETUP, SetupOk): (S.STOPPING, S.READY),
         **{(S.SETUP, e): S.ROLLED_BACK for e in _FAILURES},
+        (S.READY, Go): S.STOPPING,
+        **{(S.READY, e): S.ROLLED_BACK for e in _FAILURES},
         (S.STOPPING, GuestHeld): (S.RELEASING, S.TRANSFERRED),
         **{(S.STOPPING, e): S.ROLLED_BACK for e in _FAILURES},
         (S.RELEASING, PrOpsDone): (S.TRANSFERRED, S.RECLAIMING, S.ROLLED_BACK),
@@ -125,7 +133,7 @@ SOURCE_TABLE = table(
 
 SOURCE_TERMINAL = frozenset({S.COMPLETED, S.ROLLED_BACK, S.FAILED, S.IN_DOUBT})
 # States in which the source serves the guest (the invariant's left half).
-SOURCE_SERVING = frozenset({S.IDLE, S.CONNECTING, S.SETUP, S.ROLLED_BACK})
+SOURCE_SERVING = frozenset({S.IDLE, S.CONNECTING, S.SETUP, S.READY, S.ROLLED_BACK})
 
 
 class SourceMigration(MachineBase):
@@ -141,12 +149,14 @@ class SourceMigration(MachineBase):
         snapshot: DeviceSnapshot,
         timeouts: Timeouts | None = None,
         strategy: Strategy = Strategy.PRMIGRATE,
+        gated: bool = False,
     ) -> None:
         super().__init__(S.IDLE, f"{migration_id}/{snapshot.name}")
         self.migration_id = migration_id
         self.snapshot = snapshot  # as of setup; replaced by GuestHeld's
         self.timeouts = timeouts or Timeouts()
         self.strategy = Strategy(strategy)
+        self.gated = gated  # in a batch: wait in READY for Go before the pause
         self.registered: dict[str, int] = {}  # on the destination, from SETUP_OK
         self.read_full_status = False
         self.released: tuple[PrOp, ...] = ()  # release ops issued
@@ -177,6 +187,16 @@ class SourceMigration(MachineBase):
     def _on_SetupOk(self, ev: SetupOk, now: float) -> S:
         self.registered = {k.lower(): v for k, v in ev.registered.items()}
         self.read_full_status = ev.read_full_status
+        if self.gated:
+            self._emit(AwaitGo())
+            self._arm(now, self.timeouts.ready)
+            return S.READY
+        return self._hold(now)
+
+    def _on_Go(self, ev: Go, now: float) -> S:
+        return self._hold(now)
+
+    def _hold(self, now: float) -> S:
         self.timings.paused = now
         self.guest_held = True
         self._emit(HoldGuest())
@@ -251,7 +271,7 @@ class SourceMigration(MachineBase):
         if st is S.RECLAIMING or (st is S.ROLLING_BACK and reason is AbortReason.CANCELLED and not from_peer):
             return st  # already on the way back
         self._fail(reason)
-        if st in (S.IDLE, S.CONNECTING, S.SETUP, S.STOPPING):
+        if st in (S.IDLE, S.CONNECTING, S.SETUP, S.READY, S.STOPPING):
             # The destination has no state: it cannot have preempted.
             if not from_peer:
                 self._send(Abort(reason, detail))

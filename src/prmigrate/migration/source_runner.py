@@ -35,12 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..device.state import DevicePrState
 from .channel import Authenticated, Message, Resume, Role
 from .errors import AbortReason, AuthenticationFailed
 from .machine import (
+    AwaitGo,
     Cancel,
     ChannelLost,
     ChannelUp,
@@ -71,6 +72,13 @@ from .transport import (
 if TYPE_CHECKING:
     from ..device.passthrough import PassthroughDevice
 
+class BatchMember(Protocol):
+    """The batch a move belongs to (``service.py``'s ``Batch``): told when
+    the move is set up (READY); it follows the move's end on ``done``."""
+
+    def on_ready(self, runner: SourceRunner) -> None: ...
+
+
 LOGOUT_GRACE = 3.0  # seconds the guest gets to log out before its sessions are dropped
 LOGOUT_WAIT = 0  # Async Message Parameter3: log out at once
 # Async event 3 Parameter2: log in again at once, not after DefaultTime2Wait
@@ -89,9 +97,11 @@ class SourceRunner(Runner):
         strategy: Strategy,
         frontend: tuple[str, int] | None,
         timeouts: Timeouts | None,
+        batch: BatchMember | None = None,
     ) -> None:
         migration_id = uuid.uuid4().hex[:12]
-        machine = SourceMigration(migration_id, service.snapshot(dev), timeouts, strategy)
+        machine = SourceMigration(migration_id, service.snapshot(dev), timeouts, strategy,
+                                  gated=batch is not None)
         super().__init__(service, machine, dev.name)
         self.machine: SourceMigration = machine
         self.migration_id = migration_id
@@ -104,6 +114,7 @@ class SourceRunner(Runner):
         self._setup_sent = False
         self.marker = MigrationMarker(service.host.state_dir, dev.name)
         self.log = logging.LoggerAdapter(log, {"migration": f"{migration_id}/{dev.name} source"})
+        self.batch = batch
 
     @property
     def succeeded(self) -> bool:
@@ -112,6 +123,10 @@ class SourceRunner(Runner):
     def start(self) -> None:
         self.host.emit(self._event())
         self.feed(Start())
+
+    def _do_AwaitGo(self, a: AwaitGo) -> None:
+        if self.batch is not None:
+            self.batch.on_ready(self)
 
     def _do_Connect(self, a: Connect) -> None:
         self._bg.spawn(self._connect())
