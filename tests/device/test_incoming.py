@@ -33,6 +33,7 @@ BEFORE_MOVE = {
     "REPORT SUPPORTED OPERATION CODES": bytes([Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES])
     + bytes(10),
     "REQUEST SENSE": bytes([Opcode.REQUEST_SENSE, 0, 0, 0, 252, 0]),
+    "MODE SENSE(6)": bytes([Opcode.MODE_SENSE_6, 0, 0x3F, 0, 255, 0]),  # QEMU's open: no pull
 }
 NEEDS_NEXUS = {
     "READ(10)": bytes([Opcode.READ_10]) + bytes(9),
@@ -41,7 +42,8 @@ NEEDS_NEXUS = {
     "PR OUT REGISTER": bytes([Opcode.PERSISTENT_RESERVE_OUT, PrOutAction.REGISTER]) + bytes(8),
     "RESERVE(6)": bytes([Opcode.RESERVE_6]) + bytes(5),
     "RELEASE(6)": bytes([Opcode.RELEASE_6]) + bytes(5),
-    "MODE SENSE(6)": bytes([Opcode.MODE_SENSE_6, 0, 0x3F, 0, 255, 0]),
+    "MODE SELECT(6)": bytes([Opcode.MODE_SELECT_6, 0x10, 0, 0, 24, 0]),
+    "GET LBA STATUS": bytes([Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.GET_LBA_STATUS]) + bytes(14),
     "SYNCHRONIZE CACHE(10)": bytes([Opcode.SYNCHRONIZE_CACHE_10]) + bytes(9),
     "unknown opcode": bytes([0xC7]) + bytes(9),
     "empty CDB": b"",

@@ -22,7 +22,8 @@ from prmigrate.scsi.constants import Opcode, PrType, Status
 from prmigrate.scsi.sense import decode_sense
 
 from ..tcp_proxy import StoppableProxy
-from .migration_cluster import FRONTEND, ProcCluster, cluster, env
+from .conftest import need
+from .migration_cluster import FRONTEND, GUEST, ProcCluster, cluster, env
 from .test_migration_e2e import KEY, _write10, guest_session, take_reservation
 
 pytestmark = pytest.mark.interop
@@ -215,6 +216,47 @@ def test_migrate_pr_off_moves_the_device_not_the_reservation(tmp_path: Path) -> 
             finally:
                 if b is not None:
                     await b.close()
+                await a.close()
+
+        _run(go())
+
+
+def test_qemu_io_opens_without_a_move_and_its_write_pulls(tmp_path: Path) -> None:
+    """qemu-io (libiscsi, what QEMU's iSCSI driver sends to open a drive:
+    INQUIRY and VPD pages, READ CAPACITY, MODE SENSE, TEST UNIT READY) on
+    B's frontend: opening moves nothing; its write pulls the device."""
+    need("qemu-io")
+    with cluster(tmp_path) as c:
+
+        async def qemu_io(*commands: str) -> tuple[int, str]:
+            b = c.procs["hostb"]
+            args = ["qemu-io", "--image-opts",
+                    f"driver=iscsi,transport=tcp,portal={b.host}:{b.port},target={FRONTEND},lun=0,"
+                    f"initiator-name={GUEST}"]
+            for cmd in commands:
+                args += ["-c", cmd]
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode or 0, out.decode(errors="replace")
+
+        async def go() -> None:
+            a = await guest_session(c.frontend_url("hosta"))
+            try:
+                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
+                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
+                assert code == 0, out
+                rc, out = await qemu_io("sleep 200")  # open and close the drive only
+                assert rc == 0, out
+                (on_a,) = await c.entries_of("hosta")
+                assert on_a.holder and await c.entries_of("hostb") == []
+                rc, out = await qemu_io("write -P 0x5a 0 64k", "read -P 0x5a 0 64k")
+                assert rc == 0 and "wrote 65536/65536" in out and "read 65536/65536" in out, out
+                assert "fail" not in out.lower() and "error" not in out.lower(), out
+                assert await c.entries_of("hosta") == []
+                (on_b,) = await c.entries_of("hostb")
+                assert on_b.holder and on_b.key == KEY
+            finally:
                 await a.close()
 
         _run(go())

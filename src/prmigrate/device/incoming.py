@@ -8,8 +8,8 @@ device arrives (``arrive()``) the node's LUN is an ``IncomingGate``:
 - a command that any nexus may send under every reservation type, and that
   reads nothing of the guest's PR state, goes to the device as usual (on
   this host's own, unregistered backend nexus: the target answers it as it
-  would on the source); a QEMU started with ``-incoming`` opens its drive
-  with those (``ANSWERED_BEFORE_MOVE``);
+  would on the source), and MODE SENSE (``OWN_NEXUS_BEFORE_MOVE``); a QEMU
+  started with ``-incoming`` opens its drive with those;
 - any other command (media access, PR IN / OUT, RESERVE / RELEASE, anything
   the conflict table could refuse, anything unknown) is held and ``pull()``
   asks for the device; it runs once the device arrived, or, when the pull
@@ -46,10 +46,21 @@ _CHECK = Status.CHECK_CONDITION
 # the source's nexus (SPC-5 6.16).
 NEEDS_NEXUS_ANYWAY = frozenset({Opcode.PERSISTENT_RESERVE_IN})
 
+# Also answered before the move, on this host's own nexus, though the table
+# lets them conflict under the exclusive-access types (READ class): QEMU's
+# iSCSI driver sends MODE SENSE(6) when it opens the drive (the WP and
+# DPOFU bits), so a QEMU started with -incoming would pull the device long
+# before its switchover. Under WE types and no reservation the answer is the
+# source's; under EA types it is RESERVATION CONFLICT, which QEMU takes as
+# "LUN assumed writable". A guest's media access still pulls.
+OWN_NEXUS_BEFORE_MOVE = frozenset({Opcode.MODE_SENSE_6, Opcode.MODE_SENSE_10})
+
 
 def answered_before_move(cdb: bytes | bytearray | memoryview) -> bool:
     """True when ``cdb`` is answered without the guest's nexus."""
-    return bool(cdb) and cdb[0] not in NEEDS_NEXUS_ANYWAY and classify(cdb) is Access.ALWAYS
+    if not cdb or cdb[0] in NEEDS_NEXUS_ANYWAY:
+        return False
+    return cdb[0] in OWN_NEXUS_BEFORE_MOVE or classify(cdb) is Access.ALWAYS
 
 
 NOT_ACCESSIBLE = Result(_CHECK, b"", encode_sense(Sense.LU_NOT_ACCESSIBLE_TRANSITION))

@@ -45,6 +45,7 @@ from .pull import (
     PullNow,
     PullResult,
     PullServer,
+    PullServerState,
     SessionsBack,
     SessionsGone,
     StartMigration,
@@ -237,8 +238,11 @@ class WatchLink(_LinkRunner):
         while not self.machine.finished:
             dev = self.host.devices.get(self.device_name)
             if dev is None:
-                self.feed(Cancel(AbortReason.DEVICE, "the device is gone from this host"))
-                return
+                if self.machine.state is not PullServerState.MIGRATING:  # moved by an operator's migrate
+                    self.feed(Cancel(AbortReason.DEVICE, "the device is gone from this host"))
+                    return
+                await asyncio.sleep(POLL)  # handed over by our migration: its end reports it
+                continue
             any_session = self.host.guest_sessions(self.host.frontend_node(dev.config)) > 0
             if any_session is not last:
                 last = any_session
