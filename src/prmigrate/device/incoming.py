@@ -24,6 +24,7 @@ asked for nothing more).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -170,5 +171,8 @@ class IncomingGate:
         if why is None:  # arrived according to the source, not yet here: a moment later
             why = "the device has not arrived yet"
         self.failures += 1
-        self.dev.log.warning("pull failed (%s): %d command(s) answered NOT READY (04h/0Ah)", why, len(self._waiting))
+        # one line per failure would let a retrying guest flood the log
+        level = logging.WARNING if self.failures == 1 or self.failures % 100 == 0 else logging.DEBUG
+        self.dev.log.log(level, "pull failed (%s, %d so far): %d command(s) answered NOT READY (04h/0Ah)",
+                         why, self.failures, len(self._waiting))
         self._answer_waiting(NOT_ACCESSIBLE)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from ..device.errors import DeviceError
 from .channel import Authenticated, Message, Role
 from .errors import AbortReason
-from .machine import Cancel, ChannelLost, ChannelUp, Connect, Finished, Start
+from .machine import Cancel, ChannelLost, ChannelUp, Connect, Finished, Log, Start
 from .plan import Strategy
 from .pull import (
     Arrived,
@@ -70,8 +70,25 @@ class PullOwner(RunnerOwner, Protocol):
         ...
 
 
+MAX_ERRORS = 20  # a watch lives as long as its device: keep its last errors only
+
+
 class _LinkRunner(Runner):
-    """A runner whose events are ``INCOMING``, not ``MIGRATION``."""
+    """A runner whose events are ``INCOMING``, not ``MIGRATION``; a warning
+    repeated (a guest retrying a pull that keeps failing) is logged once,
+    then at debug level, so the log stays bounded."""
+
+    def _error(self, text: str) -> None:
+        self._do_Log(Log(logging.WARNING, text))
+
+    def _do_Log(self, a: Log) -> None:
+        level = a.level
+        if level >= logging.WARNING:
+            if self.errors and self.errors[-1] == a.text:
+                level = logging.DEBUG
+            else:
+                self.errors = [*self.errors[-(MAX_ERRORS - 1):], a.text]
+        self.log.log(level, "%s", a.text)
 
     def _event(self, final: bool = False) -> dict[str, Any]:
         ev: dict[str, Any] = {"event": "INCOMING", "device": self.device_name, "role": self.role,
