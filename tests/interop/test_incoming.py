@@ -22,7 +22,7 @@ from prmigrate.scsi.constants import Opcode, PrType, Status
 from prmigrate.scsi.sense import decode_sense
 
 from ..tcp_proxy import StoppableProxy
-from .conftest import need
+from .conftest import need, stop
 from .migration_cluster import FRONTEND, GUEST, ProcCluster, cluster, env
 from .test_migration_e2e import KEY, _write10, guest_session, take_reservation
 
@@ -257,6 +257,34 @@ def test_qemu_io_opens_without_a_move_and_its_write_pulls(tmp_path: Path) -> Non
                 (on_b,) = await c.entries_of("hostb")
                 assert on_b.holder and on_b.key == KEY
             finally:
+                await a.close()
+
+        _run(go())
+
+
+def test_an_incoming_device_survives_a_restart_of_its_host(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+
+        async def go() -> None:
+            a = await guest_session(c.frontend_url("hosta"))
+            b = None
+            try:
+                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
+                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
+                assert code == 0, out
+                stop(c.procs["hostb"].proc, timeout=10)
+                c.restart_host("hostb")
+                await c.wait_device("hostb", True)
+                q = (await c.call("hostb", "query-devices"))[0]
+                assert q["incoming-from"] == c.procs["hosta"].migrate_addr  # described again, still incoming
+                assert (await c.entries_of("hosta"))[0].holder
+                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
+                r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
+                assert r.good, r
+                assert await c.entries_of("hosta") == [] and (await c.entries_of("hostb"))[0].holder
+            finally:
+                if b is not None:
+                    await b.close()
                 await a.close()
 
         _run(go())

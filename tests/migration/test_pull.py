@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from prmigrate.host.config import device_from_table
 from prmigrate.host.control import CommandError
 from prmigrate.iscsi.initiator import Session, connect
 from prmigrate.scsi.constants import Opcode, PrOutAction, PrType, Status
@@ -92,6 +93,12 @@ async def test_answers_without_a_move_then_a_write_pulls(tmp_path: Path) -> None
         assert good(await b_session.submit(0, _read10(6, 1), b"", 512))
         q = c.services["hosta"].query("vm1")[0]
         assert q["success"] is True and q["role"] == "source"
+        # the run-time record is now the device as it runs, no longer incoming
+        record = c.daemons["hostb"].runtime["vm1"]
+        assert "incoming-from" not in record
+        dc = device_from_table(record)
+        assert (dc.machine, dc.frontend_iqn, dc.migrate_pr) == (c.config.machine, c.config.frontend_iqn,
+                                                                c.config.migrate_pr)
     finally:
         if b_session is not None:
             await asyncio.wait_for(b_session.close(), 5)
