@@ -23,7 +23,7 @@ from prmigrate.scsi.sense import decode_sense
 
 from ..tcp_proxy import StoppableProxy
 from .conftest import need, stop
-from .migration_cluster import FRONTEND, GUEST, ProcCluster, cluster, env
+from .migration_cluster import FRONTEND, GUEST, INITIATORS, ProcCluster, cluster, env
 from .test_migration_e2e import KEY, _write10, guest_session, take_reservation
 
 pytestmark = pytest.mark.interop
@@ -282,6 +282,39 @@ def test_an_incoming_device_survives_a_restart_of_its_host(tmp_path: Path) -> No
                 r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
                 assert r.good, r
                 assert await c.entries_of("hosta") == [] and (await c.entries_of("hostb"))[0].holder
+            finally:
+                if b is not None:
+                    await b.close()
+                await a.close()
+
+        _run(go())
+
+
+def test_a_refused_takeover_leaves_the_device_on_the_source(tmp_path: Path) -> None:
+    """The target answers B's takeover PREEMPT with RESERVATION CONFLICT: the
+    pulled migration rolls back, A serves its guest on with its reservation,
+    B's held write gets 02/04/0A and the device stays incoming there."""
+    with cluster(tmp_path, refuse_preempt_from=INITIATORS["hostb"]) as c:
+
+        async def go() -> None:
+            a = await guest_session(c.frontend_url("hosta"))
+            b = None
+            try:
+                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
+                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
+                assert code == 0, out
+                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
+                r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
+                assert r.status == Status.CHECK_CONDITION, r
+                s = decode_sense(bytes(r.sense))
+                assert (int(s.key), s.asc, s.ascq) == (0x02, 0x04, 0x0A)
+                assert "refusing PREEMPT" in c.procs["target"].log
+                (on_a,) = await c.entries_of("hosta")
+                assert on_a.holder and on_a.key == KEY
+                assert await c.entries_of("hostb") == []
+                assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
+                q = (await c.call("hostb", "query-devices"))[0]
+                assert "incoming-from" in q
             finally:
                 if b is not None:
                     await b.close()
