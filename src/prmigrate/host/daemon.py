@@ -27,7 +27,8 @@ Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
 ``query-commands``, ``device-verify`` {device}, ``reconcile-pr`` {device?}
 (reconcile one device, or every one, with the backend LUN now),
 ``device-add`` {the ``--device`` keys} and ``device-del`` {device, force?}
-(devices at run time, recorded in ``<state-dir>/devices.json``), ``quit``
+(devices at run time, recorded in ``<state-dir>/devices.json``; with
+``incoming-from=`` an incoming device, ``incoming.py``), ``quit``
 (and QMP's ``qmp_capabilities``; events go to every negotiated client).
 Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
 ``PR_RECONCILED`` (reason, method, changes, unknown, error),
