@@ -181,6 +181,10 @@ def test_a_cancelled_vm_migration_moves_nothing(tmp_path: Path) -> None:
                 assert (await submit_once_past_ua(b, INQUIRY, b"", 96)).good
                 await b.close()  # the destination QEMU is killed
                 res = subprocess.run(
+                    [sys.executable, "-m", "prmigrate.cli", "device", "list", "--host", str(c.procs["hostb"].control)],
+                    capture_output=True, text=True, env=env(), timeout=30)
+                assert f"incoming from {c.procs['hosta'].migrate_addr}" in res.stdout, res.stdout + res.stderr
+                res = subprocess.run(
                     [sys.executable, "-m", "prmigrate.cli", "device", "del", "--host",
                      str(c.procs["hostb"].control), "vm1"],
                     capture_output=True, text=True, env=env(), timeout=30)
