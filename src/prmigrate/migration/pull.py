@@ -262,6 +262,8 @@ class PullClient(MachineBase):
         if self.snapshot is None:
             self._fail(ev.reason)
             self._emit(Log(logging.WARNING, f"incoming {self.device}: the source refused: {ev.detail}"))
+            if self.pending:
+                self._result(False, f"the source refused: {ev.detail}")
             self._emit(Disconnect())
             return C.CLOSED
         return self._lost(now, f"the source refused: {ev.detail}")
