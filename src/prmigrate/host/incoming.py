@@ -94,6 +94,12 @@ async def add_incoming(daemon: IncomingHost, wanted: DeviceConfig) -> Passthroug
         if (source.target_iqn.lower(), source.lun) != (wanted.target_iqn.lower(), wanted.lun):
             raise CommandError("GenericError", f"device {wanted.name}: the source fronts {source.target_iqn} "
                                                f"lun {source.lun}, not {wanted.target_iqn} lun {wanted.lun}")
+        given = {"frontend": (wanted.frontend_iqn, source.frontend_iqn), "migrate-pr": (wanted.migrate_pr, source.migrate_pr),
+                 "guests": (wanted.guests, source.guests)}
+        for key, (mine, theirs) in given.items():
+            if mine is not None and mine != theirs:
+                log.warning("device %s: %s=%s ignored: an incoming device is the source's (%s)", wanted.name, key,
+                            mine, theirs)
         config = replace(source, backend_url=wanted.backend_url, incoming_from=wanted.incoming_from)
         dev = await daemon.add_incoming_device(config, identity)
     except BaseException:
