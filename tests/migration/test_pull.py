@@ -217,3 +217,63 @@ async def test_a_source_without_the_device_refuses_the_add(tmp_path: Path) -> No
         assert "vm9" not in c.daemons["hostb"].devices
     finally:
         await c.close()
+
+
+@run(60)
+async def test_a_push_arrives_into_the_incoming_device(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        guest = await _reserved_guest(c)
+        await _add_incoming(c)
+        b_dev = c.daemons["hostb"].devices["vm1"]
+        q = await c.migrate()  # prmigrate migrate A -> B, as before
+        assert q["success"] is True, q
+        assert c.daemons["hostb"].devices["vm1"] is b_dev  # adopted, not created again
+        assert "vm1" not in c.daemons["hostb"].incoming_devices
+        node = c.daemons["hostb"].target.node("iqn.2026-11.org.prmigrate:vm1")
+        assert node is not None and node.luns[0] is b_dev  # the gate is gone
+        assert _on(c, HOST_A) == [] and _on(c, HOST_B)[0].holder
+        assert good(await guest.submit(0, _write10(6, 1), b"c" * 512))
+    finally:
+        await c.close()
+
+
+@run(60)
+async def test_an_aborted_migration_leaves_the_device_incoming(tmp_path: Path) -> None:
+    """The pushed migration into the incoming device is cancelled before
+    its switchover: the device stays incoming on B, and a later pull moves it."""
+    c = Cluster(tmp_path)
+    await c.start()
+    b_session = None
+    try:
+        await _reserved_guest(c)
+        await _add_incoming(c)
+        runner = c.services["hosta"].migrate("vm1", c.migration_address("hostb"))
+        inc = c.daemons["hostb"].incoming_devices["vm1"]
+        for _ in range(200):  # until B's destination runner took the incoming device
+            if inc.adopted:
+                break
+            await asyncio.sleep(0.002)
+        assert inc.adopted
+        assert runner.cancel()
+        await asyncio.wait_for(asyncio.shield(runner.done), 10)
+        assert not runner.succeeded
+        for _ in range(100):  # B's cleanup releases it
+            if not inc.adopted:
+                break
+            await asyncio.sleep(0.02)
+        assert not inc.adopted and "vm1" in c.daemons["hostb"].incoming_devices
+        assert not c.daemons["hostb"].devices["vm1"].snooper.state.guests  # nothing of the guest's PR state
+        assert _on(c, HOST_A)[0].holder and "vm1" in c.daemons["hosta"].devices
+        b_session = await _second_session(c)
+        r = await b_session.submit(0, TUR, b"", 0)
+        r = await b_session.submit(0, _write10(5, 1), b"b" * 512)
+        if r.status == Status.CHECK_CONDITION:
+            r = await b_session.submit(0, _write10(5, 1), b"b" * 512)
+        assert good(r), r
+        assert _on(c, HOST_A) == [] and _on(c, HOST_B)[0].holder
+    finally:
+        if b_session is not None:
+            await asyncio.wait_for(b_session.close(), 5)
+        await c.close()
