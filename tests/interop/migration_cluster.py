@@ -288,7 +288,8 @@ def cluster(workdir: Path, **kw: Any):  # type: ignore[no-untyped-def]
 # ------------------------------------------------------------ channel proxy
 
 FRAME_TYPES = {0x10: "SETUP", 0x11: "SETUP_OK", 0x12: "STATE", 0x13: "TAKEOVER_DONE",
-               0x14: "RESUME", 0x15: "ROLLBACK", 0x16: "ABORT", 0x17: "ACK"}
+               0x14: "RESUME", 0x15: "ROLLBACK", 0x16: "ABORT", 0x17: "ACK",
+               0x20: "WATCH", 0x21: "DESCRIBED", 0x22: "PULL", 0x23: "PULLED"}
 
 
 class FrameProxy:

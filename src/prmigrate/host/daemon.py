@@ -27,7 +27,8 @@ Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
 ``query-commands``, ``device-verify`` {device}, ``reconcile-pr`` {device?}
 (reconcile one device, or every one, with the backend LUN now),
 ``device-add`` {the ``--device`` keys} and ``device-del`` {device, force?}
-(devices at run time, recorded in ``<state-dir>/devices.json``), ``quit``
+(devices at run time, recorded in ``<state-dir>/devices.json``; with
+``incoming-from=`` an incoming device, ``incoming.py``), ``quit``
 (and QMP's ``qmp_capabilities``; events go to every negotiated client).
 Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
 ``PR_RECONCILED`` (reason, method, changes, unknown, error),
@@ -63,6 +64,7 @@ from ..iscsi.target import IscsiTarget, TargetNode
 from ..lock import DaemonLocks
 from ..logfiles import reopen_log_files
 from ..lun import persist
+from . import incoming
 from .config import HostConfig, HostConfigError, device_from_table
 from .control import CommandError, ControlServer, event_message
 from .eventlog import EventLog
@@ -121,6 +123,8 @@ class HostDaemon:
         # in <state-dir>/devices.json); configured devices are not in it
         self.runtime: dict[str, dict[str, Any]] = {}
         self._devices_lock = asyncio.Lock()
+        # devices added with incoming-from= that have not arrived (incoming.py)
+        self.incoming_devices: dict[str, incoming.Incoming] = {}
         self._reload_lock = asyncio.Lock()
 
     # ------------------------------------------------------------- life
@@ -138,17 +142,25 @@ class HostDaemon:
         configured = {dc.name for dc in self.config.devices}
         runtime_devices = []
         for name, table in self.runtime.items():
-            if name in configured:
+            # a configured device that moved away may be incoming again (incoming.py)
+            if name in configured and not ("incoming-from" in table and self._moved(name) is not None):
                 self.log.warning("device %s is configured and was added at run time: the configuration wins", name)
                 continue
             try:
                 runtime_devices.append(device_from_table(table))
             except HostConfigError as e:
                 self.log.error("device %s added at run time cannot be started: %s", name, e)
-        for dc in list(self.config.devices) + runtime_devices:
+        incoming_now = {dc.name for dc in runtime_devices}
+        for dc in [d for d in self.config.devices if d.name not in incoming_now] + runtime_devices:
             moved = self._moved(dc.name)
-            if moved is not None:
+            if moved is not None and dc.incoming_from is None:
                 self._publish_redirect(dc, moved)
+                continue
+            if dc.incoming_from is not None:
+                try:
+                    await incoming.add_incoming(self, dc)
+                except CommandError as e:
+                    self.log.error("incoming device %s cannot be started: %s", dc.name, e.desc)
                 continue
             await self.add_device(dc)
         for host, port in self.config.listen:
@@ -350,7 +362,9 @@ class HostDaemon:
         node = self.target.node(node_name)
         if node is None:
             acl = set(dev.config.guests) if dev.config.guests is not None else None
-            node = TargetNode(node_name, {0: dev}, acl, alias=f"{self.name}/{name}")
+            inc = self.incoming_devices.get(name)
+            lu = dev if inc is None else inc.gate
+            node = TargetNode(node_name, {0: lu}, acl, alias=f"{self.name}/{name}")
             self.target.add_node(node)
             dev.log.info(
                 "guest frontend %s (LUN 0) -> backend %s lun %d, migrate-pr %s, identity %s",
@@ -371,6 +385,7 @@ class HostDaemon:
         """Withdraw the frontend node, close the backend sessions; with
         ``forget_state`` also delete the journal (the device moved away)."""
         dev = self.get_device(name)
+        incoming.close(self, name)
         self.target.remove_node(frontend_iqn(dev.config))
         del self.devices[name]
         await dev.close()
@@ -441,17 +456,23 @@ class HostDaemon:
             except HostConfigError as e:
                 raise CommandError("GenericError", str(e)) from e
         async with self._devices_lock:
-            if dc.name in self.devices or dc.name in self.moved:
+            # an incoming device may replace the redirect of a device that moved away
+            moved = dc.name in self.moved and dc.incoming_from is None
+            if dc.name in self.devices or moved:
                 raise CommandError("GenericError", f"device {dc.name!r} exists")
-            if any(d.name == dc.name for d in self.config.devices) and record:
+            moved_away = dc.name not in self.devices and (
+                dc.name in self.moved or self._moved(dc.name) is not None or bool(self.node_redirects(frontend_iqn(dc))))
+            if any(d.name == dc.name for d in self.config.devices) and record and not (
+                    dc.incoming_from and moved_away):  # coming back to where it is configured
                 raise CommandError("GenericError", f"device {dc.name!r} is in the configuration")
-            if self.target.node(frontend_iqn(dc)) is not None:
+            if self.node_redirects(frontend_iqn(dc)) is False or (
+                    dc.incoming_from is None and self.target.node(frontend_iqn(dc)) is not None):
                 raise CommandError("GenericError", f"target node {frontend_iqn(dc)} is in use")
             if record:
                 assert isinstance(table, dict)
                 self._save_runtime({**self.runtime, dc.name: dict(table)})
             try:
-                dev = await self.add_device(dc)
+                dev = await (incoming.add_incoming(self, dc) if dc.incoming_from else self.add_device(dc))
             except BaseException as e:
                 if record:
                     try:
@@ -574,7 +595,22 @@ class HostDaemon:
             if redirect is not None:
                 self.target.add_node(redirect)
 
+    def adopt_incoming(self, config: DeviceConfig) -> PassthroughDevice | None:
+        return incoming.adopt(self, config)
+
+    def release_incoming(self, dev: PassthroughDevice) -> None:
+        incoming.release(self, dev)
+
+    def serve_incoming(self, name: str) -> None:
+        """Publish an incoming device's node (its gate as LUN 0), replacing a redirect."""
+        node_name = frontend_iqn(self.get_device(name).config)
+        if self.node_redirects(node_name):
+            self.target.remove_node(node_name)
+        self.expose(name)
+
     def serve(self, name: str) -> None:
+        if incoming.arrive(self, name):
+            return
         node_name = frontend_iqn(self.get_device(name).config)
         if self.node_redirects(node_name):
             self.target.remove_node(node_name)
@@ -677,6 +713,8 @@ class HostDaemon:
                 "resolved": resolve_machine(dev.config.machine).name,
             }
             d["added-at-run-time"] = name in self.runtime
+            if name in self.incoming_devices:  # not arrived yet (incoming.py)
+                d["incoming-from"] = dev.config.incoming_from
             out.append(d)
         if "device" in args and not out:
             raise CommandError("DeviceNotFound", f"device {args['device']!r} not found")
