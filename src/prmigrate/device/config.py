@@ -26,7 +26,13 @@ Rules of the syntax:
   is read as the frontend node name (the host daemon's documented form
   ``backend=iscsi://h/iqn.x:shared/0,target=iqn.x:vm1``); ``target`` and
   ``frontend`` together are then an error. Absent: the host daemon's default
-  (``prmigrate.host.daemon.default_frontend_iqn``).
+  (``prmigrate.host.daemon.default_frontend_iqn``);
+* ``incoming-from`` (``HOST:PORT``, the migration listener of the host
+  daemon serving the device now) makes the device *incoming*: its
+  config and identity come from that host, and it moves here on the
+  first command that needs the guest's nexus (``migration/pull.py``).
+  It is a property of this host's device only: the migration stream
+  never carries it.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class DeviceConfig:
     identity: IdentityMode = IdentityMode.GUEST
     lun: int = 0
     frontend_iqn: str | None = None  # guest-facing target node; None = the daemon's default
+    incoming_from: str | None = None  # HOST:PORT of the source's migration listener (not in the stream)
 
     def __post_init__(self) -> None:
         if (
@@ -99,6 +106,10 @@ class DeviceConfig:
             if not guests or any(not g or "+" in g or "," in g for g in guests):
                 raise ConfigError(f"invalid guest list {sorted(self.guests)!r}")
             object.__setattr__(self, "guests", guests)
+        if self.incoming_from is not None:
+            host, sep, port = self.incoming_from.rpartition(":")
+            if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"incoming-from {self.incoming_from!r} is not HOST:PORT")
 
     @property
     def effective_migrate_pr(self) -> bool:
@@ -126,6 +137,8 @@ class DeviceConfig:
         items.append(("identity", str(self.identity)))
         if self.frontend_iqn is not None:
             items.append(("frontend", self.frontend_iqn))
+        if self.incoming_from is not None:
+            items.append(("incoming-from", self.incoming_from))
         return ",".join(f"{k}={v.replace(',', ',,')}" for k, v in items)
 
     # -- the migration stream
@@ -188,7 +201,7 @@ def _str(d: dict[str, object], key: str, default: str | None = None) -> str:
 
 _KEYS = frozenset(
     {"name", "backend", "backend-target", "target", "lun", "machine", "migrate-pr", "guests",
-     "identity", "frontend"}
+     "identity", "frontend", "incoming-from"}
 )
 
 
@@ -280,4 +293,5 @@ def parse_device_spec(spec: str) -> DeviceConfig:
         identity=IdentityMode(identity),
         lun=lun,
         frontend_iqn=frontend,
+        incoming_from=seen.get("incoming-from") or None,
     )

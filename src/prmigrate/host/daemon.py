@@ -63,6 +63,7 @@ from ..iscsi.target import IscsiTarget, TargetNode
 from ..lock import DaemonLocks
 from ..logfiles import reopen_log_files
 from ..lun import persist
+from . import incoming
 from .config import HostConfig, HostConfigError, device_from_table
 from .control import CommandError, ControlServer, event_message
 from .eventlog import EventLog
@@ -118,6 +119,8 @@ class HostDaemon:
         # in <state-dir>/devices.json); configured devices are not in it
         self.runtime: dict[str, dict[str, Any]] = {}
         self._devices_lock = asyncio.Lock()
+        # devices added with incoming-from= that have not arrived (incoming.py)
+        self.incoming_devices: dict[str, incoming.Incoming] = {}
         self._reload_lock = asyncio.Lock()
 
     # ------------------------------------------------------------- life
@@ -144,8 +147,14 @@ class HostDaemon:
                 self.log.error("device %s added at run time cannot be started: %s", name, e)
         for dc in list(self.config.devices) + runtime_devices:
             moved = self._moved(dc.name)
-            if moved is not None:
+            if moved is not None and dc.incoming_from is None:
                 self._publish_redirect(dc, moved)
+                continue
+            if dc.incoming_from is not None:
+                try:
+                    await incoming.add_incoming(self, dc)
+                except CommandError as e:
+                    self.log.error("incoming device %s cannot be started: %s", dc.name, e.desc)
                 continue
             await self.add_device(dc)
         for host, port in self.config.listen:
@@ -294,7 +303,9 @@ class HostDaemon:
         node = self.target.node(node_name)
         if node is None:
             acl = set(dev.config.guests) if dev.config.guests is not None else None
-            node = TargetNode(node_name, {0: dev}, acl, alias=f"{self.name}/{name}")
+            inc = self.incoming_devices.get(name)
+            lu = dev if inc is None else inc.gate
+            node = TargetNode(node_name, {0: lu}, acl, alias=f"{self.name}/{name}")
             self.target.add_node(node)
             dev.log.info(
                 "guest frontend %s (LUN 0) -> backend %s lun %d, migrate-pr %s, identity %s",
@@ -315,6 +326,7 @@ class HostDaemon:
         """Withdraw the frontend node, close the backend sessions; with
         ``forget_state`` also delete the journal (the device moved away)."""
         dev = self.get_device(name)
+        incoming.close(self, name)
         self.target.remove_node(frontend_iqn(dev.config))
         del self.devices[name]
         await dev.close()
@@ -385,17 +397,20 @@ class HostDaemon:
             except HostConfigError as e:
                 raise CommandError("GenericError", str(e)) from e
         async with self._devices_lock:
-            if dc.name in self.devices or dc.name in self.moved:
+            # an incoming device may replace the redirect of a device that moved away
+            moved = dc.name in self.moved and dc.incoming_from is None
+            if dc.name in self.devices or moved:
                 raise CommandError("GenericError", f"device {dc.name!r} exists")
             if any(d.name == dc.name for d in self.config.devices) and record:
                 raise CommandError("GenericError", f"device {dc.name!r} is in the configuration")
-            if self.target.node(frontend_iqn(dc)) is not None:
+            if self.node_redirects(frontend_iqn(dc)) is False or (
+                    dc.incoming_from is None and self.target.node(frontend_iqn(dc)) is not None):
                 raise CommandError("GenericError", f"target node {frontend_iqn(dc)} is in use")
             if record:
                 assert isinstance(table, dict)
                 self._save_runtime({**self.runtime, dc.name: dict(table)})
             try:
-                dev = await self.add_device(dc)
+                dev = await (incoming.add_incoming(self, dc) if dc.incoming_from else self.add_device(dc))
             except BaseException as e:
                 if record:
                     try:
@@ -518,7 +533,22 @@ class HostDaemon:
             if redirect is not None:
                 self.target.add_node(redirect)
 
+    def adopt_incoming(self, config: DeviceConfig) -> PassthroughDevice | None:
+        return incoming.adopt(self, config)
+
+    def release_incoming(self, dev: PassthroughDevice) -> None:
+        incoming.release(self, dev)
+
+    def serve_incoming(self, name: str) -> None:
+        """Publish an incoming device's node (its gate as LUN 0), replacing a redirect."""
+        node_name = frontend_iqn(self.get_device(name).config)
+        if self.node_redirects(node_name):
+            self.target.remove_node(node_name)
+        self.expose(name)
+
     def serve(self, name: str) -> None:
+        if incoming.arrive(self, name):
+            return
         node_name = frontend_iqn(self.get_device(name).config)
         if self.node_redirects(node_name):
             self.target.remove_node(node_name)
@@ -621,6 +651,8 @@ class HostDaemon:
                 "resolved": resolve_machine(dev.config.machine).name,
             }
             d["added-at-run-time"] = name in self.runtime
+            if name in self.incoming_devices:  # not arrived yet (incoming.py)
+                d["incoming-from"] = dev.config.incoming_from
             out.append(d)
         if "device" in args and not out:
             raise CommandError("DeviceNotFound", f"device {args['device']!r} not found")

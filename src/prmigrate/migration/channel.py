@@ -86,6 +86,12 @@ class MsgType(IntEnum):
     ROLLBACK = 0x15
     ABORT = 0x16
     ACK = 0x17
+    # an incoming device (pull.py): destination -> source WATCH, PULL;
+    # source -> destination DESCRIBED, PULLED (a refusal is an ABORT)
+    WATCH = 0x20
+    DESCRIBED = 0x21
+    PULL = 0x22
+    PULLED = 0x23
 
 
 _HANDSHAKE_TYPES = {MsgType.HELLO, MsgType.CHALLENGE, MsgType.AUTH}
@@ -286,12 +292,80 @@ class Ack(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Watch(Message):
+    """Destination -> source, on a channel the destination opened: an
+    incoming device waits here for ``device``; ``to`` is the destination's
+    migration listener (HOST:PORT), where the source migrates it to."""
+
+    TYPE: ClassVar[MsgType] = MsgType.WATCH
+    device: str
+    to: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"device": self.device, "to": self.to}
+
+    @classmethod
+    def from_fields(cls, f: Mapping[str, Any], blob: bytes) -> Watch:
+        ok = set(f) == {"device", "to"} and all(isinstance(f[k], str) and 0 < len(f[k]) <= 255 for k in f)
+        _check(ok and not blob, "WATCH: bad fields")
+        return cls(f["device"], f["to"])
+
+
+@dataclass(frozen=True, slots=True)
+class Described(Message):
+    """Source -> destination: the device as the guest sees it on the source
+    (a state stream of one device, its config and identity; the destination
+    ignores its PR section until a migration carries it)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.DESCRIBED
+    stream: bytes
+
+    @property
+    def blob(self) -> bytes:
+        return self.stream
+
+    @classmethod
+    def from_fields(cls, f: Mapping[str, Any], blob: bytes) -> Described:
+        _check(not f and bool(blob), "DESCRIBED: bad payload")
+        return cls(blob)
+
+
+@dataclass(frozen=True, slots=True)
+class Pull(Message):
+    """Destination -> source: a guest command needs the device here; migrate
+    it to the watching destination now (as a pushed ``migrate``)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PULL
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled(Message):
+    """Source -> destination: the migration a PULL (or the source's own
+    handover) started has ended; ``success``: the destination serves the
+    device now."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PULLED
+    success: bool = False
+    detail: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        return {"success": self.success, "detail": self.detail[:512]}
+
+    @classmethod
+    def from_fields(cls, f: Mapping[str, Any], blob: bytes) -> Pulled:
+        ok = set(f) == {"success", "detail"} and isinstance(f["success"], bool) and isinstance(f["detail"], str)
+        _check(ok and not blob, "PULLED: bad fields")
+        return cls(f["success"], f["detail"])
+
+
+@dataclass(frozen=True, slots=True)
 class AuthOk(Message):
     TYPE: ClassVar[MsgType] = MsgType.AUTH_OK
 
 
 MESSAGES: dict[MsgType, type[Message]] = {
-    m.TYPE: m for m in (AuthOk, Setup, SetupOk, State, TakeoverDone, Resume, Rollback, Abort, Ack)
+    m.TYPE: m for m in (AuthOk, Setup, SetupOk, State, TakeoverDone, Resume, Rollback, Abort, Ack,
+                        Watch, Described, Pull, Pulled)
 }
 
 

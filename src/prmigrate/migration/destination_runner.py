@@ -68,6 +68,7 @@ class DestinationRunner(Runner):
         self.source_initiator: str | None = None
         self._creating: asyncio.Task[Any] | None = None
         self._created = False
+        self._adopted: PassthroughDevice | None = None  # an incoming device it arrives into
         self.log = logging.LoggerAdapter(log, {"migration": f"incoming from {link_peer}"})
 
     @property
@@ -101,21 +102,26 @@ class DestinationRunner(Runner):
             self.feed(DeviceFailed(str(e)))
             return
         host = self.host
-        if cfg.name in host.devices:
+        adopted = host.adopt_incoming(cfg) if cfg.name in host.devices else None
+        if adopted is not None:
+            # an incoming device waits for it here (incoming-from=, pull.py):
+            # the migration arrives into it; an abort leaves it incoming
+            dev = self._adopted = adopted
+        elif cfg.name in host.devices:
             self.feed(DeviceFailed(f"device {cfg.name!r} already exists on this host"))
             return
-        node_name = host.frontend_node(cfg)
-        if host.node_redirects(node_name) is False:
-            self.feed(DeviceFailed(f"target node {node_name} is in use on this host"))
+        elif host.node_redirects(host.frontend_node(cfg)) is False:
+            self.feed(DeviceFailed(f"target node {host.frontend_node(cfg)} is in use on this host"))
             return
-        # A node that redirects (the device moved away from here earlier)
-        # stays in place until this host serves the guest again.
-        try:
-            dev = await host.add_incoming_device(cfg, ident)
-        except Exception as e:
-            self.feed(DeviceFailed(f"cannot create device: {e}"))
-            return
-        self._created = True
+        else:
+            # A node that redirects (the device moved away from here earlier)
+            # stays in place until this host serves the guest again.
+            try:
+                dev = await host.add_incoming_device(cfg, ident)
+            except Exception as e:
+                self.feed(DeviceFailed(f"cannot create device: {e}"))
+                return
+            self._created = True
         try:
             guests = sorted(snap.pr.guests)
             for g in guests:
@@ -221,7 +227,9 @@ class DestinationRunner(Runner):
             with contextlib.suppress(BaseException):
                 await self._creating
         dev = self.device()
-        if dev is not None and self._created:
+        if dev is not None and self._adopted is dev:
+            self.host.release_incoming(dev)
+        elif dev is not None and self._created:
             await self.host.drop_device(dev)
 
     def _do_HandOverGuest(self, a: HandOverGuest) -> None:  # pragma: no cover - source only

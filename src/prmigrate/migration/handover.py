@@ -65,6 +65,16 @@ class Handover(Protocol):
         redirect node of the same name stays in place."""
         ...
 
+    def adopt_incoming(self, config: DeviceConfig) -> PassthroughDevice | None:
+        """The incoming device (``incoming-from=``, ``pull.py``) a migration
+        of ``config`` arrives into, marked as taken; None when there is none."""
+        ...
+
+    def release_incoming(self, dev: PassthroughDevice) -> None:
+        """The migration into an adopted incoming device was aborted: it
+        stays incoming, with no PR state of the guest."""
+        ...
+
     def serve(self, name: str) -> None:
         """Publish the device's frontend node, replacing a redirect."""
         ...

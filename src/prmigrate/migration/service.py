@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..device.errors import DeviceError
 from ..device.state import DevicePrState
-from .channel import Authenticated, Message, Role
+from .channel import Authenticated, Message, Role, Watch
 from .destination_runner import DestinationRunner
 from .handover import Handover
 from .machine import Timeouts
 from .marker import MigrationMarker
 from .plan import Strategy, fence_ops, rollback_plan
 from .pr_ops import issue_ops
+from .pull_runner import IncomingLink, WatchLink
 from .runner import Runner, log
 from .source_runner import SourceRunner
 from .stream import DeviceSnapshot
@@ -91,6 +92,9 @@ class MigrationService:
         self._server: asyncio.base_events.Server | None = None
         self._links: set[ChannelLink] = set()
         self._interrupted: dict[str, dict[str, Any]] = {}
+        # incoming devices (pull.py): ours waiting here, and destinations watching ours
+        self.incoming_links: dict[str, IncomingLink] = {}
+        self.watches: set[WatchLink] = set()
         self._recovering: set[asyncio.Task[Any]] = set()
 
     # -- identities carried by the handshake
@@ -121,14 +125,25 @@ class MigrationService:
         runner = DestinationRunner(self, peer_s, self.timeouts)
         chan = new_channel(Role.SERVER, self.secret, self.server_id())
         authenticated = False
+        watch: WatchLink | None = None
+        first = True
 
         def on_event(ev: Authenticated | Message) -> None:
-            nonlocal authenticated
+            nonlocal authenticated, watch, first
             if isinstance(ev, Authenticated):
                 authenticated = True
                 runner.on_authenticated(ev.peer_id)
                 self.incoming.add(runner)
                 log.info("migration channel from %s (%s) authenticated", peer_s, ev.peer_id)
+                return
+            if first and isinstance(ev, Watch):  # a destination waiting for a device of ours
+                self.incoming.discard(runner)
+                watch = WatchLink(self, link, runner.peer)
+                self.watches.add(watch)
+                watch.done.add_done_callback(lambda _: self.watches.discard(watch))  # type: ignore[arg-type]
+            first = False
+            if watch is not None:
+                watch.on_message(ev)
                 return
             runner.feed(ev)
 
@@ -138,12 +153,40 @@ class MigrationService:
                 log.warning("migration peer %s refused: %s", peer_s, detail)
                 self.host.emit({"event": "MIGRATION_REFUSED", "peer": peer_s, "reason": detail})
                 return
+            if watch is not None:
+                watch.on_lost(detail, error)
+                return
             runner._on_lost(detail, error)
 
         link = ChannelLink(reader, writer, chan, on_event, on_lost)
         runner.link = link
         self._links.add(link)
         link.start()
+
+    # -- incoming devices (pull.py)
+    def watch(self, device: str, source: tuple[str, int]) -> IncomingLink:
+        """Start waiting for ``device`` served by the host whose migration
+        listener is ``source``: the link asks for its description at once
+        (``await link.described()``) and pulls it on ``link.pull()``."""
+        if not self.secret:
+            raise ServiceError("GenericError", "incoming devices need a cluster secret (--secret-file)")
+        if not self.listening:
+            raise ServiceError("GenericError", "incoming devices need a migration listener (--migrate-listen)")
+        current = self.incoming_links.get(device)
+        if current is not None and current.finished is None:
+            raise ServiceError("GenericError", f"device {device!r} is already incoming")
+        host, port = self.listening[0][:2]
+        # a wildcard listener: the address of the connection to the source
+        to = f":{port}" if host in ("0.0.0.0", "::", "") else f"{host}:{port}"
+        link = IncomingLink(self, device, source, to)
+        self.incoming_links[device] = link
+        link.done.add_done_callback(lambda _: self._incoming_link_done(device, link))
+        link.start()
+        return link
+
+    def _incoming_link_done(self, device: str, link: IncomingLink) -> None:
+        if self.incoming_links.get(device) is link:
+            del self.incoming_links[device]
 
     # -- a source killed in the middle of a migration, started again
     def recover_interrupted(self) -> list[str]:
@@ -275,6 +318,8 @@ class MigrationService:
             self._server.close()
         for runner in list(self.runners.values()) + list(self.incoming):
             await runner.close()
+        for lr in list(self.incoming_links.values()) + list(self.watches):
+            await lr.close()
         for link in list(self._links):
             link.close()
         if self._server is not None:

@@ -52,6 +52,9 @@ class Sense(Enum):
     REPORTED_LUNS_DATA_HAS_CHANGED = (SenseKey.UNIT_ATTENTION, 0x3F, 0x0E)
     # NOT READY
     LU_NOT_READY_INIT_REQUIRED = (SenseKey.NOT_READY, 0x04, 0x02)
+    # LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION (SPC-5
+    # 5.16.2.6): retried by initiators; an incoming device whose pull failed
+    LU_NOT_ACCESSIBLE_TRANSITION = (SenseKey.NOT_READY, 0x04, 0x0A)
     # A PR OUT whose APTPL state could not be saved (not applied); LIO's answer
     # for the same fault (TCM_LOGICAL_UNIT_COMMUNICATION_FAILURE)
     LOGICAL_UNIT_COMMUNICATION_FAILURE = (SenseKey.NOT_READY, 0x08, 0x00)
