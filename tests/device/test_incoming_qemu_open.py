@@ -51,7 +51,7 @@ async def test_mode_sense_and_read_under_write_exclusive_are_answered_without_a_
 
 
 @run(60)
-async def test_mode_sense_under_exclusive_access_pulls_the_device(tmp_path: Path) -> None:
+async def test_under_exclusive_access_a_read_pulls_the_device(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
     await c.start()
     b_session = None
@@ -60,7 +60,10 @@ async def test_mode_sense_under_exclusive_access_pulls_the_device(tmp_path: Path
         await _add_incoming(c)
         b_session = await _second_session(c)
         r = await _mode_sense(b_session)
-        assert good(r), r  # answered on the guest's nexus, after the pull
+        assert r.status == Status.RESERVATION_CONFLICT, r  # type: ignore[attr-defined]
+        assert _on(c, HOST_B) == []  # nothing moved
+        r = await b_session.submit(0, READ_LBA0, b"", 512)
+        assert good(r), r  # refused on B's own nexus: held, pulled, then run on the guest's
         assert _on(c, HOST_A) == []
         (b,) = _on(c, HOST_B)
         assert b.holder and b.key == KEY and int(b.rtype) == PrType.EXCLUSIVE_ACCESS

@@ -12,7 +12,10 @@ from prmigrate.migration.channel import (
     Authenticated,
     Channel,
     ChannelState,
+    Described,
     MsgType,
+    Pull,
+    Pulled,
     Resume,
     Role,
     Rollback,
@@ -20,6 +23,7 @@ from prmigrate.migration.channel import (
     SetupOk,
     State,
     TakeoverDone,
+    Watch,
     decode_payload,
     encode_payload,
 )
@@ -61,6 +65,11 @@ MESSAGES = [
     Abort(AbortReason.PR_TAKEOVER, "conflict", preempted=True),
     Ack(MsgType.RESUME),
     Ack(MsgType.ROLLBACK, preempted=True),
+    Watch("vm1", "127.0.0.3:4444"),
+    Described(b"PRMS..."),
+    Pull(),
+    Pulled(True, ""),
+    Pulled(False, "destination unreachable"),
 ]
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from prmigrate.host.config import device_from_table
 from prmigrate.host.control import CommandError
 from prmigrate.iscsi.initiator import Session, connect
 from prmigrate.scsi.constants import Opcode, PrOutAction, PrType, Status
 from prmigrate.scsi.pr import pr_out_params
 from prmigrate.scsi.sense import decode_sense
 
+from ..tcp_proxy import StoppableProxy
 from .service_rig import GUEST, HOST_A, HOST_B, Cluster, good, run
 
 KEY = 0x1122334455667788
@@ -91,6 +93,12 @@ async def test_answers_without_a_move_then_a_write_pulls(tmp_path: Path) -> None
         assert good(await b_session.submit(0, _read10(6, 1), b"", 512))
         q = c.services["hosta"].query("vm1")[0]
         assert q["success"] is True and q["role"] == "source"
+        # the run-time record is now the device as it runs, no longer incoming
+        record = c.daemons["hostb"].runtime["vm1"]
+        assert "incoming-from" not in record
+        dc = device_from_table(record)
+        assert (dc.machine, dc.frontend_iqn, dc.migrate_pr) == (c.config.machine, c.config.frontend_iqn,
+                                                                c.config.migrate_pr)
     finally:
         if b_session is not None:
             await asyncio.wait_for(b_session.close(), 5)
@@ -101,7 +109,7 @@ async def test_answers_without_a_move_then_a_write_pulls(tmp_path: Path) -> None
 async def test_a_failed_pull_answers_not_ready_and_a_later_one_moves(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
     await c.start()
-    proxy = _Proxy(c.migration_address("hosta"))
+    proxy = StoppableProxy(c.migration_address("hosta"))
     await proxy.start()
     b_session = None
     try:
@@ -209,44 +217,3 @@ async def test_a_source_without_the_device_refuses_the_add(tmp_path: Path) -> No
         assert "vm9" not in c.daemons["hostb"].devices
     finally:
         await c.close()
-
-
-class _Proxy:
-    """A TCP forwarder that can be stopped (the source's listener unreachable)."""
-
-    def __init__(self, to: tuple[str, int]) -> None:
-        self.to = to
-        self.port = 0
-        self._server: asyncio.base_events.Server | None = None
-        self._conns: set[asyncio.StreamWriter] = set()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in list(self._conns):
-            w.transport.abort()
-        self._conns.clear()
-
-    async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        r2, w2 = await asyncio.open_connection(*self.to)
-        self._conns |= {w, w2}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
-
-        await asyncio.gather(pipe(r, w2), pipe(r2, w))

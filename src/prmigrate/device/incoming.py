@@ -8,8 +8,8 @@ device arrives (``arrive()``) the node's LUN is an ``IncomingGate``:
 - a command that any nexus may send under every reservation type, and that
   reads nothing of the guest's PR state, goes to the device as usual (on
   this host's own, unregistered backend nexus: the target answers it as it
-  would on the source); a QEMU started with ``-incoming`` opens its drive
-  with those (``ANSWERED_BEFORE_MOVE``);
+  would on the source), and MODE SENSE (``OWN_NEXUS_BEFORE_MOVE``); a QEMU
+  started with ``-incoming`` opens its drive with those;
 - any other command (media access, PR IN / OUT, RESERVE / RELEASE, anything
   the conflict table could refuse, anything unknown) is held and ``pull()``
   asks for the device; it runs once the device arrived, or, when the pull
@@ -24,6 +24,7 @@ asked for nothing more).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,16 +47,26 @@ _CHECK = Status.CHECK_CONDITION
 # the source's nexus (SPC-5 6.16).
 NEEDS_NEXUS_ANYWAY = frozenset({Opcode.PERSISTENT_RESERVE_IN})
 
+# Also answered before the move, on this host's own nexus, though the table
+# lets them conflict under the exclusive-access types (READ class): QEMU's
+# iSCSI driver sends MODE SENSE(6) when it opens the drive (the WP and
+# DPOFU bits), so a QEMU started with -incoming would pull the device long
+# before its switchover. Under WE types and no reservation the answer is the
+# source's; under EA types it is RESERVATION CONFLICT, which QEMU takes as
+# "LUN assumed writable". A guest's media access still pulls.
+OWN_NEXUS_BEFORE_MOVE = frozenset({Opcode.MODE_SENSE_6, Opcode.MODE_SENSE_10})
 
-# The READ class of the conflict table (READs, MODE SENSE, ...: SPC-5
-# table 60, SBC-4 table 13 allow them to a non-registrant under the Write
-# Exclusive types and answer RESERVATION CONFLICT under the Exclusive
-# Access types): before the move they are tried on this host's own
-# nexus; a RESERVATION CONFLICT from the target means they need the
+
+# The rest of the READ class of the conflict table (READ(6/10/12/16),
+# ...: SPC-5 table 60, SBC-4 table 13 allow them to a non-registrant under
+# the Write Exclusive types and answer RESERVATION CONFLICT under the
+# Exclusive Access types): before the move they are tried on this host's
+# own nexus; a RESERVATION CONFLICT from the target means they need the
 # guest's nexus after all, and they are held and pull like the rest. A
-# QEMU started with -incoming sends such commands when it opens its drive
-# (MODE SENSE(6) of all pages, block/iscsi.c iscsi_modesense_sync; a READ
-# of LBA 0): it must not pull the device before the VM's switchover.
+# QEMU started with -incoming and a scsi-block device on the drive also
+# READs LBA 0 when it starts: under the WE types that must not pull the
+# device before the VM's switchover (a cancelled migration would leave it
+# on the destination).
 
 
 def tried_before_move(cdb: bytes | bytearray | memoryview) -> bool:
@@ -64,7 +75,9 @@ def tried_before_move(cdb: bytes | bytearray | memoryview) -> bool:
 
 def answered_before_move(cdb: bytes | bytearray | memoryview) -> bool:
     """True when ``cdb`` is answered without the guest's nexus."""
-    return bool(cdb) and cdb[0] not in NEEDS_NEXUS_ANYWAY and classify(cdb) is Access.ALWAYS
+    if not cdb or cdb[0] in NEEDS_NEXUS_ANYWAY:
+        return False
+    return cdb[0] in OWN_NEXUS_BEFORE_MOVE or classify(cdb) is Access.ALWAYS
 
 
 NOT_ACCESSIBLE = Result(_CHECK, b"", encode_sense(Sense.LU_NOT_ACCESSIBLE_TRANSITION))
@@ -192,5 +205,8 @@ class IncomingGate:
         if why is None:  # arrived according to the source, not yet here: a moment later
             why = "the device has not arrived yet"
         self.failures += 1
-        self.dev.log.warning("pull failed (%s): %d command(s) answered NOT READY (04h/0Ah)", why, len(self._waiting))
+        # one line per failure would let a retrying guest flood the log
+        level = logging.WARNING if self.failures == 1 or self.failures % 100 == 0 else logging.DEBUG
+        self.dev.log.log(level, "pull failed (%s, %d so far): %d command(s) answered NOT READY (04h/0Ah)",
+                         why, self.failures, len(self._waiting))
         self._answer_waiting(NOT_ACCESSIBLE)

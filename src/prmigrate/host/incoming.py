@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..device.config import DeviceConfig
+from ..device.config import DeviceConfig, split_spec
 from ..device.incoming import IncomingGate
 from ..device.state import DevicePrState
 from .control import CommandError
@@ -141,7 +141,9 @@ def arrive(daemon: IncomingHost, name: str) -> bool:
     inc.link.arrived()
     record: dict[str, Any] | None = daemon.runtime.get(name)
     if record is not None and "incoming-from" in record:
-        rest = {k: v for k, v in record.items() if k != "incoming-from"}
+        # from now on the device as it runs (the source's machine type,
+        # frontend node, guests...), no longer incoming, after a restart too
+        rest: dict[str, Any] = dict(split_spec(replace(dev.config, incoming_from=None).to_spec()))
         try:
             daemon._save_runtime({**daemon.runtime, name: rest})
             daemon.runtime[name] = rest

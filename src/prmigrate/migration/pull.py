@@ -159,7 +159,7 @@ PULL_CLIENT_TABLE = table(
     {
         (C.IDLE, Start): C.CONNECTING,
         (C.CONNECTING, ChannelUp): C.WATCHING,
-        (C.WATCHING, Described): (C.WAITING, C.PULLING, C.DISCONNECTED),
+        (C.WATCHING, Described): (C.WAITING, C.PULLING, C.DISCONNECTED, C.CLOSED),  # refused: bad or another device
         (C.WAITING, PullNow): C.PULLING,
         (C.PULLING, PullNow): C.PULLING,  # one pull answers every held command
         (C.CONNECTING, PullNow): C.CONNECTING,  # pulled once described

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from ..device.errors import DeviceError
 from .channel import Authenticated, Message, Role
 from .errors import AbortReason
-from .machine import Cancel, ChannelLost, ChannelUp, Connect, Finished, Start
+from .machine import Cancel, ChannelLost, ChannelUp, Connect, Finished, Log, Start
 from .plan import Strategy
 from .pull import (
     Arrived,
@@ -45,6 +45,7 @@ from .pull import (
     PullNow,
     PullResult,
     PullServer,
+    PullServerState,
     SessionsBack,
     SessionsGone,
     StartMigration,
@@ -69,8 +70,25 @@ class PullOwner(RunnerOwner, Protocol):
         ...
 
 
+MAX_ERRORS = 20  # a watch lives as long as its device: keep its last errors only
+
+
 class _LinkRunner(Runner):
-    """A runner whose events are ``INCOMING``, not ``MIGRATION``."""
+    """A runner whose events are ``INCOMING``, not ``MIGRATION``; a warning
+    repeated (a guest retrying a pull that keeps failing) is logged once,
+    then at debug level, so the log stays bounded."""
+
+    def _error(self, text: str) -> None:
+        self._do_Log(Log(logging.WARNING, text))
+
+    def _do_Log(self, a: Log) -> None:
+        level = a.level
+        if level >= logging.WARNING:
+            if self.errors and self.errors[-1] == a.text:
+                level = logging.DEBUG
+            else:
+                self.errors = [*self.errors[-(MAX_ERRORS - 1):], a.text]
+        self.log.log(level, "%s", a.text)
 
     def _event(self, final: bool = False) -> dict[str, Any]:
         ev: dict[str, Any] = {"event": "INCOMING", "device": self.device_name, "role": self.role,
@@ -237,8 +255,11 @@ class WatchLink(_LinkRunner):
         while not self.machine.finished:
             dev = self.host.devices.get(self.device_name)
             if dev is None:
-                self.feed(Cancel(AbortReason.DEVICE, "the device is gone from this host"))
-                return
+                if self.machine.state is not PullServerState.MIGRATING:  # moved by an operator's migrate
+                    self.feed(Cancel(AbortReason.DEVICE, "the device is gone from this host"))
+                    return
+                await asyncio.sleep(POLL)  # handed over by our migration: its end reports it
+                continue
             any_session = self.host.guest_sessions(self.host.frontend_node(dev.config)) > 0
             if any_session is not last:
                 last = any_session
