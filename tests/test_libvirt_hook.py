@@ -159,3 +159,46 @@ def test_no_configuration_file_prepares_nothing(tmp_path: Path) -> None:
     p, calls = run_hook(tmp_path, ["vm1", "migrate", "begin", "-"], config=None)
     assert (p.returncode, p.stdout, calls) == (0, "", [])
     assert "not prepared" in p.stderr
+
+
+@pytest.mark.interop
+def test_against_real_host_daemons_the_incoming_device_is_added(tmp_path: Path) -> None:
+    """The hook with the real ``prmigrate`` on PATH and two host daemons:
+    B gets the incoming device from A, nothing moves until a command needs
+    the guest's nexus, and the disk now names B's frontend."""
+    import asyncio
+
+    from tests.interop.migration_cluster import FRONTEND, ProcCluster, env
+
+    c = ProcCluster(tmp_path)
+    c.start()
+    try:
+        a, b = c.procs["hosta"], c.procs["hostb"]
+        config = tmp_path / "hook.toml"
+        config.write_text(
+            f'control = "{b.control}"\nfrontend = "{b.host}:{b.port}"\nprmigrate = "{tmp_path / "prm"}"\n'
+            f'[peers]\n"{a.host}:{a.port}" = "{a.migrate_addr}"\n'
+            f'[devices."{FRONTEND}"]\nname = "vm1"\nbackend = "{c.backend_url}"\nmachine = "{c.machine}"\n')
+        wrapper = tmp_path / "prm"
+        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m prmigrate.cli "$@"\n')
+        wrapper.chmod(0o755)
+        domain = DOMAIN.replace("iqn.2026-11.org.prmigrate:vm1/0", f"{FRONTEND}/0").replace(
+            "<host name='10.0.0.2' port='3260'/>", f"<host name='{a.host}' port='{a.port}'/>")
+        p = subprocess.run([str(HOOK), "vm1", "migrate", "begin", "-"], input=domain, capture_output=True,
+                           text=True, timeout=60, check=False,
+                           env=env() | {"PRMIGRATE_LIBVIRT_HOOK_CONFIG": str(config)})
+        assert p.returncode == 0, p.stderr
+        assert lun_hosts(p.stdout)[0] == (b.host, str(b.port))
+        devices = asyncio.run(c.call("hostb", "query-devices"))
+        assert [d["name"] for d in devices] == ["vm1"] and devices[0].get("incoming-from"), devices
+        assert "vm1" in [d["name"] for d in asyncio.run(c.call("hosta", "query-devices"))]
+        # run again (a retried migration): the device is reused, not added twice
+        p = subprocess.run([str(HOOK), "vm1", "migrate", "begin", "-"], input=domain, capture_output=True,
+                           text=True, timeout=60, check=False,
+                           env=env() | {"PRMIGRATE_LIBVIRT_HOOK_CONFIG": str(config)})
+        assert p.returncode == 0 and "reused" in p.stderr, p.stderr
+    except BaseException:
+        print(c.dump_logs())
+        raise
+    finally:
+        c.stop()
