@@ -66,7 +66,7 @@ from tests.interop.vm import (  # noqa: E402
     guest_image,
     netns,
 )
-from tests.interop.vm_migration import VmRun  # noqa: E402
+from tests.interop.vm_migration import VmRun, start_cluster  # noqa: E402
 
 SETTLE_S = 1.5  # each window: the move (or nothing) and this long after it
 
@@ -177,8 +177,7 @@ def run_pulled(image: Path, moves: int) -> dict[str, Any]:
     """The libiscsi VM migrated by QEMU ``moves`` times, A -> B -> A ...,
     each destination's device pulled on the VM's first command there."""
     with tempfile.TemporaryDirectory(prefix="bench-vm-pull-") as d:
-        c = ProcCluster(Path(d))
-        c.start()
+        c = start_cluster(ProcCluster(Path(d)))
         run = VmRun(c, image, Path(d))
         try:
             run.boot()
