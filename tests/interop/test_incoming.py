@@ -181,6 +181,10 @@ def test_a_cancelled_vm_migration_moves_nothing(tmp_path: Path) -> None:
                 assert (await submit_once_past_ua(b, INQUIRY, b"", 96)).good
                 await b.close()  # the destination QEMU is killed
                 res = subprocess.run(
+                    [sys.executable, "-m", "prmigrate.cli", "device", "list", "--host", str(c.procs["hostb"].control)],
+                    capture_output=True, text=True, env=env(), timeout=30)
+                assert f"incoming from {c.procs['hosta'].migrate_addr}" in res.stdout, res.stdout + res.stderr
+                res = subprocess.run(
                     [sys.executable, "-m", "prmigrate.cli", "device", "del", "--host",
                      str(c.procs["hostb"].control), "vm1"],
                     capture_output=True, text=True, env=env(), timeout=30)
@@ -318,6 +322,39 @@ def test_a_refused_takeover_leaves_the_device_on_the_source(tmp_path: Path) -> N
             finally:
                 if b is not None:
                     await b.close()
+                await a.close()
+
+        _run(go())
+
+
+def test_pulled_there_and_back_again(tmp_path: Path) -> None:
+    """A -> B -> A by pulls only; A is started with the device configured, so
+    the way back adds an incoming device where the configured one moved away."""
+    with cluster(tmp_path) as c:
+
+        async def go() -> None:
+            a = await guest_session(c.frontend_url("hosta"))
+            try:
+                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
+                for i, (src, dst) in enumerate((("hosta", "hostb"), ("hostb", "hosta"))):
+                    await c.wait_device(dst, False, timeout=15)
+                    code, out = await device_add(c, c.procs[src].migrate_addr) if dst == "hostb" else (
+                        0, str(await c.call(dst, "device-add", {"name": "vm1", "backend": c.backend_url,
+                                                                 "incoming-from": c.procs[src].migrate_addr})))
+                    assert code == 0, out
+                    s = await guest_session(c.frontend_url(dst), isid=B_ISID + i)
+                    try:
+                        r = await submit_once_past_ua(s, _write10(20 + i, 1), bytes([i]) * 512)
+                        assert r.good, r
+                    finally:
+                        await s.close()
+                    assert await c.entries_of(src) == []
+                    (e,) = await c.entries_of(dst)
+                    assert e.holder and e.key == KEY
+                    # the first guest followed the device (logout request, redirect)
+                    assert (await submit_once_past_ua(a, _write10(30 + i, 1), b"g" * 512)).good
+                assert "incoming-from" not in (await c.call("hosta", "query-devices"))[0]
+            finally:
                 await a.close()
 
         _run(go())

@@ -295,3 +295,69 @@ def test_both_ends_over_a_real_channel() -> None:
     pump(1)
     assert "migrate vm1 -> 127.0.0.3:4444" in log
     assert client.state is C.ARRIVED and server.state is P.HANDED_OVER
+
+
+# ---------------------------------------------------------------- random runs
+
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CLIENT_EVENTS = [Start(), ChannelUp(), Described(STREAM), PullNow(), Pulled(True), Pulled(False, "no"),
+                 Abort(AbortReason.DEVICE, "gone"), ChannelLost("cut"), Arrived(),
+                 Cancel(AbortReason.CANCELLED, "deleted"), "timer"]
+SERVER_EVENTS = [Watch("vm1", "b:1"), DeviceDescribed(STREAM), DeviceMissing("gone"), Pull(), SessionsGone(),
+                 SessionsBack(), MigrationEnded(True), MigrationEnded(False, "no"), ChannelLost("cut"),
+                 Cancel(AbortReason.CANCELLED), "timer"]
+
+
+def _feed(m, ev, now: float) -> list[Action] | None:  # type: ignore[no-untyped-def]
+    if ev == "timer":
+        t = m.get_timer()
+        return m.handle_timer(t) if t is not None else []
+    if not m.allowed(ev):
+        with pytest.raises(EventNotAllowed):
+            m.handle(ev, now)
+        return None
+    return m.handle(ev, now)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(range(len(CLIENT_EVENTS))), max_size=25))
+@example([0, 3, 1, 6])  # a pull asked before the description, then the source refuses
+def test_random_client_runs_answer_every_pull(seq: list[int]) -> None:
+    """Every PullNow is answered (PullResult) by the time nothing more can
+    answer it: in WAITING, DISCONNECTED or a terminal state no pull is pending."""
+    m = PullClient("vm1", "b:1")
+    asked = answered = 0
+    for i, k in enumerate(seq):
+        ev = CLIENT_EVENTS[k]
+        before = m.state
+        out = _feed(m, ev, float(i))
+        if out is None:
+            assert m.state is before
+            continue
+        asked += isinstance(ev, PullNow)
+        answered += len(results(out))
+        if m.state in (C.WAITING, C.DISCONNECTED) or m.finished:
+            assert not m.pending, (m.state, seq)
+        if m.pending:
+            assert m.state in (C.CONNECTING, C.WATCHING, C.PULLING)
+    if asked:
+        assert answered or m.pending
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(range(len(SERVER_EVENTS))), max_size=25))
+def test_random_server_runs_start_one_migration_at_a_time(seq: list[int]) -> None:
+    m = PullServer(grace=1.0)
+    running = 0
+    for i, k in enumerate(seq):
+        ev = SERVER_EVENTS[k]
+        out = _feed(m, ev, float(i))
+        if out is None:
+            continue
+        if isinstance(ev, MigrationEnded) and running:
+            running -= 1
+        running += sum(isinstance(a, StartMigration) for a in out)
+        assert running <= 1, seq
+        assert (m.state is P.MIGRATING) == (running == 1) or m.finished

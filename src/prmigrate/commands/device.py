@@ -75,6 +75,7 @@ def format_devices(devices: list[dict[str, Any]], moved: dict[str, str]) -> str:
             f"{len(sessions)} guest session(s)"
             f"{', added at run time' if d.get('added-at-run-time') else ''}"
             f"{', HELD (migrating)' if d.get('held') else ''}"
+            f"{', incoming from ' + str(d['incoming-from']) if d.get('incoming-from') else ''}"
         )
     lines += [f"{name}: moved to {where}" for name, where in sorted(moved.items())]
     return "\n".join(lines) or "no devices"

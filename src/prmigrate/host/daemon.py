@@ -27,7 +27,8 @@ Built-in commands: ``query-devices``, ``query-machines``, ``query-host``,
 ``query-commands``, ``device-verify`` {device}, ``reconcile-pr`` {device?}
 (reconcile one device, or every one, with the backend LUN now),
 ``device-add`` {the ``--device`` keys} and ``device-del`` {device, force?}
-(devices at run time, recorded in ``<state-dir>/devices.json``), ``quit``
+(devices at run time, recorded in ``<state-dir>/devices.json``; with
+``incoming-from=`` an incoming device, ``incoming.py``), ``quit``
 (and QMP's ``qmp_capabilities``; events go to every negotiated client).
 Events: ``DEVICE_ADDED``, ``DEVICE_REMOVED``, ``PR_STATE_CHANGED``,
 ``PR_RECONCILED`` (reason, method, changes, unknown, error),
@@ -138,14 +139,16 @@ class HostDaemon:
         configured = {dc.name for dc in self.config.devices}
         runtime_devices = []
         for name, table in self.runtime.items():
-            if name in configured:
+            # a configured device that moved away may be incoming again (incoming.py)
+            if name in configured and not ("incoming-from" in table and self._moved(name) is not None):
                 self.log.warning("device %s is configured and was added at run time: the configuration wins", name)
                 continue
             try:
                 runtime_devices.append(device_from_table(table))
             except HostConfigError as e:
                 self.log.error("device %s added at run time cannot be started: %s", name, e)
-        for dc in list(self.config.devices) + runtime_devices:
+        incoming_now = {dc.name for dc in runtime_devices}
+        for dc in [d for d in self.config.devices if d.name not in incoming_now] + runtime_devices:
             moved = self._moved(dc.name)
             if moved is not None and dc.incoming_from is None:
                 self._publish_redirect(dc, moved)
@@ -401,7 +404,10 @@ class HostDaemon:
             moved = dc.name in self.moved and dc.incoming_from is None
             if dc.name in self.devices or moved:
                 raise CommandError("GenericError", f"device {dc.name!r} exists")
-            if any(d.name == dc.name for d in self.config.devices) and record:
+            moved_away = dc.name not in self.devices and (
+                dc.name in self.moved or self._moved(dc.name) is not None or bool(self.node_redirects(frontend_iqn(dc))))
+            if any(d.name == dc.name for d in self.config.devices) and record and not (
+                    dc.incoming_from and moved_away):  # coming back to where it is configured
                 raise CommandError("GenericError", f"device {dc.name!r} is in the configuration")
             if self.node_redirects(frontend_iqn(dc)) is False or (
                     dc.incoming_from is None and self.target.node(frontend_iqn(dc)) is not None):

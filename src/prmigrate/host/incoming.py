@@ -62,6 +62,8 @@ class IncomingHost(Protocol):
 
     def serve_incoming(self, name: str) -> None: ...
 
+    def configured_devices(self) -> set[str]: ...
+
     def _save_runtime(self, records: dict[str, dict[str, Any]]) -> None: ...
 
 
@@ -142,11 +144,15 @@ def arrive(daemon: IncomingHost, name: str) -> bool:
     record: dict[str, Any] | None = daemon.runtime.get(name)
     if record is not None and "incoming-from" in record:
         # from now on the device as it runs (the source's machine type,
-        # frontend node, guests...), no longer incoming, after a restart too
+        # frontend node, guests...), no longer incoming, after a restart
+        # too; a configured device (it came back) is the configuration's
         rest: dict[str, Any] = dict(split_spec(replace(dev.config, incoming_from=None).to_spec()))
+        records = {k: v for k, v in daemon.runtime.items() if k != name}
+        if name not in daemon.configured_devices():
+            records[name] = rest
         try:
-            daemon._save_runtime({**daemon.runtime, name: rest})
-            daemon.runtime[name] = rest
+            daemon._save_runtime(records)
+            daemon.runtime = records
         except CommandError as e:
             dev.log.error("device %s arrived, but its record keeps incoming-from: %s", name, e.desc)
     dev.log.info("arrived: served here (it was incoming from %s)", dev.config.incoming_from)

@@ -56,7 +56,7 @@ from .stream import DeviceSnapshot, decode_snapshot
 
 HANDOVER_GRACE = 1.0  # seconds with no guest session before the source hands over on its own
 CONNECT_TIMEOUT = 5.0  # destination: connect + authenticate + DESCRIBED
-PULL_TIMEOUT = 30.0  # destination: PULL sent -> PULLED (a migration's own timeouts are shorter)
+PULL_TIMEOUT = 20.0  # destination: PULL sent -> PULLED; then 02/04/0A (a guest's command timeout is ~30 s)
 
 
 # ---------------------------------------------------------------- actions
@@ -262,6 +262,8 @@ class PullClient(MachineBase):
         if self.snapshot is None:
             self._fail(ev.reason)
             self._emit(Log(logging.WARNING, f"incoming {self.device}: the source refused: {ev.detail}"))
+            if self.pending:
+                self._result(False, f"the source refused: {ev.detail}")
             self._emit(Disconnect())
             return C.CLOSED
         return self._lost(now, f"the source refused: {ev.detail}")

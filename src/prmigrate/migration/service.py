@@ -23,6 +23,12 @@ served again.
 With migrate-pr off the source sends no PR state: the destination neither
 registers nor preempts, and the reservation stays with the source's nexus.
 
+An incoming device (``incoming-from=``, ``pull.py``): ``watch(device,
+source)`` opens the destination's watch channel (``IncomingLink``); a
+channel accepted here whose first message is WATCH is a destination
+waiting for a device of ours (``WatchLink``), which a PULL (or the device's
+last guest session gone) migrates to it with ``migrate``.
+
 Control (``install`` in ``host/migration_control.py``): ``migrate``,
 ``query-migrate``, ``migrate-cancel``; events ``MIGRATION`` (one per state
 change, with ``status`` = the machine state) through ``host.emit``.
