@@ -90,7 +90,7 @@ class Vm:
     def wait_migration(self, wanted: set[str], timeout: float = MIGRATION_TIMEOUT) -> str:
         deadline = time.monotonic() + timeout
         while (st := self.migration_status()) not in wanted:
-            assert st in ("setup", "active", "device", "pre-switchover"), st
+            assert st in ("setup", "active", "device", "pre-switchover", "cancelling"), st
             assert time.monotonic() < deadline, f"migration still {st} after {timeout} s"
             time.sleep(0.05)
         return st

@@ -220,7 +220,7 @@ class Qemu:
             m = await self.migration()
             if m.get("status") in wanted:
                 return m
-            if m.get("status") not in ("setup", "active", "device", "pre-switchover"):
+            if m.get("status") not in ("setup", "active", "device", "pre-switchover", "cancelling"):
                 raise VmError(f"{self.name}: migration {m.get('status')}: {m.get('error-desc', '')}")
             if loop.time() > deadline:
                 raise VmError(f"{self.name}: migration still {m.get('status')} after {timeout:.0f} s")
