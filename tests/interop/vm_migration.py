@@ -32,9 +32,8 @@ def prmigrate(*args: str) -> str:
 
 def start_cluster(c: ProcCluster) -> ProcCluster:
     """Target and both host daemons, the device added to A at run time
-    (``prmigrate device add``): a device that travels with VMs comes back to
-    A as an incoming device, which a device of A's configuration (--device)
-    cannot."""
+    (``prmigrate device add``), as an orchestrator adds the devices of the
+    VMs it starts."""
     try:
         c.start_target()
         c.start_host("hosta", False)

@@ -83,9 +83,8 @@ class VmDemo:
         await self.check_holder("boot on hosta")
 
     async def add_device(self) -> None:
-        """The device on A, added at run time (``device add``): a device that
-        travels with VMs comes back to A as an incoming device, which one of
-        A's configuration (--device) cannot."""
+        """The device on A, added at run time (``device-add``), as an
+        orchestrator adds the devices of the VMs it starts."""
         from ..commands.device import spec_arguments
 
         await self.cluster.call(self.hosts["hosta"], "device-add", spec_arguments(self.spec), timeout=60)
