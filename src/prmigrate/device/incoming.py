@@ -33,7 +33,7 @@ from ..lun.conflicts import Access, classify
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Opcode, Status
 from ..scsi.sense import Sense, encode_sense
-from .sessions import Answer, chain, on_outcome
+from .sessions import Answer, chain, on_outcome, settle
 
 if TYPE_CHECKING:
     from .passthrough import PassthroughDevice
@@ -55,6 +55,22 @@ NEEDS_NEXUS_ANYWAY = frozenset({Opcode.PERSISTENT_RESERVE_IN})
 # source's; under EA types it is RESERVATION CONFLICT, which QEMU takes as
 # "LUN assumed writable". A guest's media access still pulls.
 OWN_NEXUS_BEFORE_MOVE = frozenset({Opcode.MODE_SENSE_6, Opcode.MODE_SENSE_10})
+
+
+# The rest of the READ class of the conflict table (READ(6/10/12/16),
+# ...: SPC-5 table 60, SBC-4 table 13 allow them to a non-registrant under
+# the Write Exclusive types and answer RESERVATION CONFLICT under the
+# Exclusive Access types): before the move they are tried on this host's
+# own nexus; a RESERVATION CONFLICT from the target means they need the
+# guest's nexus after all, and they are held and pull like the rest. A
+# QEMU started with -incoming and a scsi-block device on the drive also
+# READs LBA 0 when it starts: under the WE types that must not pull the
+# device before the VM's switchover (a cancelled migration would leave it
+# on the destination).
+
+
+def tried_before_move(cdb: bytes | bytearray | memoryview) -> bool:
+    return bool(cdb) and classify(cdb) is Access.READ
 
 
 def answered_before_move(cdb: bytes | bytearray | memoryview) -> bool:
@@ -104,10 +120,28 @@ class IncomingGate:
         if self.closed:
             return NOT_ACCESSIBLE
         token: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(nexus, bytes(cdb), data_out, data_in_len, token))
+        if tried_before_move(cdb):
+            def tried(r: Result | BaseException | None) -> None:
+                if isinstance(r, Result) and r.status == Status.RESERVATION_CONFLICT and not token.done():
+                    if self.arrived:  # it moved meanwhile: the guest's nexus answers
+                        chain(self.dev.execute(nexus, cdb, data_out, data_in_len), token)
+                    elif self.closed:
+                        token.set_result(NOT_ACCESSIBLE)
+                    else:
+                        self._hold(_Waiting(nexus, bytes(cdb), data_out, data_in_len, token))
+                else:
+                    settle(token, r)
+
+            on_outcome(self.dev.execute(nexus, cdb, data_out, data_in_len), tried)
+            return token
+        self._hold(_Waiting(nexus, bytes(cdb), data_out, data_in_len, token))
+        return token
+
+    def _hold(self, w: _Waiting) -> None:
+        """Keep ``w`` until the device arrived; the first one held pulls it."""
+        self._waiting.append(w)
         if self._pulling is None:
             self._pulling = asyncio.ensure_future(self._pull_once())
-        return token
 
     def execute_then(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview,
                      done: Callable[[Result | BaseException], Any]) -> Result | None:
