@@ -313,6 +313,60 @@ class TargetControl:
             })
         return out
 
+    # -- SIGHUP
+    def reload(self, path: Path) -> list[str]:
+        """Apply ``path`` again (SIGHUP): LUNs added to or removed from the
+        file are added or removed, and the ACL becomes the file's, through
+        the same handlers as the QMP commands (so every other LUN's sessions,
+        registrations and reservations stay). A LUN whose path changed, a new
+        image that does not exist and a changed node name are refused, each
+        with a line in the answer; nothing else stops the rest."""
+        try:
+            want = TargetConfig.load(path)
+        except ConfigError as e:
+            return [f"not reloaded: {e}"]
+        said: list[str] = []
+        if want.iqn is not None and want.iqn.lower() != self.node.name.lower():
+            said.append(f"iqn {want.iqn}: the node name needs a restart")
+        for num in sorted(set(self.paths) - set(want.luns)):
+            self._apply(said, f"LUN {num} removed", self.lun_del, {"lun": num})
+        for num, where in sorted(want.luns.items()):
+            if num not in self.paths:
+                if not where.exists():
+                    said.append(f"LUN {num}: {where} does not exist (lun-add with a size creates it)")
+                    continue
+                self._apply(said, f"LUN {num} added", self.lun_add, {"lun": num, "path": str(where)})
+            elif self.paths[num] != where:
+                said.append(f"LUN {num}: path changed to {where}: refused (delete it, then add it)")
+        current = None if self.node.acl is None else frozenset(self.node.acl)
+        if want.acl != current:
+            if want.acl is None:  # open again: every initiator may log in
+                self.save(self.config(acl=None))
+                self.node.acl = None
+                self.emit("ACL_CHANGED", {"acl": None})
+                said.append("ACL removed: open to every initiator")
+            else:
+                for name in sorted(want.acl - (current or frozenset())):
+                    self._apply(said, f"ACL: {name} added", self.acl_add, {"initiator": name})
+                if current is not None:
+                    for name in sorted(current - want.acl):
+                        self._apply(said, f"ACL: {name} removed", self.acl_del, {"initiator": name})
+                if current is None and not want.acl:  # acl = []: closed
+                    self.save(self.config(acl=()))
+                    self.node.acl = set()
+                    self.emit("ACL_CHANGED", {"acl": []})
+                    said.append("ACL: empty, no initiator may log in")
+        return said
+
+    @staticmethod
+    def _apply(said: list[str], done: str, handler: Callable[[dict[str, Any]], Any], a: dict[str, Any]) -> None:
+        try:
+            handler(a)
+        except QmpError as e:
+            said.append(f"{done.split(':')[0]}: refused: {e.desc}")
+        else:
+            said.append(done)
+
     _HANDLERS: dict[str, Callable[[TargetControl, dict[str, Any]], Any]] = {
         "lun-add": lun_add, "lun-del": lun_del, "acl-add": acl_add, "acl-del": acl_del,
         "query-luns": query_luns, "query-sessions": query_sessions, "query-acl": query_acl,

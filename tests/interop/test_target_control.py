@@ -257,3 +257,64 @@ def test_change_that_cannot_be_saved_is_not_made(workdir: Path, small_config_dir
         stop(t.proc)
     errors = [line for line in t.log.splitlines() if "configuration not saved" in line]
     assert len(errors) == 3, t.log
+
+
+def test_sighup_applies_the_changed_configuration_file(workdir: Path) -> None:
+    """SIGHUP reads target.toml again: a LUN added to the file is served
+    (visible to a new iscsi-ls), one removed from it is gone, the ACL
+    becomes the file's, a LUN whose path changed is refused with a log
+    line, and the guest's reservation on LUN 0 stays as it was."""
+    import signal
+
+    config = workdir / "target.toml"
+    t, sock = start(workdir, "--iqn", IQN, "--lun", f"0={workdir / 'lun0.img'}", "--size", "16M",
+                    "--config", str(config))
+    (workdir / "lun1.img").write_bytes(b"\0" * (4 << 20))
+    try:
+        async def go() -> None:
+            guest = await connect(t.url(0), initiator_name=GUEST, isid=0x23D000000043)
+            client = await qmp_client(sock)
+            try:
+                r = await guest.pr_out(PrOutAction.REGISTER, 0, pr_out_params(0, KEY))
+                assert r.status == Status.GOOD
+                r = await guest.pr_out(PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE, pr_out_params(KEY, 0))
+                assert r.status == Status.GOOD
+                before = await asyncio.to_thread(read_reservation, t)
+
+                async def hup_and_wait(line: str) -> None:
+                    t.proc.send_signal(signal.SIGHUP)
+                    for _ in range(200):
+                        if line in t.log:
+                            return
+                        await asyncio.sleep(0.05)
+                    raise AssertionError(f"{line!r} not logged:\n{t.log}")
+
+                text = config.read_text()
+                # top-level keys before the [[lun]] tables (TOML)
+                config.write_text(f'acl = ["{GUEST}", "{OBSERVER}"]\n' + text
+                                  + '\n[[lun]]\nlun = 1\npath = "lun1.img"\n')
+                await hup_and_wait("LUN 1 added")
+                luns = await client.execute("query-luns")
+                assert [x["lun"] for x in luns] == [0, 1], luns
+                assert await asyncio.to_thread(iscsi_ls, t) == [0, 1]
+                acl = await client.execute("query-acl")
+                assert acl == {"open": False, "initiators": sorted([GUEST.lower(), OBSERVER.lower()])}, acl
+
+                # LUN 1 taken out of the file, LUN 0's path changed: one applied, one refused
+                saved = tomllib.loads(config.read_text())
+                lines = [f'acl = ["{GUEST}", "{OBSERVER}"]', "", "[[lun]]", "lun = 0",
+                         f'path = "{workdir / "elsewhere.img"}"']
+                config.write_text("\n".join(lines) + "\n")
+                assert saved["lun"][0]["lun"] == 0
+                await hup_and_wait("LUN 1 removed")
+                assert "LUN 0: path changed" in t.log
+                assert [x["lun"] for x in await client.execute("query-luns")] == [0]
+                assert await asyncio.to_thread(read_reservation, t) == before
+                await guest.write(0, b"\x33" * 512)  # the holder still writes
+            finally:
+                await client.disconnect()
+                await guest.close()
+
+        asyncio.run(asyncio.wait_for(go(), 90))
+    finally:
+        stop(t.proc)

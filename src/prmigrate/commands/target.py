@@ -165,13 +165,17 @@ def _build(args: argparse.Namespace, created: list[Path]) -> tuple[Any, dict[int
     return IscsiTarget([node], settings, keepalive=args.keepalive), luns
 
 
-def _reload(args: argparse.Namespace) -> None:
-    """SIGHUP: reopen the log files (the target has no configuration file
-    to read again yet)."""
+def _reload(args: argparse.Namespace, control: Any) -> None:
+    """SIGHUP: reopen the log files and, with ``--config``, apply the file
+    again (``TargetControl.reload``: LUNs and ACL changed as the QMP commands
+    change them; the other LUNs' sessions and reservations untouched)."""
     from ..logfiles import reopen_log_files
 
     reopen_log_files()
     log.info("SIGHUP: log files reopened")
+    if control is not None and args.config is not None:
+        for line in control.reload(args.config) or ["nothing changed"]:
+            log.info("SIGHUP: %s: %s", args.config, line)
 
 
 def _make_lu(args: argparse.Namespace, num: int, path: Path, size: int | None):  # type: ignore[no-untyped-def]
@@ -204,14 +208,16 @@ def _configure(args: argparse.Namespace) -> None:
 
 
 async def _start_control(args: argparse.Namespace, target, luns):  # type: ignore[no-untyped-def]
-    """The QMP socket of --control, or None."""
-    if args.control is None:
-        return None
+    """(the QMP socket of --control or None, the LUN and ACL control or None):
+    the control exists with --control or --config (SIGHUP applies the file
+    through it)."""
+    if args.control is None and args.config is None:
+        return None, None
     from .. import __version__
     from ..qmp import QmpServer
     from ..target_control import TargetControl
 
-    server = QmpServer(args.control, __version__)
+    server = QmpServer(args.control, __version__) if args.control is not None else None
     peers = next((lu.copy_peers for lu in luns.values() if hasattr(lu, "copy_peers")), None)
 
     def make_lu(num: int, path: Path, size: int | None):  # type: ignore[no-untyped-def]
@@ -221,10 +227,11 @@ async def _start_control(args: argparse.Namespace, target, luns):  # type: ignor
         return lu
 
     control = TargetControl(target, args.iqn, luns, dict(args.lun), make_lu, args.config,
-                            emit=lambda name, data: server.event(name, data))
-    control.register(server)
-    await server.start()
-    return server
+                            emit=(lambda name, data: server.event(name, data)) if server is not None else None)
+    if server is not None:
+        control.register(server)
+        await server.start()
+    return server, control
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -305,6 +312,7 @@ async def _serve_locked(args: argparse.Namespace) -> int:
     created: list[Path] = []
     target = None
     control = None
+    lun_control = None
     metrics = None
     luns: dict[int, Any] = {}
     notifier = Notifier()
@@ -324,7 +332,7 @@ async def _serve_locked(args: argparse.Namespace) -> int:
         def on_hup() -> None:
             notifier.reloading()
             try:
-                _reload(args)
+                _reload(args, lun_control)
             finally:
                 notifier.send(ready=1)
 
@@ -344,7 +352,7 @@ async def _serve_locked(args: argparse.Namespace) -> int:
                 metrics = serve_target(target, *args.metrics_at)
             except MetricsError as e:
                 raise StartError(str(e)) from None
-        control = await _start_control(args, target, luns)
+        control, lun_control = await _start_control(args, target, luns)
         created.clear()  # serving: the images are the user's now
         notifier.ready(f"serving {args.iqn} ({len(luns)} LUN(s))")
         await stop.wait()
