@@ -382,8 +382,8 @@ class HostDaemon:
         if not (isinstance(frontend, list) and len(frontend) == 2 and isinstance(frontend[0], str)
                 and isinstance(frontend[1], int)):
             self.log.error("device %s: migration %s passed its commit point (%s) with no destination "
-                           "portal known: not served here, its guest is not redirected", config.name,
-                           marker.get("id", "?"), path)
+                           "portal known: not served here, its guest is not redirected (delete the "
+                           "marker to serve it here again)", config.name, marker.get("id", "?"), path)
             return
         rec: dict[str, Any] = {"device": config.name, "node": frontend_iqn(config), "host": frontend[0],
                                "port": frontend[1], "tpgt": None, "at": marker.get("at", "?")}

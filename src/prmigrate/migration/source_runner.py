@@ -259,8 +259,10 @@ class SourceRunner(Runner):
         # A move whose record is not written keeps its resume-sent marker:
         # it stands for the record until the host writes it (which then
         # removes the marker, ``record_moved``).
+        # Without a destination portal there is no record to write: the
+        # marker stays, and a restart does not serve the device (logged).
         if self.machine.state is SourceState.ROLLED_BACK or (
-            self.machine.state is SourceState.COMPLETED and self.unrecorded is None
+            self.machine.state is SourceState.COMPLETED and self.unrecorded is None and self.frontend
         ):
             self.marker.remove()
 
