@@ -201,3 +201,23 @@ async def test_commit_point_not_recorded_rolls_back(tmp_path: Path, monkeypatch:
         assert not (tmp_path / "hosta" / "vm1.moved.json").exists()
     finally:
         await c.close()
+
+
+@run(60)
+async def test_commit_marker_without_a_portal_is_not_served(tmp_path: Path) -> None:
+    """A resume-sent marker that names no destination portal: restarted,
+    A neither serves the device nor redirects it (no node), and keeps the
+    marker for the operator; the log says so."""
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        state = tmp_path / "hosta"
+        (state / "vm1.migration.json").write_text(json.dumps(
+            {"version": 1, "id": "0123456789ab", "device": "vm1", "to": "hostb@127.0.0.3:1",
+             "phase": "resume-sent", "pr": {}, "frontend": None}))
+        a = await _restart_a(c)
+        assert "vm1" not in a.devices and a.target.node(frontend_iqn(c.config)) is None
+        assert c.entries_of(HOST_A) == []
+        assert (state / "vm1.migration.json").exists()
+    finally:
+        await c.close()
