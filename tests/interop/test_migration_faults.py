@@ -308,6 +308,45 @@ def test_source_killed_after_the_destination_preempted(tmp_path: Path) -> None:
         _run(go(), 200)
 
 
+def test_source_killed_right_after_resume(tmp_path: Path) -> None:
+    """A dies (SIGKILL) as its RESUME passes, the commit point: B serves the
+    guest. A, started again, finds its resume-sent marker: it never opens
+    the device, lists it as moved to B's frontend portal and redirects a
+    guest login there; the guest's own session lands on B by itself and its
+    writes go on with its reservation."""
+    with cluster(tmp_path) as c:
+
+        def rule(direction: str, frame: str) -> str | None:
+            if frame == "RESUME" and direction == "to_dst":
+                _sigkill(c, "hosta")
+            return None
+
+        async def go() -> None:
+            code, out, w, s = await _faulty_migration(c, rule)
+            assert code != 0, out  # the source died under prmigrate migrate
+            c.procs["hosta"].proc.wait(10)
+            await c.wait_device("hostb", True)
+            await _holds(c, "hostb", "hosta")
+            c.restart_host("hosta")
+            host = await c.call("hosta", "query-host")
+            assert host["devices"] == [], host
+            assert host["moved"] == {"vm1": f"127.0.0.3:{c.procs['hostb'].port}"}, host
+            assert await c.call("hosta", "query-devices") == []
+            assert "passed its commit point" in c.procs["hosta"].log
+            # another login at A is redirected to B, which serves the device
+            other = await guest_session(c.frontend_url("hosta"), isid=0x23D000000077)
+            try:
+                assert len(await other.read(0, 1)) == 512
+            finally:
+                await other.close()
+            await _holds(c, "hostb", "hosta")  # A's nexus never came back
+            await _guest_fine(w, s)
+            await _holds(c, "hostb", "hosta")
+            assert "Traceback" not in c.procs["hosta"].log, c.procs["hosta"].log[-3000:]
+
+        _run(go(), 200)
+
+
 def test_channel_cut_after_resume_in_doubt(tmp_path: Path) -> None:
     """RESUME reached B (which serves the guest from then on) but its ACK
     never came back: A cannot know, ends in doubt (exit status 3), keeps the

@@ -234,7 +234,8 @@ def format_status(devices: list[dict], moved: dict[str, str] | None = None,  # t
     away (``query-host``), with the moves not recorded on disk."""
     unrecorded = unrecorded or {}
     away = [f"device {name}: moved to {where} (guest logins redirected there)"
-            + (f"; MOVE NOT RECORDED ({unrecorded[name]}): a restart now would serve it here"
+            + (f"; MOVE NOT RECORDED ({unrecorded[name]}): written again until it works, "
+               "the migration's marker stands for it until then"
                if name in unrecorded else "")
             for name, where in sorted((moved or {}).items())]
     if not devices:

@@ -321,8 +321,8 @@ def _report(args: argparse.Namespace, rec: dict[str, Any]) -> int:
         print(f"{args.device} now runs on {rec.get('peer')}")
     elif rec.get("success") and rec.get("unrecorded"):
         print(f"{args.device} now runs on {rec.get('peer')}, but the source could not record the move "
-              f"({rec['unrecorded']}): restarted before the record is written, it would serve "
-              f"{args.device} again (see `prmigrate host --status`)")
+              f"({rec['unrecorded']}): it writes it again until it works; until then its "
+              f"migration marker stands for it (see `prmigrate host --status`)")
     elif code == EXIT_FAILED:
         print(f"migration failed, {args.device} stays on the source: {_reason(rec)}")
     else:

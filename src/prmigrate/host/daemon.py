@@ -12,7 +12,10 @@ One process per host. It owns:
 * ``state_dir``: the devices' PR journals (``<device>.pr.json``) and, for a
   device that moved away, where its guest is redirected
   (``<device>.moved.json``, see ``record_moved``): a restarted daemon
-  keeps redirecting that guest instead of serving the device again.
+  keeps redirecting that guest instead of serving the device again; so it
+  does for a migration's ``<device>.migration.json`` at phase
+  ``resume-sent`` (past its commit point: killed then, or its ``moved``
+  record not written yet), which carries the destination's frontend portal.
 
 Extending it (the migration service does, from its own module)::
 
@@ -156,6 +159,10 @@ class HostDaemon:
             if moved is not None and dc.incoming_from is None:
                 self._publish_redirect(dc, moved)
                 continue
+            committed = self._commit_marker(dc.name) if dc.incoming_from is None else None
+            if committed is not None:
+                self._publish_committed(dc, committed)
+                continue
             if dc.incoming_from is not None:
                 try:
                     await incoming.add_incoming(self, dc)
@@ -261,8 +268,10 @@ class HostDaemon:
 
         Returns None, or why the record could not be written: the failure is
         then kept (``moved[name]["unrecorded"]``, shown by ``query-host``
-        and ``host --status``) for the migration to report; this process
-        still redirects, a restart with this state directory would not."""
+        and ``host --status``) for the migration to report, and the record
+        written again every ``MOVED_RETRY_S``. Until it is, the migration's
+        ``resume-sent`` marker stands for it (``_publish_committed``: a
+        restart redirects too); it is removed once the record is written."""
         rec: dict[str, Any] = {"device": name, "node": node, "host": host, "port": port, "tpgt": tpgt,
                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.moved[name] = rec
@@ -275,11 +284,14 @@ class HostDaemon:
         except (OSError, persist.PersistError) as e:
             why = f"cannot write {path}: {e}"
             rec["unrecorded"] = why
+            marker = self._marker_path(name) if self._commit_marker(name) is not None else None
             self.log.error(
-                "device %s moved to %s:%d but the move is not recorded (%s): a restart with this "
-                "state directory would serve the device here again; written again every %.0f s "
-                "until it works (keep this process running until then)",
-                name, host, port, why, MOVED_RETRY_S,
+                "device %s moved to %s:%d but the move is not recorded (%s): %s; written again "
+                "every %.0f s until it works",
+                name, host, port, why,
+                f"until then {marker} stands for it (a restart redirects)" if marker is not None else
+                "a restart with this state directory would serve the device here again (keep this "
+                "process running)", MOVED_RETRY_S,
             )
             self._arm_moved_retry()
             return why
@@ -302,6 +314,7 @@ class HostDaemon:
                 continue
             del rec["unrecorded"]
             self.log.info("device %s: move to %s:%d recorded in %s", name, rec["host"], rec["port"], path)
+            self._drop_commit_marker(name)
         if any(r.get("unrecorded") for r in self.moved.values()):
             self._arm_moved_retry()
 
@@ -333,12 +346,71 @@ class HostDaemon:
             return None
         return rec
 
+    # A source killed (or whose move record failed) after RESUME, the commit
+    # point: the migration's resume-sent marker (migration/marker.py) stands
+    # for the move record until that is written.
+    def _marker_path(self, name: str) -> Path | None:
+        sd = self.config.state_dir
+        return None if sd is None else Path(sd) / f"{name}.migration.json"
+
+    def _commit_marker(self, name: str) -> dict[str, Any] | None:
+        """The marker of a migration of ``name`` past its commit point, or None."""
+        path = self._marker_path(name)
+        if path is None or not path.exists():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            self.log.error("ignoring %s: %s", path, e)
+            return None
+        return rec if isinstance(rec, dict) and rec.get("phase") == "resume-sent" else None
+
+    def _drop_commit_marker(self, name: str) -> None:
+        path = self._marker_path(name)
+        if path is not None and self._commit_marker(name) is not None:
+            try:
+                path.unlink()
+            except OSError as e:
+                self.log.warning("cannot remove %s: %s", path, e)
+
+    def _publish_committed(self, config: DeviceConfig, marker: dict[str, Any]) -> None:
+        """Not served here: the guest may run on the destination. Logins are
+        redirected to the destination's frontend portal the marker names; the
+        move record is written (then the marker removed), or retried."""
+        path = self._marker_path(config.name)
+        frontend = marker.get("frontend")
+        if not (isinstance(frontend, list) and len(frontend) == 2 and isinstance(frontend[0], str)
+                and isinstance(frontend[1], int)):
+            self.log.error("device %s: migration %s passed its commit point (%s) with no destination "
+                           "portal known: not served here, its guest is not redirected (delete the "
+                           "marker to serve it here again)", config.name, marker.get("id", "?"), path)
+            return
+        rec: dict[str, Any] = {"device": config.name, "node": frontend_iqn(config), "host": frontend[0],
+                               "port": frontend[1], "tpgt": None, "at": marker.get("at", "?")}
+        self.log.warning("device %s: migration %s to %s passed its commit point before this daemon "
+                         "stopped (%s): the guest is on the destination", config.name,
+                         marker.get("id", "?"), marker.get("to", "?"), path)
+        self._publish_redirect(config, rec)
+        mpath = self._moved_path(config.name)
+        assert mpath is not None  # a marker implies a state directory
+        try:
+            persist.save(mpath, rec)
+        except (OSError, persist.PersistError) as e:
+            rec["unrecorded"] = f"cannot write {mpath}: {e}"
+            self.log.error("device %s: %s; %s stands for it, written again every %.0f s",
+                           config.name, rec["unrecorded"], path, MOVED_RETRY_S)
+            self._arm_moved_retry()
+            return
+        self._drop_commit_marker(config.name)
+
     def _publish_redirect(self, config: DeviceConfig, moved: dict[str, Any]) -> None:
         node_name = frontend_iqn(config)
         acl = set(config.guests) if config.guests is not None else None
-        node = TargetNode(node_name, {}, acl, alias=f"{self.name}/{config.name}",
-                          redirect=(moved["host"], moved["port"], moved["tpgt"]))
-        self.target.add_node(node)
+        node = TargetNode(node_name, {}, acl, alias=f"{self.name}/{config.name}")
+        self.target.add_node(node)  # the node's portal group tag, when a record has none
+        if moved.get("tpgt") is None:
+            moved["tpgt"] = node.tpgt
+        node.redirect = (moved["host"], moved["port"], moved["tpgt"])
         self.moved[config.name] = moved
         self.log.info(
             "device %s moved to %s:%d at %s: not started here; logins to %s are redirected there "
@@ -352,6 +424,7 @@ class HostDaemon:
         path = self._moved_path(name)
         if path is not None:
             persist.remove(path)
+        self._drop_commit_marker(name)
 
     def expose(self, name: str) -> TargetNode:
         """Publish the device's target node on the frontend (idempotent).

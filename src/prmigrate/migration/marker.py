@@ -22,8 +22,13 @@ class MigrationMarker:
     when it starts again. Phases: ``setup`` (SETUP sent: the destination
     may register), ``held`` (the guest is held: the destination may
     preempt), ``resume-sent`` (the commit point is passed: the destination
-    may serve the guest). Written atomically (temp file, rename); fsync
-    only for the first write, outside the pause."""
+    may serve the guest; the record carries ``frontend``, the destination's
+    frontend portal, where a restarted source redirects the guest's logins
+    instead of serving the device: ``HostDaemon._publish_committed``). A
+    ``resume-sent`` marker is removed only once the ``moved`` record is
+    written; one that cannot be written rolls the migration back before
+    RESUME. Written atomically (temp file, rename); fsync only for the
+    first write, outside the pause."""
 
     def __init__(self, state_dir: Path | None, device: str) -> None:
         self.path = None if state_dir is None else Path(state_dir) / f"{device}.migration.json"

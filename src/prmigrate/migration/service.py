@@ -24,7 +24,9 @@ again: a record of the migration's progress
 preempted; before RESUME was sent the destination never serves the guest,
 so the device is held as it is added, the reservation taken back from its
 own nexus (``plan.rollback_plan`` and ``plan.fence_ops``) and the guest
-served again.
+served again. After RESUME (marker phase ``resume-sent``) the device is
+never served again: the host daemon redirects its logins to the
+destination's frontend portal the marker names.
 
 With migrate-pr off the source sends no PR state: the destination neither
 registers nor preempts, and the reservation stays with the source's nexus.
@@ -274,7 +276,9 @@ class MigrationService:
         nexus (the destination may have registered or preempted: rollback
         and fence ops, all idempotent), its tracked state restored, then the
         guest runs on. A migration past its commit point (RESUME sent) is not
-        undone: the destination may serve the guest; that is only logged."""
+        undone: the destination may serve the guest, so its marker is kept
+        and the host daemon redirects the device's logins there
+        (``HostDaemon._publish_committed``) instead of serving it."""
         state_dir = self.host.state_dir
         if state_dir is None or not Path(state_dir).is_dir():
             return []
@@ -284,9 +288,15 @@ class MigrationService:
             record = MigrationMarker.load(path)
             device = record.get("device") if record else None
             phase = record.get("phase") if record else None
+            if record is not None and phase == "resume-sent":
+                # Past the commit point: the host daemon redirects the guest
+                # to the destination and never serves the device here; it
+                # removes the marker once the move record is written.
+                log.warning("interrupted migration %s past its commit point: %s is not served here",
+                            path.name, device)
+                continue
             if record is None or device not in configured or phase not in ("setup", "held"):
-                log.warning("interrupted migration %s (phase %s): not settled here%s", path.name, phase,
-                            "; the destination may serve the guest" if phase == "resume-sent" else "")
+                log.warning("interrupted migration %s (phase %s): not settled here", path.name, phase)
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue

@@ -27,7 +27,10 @@ device being moved and on the host (``handover.py``):
     done.
 
 The progress of the migration is recorded (``marker.py``) so that a source
-daemon killed in the middle settles it when started again.
+daemon killed in the middle settles it when started again. The commit
+point's record (``resume-sent``, with the destination's frontend portal) is
+written before RESUME goes out; when it cannot be, RESUME is not sent and
+the migration rolls back (Cancel: ROLLBACK to the destination, reclaim).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..device.state import DevicePrState
-from .channel import Authenticated, Message, Resume, Role
+from .channel import Authenticated, Message, Role, TakeoverDone
 from .errors import AbortReason, AuthenticationFailed
 from .machine import (
     AwaitGo,
@@ -51,7 +54,6 @@ from .machine import (
     HandOverGuest,
     HoldGuest,
     ResumeGuest,
-    SendMessage,
     Start,
     Timeouts,
 )
@@ -167,6 +169,14 @@ class SourceRunner(Runner):
             self._mark("setup", self.machine.snapshot.pr, fsync=True)
             self.feed(ChannelUp())
             return
+        if isinstance(ev, TakeoverDone) and self.machine.state is SourceState.TRANSFERRED:
+            # RESUME, the commit point, goes out on this event. Recorded
+            # first, with where the guest goes, so that a restart never
+            # serves the device again; what cannot be recorded is not done:
+            # the migration rolls back and the guest stays here.
+            why = self._mark("resume-sent", self.machine.snapshot.pr)
+            if why is not None:
+                self.feed(Cancel(AbortReason.CANCELLED, f"the commit point cannot be recorded ({why})"))
         self.feed(ev)
 
     def _on_lost_source(self, detail: str, error: Exception | None) -> None:
@@ -232,20 +242,28 @@ class SourceRunner(Runner):
     def _do_HandOverGuest(self, a: HandOverGuest) -> None:
         self._handover = self._bg.spawn(self._hand_over())
 
-    def _do_SendMessage(self, a: SendMessage) -> None:
-        if isinstance(a.message, Resume):
-            self._mark("resume-sent", self.machine.snapshot.pr)
-        super()._do_SendMessage(a)
-
-    def _mark(self, phase: str, pr: DevicePrState, fsync: bool = False) -> None:
+    def _mark(self, phase: str, pr: DevicePrState, fsync: bool = False) -> str | None:
+        """Record the migration's progress; None, or why it failed."""
+        record: dict[str, Any] = {"version": 1, "id": self.migration_id, "device": self.device_name,
+                                  "to": self.peer, "phase": phase, "pr": pr.to_dict()}
+        if phase == "resume-sent":  # where a restarted source redirects the guest
+            record["frontend"] = list(self.frontend) if self.frontend else None
         try:
-            self.marker.write({"version": 1, "id": self.migration_id, "device": self.device_name,
-                               "to": self.peer, "phase": phase, "pr": pr.to_dict()}, fsync)
+            self.marker.write(record, fsync)
         except OSError as e:
             self._error(f"cannot record the migration's progress: {e}")
+            return str(e)
+        return None
 
     def _settled(self) -> None:
-        if self.machine.state in (SourceState.COMPLETED, SourceState.ROLLED_BACK):
+        # A move whose record is not written keeps its resume-sent marker:
+        # it stands for the record until the host writes it (which then
+        # removes the marker, ``record_moved``).
+        # Without a destination portal there is no record to write: the
+        # marker stays, and a restart does not serve the device (logged).
+        if self.machine.state is SourceState.ROLLED_BACK or (
+            self.machine.state is SourceState.COMPLETED and self.unrecorded is None and self.frontend
+        ):
             self.marker.remove()
 
     def _do_Finished(self, a: Finished) -> None:
@@ -297,7 +315,7 @@ class SourceRunner(Runner):
                 if unrecorded is not None:
                     self.unrecorded = unrecorded
                     self._error(f"the move is not recorded on this host ({unrecorded}): "
-                                "restarted now, it would serve the device again")
+                                f"until it is, {self.marker.path} stands for it")
         elif self.frontend is None and host.node_redirects(node_name) is not None:
             self._error("no destination portal known: guest sessions dropped without redirect")
             host.remove_node(node_name)
