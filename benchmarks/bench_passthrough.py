@@ -13,7 +13,9 @@ one device in front of it (all on 127.0.0.x), then runs ``iscsi-perf -r``
 daemon, ``--rounds`` times, and prints the median IOPS of each and the
 ratio (goal: >= 70 % of direct at QD32); then ``qemu-img bench`` (another
 client, QEMU's libiscsi driver) for 4 KiB reads and writes at QD32, the
-same way. Every process is stopped at the end.
+same way, through the relay too, with the daemon's and the relay's CPU per
+read and per write and the ratios of writes to reads (daemon CPU, share of
+direct). Every process is stopped at the end.
 
 It also prints the CPU time each process spent per I/O at QD32 (from
 /proc and getrusage): the daemon's figure is the device's overhead in a
@@ -224,16 +226,31 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
     if shutil.which("qemu-img") is None:
         print("  (qemu-img not found: no write figures; apt-get install qemu-utils qemu-block-extra)")
         return
-    # a second client, and writes: qemu-img bench (QEMU's libiscsi driver)
+    # a second client, and writes: qemu-img bench (QEMU's libiscsi driver);
+    # the daemon's and the relay's CPU per request from the same runs
+    count = 100000
+    share: dict[bool, float] = {}
+    cpu: dict[bool, tuple[float, float]] = {}
     for write in (False, True):
-        d2, v2 = [], []
+        d2, v2, r2, vc, rc = [], [], [], [], []
         for _ in range(rounds):
-            d2.append(qemu_img_bench(direct, write, initiator=PERF_IQN))
-            v2.append(qemu_img_bench(via, write, initiator=PERF_IQN))
-        md2, mv2 = statistics.median(d2), statistics.median(v2)
+            d2.append(qemu_img_bench(direct, write, count, initiator=PERF_IQN))
+            before = process_cpu(pids["daemon"])
+            v2.append(qemu_img_bench(via, write, count, initiator=PERF_IQN))
+            vc.append((process_cpu(pids["daemon"]) - before) / count)
+            before = process_cpu(pids["relay"])
+            r2.append(qemu_img_bench(relay, write, count, initiator=PERF_IQN))
+            rc.append((process_cpu(pids["relay"]) - before) / count)
+        md2, mv2, mr2 = statistics.median(d2), statistics.median(v2), statistics.median(r2)
+        share[write] = 100 * mv2 / md2
+        cpu[write] = (1e6 * statistics.median(vc), 1e6 * statistics.median(rc))
         what = "writes" if write else "reads "
         print(f"  qemu-img bench QD32 4 KiB {what}: direct {md2:>8.0f}  via host {mv2:>8.0f}"
-              f"  {100 * mv2 / md2:>6.1f}%", flush=True)
+              f"  {share[write]:>6.1f}%  relay {mr2:>8.0f} {100 * mr2 / md2:>6.1f}%;"
+              f" CPU per request: daemon {cpu[write][0]:.1f} us, relay {cpu[write][1]:.1f} us", flush=True)
+    print(f"  daemon CPU per write / per read: {cpu[True][0] / cpu[False][0]:.2f}x (gate <= 1.2x);"
+          f" relay's {cpu[True][1] / cpu[False][1]:.2f}x; qemu-img writes - reads via host:"
+          f" {share[True] - share[False]:+.1f} points of direct (gate >= -5)", flush=True)
 
 
 def bench_metrics(off: str, on: str, metrics: str, pids: dict[str, int], seconds: int, rounds: int,

@@ -79,14 +79,17 @@ class FakeSession:
         fut = self.submit(lun, cdb, data_out, data_in_len)
         fut.add_done_callback(lambda f: done(f.exception() or f.result()))
 
-    def submit_relay(self, lun: int, cdb: bytes, data_in_len: int, sink: Any, token: Any) -> None:
-        """As the real session: a full read with GOOD and no sense goes to
-        ``relay_data``, anything else to ``relay_result``."""
-        fut = self.submit(lun, cdb, b"", data_in_len)
+    def submit_relay(self, lun: int, cdb: bytes, data_in_len: int, sink: Any, token: Any,
+                     data_out: Any = b"") -> None:
+        """As the real session: a full read with GOOD and no sense, or a
+        write ending GOOD without sense, goes to ``relay_data``, anything
+        else to ``relay_result``."""
+        fut = self.submit(lun, cdb, bytes(data_out), data_in_len)
 
         def done(f: asyncio.Future[Result]) -> None:
             r = f.exception() or f.result()
-            if isinstance(r, Result) and not r.sense and len(r.data_in) == data_in_len:
+            if (isinstance(r, Result) and not r.sense and len(r.data_in) == data_in_len
+                    and (data_in_len or r.status == Status.GOOD)):
                 sink.relay_data(token, r.status, bytearray(r.data_in))
             else:
                 sink.relay_result(token, r)

@@ -10,6 +10,7 @@ TOML configuration, SIGINT stopping the daemon cleanly; target and daemon busy-p
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -99,5 +100,32 @@ def test_qemu_img_info_two_devices_and_toml(tmp_path: Path) -> None:
         records = [json.loads(line) for line in host.log.splitlines() if line.startswith("{")]
         assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
         assert {r.get("device") for r in records} >= {"vm1", "vm2"}
+    finally:
+        stop(t.proc)
+
+
+def test_qemu_img_bench_writes_through_the_host_daemon_land_on_the_lun(tmp_path: Path) -> None:
+    """32 writes in flight at once (qemu-img bench, QEMU's libiscsi driver)
+    through the daemon's write relay, then a large write qemu-io splits into
+    R2T-solicited bursts: every byte is on the backend LUN, read back directly."""
+    need("qemu-io")
+    need("qemu-img")
+    t = start_target(tmp_path)
+    try:
+        host = start_host(tmp_path, device_spec(t.url()))
+        try:
+            m = re.match(r"iscsi://([^/]+)/([^/]+)/(\d+)$", host.url())
+            assert m is not None
+            opts = f"driver=iscsi,transport=tcp,portal={m.group(1)},target={m.group(2)},lun={m.group(3)}"
+            p = subprocess.run(["qemu-img", "bench", "-w", "-c", "4096", "-d", "32", "-s", "4k",
+                                "--pattern=0x3c", "--image-opts", opts],
+                               capture_output=True, text=True, timeout=120, check=False)
+            assert p.returncode == 0, p.stdout + p.stderr
+            qemu_io(host.url(), "write -P 0xc3 32M 4M")
+            qemu_io(t.url(), "read -P 0x3c 0 16M", "read -P 0xc3 32M 4M", "read -P 0 16M 4k")
+        finally:
+            host.proc.send_signal(signal.SIGINT)
+            assert host.proc.wait(15) == 0, host.log[-2000:]
+        assert "Traceback" not in host.log
     finally:
         stop(t.proc)

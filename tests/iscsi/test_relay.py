@@ -16,7 +16,9 @@ from prmigrate.iscsi.initiator_core import (
     UnitAttention,
 )
 from prmigrate.iscsi.pdu import (
+    R2T,
     DataIn,
+    DataOut,
     ResponseFlags,
     ScsiCommand,
     ScsiResponse,
@@ -160,3 +162,95 @@ def test_a_command_sent_after_a_reset_is_not_its_victim() -> None:
     wire = DataIn(after.itt, 0, 0, b"a" * 4096, True, Status.GOOD, 201, 3, 30).encode()  # type: ignore[attr-defined]
     assert core.receive_data(wire, 0.0) == []
     assert sink.data == [("after", Status.GOOD, b"a" * 4096)]
+
+
+# ---------------------------------------------------------------- relayed writes
+WRITE10 = bytes.fromhex("2a000000001000004000") + bytes(6)  # LBA 16, 64 blocks: 32 KiB
+
+
+def _write_core(answers: dict[str, str] | None = None, **kw: object) -> InitiatorCore:
+    """A session whose login allows immediate data (4 KiB PDUs), unsolicited
+    Data-Out up to 8 KiB and bursts of 8 KiB, two R2Ts outstanding."""
+    core = _core(initial_r2t=False, first_burst_length=8192, max_burst_length=8192, max_outstanding_r2t=2, **kw)
+    ScriptedTarget(core, {"TargetMRDSL": "4096", **(answers or {})}).login()
+    return core
+
+
+def test_write_sends_immediate_unsolicited_and_solicited_data_and_ends_without_result() -> None:
+    """A relayed 32 KiB write: 4 KiB immediate, the rest of the first burst
+    unsolicited, then what each R2T asks for, in the R2Ts' order even when
+    they come out of offset order; GOOD ends at ``relay_data``, no event."""
+    core = _write_core()
+    sink = Sink()
+    payload = bytes(range(256)) * 128
+    core.submit_relay(0, WRITE10, 0, sink, ("w", 1), data_out=bytearray(payload))
+    cmd, unsolicited = _pdus(core.data_to_send())
+    assert isinstance(cmd, ScsiCommand) and cmd.write and not cmd.final and cmd.expected_length == len(payload)
+    assert cmd.data == payload[:4096]
+    assert isinstance(unsolicited, DataOut) and unsolicited.ttt == 0xFFFFFFFF and unsolicited.final
+    assert (unsolicited.offset, unsolicited.data) == (4096, payload[4096:8192])
+    got = bytearray(len(payload))
+    got[:8192] = payload[:8192]
+    for ttt, offset in ((7, 24576), (8, 8192), (9, 16384)):  # out of offset order
+        wire = R2T(cmd.itt, ttt, ttt - 7, offset, 8192, 0, 2, 30).encode()
+        assert core.receive_data(wire, 0.0) == []
+        outs = _pdus(core.data_to_send())
+        assert [o.ttt for o in outs] == [ttt, ttt] and outs[-1].final  # type: ignore[attr-defined]
+        for o in outs:
+            assert isinstance(o, DataOut) and offset <= o.offset < offset + 8192
+            got[o.offset : o.offset + len(o.data)] = o.data
+    assert bytes(got) == payload
+    rsp = ScsiResponse(cmd.itt, Status.GOOD, 200, cmd.cmdsn + 1, cmd.cmdsn + 20)
+    assert core.receive_data(rsp.encode(), 0.0) == []
+    assert sink.data == [(("w", 1), Status.GOOD, b"")] and not sink.results
+    assert core.outstanding == 0
+
+
+def test_write_with_data_digests() -> None:
+    core = _write_core({"DataDigest": "CRC32C"}, data_digest=True)
+    assert core.params.data_digest
+    sink = Sink()
+    payload = b"\x5a" * 8192
+    core.submit_relay(0, WRITE10[:7] + b"\x00\x10" + WRITE10[9:], 0, sink, "d", data_out=payload)
+    cmd, out = _pdus(core.data_to_send(), data_digest=True)  # digests checked while framing
+    assert cmd.data + out.data == payload  # type: ignore[attr-defined]
+    rsp = ScsiResponse(cmd.itt, Status.GOOD, 200, cmd.cmdsn + 1, cmd.cmdsn + 20)  # type: ignore[attr-defined]
+    assert core.receive_data(rsp.encode(data_digest=True), 0.0) == []
+    assert sink.data == [("d", Status.GOOD, b"")]
+
+
+def test_write_check_condition_and_residual_go_to_relay_result() -> None:
+    core = _write_core()
+    sink = Sink()
+    small = WRITE10[:7] + b"\x00\x01" + WRITE10[9:]  # one block
+    core.submit_relay(0, small, 0, sink, "cc", data_out=b"x" * 512)
+    core.submit_relay(0, small, 0, sink, "res", data_out=b"y" * 512)
+    a, b = _pdus(core.data_to_send())
+    sense = encode_sense(Sense.LBA_OUT_OF_RANGE)
+    wire = (ScsiResponse(a.itt, Status.CHECK_CONDITION, 200, 3, 30,  # type: ignore[attr-defined]
+                         data=len(sense).to_bytes(2, "big") + sense).encode()
+            + ScsiResponse(b.itt, Status.GOOD, 201, 3, 30, flags=ResponseFlags.UNDERFLOW,  # type: ignore[attr-defined]
+                           residual=12).encode())
+    assert core.receive_data(wire, 0.0) == []
+    got = dict(sink.results)
+    assert got["cc"].status == Status.CHECK_CONDITION and got["cc"].sense == sense
+    assert got["res"].status == Status.GOOD
+    assert not sink.data
+
+
+def test_write_lost_with_the_connection_is_sent_again_with_its_data_then_fails_through_the_sink() -> None:
+    core = _write_core()
+    sink = Sink()
+    payload = b"\xa5" * 4096
+    core.submit_relay(0, WRITE10[:7] + b"\x00\x08" + WRITE10[9:], 0, sink, "lost", data_out=payload)
+    core.data_to_send()
+    assert core.connection_lost(retry=True) == []
+    assert core.outstanding == 1 and not sink.results
+    ScriptedTarget(core, {"TargetMRDSL": "4096"}).login()
+    (again,) = _pdus(core.data_to_send())
+    assert isinstance(again, ScsiCommand) and again.data == payload
+    assert core.connection_lost(retry=True) == []
+    assert core.fail_all(ConnectionLost("gone")) == []
+    ((token, err),) = sink.results
+    assert token == "lost" and isinstance(err, ConnectionLost)
+    assert not sink.data and core.outstanding == 0

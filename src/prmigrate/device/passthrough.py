@@ -1,7 +1,7 @@
 """The passthrough device: QEMU's ``scsi-block,migrate-pr=on``, its asyncio shell.
 
 One ``PassthroughDevice`` per ``--device``: a logical unit towards the guest
-(``execute``, ``execute_then``, ``relay_read``), initiator sessions towards
+(``execute``, ``execute_then``, ``relay_read``, ``relay_write``), initiator sessions towards
 the shared LUN (``sessions.py``), a monitor nexus for reading the backend
 (``monitor.py``). Every decision is the core's (``core.py``, which states
 the rules); this shell moves guest commands to backend sessions and answers
@@ -167,11 +167,8 @@ class PassthroughDevice(BackendMonitor):
         """The read path (``Connection._fast_reads``): a READ(10)/(16) whose
         length is the EDTL goes to ``Session.submit_relay`` as is. False
         leaves it to ``execute_then`` (not ``sole``, held, UA owed...)."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
-        if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
-            return False
-        s = b.session
-        if s is None or b.closing is not None:
+        s = self._relay_session(nexus)
+        if s is None:
             return False
         op = cdb[0]
         if op == 0x28:
@@ -187,6 +184,43 @@ class PassthroughDevice(BackendMonitor):
         except (IscsiError, ValueError):
             return False  # execute_then answers it (and logs why)
         return True
+
+    def relay_write(self, nexus: Nexus, cdb: bytes, data: Any, sink: RelaySink, token: Any) -> bool:
+        """The write path (``Connection._execute``): a WRITE(10)/(16) whose
+        data is all its CDB asks for goes to ``Session.submit_relay`` with
+        that data, as is; the backend session sends it as its own login
+        negotiated (immediate, unsolicited, R2T-solicited). Declined (False)
+        as ``relay_read`` declines: ``execute_then`` answers it."""
+        s = self._relay_session(nexus)
+        if s is None:
+            return False
+        op = cdb[0]
+        if op == 0x2A:
+            blocks = (cdb[7] << 8) | cdb[8]
+        elif op == 0x8A:
+            blocks = int.from_bytes(cdb[10:14], "big")
+        else:
+            return False
+        if not blocks or blocks * self.block_size != len(data):
+            return False
+        try:
+            s.submit_relay(self.lun, cdb, 0, sink, token, data)
+        except (IscsiError, ValueError):
+            return False  # execute_then answers it (and logs why)
+        return True
+
+    def _relay_session(self, nexus: Nexus) -> Any:
+        """The one eligibility rule of the relayed reads and writes: the
+        guest's backend session when the command may be forwarded as is
+        (guest identity, not held, no unit attention owed, ``nexus`` the
+        guest's sole frontend nexus, the session open), else None."""
+        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
+        if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
+            return None
+        s = b.session
+        if s is None or b.closing is not None:
+            return None
+        return s
 
     # ------------------------------------------------ the backend PR OUT port
     def _pr_out_back(self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,

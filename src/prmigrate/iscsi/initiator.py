@@ -516,13 +516,16 @@ class Session:
             self._flush_scheduled = True
             flushpoint.defer(self._flush, self._loop.call_soon)
 
-    def submit_relay(self, lun: int, cdb: bytes, data_in_len: int, sink: RelaySink, token: Any) -> None:
-        """A command without data out that completes by calling ``sink``
-        (``InitiatorCore.submit_relay``): the forwarding device's read path,
-        no Future, no Result, no callback table. Raises like ``submit``."""
+    def submit_relay(
+        self, lun: int, cdb: bytes, data_in_len: int, sink: RelaySink, token: Any, data_out: bytes | bytearray | memoryview = b""
+    ) -> None:
+        """A command that completes by calling ``sink``
+        (``InitiatorCore.submit_relay``): the forwarding device's read and
+        write paths, no Future, no Result, no callback table. ``data_out``
+        (a write's) becomes the session's (see the core's). Raises like ``submit``."""
         if self._closing or self._dead:
             raise ConnectionLost("session is closed" if self._closing else "connection lost")
-        self.core.submit_relay(lun, cdb, data_in_len, sink, token, self._loop.time())
+        self.core.submit_relay(lun, cdb, data_in_len, sink, token, self._loop.time(), data_out)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             flushpoint.defer(self._flush, self._loop.call_soon)
@@ -614,7 +617,7 @@ class Session:
         self,
         lun: int,
         cdb: bytes,
-        data_out: bytes = b"",
+        data_out: bytes | bytearray | memoryview = b"",
         data_in_len: int = 0,
         *,
         tries: int = UA_RETRIES,
@@ -638,11 +641,11 @@ class Session:
                 on_retry(r)
         return r
 
-    async def _run(self, lun: int | None, cdb: bytes, data_out: bytes = b"",
+    async def _run(self, lun: int | None, cdb: bytes, data_out: bytes | bytearray | memoryview = b"",
                    data_in_len: int = 0) -> Result:
         return await self.submit_retrying(self._lun(lun), cdb, data_out, data_in_len)
 
-    async def _good(self, lun: int | None, cdb: bytes, what: str, data_out: bytes = b"",
+    async def _good(self, lun: int | None, cdb: bytes, what: str, data_out: bytes | bytearray | memoryview = b"",
                     data_in_len: int = 0) -> Result:
         r = await self._run(lun, cdb, data_out, data_in_len)
         if r.status != Status.GOOD:

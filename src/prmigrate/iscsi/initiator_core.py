@@ -82,15 +82,18 @@ from .pdu import (
     TextRequest,
     TextResponse,
     TmfFunction,
-    assemble,
     decode_pdu,
     encode_lun,
+    frame_into,
     place_segment,
 )
 
 log = logging.getLogger(__name__)
 _STATUS = {int(s): s for s in Status}  # status byte -> Status
 _NO_DATA = memoryview(b"")
+_OWNABLE = (bytes, bytearray)  # what submit_relay takes over without a copy
+_RESIDUAL = (ResponseFlags.UNDERFLOW | ResponseFlags.OVERFLOW
+             | ResponseFlags.BIDI_UNDERFLOW | ResponseFlags.BIDI_OVERFLOW)
 
 
 class SessionLog(PrefixLog):
@@ -314,7 +317,9 @@ class RelaySink(Protocol):
 
     def relay_data(self, token: Any, status: int, data: bytearray) -> None:
         """The read ended with one Data-In carrying all of its data and the
-        status; ``data`` (a copy out of the receive buffer) is the sink's."""
+        status; ``data`` (a copy out of the receive buffer) is the sink's. A
+        write (no data in) ends here with GOOD, no sense and no residual,
+        ``data`` empty."""
 
     def relay_result(self, token: Any, result: Result | Exception) -> None:
         """Any other end: the Result (any status) or the error a
@@ -753,8 +758,11 @@ class InitiatorCore:
         The receive fast path: the BHS is parsed in place and the command
         completed without a DataIn object. It takes only what ``_on_data_in``
         would complete the same way: Data-In with F and S (no A, O, U), no
-        AHS, offset 0 and exactly the command's expected data length; without
-        digests. Anything else stops the run and goes through ``next_pdu``.
+        AHS, offset 0 and exactly the command's expected data length; and the
+        SCSI Response of a relayed write ending GOOD (no flags, sense or
+        data), which ``_on_scsi_response`` would give its sink the same way;
+        without digests. Anything else stops the run and goes through
+        ``next_pdu``.
         """
         reader = self._reader
         buf, pos = reader.window()
@@ -766,14 +774,27 @@ class InitiatorCore:
         waiting = self._waiting
         exp_statsn, exp_cmdsn, max_cmdsn = self.exp_statsn, self.exp_cmdsn, self.max_cmdsn
         start = pos
-        while end - pos >= 48 and buf[pos] == 0x25 and buf[pos + 1] & 0xC7 == 0x81:
-            _, _, b23, word, _, itt, _, statsn, exp, mx, _, offset, _ = unpack(buf, pos)
-            dlen = word & 0xFFFFFF
-            total = 48 + dlen + (-dlen & 3)
-            if word >> 24 or offset or dlen > limit or end - pos < total:
-                break
-            cmd = active.get(itt)
-            if cmd is None or dlen != cmd.data_in_len or not dlen or cmd.high:
+        while end - pos >= 48:
+            op = buf[pos]
+            if op == 0x25 and buf[pos + 1] & 0xC7 == 0x81:
+                _, _, b23, word, _, itt, _, statsn, exp, mx, _, offset, _ = unpack(buf, pos)
+                dlen = word & 0xFFFFFF
+                total = 48 + dlen + (-dlen & 3)
+                if word >> 24 or offset or dlen > limit or end - pos < total:
+                    break
+                cmd = active.get(itt)
+                if cmd is None or dlen != cmd.data_in_len or not dlen or cmd.high:
+                    break
+            elif op == 0x21 and buf[pos + 1] == 0x80:
+                # a SCSI Response without flags, data or status: a relayed
+                # write's GOOD (what _on_scsi_response gives its sink)
+                _, _, b23, word, _, itt, _, statsn, exp, mx, _, _, _ = unpack(buf, pos)
+                cmd = active.get(itt)
+                if word or b23 & 0xFFFF or cmd is None or cmd.sink is None or cmd.data_in_len:
+                    break
+                dlen = 0
+                total = 48
+            else:
                 break
             # _update_window / _status_seen (RFC 7143 4.2.2.1), inline
             if ((mx - exp + 1) & SN_MASK) < _HALF:
@@ -790,6 +811,12 @@ class InitiatorCore:
             del by_handle[cmd.handle]
             status = b23 & 0xFF
             sink = cmd.sink
+            if not dlen:  # the write above
+                sink.relay_data(cmd.token, 0, bytearray())  # type: ignore[union-attr]  # checked above
+                if waiting:
+                    self.exp_statsn, self.exp_cmdsn, self.max_cmdsn = exp_statsn, exp_cmdsn, max_cmdsn
+                    self._pump(now)
+                continue
             if sink is not None:  # relayed: the slice is a copy, the sink's
                 sink.relay_data(cmd.token, status, buf[at : at + dlen])
             else:
@@ -855,6 +882,10 @@ class InitiatorCore:
     def _complete(
         self, cmd: _Command, status: int, flags: int, residual: int, sense: bytes
     ) -> list[Event]:
+        sink = cmd.sink
+        if sink is not None and not status and not sense and not cmd.data_in_len and not flags & _RESIDUAL:
+            sink.relay_data(cmd.token, 0, bytearray())  # a relayed write ended GOOD: no Result
+            return []
         n = cmd.high
         if flags & ResponseFlags.UNDERFLOW:
             n = min(n, max(0, cmd.data_in_len - residual))
@@ -1065,19 +1096,28 @@ class InitiatorCore:
         return self._enqueue(cmd, now)
 
     def submit_relay(
-        self, lun: int, cdb: bytes, data_in_len: int, sink: RelaySink, token: Any, now: float = 0.0
+        self, lun: int, cdb: bytes, data_in_len: int, sink: RelaySink, token: Any, now: float = 0.0,
+        data_out: bytes | bytearray | memoryview = b"",
     ) -> int:
-        """Queue a command without data out that completes by calling
-        ``sink`` instead of returning an event: ``sink.relay_data`` for a read
-        answered by one Data-In with status (the common answer, taken in
-        ``_reads_done`` without a Result), ``sink.relay_result`` for any other
-        end, errors included. Otherwise as ``submit`` (queued, re-issued after
-        a reconnect, counted in ``outstanding``). The forwarding device uses
-        it to pass a guest's reads through without a Result per command."""
-        _check_lengths(cdb, data_in_len, 0)
+        """Queue a command that completes by calling ``sink`` instead of
+        returning an event: ``sink.relay_data`` for a read answered by one
+        Data-In with status (the common answer, taken in ``_reads_done``
+        without a Result) and for a write (``data_out``, sent as ``submit``
+        sends it: immediate, unsolicited and R2T-solicited data) answered GOOD
+        without sense or residual, ``sink.relay_result`` for any other end,
+        errors included. Otherwise as ``submit`` (queued, re-issued after a
+        reconnect, counted in ``outstanding``). The forwarding device uses it
+        to pass a guest's reads and writes through without a Result per
+        command. ``data_out`` becomes the core's: ``bytes`` and a
+        ``bytearray`` (handed over: the caller no longer changes it) are sent
+        as they are, anything else is copied."""
+        _check_lengths(cdb, data_in_len, len(data_out))
+        if data_out and data_in_len:
+            raise ValueError("bidirectional commands are not supported")
         self._handle = handle = self._handle + 1
-        cmd = _Command(handle, lun, cdb, _NO_DATA, data_in_len, TaskAttribute.SIMPLE,
-                       sink=sink, token=token)
+        cmd = _Command(handle, lun, cdb, (
+            memoryview(data_out if type(data_out) in _OWNABLE else bytes(data_out)) if data_out else _NO_DATA), data_in_len,
+                       TaskAttribute.SIMPLE, sink=sink, token=token)
         return self._enqueue(cmd, now)
 
     def _enqueue(self, cmd: _Command, now: float) -> int:
@@ -1143,7 +1183,7 @@ class InitiatorCore:
         )
         out = self._out
         if immediate or p.header_digest:
-            out.append(assemble(bhs, cmd.data_out[:immediate], b"", p.header_digest, p.data_digest))
+            frame_into(out, bhs, cmd.data_out[:immediate], p.header_digest, p.data_digest)  # joined once
         else:
             out.append(bhs)
         if more:

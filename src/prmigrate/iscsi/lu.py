@@ -14,6 +14,11 @@ implements once (``contracts_of``), not per command:
     as is and answered through the connection as ``RelaySink``
     (``relay_data`` / ``relay_result``); False: not taken, ``execute`` runs
     it (the passthrough device).
+``RelayWrite``
+    ``relay_write(nexus, cdb, data, sink, token) -> bool``: a write whose
+    data (all of it, the EDTL's) is forwarded as is and answered through the
+    connection as ``RelaySink`` (``relay_data`` with GOOD, or
+    ``relay_result``); False: not taken, ``execute_then`` runs it.
 ``ExecuteThen``
     ``execute_then(nexus, cdb, data_out, done) -> Result | None``: None when
     the answer comes later through ``done(result)`` (a callback instead of
@@ -43,6 +48,12 @@ class RelayRead(Protocol):
 
 
 @runtime_checkable
+class RelayWrite(Protocol):
+    def relay_write(self, nexus: Nexus, cdb: bytes, data: Any, sink: RelaySink, token: Any) -> bool:
+        ...
+
+
+@runtime_checkable
 class ExecuteThen(Protocol):
     def execute_then(
         self, nexus: Nexus, cdb: bytes, data_out: Any, done: Callable[[Any], None]
@@ -57,9 +68,10 @@ class LuContracts:
     read_fast: Callable[[Nexus, bytes], bytes | None] | None
     relay_read: Callable[[Nexus, bytes, int, RelaySink, Any], bool] | None
     execute_then: Callable[[Nexus, bytes, Any, Callable[[Any], None]], Result | None] | None
+    relay_write: Callable[[Nexus, bytes, Any, RelaySink, Any], bool] | None = None
 
 
-NONE = LuContracts(None, None, None)
+NONE = LuContracts(None, None, None, None)
 
 
 def contracts_of(lu: object) -> LuContracts:
@@ -70,4 +82,5 @@ def contracts_of(lu: object) -> LuContracts:
         lu.read_fast if isinstance(lu, ReadFast) else None,
         lu.relay_read if isinstance(lu, RelayRead) else None,
         lu.execute_then if isinstance(lu, ExecuteThen) else None,
+        lu.relay_write if isinstance(lu, RelayWrite) else None,
     )

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..counters import KIND_OF, OTHER, READ, LuCounters, latency_bucket, pr_action_of
+from ..counters import KIND_OF, OTHER, READ, WRITE, LuCounters, latency_bucket, pr_action_of
 from ..logprefix import PrefixLog
 from ..lun.types import LogicalUnitLike, Nexus, Result
 from ..scsi.constants import Opcode as ScsiOp
@@ -465,6 +465,7 @@ class Connection:
         self._fast_lu: LogicalUnitLike | None = None  # last LU the read fast path met
         self._fast_fn: Callable[..., Any] | None = None  # its read_fast, if any
         self._fast_relay: Callable[..., bool] | None = None  # its relay_read, if any
+        self._fast_wrelay: Callable[..., bool] | None = None  # its relay_write, if any
         self._contracts: dict[int, tuple[object, LuContracts]] = {}  # id(LU) -> its optional contracts
         # metrics (counters.py): the shell's clock (ns), when the current
         # batch came, the counters of each LUN met, the answers of this batch
@@ -657,7 +658,10 @@ class Connection:
         differs from the EDTL or exceeds one Data-In is answered by
         ``_respond`` (residuals, sequences). Such a command for an LU without
         ``read_fast`` goes straight to ``_execute``, as ``_scsi_command``
-        would send it."""
+        would send it. A WRITE with F and W set whose data all came as
+        immediate data (ImmediateData, within FirstBurstLength, digests
+        checked) is handed to the LU's ``relay_write`` when it has one; not
+        taken, it stops the run for the general path."""
         reader = self.reader
         buf, pos = reader.window()
         end = len(buf)
@@ -681,15 +685,33 @@ class Connection:
         last_lu = self._fast_lu
         fn = self._fast_fn
         relay = self._fast_relay
+        wrelay = self._fast_wrelay
+        # a write may come whole as immediate data (what _scsi_command checks)
+        imm = min(params.first_burst_length, reader.max_data_length) if params.immediate_data else 0
+        ddlen = 4 if dd else 0
         statsn = self.statsn
         fc = self._fast_counters
         late = self._late
         t_in = self._t_in
         nread = nbytes = ngood = 0  # counted into fc at the end or when the LU changes
         try:
-            while end - pos >= hlen and buf[pos] == 0x01 and buf[pos + 1] & 0xE0 == 0xC0:
+            while end - pos >= hlen and buf[pos] == 0x01:
+                b1 = buf[pos + 1] & 0xE0
+                if b1 != 0xC0 and b1 != 0xA0:
+                    break
                 _, _, _, word, lunf, itt, edtl, cmdsn, _, cdb = unpack(buf, pos)
-                if word or cmdsn != exp:
+                if cmdsn != exp:
+                    break
+                if b1 == 0xA0:
+                    # a WRITE with all its data immediate (F, W; no AHS:
+                    # the word is the data length, the EDTL)
+                    if word != edtl or not edtl or edtl > imm:
+                        break
+                    plen = edtl + (-edtl & 3)
+                    total = hlen + plen + ddlen
+                    if end - pos < total:
+                        break
+                elif word:
                     break
                 if hd and digest_bytes(bytes(buf[pos : pos + 48])) != buf[pos + 48 : pos + 52]:
                     break
@@ -703,7 +725,32 @@ class Connection:
                     contracts = self._contracts_of(lu)
                     fn = self._fast_fn = contracts.read_fast
                     relay = self._fast_relay = contracts.relay_read
+                    wrelay = self._fast_wrelay = contracts.relay_write
                     fc = self._fast_counters = None if lu is None else self._counters_of(lun)
+                if b1 == 0xA0:
+                    if wrelay is None or itt in self.pending or itt in self.tasks:
+                        break
+                    at = pos + hlen
+                    if dd:
+                        seg = bytes(buf[at : at + plen])
+                        if digest_bytes(seg) != buf[at + plen : at + plen + 4]:
+                            break  # the general path rejects it
+                        data = seg if plen == edtl else seg[:edtl]
+                    else:
+                        data = bytes(buf[at : at + edtl])
+                    if not wrelay(nexus, cdb, data, self, wtoken := (itt, edtl, True)):
+                        break  # the general path runs it (execute_then)
+                    # forwarded as is: answered by relay_data/relay_result
+                    self.pending[itt] = (wtoken, lu)  # type: ignore[assignment]  # lu: wrelay is its
+                    late[itt] = (fc, WRITE, t_in, -1)  # type: ignore[assignment]  # fc: lu is set
+                    fc.commands[WRITE] += 1  # type: ignore[union-attr]
+                    fc.bytes[WRITE] += edtl  # type: ignore[union-attr]
+                    pos += total
+                    exp = (exp + 1) & 0xFFFFFFFF
+                    if failed:
+                        failed.discard(itt)
+                    base -= 1
+                    continue
                 if fn is None:
                     if lu is None:
                         break
@@ -1190,6 +1237,18 @@ class Connection:
                         self._respond(itt, Result(_GOOD), edtl, flags, residual, True)
                         return
                     cdb = fitted
+                else:
+                    relay = self._contracts_of(lu).relay_write
+                    nexus = self.nexus
+                    if (
+                        relay is not None and nexus is not None
+                        and relay(nexus, cdb, data, self, token := (itt, edtl, True))
+                    ):
+                        # forwarded as is (the passthrough device): answered by
+                        # relay_data/relay_result, no Result in between
+                        self.pending[itt] = (token, lu)
+                        self._late[itt] = (c, kind, self._t_in, -1)
+                        return
             then = self._contracts_of(lu).execute_then
             try:
                 if then is not None:
@@ -1291,25 +1350,33 @@ class Connection:
     # _fast_reads hands to an LU's relay_read: ``token`` is (ITT, EDTL), the
     # pending entry's marker, so an answer for an aborted task whose ITT was
     # used again is dropped.
-    def relay_data(self, token: tuple[int, int], status: int, data: bytearray) -> None:
+    #
+    # The writes _execute hands to an LU's relay_write (all their data in,
+    # exactly what the CDB asks for) have the token (ITT, EDTL, True).
+    def relay_data(self, token: tuple[int, ...], status: int, data: bytearray) -> None:
         """The backend answered the read with one Data-In carrying all the
-        data and the status: the guest gets the same, StatSN and window ours."""
+        data and the status: the guest gets the same, StatSN and window ours.
+        A write answered GOOD without sense or residual: a SCSI Response."""
         itt = token[0]
         entry = self.pending.get(itt)
         if entry is None or entry[0] is not token or self.state != Connection.FULL_FEATURE:
             return  # connection gone or task aborted: drop
         del self.pending[itt]
         self._late_answered(itt, status, None)
-        self._data_in_with_status(itt, status, data)  # data: a copy, queued as is
+        if len(token) == 2:
+            self._data_in_with_status(itt, status, data)  # data: a copy, queued as is
+        else:
+            self._emit(pack_scsi_response(itt, status, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn,
+                                          0, 0, b""), b"")
         self._late_flush()
 
-    def relay_result(self, token: tuple[int, int], result: Any) -> None:
-        """Any other end of a relayed read (sense, residual, several Data-In,
-        an error): answered as the LU's late answer."""
-        itt, edtl = token
+    def relay_result(self, token: tuple[int, ...], result: Any) -> None:
+        """Any other end of a relayed read or write (sense, residual, several
+        Data-In, an error): answered as the LU's late answer."""
+        itt, edtl = token[0], token[1]
         entry = self.pending.get(itt)
         if self.state == Connection.FULL_FEATURE and entry is not None and entry[0] is token:
-            self._answer(itt, result, edtl, 0, 0, False)
+            self._answer(itt, result, edtl, 0, 0, len(token) == 3)
 
     def _deferred_flush(self) -> None:
         self._flush_deferred = False
