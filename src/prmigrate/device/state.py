@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..scsi.constants import PrType
+from ..scsi.vocabulary import format_key, words
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,15 @@ class GuestPrState:
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["rtype"] = int(self.rtype)
+        return d
+
+    def printed(self) -> dict[str, object]:
+        """``to_dict`` in the vocabulary's printed forms (events, outputs):
+        the key as ``0x123abc``, the type in sg_persist's words (None when
+        not a holder). The stored layout stays ``to_dict``'s."""
+        d = asdict(self)
+        d["key"] = format_key(self.key)
+        d["rtype"] = words(self.rtype) if self.holder else None
         return d
 
     @staticmethod
