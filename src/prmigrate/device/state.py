@@ -148,5 +148,5 @@ def describe_guest(s: GuestPrState) -> str:
         return "unregistered"
     text = f"key 0x{s.key:x}" + (" aptpl" if s.aptpl else "")
     if s.holder:
-        text += f", holds {s.rtype.short}" + (f" scope {s.scope}" if s.scope else "")
+        text += f", holds {words(s.rtype)}" + (f" scope {s.scope}" if s.scope else "")
     return text
