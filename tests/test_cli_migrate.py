@@ -83,6 +83,9 @@ def test_migrate_usage_errors(tmp_path: Path) -> None:
         code, out, err = await _migrate("--control", str(tmp_path / "none.sock"), "--device", "vm1",
                                         "--to", "127.0.0.1:4444")
         assert code == 2 and err.startswith("prmigrate migrate: cannot reach "), err
+        code, out, err = await _migrate("--control", str(tmp_path / "none.sock"), "--name", "vm1",
+                                        "--to", "127.0.0.1:4444")
+        assert code == 2 and err.startswith("prmigrate migrate: cannot reach "), err
         code, out, err = await _migrate("--control", "x", "--device", "vm1", "--to", "nowhere")
         assert code == 2 and "argument --to: not an address: 'nowhere'" in err
         code, out, err = await _migrate("--control", "x", "--device", "vm1", "--timeout", "soon")
@@ -95,9 +98,12 @@ def test_migrate_usage_errors(tmp_path: Path) -> None:
 def test_migrate_batch_usage_errors(tmp_path: Path) -> None:
     async def go() -> None:
         for args, says in ((("--all", "--device", "vm1", "--to", "127.0.0.1:4444"), "exclude each other"),
-                           (("--to", "127.0.0.1:4444"), "--device NAME or --all is required"),
-                           (("--device", "vm1", "--device", "vm2", "--query"), "take one --device"),
-                           (("--all", "--cancel"), "take one --device")):
+                           (("--to", "127.0.0.1:4444"), "--name NAME or --all is required"),
+                           (("--device", "vm1", "--device", "vm2", "--query"), "take one --name"),
+                           (("--all", "--cancel"), "take one --name"),
+                           # --name and its old spelling --device are one option
+                           (("--name", "vm1", "--device", "vm2", "--query"), "take one --name"),
+                           (("--all", "--name", "vm1", "--to", "127.0.0.1:4444"), "exclude each other")):
             code, out, err = await _migrate("--control", str(tmp_path / "none.sock"), *args)
             assert code == 2 and says in err, (args, err)
             assert "Traceback" not in err

@@ -228,7 +228,7 @@ def test_demo_quick_json(tmp_path: Path) -> None:
     # migrate-pr=on: the reservation follows the device, A -> B -> A
     assert on["name"] == "migrate-pr=on" and on["migrate_pr"] is True
     key, rtype = on["key"], on["reservation_type"]
-    assert rtype in ("WRITE_EXCLUSIVE_REGISTRANTS_ONLY", "EXCLUSIVE_ACCESS")
+    assert rtype in ("Write Exclusive, registrants only", "Exclusive Access")
     isid = on["backend_isid"]
     init = {n: h["initiator"] for n, h in on["hosts"].items()}
     assert _holder(on["initial"])["port"] == f"{init['hosta']},i,{isid}"
@@ -333,7 +333,7 @@ def test_demo_children_die_with_it(tmp_path: Path) -> None:
 def _fake_report(lost: int) -> dict[str, Any]:
     port = "iqn.2026-11.org.prmigrate:hostb,i,0x80a711821e1e"
     after = {"generation": 3, "holder": {"port": port, "host": "hostb", "key": "0x1",
-                                         "type": "EXCLUSIVE_ACCESS"},
+                                         "type": "Exclusive Access"},
              "registrations": [{"port": port, "host": "hostb", "key": "0x1", "holder": True}]}
     writes = {"issued": 10, "acknowledged": 10, "verified": 10 - lost, "lost": lost,
               "conflicts": 0, "errors": 0}
@@ -342,7 +342,7 @@ def _fake_report(lost: int) -> dict[str, Any]:
         "ok": lost == 0, "elapsed_s": 1.0, "processes": [], "left_running": [],
         "runs": [{
             "name": "migrate-pr=on", "machine": "pc-q35-11.0", "device": "vm1", "migrate_pr": True,
-            "key": "0x1", "reservation_type": "EXCLUSIVE_ACCESS", "checks": [check],
+            "key": "0x1", "reservation_type": "Exclusive Access", "checks": [check],
             "moves": [{"n": 1, "from": "hosta", "to": "hostb", "after": after, "before": after,
                        "migration": {"status": "completed", "timings": {
                            "pause_s": 0.004, "takeover_s": 0.003, "total_s": 0.02,

@@ -47,6 +47,7 @@ from typing import Any
 
 from .lun.persist import atomic_write
 from .qmp import ArgType, CommandSpec, ErrorClass, QmpError, QmpServer, arg
+from .scsi.vocabulary import format_key, words
 
 log = logging.getLogger("prmigrate.target.control")
 
@@ -281,7 +282,7 @@ class TargetControl:
                 "generation": pr.generation,
                 "aptpl": pr.aptpl,
                 "registrations": len(pr.registrations),
-                "reservation": None if resv is None else {"type": resv.rtype.short},
+                "reservation": None if resv is None else {"type": words(resv.rtype)},
             }
         return info
 
@@ -300,7 +301,7 @@ class TargetControl:
                         continue
                     reg = pr.registration_of(nexus)
                     if reg is not None:
-                        regs[str(num)] = {"key": f"0x{reg.key:x}", "holder": pr.is_holder(nexus),
+                        regs[str(num)] = {"key": format_key(reg.key), "holder": pr.is_holder(nexus),
                                           "all-tg-pt": reg.all_tg_pt}
             out.append({
                 "initiator": s.initiator,
@@ -440,11 +441,11 @@ def _cli_request(words: list[str], size: int | None) -> tuple[str, dict[str, Any
 def format_answer(command: str, result: Any) -> str:
     """What the CLI prints: a table for the queries, nothing for changes."""
     if command == "query-luns":
-        rows = [f"{'LUN':>4}  {'size':>12}  {'regs':>5}  {'reservation':<8} path"]
+        rows = [f"{'LUN':>4}  {'size':>12}  {'regs':>5}  {'reservation':<34} path"]
         for r in result:
             pr = r.get("pr") or {}
             resv = (pr.get("reservation") or {}).get("type", "-")
-            rows.append(f"{r['lun']:>4}  {r.get('size', 0):>12}  {pr.get('registrations', 0):>5}  {resv:<8} "
+            rows.append(f"{r['lun']:>4}  {r.get('size', 0):>12}  {pr.get('registrations', 0):>5}  {resv:<34} "
                         f"{r['path']}")
         return "\n".join(rows)
     if command == "query-acl":

@@ -54,5 +54,5 @@ def test_describe():
     c = StateChange(
         "g", GuestPrState(), GuestPrState(0x1A, True, True, PrType.WRITE_EXCLUSIVE, 0), "registered"
     )
-    assert c.describe() == "g: unregistered -> key 0x1a aptpl, holds WE (registered)"
+    assert c.describe() == "g: unregistered -> key 0x1a aptpl, holds Write Exclusive (registered)"
     assert describe_guest(GuestPrState(2)) == "key 0x2"

@@ -89,7 +89,7 @@ def test_pr_out_not_forwarded_when_not_journaled(tmp_path: Path, fault: str) -> 
                 assert_holds(c, "hosta", WE)
                 (d,) = await c.call("hosta", "query-devices")
                 (g,) = d["pr-state"]["guests"].values()
-                assert g["holder"] and g["type"] == "WRITE_EXCLUSIVE", g
+                assert g["holder"] and g["type"] == "Write Exclusive", g
             finally:
                 await s.close()
             log = c.procs["hosta"].log

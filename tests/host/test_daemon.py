@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,8 @@ async def test_guests_reach_the_lun_through_the_frontend(tmp_path: Path) -> None
     (dev,) = await control_call(w.daemon.config.control, "query-devices")
     assert dev["migrate-pr"] is True and dev["machine"] == "pc-q35-11.0"
     st = dev["pr-state"]["guests"]
-    assert st[G1]["key"] == "0x0000000000001111" and st[G1]["holder"] and st[G1]["type"] == "EXCLUSIVE_ACCESS"
-    assert st[G2]["key"] == "0x0000000000002222" and not st[G2]["holder"]
+    assert st[G1]["key"] == "0x1111" and st[G1]["holder"] and st[G1]["type"] == "Exclusive Access"
+    assert st[G2]["key"] == "0x2222" and not st[G2]["holder"]
     assert dev["backend-nexus"][G1]["isid"] == f"0x{derive_isid('vm1', G1):012x}"
     assert dev["backend-nexus"][G1]["initiator"] == HOST
     assert dev["frontend"]["node"] == "iqn.2026-11.org.prmigrate:vm1"
@@ -199,7 +200,7 @@ async def test_events_and_runtime_devices(tmp_path: Path) -> None:
     kinds = [e["event"] for e in events]
     assert "DEVICE_ADDED" in kinds and "PR_STATE_CHANGED" in kinds
     change = next(e for e in events if e["event"] == "PR_STATE_CHANGED")
-    assert change["data"]["device"] == "vm9" and change["data"]["changes"][0]["after"]["key"] == 9
+    assert change["data"]["device"] == "vm9" and change["data"]["changes"][0]["after"]["key"] == "0x9"
     await g.close()
     journal = tmp_path / "state" / "vm9.pr.json"
     assert journal.exists()
@@ -241,5 +242,66 @@ async def test_moved_record_redirects_and_a_bad_one_is_ignored(tmp_path: Path, c
         # vm2 is served here: its (unreadable) record went when it was exposed
         assert not (state / "vm2.moved.json").exists()
         assert (state / "vm1.moved.json").exists()
+    finally:
+        await w.close()
+
+
+def _printed_forms(answer: object, where: str = "") -> list[tuple[str, object]]:
+    """Every ``key``/``type``/``type_name`` value in a JSON answer, with its path."""
+    found: list[tuple[str, object]] = []
+    if isinstance(answer, dict):
+        for k, v in answer.items():
+            if k in ("key", "type", "type_name") and not isinstance(v, dict | list):
+                found.append((f"{where}.{k}", v))
+            found += _printed_forms(v, f"{where}.{k}")
+    elif isinstance(answer, list):
+        for i, v in enumerate(answer):
+            found += _printed_forms(v, f"{where}[{i}]")
+    return found
+
+
+@run
+async def test_query_devices_and_pr_json_print_the_vocabulary(tmp_path: Path) -> None:
+    """One spelling of each type and one form of keys: query-devices and
+    ``prmigrate pr --json`` both print sg_persist's words and ``0x123abc``."""
+    from prmigrate.scsi.vocabulary import format_key, words
+
+    w = World(tmp_path)
+    await w.start(VM1)
+    try:
+        g1 = await w.guest(G1)
+        assert (await g1.pr_out(PrOutAction.REGISTER, 0, pr_out_params(0, 0x123ABC))).good
+        rtype = PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY
+        assert (await g1.pr_out(PrOutAction.RESERVE, rtype, pr_out_params(0x123ABC, 0))).good
+        (dev,) = await control_call(w.daemon.config.control, "query-devices")
+        forms = _printed_forms(dev)
+        assert (".pr-state.guests." + G1 + ".key", "0x123abc") in forms, forms
+        assert (".pr-state.guests." + G1 + ".type", "Write Exclusive, registrants only") in forms, forms
+        for path, v in forms:
+            if path.endswith(".key"):
+                assert isinstance(v, str) and v == format_key(int(v, 16)), (path, v)
+            else:
+                assert v is None or v == words(str(v)), (path, v)
+        answers = {}
+        for what in ("--read-reservation", "--read-full-status", "--read-keys"):
+            p = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "prmigrate.cli", "pr", "--json", what, "--timeout", "10",
+                "--initiator", G2, w.url("iqn.2026-11.org.prmigrate:vm1"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(p.communicate(), 20)
+            assert p.returncode == 0, err
+            answers[what] = json.loads(out)
+        assert answers["--read-reservation"]["reservation"]["key"] == "0x123abc", answers
+        assert answers["--read-keys"]["keys"] == ["0x123abc"], answers
+        forms = _printed_forms(answers)
+        assert any(v == "Write Exclusive, registrants only" for _, v in forms), forms
+        for path, v in forms:
+            if path.endswith(".key"):
+                assert isinstance(v, str) and v == format_key(int(v, 16)), (path, v)
+            elif path.endswith(".type_name"):
+                assert v is None or v == words(str(v)), (path, v)
+            else:  # the number sg_persist takes, with its words beside it
+                assert isinstance(v, int), (path, v)
+        await g1.close()
     finally:
         await w.close()

@@ -78,7 +78,7 @@ async def test_adopted_at_start_dropped_on_demand_journaled_and_logged(tmp_path:
         (d,) = await control_call(ctl, "query-devices")
         pr = d["pr-state"]
         g = pr["guests"][G1]
-        assert g["holder"] and g["type"] == "WRITE_EXCLUSIVE" and g["key"] == f"0x{K1:016x}", pr
+        assert g["holder"] and g["type"] == "Write Exclusive" and g["key"] == f"0x{K1:x}", pr
         assert g["verified"] and g["backend-nexus"].startswith(HOST)
         assert pr["method"] == FULL_STATUS_METHOD and pr["method-cannot-tell"] == []
         assert pr["last-verified"] is not None and pr["last-verified-age-s"] < 30

@@ -119,7 +119,7 @@ def test_restart_then_migrate(tmp_path: Path, how: str) -> None:
                 await c.wait_device("hosta", True)
                 d = await _device(c, "hosta")
                 g = d["pr-state"]["guests"][GUEST]
-                assert g["key"] == f"0x{KEY:016x}" and g["holder"] and g["verified"], d
+                assert g["key"] == f"0x{KEY:x}" and g["holder"] and g["verified"], d
                 assert d["pr-state"]["method"] == "READ FULL STATUS"
                 assert d["pr-state"]["last-verified"] is not None
                 rec = _events(c, "hosta", "PR_RECONCILED")
@@ -166,7 +166,7 @@ def test_kill_between_good_and_journal_then_migrate(tmp_path: Path) -> None:
                 await c.wait_device("hosta", True)
                 d = await _device(c, "hosta")
                 g = d["pr-state"]["guests"][GUEST]
-                assert g["holder"] and g["type"] == "WRITE_EXCLUSIVE" and g["verified"], d
+                assert g["holder"] and g["type"] == "Write Exclusive" and g["verified"], d
                 rec = _events(c, "hosta", "PR_RECONCILED")
                 assert any(e["data"]["reason"] == "start (journal)" and e["data"]["changes"]
                            for e in rec), rec
@@ -212,7 +212,7 @@ def test_reservation_made_outside_the_guest_is_adopted_and_migrates(tmp_path: Pa
                 assert res["method"] == "READ FULL STATUS" and res["changes"], res
                 d = await _device(c, "hosta")
                 g = d["pr-state"]["guests"][GUEST]
-                assert g["holder"] and g["key"] == f"0x{KEY:016x}", d
+                assert g["holder"] and g["key"] == f"0x{KEY:x}", d
                 rec = _events(c, "hosta", "PR_RECONCILED")
                 assert any(e["data"]["reason"] == "reconcile-pr" for e in rec), rec
                 w = Writer(s)
@@ -379,7 +379,7 @@ def test_tgt_backend_uses_the_keys_fallback_and_migrates(tmp_path: Path) -> None
                     assert len(w.bad) <= 1, w.bad
                     assert await w.verify() > 5
                     g = (await _device(c, "hostb"))["pr-state"]["guests"][GUEST]
-                    assert g["holder"] and g["key"] == f"0x{KEY:016x}", g
+                    assert g["holder"] and g["key"] == f"0x{KEY:x}", g
                     obs = await connect(url, initiator_name=INITIATOR1, isid=0x23D000000078,
                                         reconnect=False, command_timeout=10)
                     try:

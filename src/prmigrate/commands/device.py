@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "add":
             p.add_argument("spec", metavar="SPEC", help="name=...,backend=iscsi://...[,key=value...]")
         elif name == "del":
-            p.add_argument("device", help="device name")
+            p.add_argument("device", metavar="NAME", help="the device's name (name= of its spec)")
             p.add_argument("--force", action="store_true",
                            help="delete even while guests are logged in or it migrates")
         else:

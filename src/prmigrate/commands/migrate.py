@@ -1,10 +1,10 @@
 """``prmigrate migrate``: live-migrate a device between host daemons.
 
-    prmigrate migrate --control /tmp/hosta.sock --device vm1 --to 127.0.0.3:4444
-    prmigrate migrate --control /tmp/hosta.sock --device vm1 --cancel
-    prmigrate migrate --control /tmp/hosta.sock --device vm1 --query
+    prmigrate migrate --control /tmp/hosta.sock --name vm1 --to 127.0.0.3:4444
+    prmigrate migrate --control /tmp/hosta.sock --name vm1 --cancel
+    prmigrate migrate --control /tmp/hosta.sock --name vm1 --query
     prmigrate migrate --control /tmp/hosta.sock --all --to 127.0.0.3:4444
-    prmigrate migrate --control /tmp/hosta.sock --device vm1 --device vm2 --to 127.0.0.3:4444
+    prmigrate migrate --control /tmp/hosta.sock --name vm1 --name vm2 --to 127.0.0.3:4444
 
 Starts the migration on the source daemon's control socket, prints each
 state change with the time since the start, blocks until the end and
@@ -16,7 +16,7 @@ cluster secret or its TLS certificate, which trying again does not change);
 at the deadline a migration still connecting or setting up is cancelled (the
 device stays on the source).
 
-``--all`` or ``--device`` given more than once moves the devices as one
+``--all`` or ``--name`` given more than once moves the devices as one
 batch (one migration per device, each over its own channel, all from the
 one daemon): every move sets up first (devices created on the destination,
 logins, registrations), then the guests pause one after another
@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", "--host", dest="control", required=True, metavar="SOCKET",
                         help="the source daemon's control socket (its --control PATH; "
                              "--host is the old spelling)")
-    parser.add_argument("--device", action="append", metavar="NAME",
+    parser.add_argument("--name", "--device", dest="device", action="append", metavar="NAME",
                         help="the device's name (name= of the daemon's --device spec); "
-                             "more than once: move them as one batch")
+                             "more than once: move them as one batch (--device: the old "
+                             "spelling, still accepted)")
     parser.add_argument("--all", action="store_true",
                         help="move every device of the source daemon as one batch")
     parser.add_argument("--setup-parallel", type=int, default=None, metavar="N",
@@ -131,13 +132,13 @@ def _main(args: argparse.Namespace) -> int:
 
     devices = args.device or []
     if args.all and devices:
-        print("prmigrate migrate: --all and --device exclude each other", file=sys.stderr)
+        print("prmigrate migrate: --all and --name exclude each other", file=sys.stderr)
         return EXIT_USAGE
     if not args.all and not devices:
-        print("prmigrate migrate: --device NAME or --all is required", file=sys.stderr)
+        print("prmigrate migrate: --name NAME or --all is required", file=sys.stderr)
         return EXIT_USAGE
     if (args.query or args.cancel) and (args.all or len(devices) > 1):
-        print("prmigrate migrate: --query and --cancel take one --device", file=sys.stderr)
+        print("prmigrate migrate: --query and --cancel take one --name", file=sys.stderr)
         return EXIT_USAGE
     if args.query or args.cancel:
         args.device = devices[0]

@@ -401,7 +401,8 @@ def _json_in(action: PrInAction, data: Any) -> dict[str, Any]:
     assert isinstance(data, ReadFullStatus)
     return {"generation": data.generation, "registrations": [
         {"key": _hex(e.key), "all_tg_pt": e.all_tg_pt, "holder": e.holder, "scope": e.scope,
-         "type": int(e.rtype), "rel_tgt_port": e.rel_tgt_port, "transport_id": str(e.transport_id)}
+         "type": int(e.rtype), "type_name": words(e.rtype) if e.holder else None,
+         "rel_tgt_port": e.rel_tgt_port, "transport_id": str(e.transport_id)}
         for e in data.entries]}
 
 

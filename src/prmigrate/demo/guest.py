@@ -32,6 +32,7 @@ from ..lun.types import Result
 from ..scsi.constants import Opcode, PrOutAction, PrType, Status
 from ..scsi.pr import pr_out_params
 from ..scsi.sense import DecodedSense
+from ..scsi.vocabulary import format_key, words
 from .stamp import Check, Counters, Ledger, stamp_block
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,8 @@ class Guest:
         self._event(f"registered key 0x{self.key:x}")
         r = await self._pr_out(PrOutAction.RESERVE, self.rtype, self.key, 0)
         if r.status != Status.GOOD:
-            raise GuestError(f"RESERVE {self.rtype.name}: {describe_result(r)}")
-        self._event(f"reserved ({self.rtype.name})")
+            raise GuestError(f"RESERVE {words(self.rtype)}: {describe_result(r)}")
+        self._event(f"reserved ({words(self.rtype)})")
 
     async def release_and_unregister(self) -> str:
         """Leave the LUN as found: RELEASE, then REGISTER SARK = 0."""
@@ -337,8 +338,8 @@ class Guest:
         return {
             "initiator": self.initiator,
             "isid": f"0x{self.isid:012x}",
-            "key": f"0x{self.key:x}",
-            "type": self.rtype.name,
+            "key": format_key(self.key),
+            "type": words(self.rtype),
             "writes": self.counters.to_dict(),
             "lost_writes": [
                 {"seq": s, "lba": lba, "why": why} for s, lba, why in self.ledger.lost_writes[:20]

@@ -22,6 +22,7 @@ from ..iscsi.initiator import IscsiError, Session, connect, describe_result
 from ..lun.types import Result
 from ..scsi.constants import Opcode, PrInAction, PrType, Status
 from ..scsi.pr import PrDecodeError, ReadFullStatus
+from ..scsi.vocabulary import format_key, words
 
 OBSERVER_INITIATOR = "iqn.2026-11.org.prmigrate:observer"
 OBSERVER_ISID = 0x23D0000000AB
@@ -50,15 +51,13 @@ class Registration:
             "initiator": self.initiator,
             "isid": None if self.isid is None else f"0x{self.isid:012x}",
             "host": label,
-            "key": f"0x{self.key:x}",
+            "key": format_key(self.key),
             "holder": self.holder,
-            "type": _type_name(self.rtype) if self.holder else None,
+            "type": words(self.rtype) if self.holder else None,
             "scope": self.scope if self.holder else None,
         }
 
 
-def _type_name(t: PrType | int) -> str:
-    return t.name if isinstance(t, PrType) else f"0x{int(t):x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 def type_name(t: str | None) -> str:
     """The one printed form of a reservation type (scsi/vocabulary.py); the
-    result dict carries the enum name."""
+    result dict carries it already (a saved older report, the enum name)."""
     from ..scsi.vocabulary import PrTypeError, words
 
     if t is None:

@@ -35,7 +35,7 @@ from ..device.identity import derive_isid
 from ..host.control import CommandError
 from ..iscsi.initiator import IscsiError, LoginError
 from ..scsi.constants import PrType
-from ..scsi.vocabulary import words
+from ..scsi.vocabulary import format_key, words
 from .cluster import Cluster, ClusterError, HostInfo, TargetInfo
 from .guest import Guest, GuestError
 from .observer import Observer, PrSnapshot, probe_write
@@ -155,8 +155,8 @@ async def run_one(cluster: Cluster, target: TargetInfo, spec: RunSpec, pace: Pac
         "machine": spec.machine,
         "device": DEVICE,
         "backend": target.url(spec.lun),
-        "reservation_type": rtype.name,
-        "key": f"0x{GUEST_KEY:x}",
+        "reservation_type": words(rtype),
+        "key": format_key(GUEST_KEY),
         "moves": [],
         "checks": checks.items,
     }
@@ -330,7 +330,7 @@ async def run_demo(*, workdir: Path | None = None, keep: bool = False, quick: bo
     wd.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(wd)
     report: dict[str, Any] = {"workdir": str(wd), "quick": quick, "runs": [],
-                              "reservation_type": rtype.name}
+                              "reservation_type": words(rtype)}
     try:
         cluster.make_secret()
         target = await cluster.start_target(len(runs), pace.size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from ..scsi.vocabulary import format_key, words
 from .verify import KEYS_METHOD, KEYS_METHOD_LIMITS
 
 
@@ -60,11 +61,11 @@ def describe_device(dev: Any, now: float) -> dict[str, object]:
             "last-verify-error": dev.last_verify_error,
             "guests": {
                 g: {
-                    "key": f"0x{s.key:016x}",
+                    "key": format_key(s.key),
                     "backend-nexus": str(dev.port_of(g)),
                     "aptpl": s.aptpl,
                     "holder": s.holder,
-                    "type": s.rtype.name if s.holder else None,
+                    "type": words(s.rtype) if s.holder else None,
                     "scope": s.scope,
                     "verified": g not in st.unverified,
                 }

@@ -44,6 +44,7 @@ from enum import Enum
 from ..scsi.constants import PrType
 from ..scsi.pr import FullStatusEntry, ReadFullStatus, ReadKeys, ReadReservation
 from ..scsi.transport_id import TransportId
+from ..scsi.vocabulary import words
 from .state import DevicePrState, GuestPrState, StateChange
 
 
@@ -204,7 +205,7 @@ def reconcile_keys(
                     Unknown(
                         guest,
                         UnknownKind.RESERVATION_OWNER,
-                        f"{rtype.short} reservation with key 0x{cur.key:x}",
+                        f"{words(rtype)} reservation with key 0x{cur.key:x}",
                     )
                 )
         new.set(guest, nxt)

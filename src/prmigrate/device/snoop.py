@@ -66,6 +66,7 @@ from ..scsi.pr import (
     RegisterAndMoveParams,
 )
 from ..scsi.transport_id import TransportId
+from ..scsi.vocabulary import words
 from .identity import SHARED_NEXUS, IdentityMode
 from .reconcile import KeysReconcile, UnknownKind, reconcile_full_status, reconcile_keys
 from .state import DevicePrState, GuestPrState, StateChange
@@ -191,7 +192,7 @@ def _register(ctx: _Ctx, *, check_rk: bool = True) -> _Effect:
             return _Effect({}, verify, "unregistered nexus unregistering: no-op")
         note = "unregistered"
         if ctx.cur.holder and not ctx.cur.rtype.all_registrants:
-            note += f", releasing its {ctx.cur.rtype.short} reservation"
+            note += f", releasing its {words(ctx.cur.rtype)} reservation"
         return _Effect({ctx.me: GuestPrState()}, verify, note)
     if not ctx.cur.registered:
         joined = _ar_reservation(ctx.others)
@@ -225,7 +226,7 @@ def _reserve(ctx: _Ctx) -> _Effect:
         for g, s in ctx.others.items():
             if s.registered:
                 updates[g] = replace(s, holder=True, rtype=t, scope=ctx.cdb.scope)
-    return _Effect(updates, _stale(ctx) or not ctx.cur.registered, f"reserved {t.short}")
+    return _Effect(updates, _stale(ctx) or not ctx.cur.registered, f"reserved {words(t)}")
 
 
 def _release(ctx: _Ctx) -> _Effect:
@@ -244,7 +245,7 @@ def _release(ctx: _Ctx) -> _Effect:
         for g, s in ctx.others.items():
             if s.holder:
                 updates[g] = GuestPrState(s.key, s.aptpl)
-    return _Effect(updates, _stale(ctx), f"released {cur.rtype.short}")
+    return _Effect(updates, _stale(ctx), f"released {words(cur.rtype)}")
 
 
 def _clear(ctx: _Ctx) -> _Effect:
@@ -291,7 +292,7 @@ def _preempt(ctx: _Ctx) -> _Effect:
         and t is not None
     ):
         me = replace(me, holder=True, rtype=t, scope=scope)
-        note += f", took the reservation as {t.short}"
+        note += f", took the reservation as {words(t)}"
     # Otherwise the reservation is not touched (SARK is not its holder's
     # key, or it is all-registrants and we hold it already) or is held
     # outside the device: the verification tells.

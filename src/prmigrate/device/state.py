@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..scsi.constants import PrType
+from ..scsi.vocabulary import format_key, words
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,15 @@ class GuestPrState:
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["rtype"] = int(self.rtype)
+        return d
+
+    def printed(self) -> dict[str, object]:
+        """``to_dict`` in the vocabulary's printed forms (events, outputs):
+        the key as ``0x123abc``, the type in sg_persist's words (None when
+        not a holder). The stored layout stays ``to_dict``'s."""
+        d = asdict(self)
+        d["key"] = format_key(self.key)
+        d["rtype"] = words(self.rtype) if self.holder else None
         return d
 
     @staticmethod
@@ -138,5 +148,5 @@ def describe_guest(s: GuestPrState) -> str:
         return "unregistered"
     text = f"key 0x{s.key:x}" + (" aptpl" if s.aptpl else "")
     if s.holder:
-        text += f", holds {s.rtype.short}" + (f" scope {s.scope}" if s.scope else "")
+        text += f", holds {words(s.rtype)}" + (f" scope {s.scope}" if s.scope else "")
     return text

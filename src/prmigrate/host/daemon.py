@@ -748,7 +748,7 @@ class HostDaemon:
                 "event": "PR_STATE_CHANGED",
                 "device": dev.name,
                 "changes": [
-                    {"guest": c.guest, "reason": c.reason, "after": c.after.to_dict()}
+                    {"guest": c.guest, "reason": c.reason, "after": c.after.printed()}
                     for c in changes
                 ],
             }

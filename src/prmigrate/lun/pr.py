@@ -73,6 +73,7 @@ from ..scsi.pr import (
 )
 from ..scsi.sense import CheckCondition, Sense, SenseField
 from ..scsi.transport_id import TransportId
+from ..scsi.vocabulary import words
 from . import persist
 from .conflicts import Access, Relation, classify, pr_conflicts, scsi2_allowed
 from .types import Nexus, ReservationConflict
@@ -761,11 +762,11 @@ class ReservationTable:
         if resv.rtype.all_registrants:
             if not self._regs:  # the last registrant left
                 self._resv = None
-                self._log.info("%s reservation ended: no registrants left", resv.rtype.short)
+                self._log.info("%s reservation ended: no registrants left", words(resv.rtype))
             return
         if resv.holder == reg.ident:
             self._resv = None
-            self._log.info("%s reservation released: holder unregistered", resv.rtype.short)
+            self._log.info("%s reservation released: holder unregistered", words(resv.rtype))
             if resv.rtype.registrants_only:
                 self._notify(self._regs.values(), Sense.RESERVATIONS_RELEASED, nexus)
 
@@ -783,7 +784,7 @@ class ReservationTable:
             raise ReservationConflict()
         holder = None if rtype.all_registrants else reg.ident
         self._resv = Reservation(rtype, req.scope, holder)
-        self._log.info("%s reserved %s", self._describe(reg), rtype.short)
+        self._log.info("%s reserved %s", self._describe(reg), words(rtype))
         self._save()
 
     # -- RELEASE (SPC-5 5.14.11.2)
@@ -797,7 +798,7 @@ class ReservationTable:
         if int(req.rtype) != resv.rtype or req.scope != resv.scope:
             raise CheckCondition(Sense.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
         self._resv = None
-        self._log.info("%s released %s", self._describe(reg), resv.rtype.short)
+        self._log.info("%s released %s", self._describe(reg), words(resv.rtype))
         if resv.rtype.registrants_only or resv.rtype.all_registrants:
             self._notify(self._regs.values(), Sense.RESERVATIONS_RELEASED, nexus)
         self._save()
@@ -870,7 +871,7 @@ class ReservationTable:
         if new_resv is not None and new_resv is not resv:
             changed = resv is None or (resv.rtype, resv.scope) != (new_resv.rtype, new_resv.scope)
             self._resv = new_resv
-            self._log.info("%s now holds %s", nexus, new_resv.rtype.short)
+            self._log.info("%s now holds %s", nexus, words(new_resv.rtype))
             if changed:
                 self._notify(self._regs.values(), Sense.RESERVATIONS_RELEASED, nexus)
         elif resv is not None and resv.rtype.all_registrants and not self._regs:
@@ -916,7 +917,7 @@ class ReservationTable:
         self._log.info(
             "%s moved %s to %s%s",
             self._describe(reg),
-            resv.rtype.short,
+            words(resv.rtype),
             self._describe(dest),
             " and unregistered" if p.unreg else "",
         )
@@ -1071,6 +1072,6 @@ class ReservationTable:
         self._log.info(
             "restored %d registrations%s from %s (APTPL)",
             len(regs),
-            f", {resv.rtype.short} reservation" if resv else "",
+            f", {words(resv.rtype)} reservation" if resv else "",
             path,
         )

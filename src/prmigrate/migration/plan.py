@@ -69,6 +69,7 @@ from enum import Enum, StrEnum
 
 from ..device.state import DevicePrState, GuestPrState
 from ..scsi.constants import PrOutAction, PrType
+from ..scsi.vocabulary import words
 from .errors import PlanError
 
 RAIEK = PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY
@@ -131,7 +132,7 @@ class PrOp:
         return pr_out_params(self.rk, self.sark, aptpl=self.aptpl)
 
     def __str__(self) -> str:
-        t = f" type={self.rtype.short}" if self.rtype else ""
+        t = f" type={words(self.rtype)!r}" if self.rtype else ""
         return f"{self.side.value}[{self.guest}] {self.action.name} rk={self.rk:#x} sark={self.sark:#x}{t} ({self.phase.value}: {self.why})"
 
 
@@ -232,7 +233,7 @@ def check_state(pr: DevicePrState) -> None:
         if not g.registered or g.rtype not in _VALID:
             raise PlanError(f"holder without key or type: {g}")
     if len({g.rtype for g in holders}) > 1 or (len(holders) > 1 and not holders[0].rtype.all_registrants):
-        raise PlanError(f"more than one holder of a {holders[0].rtype.short} reservation")
+        raise PlanError(f"more than one holder of a {words(holders[0].rtype)} reservation")
 
 
 _VALID = frozenset(t for t in PrType if t is not PrType.NONE)
@@ -285,7 +286,7 @@ def _reconcile(pr: DevicePrState, observed: Observed | None, fenced: Mapping[str
             notes.append(f"{name}: key {g.key:#x} gone from the target: nothing to move")
             continue
         if g.holder and observed is not None and not observed.holds(g):
-            notes.append(f"{name}: target shows no {g.rtype.short} reservation for key {g.key:#x}: moved as a registration only")
+            notes.append(f"{name}: target shows no {words(g.rtype)} reservation for key {g.key:#x}: moved as a registration only")
             g = GuestPrState(g.key, g.aptpl)
         out[name] = g
     return out, notes

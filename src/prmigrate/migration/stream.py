@@ -52,6 +52,7 @@ from typing import Any
 from ..device.snapshot import DeviceSnapshot
 from ..device.state import DevicePrState, GuestPrState
 from ..scsi.constants import PrType
+from ..scsi.vocabulary import words
 from .errors import (
     BadMagic,
     SectionError,
@@ -331,7 +332,7 @@ def _pr_from_fields(f: Mapping[str, Any], where: str) -> DevicePrState:
     holders = [g for g in guests.values() if g.holder]
     # SPC-5 5.14.10: one holder, or every registrant of an all-registrants type.
     if len({g.rtype for g in holders}) > 1 or (len(holders) > 1 and not holders[0].rtype.all_registrants):
-        raise SectionError(f"{where}: inconsistent holders {[(g.key, g.rtype.short) for g in holders]}")
+        raise SectionError(f"{where}: inconsistent holders {[(g.key, words(g.rtype)) for g in holders]}")
     unverified = f.get("unverified", [])
     if not isinstance(unverified, list) or len(unverified) > MAX_GUESTS:
         raise SectionError(f"{where}.unverified: expected a list of guest names")
