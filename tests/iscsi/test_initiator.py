@@ -690,7 +690,15 @@ def test_garbage_from_target_fails_pending_commands() -> None:
                                           pdu.csg, nsg, True, data=encode_text(reply)).encode())
                     statsn += 1
                 elif isinstance(pdu, ScsiCommand):
-                    w.write(b"\x25\x80" + os.urandom(46) + os.urandom(100))  # malformed Data-In
+                    # a malformed Data-In: random bytes, but no AHS and a
+                    # DataSegmentLength beyond our MaxRecvDataSegmentLength
+                    # (RFC 7143 13.12), so the header alone is the protocol
+                    # error (fully random bytes sometimes announced a segment
+                    # that never came, and the test then hung)
+                    junk = bytearray(os.urandom(48))
+                    junk[0:2] = b"\x25\x80"
+                    junk[4:8] = b"\x00\xff\xff\xff"
+                    w.write(bytes(junk) + os.urandom(100))
         w.close()
 
     async def body() -> None:
