@@ -55,16 +55,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from tests.interop.migration_cluster import FRONTEND, ProcCluster  # noqa: E402
+from tests.interop.migration_cluster import ProcCluster  # noqa: E402
 from tests.interop.vm import (  # noqa: E402
     BOOT_TIMEOUT,
     GUEST_IQN,
     GUEST_KEY,
     Guest,
-    VmCluster,
-    frontend_portal,
     guest_image,
-    netns,
+    open_iscsi_guest,
 )
 from tests.interop.vm_migration import VmRun, start_cluster  # noqa: E402
 
@@ -84,24 +82,6 @@ def libiscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, Gu
     finally:
         g.stop()
         c.stop()
-
-
-@contextlib.contextmanager
-def open_iscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, Guest]]:
-    with netns(taps=1) as net:
-        c = VmCluster(workdir, addresses={"hosta": net.addr(2), "hostb": net.addr(3)})
-        c.start()
-        g = Guest(image, workdir, "open-iscsi", {
-            "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
-            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1",
-            "neighbours": f"{net.addr(2)},{net.addr(3)}"},
-            ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
-             "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
-        try:
-            yield c, g.start()
-        finally:
-            g.stop()
-            c.stop()
 
 
 def measure_move(g: Guest, go: Any) -> dict[str, Any]:

@@ -35,17 +35,15 @@ import pytest
 
 from prmigrate.scsi.constants import PrType
 
-from .migration_cluster import FRONTEND, INITIATORS, ProcCluster, env
+from .migration_cluster import INITIATORS, ProcCluster, env
 from .vm import (
     BOOT_TIMEOUT,
     GUEST_IQN,
     GUEST_KEY,
     Guest,
     Qmp,
-    VmCluster,
-    frontend_portal,
     guest_image,
-    netns,
+    open_iscsi_guest,
 )
 
 # the first test may build the guest (scripts/build-guest.sh: QEMU and
@@ -153,17 +151,8 @@ def image() -> Path:
 
 
 def test_open_iscsi_guest_across_pushed_moves(tmp_path: Path, image: Path) -> None:
-    with netns(taps=1) as net:
-        c = VmCluster(tmp_path, addresses={"hosta": net.addr(2), "hostb": net.addr(3)})
-        c.start()
-        g = Guest(image, tmp_path, "open-iscsi", {
-            "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
-            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1",
-            "neighbours": f"{net.addr(2)},{net.addr(3)}"},
-            ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
-             "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
+    with open_iscsi_guest(image, tmp_path) as (c, g):
         try:
-            g.start()
             g.wait("ready", BOOT_TIMEOUT)
             g.wait("io")
             assert_held_by(c, "hosta", "hostb")
@@ -192,9 +181,6 @@ def test_open_iscsi_guest_across_pushed_moves(tmp_path: Path, image: Path) -> No
             print(c.dump_logs())
             print(g.console_tail(80))
             raise
-        finally:
-            g.stop()
-            c.stop()
 
 
 def test_libiscsi_vm_across_pushed_moves_then_fenced(tmp_path: Path, image: Path) -> None:

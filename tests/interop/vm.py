@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .migration_cluster import HOSTS, INITIATORS, SECRET, Proc, ProcCluster, free_port
+from .migration_cluster import FRONTEND, HOSTS, INITIATORS, SECRET, Proc, ProcCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_GUEST = ROOT / "scripts" / "build-guest.sh"
@@ -375,3 +375,23 @@ class VmCluster(ProcCluster):
 def frontend_portal(c: ProcCluster, name: str) -> str:
     p = c.procs[name]
     return f"{p.host}:{p.port}"
+
+
+@contextlib.contextmanager
+def open_iscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, Guest]]:
+    """Hosts A and B in a network namespace and a started open-iscsi guest
+    logged in to A's frontend over a tap (stopped again at the end)."""
+    with netns(taps=1) as net:
+        c = VmCluster(workdir, addresses={"hosta": net.addr(2), "hostb": net.addr(3)})
+        c.start()
+        g = Guest(image, workdir, "open-iscsi", {
+            "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
+            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1",
+            "neighbours": f"{net.addr(2)},{net.addr(3)}"},
+            ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
+             "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
+        try:
+            yield c, g.start()
+        finally:
+            g.stop()
+            c.stop()
