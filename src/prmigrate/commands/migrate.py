@@ -39,6 +39,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import _args
@@ -128,8 +129,6 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from ._control_client import ControlConnection, ControlError
-
     devices = args.device or []
     if args.all and devices:
         print("prmigrate migrate: --all and --name exclude each other", file=sys.stderr)
@@ -155,23 +154,17 @@ def _main(args: argparse.Namespace) -> int:
     def stamp() -> str:
         return f"{(time.monotonic() - start) * 1000:9.1f} ms"
 
-    try:
-        events = ControlConnection(args.control)
-    except ControlError as e:
-        print(f"prmigrate migrate: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        arguments = {"device": args.device, "to": args.to, "strategy": args.strategy}
-        if args.frontend:
-            arguments["frontend"] = args.frontend
+    arguments = {"device": args.device, "to": args.to, "strategy": args.strategy}
+    if args.frontend:
+        arguments["frontend"] = args.frontend
+
+    def follow(events: Any) -> int:
         attempt = 0
         while True:
             attempt += 1
-            try:
-                started = events.call("migrate", arguments)
-            except ControlError as e:
-                print(f"prmigrate migrate: {e}", file=sys.stderr)
-                return EXIT_FAILED if e.cls == "GenericError" else EXIT_USAGE
+            started = _start(events, arguments)
+            if isinstance(started, int):
+                return started
             mid = started["id"]
             again = f", attempt {attempt}" if attempt > 1 else ""
             _say(args, f"migrating {args.device} to {args.to} (migration {mid}, "
@@ -188,6 +181,23 @@ def _main(args: argparse.Namespace) -> int:
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - 1.0)))
                 continue
             return _report(args, rec)
+
+    return _with_control(args, follow)
+
+
+def _with_control(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
+    """``body(connection)`` on an event connection to the source daemon's
+    control socket: one that cannot be opened is a usage error (exit 2),
+    one lost midway leaves the outcome in doubt (exit 3)."""
+    from ._control_client import ControlConnection, ControlError
+
+    try:
+        events = ControlConnection(args.control)
+    except ControlError as e:
+        print(f"prmigrate migrate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return body(events)
     except ControlError as e:
         print(f"prmigrate migrate: lost the source daemon's control socket: {e}", file=sys.stderr)
         return EXIT_DOUBT
@@ -195,10 +205,20 @@ def _main(args: argparse.Namespace) -> int:
         events.close()
 
 
+def _start(events: Any, arguments: dict[str, Any]) -> dict[str, Any] | int:
+    """The ``migrate`` call: its answer, or the exit code of its refusal
+    (a refused move exits 1, a malformed request 2)."""
+    from ._control_client import ControlError
+
+    try:
+        return events.call("migrate", arguments)  # type: ignore[no-any-return]
+    except ControlError as e:
+        print(f"prmigrate migrate: {e}", file=sys.stderr)
+        return EXIT_FAILED if e.cls == "GenericError" else EXIT_USAGE
+
+
 def _main_batch(args: argparse.Namespace, devices: list[str]) -> int:
     """A batch: start it, follow every move, one line per device at the end."""
-    from ._control_client import ControlConnection, ControlError
-
     start = time.monotonic()
     deadline = start + args.timeout
     arguments: dict[str, Any] = {"to": args.to, "strategy": args.strategy}
@@ -208,17 +228,11 @@ def _main_batch(args: argparse.Namespace, devices: list[str]) -> int:
     for key in ("setup_parallel", "pause_parallel"):
         if getattr(args, key) is not None:
             arguments[key.replace("_", "-")] = getattr(args, key)
-    try:
-        events = ControlConnection(args.control)
-    except ControlError as e:
-        print(f"prmigrate migrate: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        try:
-            started = events.call("migrate", arguments)
-        except ControlError as e:
-            print(f"prmigrate migrate: {e}", file=sys.stderr)
-            return EXIT_FAILED if e.cls == "GenericError" else EXIT_USAGE
+
+    def follow(events: Any) -> int:
+        started = _start(events, arguments)
+        if isinstance(started, int):
+            return started
         ids = {m["id"]: m["device"] for m in started["migrations"]}
         _say(args, f"migrating {len(ids)} device(s) to {args.to} (batch {started['batch']}, "
                    f"strategy {args.strategy})")
@@ -267,11 +281,8 @@ def _main_batch(args: argparse.Namespace, devices: list[str]) -> int:
             worst = f", longest pause {_ms(max(pauses))}" if pauses else ""
             print(f"{ok} of {len(ids)} moved in {(time.monotonic() - start):.2f} s{worst}")
         return code
-    except ControlError as e:
-        print(f"prmigrate migrate: lost the source daemon's control socket: {e}", file=sys.stderr)
-        return EXIT_DOUBT
-    finally:
-        events.close()
+
+    return _with_control(args, follow)
 
 
 def _follow(args: argparse.Namespace, events: Any, mid: str, deadline: float,
