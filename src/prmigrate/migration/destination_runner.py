@@ -8,6 +8,12 @@ Carries out the ``DestinationMigration`` machine's actions
     (not exposed yet; the identical node name, LUN, INQUIRY data and
     capacity), the guests' backend sessions opened, then PR IN (READ FULL
     STATUS, or READ KEYS + READ RESERVATION; SPC-5 6.16) -> ``DeviceReady``.
+    When a key of the device is also registered outside it, what REGISTER
+    AND MOVE needs, all before the pause: whether the backend supports it
+    (REPORT SUPPORTED OPERATION CODES, 5Fh/07h, on the monitor nexus), each
+    guest's destination nexus (TransportID) and the relative target port it
+    reaches the LUN through (VPD 83h on that nexus), and the source's nexus
+    and port (READ FULL STATUS), where a rollback moves it back.
 ``LoadState``
     ``device.restore`` (PR state, pending unit attentions).
 ``ResumeGuest``
@@ -29,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..device.identity import backend_port
 from ..device.passthrough import DeviceError
-from ..iscsi.initiator import IscsiError
-from ..scsi.constants import PrType
-from ..scsi.pr import PrDecodeError
+from ..iscsi.initiator import IscsiError, ScsiError, describe_result
+from ..scsi.cdb import CommandSupport, one_command_support, supports_service_action
+from ..scsi.constants import Opcode, PrOutAction, PrType, Status
+from ..scsi.inquiry import VpdPage, relative_target_port
+from ..scsi.pr import FullStatusEntry, PrDecodeError
 from .channel import Message, Setup
 from .destination import DestinationMigration, DestinationState
 from .errors import MigrationError
@@ -48,7 +56,7 @@ from .machine import (
     StateLoaded,
     Timeouts,
 )
-from .plan import Observed, TargetTraits
+from .plan import MovePort, Observed, TargetTraits
 from .runner import Runner, RunnerOwner, log
 from .stream import DeviceSnapshot
 from .transport import decode_peer_id
@@ -69,6 +77,7 @@ class DestinationRunner(Runner):
         self._creating: asyncio.Task[Any] | None = None
         self._created = False
         self._adopted: PassthroughDevice | None = None  # an incoming device it arrives into
+        self._rfs_entries: tuple[FullStatusEntry, ...] = ()  # the last READ FULL STATUS in setup
         self.log = logging.LoggerAdapter(log, {"migration": f"incoming from {link_peer}"})
 
     @property
@@ -127,14 +136,53 @@ class DestinationRunner(Runner):
             for g in guests:
                 await dev.backend_session(g)
             observed, traits = await self._observe(dev, snap) if guests else (None, TargetTraits())
+            ports: dict[str, MovePort] = {}
+            source_ports: dict[str, MovePort] = {}
+            if observed is not None and observed.foreign:
+                traits, ports, source_ports = await self._move_info(dev, snap, traits)
         except Exception as e:
             self.feed(DeviceFailed(f"backend: {type(e).__name__}: {e}"))
             return
-        self.feed(DeviceReady(observed, traits))
+        self.feed(DeviceReady(observed, traits, ports, source_ports))
+
+    async def _move_info(self, dev: PassthroughDevice, snap: DeviceSnapshot,
+                         traits: TargetTraits) -> tuple[TargetTraits, dict[str, MovePort], dict[str, MovePort]]:
+        """What REGISTER AND MOVE needs (outside the pause): the backend's
+        support for it, and per guest the destination's nexus and the
+        source's, each with its relative target port."""
+        r = await dev.monitor_command(supports_service_action(Opcode.PERSISTENT_RESERVE_OUT, PrOutAction.REGISTER_AND_MOVE), 64)
+        support = one_command_support(bytes(r.data_in)) if r.status == Status.GOOD else None
+        supported = support in (CommandSupport.SUPPORTED, CommandSupport.SUPPORTED_VENDOR)
+        self.log.info("backend REGISTER AND MOVE: %s", "supported" if supported else
+                      f"not supported ({support!r})" if support is not None else f"unknown ({describe_result(r)})")
+        traits = replace(traits, register_and_move=supported)
+        ports: dict[str, MovePort] = {}
+        source_ports: dict[str, MovePort] = {}
+        if not supported:
+            return traits, ports, source_ports
+        rfs_ports = {e.transport_id.key(): e.rel_tgt_port for e in self._rfs_entries if not e.all_tg_pt}
+        for guest in sorted(snap.pr.guests):
+            s = await dev.backend_session(guest)
+            try:
+                rel = relative_target_port(await s.inquiry(VpdPage.DEVICE_ID, 255, lun=dev.lun))
+            except ScsiError as e:
+                rel = None
+                self.log.warning("%s: INQUIRY VPD 83h on its backend nexus: %s", guest, e)
+            if rel is None:
+                self.log.warning("%s: no relative target port known for its backend nexus", guest)
+                continue
+            ports[guest] = MovePort(backend_port(dev.mode, dev.host_initiator, dev.name, guest).transport_id, rel)
+            if self.source_initiator:
+                tid = backend_port(dev.mode, self.source_initiator, dev.name, guest).transport_id
+                # the port the source's registration is on; one made on
+                # every target port (ALL_TG_PT) is reached through ours
+                source_ports[guest] = MovePort(tid, rfs_ports.get(tid.key()) or rel)
+        return traits, ports, source_ports
 
     async def _observe(self, dev: PassthroughDevice, snap: DeviceSnapshot) -> tuple[Observed, TargetTraits]:
         """The target's PR state as seen from here (outside the pause)."""
         rfs = await dev.read_full_status()
+        self._rfs_entries = rfs.entries if rfs is not None else ()
         if rfs is not None:
             holders = [e for e in rfs.entries if e.holder]
             rtype = PrType.NONE

@@ -39,7 +39,8 @@ OP_TIMEOUT = 10.0  # one PR OUT on the backend; beyond it the outcome is unknown
 async def pr_out(dev: PassthroughDevice, op: PrOp) -> Result:
     """One op on its guest's backend nexus, through the device's port."""
     return await dev.pr_out(op.guest, op.action, op.rtype, op.rk, op.sark, op.scope, op.aptpl,
-                            purpose=Purpose.MIGRATION)
+                            purpose=Purpose.MIGRATION,
+                            params=op.params() if op.move_to is not None else None)
 
 
 async def issue_ops(dev: PassthroughDevice, ops: tuple[PrOp, ...], logger: Any) -> PrOpsDone:
