@@ -500,8 +500,8 @@ def test_move_cases_table_covers_every_case_and_names_its_clause() -> None:
 
 def migrate_shared(pr: DevicePrState, *, ram: bool = True, lio: bool = False) -> tuple[FakeTarget, SetupPlan, TakeoverPlan]:
     """Setup, release and takeover on a model target where another host's
-    nexus shares every guest's key."""
-    t = FakeTarget.with_state(pr, lio=lio, ram=ram, foreign={OTHER: g.key for g in pr.guests.values() if g.key})
+    nexus shares the key K1."""
+    t = FakeTarget.with_state(pr, lio=lio, ram=ram, foreign={OTHER: K1})
     obs = t.observe()
     sp = setup_plan(pr, obs, TargetTraits(register_and_move=ram), ports(pr), ports(pr, Side.SOURCE))
     t.apply(sp.ops)

@@ -124,7 +124,7 @@ DESTINATION_TABLE = table(
         (D.TAKEN_OVER, Resume): D.RESUMED,
         **{(D.TAKEN_OVER, e): (D.GIVING_BACK, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
         (D.ROLLBACK_HOLD, Resume): D.ROLLBACK_HOLD,  # too late: we aborted
-        **{(D.ROLLBACK_HOLD, e): (D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        **{(D.ROLLBACK_HOLD, e): (D.ROLLBACK_HOLD, D.GIVING_BACK, D.ABORTING, D.ABORTED) for e in _FAILURES},
         # moving the reservation back (REGISTER AND MOVE plan), then as below
         (D.GIVING_BACK, PrOpsDone): (D.GIVING_BACK, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED),
         **{(D.GIVING_BACK, e): D.GIVING_BACK
@@ -165,7 +165,6 @@ class DestinationMigration(MachineBase):
         self.ports: dict[str, MovePort] = {}  # our nexus per guest, as REGISTER AND MOVE names it
         self.source_ports: dict[str, MovePort] = {}  # the source's
         self.moving: dict[str, MovePort] = {}  # holders the source moves to us by REGISTER AND MOVE
-        self._given_back = False
         self._failed_in: D | None = None  # the state a failure met, while GIVING_BACK
         self._give_back_ops: tuple[PrOp, ...] = ()
         self._give_back_attempts = 0
@@ -362,25 +361,25 @@ class DestinationMigration(MachineBase):
     def _on_Cancel(self, ev: Cancel, now: float) -> D:
         return self._failure(ev, now)
 
-    def _failure(self, ev: Message | ChannelLost | Timeout | Cancel, now: float, at: D | None = None) -> D:
-        st: D = at if at is not None else self.state  # type: ignore[assignment]
+    def _failure(self, ev: Message | ChannelLost | Timeout | Cancel, now: float) -> D:
+        st: D = self.state  # type: ignore[assignment]
         if self._inflight is not None or st is D.GIVING_BACK:  # the ops' outcome decides
             if self._pending is None or isinstance(ev, Abort | Rollback):
                 self._pending = ev
             return st
-        if self.moving and not self._given_back and st in _MAY_HOLD_MOVED:
-            # The source may have moved the reservation to us: move it back
-            # before the source hears of the abort.
+        if self.moving and (st in _MAY_HOLD_MOVED or st is D.ROLLBACK_HOLD and isinstance(ev, Rollback | Timeout | Cancel)):
+            # The source may have moved the reservation to us (also after an
+            # ABORT of ours it had not seen yet): move it back before the
+            # source hears from us, and before we unregister.
             assert self.snapshot is not None
-            self._given_back = True
             self._give_back_ops = give_back_plan(self.snapshot.pr, self.moving, self.source_ports)
-            if self._give_back_ops:
-                self._pending, self._failed_in = ev, st
-                self._arm(now, None)
-                self._emit(Log(logging.WARNING, f"destination {self.name}: {_reason_of(ev).name} in {st.name}:"
-                                                " moving the reservation back to the source's nexus"))
-                self._emit(IssuePrOps(self._give_back_ops, Phase.ROLLBACK))
-                return D.GIVING_BACK
+            self._give_back_attempts = 0
+            self._pending, self._failed_in = ev, st
+            self._arm(now, None)
+            self._emit(Log(logging.WARNING, f"destination {self.name}: {_reason_of(ev).name} in {st.name}:"
+                                            " moving the reservation back to the source's nexus"))
+            self._emit(IssuePrOps(self._give_back_ops, Phase.ROLLBACK))
+            return D.GIVING_BACK
         reason = _reason_of(ev)
         if st is D.LISTENING:
             self._fail(reason)
@@ -425,7 +424,21 @@ class DestinationMigration(MachineBase):
         pending, self._pending = self._pending, None
         st, self._failed_in = self._failed_in, None
         assert pending is not None and st is not None
-        return self._failure(pending, now, st)
+        if st is D.ROLLBACK_HOLD and not isinstance(pending, Rollback):
+            return self._cleanup(now)  # the hold timer (or a cancel): we are done
+        if st is not D.ROLLBACK_HOLD:
+            reason = _reason_of(pending)
+            self._fail(reason)
+            if isinstance(pending, Abort):  # the source's last word: it moves nothing any more
+                return self._cleanup(now)
+            if not isinstance(pending, Rollback):
+                self._send(Abort(reason, _detail(pending), preempted=self.preempted))
+        if isinstance(pending, Rollback):
+            self._send(Ack(MsgType.ROLLBACK, preempted=self.preempted))
+        # A REGISTER AND MOVE of the source's may still cross what we sent:
+        # wait for its last word (ABORT, or ROLLBACK: move back again) or the timer.
+        self._arm(now, self.timeouts.rollback_hold)
+        return D.ROLLBACK_HOLD
 
     def _cleanup(self, now: float) -> D:
         self._arm(now, None)

@@ -121,16 +121,16 @@ SOURCE_TABLE = table(
         (S.RELEASING, PrOpsDone): (S.TRANSFERRED, S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         **{(S.RELEASING, e): S.RELEASING for e in _FAILURES},  # finish the ops first
         (S.TRANSFERRED, TakeoverDone): S.HANDOVER,
-        (S.TRANSFERRED, Abort): (S.RECLAIMING, S.ROLLED_BACK),
+        (S.TRANSFERRED, Abort): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.TRANSFERRED, ChannelLost): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.TRANSFERRED, Cancel): S.ROLLING_BACK,
         (S.TRANSFERRED, Timeout): S.ROLLING_BACK,
         (S.HANDOVER, Ack): S.COMPLETED,
-        (S.HANDOVER, Abort): (S.RECLAIMING, S.ROLLED_BACK),
+        (S.HANDOVER, Abort): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.HANDOVER, ChannelLost): S.IN_DOUBT,
         (S.HANDOVER, Timeout): S.IN_DOUBT,
         (S.ROLLING_BACK, Ack): (S.RECLAIMING, S.ROLLED_BACK),
-        (S.ROLLING_BACK, Abort): (S.RECLAIMING, S.ROLLED_BACK),
+        (S.ROLLING_BACK, Abort): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.ROLLING_BACK, TakeoverDone): S.ROLLING_BACK,  # crossed our ROLLBACK
         (S.ROLLING_BACK, ChannelLost): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.ROLLING_BACK, Timeout): (S.RECLAIMING, S.ROLLED_BACK),
@@ -304,6 +304,18 @@ class SourceMigration(MachineBase):
         if st is S.RELEASING:
             self._pending = reason
             return st
+        lost = reason is AbortReason.CONNECTION_LOST and not from_peer
+        if self.moved and (from_peer and st in (S.TRANSFERRED, S.HANDOVER, S.ROLLING_BACK)
+                           or lost and st in (S.TRANSFERRED, S.ROLLING_BACK)):
+            # The reservation is on the destination's nexus (the REGISTER AND
+            # MOVE succeeded, or its outcome is unknown): only the destination
+            # can move it back. An ABORT it sent may have crossed our move:
+            # ask again (ROLLBACK) and reclaim on its ACK or the rollback
+            # timer; with the channel lost it moves it back on its own.
+            self.preempted = None
+            if st is S.ROLLING_BACK:
+                return st
+            return self._await_give_back(now, reason, detail)
         if st is S.HANDOVER:
             if from_peer:  # it aborted instead of resuming, and never will resume
                 return self._reclaim(now)
@@ -312,12 +324,6 @@ class SourceMigration(MachineBase):
         if st is S.TRANSFERRED and reason in (AbortReason.CANCELLED, AbortReason.TIMEOUT) and not from_peer:
             self._send(Rollback(reason, detail))
             self._arm(now, self.timeouts.rollback)
-            return S.ROLLING_BACK
-        if self.moved and not from_peer and reason is AbortReason.CONNECTION_LOST and st in (S.TRANSFERRED, S.ROLLING_BACK):
-            # The destination moves the reservation back on its own: give it the rollback timer.
-            if st is S.TRANSFERRED:
-                self._arm(now, self.timeouts.rollback)
-            self.preempted = None
             return S.ROLLING_BACK
         if st is S.TRANSFERRED and not from_peer:  # channel lost: assume it preempted
             self.preempted = None
