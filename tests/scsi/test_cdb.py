@@ -189,7 +189,12 @@ def test_report_tmfs_cdb() -> None:
 
 def test_report_supported_opcodes_one_command_round_trip() -> None:
     """SPC-5 6.35: reporting option 010b asks about one opcode + service action."""
-    from prmigrate.scsi.cdb import CommandSupport, ReportOpcodesCdb, one_command_support, supports_service_action
+    from prmigrate.scsi.cdb import (
+        CommandSupport,
+        ReportOpcodesCdb,
+        one_command_support,
+        supports_service_action,
+    )
 
     cdb = supports_service_action(0x5F, 0x07, 64)
     assert cdb == bytes.fromhex("a30c025f0007000000400000")
