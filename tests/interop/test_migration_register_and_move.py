@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 
 from prmigrate.iscsi.initiator import Session, connect
-from prmigrate.scsi.constants import PrOutAction, PrType
-from prmigrate.scsi.pr import pr_out_params
+from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType
+from prmigrate.scsi.pr import ReadKeys, ReadReservation, pr_out_params
 
-from .migration_cluster import FrameProxy, ProcCluster, cluster
+from .migration_cluster import SHARED, FrameProxy, ProcCluster, cluster
 from .test_migration_e2e import KEY, Writer, guest_session, take_reservation
 
 pytestmark = pytest.mark.interop
@@ -223,3 +223,54 @@ def test_a_backend_without_register_and_move_refuses_the_move(tmp_path: Path) ->
             assert "REGISTER AND MOVE from" not in c.procs["target"].log  # never tried
 
         _run(go())
+
+
+def test_tgt_refuses_the_move_before_the_pause(tmp_path: Path) -> None:
+    """tgt (1.0.85) as the backend: no READ FULL STATUS (the shared key
+    shows in READ KEYS), and a REGISTER AND MOVE that cannot serve here:
+    it names its destination nexus nowhere (no relative target port in VPD
+    83h, no REPORT TARGET PORT GROUPS), and it answers GOOD to a non-holder
+    and looks the destination up by SARK among existing registrations,
+    which a shared key makes ambiguous. The move is refused in setup, the
+    guest keeps running on A with its reservation, the other host's
+    registration stays."""
+    from tests.iscsi.test_initiator import TGTADM, TGTD, Tgt
+
+    if not (TGTD and TGTADM):
+        pytest.fail("tgt (tgtd/tgtadm) is not installed: apt-get install tgt")
+    t = Tgt(tmp_path)
+    t.start()
+    try:
+        t.add_target(1, SHARED, 64 << 20)
+        url = f"iscsi://127.0.0.1:{t.port}/{SHARED}/1"
+        with cluster(tmp_path, backend=url) as c:
+
+            async def go() -> None:
+                s = await guest_session(c.frontend_url("hosta"))
+                o = await connect(url, initiator_name=OTHER_HOST, isid=OTHER_ISID, command_timeout=10, reconnect=False)
+                try:
+                    await take_reservation(s, PrType.WRITE_EXCLUSIVE)
+                    r = await o.submit(1, bytes(6))  # tgt: POWER ON RESET on a new nexus
+                    r = await o.pr_out(PrOutAction.REGISTER, 0, pr_out_params(0, KEY))
+                    assert r.good, r
+                    code, out = await c.migrate("hosta", "hostb")
+                    assert code == 1, out
+                    assert "also registered by" in out and "not moved" in out, out
+                    assert "target port are not known" in out, out
+                    assert "PR round trips in the pause: 0" in out, out  # never paused for it
+                    await c.wait_device("hostb", False)
+                    await c.wait_device("hosta", True)
+                    keys = ReadKeys.decode(bytes((await o.pr_in(PrInAction.READ_KEYS)).data_in))
+                    assert sorted(keys.keys) == [KEY, KEY], keys  # A's nexus and the other host's; none of B
+                    rr = ReadReservation.decode(bytes((await o.pr_in(PrInAction.READ_RESERVATION)).data_in))
+                    assert rr.key == KEY and int(rr.rtype) == PrType.WRITE_EXCLUSIVE, rr
+                    # the guest still writes through A
+                    r = await s.write(20, b"\x5a" * 512)
+                    assert await s.read(20, 1) == b"\x5a" * 512
+                finally:
+                    await s.close()
+                    await o.close()
+
+            _run(go())
+    finally:
+        t.stop()

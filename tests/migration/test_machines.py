@@ -104,7 +104,7 @@ class Sim:
     truth: DevicePrState | None = None  # what the target really holds for the guests (default: pr)
     strategy: Strategy = Strategy.PRMIGRATE
     foreign: dict[str, int] = field(default_factory=dict)  # nexuses outside the device sharing keys
-    ram: bool = True  # the target supports REGISTER AND MOVE
+    ram: bool | str = True  # the target supports REGISTER AND MOVE ("tgt": as tgt 1.0.85)
 
     def __post_init__(self) -> None:
         self.target = FakeTarget.with_state(self.pr, lio=self.lio, ram=self.ram, foreign=self.foreign)
@@ -136,7 +136,7 @@ class Sim:
             elif isinstance(a, HoldGuest):
                 self.q.append((m, GuestHeld(snap(self.pr))))
             elif isinstance(a, CreateDevice):
-                ready = DeviceReady(self.target.observe(), TargetTraits(register_and_move=self.ram),
+                ready = DeviceReady(self.target.observe(), TargetTraits(register_and_move=bool(self.ram)),
                                     ports(self.pr), ports(self.pr, Side.SOURCE))
                 self.q.append((m, DeviceFailed("boom") if self.fault("device_fail", 0) else ready))
             elif isinstance(a, LoadState):
@@ -152,10 +152,13 @@ class Sim:
             try:
                 self.target.run(op)
             except Conflict as e:
-                if not op.conflict_ok:
+                if not (op.conflict_ok or op.probe):
                     return PrOpsDone(i, f"RESERVATION CONFLICT: {e}")
             except ValueError as e:
                 return PrOpsDone(i, f"CHECK CONDITION: {e}")
+            else:
+                if op.probe:
+                    return PrOpsDone(i, "GOOD where SPC-5 requires RESERVATION CONFLICT")
             if self.fault("pr_unknown", self.props):
                 return PrOpsDone(i, "session lost", definite=False)
         return PrOpsDone(len(a.ops))
@@ -587,6 +590,16 @@ def test_a_backend_without_register_and_move_refuses_the_move_in_setup() -> None
     assert sim.src.timings.paused is None  # refused before the pause
     assert sim.target.foreign == {OTHER: K1}
     assert any("does not support REGISTER AND MOVE" in str(getattr(a, "text", "")) for a in sim.actions)
+
+
+def test_a_backend_whose_register_and_move_does_not_conform_fails_the_probe_in_setup() -> None:
+    """tgt 1.0.85 answers REGISTER AND MOVE from a registered non-holder
+    with GOOD (SPC-5 5.14.8 requires RESERVATION CONFLICT): the setup probe
+    fails, the destination unregisters, nothing is paused or moved."""
+    sim = shared("WE", ram="tgt")
+    _ends_on_source(sim)
+    assert sim.src.timings.paused is None and sim.target.foreign == {OTHER: K1}
+    assert any("GOOD where SPC-5 requires RESERVATION CONFLICT" in str(getattr(a, "text", "")) for a in sim.actions)
 
 
 def _shared_ends(sim: Sim, strict: bool = True) -> None:

@@ -62,10 +62,10 @@ OTHER = "iqn.2026-12.test:other,i,0x23d000000099"  # another host's nexus, outsi
 class FakeTarget:
     """A small SPC-5 PR model (REFERENCE 2) with LIO's two quirks as options."""
 
-    def __init__(self, *, lio: bool = False, ram: bool = True) -> None:
+    def __init__(self, *, lio: bool = False, ram: bool | str = True) -> None:
         self.regs: dict[tuple[Side, str], int] = {}
         self.foreign: dict[str, int] = {}  # nexuses outside the device (never hold here)
-        self.ram = ram  # REGISTER AND MOVE supported
+        self.ram = ram  # REGISTER AND MOVE supported ("tgt": as tgt 1.0.85 does it)
         self.holder: tuple[Side, str] | None = None  # None with an AR type: all registrants
         self.rtype = PrType.NONE
         self.scope = 0
@@ -157,6 +157,8 @@ class FakeTarget:
                 raise ValueError("REGISTER AND MOVE not supported -> INVALID FIELD IN CDB")
             if not registered or self.regs[n] != op.rk:
                 raise Conflict("REGISTER AND MOVE from unregistered / rk mismatch")
+            if self.ram == "tgt" and self.holder != n:
+                return  # tgt 1.0.85: GOOD from a registered non-holder, nothing done
             if not self.rtype or self.rtype.all_registrants or self.holder != n:
                 raise Conflict("REGISTER AND MOVE from a non-holder, or an AR type")
             if op.sark == 0 or op.move_to is None:
@@ -181,12 +183,15 @@ class FakeTarget:
             try:
                 self.run(op)
             except Conflict:
-                if not op.conflict_ok:
+                if not (op.conflict_ok or op.probe):
                     raise
+            else:
+                if op.probe:
+                    raise AssertionError(f"probe answered GOOD: {op}")
 
     # -- set the scene
     @staticmethod
-    def with_state(pr: DevicePrState, side: Side = Side.SOURCE, *, lio: bool = False, ram: bool = True,
+    def with_state(pr: DevicePrState, side: Side = Side.SOURCE, *, lio: bool = False, ram: bool | str = True,
                    foreign: dict[str, int] | None = None) -> FakeTarget:
         t = FakeTarget(lio=lio, ram=ram)
         t.foreign = dict(foreign or {})
@@ -518,6 +523,10 @@ def test_a_shared_key_holder_moves_by_register_and_move(rtype: PrType) -> None:
     pr = state(g1=holder(K1, rtype, aptpl=True))
     t, sp, tp = migrate_shared(pr)
     assert sp.move == {"g1": port_of(Side.DESTINATION, "g1")}
+    # setup: register, then the probe from that non-holder nexus (must conflict)
+    reg_op, probe = sp.ops
+    assert (reg_op.action, probe.action, probe.probe, probe.side) == (A.REGISTER_AND_IGNORE_EXISTING_KEY, A.REGISTER_AND_MOVE, True, Side.DESTINATION)
+    assert probe.move_to == port_of(Side.SOURCE, "g1") and not probe.inside_pause and sp.registered == {"g1": K1}
     (op,) = tp.release
     assert (op.side, op.action, op.rk, op.sark, op.rtype, op.unreg, op.aptpl, op.inside_pause) == (
         Side.SOURCE, A.REGISTER_AND_MOVE, K1, K1, rtype, True, True, True)

@@ -175,6 +175,9 @@ class PrOp:
     # REGISTER AND MOVE: the I_T nexus the reservation goes to, and UNREG
     move_to: MovePort | None = None
     unreg: bool = False
+    # a probe: RESERVATION CONFLICT is the answer SPC-5 requires (success);
+    # anything else, GOOD included, fails the op
+    probe: bool = False
 
     def cdb(self) -> bytes:
         from ..scsi.pr import pr_out_cdb
@@ -261,7 +264,7 @@ class SetupPlan:
 
     @property
     def registered(self) -> dict[str, int]:
-        return {op.guest: op.sark for op in self.ops}
+        return {op.guest: op.sark for op in self.ops if op.action is RAIEK}
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +366,8 @@ MOVE_REFUSALS: dict[str, tuple[str, str]] = {
         "the port the destination's nexus reaches the LUN through (VPD 83h); none known: refused in setup"),
     "service action not supported": (
         "ILLEGAL REQUEST, INVALID FIELD IN CDB",
-        "probed in setup (REPORT SUPPORTED OPERATION CODES, 5Fh/07h); not supported or unknown: refused in setup"),
+        "asked in setup (REPORT SUPPORTED OPERATION CODES, 5Fh/07h), then tried from the destination's"
+        " registered non-holder nexus (must answer RESERVATION CONFLICT): anything else refuses the move in setup"),
 }
 
 
@@ -411,6 +415,20 @@ def setup_plan(
             notes.append(f"{name}: key {g.key:#x} not on the target (fenced?): not registered")
             continue
         ops.append(PrOp(Side.DESTINATION, name, RAIEK, 0, g.key, aptpl=g.aptpl, phase=Phase.SETUP, why="register the guest's key ahead of the pause"))
+        if name in move:
+            # Try REGISTER AND MOVE where SPC-5 5.14.8 requires RESERVATION
+            # CONFLICT and nothing changes: from our registered nexus, which
+            # does not hold, to the source's nexus (the holder: even a
+            # target that wrongly let us move would change nothing). A
+            # target that does not implement it (ILLEGAL REQUEST), or does
+            # not follow SPC-5 here (tgt 1.0.85 answers GOOD and finds the
+            # destination by SARK among existing registrations, which a
+            # shared key makes ambiguous), fails the probe: the move is
+            # refused before the pause.
+            h = eff[name]
+            ops.append(PrOp(Side.DESTINATION, name, PrOutAction.REGISTER_AND_MOVE, g.key, g.key, h.rtype, h.scope,
+                            phase=Phase.SETUP, why="probe: REGISTER AND MOVE from a non-holder must conflict",
+                            move_to=(source_ports or {})[name], probe=True))
     return SetupPlan(tuple(ops), tuple(skipped), tuple(notes), fenced, move)
 
 
