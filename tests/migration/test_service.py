@@ -223,6 +223,46 @@ async def test_a_move_that_would_preempt_another_hosts_registration_moves_by_reg
         await c.close()
 
 
+class _NoPortInVpd83(LogicalUnit):
+    """A LU whose VPD 83h names no relative target port (as tgt's): REPORT
+    TARGET PORT GROUPS is where the port is found."""
+
+    def execute(self, nexus, cdb, data_out=b""):  # type: ignore[no-untyped-def]
+        r = super().execute(nexus, cdb, data_out)
+        if cdb[:3] == b"\x12\x01\x83" and r.status == Status.GOOD:
+            page, out, off = bytes(r.data_in), b"", 4
+            while off + 4 <= len(page):
+                d = page[off : off + 4 + page[off + 3]]
+                if d[1] & 0x3F != 0x14:  # drop association 01b, type 4h
+                    out += d
+                off += len(d)
+            return Result(Status.GOOD, page[:2] + len(out).to_bytes(2, "big") + out)
+        return r
+
+
+@run(40)
+async def test_the_destination_port_from_report_target_port_groups(tmp_path: Path) -> None:
+    """VPD 83h names no relative target port; REPORT TARGET PORT GROUPS
+    names one: the move by REGISTER AND MOVE goes to that port."""
+    from prmigrate.scsi.inquiry import relative_target_port
+
+    c = Cluster(tmp_path, unit_cls=_NoPortInVpd83)
+    await c.start()
+    try:
+        page = c.lu.execute(OBSERVER, bytes((0x12, 1, 0x83, 0, 255, 0)))
+        assert page.status == Status.GOOD and relative_target_port(bytes(page.data_in)) is None
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY)
+        observer_register(c, 0, KEY)
+        q = await c.migrate()
+        assert q["status"] == "completed", q
+        (b,) = c.entries_of(HOST_B)
+        assert b.key == KEY and b.holder and c.entries_of(HOST_A) == []
+        assert [e.key for e in c.full_status().entries if e.transport_id.name.lower() == OBSERVER.initiator] == [KEY]
+    finally:
+        await c.close()
+
+
 class _NoRegisterAndMove(LogicalUnit):
     """A LU without PR OUT REGISTER AND MOVE: REPORT SUPPORTED OPERATION
     CODES says so (SUPPORT 001b) and the service action is refused."""
