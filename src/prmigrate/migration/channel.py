@@ -162,10 +162,11 @@ class SetupOk(Message):
     ``move``: the holders whose reservation the source moves with REGISTER
     AND MOVE (``plan.SetupPlan.move``), each to the destination nexus's
     TransportID and relative target port (``"move": {guest: [TransportID,
-    port]}``). Present only when not empty, so that every SETUP_OK of a move
-    a peer without this field could make is the same as before: a source
-    without it refuses such a SETUP_OK as malformed (the move fails before
-    the pause), as it refused those moves before."""
+    port]}``). Present only when not empty, so a SETUP_OK without it is,
+    byte for byte, what a peer that does not know the field sends and
+    accepts; such a peer, as the source, refuses a SETUP_OK with it as
+    malformed, so that move fails before the pause, as every such move did
+    before the field existed."""
 
     TYPE: ClassVar[MsgType] = MsgType.SETUP_OK
     registered: Mapping[str, int] = field(default_factory=dict)
