@@ -678,3 +678,15 @@ def test_random_faults_never_preempt_a_shared_key(name: str, faults: list[Fault]
     if sim.dst.state is DS.RESUMED:
         assert sim.src.state in (SS.COMPLETED, SS.IN_DOUBT)
     _shared_ends(sim, strict=False)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.PRMIGRATE, Strategy.DEST_PREEMPT])
+@pytest.mark.parametrize("kind", ["link", "cancel", "dst_cancel", "pr_fail", "pr_unknown", "drop"])
+@pytest.mark.parametrize("at", range(0, 12))
+def test_register_and_move_beside_another_guest(strategy: Strategy, kind: str, at: int) -> None:
+    """A moved holder beside a register-only guest of another key (which
+    DEST_PREEMPT moves by a destination PREEMPT): every single fault ends
+    with the state on one side and the other host's registration kept."""
+    pr = DevicePrState({"g1": GuestPrState(K1, False, True, PrType.WRITE_EXCLUSIVE), "g2": GuestPrState(K2)})
+    sim = Sim(pr, [Fault(kind, at)], foreign={OTHER: K1}, strategy=strategy).run()
+    _shared_ends(sim)

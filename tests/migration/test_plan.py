@@ -617,6 +617,12 @@ def test_rollback_after_register_and_move_gives_back_and_never_preempts(rtype: P
         ops = rollback_plan(pr, preempted=preempted, released=[op.guest for op in tp.release], moved=["g1"])
         assert A.PREEMPT not in [op.action for op in ops]
         assert [op.action for op in ops] == [A.REGISTER_AND_IGNORE_EXISTING_KEY, A.RESERVE]
+    # with another guest of another key, which a destination PREEMPT
+    # (DEST_PREEMPT strategy) may have removed: registered again, no PREEMPT
+    two = state(g1=holder(K1, rtype), g2=reg(K2))
+    ops = rollback_plan(two, preempted=None, released=["g1"], moved=["g1"])
+    assert [(op.guest, op.action) for op in ops] == [
+        ("g1", A.REGISTER_AND_IGNORE_EXISTING_KEY), ("g1", A.RESERVE), ("g2", A.REGISTER_AND_IGNORE_EXISTING_KEY)]
     t.apply(ops)
     assert t.matches(pr, Side.SOURCE) and t.foreign == {OTHER: K1}
     # the give-back again finds nothing to give (CONFLICT, counted as done)

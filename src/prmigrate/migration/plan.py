@@ -604,7 +604,6 @@ def rollback_plan(
         ops.append(PrOp(Side.SOURCE, hname, PrOutAction.RESERVE, h.key, 0, h.rtype, h.scope, True, False, Phase.ROLLBACK,
                         "the reservation is back with the source (CONFLICT while the destination holds it)"))
         done = {hname}
-        took = took and not moved  # the destination ran no PREEMPT in a move plan
         for name, g in sorted(guests.items()):
             if name != hname and (name in released or took):
                 reg(name, g, "undo the release")
@@ -620,7 +619,6 @@ def rollback_plan(
         done = {n for n, g in guests.items() if g.key == h.key}
     else:
         done = set()
-        took = took and not moved
     for name, g in sorted(guests.items()):
         if name in done:
             continue
