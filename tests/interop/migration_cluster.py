@@ -96,6 +96,7 @@ class ProcCluster:
     backend_via: tuple[str, int] | None = None  # hosts reach the target here (a proxy)
     secrets: dict[str, str] = field(default_factory=dict)
     refuse_preempt_from: str | None = None  # a target that answers its PREEMPT with CONFLICT
+    without_register_and_move: bool = False  # a target that lacks PR OUT REGISTER AND MOVE
     procs: dict[str, Proc] = field(default_factory=dict)
     backend: str | None = None  # another target's URL (e.g. tgt): no prmigrate target started
     extra_devices: list[str] = field(default_factory=list)  # more --device specs on hosta
@@ -106,11 +107,13 @@ class ProcCluster:
     # ------------------------------------------------------------ life
     def start_target(self) -> Proc:
         port = free_port(self.target_host)
-        if self.refuse_preempt_from is not None:  # tests/interop/refusing_target.py
+        if self.refuse_preempt_from is not None or self.without_register_and_move:  # tests/interop/refusing_target.py
             args = [sys.executable, "-m", "tests.interop.refusing_target",
                     "--listen", f"{self.target_host}:{port}", "--iqn", SHARED, "--size", "64M",
                     "--lun", str(self.workdir / "lun0.img"),
-                    "--refuse-preempt-from", self.refuse_preempt_from]
+                    "--refuse-preempt-from", self.refuse_preempt_from or ""]
+            if self.without_register_and_move:
+                args.append("--without-register-and-move")
         else:
             args = [sys.executable, "-m", "prmigrate.cli", "target", "--listen", f"{self.target_host}:{port}",
                     "--iqn", SHARED, "--size", "64M", "--lun", f"0={self.workdir / 'lun0.img'}",

@@ -36,6 +36,8 @@ from prmigrate.migration.errors import (
     IntegrityError,
     ReplayError,
 )
+from prmigrate.migration.plan import MovePort
+from prmigrate.scsi.transport_id import TransportId
 
 SECRET = b"cluster-secret-0123456789"
 CN, SN = bytes(range(32)), bytes(range(32, 64))
@@ -58,6 +60,7 @@ MESSAGES = [
     Setup("m-1", b"PRMS\x00\x01stream"),
     Setup("m-2", b"PRMS", "qemu"),
     SetupOk({"iqn.g1": 0xAA}, True),
+    SetupOk({"iqn.g1": 0xAA}, True, {"iqn.g1": MovePort(TransportId("iqn.2026-12.test:hostb", 0x23D000000042), 2)}),
     State(b"PRMS..."),
     TakeoverDone(1, 850),
     Resume(),
@@ -221,6 +224,26 @@ def test_bad_payloads() -> None:
     body = b'{"detail":"","preempted":false,"reason":999}'
     newer = decode_payload(MsgType.ABORT, len(body).to_bytes(4, "big") + body)
     assert isinstance(newer, Abort) and newer.reason is AbortReason.UNSPECIFIED
+
+
+def test_setup_ok_without_a_move_is_the_same_as_before() -> None:
+    """The move field appears only for a REGISTER AND MOVE plan: a SETUP_OK
+    without one is byte for byte what a peer without the field sends and
+    accepts; with one, it names the destination nexus and its target port."""
+    assert encode_payload(SetupOk({"g": 1}, True)) == _payload(b'{"read_full_status":true,"registered":{"g":1}}')
+    moved = encode_payload(SetupOk({"g": 1}, True, {"g": MovePort(TransportId("iqn.x:b", 0x23D000000042), 2)}))
+    assert moved == _payload(b'{"move":{"g":["iqn.x:b,i,0x23d000000042",2]},"read_full_status":true,"registered":{"g":1}}')
+    for bad in (b'{"move":{},"read_full_status":true,"registered":{"g":1}}',
+                b'{"move":{"g":["iqn.x:b",2]},"read_full_status":true,"registered":{"g":1}}',
+                b'{"move":{"g":["iqn.x:b,i,0x23d000000042",0]},"read_full_status":true,"registered":{"g":1}}',
+                b'{"move":[1],"read_full_status":true,"registered":{"g":1}}',
+                b'{"extra":1,"read_full_status":true,"registered":{"g":1}}'):
+        with pytest.raises(FrameError):
+            decode_payload(MsgType.SETUP_OK, _payload(bad))
+
+
+def _payload(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
 
 
 def test_constructor_checks() -> None:

@@ -53,12 +53,12 @@ from prmigrate.migration.machine import (
     StateLoaded,
     Timeouts,
 )
-from prmigrate.migration.plan import Side, Strategy
+from prmigrate.migration.plan import Observed, Side, Strategy, TargetTraits
 from prmigrate.migration.source import SOURCE_TABLE, SourceMigration, SourceState
 from prmigrate.migration.stream import DeviceSnapshot, encode_snapshot
 from prmigrate.scsi.constants import PrType
 
-from .test_plan import Conflict, FakeTarget
+from .test_plan import OTHER, Conflict, FakeTarget, port_of, ports
 
 IDENTITY = {"inquiry_std": "00" * 36, "capacity_blocks": 8, "block_size": 512}
 K1, K2 = 0x1111, 0x2222
@@ -103,9 +103,11 @@ class Sim:
     timeouts: Timeouts = field(default_factory=Timeouts)
     truth: DevicePrState | None = None  # what the target really holds for the guests (default: pr)
     strategy: Strategy = Strategy.PRMIGRATE
+    foreign: dict[str, int] = field(default_factory=dict)  # nexuses outside the device sharing keys
+    ram: bool | str = True  # the target supports REGISTER AND MOVE ("tgt": as tgt 1.0.85)
 
     def __post_init__(self) -> None:
-        self.target = FakeTarget.with_state(self.pr, lio=self.lio)
+        self.target = FakeTarget.with_state(self.pr, lio=self.lio, ram=self.ram, foreign=self.foreign)
         self.src = SourceMigration("m1", snap(self.pr), self.timeouts, self.strategy)
         self.dst = DestinationMigration(timeouts=self.timeouts)
         self.now = 100.0
@@ -134,7 +136,9 @@ class Sim:
             elif isinstance(a, HoldGuest):
                 self.q.append((m, GuestHeld(snap(self.pr))))
             elif isinstance(a, CreateDevice):
-                self.q.append((m, DeviceFailed("boom") if self.fault("device_fail", 0) else DeviceReady(self.target.observe())))
+                ready = DeviceReady(self.target.observe(), TargetTraits(register_and_move=bool(self.ram)),
+                                    ports(self.pr), ports(self.pr, Side.SOURCE))
+                self.q.append((m, DeviceFailed("boom") if self.fault("device_fail", 0) else ready))
             elif isinstance(a, LoadState):
                 self.q.append((m, StateLoaded()))
             elif isinstance(a, IssuePrOps):
@@ -148,10 +152,13 @@ class Sim:
             try:
                 self.target.run(op)
             except Conflict as e:
-                if not op.conflict_ok:
+                if not (op.conflict_ok or op.probe):
                     return PrOpsDone(i, f"RESERVATION CONFLICT: {e}")
             except ValueError as e:
                 return PrOpsDone(i, f"CHECK CONDITION: {e}")
+            else:
+                if op.probe:
+                    return PrOpsDone(i, "GOOD where SPC-5 requires RESERVATION CONFLICT")
             if self.fault("pr_unknown", self.props):
                 return PrOpsDone(i, "session lost", definite=False)
         return PrOpsDone(len(a.ops))
@@ -514,11 +521,16 @@ def _events(pr: DevicePrState) -> list[object]:
         Abort(AbortReason.TIMEOUT, "", True), Abort(AbortReason.TIMEOUT, "", False), Resume(),
         Rollback(AbortReason.TIMEOUT), Setup("m", s), State(s), DeviceReady(), DeviceFailed(), StateLoaded(),
         "timer",
+        # a REGISTER AND MOVE plan
+        SetupOk({"g1": K1}, False, {"g1": port_of(Side.DESTINATION, "g1")}),
+        DeviceReady(Observed(frozenset({K1}), K1, PrType.WRITE_EXCLUSIVE, None, {K1: (OTHER,)}),
+                    TargetTraits(register_and_move=True), {"g1": port_of(Side.DESTINATION, "g1")},
+                    {"g1": port_of(Side.SOURCE, "g1")}),
     ]
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from(sorted(SCENARIOS)), st.lists(st.integers(0, 23), max_size=40), st.booleans())
+@given(st.sampled_from(sorted(SCENARIOS)), st.lists(st.integers(0, 25), max_size=40), st.booleans())
 def test_random_event_sequences_never_reach_an_illegal_state(name: str, picks: list[int], source: bool) -> None:
     pr = SCENARIOS[name]
     m = SourceMigration("m", snap(pr)) if source else DestinationMigration()
@@ -544,3 +556,137 @@ def test_random_event_sequences_never_reach_an_illegal_state(name: str, picks: l
         if m.finished:
             assert m.get_timer() is None
     assert not resumed_after_commit
+
+
+# ------------------------------------------------- REGISTER AND MOVE plans
+
+SHARED = {
+    name: DevicePrState({"g1": GuestPrState(K1, False, True, PrType(t))})
+    for name, t in (("WE", 1), ("EA", 3), ("WE_RO", 5), ("EA_RO", 6))
+}
+SHARED["EA+same-key"] = DevicePrState({"g1": GuestPrState(K1, False, True, PrType.EXCLUSIVE_ACCESS), "g2": GuestPrState(K1)})
+
+
+def shared(name: str, faults: list[Fault] | None = None, **kw: object) -> Sim:
+    return Sim(SHARED[name], faults or [], foreign={OTHER: K1}, **kw).run()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_a_shared_key_moves_by_register_and_move(name: str) -> None:
+    sim = shared(name)
+    assert sim.src.state is SS.COMPLETED and sim.dst.state is DS.RESUMED, sim.src.history
+    assert sim.target.matches(sim.pr, Side.DESTINATION) and sim.target.foreign == {OTHER: K1}
+    (ok,) = [a.message for a in sim.actions if isinstance(a, SendMessage) and isinstance(a.message, SetupOk)]
+    assert ok.move == {"g1": port_of(Side.DESTINATION, "g1")}
+    (release,) = [a for a in sim.actions if isinstance(a, IssuePrOps) and a.phase.value == "release"]
+    assert release.ops[0].action.name == "REGISTER_AND_MOVE"
+    assert sim.src.timings.round_trips_in_pause == len(sim.pr.guests)  # one per guest: the move, a release
+    assert not any(isinstance(a, IssuePrOps) and a.phase.value == "takeover" for a in sim.actions)
+
+
+def test_a_backend_without_register_and_move_refuses_the_move_in_setup() -> None:
+    sim = shared("WE", ram=False)
+    _ends_on_source(sim)
+    assert sim.src.timings.paused is None  # refused before the pause
+    assert sim.target.foreign == {OTHER: K1}
+    assert any("does not support REGISTER AND MOVE" in str(getattr(a, "text", "")) for a in sim.actions)
+
+
+def test_a_backend_whose_register_and_move_does_not_conform_fails_the_probe_in_setup() -> None:
+    """tgt 1.0.85 answers REGISTER AND MOVE from a registered non-holder
+    with GOOD (SPC-5 5.14.8 requires RESERVATION CONFLICT): the setup probe
+    fails, the destination unregisters, nothing is paused or moved."""
+    sim = shared("WE", ram="tgt")
+    _ends_on_source(sim)
+    assert sim.src.timings.paused is None and sim.target.foreign == {OTHER: K1}
+    assert any("GOOD where SPC-5 requires RESERVATION CONFLICT" in str(getattr(a, "text", "")) for a in sim.actions)
+
+
+def _shared_ends(sim: Sim, strict: bool = True) -> None:
+    """Whatever happened: the other host's registration is there, the guest
+    is served by at most one host, with its state (Sim.check), and a source
+    that gave up holds the guest (FAILED) rather than PREEMPT; with one
+    fault (``strict``) the source never gives up."""
+    assert sim.target.foreign == {OTHER: K1}, sim.target.log
+    assert not any("collateral" in line for line in sim.target.log)
+    if sim.src.state is SS.COMPLETED:
+        assert sim.dst.state is DS.RESUMED and sim.target.matches(sim.pr, Side.DESTINATION)
+    elif sim.src.state is SS.IN_DOUBT:
+        assert not sim.src.serving
+    elif sim.src.state is SS.FAILED:  # only when the move back itself failed for good
+        assert not sim.src.serving and strict is False
+    else:
+        _ends_on_source(sim)
+
+
+@pytest.mark.parametrize("name", ["WE", "EA+same-key"])
+@pytest.mark.parametrize("step", range(1, 16))
+def test_register_and_move_link_loss_at_every_step(name: str, step: int) -> None:
+    _shared_ends(shared(name, [Fault("link", step)]))
+
+
+@pytest.mark.parametrize("name", ["WE", "EA+same-key"])
+@pytest.mark.parametrize("kind", ["cancel", "dst_cancel"])
+@pytest.mark.parametrize("step", range(1, 16))
+def test_register_and_move_cancel_at_every_step(name: str, kind: str, step: int) -> None:
+    _shared_ends(shared(name, [Fault(kind, step)]))
+
+
+@pytest.mark.parametrize("name", ["WE", "EA+same-key"])
+@pytest.mark.parametrize("kind", ["pr_fail", "pr_unknown"])
+@pytest.mark.parametrize("op", range(1, 7))
+def test_register_and_move_pr_failure_at_every_op(name: str, kind: str, op: int) -> None:
+    _shared_ends(shared(name, [Fault(kind, op)]))
+
+
+@pytest.mark.parametrize("name", ["WE", "EA+same-key"])
+@pytest.mark.parametrize("msg", range(1, 9))
+def test_register_and_move_lost_message_resolved_by_timers(name: str, msg: int) -> None:
+    _shared_ends(shared(name, [Fault("drop", msg)]))
+
+
+def test_cancel_after_the_move_gives_the_reservation_back_before_the_ack() -> None:
+    """Cancelled with STATE out (the reservation on the destination's
+    nexus): ROLLBACK; the destination moves it back, then ACKs; the source
+    registers again and RESERVEs: the guest runs on the source, the other
+    host's registration is still there, no PREEMPT was sent."""
+    pr = SHARED["WE"]
+    sim = Sim(pr, foreign={OTHER: K1})
+    sim.q.append((sim.src, Start()))
+    while not (sim.src.state is SS.TRANSFERRED and sim.dst.state is DS.TAKEN_OVER):
+        m, ev = sim.q.popleft()
+        sim.feed(m, ev)
+    sim.q.clear()  # TAKEOVER_DONE not delivered yet
+    sim.feed(sim.src, Cancel())
+    sim.run_queue = None
+    while sim.q:
+        m, ev = sim.q.popleft()
+        sim.feed(m, ev)
+    assert sim.src.state is SS.ROLLED_BACK and sim.dst.state is DS.ABORTED, (sim.src.history, sim.dst.history)
+    assert sim.target.matches(pr, Side.SOURCE) and sim.target.foreign == {OTHER: K1}
+    issued = [op for a in sim.actions if isinstance(a, IssuePrOps) for op in a.ops]
+    assert "PREEMPT" not in [op.action.name for op in issued]
+    order = [(op.side, op.action.name) for op in issued]
+    assert order.index((Side.DESTINATION, "REGISTER_AND_MOVE")) < order.index((Side.SOURCE, "RESERVE"))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(SHARED)), st.lists(st.builds(Fault, fault_kinds, st.integers(0, 20)), max_size=3), st.booleans())
+def test_random_faults_never_preempt_a_shared_key(name: str, faults: list[Fault], lio: bool) -> None:
+    sim = Sim(SHARED[name], faults, lio=lio, foreign={OTHER: K1}).run()  # check() runs after every step
+    assert sim.src.finished and (sim.dst.finished or not sim.dst.history)
+    if sim.dst.state is DS.RESUMED:
+        assert sim.src.state in (SS.COMPLETED, SS.IN_DOUBT)
+    _shared_ends(sim, strict=False)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.PRMIGRATE, Strategy.DEST_PREEMPT])
+@pytest.mark.parametrize("kind", ["link", "cancel", "dst_cancel", "pr_fail", "pr_unknown", "drop"])
+@pytest.mark.parametrize("at", range(0, 12))
+def test_register_and_move_beside_another_guest(strategy: Strategy, kind: str, at: int) -> None:
+    """A moved holder beside a register-only guest of another key (which
+    DEST_PREEMPT moves by a destination PREEMPT): every single fault ends
+    with the state on one side and the other host's registration kept."""
+    pr = DevicePrState({"g1": GuestPrState(K1, False, True, PrType.WRITE_EXCLUSIVE), "g2": GuestPrState(K2)})
+    sim = Sim(pr, [Fault(kind, at)], foreign={OTHER: K1}, strategy=strategy).run()
+    _shared_ends(sim)

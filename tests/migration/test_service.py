@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from prmigrate.device.identity import derive_isid
 from prmigrate.lun.types import Result
 from prmigrate.lun.unit import LogicalUnit
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, Status
-from prmigrate.scsi.pr import ReadReservation, pr_out_cdb, pr_out_params
+from prmigrate.scsi.pr import ReadFullStatus, ReadReservation, pr_in_cdb, pr_out_cdb, pr_out_params
 from prmigrate.scsi.sense import Sense, encode_sense
 
-from .service_rig import HOST_A, HOST_B, OBSERVER, Cluster, good, run
+from .service_rig import GUEST, HOST_A, HOST_B, OBSERVER, Cluster, good, run
 
 KEY = 0x1122334455667788
 REG, RES = PrOutAction.REGISTER, PrOutAction.RESERVE
@@ -199,13 +200,87 @@ def observer_register(c: Cluster, rk: int, sark: int) -> None:
 
 
 @run(40)
-async def test_a_move_that_would_preempt_another_hosts_registration_is_refused(tmp_path: Path) -> None:
+async def test_a_move_that_would_preempt_another_hosts_registration_moves_by_register_and_move(tmp_path: Path) -> None:
     """The guest holds WE with a key the observer host has registered too.
     The takeover PREEMPT (SARK = key) would remove the observer's
-    registration, fencing a host the guest never meant to: the destination
+    registration, fencing a host the guest never meant to: the source
+    moves the reservation with REGISTER AND MOVE instead, one PR round trip
+    in the pause, and the observer's registration is still there."""
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.WRITE_EXCLUSIVE)
+        observer_register(c, 0, KEY)
+        q = await c.migrate()
+        assert q["status"] == "completed", q
+        assert q["timings"]["round_trips_in_pause"] == 1, q
+        (b,) = c.entries_of(HOST_B)
+        assert b.key == KEY and b.holder and int(b.rtype) == PrType.WRITE_EXCLUSIVE
+        assert c.entries_of(HOST_A) == []
+        assert [e.key for e in c.full_status().entries if e.transport_id.name.lower() == OBSERVER.initiator] == [KEY]
+    finally:
+        await c.close()
+
+
+class _NoPortInVpd83(LogicalUnit):
+    """A LU whose VPD 83h names no relative target port (as tgt's): REPORT
+    TARGET PORT GROUPS is where the port is found."""
+
+    def execute(self, nexus, cdb, data_out=b""):  # type: ignore[no-untyped-def]
+        r = super().execute(nexus, cdb, data_out)
+        if cdb[:3] == b"\x12\x01\x83" and r.status == Status.GOOD:
+            page, out, off = bytes(r.data_in), b"", 4
+            while off + 4 <= len(page):
+                d = page[off : off + 4 + page[off + 3]]
+                if d[1] & 0x3F != 0x14:  # drop association 01b, type 4h
+                    out += d
+                off += len(d)
+            return Result(Status.GOOD, page[:2] + len(out).to_bytes(2, "big") + out)
+        return r
+
+
+@run(40)
+async def test_the_destination_port_from_report_target_port_groups(tmp_path: Path) -> None:
+    """VPD 83h names no relative target port; REPORT TARGET PORT GROUPS
+    names one: the move by REGISTER AND MOVE goes to that port."""
+    from prmigrate.scsi.inquiry import relative_target_port
+
+    c = Cluster(tmp_path, unit_cls=_NoPortInVpd83)
+    await c.start()
+    try:
+        page = c.lu.execute(OBSERVER, bytes((0x12, 1, 0x83, 0, 255, 0)))
+        assert page.status == Status.GOOD and relative_target_port(bytes(page.data_in)) is None
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY)
+        observer_register(c, 0, KEY)
+        q = await c.migrate()
+        assert q["status"] == "completed", q
+        (b,) = c.entries_of(HOST_B)
+        assert b.key == KEY and b.holder and c.entries_of(HOST_A) == []
+        assert [e.key for e in c.full_status().entries if e.transport_id.name.lower() == OBSERVER.initiator] == [KEY]
+    finally:
+        await c.close()
+
+
+class _NoRegisterAndMove(LogicalUnit):
+    """A LU without PR OUT REGISTER AND MOVE: REPORT SUPPORTED OPERATION
+    CODES says so (SUPPORT 001b) and the service action is refused."""
+
+    def execute(self, nexus, cdb, data_out=b""):  # type: ignore[no-untyped-def]
+        if cdb[:2] == b"\xa3\x0c" and len(cdb) >= 6 and cdb[3] == 0x5F and cdb[5] == PrOutAction.REGISTER_AND_MOVE:
+            return Result(Status.GOOD, bytes((0, 0x01, 0, 0)))
+        if cdb[:1] == b"\x5f" and len(cdb) > 1 and cdb[1] & 0x1F == PrOutAction.REGISTER_AND_MOVE:
+            return Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB))
+        return super().execute(nexus, cdb, data_out)
+
+
+@run(40)
+async def test_a_move_that_would_preempt_another_hosts_registration_is_refused_without_register_and_move(tmp_path: Path) -> None:
+    """As above on a backend without REGISTER AND MOVE: the destination
     refuses in setup, the source keeps the guest, nothing on the LU
     changes. Once the observer has another key, the move goes through."""
-    c = Cluster(tmp_path)
+    c = Cluster(tmp_path, unit_cls=_NoRegisterAndMove)
     await c.start()
     try:
         guest = await c.connect_guest()
@@ -215,6 +290,7 @@ async def test_a_move_that_would_preempt_another_hosts_registration_is_refused(t
         q = await c.migrate()
         assert q["status"] == "rolled_back" and q["success"] is False, q
         assert "outside the device" in q["reason"] and "observer" in q["reason"], q
+        assert "does not support REGISTER AND MOVE" in q["reason"], q
         assert "vm1" in c.daemons["hosta"].devices and "vm1" not in c.daemons["hostb"].devices
         assert c.full_status() == before
         assert good(await guest.submit(0, _write10(7, 1), bytes(512)))
@@ -237,12 +313,17 @@ class _NoFullStatus(LogicalUnit):
         return super().execute(nexus, cdb, data_out)
 
 
+class _NoFullStatusNorMove(_NoFullStatus, _NoRegisterAndMove):
+    """Neither READ FULL STATUS nor REGISTER AND MOVE."""
+
+
 @run(40)
 async def test_a_shared_key_is_counted_in_read_keys_without_full_status(tmp_path: Path) -> None:
     """Without READ FULL STATUS the destination counts READ KEYS: the key
     listed once more than the device's own registrations of it is shared
-    with a nexus outside the device; the move is refused the same way."""
-    c = Cluster(tmp_path, unit_cls=_NoFullStatus)
+    with a nexus outside the device; the move is refused the same way on a
+    backend without REGISTER AND MOVE, and moves by it on one that has it."""
+    c = Cluster(tmp_path, unit_cls=_NoFullStatusNorMove)
     await c.start()
     try:
         guest = await c.connect_guest()
@@ -254,6 +335,27 @@ async def test_a_shared_key_is_counted_in_read_keys_without_full_status(tmp_path
         observer_register(c, KEY, 0)  # the observer unregisters: the move goes through
         q = await c.migrate()
         assert q["status"] == "completed", q
+    finally:
+        await c.close()
+
+
+@run(40)
+async def test_a_shared_key_without_full_status_moves_by_register_and_move(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, unit_cls=_NoFullStatus)
+    await c.start()
+    try:
+        guest = await c.connect_guest()
+        await _setup_pr(guest, PrType.EXCLUSIVE_ACCESS)
+        observer_register(c, 0, KEY)
+        q = await c.migrate()
+        assert q["status"] == "completed", q
+        # the judge reads READ FULL STATUS past the LU's refusal of it
+        r = LogicalUnit.execute(c.lu, OBSERVER, pr_in_cdb(PrInAction.READ_FULL_STATUS, 8192))
+        entries = ReadFullStatus.decode(bytes(r.data_in)).entries
+        isid = derive_isid("vm1", GUEST)
+        (b,) = [e for e in entries if e.transport_id.isid == isid and e.transport_id.name.lower() == HOST_B]
+        assert b.key == KEY and b.holder and not [e for e in entries if e.transport_id.name.lower() == HOST_A]
+        assert [e.key for e in entries if e.transport_id.name.lower() == OBSERVER.initiator] == [KEY]
     finally:
         await c.close()
 

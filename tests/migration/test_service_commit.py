@@ -8,6 +8,7 @@ migration back: the guest stays on the source."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import json
@@ -219,5 +220,46 @@ async def test_commit_marker_without_a_portal_is_not_served(tmp_path: Path) -> N
         assert "vm1" not in a.devices and a.target.node(frontend_iqn(c.config)) is None
         assert c.entries_of(HOST_A) == []
         assert (state / "vm1.migration.json").exists()
+    finally:
+        await c.close()
+
+
+@run(60)
+async def test_an_interrupted_register_and_move_is_settled_without_a_preempt(tmp_path: Path) -> None:
+    """A killed with the guest held in a REGISTER AND MOVE plan (marker
+    phase ``held`` naming the moved guest; the observer host shares the
+    key). Restarted, A settles it by registering again and RESERVE, never
+    by PREEMPT: the observer's registration is still there and A holds."""
+    from prmigrate.migration.service import MigrationService
+
+    from .test_service import OBSERVER, observer_register
+
+    c = Cluster(tmp_path)
+    await c.start()
+    try:
+        await _setup_pr(await c.connect_guest(), WE)
+        observer_register(c, 0, KEY)
+        pr = c.services["hosta"].snapshot(c.daemons["hosta"].devices["vm1"]).pr.to_dict()
+        state = tmp_path / "hosta"
+        old = c.daemons["hosta"]
+        await c.services["hosta"].close()
+        await old.close()
+        (state / "vm1.migration.json").write_text(json.dumps(
+            {"version": 1, "id": "0123456789ab", "device": "vm1", "to": "hostb@127.0.0.3:1",
+             "phase": "held", "pr": pr, "move": [GUEST]}))
+        a = HostDaemon(dataclasses.replace(old.config, listen=[old.listening[0][:2]]))
+        service = MigrationService(a, SECRET)
+        assert service.recover_interrupted() == ["vm1"]
+        await a.start()
+        c.daemons["hosta"] = a
+        for _ in range(200):
+            if not (state / "vm1.migration.json").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not (state / "vm1.migration.json").exists()
+        (e,) = c.entries_of(HOST_A)
+        assert e.key == KEY and e.holder and int(e.rtype) == WE
+        assert [x.key for x in c.full_status().entries if x.transport_id.name.lower() == OBSERVER.initiator] == [KEY]
+        await service.close()
     finally:
         await c.close()

@@ -185,3 +185,23 @@ def test_report_tmfs_cdb() -> None:
     assert ReportTmfsCdb.decode(c) == ReportTmfsCdb(True, 16)
     with pytest.raises(CdbTooShort):
         ReportTmfsCdb.decode(c[:11])
+
+
+def test_report_supported_opcodes_one_command_round_trip() -> None:
+    """SPC-5 6.35: reporting option 010b asks about one opcode + service action."""
+    from prmigrate.scsi.cdb import (
+        CommandSupport,
+        ReportOpcodesCdb,
+        one_command_support,
+        supports_service_action,
+    )
+
+    cdb = supports_service_action(0x5F, 0x07, 64)
+    assert cdb == bytes.fromhex("a30c025f0007000000400000")
+    assert ReportOpcodesCdb.decode(cdb) == ReportOpcodesCdb(False, 2, 0x5F, 7, 64)
+    assert one_command_support(b"\x00\x03\x00\x0a") is CommandSupport.SUPPORTED
+    assert one_command_support(b"\x00\x83") is CommandSupport.SUPPORTED  # CTDP set
+    assert one_command_support(b"\x00\x01\x00\x00") is CommandSupport.NOT_SUPPORTED
+    assert one_command_support(b"\x00\x05") is CommandSupport.SUPPORTED_VENDOR
+    assert one_command_support(b"\x00\x02") == 2  # reserved code: passed through as a number
+    assert one_command_support(b"\x00") is CommandSupport.NOT_AVAILABLE  # too short to tell

@@ -14,6 +14,7 @@ from prmigrate.scsi.inquiry import (
     Identity,
     VpdPage,
     naa6,
+    relative_target_port,
     standard_inquiry,
     vpd_block_characteristics,
     vpd_block_limits,
@@ -135,3 +136,18 @@ def test_third_party_copy_descriptors() -> None:
     assert descs[0x0008] == bytes([2, 0x02, 0xE4, 0])
     assert descs[0x000C] == bytes(4)
     assert descs[0x8001][:14] == struct.pack(">IIIBB", 1, 1, 1 << 20, 9, 0)
+
+
+def test_relative_target_port_of_vpd83() -> None:
+    """SPC-5 7.7.6.5: the type 4h designator with association 01b."""
+    for port in (1, 2, 0xFFFF):
+        page = vpd_device_id(IDENT, target="iqn.t", tpgt=port, rel_port=port, port_group=7)
+        assert relative_target_port(page) == port
+    assert relative_target_port(b"") is None and relative_target_port(b"\x00\x83\x00\x00") is None
+    # a type 4h designator of the logical unit (association 00b) is not a port
+    lu_only = b"\x00\x83\x00\x08" + b"\x01\x04\x00\x04\x00\x00\x00\x05"
+    assert relative_target_port(lu_only) is None
+    # cut short inside a descriptor: nothing invented
+    page = vpd_device_id(IDENT, target=None, tpgt=1, rel_port=3)
+    assert relative_target_port(page[:-3]) in (None, 3)
+    assert relative_target_port(page[:30]) is None

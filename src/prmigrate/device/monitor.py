@@ -226,6 +226,11 @@ class BackendMonitor(BackendSessions):
     async def capture_tmfs(self) -> SupportedTmfs | None:
         return await self._monitor.capture_tmfs()
 
+    async def monitor_command(self, cdb: bytes, alloc: int) -> Result:
+        """A command of the device's own on the monitor nexus (a probe, e.g.
+        REPORT SUPPORTED OPERATION CODES); unit attentions met are retried."""
+        return await self._monitor.run(cdb, alloc)
+
     async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
         """Reconcile every tracked guest with the backend now (journaled)."""
         self.note_ports()

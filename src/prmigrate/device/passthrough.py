@@ -237,7 +237,8 @@ class PassthroughDevice(BackendMonitor):
         return None
 
     async def pr_out(self, guest: str, action: PrOutAction | int, rtype: PrType | int, rk: int, sark: int,
-                     scope: int = 0, aptpl: bool = False, *, purpose: Purpose = Purpose.GUEST) -> Result:
+                     scope: int = 0, aptpl: bool = False, *, purpose: Purpose = Purpose.GUEST,
+                     params: bytes | None = None) -> Result:
         """A PR OUT of the device's own on ``guest``'s backend nexus: the
         one backend PR OUT port. Unit attentions are retried and, per
         ``OWN_COMMANDS[purpose]``, owed to the guest (``owe``: reported on
@@ -245,11 +246,14 @@ class PassthroughDevice(BackendMonitor):
         verified as a guest's (DeviceError, and nothing sent, when its intent
         cannot be journaled); ``Purpose.MIGRATION`` (the takeover,
         rollback, setup and cleanup ops, ``migration/pr_ops.py``): none of
-        that, one round trip per send, the 2A/xx it causes not owed."""
+        that, one round trip per send, the 2A/xx it causes not owed.
+        ``params``: another parameter list than the basic one of ``rk``,
+        ``sark`` and ``aptpl`` (REGISTER AND MOVE's, ``scsi.pr``)."""
         rule = OWN_COMMANDS[purpose]
         b = self._backend(guest)
         session = await self.backend_session(guest)
-        cdb, data = pr_out_cdb(action, rtype, scope), pr_out_params(rk, sark, aptpl=aptpl)
+        data = pr_out_params(rk, sark, aptpl=aptpl) if params is None else params
+        cdb = pr_out_cdb(action, rtype, scope, len(data))
         intent = self.begin(b.key, cdb, data) if rule.tracked else None
         retry = UaRetry(purpose)
         try:

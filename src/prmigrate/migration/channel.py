@@ -55,7 +55,7 @@ from .errors import (
     IntegrityError,
     ReplayError,
 )
-from .plan import Strategy
+from .plan import MovePort, Strategy
 
 PROTOCOL_VERSION = 1
 NONCE_LEN = 32
@@ -157,23 +157,44 @@ class Setup(Message):
 @dataclass(frozen=True, slots=True)
 class SetupOk(Message):
     """Destination -> source: device created; ``registered`` maps each guest
-    to the key now registered on its destination nexus."""
+    to the key now registered on its destination nexus.
+
+    ``move``: the holders whose reservation the source moves with REGISTER
+    AND MOVE (``plan.SetupPlan.move``), each to the destination nexus's
+    TransportID and relative target port (``"move": {guest: [TransportID,
+    port]}``). Present only when not empty, so a SETUP_OK without it is,
+    byte for byte, what a peer that does not know the field sends and
+    accepts; such a peer, as the source, refuses a SETUP_OK with it as
+    malformed, so that move fails before the pause, as every such move did
+    before the field existed."""
 
     TYPE: ClassVar[MsgType] = MsgType.SETUP_OK
     registered: Mapping[str, int] = field(default_factory=dict)
     read_full_status: bool = False
+    move: Mapping[str, MovePort] = field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
-        return {"registered": dict(sorted(self.registered.items())), "read_full_status": self.read_full_status}
+        f: dict[str, Any] = {"registered": dict(sorted(self.registered.items())), "read_full_status": self.read_full_status}
+        if self.move:
+            f["move"] = {g: p.to_wire() for g, p in sorted(self.move.items())}
+        return f
 
     @classmethod
     def from_fields(cls, f: Mapping[str, Any], blob: bytes) -> SetupOk:
-        _check(set(f) == {"registered", "read_full_status"} and not blob, "SETUP_OK: bad fields")
+        _check(set(f) - {"move"} == {"registered", "read_full_status"} and not blob, "SETUP_OK: bad fields")
         reg = f["registered"]
         _check(isinstance(reg, dict), "SETUP_OK: registered must be a mapping")
         _check(all(_is_int(k) and 0 < k < 1 << 64 for k in reg.values()), "SETUP_OK: bad key")
         _check(isinstance(f["read_full_status"], bool), "SETUP_OK: read_full_status must be a boolean")
-        return cls(dict(reg), f["read_full_status"])
+        raw = f.get("move", {})
+        _check(isinstance(raw, dict) and ("move" not in f or bool(raw)), "SETUP_OK: move must be a non-empty mapping")
+        move: dict[str, MovePort] = {}
+        for g, v in raw.items():
+            try:
+                move[g] = MovePort.from_wire(v)
+            except ValueError as e:
+                raise FrameError(f"SETUP_OK: move of {g!r}: {e}") from None
+        return cls(dict(reg), f["read_full_status"], move)
 
 
 @dataclass(frozen=True, slots=True)

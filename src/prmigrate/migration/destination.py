@@ -20,6 +20,13 @@ Rules (the table below is the authority; a missing pair is a EventNotAllowed):
 - Not preempted: ABORT (or the ACK of a ROLLBACK) to the source, then
   ABORTING: unregister what we registered (plan.cleanup_plan; idempotent,
   retried CLEANUP_ATTEMPTS times) and drop the device -> ABORTED.
+- REGISTER AND MOVE plan (``SetupPlan.move``: the holder's key is shared
+  with a nexus outside the device; the source moves the reservation to us
+  inside the pause): a failure once SETUP_OK is out first moves the
+  reservation back to the source's nexus (GIVING_BACK, plan.give_back_plan;
+  RESERVATION CONFLICT there means we never held it), and only then tells
+  the source, with preempted=False, or preempted=True when the move back
+  failed (we may still hold it: the source then keeps the guest held).
 - Preempted (we hold the reservation): tell the source (ABORT / ACK with
   preempted=True) and wait in ROLLBACK_HOLD for its ABORT (sent once it took
   the reservation back with its own PREEMPT) or for the hold timer; only then
@@ -65,6 +72,7 @@ from .machine import (
     table,
 )
 from .plan import (
+    MovePort,
     Observed,
     Phase,
     PrOp,
@@ -72,6 +80,7 @@ from .plan import (
     Strategy,
     TargetTraits,
     cleanup_plan,
+    give_back_plan,
     qemu_plan,
     setup_plan,
     takeover_plan,
@@ -88,6 +97,7 @@ class DestinationState(Enum):
     TAKEN_OVER = "taken_over"
     RESUMED = "resumed"
     ROLLBACK_HOLD = "rollback_hold"
+    GIVING_BACK = "giving_back"
     ABORTING = "aborting"
     ABORTED = "aborted"
 
@@ -104,17 +114,22 @@ DESTINATION_TABLE = table(
         (D.SETUP, PrOpsDone): (D.READY, D.ABORTING, D.ABORTED),
         (D.SETUP, DeviceFailed): (D.ABORTING, D.ABORTED),
         **{(D.SETUP, e): (D.SETUP, D.ABORTING, D.ABORTED) for e in _FAILURES},
-        (D.READY, State): (D.LOADING, D.ABORTING, D.ABORTED),
-        **{(D.READY, e): (D.ABORTING, D.ABORTED) for e in _FAILURES},
-        (D.LOADING, StateLoaded): (D.TAKEOVER, D.TAKEN_OVER, D.ABORTING, D.ABORTED),  # refused: PlanError
-        (D.LOADING, DeviceFailed): (D.ABORTING, D.ABORTED),
-        **{(D.LOADING, e): (D.ABORTING, D.ABORTED) for e in _FAILURES},
-        (D.TAKEOVER, PrOpsDone): (D.TAKEN_OVER, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED),
+        (D.READY, State): (D.LOADING, D.GIVING_BACK, D.ABORTING, D.ABORTED),
+        **{(D.READY, e): (D.GIVING_BACK, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        (D.LOADING, StateLoaded): (D.TAKEOVER, D.TAKEN_OVER, D.GIVING_BACK, D.ABORTING, D.ABORTED),  # refused: PlanError
+        (D.LOADING, DeviceFailed): (D.GIVING_BACK, D.ABORTING, D.ABORTED),
+        **{(D.LOADING, e): (D.GIVING_BACK, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        (D.TAKEOVER, PrOpsDone): (D.TAKEN_OVER, D.GIVING_BACK, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED),
         **{(D.TAKEOVER, e): D.TAKEOVER for e in _FAILURES},  # ops first
         (D.TAKEN_OVER, Resume): D.RESUMED,
-        **{(D.TAKEN_OVER, e): (D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        **{(D.TAKEN_OVER, e): (D.GIVING_BACK, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
         (D.ROLLBACK_HOLD, Resume): D.ROLLBACK_HOLD,  # too late: we aborted
-        **{(D.ROLLBACK_HOLD, e): (D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        **{(D.ROLLBACK_HOLD, e): (D.ROLLBACK_HOLD, D.GIVING_BACK, D.ABORTING, D.ABORTED) for e in _FAILURES},
+        # moving the reservation back (REGISTER AND MOVE plan), then as below
+        (D.GIVING_BACK, PrOpsDone): (D.GIVING_BACK, D.ROLLBACK_HOLD, D.ABORTING, D.ABORTED),
+        **{(D.GIVING_BACK, e): D.GIVING_BACK
+           for e in (*_FAILURES, Resume, State, DeviceFailed, StateLoaded)},
+        **{(D.ROLLBACK_HOLD, e): D.ROLLBACK_HOLD for e in (DeviceFailed, StateLoaded)},
         (D.ABORTING, PrOpsDone): (D.ABORTING, D.ABORTED),  # retried, then given up
         (D.ABORTING, Resume): D.ABORTING,
         # late completions of work the abort overtook: nothing to do
@@ -147,6 +162,12 @@ class DestinationMigration(MachineBase):
         self.traits = TargetTraits()
         self.registered: dict[str, int] = {}  # guest -> key possibly registered on our nexus
         self.fenced: dict[str, int] = {}  # guest -> key setup found gone from the target
+        self.ports: dict[str, MovePort] = {}  # our nexus per guest, as REGISTER AND MOVE names it
+        self.source_ports: dict[str, MovePort] = {}  # the source's
+        self.moving: dict[str, MovePort] = {}  # holders the source moves to us by REGISTER AND MOVE
+        self._failed_in: D | None = None  # the state a failure met, while GIVING_BACK
+        self._give_back_ops: tuple[PrOp, ...] = ()
+        self._give_back_attempts = 0
         self.preempted = False
         self.channel_open = True
         self.device_created = False
@@ -185,15 +206,22 @@ class DestinationMigration(MachineBase):
             raise _protocol(self, ev)
         self._device_ready = True
         self.observed, self.traits = ev.observed, ev.traits
+        self.ports, self.source_ports = dict(ev.ports), dict(ev.source_ports)
         assert self.snapshot is not None
         try:
-            plan = setup_plan(self.snapshot.pr, ev.observed)
+            # REGISTER AND MOVE only where the source issues it (not QEMU's sequence)
+            move_traits = None if self.strategy is Strategy.QEMU else ev.traits
+            plan = setup_plan(self.snapshot.pr, ev.observed, move_traits, self.ports, self.source_ports)
         except PlanError as e:  # nothing registered yet: the move is refused, the guest stays
             self._emit(Log(logging.WARNING, f"destination {self.name}: {e}"))
             return self._failure(Cancel(AbortReason.PR_SETUP, str(e)), now)
         if self.strategy is Strategy.QEMU:  # QEMU registers inside the pause
             plan = SetupPlan((), plan.skipped, plan.notes, plan.fenced)
         self.fenced = dict(plan.fenced)
+        self.moving = dict(plan.move)
+        for guest, port in sorted(self.moving.items()):
+            self._emit(Log(logging.INFO, f"destination {self.name}: {guest}: its key is shared outside the device:"
+                                         f" the source moves the reservation to {port} by REGISTER AND MOVE"))
         for note in plan.notes:
             self._emit(Log(logging.WARNING, f"destination {self.name}: {note}"))
         if plan.ops:
@@ -201,13 +229,13 @@ class DestinationMigration(MachineBase):
         return self._ready(now)
 
     def _ready(self, now: float) -> D:
-        self._send(SetupOk(dict(self.registered), self.traits.read_full_status))
+        self._send(SetupOk(dict(self.registered), self.traits.read_full_status, dict(self.moving)))
         self._arm(now, self.timeouts.await_state)
         return D.READY
 
     def _on_DeviceFailed(self, ev: DeviceFailed, now: float) -> D:
-        if self.state is D.ABORTING:
-            return D.ABORTING
+        if self.state in (D.ABORTING, D.ROLLBACK_HOLD):
+            return self.state  # type: ignore[return-value]
         if self.state is D.SETUP and self._device_ready:
             raise _protocol(self, ev)  # the device was reported ready already
         return self._failure(Cancel(AbortReason.DEVICE, ev.detail), now)
@@ -230,8 +258,8 @@ class DestinationMigration(MachineBase):
         return D.LOADING
 
     def _on_StateLoaded(self, ev: StateLoaded, now: float) -> D:
-        if self.state is D.ABORTING:
-            return D.ABORTING
+        if self.state in (D.ABORTING, D.GIVING_BACK, D.ROLLBACK_HOLD):
+            return self.state  # type: ignore[return-value]
         assert self.snapshot is not None
         if self.strategy is Strategy.QEMU:
             ops = qemu_plan(self.snapshot.pr)
@@ -239,7 +267,7 @@ class DestinationMigration(MachineBase):
             try:
                 plan = takeover_plan(
                     self.snapshot.pr, self.registered, ev.observed, self.traits,
-                    register_only=self.strategy.register_only, fenced=self.fenced,
+                    register_only=self.strategy.register_only, fenced=self.fenced, move=self.moving,
                 )
             except PlanError as e:  # nothing preempted: the source takes the guest back
                 self._emit(Log(logging.WARNING, f"destination {self.name}: {e}"))
@@ -276,6 +304,8 @@ class DestinationMigration(MachineBase):
         return then
 
     def _on_PrOpsDone(self, ev: PrOpsDone, now: float) -> D:
+        if self.state is D.GIVING_BACK:
+            return self._given_back_done(ev, now)
         if self.state is D.ABORTING:
             ops = self._cleanup_ops
             if not ev.ok and self._cleanup_attempts < CLEANUP_ATTEMPTS and ev.completed < len(ops):
@@ -332,11 +362,24 @@ class DestinationMigration(MachineBase):
         return self._failure(ev, now)
 
     def _failure(self, ev: Message | ChannelLost | Timeout | Cancel, now: float) -> D:
-        st = self.state
-        if self._inflight is not None:  # SETUP / TAKEOVER: the ops' outcome decides
+        st: D = self.state  # type: ignore[assignment]
+        if self._inflight is not None or st is D.GIVING_BACK:  # the ops' outcome decides
             if self._pending is None or isinstance(ev, Abort | Rollback):
                 self._pending = ev
-            return st  # type: ignore[return-value]
+            return st
+        if self.moving and (st in _MAY_HOLD_MOVED or st is D.ROLLBACK_HOLD and isinstance(ev, Rollback | Timeout | Cancel)):
+            # The source may have moved the reservation to us (also after an
+            # ABORT of ours it had not seen yet): move it back before the
+            # source hears from us, and before we unregister.
+            assert self.snapshot is not None
+            self._give_back_ops = give_back_plan(self.snapshot.pr, self.moving, self.source_ports)
+            self._give_back_attempts = 0
+            self._pending, self._failed_in = ev, st
+            self._arm(now, None)
+            self._emit(Log(logging.WARNING, f"destination {self.name}: {_reason_of(ev).name} in {st.name}:"
+                                            " moving the reservation back to the source's nexus"))
+            self._emit(IssuePrOps(self._give_back_ops, Phase.ROLLBACK))
+            return D.GIVING_BACK
         reason = _reason_of(ev)
         if st is D.LISTENING:
             self._fail(reason)
@@ -364,6 +407,39 @@ class DestinationMigration(MachineBase):
             self._send(Abort(reason, _detail(ev), preempted=False))
         return self._cleanup(now)
 
+    def _given_back_done(self, ev: PrOpsDone, now: float) -> D:
+        ops = self._give_back_ops
+        if not ev.ok and self._give_back_attempts < CLEANUP_ATTEMPTS and ev.completed < len(ops):
+            # REGISTER AND MOVE back is safe to repeat: CONFLICT once it is done
+            self._give_back_attempts += 1
+            self._give_back_ops = ops[ev.completed :]
+            self._emit(Log(logging.WARNING, f"destination {self.name}: moving the reservation back failed ({ev.error}), retrying"))
+            self._emit(IssuePrOps(self._give_back_ops, Phase.ROLLBACK))
+            return D.GIVING_BACK
+        if not ev.ok:
+            # We may still hold it: the source must not take it by PREEMPT
+            # (the other host's registration would go) and keeps the guest held.
+            self._emit(Log(logging.ERROR, f"destination {self.name}: cannot move the reservation back: {ev.error}"))
+            self.preempted = True
+        pending, self._pending = self._pending, None
+        st, self._failed_in = self._failed_in, None
+        assert pending is not None and st is not None
+        if st is D.ROLLBACK_HOLD and not isinstance(pending, Rollback):
+            return self._cleanup(now)  # the hold timer (or a cancel): we are done
+        if st is not D.ROLLBACK_HOLD:
+            reason = _reason_of(pending)
+            self._fail(reason)
+            if isinstance(pending, Abort):  # the source's last word: it moves nothing any more
+                return self._cleanup(now)
+            if not isinstance(pending, Rollback):
+                self._send(Abort(reason, _detail(pending), preempted=self.preempted))
+        if isinstance(pending, Rollback):
+            self._send(Ack(MsgType.ROLLBACK, preempted=self.preempted))
+        # A REGISTER AND MOVE of the source's may still cross what we sent:
+        # wait for its last word (ABORT, or ROLLBACK: move back again) or the timer.
+        self._arm(now, self.timeouts.rollback_hold)
+        return D.ROLLBACK_HOLD
+
     def _cleanup(self, now: float) -> D:
         self._arm(now, None)
         ops = cleanup_plan(self.registered)
@@ -378,6 +454,10 @@ class DestinationMigration(MachineBase):
     def _send(self, msg: Message) -> None:
         if self.channel_open:
             self._emit(SendMessage(msg))
+
+
+# States in which the source may have moved the reservation to us (SETUP_OK is out).
+_MAY_HOLD_MOVED = frozenset({D.READY, D.LOADING, D.TAKEOVER, D.TAKEN_OVER})
 
 
 def _reason_of(ev: object) -> AbortReason:

@@ -8,6 +8,13 @@ Carries out the ``DestinationMigration`` machine's actions
     (not exposed yet; the identical node name, LUN, INQUIRY data and
     capacity), the guests' backend sessions opened, then PR IN (READ FULL
     STATUS, or READ KEYS + READ RESERVATION; SPC-5 6.16) -> ``DeviceReady``.
+    When a key of the device is also registered outside it, what REGISTER
+    AND MOVE needs, all before the pause: whether the backend says it
+    supports it (REPORT SUPPORTED OPERATION CODES, 5Fh/07h, on the monitor
+    nexus; the setup plan then tries it, ``plan.setup_plan``), each
+    guest's destination nexus (TransportID) and the relative target port it
+    reaches the LUN through (VPD 83h on that nexus), and the source's nexus
+    and port (READ FULL STATUS), where a rollback moves it back.
 ``LoadState``
     ``device.restore`` (PR state, pending unit attentions).
 ``ResumeGuest``
@@ -29,9 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..device.identity import backend_port
 from ..device.passthrough import DeviceError
-from ..iscsi.initiator import IscsiError
-from ..scsi.constants import PrType
-from ..scsi.pr import PrDecodeError
+from ..iscsi.initiator import IscsiError, ScsiError, describe_result
+from ..scsi.cdb import CommandSupport, one_command_support, supports_service_action
+from ..scsi.constants import Opcode, PrOutAction, PrType, Status
+from ..scsi.inquiry import VpdPage, relative_target_port
+from ..scsi.pr import FullStatusEntry, PrDecodeError
+from ..scsi.tpg import ReportTpgCdb, decode_report
 from .channel import Message, Setup
 from .destination import DestinationMigration, DestinationState
 from .errors import MigrationError
@@ -48,7 +58,7 @@ from .machine import (
     StateLoaded,
     Timeouts,
 )
-from .plan import Observed, TargetTraits
+from .plan import MovePort, Observed, TargetTraits
 from .runner import Runner, RunnerOwner, log
 from .stream import DeviceSnapshot
 from .transport import decode_peer_id
@@ -69,6 +79,7 @@ class DestinationRunner(Runner):
         self._creating: asyncio.Task[Any] | None = None
         self._created = False
         self._adopted: PassthroughDevice | None = None  # an incoming device it arrives into
+        self._rfs_entries: tuple[FullStatusEntry, ...] = ()  # the last READ FULL STATUS in setup
         self.log = logging.LoggerAdapter(log, {"migration": f"incoming from {link_peer}"})
 
     @property
@@ -127,14 +138,69 @@ class DestinationRunner(Runner):
             for g in guests:
                 await dev.backend_session(g)
             observed, traits = await self._observe(dev, snap) if guests else (None, TargetTraits())
+            ports: dict[str, MovePort] = {}
+            source_ports: dict[str, MovePort] = {}
+            if observed is not None and observed.foreign:
+                traits, ports, source_ports = await self._move_info(dev, snap, traits)
         except Exception as e:
             self.feed(DeviceFailed(f"backend: {type(e).__name__}: {e}"))
             return
-        self.feed(DeviceReady(observed, traits))
+        self.feed(DeviceReady(observed, traits, ports, source_ports))
+
+    async def _move_info(self, dev: PassthroughDevice, snap: DeviceSnapshot,
+                         traits: TargetTraits) -> tuple[TargetTraits, dict[str, MovePort], dict[str, MovePort]]:
+        """What REGISTER AND MOVE needs (outside the pause): the backend's
+        support for it, and per guest the destination's nexus and the
+        source's, each with its relative target port."""
+        ports: dict[str, MovePort] = {}
+        source_ports: dict[str, MovePort] = {}
+        r = await dev.monitor_command(supports_service_action(Opcode.PERSISTENT_RESERVE_OUT, PrOutAction.REGISTER_AND_MOVE), 64)
+        support = one_command_support(bytes(r.data_in)) if r.status == Status.GOOD else None
+        if support not in (CommandSupport.SUPPORTED, CommandSupport.SUPPORTED_VENDOR):
+            self.log.info("backend REGISTER AND MOVE: not supported (REPORT SUPPORTED OPERATION CODES: %s)",
+                          support.name if isinstance(support, CommandSupport) else describe_result(r))
+            return replace(traits, register_and_move=False), ports, source_ports
+        traits = replace(traits, register_and_move=True)
+        for guest in sorted(snap.pr.guests):
+            s = await dev.backend_session(guest)
+            try:
+                rel = relative_target_port(await s.inquiry(VpdPage.DEVICE_ID, 255, lun=dev.lun))
+            except ScsiError as e:
+                rel = None
+                self.log.warning("%s: INQUIRY VPD 83h on its backend nexus: %s", guest, e)
+            if rel is None:
+                rel = await self._only_target_port(dev)
+            if rel is None:
+                self.log.warning("%s: no relative target port known for its backend nexus", guest)
+                continue
+            ports[guest] = MovePort(backend_port(dev.mode, dev.host_initiator, dev.name, guest).transport_id, rel)
+        rfs_ports = {e.transport_id.key(): e.rel_tgt_port for e in self._rfs_entries if not e.all_tg_pt}
+        for guest, port in ports.items():
+            if self.source_initiator:
+                tid = backend_port(dev.mode, self.source_initiator, dev.name, guest).transport_id
+                # the port the source's registration is on; one made on
+                # every target port (ALL_TG_PT), or unknown without READ
+                # FULL STATUS, is taken to be the one we reach
+                source_ports[guest] = MovePort(tid, rfs_ports.get(tid.key()) or port.rel_tgt_port)
+        return traits, ports, source_ports
+
+    async def _only_target_port(self, dev: PassthroughDevice) -> int | None:
+        """The relative target port identifier when REPORT TARGET PORT
+        GROUPS (SPC-5 6.36) names exactly one target port in all its groups
+        (then every nexus reaches the LUN through it); None otherwise."""
+        r = await dev.monitor_command(ReportTpgCdb.encode(1024), 1024)
+        if r.status != Status.GOOD:
+            return None
+        try:
+            ports = {p for g in decode_report(bytes(r.data_in)) for p in g.ports}
+        except ValueError:
+            return None
+        return ports.pop() if len(ports) == 1 else None
 
     async def _observe(self, dev: PassthroughDevice, snap: DeviceSnapshot) -> tuple[Observed, TargetTraits]:
         """The target's PR state as seen from here (outside the pause)."""
         rfs = await dev.read_full_status()
+        self._rfs_entries = rfs.entries if rfs is not None else ()
         if rfs is not None:
             holders = [e for e in rfs.entries if e.holder]
             rtype = PrType.NONE

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from .channel import Message
 from .errors import AbortReason, EventNotAllowed
-from .plan import Observed, Phase, PrOp, TargetTraits
+from .plan import MovePort, Observed, Phase, PrOp, TargetTraits
 from .stream import DeviceSnapshot
 
 # ---------------------------------------------------------------- actions
@@ -181,6 +181,11 @@ class DeviceReady(Event):
 
     observed: Observed | None = None
     traits: TargetTraits = TargetTraits()
+    # per guest, for REGISTER AND MOVE: the destination's nexus (TransportID
+    # and the relative target port it reaches the LUN through) and the
+    # source's (where a rollback moves the reservation back)
+    ports: Mapping[str, MovePort] = field(default_factory=dict)
+    source_ports: Mapping[str, MovePort] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

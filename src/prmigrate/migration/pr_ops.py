@@ -3,8 +3,9 @@
 ``issue_ops`` carries out the machines' ``IssuePrOps`` action: each
 ``PrOp`` (``plan.py``) on the named guest's backend nexus, in order, stopping
 at the first failure. RESERVATION CONFLICT on a ``conflict_ok`` op is
-success; a transport error or a timeout is ``definite=False`` (the outcome on
-the target is unknown).
+success; a ``probe`` op succeeds only with RESERVATION CONFLICT; a
+transport error or a timeout is ``definite=False`` (the outcome on the
+target is unknown).
 
 The ops go through the device's one backend PR OUT port
 (``PassthroughDevice.pr_out``) with ``Purpose.MIGRATION``: not journaled,
@@ -39,7 +40,8 @@ OP_TIMEOUT = 10.0  # one PR OUT on the backend; beyond it the outcome is unknown
 async def pr_out(dev: PassthroughDevice, op: PrOp) -> Result:
     """One op on its guest's backend nexus, through the device's port."""
     return await dev.pr_out(op.guest, op.action, op.rtype, op.rk, op.sark, op.scope, op.aptpl,
-                            purpose=Purpose.MIGRATION)
+                            purpose=Purpose.MIGRATION,
+                            params=op.params() if op.move_to is not None else None)
 
 
 async def issue_ops(dev: PassthroughDevice, ops: tuple[PrOp, ...], logger: Any) -> PrOpsDone:
@@ -51,7 +53,10 @@ async def issue_ops(dev: PassthroughDevice, ops: tuple[PrOp, ...], logger: Any) 
             r = await asyncio.wait_for(pr_out(dev, op), OP_TIMEOUT)
         except Exception as e:  # transport error, timeout, closed device
             return PrOpsDone(i, f"{op}: {type(e).__name__}: {e}", definite=False)
-        ok = r.status == Status.GOOD or (op.conflict_ok and r.status == Status.RESERVATION_CONFLICT)
+        if op.probe:  # SPC-5 requires RESERVATION CONFLICT here; GOOD is a target that does not conform
+            ok = r.status == Status.RESERVATION_CONFLICT
+        else:
+            ok = r.status == Status.GOOD or (op.conflict_ok and r.status == Status.RESERVATION_CONFLICT)
         logger.info("%s -> %s", op, describe_result(r))
         if not ok:
             return PrOpsDone(i, f"{op}: {describe_result(r)}", definite=True)

@@ -326,8 +326,12 @@ class MigrationService:
         except (KeyError, ValueError, TypeError) as e:
             log.error("interrupted migration %s of %s: unreadable record (%s); guest held", mid, dev.name, e)
             return
-        ops = rollback_plan(pr, preempted=None, released=list(pr.guests))
-        ops += fence_ops(pr, None, None)
+        # A REGISTER AND MOVE plan's holder (its key shared with another
+        # host): registered again and RESERVEd, never PREEMPTed; the
+        # destination, which lost the channel, moved the reservation back.
+        moved = [str(g) for g in record.get("move", ()) if isinstance(g, str)]
+        ops = rollback_plan(pr, preempted=None, released=list(pr.guests), moved=moved)
+        ops += fence_ops(pr, None, None, moved=moved)
         log.warning("interrupted migration %s of %s (phase %s): taking the reservation back (%d PR ops)",
                     mid, dev.name, record.get("phase"), len(ops))
         await dev.drain()

@@ -21,6 +21,14 @@ Rules (the table below is the authority; a missing pair is a EventNotAllowed):
   the source nexus, then resumes the guest -> ROLLED_BACK and sends ABORT so
   the destination unregisters. A failure while RELEASING waits for the
   release ops to finish, then reclaims what was released.
+- REGISTER AND MOVE plan (SETUP_OK's ``move``: the holder's key is shared
+  with a nexus outside the device): RELEASING issues the REGISTER AND MOVE
+  to the destination's nexus. Once it may have taken effect, the source
+  never reclaims on its own first: a failure sends ROLLBACK (or, with the
+  channel lost, just waits for the rollback timer) so that the destination
+  moves the reservation back; RECLAIMING then registers again and RESERVEs
+  (plan.rollback_plan ``moved``), never PREEMPTs: CONFLICT while the
+  destination still holds it -> FAILED, guest held.
 - After RESUME is sent the source never serves the guest again: no Ack
   before the timer or a lost channel -> IN_DOUBT (guest stays held; the
   destination may be serving it). An ABORT crossing our RESUME means the
@@ -38,6 +46,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 
+from ..scsi.constants import PrOutAction
 from .channel import (
     Abort,
     Ack,
@@ -72,7 +81,7 @@ from .machine import (
     Timeouts,
     table,
 )
-from .plan import Phase, PrOp, Strategy, rollback_plan, takeover_plan
+from .plan import MovePort, Phase, PrOp, Strategy, rollback_plan, takeover_plan
 from .stream import DeviceSnapshot, encode_snapshot
 
 
@@ -109,21 +118,21 @@ SOURCE_TABLE = table(
         **{(S.READY, e): S.ROLLED_BACK for e in _FAILURES},
         (S.STOPPING, GuestHeld): (S.RELEASING, S.TRANSFERRED),
         **{(S.STOPPING, e): S.ROLLED_BACK for e in _FAILURES},
-        (S.RELEASING, PrOpsDone): (S.TRANSFERRED, S.RECLAIMING, S.ROLLED_BACK),
+        (S.RELEASING, PrOpsDone): (S.TRANSFERRED, S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         **{(S.RELEASING, e): S.RELEASING for e in _FAILURES},  # finish the ops first
         (S.TRANSFERRED, TakeoverDone): S.HANDOVER,
-        (S.TRANSFERRED, Abort): (S.RECLAIMING, S.ROLLED_BACK),
-        (S.TRANSFERRED, ChannelLost): (S.RECLAIMING, S.ROLLED_BACK),
+        (S.TRANSFERRED, Abort): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
+        (S.TRANSFERRED, ChannelLost): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.TRANSFERRED, Cancel): S.ROLLING_BACK,
         (S.TRANSFERRED, Timeout): S.ROLLING_BACK,
         (S.HANDOVER, Ack): S.COMPLETED,
-        (S.HANDOVER, Abort): (S.RECLAIMING, S.ROLLED_BACK),
+        (S.HANDOVER, Abort): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.HANDOVER, ChannelLost): S.IN_DOUBT,
         (S.HANDOVER, Timeout): S.IN_DOUBT,
         (S.ROLLING_BACK, Ack): (S.RECLAIMING, S.ROLLED_BACK),
-        (S.ROLLING_BACK, Abort): (S.RECLAIMING, S.ROLLED_BACK),
+        (S.ROLLING_BACK, Abort): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.ROLLING_BACK, TakeoverDone): S.ROLLING_BACK,  # crossed our ROLLBACK
-        (S.ROLLING_BACK, ChannelLost): (S.RECLAIMING, S.ROLLED_BACK),
+        (S.ROLLING_BACK, ChannelLost): (S.ROLLING_BACK, S.RECLAIMING, S.ROLLED_BACK),
         (S.ROLLING_BACK, Timeout): (S.RECLAIMING, S.ROLLED_BACK),
         (S.ROLLING_BACK, Cancel): S.ROLLING_BACK,
         (S.RECLAIMING, PrOpsDone): (S.ROLLED_BACK, S.RECLAIMING, S.FAILED),  # retried, then FAILED
@@ -158,6 +167,7 @@ class SourceMigration(MachineBase):
         self.strategy = Strategy(strategy)
         self.gated = gated  # in a batch: wait in READY for Go before the pause
         self.registered: dict[str, int] = {}  # on the destination, from SETUP_OK
+        self.move: dict[str, MovePort] = {}  # holders moved by REGISTER AND MOVE, from SETUP_OK
         self.read_full_status = False
         self.released: tuple[PrOp, ...] = ()  # release ops issued
         self.channel_open = False
@@ -187,6 +197,7 @@ class SourceMigration(MachineBase):
     def _on_SetupOk(self, ev: SetupOk, now: float) -> S:
         self.registered = {k.lower(): v for k, v in ev.registered.items()}
         self.read_full_status = ev.read_full_status
+        self.move = {k.lower(): v for k, v in ev.move.items()}
         if self.gated:
             self._emit(AwaitGo())
             self._arm(now, self.timeouts.ready)
@@ -209,7 +220,8 @@ class SourceMigration(MachineBase):
         self.snapshot = ev.snapshot
         release: tuple[PrOp, ...] = ()
         if self.strategy is not Strategy.QEMU:  # QEMU: everything happens on the destination
-            release = takeover_plan(ev.snapshot.pr, self.registered, register_only=self.strategy.register_only).release
+            release = takeover_plan(ev.snapshot.pr, self.registered, register_only=self.strategy.register_only,
+                                    move=self.move).release
         self._arm(now, None)
         self.timings.takeover_started = now  # source view: release + STATE + destination ops
         if release:
@@ -249,6 +261,19 @@ class SourceMigration(MachineBase):
         self.preempted = ev.preempted
         return self._reclaim(now)
 
+    @property
+    def moved(self) -> tuple[str, ...]:
+        """Guests whose REGISTER AND MOVE was issued (whatever its outcome)."""
+        return tuple(op.guest for op in self.released if op.action is PrOutAction.REGISTER_AND_MOVE)
+
+    def _await_give_back(self, now: float, reason: AbortReason, detail: str) -> S:
+        """The reservation may be on the destination's nexus: ask for it
+        back (ROLLBACK; with the channel lost the destination moves it back
+        on its own) and reclaim on the ACK, an ABORT or the rollback timer."""
+        self._send(Rollback(reason, detail))
+        self._arm(now, self.timeouts.rollback)
+        return S.ROLLING_BACK
+
     # -- failures
     def _on_Cancel(self, ev: Cancel, now: float) -> S:
         return self._failure(ev.reason, now, ev.detail)
@@ -279,6 +304,18 @@ class SourceMigration(MachineBase):
         if st is S.RELEASING:
             self._pending = reason
             return st
+        lost = reason is AbortReason.CONNECTION_LOST and not from_peer
+        if self.moved and (from_peer and st in (S.TRANSFERRED, S.HANDOVER, S.ROLLING_BACK)
+                           or lost and st in (S.TRANSFERRED, S.ROLLING_BACK)):
+            # The reservation is on the destination's nexus (the REGISTER AND
+            # MOVE succeeded, or its outcome is unknown): only the destination
+            # can move it back. An ABORT it sent may have crossed our move:
+            # ask again (ROLLBACK) and reclaim on its ACK or the rollback
+            # timer; with the channel lost it moves it back on its own.
+            self.preempted = None
+            if st is S.ROLLING_BACK:
+                return st
+            return self._await_give_back(now, reason, detail)
         if st is S.HANDOVER:
             if from_peer:  # it aborted instead of resuming, and never will resume
                 return self._reclaim(now)
@@ -300,6 +337,7 @@ class SourceMigration(MachineBase):
             preempted=self.preempted,
             released=[op.guest for op in self.released],
             registered_on_dest=self.registered,
+            moved=self.moved,
         )
         self._arm(now, None)
         if not ops:
@@ -321,11 +359,18 @@ class SourceMigration(MachineBase):
     def _on_PrOpsDone(self, ev: PrOpsDone, now: float) -> S:
         if self.state is S.RELEASING:
             self.timings.count_ops(ev)
+            # a REGISTER AND MOVE that completed, or whose outcome is unknown
+            took = any(op.action is PrOutAction.REGISTER_AND_MOVE and (i < ev.completed or (i == ev.completed and not ev.definite))
+                       for i, op in enumerate(self.released))
             if not ev.ok:
                 self._fail(AbortReason.PR_RELEASE)
                 self._emit(Log(logging.ERROR, f"source {self.name}: release failed: {ev.error}"))
+                if took:
+                    return self._await_give_back(now, AbortReason.PR_RELEASE, ev.error or "")
                 if self.channel_open:
                     self._send(Abort(AbortReason.PR_RELEASE, ev.error or ""))
+            if self._pending is not None and took:
+                return self._await_give_back(now, self._pending, "failed while the reservation moved")
             if self._pending is not None or not ev.ok:
                 return self._reclaim(now)
             return self._transfer(now)

@@ -222,7 +222,7 @@ class SourceRunner(Runner):
         m = self.machine
         if not (self._channel_lost and self._setup_sent and self.service.fence_after_loss):
             return ()
-        return fence_ops(m.snapshot.pr, m.registered, m.preempted)
+        return fence_ops(m.snapshot.pr, m.registered, m.preempted, moved=m.move)
 
     async def _fence_then_resume(self, dev: PassthroughDevice, ops: tuple[PrOp, ...]) -> None:
         try:
@@ -248,6 +248,8 @@ class SourceRunner(Runner):
                                   "to": self.peer, "phase": phase, "pr": pr.to_dict()}
         if phase == "resume-sent":  # where a restarted source redirects the guest
             record["frontend"] = list(self.frontend) if self.frontend else None
+        if self.machine.move:  # REGISTER AND MOVE plan: a restart never PREEMPTs these keys
+            record["move"] = sorted(self.machine.move)
         try:
             self.marker.write(record, fsync)
         except OSError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 
 from .constants import Opcode
 from .sense import CheckCondition, Sense, SenseField
@@ -328,6 +329,38 @@ class ReportOpcodesCdb:
         return ReportOpcodesCdb(
             bool(cdb[2] & 0x80), cdb[2] & 0x07, cdb[3], _U16.unpack_from(cdb, 4)[0], _U32.unpack_from(cdb, 6)[0]
         )
+
+    def encode(self) -> bytes:
+        return (
+            bytes((Opcode.MAINTENANCE_IN, 0x0C, (0x80 if self.rctd else 0) | (self.options & 0x07), self.opcode))
+            + _U16.pack(self.action)
+            + _U32.pack(self.alloc)
+            + bytes(2)
+        )
+
+
+class CommandSupport(IntEnum):
+    """The SUPPORT field of one-command REPORT SUPPORTED OPERATION CODES
+    parameter data (SPC-5 6.35.3, byte 1 bits 2:0)."""
+
+    NOT_AVAILABLE = 0b000  # the device server cannot tell
+    NOT_SUPPORTED = 0b001
+    SUPPORTED = 0b011  # as the standard defines it
+    SUPPORTED_VENDOR = 0b101  # in a vendor-specific manner
+
+
+def one_command_support(data: bytes | memoryview) -> CommandSupport | int:
+    """SUPPORT of a one-command RSOC answer (reporting option 1, 2 or 3);
+    an answer too short to hold it tells nothing (NOT_AVAILABLE)."""
+    if len(data) < 2:
+        return CommandSupport.NOT_AVAILABLE
+    v = data[1] & 0x07
+    return CommandSupport(v) if v in CommandSupport._value2member_map_ else v
+
+
+def supports_service_action(opcode: int, action: int, alloc: int = 64) -> bytes:
+    """The RSOC CDB asking about one command with a service action (reporting option 010b)."""
+    return ReportOpcodesCdb(False, 2, opcode, action, alloc).encode()
 
 
 @dataclass(frozen=True, slots=True)

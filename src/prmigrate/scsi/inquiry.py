@@ -80,6 +80,26 @@ class DesignatorType(IntEnum):
     SCSI_NAME = 8
 
 
+def relative_target_port(vpd83: bytes | memoryview) -> int | None:
+    """The RELATIVE TARGET PORT IDENTIFIER designator (type 4h, association
+    01b target port; SPC-5 7.7.6.5) of a VPD 83h page: the target port the
+    command that read it came through. None when the page has none."""
+    mv = memoryview(vpd83)
+    if len(mv) < 4:
+        return None
+    end = min(len(mv), 4 + int.from_bytes(mv[2:4], "big"))
+    off = 4
+    while off + 4 <= end:
+        dlen = mv[off + 3]
+        if off + 4 + dlen > end:
+            return None
+        assoc, dtype = (mv[off + 1] >> 4) & 0x3, mv[off + 1] & 0x0F
+        if assoc == Association.TARGET_PORT and dtype == DesignatorType.RELATIVE_TARGET_PORT and dlen >= 4:
+            return int.from_bytes(mv[off + 6 : off + 8], "big") or None
+        off += 4 + dlen
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     vendor: str
