@@ -1,0 +1,252 @@
+"""device/multipath.py: a two-path device against a real ``prmigrate target``
+with two ``--listen`` portals (two target ports of one LU), each path through
+its own test-owned TCP proxy (tests/tcp_proxy.py) so that a path can be cut.
+
+An independent observer (our initiator, another initiator name, logged in
+straight to portal 1) reads READ FULL STATUS to see what the target has on
+each path nexus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prmigrate.device.config import DeviceConfig
+from prmigrate.device.identity import derive_isid
+from prmigrate.device.passthrough import PassthroughDevice
+from prmigrate.iscsi.initiator import connect
+from prmigrate.iscsi.target import IscsiTarget, TargetNode
+from prmigrate.lun.types import Nexus, Result
+from prmigrate.lun.unit import LogicalUnit
+from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType, Status
+from prmigrate.scsi.pr import ReadFullStatus, ReadKeys, pr_in_cdb, pr_out_cdb, pr_out_params
+from prmigrate.scsi.transport_id import TransportId
+from tests.interop.conftest import IQN, free_loopback_port, start_target, stop, wait_listening
+from tests.tcp_proxy import StoppableProxy
+
+HOST = "iqn.2026-11.org.prmigrate:host-a"
+GUEST = "iqn.2026-11.org.prmigrate:guest-1"
+OBSERVER = "iqn.2026-11.org.prmigrate:observer"
+KEY = 0x4D50000000000001
+FRONT = "iqn.2026-11.org.prmigrate:vm1"
+BS = 512
+
+
+class Portals:
+    def __init__(self, tmp: Path) -> None:
+        while True:
+            host2, port2 = free_loopback_port()
+            self.t = start_target(tmp, size="8M", extra=["--listen", f"{host2}:{port2}"])
+            if (self.t.host, self.t.port) != (host2, port2):
+                break
+            stop(self.t.proc)
+        wait_listening(host2, port2, self.t.proc)
+        self.addresses = [(self.t.host, self.t.port), (host2, port2)]
+
+
+@pytest.fixture
+def portals(tmp_path: Path) -> Iterator[Portals]:
+    p = Portals(tmp_path)
+    try:
+        yield p
+    finally:
+        stop(p.t.proc)
+    assert "Traceback" not in p.t.log
+
+
+class Rig:
+    def __init__(self, portals: Portals, tmp: Path) -> None:
+        self.portals = portals
+        self.tmp = tmp
+        self.proxies = [StoppableProxy(a) for a in portals.addresses]
+        self.dev: PassthroughDevice = None  # type: ignore[assignment]
+        self.nexus = Nexus.make(GUEST, 0x23D000000001, FRONT)
+
+    async def start(self) -> None:
+        for p in self.proxies:
+            await p.start()
+        urls = [f"iscsi://127.0.0.1:{p.port}/{IQN}/0" for p in self.proxies]
+        cfg = DeviceConfig("vm1", urls[0], IQN, machine="pc-q35-11.0", more_backends=tuple(urls[1:]))
+        self.dev = PassthroughDevice(cfg, HOST, state_dir=self.tmp, fsync=False)
+        await self.dev.start()
+        h, p = self.portals.addresses[0]
+        self.observer = await connect(f"iscsi://{h}:{p}/{IQN}/0", None, OBSERVER, 0x23D0000000F0)
+
+    async def close(self) -> None:
+        await self.observer.close()
+        await self.dev.close()
+        for p in self.proxies:
+            await p.stop()
+
+    async def cmd(self, cdb: bytes, data: bytes = b"", n: int | None = None) -> Result:
+        r = self.dev.execute(self.nexus, cdb, data, n)
+        return await r if isinstance(r, asyncio.Future) else r
+
+    async def ok(self, cdb: bytes, data: bytes = b"", n: int | None = None) -> Result:
+        for _ in range(6):  # a unit attention is the guest's to meet once per event
+            r = await self.cmd(cdb, data, n)
+            if r.status != Status.CHECK_CONDITION or not r.sense or (r.sense[2] & 0x0F) != 6:
+                break
+        assert r.status == Status.GOOD, (cdb.hex(), r)
+        return r
+
+    async def pr_out(self, action: int, rk: int = 0, sark: int = 0, rtype: int = 0) -> Result:
+        params = pr_out_params(rk, sark)
+        return await self.ok(pr_out_cdb(action, rtype, 0, len(params)), params)
+
+    async def observed(self) -> ReadFullStatus:
+        r = await self.observer.pr_in(PrInAction.READ_FULL_STATUS, 8192)
+        assert r.status == Status.GOOD
+        return ReadFullStatus.decode(bytes(r.data_in))
+
+    def path_tid(self, path: int) -> TransportId:
+        return TransportId(HOST, derive_isid("vm1", GUEST, path))
+
+    async def write(self, lba: int, data: bytes) -> None:
+        await self.ok(struct.pack(">BBIBHB", 0x2A, 0, lba, 0, len(data) // BS, 0), data)
+
+    async def read(self, lba: int, blocks: int) -> bytes:
+        r = await self.ok(struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0), b"", blocks * BS)
+        return bytes(r.data_in)
+
+
+def run(portals: Portals, tmp: Path, body: object) -> None:
+    async def main() -> None:
+        rig = Rig(portals, tmp)
+        await rig.start()
+        try:
+            await asyncio.wait_for(body(rig), 90)  # type: ignore[operator]
+        finally:
+            await rig.close()
+    asyncio.run(main())
+
+
+def entries_of(rfs: ReadFullStatus, rig: Rig) -> dict[int, tuple[int, bool]]:
+    """path -> (key, holder) of the device's path nexuses in ``rfs``."""
+    out = {}
+    for e in rfs.entries:
+        for path in (0, 1):
+            if e.transport_id.same_port(rig.path_tid(path)):
+                out[path] = (e.key, e.holder)
+    return out
+
+
+def test_path_zero_keeps_the_single_path_isid() -> None:
+    assert derive_isid("vm1", GUEST) == derive_isid("vm1", GUEST, 0)
+    assert derive_isid("vm1", GUEST, 1) not in (derive_isid("vm1", GUEST), derive_isid("vm1", GUEST, 2))
+    assert derive_isid("vm1", GUEST, 1) >> 46 == 0b10  # Random format, as path 0's
+
+
+@pytest.mark.parametrize("rtype", [t for t in PrType if t is not PrType.NONE])
+def test_register_on_every_path_reserve_on_one_guest_sees_one_nexus(portals: Portals, tmp_path: Path,
+                                                                    rtype: PrType) -> None:
+    async def body(rig: Rig) -> None:
+        await rig.pr_out(PrOutAction.REGISTER, 0, KEY)
+        await rig.pr_out(PrOutAction.RESERVE, KEY, 0, rtype)
+        seen = entries_of(await rig.observed(), rig)
+        assert {p: k for p, (k, _) in seen.items()} == {0: KEY, 1: KEY}, seen
+        holders = [p for p, (_, h) in seen.items() if h]
+        assert holders == ([0, 1] if rtype.all_registrants else [0]), seen
+        # the guest: its key once, one entry, the reservation unchanged
+        keys = ReadKeys.decode(bytes((await rig.ok(pr_in_cdb(PrInAction.READ_KEYS, 255), b"", 255)).data_in))
+        assert keys.keys == (KEY,)
+        rfs = ReadFullStatus.decode(bytes((await rig.ok(pr_in_cdb(PrInAction.READ_FULL_STATUS, 1024), b"",
+                                                        1024)).data_in))
+        mine = [e for e in rfs.entries if e.transport_id.name == HOST]
+        assert len(mine) == 1 and mine[0].key == KEY and mine[0].holder
+        # the device's verification takes both path nexuses as the guest's
+        await rig.dev.verify("test")
+        st = rig.dev.snooper.state.get(GUEST)
+        assert st.key == KEY and st.holder and st.rtype == rtype
+        # media access works (round robin or the holder's path)
+        data = os.urandom(4 * BS)
+        await rig.write(8, data)
+        assert await rig.read(8, 4) == data
+        d = rig.dev.describe()
+        paths = d["backend-nexus"][GUEST]["paths"]  # type: ignore[index]
+        assert [(p["state"], p["registered"]) for p in paths] == [("up", True), ("up", True)], paths
+        assert paths[1]["nexus"] == str(rig.path_tid(1))
+        await rig.pr_out(PrOutAction.RELEASE, KEY, 0, rtype)
+        await rig.pr_out(PrOutAction.REGISTER, KEY, 0)
+        assert entries_of(await rig.observed(), rig) == {}
+
+    run(portals, tmp_path, body)
+
+
+@pytest.mark.parametrize("rtype", [PrType.WRITE_EXCLUSIVE, PrType.WRITE_EXCLUSIVE_ALL_REGISTRANTS])
+def test_a_path_cut_during_writes_loses_nothing_and_comes_back_registered(portals: Portals, tmp_path: Path,
+                                                                         rtype: PrType) -> None:
+    async def body(rig: Rig) -> None:
+        await rig.pr_out(PrOutAction.REGISTER, 0, KEY)
+        await rig.pr_out(PrOutAction.RESERVE, KEY, 0, rtype)
+        written: dict[int, bytes] = {}
+
+        enough = asyncio.Event()
+        sent = [0]
+
+        async def writer(first: int) -> None:  # four at once, without pause: some are in flight at the cut
+            i = 0
+            while not enough.is_set():
+                lba = first + 2 * (i % 32)
+                data = os.urandom(2 * BS)
+                await rig.write(lba, data)
+                written[lba] = data
+                i += 1
+                sent[0] += 1
+
+        w = asyncio.gather(*(writer(16 + 64 * k) for k in range(4)))
+        await asyncio.sleep(0.3)
+        await rig.proxies[0].stop()  # path 0: the holder's
+        await asyncio.sleep(2.5)
+        seen = entries_of(await rig.observed(), rig)
+        if rtype.all_registrants:
+            assert seen[1] == (KEY, True), seen
+        else:  # the reservation moved to path 1's nexus, path 0's registration went with the PREEMPT
+            assert seen == {1: (KEY, True)}, seen
+        await rig.proxies[0].start()  # the same port: path 0 comes back
+        for _ in range(100):
+            paths = rig.dev.describe()["backend-nexus"][GUEST]["paths"]  # type: ignore[index]
+            if all(p["state"] == "up" and p["registered"] for p in paths):
+                break
+            await asyncio.sleep(0.1)
+        assert all(p["state"] == "up" and p["registered"] for p in paths), paths
+        seen = entries_of(await rig.observed(), rig)
+        assert {p: k for p, (k, _) in seen.items()} == {0: KEY, 1: KEY}, seen
+        before = sent[0]
+        await asyncio.sleep(0.3)
+        enough.set()
+        await w
+        assert sent[0] > before  # writing went on all along
+        for lba, data in written.items():
+            assert await rig.read(lba, 2) == data, lba
+
+    run(portals, tmp_path, body)
+
+
+def test_paths_to_different_luns_are_refused(portals: Portals, tmp_path: Path) -> None:
+    """Path 1 reaches a target of the same name whose LUN 0 is another
+    logical unit (its own NAA designator): the device does not start."""
+    async def main() -> str:
+        other = IscsiTarget([TargetNode(IQN, {0: LogicalUnit(tmp_path / "other.img", 1 << 20, name="another")})])
+        (host, port), *_ = await other.start("127.0.0.1", 0)
+        h, p = portals.addresses[0]
+        cfg = DeviceConfig("vm1", f"iscsi://{h}:{p}/{IQN}/0", IQN, machine="pc-q35-11.0",
+                           more_backends=(f"iscsi://{host}:{port}/{IQN}/0",))
+        dev = PassthroughDevice(cfg, HOST, fsync=False)
+        try:
+            await dev.start()
+        except Exception as exc:  # noqa: BLE001 - the refusal under test
+            return str(exc)
+        finally:
+            await dev.close()
+            await other.close()
+        return ""
+
+    text = asyncio.run(main())
+    assert "reaches another logical unit" in text and "every backend= must name the same LUN" in text, text
