@@ -187,29 +187,23 @@ class MultipathSession:
             return
         s = self.sessions[p]
         assert s is not None
-        r = await s.submit_retrying(self.lun, pr_in_cdb(PrInAction.READ_FULL_STATUS, PR_IN_READ), b"", PR_IN_READ)
-        if r.status != Status.GOOD:
+        rfs = await self._full_status(s)
+        if rfs is None:
             return  # no READ FULL STATUS (tgt): the guest's own PR OUTs will tell
-        try:
-            rfs = ReadFullStatus.decode(bytes(r.data_in))
-        except PrDecodeError:
-            return
-        for e in rfs.entries:
-            at = self.set._ours(e.transport_id)
-            if at is None:
-                continue
-            i = at
-            self.set.paths[i].registered = True
-            self.set.key = e.key
-            if e.holder:
-                t = int(e.rtype)
-                rtype = PrType(t) if t in PrType._value2member_map_ else PrType.NONE
-                self.set.rtype, self.set.scope = rtype, e.scope
-                self.set.holder = None if rtype.all_registrants else i
+        self.set.seen(rfs)
         if self.set.key:
             for i, path in enumerate(self.set.paths):
                 if not path.registered and self.sessions[i] is not None:
                     await self._register_path(i)
+
+    async def _full_status(self, s: Session) -> ReadFullStatus | None:
+        r = await s.submit_retrying(self.lun, pr_in_cdb(PrInAction.READ_FULL_STATUS, PR_IN_READ), b"", PR_IN_READ)
+        if r.status != Status.GOOD:
+            return None
+        try:
+            return ReadFullStatus.decode(bytes(r.data_in))
+        except PrDecodeError:
+            return None
 
     # ----------------------------------------------------------- watching
     def _arm_watch(self) -> None:
@@ -316,6 +310,13 @@ class MultipathSession:
                 self.set.registered_on(i, op.sark)
             if self.set.paths[i].state is PathState.REGISTERING:
                 self.set.mark(i, PathState.UP)
+        # what the PREEMPT left (a reservation, or none: SPC-5 5.14.11.4.4
+        # with no reservation only removes registrations), read back
+        p = self.set.primary()
+        s = None if p is None else self.sessions[p]
+        rfs = None if s is None or not self.rewrite else await self._full_status(s)
+        if rfs is not None:
+            self.set.seen(rfs)
         self._unpark()
 
     async def _send_op(self, op: Op) -> Result | None:

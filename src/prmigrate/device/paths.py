@@ -237,6 +237,24 @@ class PathSet:
         """A follow-up REGISTER AND IGNORE EXISTING KEY answered GOOD on ``path``."""
         self.paths[path].registered = bool(sark)
 
+    def seen(self, rfs: ReadFullStatus) -> None:
+        """READ FULL STATUS (SPC-5 6.16.5) read on one of the paths: what is
+        registered and reserved on each path's nexus, as the target says."""
+        mine = [(self._ours(e.transport_id), e) for e in rfs.entries]
+        ours = [(i, e) for i, e in mine if i is not None]
+        for p in self.paths:
+            p.registered = False
+        self.key, self.holder, self.rtype, self.scope = 0, None, PrType.NONE, 0
+        for i, e in ours:
+            assert i is not None
+            self.paths[i].registered = True
+            self.key = e.key
+            if e.holder:
+                t = int(e.rtype)
+                self.rtype = PrType(t) if t in PrType._value2member_map_ else PrType.NONE
+                self.scope = e.scope
+                self.holder = None if self.rtype.all_registrants else i
+
     def lost(self) -> None:
         """Every registration of the guest is gone (another initiator's
         PREEMPT or CLEAR, seen by a verification): nothing to restore."""
