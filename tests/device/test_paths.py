@@ -11,6 +11,7 @@ from prmigrate.device.paths import (
     PathState,
     Route,
     lu_designators,
+    rewrite_pr_in,
     same_lu,
 )
 from prmigrate.scsi.constants import PrInAction, PrOutAction, PrType
@@ -116,13 +117,13 @@ def test_clear_and_unregister_forget_the_key() -> None:
 def test_read_keys_lists_the_guests_key_once() -> None:
     ps = registered(three())
     data = ReadKeys(7, (K, OTHER, K, K)).encode()
-    out = ReadKeys.decode(ps.rewrite_pr_in(pr_in_cdb(PrInAction.READ_KEYS, 255), data, 255))
+    out = ReadKeys.decode(rewrite_pr_in(pr_in_cdb(PrInAction.READ_KEYS, 255), data, 255, [ps]))
     assert out.keys == (K, OTHER) and out.generation == 7 and not out.truncated
     # another host with the same key keeps its listing: only our extra paths go
     data = ReadKeys(7, (K, K, K, K)).encode()
-    assert ReadKeys.decode(ps.rewrite_pr_in(pr_in_cdb(PrInAction.READ_KEYS, 255), data, 255)).keys == (K, K)
+    assert ReadKeys.decode(rewrite_pr_in(pr_in_cdb(PrInAction.READ_KEYS, 255), data, 255, [ps])).keys == (K, K)
     # cut to the guest's allocation length, the additional length telling the whole
-    cut = ps.rewrite_pr_in(pr_in_cdb(PrInAction.READ_KEYS, 12), ReadKeys(7, (K, OTHER, K, K)).encode(), 12)
+    cut = rewrite_pr_in(pr_in_cdb(PrInAction.READ_KEYS, 12), ReadKeys(7, (K, OTHER, K, K)).encode(), 12, [ps])
     assert len(cut) == 12 and ReadKeys.decode(cut).additional_length == 16
 
 
@@ -132,10 +133,10 @@ def test_read_full_status_shows_one_entry_the_holders() -> None:
     ents = tuple(FullStatusEntry(K, False, i == 1, 0, PrType.EXCLUSIVE_ACCESS if i == 1 else 0, i + 1, t)
                  for i, t in enumerate(TIDS)) + (FullStatusEntry(OTHER, False, False, 0, 0, 1, ELSE),)
     data = ReadFullStatus(3, ents).encode()
-    out = ReadFullStatus.decode(ps.rewrite_pr_in(pr_in_cdb(PrInAction.READ_FULL_STATUS, 4096), data, 4096))
+    out = ReadFullStatus.decode(rewrite_pr_in(pr_in_cdb(PrInAction.READ_FULL_STATUS, 4096), data, 4096, [ps]))
     assert [(e.transport_id, e.holder) for e in out.entries] == [(TIDS[1], True), (ELSE, False)]
     # not a PR IN to rewrite: as it came
-    assert ps.rewrite_pr_in(pr_in_cdb(PrInAction.READ_RESERVATION, 255), b"\x00" * 8, 255) == b"\x00" * 8
+    assert rewrite_pr_in(pr_in_cdb(PrInAction.READ_RESERVATION, 255), b"\x00" * 8, 255, [ps]) == b"\x00" * 8
 
 
 def test_lu_designators_ignore_the_target_port_ones() -> None:
@@ -146,3 +147,22 @@ def test_lu_designators_ignore_the_target_port_ones() -> None:
     other = vpd_device_id(lu1, target="iqn.x:shared", rel_port=1, tpgt=1)
     assert len(lu_designators(page1)) == 2 and page1 != page2  # NAA and T10 vendor ID
     assert same_lu([page1, page2]) and not same_lu([page1, other])
+
+
+def test_every_guest_of_the_device_is_one_nexus_in_a_pr_in_answer() -> None:
+    a = PathSet([Path("p0", TIDS[0]), Path("p1", TIDS[1])])
+    b = PathSet([Path("p0", TransportId(HOST, 0x80000000000A)), Path("p1", TransportId(HOST, 0x80000000000B))])
+    for i in range(2):
+        a.mark(i, PathState.UP)
+        b.mark(i, PathState.UP)
+    registered(a)
+    registered(b, OTHER)
+    keys = ReadKeys(1, (K, K, OTHER, OTHER)).encode()
+    assert ReadKeys.decode(rewrite_pr_in(pr_in_cdb(PrInAction.READ_KEYS, 255), keys, 255, [a, b])).keys == (K, OTHER)
+    b.answered(1, PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE, 0, OTHER, 0, False)
+    ents = (FullStatusEntry(K, False, False, 0, 0, 1, TIDS[0]), FullStatusEntry(K, False, False, 0, 0, 2, TIDS[1]),
+            FullStatusEntry(OTHER, False, False, 0, 0, 1, b.paths[0].transport_id),
+            FullStatusEntry(OTHER, False, True, 0, 1, 2, b.paths[1].transport_id))
+    out = ReadFullStatus.decode(rewrite_pr_in(pr_in_cdb(PrInAction.READ_FULL_STATUS, 4096),
+                                              ReadFullStatus(2, ents).encode(), 4096, [a, b]))
+    assert [(e.transport_id, e.holder) for e in out.entries] == [(TIDS[0], False), (b.paths[1].transport_id, True)]

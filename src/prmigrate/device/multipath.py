@@ -45,7 +45,7 @@ from ..scsi.pr import (
     pr_out_params,
 )
 from ..scsi.transport_id import TransportId
-from .paths import Op, Path, PathSet, PathState, Route, same_lu
+from .paths import Op, Path, PathSet, PathState, Route, rewrite_pr_in, same_lu
 
 log = logging.getLogger("prmigrate.device.multipath")
 
@@ -93,13 +93,18 @@ class MultipathSession:
     """The paths of one backend nexus, as one ``Session`` to the device."""
 
     def __init__(self, urls: Sequence[str], tids: Sequence[TransportId], open_path: OpenPath, *,
-                 rewrite_pr_in: bool = True, on_unit_attention: Callable[[int, Any], Any] | None = None,
+                 rewrite_pr_in: bool = True, peers: list[PathSet] | None = None, on_unit_attention: Callable[[int, Any], Any] | None = None,
                  on_reconnect: Callable[[], Awaitable[Any]] | None = None, lun: int = 0,
                  hold_timeout: float = HOLD_TIMEOUT, logger: Any = log) -> None:
         self.set = PathSet([Path(u, t) for u, t in zip(urls, tids, strict=True)])
         self.sessions: list[Session | None] = [None] * len(urls)
         self._open_path = open_path
         self.rewrite = rewrite_pr_in
+        # every guest's path set on this device (ours among them): a PR IN
+        # answer shows each of them as one nexus
+        self.peers = peers if peers is not None else []
+        if rewrite_pr_in:
+            self.peers.append(self.set)
         self.on_unit_attention = on_unit_attention
         self.on_reconnect = on_reconnect
         self.lun = lun
@@ -434,7 +439,7 @@ class MultipathSession:
 
             def rewritten(r: Result | BaseException) -> None:
                 if isinstance(r, Result) and r.status == Status.GOOD:
-                    r = Result(r.status, self.set.rewrite_pr_in(cdb, bytes(r.data_in), alloc), r.sense)
+                    r = Result(r.status, rewrite_pr_in(cdb, bytes(r.data_in), alloc, self.peers), r.sense)
                 done(r)
 
             self._dispatch(_Cmd(lun, bytes(big), data_out, max(alloc, PR_IN_READ), rewritten))
@@ -630,6 +635,7 @@ class MultipathSession:
         if self._closed:
             return
         self._closed = True
+        self.peers[:] = [p for p in self.peers if p is not self.set]
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -650,7 +656,7 @@ def _resolve(fut: asyncio.Future[Any], r: Any) -> None:
 
 async def open_multipath(connect: Callable[..., Awaitable[Session]], urls: Sequence[str], target_iqn: str,
                          initiator: str, isids: Sequence[int], opts: dict[str, Any], *, rewrite_pr_in: bool,
-                         lun: int, logger: Any, on_unit_attention: Callable[[int, Any], Any] | None = None,
+                         lun: int, logger: Any, peers: list[PathSet] | None = None, on_unit_attention: Callable[[int, Any], Any] | None = None,
                          on_reconnect: Callable[[], Awaitable[Any]] | None = None) -> MultipathSession:
     """A ``MultipathSession`` over ``urls``, path ``i`` the nexus
     (``initiator``, ``isids[i]``); ``opts`` the plain sessions' options
@@ -667,7 +673,8 @@ async def open_multipath(connect: Callable[..., Awaitable[Session]], urls: Seque
                              on_unit_attention=on_ua, on_reconnect=relogged, **path_opts)
 
     tids = [TransportId(initiator.lower(), isid) for isid in isids]
-    mp = MultipathSession(urls, tids, open_path, rewrite_pr_in=rewrite_pr_in, on_unit_attention=on_unit_attention,
+    mp = MultipathSession(urls, tids, open_path, rewrite_pr_in=rewrite_pr_in, peers=peers,
+                          on_unit_attention=on_unit_attention,
                           on_reconnect=on_reconnect, lun=lun, hold_timeout=hold, logger=logger)
     return await mp.open()
 

@@ -62,10 +62,11 @@ as they are); one met on another path is retried there and not reported
 the LU or another initiator's PR OUT, so the guest meets it once, on the
 primary; those our own path management causes stay on the paths).
 
-The guest's PR IN answers are rewritten so that it sees one nexus
-(``rewrite_pr_in``): READ KEYS lists the guest's key once for its paths,
-READ FULL STATUS one entry for them (the holder's, else the primary's),
-READ RESERVATION and REPORT CAPABILITIES are unchanged.
+A guest's PR IN answers are rewritten so that every guest of the device
+looks like one nexus (``rewrite_pr_in``, given every guest's path set):
+READ KEYS lists each guest's key once for its paths, READ FULL STATUS one
+entry for them (the holder's, else the primary's); READ RESERVATION and
+REPORT CAPABILITIES are unchanged.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class Op:
     aptpl: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class PathSet:
     """One guest's paths and what is registered / reserved on them."""
 
@@ -282,57 +283,69 @@ class PathSet:
         return Op(path, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrType.NONE, 0, self.key, 0, self.aptpl)
 
     # ------------------------------------------------------------ PR IN
-    def rewrite_pr_in(self, cdb: bytes, data: bytes, alloc: int) -> bytes:
-        """The guest's PR IN answer (read with a large allocation) as one
-        nexus would see it, cut to the guest's ``alloc``."""
-        action = cdb[1] & 0x1F if len(cdb) > 1 else -1
-        try:
-            if action == PrInAction.READ_KEYS:
-                data = self._one_key(data)
-            elif action == PrInAction.READ_FULL_STATUS:
-                data = self._one_entry(data)
-        except PrDecodeError:
-            pass  # the target's own bytes, as they came
-        return data[:alloc]
-
     def _ours(self, tid: TransportId) -> int | None:
         for i, p in enumerate(self.paths):
             if tid.same_port(p.transport_id):
                 return i
         return None
 
-    def _one_key(self, data: bytes) -> bytes:
-        rk = ReadKeys.decode(data)
-        if rk.truncated or not self.key:
-            return data
-        extra = sum(1 for p in self.paths if p.registered) - 1
-        keys = list(rk.keys)
-        for _ in range(max(0, extra)):
-            if keys.count(self.key) <= 1:
-                break
-            del keys[len(keys) - 1 - keys[::-1].index(self.key)]
-        return ReadKeys(rk.generation, tuple(keys)).encode()
-
-    def _one_entry(self, data: bytes) -> bytes:
-        rfs = ReadFullStatus.decode(data)
-        if rfs.truncated:
-            return data
-        mine = [(self._ours(e.transport_id), e) for e in rfs.entries]
-        ours = [(i, e) for i, e in mine if i is not None]
-        if len(ours) <= 1:
-            return data
-        keep = next((e for i, e in ours if e.holder), None)
-        if keep is None:
-            prim = self.primary()
-            keep = next((e for i, e in ours if i == prim), ours[0][1])
-        entries = [e for i, e in mine if i is None or e is keep]
-        return ReadFullStatus(rfs.generation, tuple(entries)).encode()
-
     # ------------------------------------------------------------ describe
     def describe(self) -> list[dict[str, object]]:
         return [{"path": i, "url": p.url, "nexus": str(p.transport_id), "state": str(p.state),
                  "registered": p.registered, "holder": self.holder == i or (p.registered and self.rtype.all_registrants)}
                 for i, p in enumerate(self.paths)]
+
+
+def rewrite_pr_in(cdb: bytes, data: bytes, alloc: int, sets: Sequence[PathSet]) -> bytes:
+    """A guest's PR IN answer (read with a large allocation) as if each of
+    the device's path sets ``sets`` (every guest's) were one nexus, cut to
+    the guest's ``alloc``: READ KEYS (SPC-5 6.16.2) lists each guest's key
+    once for its paths, READ FULL STATUS (6.16.5) has one entry for them
+    (the holder's, else the primary path's). Other PR IN answers, and
+    answers that do not decode, are left as they came."""
+    action = cdb[1] & 0x1F if len(cdb) > 1 else -1
+    try:
+        if action == PrInAction.READ_KEYS:
+            data = _one_key_each(data, sets)
+        elif action == PrInAction.READ_FULL_STATUS:
+            data = _one_entry_each(data, sets)
+    except PrDecodeError:
+        pass
+    return data[:alloc]
+
+
+def _one_key_each(data: bytes, sets: Sequence[PathSet]) -> bytes:
+    rk = ReadKeys.decode(data)
+    if rk.truncated:
+        return data
+    keys = list(rk.keys)
+    for ps in sets:
+        if not ps.key:
+            continue
+        for _ in range(sum(1 for p in ps.paths if p.registered) - 1):
+            if keys.count(ps.key) <= 1:
+                break
+            del keys[len(keys) - 1 - keys[::-1].index(ps.key)]
+    return ReadKeys(rk.generation, tuple(keys)).encode()
+
+
+def _one_entry_each(data: bytes, sets: Sequence[PathSet]) -> bytes:
+    rfs = ReadFullStatus.decode(data)
+    if rfs.truncated:
+        return data
+    drop: set[int] = set()
+    for ps in sets:
+        ours = [(n, i, e) for n, e in enumerate(rfs.entries) if (i := ps._ours(e.transport_id)) is not None]
+        if len(ours) <= 1:
+            continue
+        prim = ps.primary()
+        keep = next((n for n, _, e in ours if e.holder), None)
+        if keep is None:
+            keep = next((n for n, i, _ in ours if i == prim), ours[0][0])
+        drop |= {n for n, _, _ in ours if n != keep}
+    if not drop:
+        return data
+    return ReadFullStatus(rfs.generation, tuple(e for n, e in enumerate(rfs.entries) if n not in drop)).encode()
 
 
 def lu_designators(vpd83: bytes) -> frozenset[tuple[int, int, bytes]]:
@@ -361,4 +374,4 @@ def same_lu(pages: Sequence[bytes]) -> bool:
 
 
 __all__ = ["HOLDER_ONLY_TYPES", "Op", "PR_OUT_ROUTES", "Path", "PathSet", "PathState", "Route",
-           "lu_designators", "same_lu"]
+           "lu_designators", "rewrite_pr_in", "same_lu"]

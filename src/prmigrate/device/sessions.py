@@ -100,6 +100,7 @@ class BackendSessions(DeviceCore):
         self._session_options = dict(session_options or {})
         self._inflight: set[asyncio.Future[Any]] = set()
         self._bg = BackgroundTasks(self, "background task")
+        self.path_sets: list[Any] = []  # with several backends: every guest's (device/multipath.py)
 
     def _new_backend(self, key: str, port: Any) -> Link:
         return Link(key, port)
@@ -145,7 +146,8 @@ class BackendSessions(DeviceCore):
             from .multipath import open_multipath
             mp: Any = await open_multipath(self._connect, self.config.backend_urls, self.target_iqn,
                                            self.host_initiator, isids, opts, rewrite_pr_in=what != "monitor",
-                                           lun=self.lun, logger=self.log, on_unit_attention=on_ua,
+                                           lun=self.lun, logger=self.log, peers=self.path_sets,
+                                           on_unit_attention=on_ua,
                                            on_reconnect=on_reconnect)
             self.log.info("backend nexus %s (%s) open on %d paths", ", ".join(
                 f"{self.host_initiator},i,0x{i:012x}" for i in isids), what, len(isids))
