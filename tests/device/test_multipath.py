@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from prmigrate.commands.host import format_status
 from prmigrate.device.config import DeviceConfig
 from prmigrate.device.identity import derive_isid
 from prmigrate.device.passthrough import PassthroughDevice
@@ -172,6 +173,12 @@ def test_register_on_every_path_reserve_on_one_guest_sees_one_nexus(portals: Por
         paths = d["backend-nexus"][GUEST]["paths"]  # type: ignore[index]
         assert [(p["state"], p["registered"]) for p in paths] == [("up", True), ("up", True)], paths
         assert paths[1]["nexus"] == str(rig.path_tid(1))
+        # host --status prints every path of the nexus
+        text = format_status([d])
+        for i in (0, 1):
+            line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"backend path {i} (guest {GUEST})"))
+            assert str(rig.path_tid(i)) in line and ", up, registered" in line, text
+            assert (", holder" in line) == (i == 0 or rtype.all_registrants), line
         await rig.pr_out(PrOutAction.RELEASE, KEY, 0, rtype)
         await rig.pr_out(PrOutAction.REGISTER, KEY, 0)
         assert entries_of(await rig.observed(), rig) == {}
@@ -225,6 +232,28 @@ def test_a_path_cut_during_writes_loses_nothing_and_comes_back_registered(portal
         assert sent[0] > before  # writing went on all along
         for lba, data in written.items():
             assert await rig.read(lba, 2) == data, lba
+
+    run(portals, tmp_path, body)
+
+
+def test_every_path_down_a_command_waits_for_one_to_come_back(portals: Portals, tmp_path: Path) -> None:
+    """With every path down the set holds the command (the single-path
+    behaviour, up to HOLD_TIMEOUT); a path back answers it."""
+    async def body(rig: Rig) -> None:
+        await rig.pr_out(PrOutAction.REGISTER, 0, KEY)
+        data = os.urandom(BS)
+        for p in rig.proxies:
+            await p.stop()
+        await asyncio.sleep(1.5)  # both paths seen down
+        paths = rig.dev.describe()["backend-nexus"][GUEST]["paths"]  # type: ignore[index]
+        assert [p["state"] for p in paths] == ["down", "down"], paths
+        write = asyncio.ensure_future(rig.write(40, data))
+        await asyncio.sleep(1.5)  # longer than a path's own hold: the set still holds it
+        assert not write.done()
+        await rig.proxies[1].start()
+        await asyncio.wait_for(write, 8)
+        assert await rig.read(40, 1) == data
+        await rig.proxies[0].start()
 
     run(portals, tmp_path, body)
 

@@ -44,6 +44,7 @@ from ..scsi.pr import (
     pr_out_cdb,
     pr_out_params,
 )
+from ..scsi.sense import Sense, encode_sense
 from ..scsi.transport_id import TransportId
 from .paths import Op, Path, PathSet, PathState, Route, rewrite_pr_in, same_lu
 
@@ -162,6 +163,9 @@ class MultipathSession:
                 assert s is not None
                 await self._check_lu(i, s)
             except (IscsiError, OSError, TimeoutError) as exc:
+                if i in self._wrong:
+                    self.log.error("path %d left out: %s", i, exc)
+                    return
                 self.log.debug("path %d (%s) not open yet: %s", i, self.set.paths[i].url, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 15.0)
@@ -380,10 +384,9 @@ class MultipathSession:
             return
         try:
             s.submit_then(cmd.lun, cmd.cdb, cmd.data_out, cmd.n, functools.partial(self._answered, cmd, i))
-        except (IscsiError, ValueError) as exc:
-            if isinstance(exc, ValueError):
-                cmd.done(exc)
-                return
+        except ValueError:  # a CDB the initiator cannot send: as the single-path device answers it
+            cmd.done(Result(Status.CHECK_CONDITION, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB)))
+        except IscsiError as exc:
             self._loop.call_soon(self._answered, cmd, i, exc)
 
     def _answered(self, cmd: _Cmd, i: int, r: Result | BaseException) -> None:
