@@ -279,3 +279,37 @@ def test_paths_to_different_luns_are_refused(portals: Portals, tmp_path: Path) -
 
     text = asyncio.run(main())
     assert "reaches another logical unit" in text and "every backend= must name the same LUN" in text, text
+
+
+def test_a_reserve_on_a_path_just_cut_is_carried_on_another(portals: Portals, tmp_path: Path) -> None:
+    """The RESERVE goes out on path 0 the moment its connection is cut: it
+    is held there, answered BUSY, and sent again on path 1 after a look
+    at what the LU has (READ FULL STATUS): the guest gets GOOD and the
+    reservation is path 1's nexus's."""
+    async def body(rig: Rig) -> None:
+        await rig.pr_out(PrOutAction.REGISTER, 0, KEY)
+        await rig.proxies[0].stop()
+        await rig.pr_out(PrOutAction.RESERVE, KEY, 0, PrType.EXCLUSIVE_ACCESS)
+        seen = entries_of(await rig.observed(), rig)
+        assert seen[1] == (KEY, True) and not seen.get(0, (0, False))[1], seen
+        data = os.urandom(BS)
+        await rig.write(60, data)
+        assert await rig.read(60, 1) == data
+        await rig.proxies[0].start()
+
+    run(portals, tmp_path, body)
+
+
+def test_scsi2_reserve_keeps_the_guest_on_its_path(portals: Portals, tmp_path: Path) -> None:
+    """RESERVE(6) is one I_T nexus's (SPC-2 5.5.1): the guest's commands
+    stay on that path until RELEASE(6), then spread again."""
+    async def body(rig: Rig) -> None:
+        await rig.ok(bytes([0x16, 0, 0, 0, 0, 0]))
+        for lba in range(70, 80):  # round robin would meet RESERVATION CONFLICT on the other path
+            data = os.urandom(BS)
+            await rig.write(lba, data)
+            assert await rig.read(lba, 1) == data
+        await rig.ok(bytes([0x17, 0, 0, 0, 0, 0]))
+        assert rig.dev.describe()["backend-nexus"][GUEST]["paths"]  # type: ignore[index]
+
+    run(portals, tmp_path, body)

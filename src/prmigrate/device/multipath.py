@@ -236,6 +236,8 @@ class MultipathSession:
 
     def _path_down(self, i: int) -> None:
         self.set.mark(i, PathState.DOWN)
+        if self.set.scsi2 == i:  # the nexus loss releases a SCSI-2 reservation (SPC-2 5.5.1)
+            self.set.scsi2 = None
         self.log.warning("path %d (%s, nexus %s) down: taken out", i, self.set.paths[i].url,
                          self.set.paths[i].transport_id)
         if self.set.holder == i and self.set.holder_lost():
@@ -243,15 +245,30 @@ class MultipathSession:
 
     async def _move_holder(self) -> None:
         async with self._pr_lock:
-            ops = self.set.holder_lost()
-            for op in ops:
-                r = await self._send_op(op)
-                self.log.info("reservation of path %s moved to path %d: %s", self.set.holder, op.path,
-                              "done" if r is not None and r.status == Status.GOOD else f"failed ({r})")
-                if r is not None and r.status == Status.GOOD:
-                    again = self.set.answered(op.path, op.action, op.rtype, op.scope, op.rk, op.sark, op.aptpl)
-                    await self._register_again(again)
+            await self._move_holder_locked()
         self._unpark()
+
+    async def _move_holder_locked(self) -> None:
+        """``PathSet.holder_lost``'s PREEMPT, then the other paths register again."""
+        for op in self.set.holder_lost():
+            r = await self._send_op(op)
+            self.log.info("reservation of path %s moved to path %d: %s", self.set.holder, op.path,
+                          "done" if r is not None and r.status == Status.GOOD else f"failed ({r})")
+            if r is not None and r.status == Status.GOOD:
+                again = self.set.answered(op.path, op.action, op.rtype, op.scope, op.rk, op.sark, op.aptpl)
+                await self._register_again(again)
+
+    async def _resync(self) -> None:
+        """A PR OUT's outcome on a path that went down is in doubt: read
+        what the LU has on the guest's paths (READ FULL STATUS on the new
+        primary) and move a reservation left on the lost path, before the
+        command is sent again there."""
+        p = self.set.primary()
+        s = None if p is None else self.sessions[p]
+        rfs = None if s is None else await self._full_status(s)
+        if rfs is not None:
+            self.set.seen(rfs)
+        await self._move_holder_locked()
 
     async def _path_back(self, i: int) -> None:
         """A path logged in again: registered again (when the guest's key
@@ -333,7 +350,7 @@ class MultipathSession:
         if s is None:
             return None
         cdb = pr_out_cdb(op.action, op.rtype, op.scope)
-        data = pr_out_params(op.rk, op.sark, aptpl=op.aptpl)
+        data = pr_out_params(op.rk, op.sark, aptpl=op.aptpl, all_tg_pt=op.all_tg_pt)
         self._busy += 1
         self._managing += 1
         try:
@@ -398,12 +415,16 @@ class MultipathSession:
         elif r.status == Status.BUSY and not path_up:
             again = True  # held on a path that went down: on another one
         elif r.status == Status.RESERVATION_CONFLICT and cmd.cdb[0] not in (_PR_OUT, _PR_IN) and (
-                not self.set.paths[i].registered or self.set.paths[i].state is not PathState.UP or self._managing):
-            again = True  # a path our own PR OUTs are re-registering
+                (self.set.key and not self.set.paths[i].registered) or self.set.paths[i].state is not PathState.UP
+                or self._managing):
+            again = True  # a path our own PR OUTs are re-registering (else the conflict is the guest's)
         elif unit_attention(r) is not None and i != self.set.primary() and cmd.uas < UA_RETRIES:
             cmd.uas += 1  # not the primary's: absorbed, sent again
             self._loop.call_soon(self._dispatch, cmd)
             return
+        elif isinstance(r, Result) and r.status == Status.GOOD and cmd.cdb[0] in _SCSI2:
+            # SAM-5 / SPC-2 RESERVE(6/10): an I_T nexus's; the guest's commands stay on its path
+            self.set.scsi2 = i if cmd.cdb[0] in (Opcode.RESERVE_6, Opcode.RESERVE_10) else None
         if again and cmd.moves < MOVES:
             cmd.moves += 1
             if self.set.paths[i].state is not PathState.DOWN and not path_up:
@@ -553,8 +574,10 @@ class MultipathSession:
             if (isinstance(r, IscsiError) or (isinstance(r, Result) and r.status == Status.BUSY and not up)) \
                     and tried < MOVES:
                 tried += 1
-                if i is not None and not up:
-                    self._path_down(i)
+                if i is not None and not up and self.set.paths[i].state is not PathState.DOWN:
+                    self.set.mark(i, PathState.DOWN)
+                    self.log.warning("path %d down during a PR OUT: sent again on another path", i)
+                await self._resync()
                 continue
             return i, r
 

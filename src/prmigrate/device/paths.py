@@ -132,6 +132,7 @@ class Op:
     sark: int = 0
     scope: int = 0
     aptpl: bool = False
+    all_tg_pt: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -144,6 +145,7 @@ class PathSet:
     holder: int | None = None  # the path whose nexus holds a non-all-registrants reservation
     rtype: PrType = PrType.NONE  # the guest's reservation type (NONE: holds none)
     scope: int = 0
+    scsi2: int | None = None  # the path whose nexus holds the guest's SCSI-2 RESERVE(6/10)
     _next: int = field(default=0)
 
     # ------------------------------------------------------------ paths
@@ -153,8 +155,11 @@ class PathSet:
         return [i for i, p in enumerate(self.paths) if p.state is PathState.UP and (p.registered or not self.key)]
 
     def primary(self) -> int | None:
-        """The holder's path (not all-registrants), else the first usable,
-        else the first up; None: every path is down."""
+        """The path holding the guest's SCSI-2 reservation, else the holder's
+        (not all-registrants), else the first usable, else the first up;
+        None: every path is down."""
+        if self.scsi2 is not None and self.paths[self.scsi2].state is PathState.UP:
+            return self.scsi2  # SPC-5 5.14.3: a SCSI-2 reservation refuses PR commands from other nexuses
         if self.holder is not None and self.paths[self.holder].state is PathState.UP:
             return self.holder
         usable = self.usable()
@@ -166,6 +171,8 @@ class PathSet:
     def media_path(self) -> int | None:
         """Where the next media access command goes (module docstring):
         the holder's path under WE/EA held by the guest, else round robin."""
+        if self.scsi2 is not None:  # SPC-2 5.5.1: only the reserving nexus has access
+            return self.scsi2 if self.paths[self.scsi2].state is PathState.UP else None
         if self.holder is not None and self.rtype in HOLDER_ONLY_TYPES:
             return self.holder if self.paths[self.holder].state is PathState.UP else None
         usable = self.usable()
@@ -187,7 +194,7 @@ class PathSet:
     def fan_out(self, primary: int, sark: int, aptpl: bool, all_tg_pt: bool) -> list[Op]:
         """After a REGISTER / RAIEK answered GOOD on ``primary``: the same
         registration on every other path that is not down (RAIEK with SARK)."""
-        return [Op(i, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrType.NONE, 0, sark, 0, aptpl)
+        return [Op(i, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY, PrType.NONE, 0, sark, 0, aptpl, all_tg_pt)
                 for i, p in enumerate(self.paths) if i != primary and p.state is not PathState.DOWN]
 
     def answered(self, path: int, action: int, rtype: int, scope: int, rk: int, sark: int, aptpl: bool) -> list[int]:
