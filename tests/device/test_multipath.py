@@ -313,3 +313,52 @@ def test_scsi2_reserve_keeps_the_guest_on_its_path(portals: Portals, tmp_path: P
         assert rig.dev.describe()["backend-nexus"][GUEST]["paths"]  # type: ignore[index]
 
     run(portals, tmp_path, body)
+
+
+def test_a_single_path_device_given_a_second_path_keeps_its_registration(portals: Portals, tmp_path: Path) -> None:
+    """Restarted with one more backend=, a device's guest keeps path 0's
+    nexus (the single-path ISID): its registration and reservation are
+    still its own, the journal verifies, and the new path registers
+    before it carries I/O."""
+    async def main() -> None:
+        proxies = [StoppableProxy(a) for a in portals.addresses]
+        for p in proxies:
+            await p.start()
+        urls = [f"iscsi://127.0.0.1:{p.port}/{IQN}/0" for p in proxies]
+        nexus = Nexus.make(GUEST, 0x23D000000001, FRONT)
+
+        async def cmd(dev: PassthroughDevice, cdb: bytes, data: bytes = b"", n: int | None = None) -> Result:
+            for _ in range(6):
+                r = dev.execute(nexus, cdb, data, n)
+                r = await r if isinstance(r, asyncio.Future) else r
+                if r.status != Status.CHECK_CONDITION or (r.sense[2] & 0x0F) != 6:
+                    return r
+            return r
+
+        one = PassthroughDevice(DeviceConfig("vm1", urls[0], IQN, machine="pc-q35-11.0"), HOST,
+                                state_dir=tmp_path, fsync=False)
+        await one.start()
+        params = pr_out_params(0, KEY)
+        assert (await cmd(one, pr_out_cdb(PrOutAction.REGISTER, 0, 0, len(params)), params)).status == Status.GOOD
+        params = pr_out_params(KEY, 0)
+        r = await cmd(one, pr_out_cdb(PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE, 0, len(params)), params)
+        assert r.status == Status.GOOD
+        await one.close()
+        two = PassthroughDevice(DeviceConfig("vm1", urls[0], IQN, machine="pc-q35-11.0",
+                                             more_backends=(urls[1],)), HOST, state_dir=tmp_path, fsync=False)
+        await two.start()  # the journal's state verified: path 0's nexus is the guest's
+        try:
+            st = two.snooper.state.get(GUEST)
+            assert st.key == KEY and st.holder and st.rtype == PrType.WRITE_EXCLUSIVE
+            r = await cmd(two, pr_in_cdb(PrInAction.READ_KEYS, 255), b"", 255)
+            assert ReadKeys.decode(bytes(r.data_in)).keys == (KEY,)
+            paths = two.describe()["backend-nexus"][GUEST]["paths"]  # type: ignore[index]
+            assert [(p["registered"], p["holder"]) for p in paths] == [(True, True), (True, False)], paths
+            data = os.urandom(BS)
+            assert (await cmd(two, struct.pack(">BBIBHB", 0x2A, 0, 90, 0, 1, 0), data)).status == Status.GOOD
+        finally:
+            await two.close()
+            for p in proxies:
+                await p.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
