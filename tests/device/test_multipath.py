@@ -362,3 +362,37 @@ def test_a_single_path_device_given_a_second_path_keeps_its_registration(portals
                 await p.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_path_down_at_the_start_joins_registered_when_it_comes_up(portals: Portals, tmp_path: Path) -> None:
+    async def main() -> None:
+        rig = Rig(portals, tmp_path)
+        for p in rig.proxies:
+            await p.start()
+        port1 = rig.proxies[1].port
+        await rig.proxies[1].stop()  # path 1 unreachable from the first login on
+        rig.proxies[1].port = port1
+        urls = [f"iscsi://127.0.0.1:{p.port}/{IQN}/0" for p in rig.proxies]
+        cfg = DeviceConfig("vm1", urls[0], IQN, machine="pc-q35-11.0", more_backends=(urls[1],))
+        rig.dev = PassthroughDevice(cfg, HOST, state_dir=tmp_path, fsync=False)
+        await rig.dev.start()
+        h, p = portals.addresses[0]
+        rig.observer = await connect(f"iscsi://{h}:{p}/{IQN}/0", None, OBSERVER, 0x23D0000000F0)
+        try:
+            await rig.pr_out(PrOutAction.REGISTER, 0, KEY)
+            await rig.pr_out(PrOutAction.RESERVE, KEY, 0, PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY)
+            assert entries_of(await rig.observed(), rig) == {0: (KEY, True)}
+            await rig.proxies[1].start()
+            for _ in range(100):
+                seen = entries_of(await rig.observed(), rig)
+                if len(seen) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert seen == {0: (KEY, True), 1: (KEY, False)}, seen
+            for lba in range(100, 110):
+                await rig.write(lba, bytes([lba]) * BS)
+            assert await rig.read(100, 1) == bytes([100]) * BS
+        finally:
+            await rig.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

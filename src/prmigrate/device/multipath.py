@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..iscsi.initiator import IscsiError, Session
+from ..iscsi.initiator import IscsiError, LoginError, Session
 from ..iscsi.initiator_core import HOLD_TIMEOUT, LinkState
 from ..lun.types import Result, unit_attention
 from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, Status
@@ -162,7 +162,7 @@ class MultipathSession:
                 s = self.sessions[i]
                 assert s is not None
                 await self._check_lu(i, s)
-            except (IscsiError, OSError, TimeoutError) as exc:
+            except (IscsiError, LoginError, OSError, TimeoutError) as exc:
                 if i in self._wrong:
                     self.log.error("path %d left out: %s", i, exc)
                     return
