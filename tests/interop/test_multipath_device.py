@@ -27,6 +27,7 @@ from prmigrate.scsi.pr import ReadKeys, ReadReservation, pr_out_params
 from tests.tcp_proxy import StoppableProxy
 
 from .conftest import IQN, free_loopback_port, need, start_target, stop, wait_listening
+from .migration_cluster import free_port
 from .test_conformance import RESERVATION, run_suite
 from .test_multiport_target import RESERVATION_FAMILIES
 from .test_transparency import (
@@ -89,7 +90,7 @@ class TwoPortalTgt:
             pytest.fail("tgt (tgtd/tgtadm) is not installed: apt-get install tgt")
         self.tgt = Tgt(tmp)
         self.tgt.start()
-        _, self.port2 = free_loopback_port()
+        self.port2 = free_port("127.0.0.1")
         self.tgt.adm("--mode", "portal", "--op", "new", "--param", f"portal=127.0.0.1:{self.port2}")
         self.tgt.add_target(1, TGT_IQN, 32 << 20)
         wait_listening("127.0.0.1", self.port2, None)

@@ -95,3 +95,64 @@ def test_two_path_device_moves_there_and_back(tmp_path: Path, rtype: PrType | No
         _run(go(), timeout=150)
 
 
+
+
+def test_two_path_device_on_tgt_with_two_portals_moves_there_and_back(tmp_path: Path) -> None:
+    """The same with tgt serving the LU on two portals (no READ FULL STATUS:
+    the observer counts keys): after each move the key is registered twice
+    (the new host's two path nexuses), the WRITE EXCLUSIVE reservation
+    carries it, and the guest's writes went on."""
+    from prmigrate.iscsi.initiator import connect
+    from prmigrate.scsi.constants import PrInAction
+    from prmigrate.scsi.pr import ReadKeys, ReadReservation
+    from tests.iscsi.test_initiator import TGTADM, TGTD, Tgt
+
+    from .conftest import wait_listening
+
+    if not (TGTD and TGTADM):
+        pytest.fail("tgt (tgtd/tgtadm) is not installed: apt-get install tgt")
+    t = Tgt(tmp_path)
+    t.start()
+    try:
+        port2 = free_port("127.0.0.1")
+        t.adm("--mode", "portal", "--op", "new", "--param", f"portal=127.0.0.1:{port2}")
+        t.add_target(1, SHARED, 64 << 20)
+        wait_listening("127.0.0.1", port2, None)
+        url1, url2 = f"iscsi://127.0.0.1:{t.port}/{SHARED}/1", f"iscsi://127.0.0.1:{port2}/{SHARED}/1"
+        with cluster(tmp_path, backend=url1, more_backends=[url2]) as c:
+
+            async def go() -> None:
+                obs = await connect(url1, initiator_name="iqn.2026-11.org.prmigrate:mp-obs", isid=0x23D000000079,
+                                    reconnect=False, command_timeout=10)
+                s = await guest_session(c.frontend_url("hosta"))
+                try:
+                    await take_reservation(s, PrType.WRITE_EXCLUSIVE)
+                    w = Writer(s)
+                    for src, dst in (("hosta", "hostb"), ("hostb", "hosta")):
+                        await asyncio.sleep(0.2)
+                        code, out = await c.migrate(src, dst)
+                        assert code == 0, out
+                        assert "PR round trips in the pause: 1" in out, out
+                        await c.wait_device(dst, True)
+                        keys: tuple[int, ...] = ()
+                        for _ in range(50):
+                            keys = ReadKeys.decode(bytes((await obs.pr_in(PrInAction.READ_KEYS)).data_in)).keys
+                            if len(keys) == 2:
+                                break
+                            await asyncio.sleep(0.1)
+                        assert keys == (KEY, KEY), keys  # the new host's two paths, nothing of the old
+                        rr = ReadReservation.decode(bytes((await obs.pr_in(PrInAction.READ_RESERVATION)).data_in))
+                        assert rr.key == KEY and int(rr.rtype) == PrType.WRITE_EXCLUSIVE, rr
+                        q = await c.call(dst, "query-devices")
+                        assert [p["registered"] for p in q[0]["backend-nexus"][GUEST]["paths"]] == [True, True]
+                    await asyncio.sleep(0.2)
+                    await w.stop()
+                    assert not w.bad, w.bad
+                    assert await w.verify() > 10
+                finally:
+                    await s.close()
+                    await obs.close()
+
+            _run(go(), timeout=150)
+    finally:
+        t.stop()
