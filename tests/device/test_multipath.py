@@ -396,3 +396,26 @@ def test_a_path_down_at_the_start_joins_registered_when_it_comes_up(portals: Por
             await rig.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_guest_preempts_another_host_and_holds_on_one_path(portals: Portals, tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        other = 0x07E0000000000001
+        for action, rtype, rk, sark in ((PrOutAction.REGISTER, 0, 0, other),
+                                        (PrOutAction.RESERVE, PrType.EXCLUSIVE_ACCESS, other, 0)):
+            assert (await rig.observer.pr_out(action, rtype, pr_out_params(rk, sark))).good
+        await rig.pr_out(PrOutAction.REGISTER, 0, KEY)
+        await rig.pr_out(PrOutAction.PREEMPT, KEY, other, PrType.WRITE_EXCLUSIVE)
+        rfs = await rig.observed()
+        assert not [e for e in rfs.entries if e.key == other], rfs  # the other host is gone
+        seen = entries_of(rfs, rig)
+        assert sorted((p, k, h) for p, (k, h) in seen.items()) == [(0, KEY, True), (1, KEY, False)], seen
+        for _ in range(20):  # the read back after the PREEMPT
+            if rig.dev.describe()["backend-nexus"][GUEST]["paths"][0]["holder"]:  # type: ignore[index]
+                break
+            await asyncio.sleep(0.05)
+        data = os.urandom(BS)
+        await rig.write(120, data)  # under WE: the holder's path only
+        assert await rig.read(120, 1) == data
+
+    run(portals, tmp_path, body)

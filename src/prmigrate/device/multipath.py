@@ -57,6 +57,10 @@ MOVES = 8  # re-issues of one command on other paths before its last answer is t
 PR_IN_READ = 8192  # the allocation of a guest's PR IN read here before the rewrite
 _SCSI2 = frozenset({Opcode.RESERVE_6, Opcode.RELEASE_6, Opcode.RESERVE_10, Opcode.RELEASE_10})
 _PR_OUT, _PR_IN = Opcode.PERSISTENT_RESERVE_OUT, Opcode.PERSISTENT_RESERVE_IN
+# PR OUTs whose effect on the guest's paths depends on other nexuses (who
+# held the reservation: SPC-5 5.14.11.4, 5.14.8, 5.14.12): read back after
+_READ_BACK = frozenset({PrOutAction.PREEMPT, PrOutAction.PREEMPT_AND_ABORT, PrOutAction.REGISTER_AND_MOVE,
+                        PrOutAction.REPLACE_LOST_RESERVATION})
 
 
 class _Outstanding:
@@ -263,11 +267,7 @@ class MultipathSession:
         what the LU has on the guest's paths (READ FULL STATUS on the new
         primary) and move a reservation left on the lost path, before the
         command is sent again there."""
-        p = self.set.primary()
-        s = None if p is None else self.sessions[p]
-        rfs = None if s is None else await self._full_status(s)
-        if rfs is not None:
-            self.set.seen(rfs)
+        await self._refresh()
         await self._move_holder_locked()
 
     async def _path_back(self, i: int) -> None:
@@ -338,12 +338,19 @@ class MultipathSession:
                 self.set.mark(i, PathState.UP)
         # what the PREEMPT left (a reservation, or none: SPC-5 5.14.11.4.4
         # with no reservation only removes registrations), read back
+        await self._refresh()
+        self._unpark()
+
+    async def _refresh(self) -> None:
+        """READ FULL STATUS on the primary path: who holds what on the
+        guest's paths, after a PR OUT whose effect depends on the state of
+        other nexuses (``_READ_BACK``). Without READ FULL STATUS (tgt) the
+        path set keeps what the answers told it."""
         p = self.set.primary()
         s = None if p is None else self.sessions[p]
         rfs = None if s is None or not self.rewrite else await self._full_status(s)
         if rfs is not None:
             self.set.seen(rfs)
-        self._unpark()
 
     async def _send_op(self, op: Op) -> Result | None:
         s = self.sessions[op.path]
@@ -545,6 +552,8 @@ class MultipathSession:
                 self._settle(fut, r)
                 if again:
                     await self._register_again(again)
+                elif action in _READ_BACK:
+                    await self._refresh()
         except Exception as exc:  # noqa: BLE001 - the guest gets the error as a path's answer
             self._settle(fut, exc)
         finally:
