@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None, metavar="DIR", help="PR state journals")
     parser.add_argument("--device", action="append", default=None, metavar="SPEC",
                         help="a device, in QEMU's -device form: name=NAME,backend=iscsi://HOST[:PORT]/"
-                             "IQN/LUN[,frontend=IQN][,machine=][,migrate-pr=on|off][,guests=IQN+IQN]"
-                             "[,identity=guest|host] (repeatable; every key: docs/cli.md)")
+                             "IQN/LUN[,backend=URL of another path...][,frontend=IQN][,machine=][,migrate-pr=on|off]"
+                             "[,guests=IQN+IQN][,identity=guest|host] (repeatable; every key: docs/cli.md)")
     parser.add_argument("--list-machines", action="store_true",
                         help="list machine types and their migrate-pr default, then exit")
     parser.add_argument("--log-format", choices=("text", "json"), default=None)
