@@ -276,10 +276,8 @@ class MultipathSession:
         try:
             self.set.mark(i, PathState.REGISTERING)
             async with self._pr_lock:
-                if self.set.key and not self.set.paths[i].registered:
+                if self.set.key:  # kept through the outage or not: RAIEK restores or repeats it
                     await self._register_path(i)
-                elif self.set.key:
-                    await self._register_path(i)  # a path whose registration is kept: RAIEK is a no-op
                 if self.set.paths[i].state is PathState.REGISTERING:
                     self.set.mark(i, PathState.UP)
                     self.log.info("path %d (%s, nexus %s) back: %s", i, self.set.paths[i].url,
