@@ -419,3 +419,33 @@ def test_the_guest_preempts_another_host_and_holds_on_one_path(portals: Portals,
         assert await rig.read(120, 1) == data
 
     run(portals, tmp_path, body)
+
+
+def test_another_hosts_preempt_reaches_the_guest_once(portals: Portals, tmp_path: Path) -> None:
+    """Another host's PREEMPT removes the guest's registration on both path
+    nexuses; the target queues REGISTRATIONS PREEMPTED (2A/05) on each. The
+    guest meets it once (the primary path's), the other path's is retried
+    there, and no path registers the fenced key again."""
+    async def body(rig: Rig) -> None:
+        other = 0x07E0000000000002
+        await rig.pr_out(PrOutAction.REGISTER, 0, KEY)
+        assert (await rig.observer.pr_out(PrOutAction.REGISTER, 0, pr_out_params(0, other))).good
+        r = await rig.observer.pr_out(PrOutAction.PREEMPT, PrType.WRITE_EXCLUSIVE, pr_out_params(other, KEY))
+        assert r.good, r
+        uas = 0
+        for _ in range(8):
+            r = await rig.cmd(bytes(6))  # TEST UNIT READY
+            if r.status == Status.CHECK_CONDITION and (r.sense[2] & 0x0F) == 6:
+                assert (r.sense[12], r.sense[13]) == (0x2A, 0x05), r.sense.hex()
+                uas += 1
+            else:
+                assert r.status == Status.GOOD, r
+        assert uas == 1
+        assert entries_of(await rig.observed(), rig) == {}  # the fencing stands
+        await rig.proxies[1].stop()  # a path that goes and comes back does not undo it
+        await asyncio.sleep(0.5)
+        await rig.proxies[1].start()
+        await asyncio.sleep(2.0)
+        assert entries_of(await rig.observed(), rig) == {}
+
+    run(portals, tmp_path, body)
