@@ -10,7 +10,12 @@ a key and holds a WRITE EXCLUSIVE reservation. The device then moves
 A -> B -> A ... ``--rounds`` times per strategy, the strategies alternating
 move by move (``prmigrate``: the key is registered on B during setup and
 the pause holds one PREEMPT; ``qemu``: QEMU 11's REGISTER + PREEMPT, both
-inside the pause). Per strategy: medians of the guest pause, the PR
+inside the pause). A second device, vm2, on LUN 1 of the same target
+reaches it on two paths (the target listens on a second portal, behind its
+own delaying proxy; ``backend=`` twice, one backend nexus per path) and
+moves with ``prmigrate`` after each move of vm1 (``prmigrate-2-paths``): its
+pause also holds one PREEMPT, the other path registering again after it.
+Per strategy: medians of the guest pause, the PR
 takeover (source view: from the guest held to TAKEOVER_DONE) and the
 destination's own PR time, the backend PR round trips inside the pause, and
 the ratio qemu / prmigrate. Everything started is stopped at the end.
@@ -46,8 +51,12 @@ from prmigrate.scsi.pr import pr_out_params  # noqa: E402
 
 SHARED = "iqn.2026-11.org.prmigrate:bench-shared"
 FRONTEND = "iqn.2026-11.org.prmigrate:bench-vm1"
+FRONTEND2 = "iqn.2026-11.org.prmigrate:bench-vm2"
 GUEST = "iqn.2026-11.org.prmigrate:bench-guest"
+GUEST2 = "iqn.2026-11.org.prmigrate:bench-guest2"
 KEY = 0x5EED000000000001
+KEY2 = 0x5EED000000000002
+TWO_PATHS = "prmigrate-2-paths"
 SECRET = "bench-cluster-secret-0123456789"
 
 
@@ -126,11 +135,11 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT, env=env)
 
 
-async def migrate(control: Path, to: str, strategy: str) -> dict[str, Any]:
-    started = await control_call(control, "migrate", {"device": "vm1", "to": to, "strategy": strategy})
+async def migrate(control: Path, to: str, strategy: str, device: str = "vm1") -> dict[str, Any]:
+    started = await control_call(control, "migrate", {"device": device, "to": to, "strategy": strategy})
     deadline = time.monotonic() + 60
     while True:
-        (rec,) = await control_call(control, "query-migrate", {"device": "vm1"})
+        (rec,) = await control_call(control, "query-migrate", {"device": device})
         if rec["id"] == started["id"] and rec["finished"]:
             if not rec["success"]:
                 raise RuntimeError(f"migration failed: {rec['reason']}")
@@ -140,11 +149,11 @@ async def migrate(control: Path, to: str, strategy: str) -> dict[str, Any]:
         await asyncio.sleep(0.01)
 
 
-async def wait_device(control: Path, present: bool) -> None:
+async def wait_device(control: Path, present: bool, device: str = "vm1") -> None:
     deadline = time.monotonic() + 20
     while True:
         names = [d["name"] for d in await control_call(control, "query-devices")]
-        if ("vm1" in names) == present:
+        if (device in names) == present:
             return
         if time.monotonic() > deadline:
             raise TimeoutError("device did not move")
@@ -158,16 +167,22 @@ def med(values: list[float]) -> float:
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     proxy: DelayProxy | None = None
-    guest = None
+    proxy2: DelayProxy | None = None
+    guest = guest2 = None
     try:
-        tport = free_port("127.0.0.1")
-        target = spawn(["target", "--listen", f"127.0.0.1:{tport}", "--iqn", SHARED, "--size", "64M",
-                        "--lun", f"0={work / 'lun0.img'}"], work / "target.log")
+        tport, tport2 = free_port("127.0.0.1"), free_port("127.0.0.4")
+        target = spawn(["target", "--listen", f"127.0.0.1:{tport}", "--listen", f"127.0.0.4:{tport2}",
+                        "--iqn", SHARED, "--size", "64M",
+                        "--lun", f"0={work / 'lun0.img'}", "--lun", f"1={work / 'lun1.img'}"], work / "target.log")
         procs.append(target)
         await wait_port("127.0.0.1", tport, target)
+        await wait_port("127.0.0.4", tport2, target)
         proxy = DelayProxy(("127.0.0.1", tport), args.delay_ms / 1000)
         pport = await proxy.start()
+        proxy2 = DelayProxy(("127.0.0.4", tport2), args.delay_ms / 1000)
+        pport2 = await proxy2.start()
         backend = f"iscsi://127.0.0.1:{pport}/{SHARED}/0"
+        two_paths = f"backend=iscsi://127.0.0.1:{pport}/{SHARED}/1,backend=iscsi://127.0.0.1:{pport2}/{SHARED}/1"
         (work / "secret").write_text(SECRET)
         hosts: dict[str, dict[str, Any]] = {}
         for name, addr in (("hosta", "127.0.0.2"), ("hostb", "127.0.0.3")):
@@ -178,20 +193,25 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                    "--state-dir", str(work / f"{name}-state"),
                    "--migrate-listen", f"{addr}:{mport}", "--secret-file", str(work / "secret")]
             if name == "hosta":
-                cmd += ["--device", f"name=vm1,backend={backend},target={FRONTEND},machine=pc-q35-11.0"]
+                cmd += ["--device", f"name=vm1,backend={backend},target={FRONTEND},machine=pc-q35-11.0",
+                        "--device", f"name=vm2,{two_paths},frontend={FRONTEND2},machine=pc-q35-11.0"]
             p = spawn(cmd, work / f"{name}.log")
             procs.append(p)
             await wait_port(addr, port, p)
             await wait_port(addr, mport, p)
-            hosts[name] = {"control": control, "migrate": f"{addr}:{mport}", "url": f"iscsi://{addr}:{port}/{FRONTEND}/0"}
+            hosts[name] = {"control": control, "migrate": f"{addr}:{mport}", "url": f"iscsi://{addr}:{port}/{FRONTEND}/0",
+                           "url2": f"iscsi://{addr}:{port}/{FRONTEND2}/0"}
         guest = await connect(hosts["hosta"]["url"], initiator_name=GUEST, isid=0x23D000000077,
                               command_timeout=30, reconnect_timeout=60)
-        for action, rtype, rk, sark in ((PrOutAction.REGISTER, 0, 0, KEY),
-                                        (PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE, KEY, 0)):
-            r = await guest.pr_out(action, rtype, pr_out_params(rk, sark))
-            if not r.good:
-                raise RuntimeError(f"guest PR setup: {r}")
-        results: dict[str, list[dict[str, Any]]] = {"prmigrate": [], "qemu": []}
+        guest2 = await connect(hosts["hosta"]["url2"], initiator_name=GUEST2, isid=0x23D000000078,
+                               command_timeout=30, reconnect_timeout=60)
+        for g, key in ((guest, KEY), (guest2, KEY2)):
+            for action, rtype, rk, sark in ((PrOutAction.REGISTER, 0, 0, key),
+                                            (PrOutAction.RESERVE, PrType.WRITE_EXCLUSIVE, key, 0)):
+                r = await g.pr_out(action, rtype, pr_out_params(rk, sark))
+                if not r.good:
+                    raise RuntimeError(f"guest PR setup: {r}")
+        results: dict[str, list[dict[str, Any]]] = {"prmigrate": [], "qemu": [], TWO_PATHS: []}
         where = "hosta"
         order = ["prmigrate", "qemu"]
         for i in range(args.rounds * 2):
@@ -202,13 +222,17 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             results[strategy].append(rec["timings"])
             # the guest follows (redirect) and keeps writing through its reservation
             await guest.write(i, os.urandom(512))
+            rec2 = await migrate(hosts[where]["control"], hosts[dst]["migrate"], "prmigrate", "vm2")
+            await wait_device(hosts[where]["control"], False, "vm2")
+            results[TWO_PATHS].append(rec2["timings"])
+            await guest2.write(i, os.urandom(512))
             where = dst
             if not args.json:
-                t = rec["timings"]
-                print(f"  {i + 1:3d} {strategy:10s} {'A->B' if dst == 'hostb' else 'B->A'}  "
-                      f"pause {t['pause_s'] * 1000:7.2f} ms  takeover {t['takeover_s'] * 1000:7.2f} ms  "
-                      f"dest PR {t['peer_takeover_us'] / 1000:7.2f} ms  round trips {t['round_trips_in_pause']}",
-                      flush=True)
+                for name, t in ((strategy, rec["timings"]), (TWO_PATHS, rec2["timings"])):
+                    print(f"  {i + 1:3d} {name:17s} {'A->B' if dst == 'hostb' else 'B->A'}  "
+                          f"pause {t['pause_s'] * 1000:7.2f} ms  takeover {t['takeover_s'] * 1000:7.2f} ms  "
+                          f"dest PR {t['peer_takeover_us'] / 1000:7.2f} ms  round trips {t['round_trips_in_pause']}",
+                          flush=True)
         summary: dict[str, Any] = {"delay_ms_each_way": args.delay_ms, "rounds": args.rounds}
         for s, runs in results.items():
             summary[s] = {
@@ -222,13 +246,15 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         summary["ratio_dest_pr_qemu_over_prmigrate"] = summary["qemu"]["dest_pr_ms"] / summary["prmigrate"]["dest_pr_ms"]
         return summary
     finally:
-        if guest is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(guest.close(), 5)
+        for g in (guest, guest2):
+            if g is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(g.close(), 5)
         for p in reversed(procs):
             stop(p)
-        if proxy is not None:
-            await proxy.close()
+        for px in (proxy, proxy2):
+            if px is not None:
+                await px.close()
 
 
 def main() -> int:
@@ -248,10 +274,10 @@ def main() -> int:
         print(json.dumps(s, indent=2))
         return 0
     print()
-    print(f"{'strategy':12s} {'pause':>10s} {'takeover':>10s} {'dest PR':>10s} {'round trips':>12s}   (medians)")
-    for name in ("prmigrate", "qemu"):
+    print(f"{'strategy':17s} {'pause':>10s} {'takeover':>10s} {'dest PR':>10s} {'round trips':>12s}   (medians)")
+    for name in ("prmigrate", "qemu", TWO_PATHS):
         r = s[name]
-        print(f"{name:12s} {r['pause_ms']:8.2f} ms {r['takeover_ms']:8.2f} ms {r['dest_pr_ms']:8.2f} ms "
+        print(f"{name:17s} {r['pause_ms']:8.2f} ms {r['takeover_ms']:8.2f} ms {r['dest_pr_ms']:8.2f} ms "
               f"{r['round_trips_in_pause']:12g}")
     print(f"qemu / prmigrate: pause x{s['ratio_pause_qemu_over_prmigrate']:.2f}, "
           f"takeover x{s['ratio_takeover_qemu_over_prmigrate']:.2f}, "

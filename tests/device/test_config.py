@@ -125,3 +125,39 @@ def test_machine_alias_resolved_and_carried(alias, name):
     c = parse_device_spec(f"name=vm1,backend={URL},machine={alias}")
     assert c.machine == name
     assert c.to_dict()["machine"] == name and DeviceConfig.from_dict(c.to_dict()) == c
+
+
+URL2 = "iscsi://10.0.0.6:3260/iqn.2026-01.org.example:lun/0"
+
+
+def test_backend_given_twice_is_two_paths_and_round_trips():
+    c = parse_device_spec(f"name=vm1,backend={URL},backend={URL2}")
+    assert c.backend_url == URL and c.more_backends == (URL2,) and c.backend_urls == (URL, URL2)
+    assert parse_device_spec(c.to_spec()) == c
+    assert DeviceConfig.from_dict(c.to_dict()) == c
+    assert c.to_dict()["more_backends"] == [URL2]
+
+
+def test_one_path_config_is_unchanged():
+    c = parse_device_spec(f"name=vm1,backend={URL}")
+    assert c.more_backends == () and c.backend_urls == (URL,)
+    assert "more_backends" not in c.to_dict() and c.to_spec().count("backend=") == 1
+    # a dict written before multipath existed loads as one path
+    old = {k: v for k, v in c.to_dict().items()}
+    assert DeviceConfig.from_dict(old) == c
+
+
+@pytest.mark.parametrize("second, match", [
+    ("iscsi://10.0.0.6:3260/iqn.2026-01.org.example:other/0", "every path must name target"),
+    ("iscsi://10.0.0.6:3260/iqn.2026-01.org.example:lun/1", "every path must name target"),
+    (URL, "same backend URL is given twice"),
+    ("http://x", "backend"),
+])
+def test_paths_to_another_target_or_lun_are_refused(second, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_device_spec(f"name=vm1,backend={URL},backend={second}")
+
+
+def test_a_portal_only_path_takes_the_device_target():
+    c = parse_device_spec(f"name=vm1,backend={URL},backend=iscsi://10.0.0.6:3261")
+    assert c.more_backends == ("iscsi://10.0.0.6:3261",)

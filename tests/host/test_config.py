@@ -123,3 +123,18 @@ def test_poll_us_from_file_and_command_line(tmp_path: Path) -> None:
     assert merge_cli(HostConfig(), parse([])).poll_us == 0  # off by default
     with pytest.raises(HostConfigError, match="not with uvloop"):
         merge_cli(HostConfig(), parse(["--poll-us", "20", "--uvloop"]))
+
+
+def test_backend_list_in_toml_and_device_add_arguments(tmp_path: Path) -> None:
+    from prmigrate.commands.device import spec_arguments
+    from prmigrate.host.config import device_from_table
+
+    a, b = "iscsi://10.0.0.5:3260/iqn.x:shared/0", "iscsi://10.0.0.6:3260/iqn.x:shared/0"
+    dc = device_from_table({"name": "vm1", "backend": [a, b]})
+    assert dc.backend_urls == (a, b)
+    args = spec_arguments(f"name=vm1,backend={a},backend={b}")
+    assert args["backend"] == [a, b]
+    assert device_from_table(args) == dc
+    assert device_from_table({"name": "vm1", "backend": a}).backend_urls == (a,)
+    with pytest.raises(HostConfigError, match="backend"):
+        device_from_table({"name": "vm1", "backend": []})

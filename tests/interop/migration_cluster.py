@@ -103,6 +103,7 @@ class ProcCluster:
     host_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per host, at each launch
     host_args: dict[str, list[str]] = field(default_factory=dict)  # more options per host
     target_args: list[str] = field(default_factory=list)  # more options of prmigrate target
+    more_backends: list[str] = field(default_factory=list)  # more backend= of the device: its other paths
 
     # ------------------------------------------------------------ life
     def start_target(self) -> Proc:
@@ -140,6 +141,7 @@ class ProcCluster:
 
     def device_spec(self) -> str:
         spec = f"name=vm1,backend={self.backend_url},target={FRONTEND},machine={self.machine}"
+        spec += "".join(f",backend={u}" for u in self.more_backends)
         if self.migrate_pr is not None:
             spec += f",migrate-pr={self.migrate_pr}"
         return spec

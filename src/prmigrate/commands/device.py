@@ -64,6 +64,9 @@ def spec_arguments(spec: str) -> dict[str, Any]:
                 raise ConfigError(str(e)) from e
         elif key == "guests":
             out[key] = [g.strip() for g in value.split("+")]
+        elif key == "backend" and key in out:  # one URL per path
+            prev = out[key]
+            out[key] = [*(prev if isinstance(prev, list) else [prev]), value]
         else:
             out[key] = value
     return out

@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None, metavar="DIR", help="PR state journals")
     parser.add_argument("--device", action="append", default=None, metavar="SPEC",
                         help="a device, in QEMU's -device form: name=NAME,backend=iscsi://HOST[:PORT]/"
-                             "IQN/LUN[,frontend=IQN][,machine=][,migrate-pr=on|off][,guests=IQN+IQN]"
-                             "[,identity=guest|host] (repeatable; every key: docs/cli.md)")
+                             "IQN/LUN[,backend=URL of another path...][,frontend=IQN][,machine=][,migrate-pr=on|off]"
+                             "[,guests=IQN+IQN][,identity=guest|host] (repeatable; every key: docs/cli.md)")
     parser.add_argument("--list-machines", action="store_true",
                         help="list machine types and their migrate-pr default, then exit")
     parser.add_argument("--log-format", choices=("text", "json"), default=None)
@@ -286,7 +286,13 @@ def format_status(devices: list[dict], moved: dict[str, str] | None = None,  # t
         sessions = [(f"guest {k}", nx.get("session")) for k, nx in sorted(d.get("backend-nexus", {}).items())]
         sessions.append(("monitor", d.get("monitor-session")))
         for who, link in sessions:
-            if link:
+            if link and link.get("paths"):  # a multipath nexus: every path
+                for p in link["paths"]:
+                    lines.append(f"  backend path {p['path']} ({who}): {p['url']} nexus {p['nexus']}, {p['state']}"
+                                 f"{', registered' if p.get('registered') else ', not registered'}"
+                                 f"{', holder' if p.get('holder') else ''}"
+                                 + (f"; {_link_text(p['session'])}" if p.get("session") else ""))
+            elif link:
                 lines.append(f"  backend session ({who}): {_link_text(link)}")
     return "\n".join(lines + away)
 

@@ -13,6 +13,10 @@ Rules of the syntax:
 * keys are case-insensitive; each key at most once; an unknown key is an error;
 * ``backend`` is an ``iscsi://`` URL. It may carry ``/target/lun``; then
   ``backend-target=``/``lun=`` are optional and, if given, must agree with it.
+  ``backend`` is the one key that may be given more than once: one URL per
+  path to the LUN (multipath, ``device/paths.py``; different portals of one
+  target), all naming the same target and LUN; the first is the device's
+  ``backend_url`` as with one path, the others are ``more_backends``;
   A portal-only URL (``iscsi://host[:port]``) needs ``backend-target=``
   (``target=`` is its old spelling, still accepted, see ``frontend``);
 * ``guests`` lists the guest initiator names allowed to use the device,
@@ -68,6 +72,7 @@ class DeviceConfig:
     lun: int = 0
     frontend_iqn: str | None = None  # guest-facing target node; None = the daemon's default
     incoming_from: str | None = None  # HOST:PORT of the source's migration listener (not in the stream)
+    more_backends: tuple[str, ...] = ()  # paths 1.. to the same target and LUN (multipath)
 
     def __post_init__(self) -> None:
         if (
@@ -88,6 +93,17 @@ class DeviceConfig:
             raise ConfigError(f"lun {self.lun} disagrees with the URL's {url.lun}")
         if not 0 <= self.lun <= 0x3FFF:
             raise ConfigError(f"lun {self.lun} out of range")
+        object.__setattr__(self, "more_backends", tuple(self.more_backends))
+        for extra in self.more_backends:
+            try:
+                u = parse_url(extra, require_lun=False)
+            except UrlError as e:
+                raise ConfigError(f"backend {extra!r}: {e}") from e
+            if u.target and (u.target.lower() != self.target_iqn.lower() or u.lun != self.lun):
+                raise ConfigError(f"backend {extra!r}: every path must name target {self.target_iqn} "
+                                  f"LUN {self.lun}, not {u.target} LUN {u.lun}")
+        if len({b.lower() for b in self.backend_urls}) != len(self.backend_urls):
+            raise ConfigError("the same backend URL is given twice")
         try:
             # Aliases resolve now: ``machine`` always holds the versioned
             # name, so the migration stream carries the machine type the
@@ -112,6 +128,11 @@ class DeviceConfig:
                 raise ConfigError(f"incoming-from {self.incoming_from!r} is not HOST:PORT")
 
     @property
+    def backend_urls(self) -> tuple[str, ...]:
+        """Every path's URL, path 0 (``backend_url``) first."""
+        return (self.backend_url, *self.more_backends)
+
+    @property
     def effective_migrate_pr(self) -> bool:
         return effective_migrate_pr(self.machine, self.migrate_pr)
 
@@ -126,6 +147,7 @@ class DeviceConfig:
         items = [
             ("name", self.name),
             ("backend", self.backend_url),
+            *(("backend", u) for u in self.more_backends),
             ("target", self.target_iqn),
             ("lun", str(self.lun)),
             ("machine", self.machine),
@@ -143,7 +165,7 @@ class DeviceConfig:
 
     # -- the migration stream
     def to_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "version": CONFIG_VERSION,
             "name": self.name,
             "backend_url": self.backend_url,
@@ -155,6 +177,9 @@ class DeviceConfig:
             "lun": self.lun,
             "frontend_iqn": self.frontend_iqn,
         }
+        if self.more_backends:  # absent with one path: the single-path dict is unchanged
+            d["more_backends"] = list(self.more_backends)
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, object]) -> DeviceConfig:
@@ -172,6 +197,9 @@ class DeviceConfig:
                 raise ConfigError("migrate_pr must be true, false or null")
             if guests is not None and not isinstance(guests, list | tuple):
                 raise ConfigError("guests must be a list or null")
+            more = d.get("more_backends", [])
+            if not isinstance(more, list | tuple) or not all(isinstance(u, str) for u in more):
+                raise ConfigError("more_backends must be a list of URLs")
             lun = d.get("lun", 0)
             if not isinstance(lun, int) or isinstance(lun, bool):
                 raise ConfigError("lun must be an integer")
@@ -185,6 +213,7 @@ class DeviceConfig:
                 identity=IdentityMode(_str(d, "identity", IdentityMode.GUEST.value)),
                 lun=lun,
                 frontend_iqn=None if d.get("frontend_iqn") is None else str(d["frontend_iqn"]),
+                more_backends=tuple(more),
             )
         except ValueError as e:  # IdentityMode(...) and friends
             if isinstance(e, ConfigError):
@@ -237,11 +266,15 @@ def split_spec(spec: str) -> list[tuple[str, str]]:
 def parse_device_spec(spec: str) -> DeviceConfig:
     """Parse the command-line form (see the module docstring)."""
     seen: dict[str, str] = {}
+    more: list[str] = []
     for key, value in split_spec(spec):
         if key not in _KEYS:
             raise ConfigError(
                 f"unknown device property {key!r} (known: {', '.join(sorted(_KEYS))})"
             )
+        if key == "backend" and key in seen:  # one more path (multipath)
+            more.append(value)
+            continue
         if key in seen:
             raise ConfigError(f"device property {key!r} given twice")
         seen[key] = value
@@ -294,4 +327,5 @@ def parse_device_spec(spec: str) -> DeviceConfig:
         lun=lun,
         frontend_iqn=frontend,
         incoming_from=seen.get("incoming-from") or None,
+        more_backends=tuple(more),
     )

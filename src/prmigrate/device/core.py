@@ -326,13 +326,21 @@ class DeviceCore:
         return Backend(key, port)
 
     # ---------------------------------------------------------- nexuses
-    def port_of(self, key: str) -> BackendPort:
-        """The backend nexus the device uses for the state key ``key``."""
+    def port_of(self, key: str, path: int = 0) -> BackendPort:
+        """The backend nexus the device uses for the state key ``key`` (on
+        ``path`` of a multipath device, ``paths.py``)."""
         guest = key if self.mode is IdentityMode.GUEST else "*"
-        return backend_port(self.mode, self.host_initiator, self.name, guest)
+        return backend_port(self.mode, self.host_initiator, self.name, guest, path)
+
+    def path_isids(self, key: str) -> tuple[int, ...]:
+        """The ISID of ``key``'s nexus on each path (one: single path)."""
+        return tuple(self.port_of(key, p).isid for p in range(len(self.config.backend_urls)))
 
     def _note_port(self, key: str) -> None:
         self.snooper.transport_ids[key] = self.port_of(key).transport_id
+        if len(self.config.backend_urls) > 1:  # every path's nexus is the guest's (verify.py)
+            self.snooper.path_ids[key] = tuple(
+                self.port_of(key, p).transport_id for p in range(1, len(self.config.backend_urls)))
 
     def backend_key(self, nexus: Nexus) -> str:
         return state_key(self.mode, nexus.initiator)

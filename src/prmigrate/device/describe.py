@@ -30,11 +30,15 @@ def describe_device(dev: Any, now: float) -> dict[str, object]:
             "session": dev.link_state(b),
             "frontends": sorted(n.initiator_port for n in b.frontends),
         }
+        link = nexuses[key]["session"]
+        if isinstance(link, dict) and link.get("paths"):  # one nexus per path: URL, nexus, state, registered
+            nexuses[key]["paths"] = link["paths"]
     last = dev.last_verified
     return {
         "name": dev.name,
         "properties": {
             "backend": cfg.backend_url,
+            "backends": list(cfg.backend_urls),  # one per path (multipath: paths.py)
             "backend-target": cfg.target_iqn,
             "target": cfg.target_iqn,  # the old name of backend-target
             "lun": cfg.lun,

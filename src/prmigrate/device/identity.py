@@ -72,13 +72,20 @@ def no_logical_unit(inquiry_std: bytes, read_capacity: bytes | None) -> str | No
             f"{', READ CAPACITY failed' if read_capacity is None else ''}")
 
 
-def derive_isid(device: str, guest: str | None) -> int:
+def derive_isid(device: str, guest: str | None, path: int = 0) -> int:
     """The ISID of the backend session of ``guest`` on ``device`` (``None``:
-    the device's shared session). Random format T = 10b, A = 0."""
+    the device's shared session) on path ``path`` of a multipath device
+    (``device/paths.py``). Random format T = 10b, A = 0. Path 0 is the
+    single-path ISID, unchanged, so registrations and journals made with
+    one path stay the device's; paths 1.. hash the path number in too."""
     if not device:
         raise IdentityError("device name must not be empty")
+    if path < 0:
+        raise IdentityError(f"path {path} is negative")
     material = _ISID_DOMAIN + device.encode("utf-8") + b"\x00"
     material += b"\x01" + guest.lower().encode("utf-8") if guest is not None else b"\x00"
+    if path:
+        material += b"\x00path\x00" + path.to_bytes(4, "big")
     digest = hashlib.sha256(material).digest()
     bcd = int.from_bytes(digest[:5], "big")  # B (16) | C (8) | D (16) = 40 bits
     return (ISID_FORMAT_RANDOM << ISID_T_SHIFT) | bcd
@@ -110,11 +117,11 @@ def state_key(mode: IdentityMode | str, guest: str) -> str:
 
 
 def backend_port(
-    mode: IdentityMode | str, host_initiator: str, device: str, guest: str
+    mode: IdentityMode | str, host_initiator: str, device: str, guest: str, path: int = 0
 ) -> BackendPort:
-    """The backend initiator port of ``guest`` on ``device``."""
+    """The backend initiator port of ``guest`` on ``device`` (on ``path``)."""
     shared = IdentityMode(mode) is IdentityMode.HOST
-    return BackendPort(host_initiator.lower(), derive_isid(device, None if shared else guest))
+    return BackendPort(host_initiator.lower(), derive_isid(device, None if shared else guest, path))
 
 
 def nexus_transport_ids(

@@ -124,7 +124,8 @@ class BackendMonitor(BackendSessions):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._monitor = Monitor(
-            lambda: self._open_session(derive_isid(self.name, MONITOR), "monitor"),
+            lambda: self._open_session(derive_isid(self.name, MONITOR), "monitor", isids=tuple(
+                derive_isid(self.name, MONITOR, p) for p in range(len(self.config.backend_urls)))),
             self.lun, self.verification, self.log, self.config.backend_url,
         )
         self._verifying: asyncio.Task[Any] | None = None

@@ -146,16 +146,20 @@ def reconcile_full_status(
     state: DevicePrState,
     entries: ReadFullStatus | Iterable[FullStatusEntry],
     nexus_ids: Mapping[str, TransportId],
+    path_ids: Mapping[str, tuple[TransportId, ...]] | None = None,
 ) -> tuple[DevicePrState, list[StateChange]]:
     """The state the backend's READ FULL STATUS implies for the guests in
-    ``nexus_ids`` (state key -> the guest's backend initiator port). Guests
+    ``nexus_ids`` (state key -> the guest's backend initiator port; with
+    ``path_ids``, a multipath device's, the guest's other paths' ports, whose
+    entries are the guest's too). Guests
     of ``state`` not in ``nexus_ids`` are kept as they are. Those in it are
     verified afterwards; the generation is taken from a ``ReadFullStatus``."""
     ents, generation = _entries(entries)
     new = state.copy()
     for guest, tid in nexus_ids.items():
         key = guest.lower()
-        mine = [e for e in ents if _port_matches(e.transport_id, tid)]
+        ports = (tid, *(path_ids or {}).get(key, ()))
+        mine = [e for e in ents if any(_port_matches(e.transport_id, p) for p in ports)]
         new.set(key, guest_from_entries(state.get(key), mine))
         new.mark_verified(key)
     if generation is not None:

@@ -100,6 +100,7 @@ class BackendSessions(DeviceCore):
         self._session_options = dict(session_options or {})
         self._inflight: set[asyncio.Future[Any]] = set()
         self._bg = BackgroundTasks(self, "background task")
+        self.path_sets: list[Any] = []  # with several backends: every guest's (device/multipath.py)
 
     def _new_backend(self, key: str, port: Any) -> Link:
         return Link(key, port)
@@ -130,7 +131,7 @@ class BackendSessions(DeviceCore):
 
     # --------------------------------------------------------- sessions
     async def _open_session(self, isid: int, what: str, on_ua: Any = None, on_event: Any = None,
-                            on_reconnect: Any = None) -> Session:
+                            on_reconnect: Any = None, isids: tuple[int, ...] = ()) -> Session:
         opts = dict(self._session_options)
         opts.setdefault("queue_depth", 128)
         # an outage of any length: log in again for as long as the device
@@ -141,6 +142,16 @@ class BackendSessions(DeviceCore):
             opts["on_reconnect"] = on_reconnect
         if on_event is not None:
             opts["on_async_event"] = on_event
+        if len(isids) > 1:  # several backend= : one nexus per path (device/multipath.py)
+            from .multipath import open_multipath
+            mp: Any = await open_multipath(self._connect, self.config.backend_urls, self.target_iqn,
+                                           self.host_initiator, isids, opts, rewrite_pr_in=what != "monitor",
+                                           lun=self.lun, logger=self.log, peers=self.path_sets,
+                                           on_unit_attention=on_ua,
+                                           on_reconnect=on_reconnect)
+            self.log.info("backend nexus %s (%s) open on %d paths", ", ".join(
+                f"{self.host_initiator},i,0x{i:012x}" for i in isids), what, len(isids))
+            return mp  # type: ignore[no-any-return]
         session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, isid,
                                                on_unit_attention=on_ua, **opts)
         self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isid,
@@ -158,7 +169,7 @@ class BackendSessions(DeviceCore):
                     b.port.isid, f"guest {b.key}",
                     lambda lun, sense: self.unit_attention_met(b, sense.asc, sense.ascq),
                     lambda message, sense: self.async_unit_attention(b, sense),
-                    lambda: self._verify_after_login(b.key)),
+                    lambda: self._verify_after_login(b.key), self.path_isids(b.key)),
                 HOLD_TIMEOUT, PERSISTENT,
                 lambda exc: self.log.warning("backend nexus for %s: %s; trying again", b.key, exc),
             )

@@ -416,6 +416,9 @@ class PrSnooper:
         self.transport_ids: dict[str, TransportId] = {
             k.lower(): v for k, v in (transport_ids or {}).items()
         }
+        # state key -> the guest's other paths' ports (multipath, paths.py):
+        # a registration on any of them is the guest's too
+        self.path_ids: dict[str, tuple[TransportId, ...]] = {}
 
     def key_of(self, guest: str) -> str:
         return SHARED_NEXUS if self._shared else guest.lower()
@@ -610,7 +613,7 @@ class PrSnooper:
         backend port; default the ports set with ``set_transport_id``.
         Raises ``ReconcileError`` only for a truncated answer."""
         ids = {k.lower(): v for k, v in (our_transport_ids or self.transport_ids).items()}
-        new, changes = reconcile_full_status(self.state, entries, ids)
+        new, changes = reconcile_full_status(self.state, entries, ids, self.path_ids)
         self.state.guests, self.state.generation, self.state.unverified = (
             new.guests,
             new.generation,

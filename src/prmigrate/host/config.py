@@ -105,6 +105,10 @@ def _spec_value(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, list | tuple):
+        if key == "backend":  # one URL per path: ``backend`` repeated
+            if not value or not all(isinstance(v, str) for v in value):
+                raise HostConfigError("device key 'backend': a URL or a list of URLs")
+            return ",backend=".join(v.replace(",", ",,") for v in value)
         if key != "guests":
             raise HostConfigError(f"device key {key!r} does not take a list")
         return "+".join(str(v) for v in value)
@@ -118,7 +122,8 @@ def device_from_table(table: dict[str, Any]) -> DeviceConfig:
     if not isinstance(table, dict):
         raise HostConfigError("each [[device]] must be a table")
     spec = ",".join(
-        f"{k}={_spec_value(k, v).replace(',', ',,')}" for k, v in table.items()
+        f"{k}={_spec_value(k, v) if k == 'backend' and isinstance(v, list | tuple) else _spec_value(k, v).replace(',', ',,')}"
+        for k, v in table.items()
     )
     try:
         return parse_device_spec(spec)

@@ -57,7 +57,8 @@ S, INT, B, A = ArgType.STRING, ArgType.INTEGER, ArgType.BOOLEAN, ArgType.ARRAY
 
 # The JSON type of each ``--device`` key in ``device-add``; a key of
 # ``device.config`` not listed here is a string (the command-line form).
-DEVICE_KEY_TYPES: dict[str, ArgType] = {"lun": INT, "migrate-pr": B, "guests": A}
+DEVICE_KEY_TYPES: dict[str, ArgType] = {"lun": INT, "migrate-pr": B, "guests": A,
+                                        "backend": ArgType.ANY}  # a URL, or one per path
 
 
 def device_add_spec() -> CommandSpec:
@@ -66,7 +67,7 @@ def device_add_spec() -> CommandSpec:
     from ..device.config import _KEYS
 
     required = ("name", "backend")
-    args = [arg(k, S) for k in required]
+    args = [arg(k, DEVICE_KEY_TYPES.get(k, S)) for k in required]
     args += [arg(k, DEVICE_KEY_TYPES.get(k, S), optional=True) for k in sorted(_KEYS - set(required))]
     return CommandSpec("device-add", tuple(args))
 

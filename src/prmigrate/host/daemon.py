@@ -442,7 +442,7 @@ class HostDaemon:
             dev.log.info(
                 "guest frontend %s (LUN 0) -> backend %s lun %d, migrate-pr %s, identity %s",
                 node_name,
-                dev.config.backend_url,
+                " + ".join(dev.config.backend_urls),
                 dev.lun,
                 "on" if dev.migrate_pr else "off",
                 dev.config.identity,

@@ -100,7 +100,8 @@ async def add_incoming(daemon: IncomingHost, wanted: DeviceConfig) -> Passthroug
             if mine is not None and mine != theirs:
                 log.warning("device %s: %s=%s ignored: an incoming device is the source's (%s)", wanted.name, key,
                             mine, theirs)
-        config = replace(source, backend_url=wanted.backend_url, incoming_from=wanted.incoming_from)
+        config = replace(source, backend_url=wanted.backend_url, more_backends=wanted.more_backends,
+                         incoming_from=wanted.incoming_from)
         dev = await daemon.add_incoming_device(config, identity)
     except BaseException:
         link.cancel("device not added")

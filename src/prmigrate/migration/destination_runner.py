@@ -214,11 +214,15 @@ class DestinationRunner(Runner):
             if self.source_initiator:
                 source_keys = {}
                 own = []
+                # a multipath device has one nexus per path on each host (device/paths.py)
+                src_paths = range(len(snap.device_config().backend_urls))
                 for guest in snap.pr.guests:
-                    port = backend_port(dev.mode, self.source_initiator, dev.name, guest).transport_id
-                    own += [port, backend_port(dev.mode, dev.host_initiator, dev.name, guest).transport_id]
+                    ports = [backend_port(dev.mode, self.source_initiator, dev.name, guest, p).transport_id
+                             for p in src_paths]
+                    own += ports + [backend_port(dev.mode, dev.host_initiator, dev.name, guest, p).transport_id
+                                    for p in range(len(dev.config.backend_urls))]
                     for e in rfs.entries:
-                        if e.transport_id.same_port(port):
+                        if any(e.transport_id.same_port(port) for port in ports):
                             source_keys[guest] = e.key
                 for e in rfs.entries:
                     if not any(e.transport_id.same_port(p) for p in own):
@@ -239,8 +243,10 @@ class DestinationRunner(Runner):
         # often than the device's own registrations of it (the guests'
         # source nexuses, and the destination's from setup) is shared with
         # nexuses outside the device, unnamed here
-        mine = Counter(g.key for g in snap.pr.guests.values() if g.registered)
-        mine.update(getattr(self.machine, "registered", {}).values())
+        mine = Counter({k: n * len(snap.device_config().backend_urls) for k, n in
+                        Counter(g.key for g in snap.pr.guests.values() if g.registered).items()})
+        mine.update({k: n * len(dev.config.backend_urls) for k, n in
+                     Counter(getattr(self.machine, "registered", {}).values()).items()})
         extra = Counter(getattr(keys, "keys", ()))
         extra.subtract(mine)
         foreign = {k: (f"{n} nexus(es) not the device's",) for k, n in extra.items() if n > 0 and k}
