@@ -274,3 +274,55 @@ def test_tgt_refuses_the_move_before_the_pause(tmp_path: Path) -> None:
             _run(go())
     finally:
         t.stop()
+
+
+def test_a_two_path_device_moves_by_register_and_move(tmp_path: Path) -> None:
+    """A two-path device (``backend=`` twice, the target's two portals)
+    whose key the other host shares: A -> B -> A by REGISTER AND MOVE
+    (UNREG) from the holder's path; the source's other path unregisters
+    right after, the destination's paths both stay registered (setup), so
+    after each move both of the new host's path nexuses have the key, one
+    holds, nothing of the old host is left on any path, and the other
+    host's registration is still there."""
+    from .migration_cluster import free_port
+    from .test_multipath_migration import SECOND, path_entries
+
+    port2 = free_port(SECOND)
+    with cluster(tmp_path, target_args=["--listen", f"{SECOND}:{port2}"],
+                 more_backends=[f"iscsi://{SECOND}:{port2}/{SHARED}/0"]) as c:
+
+        async def go() -> None:
+            s = await guest_session(c.frontend_url("hosta"))
+            o = await other_host(c)
+            try:
+                await take_reservation(s, PrType.WRITE_EXCLUSIVE)
+                w = Writer(s)
+                for src, dst in (("hosta", "hostb"), ("hostb", "hosta")):
+                    await asyncio.sleep(0.2)
+                    code, out = await c.migrate(src, dst)
+                    assert code == 0, out
+                    assert "PR round trips in the pause: 1" in out, out
+                    await c.wait_device(dst, True)
+                    await c.wait_device(src, False)
+                    seen: dict[int, tuple[int, bool, int]] = {}
+                    for _ in range(50):  # the source's other path unregisters right after the move
+                        seen, gone = await path_entries(c, dst), await path_entries(c, src)
+                        if set(seen) == {0, 1} and not gone:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert {p: k for p, (k, _, _) in seen.items()} == {0: KEY, 1: KEY}, seen
+                    assert [p for p, (_, h, t) in seen.items() if h] == [0], seen
+                    assert seen[0][2] == PrType.WRITE_EXCLUSIVE, seen
+                    assert await path_entries(c, src) == {}, await c.full_status()
+                    (e,) = await other_entries(c)
+                    assert e.key == KEY and not e.holder, e
+                assert c.procs["hostb"].log.count("by REGISTER AND MOVE") == 1
+                await asyncio.sleep(0.3)
+                await w.stop()
+                assert not w.bad, w.bad
+                assert await w.verify() > 10
+            finally:
+                await s.close()
+                await o.close()
+
+        _run(go())

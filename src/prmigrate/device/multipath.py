@@ -40,13 +40,14 @@ from ..scsi.pr import (
     PrOutParams,
     ReadFullStatus,
     ReadKeys,
+    RegisterAndMoveParams,
     pr_in_cdb,
     pr_out_cdb,
     pr_out_params,
 )
 from ..scsi.sense import Sense, encode_sense
 from ..scsi.transport_id import TransportId
-from .paths import Op, Path, PathSet, PathState, Route, rewrite_pr_in, same_lu
+from .paths import HOLDER_ONLY_TYPES, Op, Path, PathSet, PathState, Route, rewrite_pr_in, same_lu
 
 log = logging.getLogger("prmigrate.device.multipath")
 
@@ -57,6 +58,10 @@ MOVES = 8  # re-issues of one command on other paths before its last answer is t
 PR_IN_READ = 8192  # the allocation of a guest's PR IN read here before the rewrite
 _SCSI2 = frozenset({Opcode.RESERVE_6, Opcode.RELEASE_6, Opcode.RESERVE_10, Opcode.RELEASE_10})
 _PR_OUT, _PR_IN = Opcode.PERSISTENT_RESERVE_OUT, Opcode.PERSISTENT_RESERVE_IN
+# the shortest time between two READ FULL STATUS looks after a RESERVATION
+# CONFLICT on a round robin path (``MultipathSession._recheck``)
+RECHECK_INTERVAL = 1.0
+
 # PR OUTs whose effect on the guest's paths depends on other nexuses (who
 # held the reservation: SPC-5 5.14.11.4, 5.14.8, 5.14.12): read back after
 _READ_BACK = frozenset({PrOutAction.PREEMPT, PrOutAction.PREEMPT_AND_ABORT, PrOutAction.REGISTER_AND_MOVE,
@@ -89,6 +94,7 @@ class _Cmd:
     moves: int = 0
     uas: int = 0
     parked_at: float | None = None
+    rechecked: bool = False  # a conflict sent it back once after a READ FULL STATUS
 
 
 OpenPath = Callable[[int, Callable[[int, Any], Any], Callable[[], Awaitable[Any]]], Awaitable[Session]]
@@ -128,6 +134,11 @@ class MultipathSession:
         self._wrong: set[int] = set()  # paths that reach another LU: never used
         self._closed = False
         self.block_size = 512
+        # media commands that met RESERVATION CONFLICT on a round robin path,
+        # waiting for the READ FULL STATUS that tells whether the guest's
+        # nexus became a holder unannounced (``_recheck``)
+        self._rechecking: list[_Cmd] | None = None
+        self._rechecked_at = -RECHECK_INTERVAL
 
     # ----------------------------------------------------------- open
     async def open(self) -> MultipathSession:
@@ -319,6 +330,19 @@ class MultipathSession:
         except PrDecodeError:
             return False
 
+    async def _unregister(self, ops: list[Op]) -> None:
+        """After a REGISTER AND MOVE with UNREG: the guest's other paths
+        unregister (``PathSet.unregister_others``), then the state is read
+        back."""
+        for op in ops:
+            r = await self._send_op(op)
+            if r is not None and r.status == Status.GOOD:
+                self.set.unregistered_on(op.path)
+            else:
+                self.log.warning("path %d: key 0x%x not unregistered after REGISTER AND MOVE (%s)",
+                                 op.path, op.rk, r)
+        await self._refresh()
+
     async def _register_again(self, paths: list[int]) -> None:
         """After a PREEMPT of the guest's own key: the other paths register
         again (carrying no I/O meanwhile)."""
@@ -423,6 +447,12 @@ class MultipathSession:
                 (self.set.key and not self.set.paths[i].registered) or self.set.paths[i].state is not PathState.UP
                 or self._managing):
             again = True  # a path our own PR OUTs are re-registering (else the conflict is the guest's)
+        elif r.status == Status.RESERVATION_CONFLICT and cmd.cdb[0] not in (_PR_OUT, _PR_IN) and not cmd.rechecked \
+                and self.set.key and not (self.set.holder == i and self.set.rtype in HOLDER_ONLY_TYPES) \
+                and self._loop.time() - self._rechecked_at >= RECHECK_INTERVAL:
+            cmd.rechecked = True  # sent by round robin: is the guest a holder we do not know of?
+            self._recheck(cmd)
+            return
         elif unit_attention(r) is not None and i != self.set.primary() and cmd.uas < UA_RETRIES:
             cmd.uas += 1  # not the primary's: absorbed, sent again
             self._loop.call_soon(self._dispatch, cmd)
@@ -437,6 +467,33 @@ class MultipathSession:
             self._loop.call_soon(self._dispatch, cmd)
             return
         cmd.done(r)
+
+    def _recheck(self, cmd: _Cmd) -> None:
+        """A media command met RESERVATION CONFLICT on a path chosen by
+        round robin: the guest's nexus may have become the holder of a
+        write exclusive / exclusive access reservation without a PR OUT of
+        ours (another nexus's REGISTER AND MOVE onto it, a migration's: SPC-5
+        5.14.8 sends that nexus no unit attention). One READ FULL STATUS for
+        every command that meets it meanwhile, then each is sent again where
+        the path set now says; a conflict after that is the guest's. At most
+        one such look per ``RECHECK_INTERVAL``: a guest fenced for good gets
+        its conflicts without a READ FULL STATUS each."""
+        if self._rechecking is not None:
+            self._rechecking.append(cmd)
+            return
+        self._rechecking = [cmd]
+
+        async def look() -> None:
+            try:
+                async with self._pr_lock:
+                    await self._refresh()
+            finally:
+                self._rechecked_at = self._loop.time()
+                waiting, self._rechecking = self._rechecking or [], None
+                for c in waiting:
+                    self._dispatch(c)
+
+        self._spawn(look())
 
     def _unpark(self) -> None:
         if not self._parked:
@@ -547,9 +604,13 @@ class MultipathSession:
                             self.set.paths[op.path].registered = False
                     self._settle(fut, r)
                     return
+                moved = _unreg(data) if action == PrOutAction.REGISTER_AND_MOVE else False
+                leave = self.set.unregister_others(i) if moved else []
                 self._settle(fut, r)
                 if again:
                     await self._register_again(again)
+                elif leave:
+                    await self._unregister(leave)
                 elif action in _READ_BACK:
                     await self._refresh()
         except Exception as exc:  # noqa: BLE001 - the guest gets the error as a path's answer
@@ -680,6 +741,15 @@ class MultipathSession:
         await asyncio.gather(*(s.close(timeout) for s in self.sessions if s is not None), return_exceptions=True)
         with contextlib.suppress(BaseException):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _unreg(data: bytes) -> bool:
+    """The UNREG bit of a REGISTER AND MOVE parameter list (False when it
+    does not decode: the target refused it then)."""
+    try:
+        return RegisterAndMoveParams.decode(data).unreg
+    except ValueError:
+        return False
 
 
 def _resolve(fut: asyncio.Future[Any], r: Any) -> None:

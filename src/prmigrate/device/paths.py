@@ -29,7 +29,8 @@ PREEMPT, PREEMPT AND ABORT      primary       SPC-5 5.14.11.4 / .5: with SARK th
                                               paths register again afterwards
                                               (``Path.registered`` False, state REGISTERING)
                                               before they carry I/O
-REGISTER AND MOVE               primary       SPC-5 5.14.8: only the holder moves
+REGISTER AND MOVE               primary       SPC-5 5.14.8: only the holder moves; with
+                                              UNREG the other paths then unregister too
 REPLACE LOST RESERVATION        primary       SPC-5 5.14.12: the caller becomes the holder
 =============================== ============= ================================================
 
@@ -235,11 +236,34 @@ class PathSet:
                     q.registered = False
                     again.append(i)
             return [i for i in again if self.paths[i].state is not PathState.DOWN]
+        elif act is PrOutAction.REGISTER_AND_MOVE:
+            # SPC-5 5.14.8: the reservation is the TransportID's nexus's now;
+            # with UNREG the caller's registration is gone (``unregister_others``
+            # makes the guest's other paths follow)
+            self.rtype, self.holder = PrType.NONE, None
         elif act in (PrOutAction.PREEMPT, PrOutAction.PREEMPT_AND_ABORT) and t is not PrType.NONE and rk == self.key:
             # SPC-5 5.14.11.4.3: preempting the holder's key makes us the holder
             self.rtype, self.scope = t, scope
             self.holder = None if t.all_registrants else path
         return []
+
+    def unregister_others(self, path: int) -> list[Op]:
+        """After a REGISTER AND MOVE with UNREG answered GOOD on ``path``
+        (SPC-5 5.14.8: the caller's nexus is unregistered): the guest is one
+        nexus, so its other paths unregister too (REGISTER, RK = the key,
+        SARK 0: SPC-5 5.14.11.2.2)."""
+        self.paths[path].registered = False
+        ops = [Op(i, PrOutAction.REGISTER, PrType.NONE, self.key, 0)
+               for i, p in enumerate(self.paths) if i != path and p.registered and p.state is not PathState.DOWN]
+        if not any(p.registered for p in self.paths):
+            self.key = 0
+        return ops
+
+    def unregistered_on(self, path: int) -> None:
+        """A follow-up unregistration answered GOOD on ``path``."""
+        self.paths[path].registered = False
+        if not any(p.registered for p in self.paths):
+            self.key = 0
 
     def registered_on(self, path: int, sark: int) -> None:
         """A follow-up REGISTER AND IGNORE EXISTING KEY answered GOOD on ``path``."""
