@@ -106,7 +106,7 @@ from typing import Any, NamedTuple
 from ..lun.types import Nexus, Result, unit_attention
 from ..lun.ua import UA_EXEMPT
 from ..scsi.cdb import SupportedTmfs, invalid_cdb
-from ..scsi.constants import Opcode, PrInAction, SenseKey, Status
+from ..scsi.constants import Opcode, PrInAction, PrOutAction, SenseKey, Status
 from ..scsi.sense import Sense, encode_sense, sense_triple
 from .config import DeviceConfig
 from .datain import DATA_IN_ONLY, expected_in_len
@@ -118,6 +118,7 @@ from .mask import PrFilter
 from .snapshot import DeviceSnapshot
 from .snoop import PrSnooper, puts_state_in_doubt
 from .state import DevicePrState, StateChange, describe_guest
+from .tmf import TmfQueue
 from .verify import Verification, failure_text, status_text
 
 log = logging.getLogger("prmigrate.device.passthrough")
@@ -299,9 +300,9 @@ class DeviceCore:
         self.verification = Verification(self.describe_result)
         self._backends: dict[str, Backend] = {}
         self._held: list[Held] | None = None
-        # a guest's task management function forwarded and not answered yet
-        # (the shell's handle): new backend nexuses start paused
-        self._tmf: Any = None
+        # the guests' task management functions forwarded and not answered
+        # yet (``tmf.py``): while there are, new backend nexuses start paused
+        self.tmfs = TmfQueue()
         self._closed = False
         self.on_state_change: Callable[[Any, tuple[StateChange, ...]], Any] | None = None
         # fn(device, reconciliation dict) after every reconciliation (verify)
@@ -347,7 +348,7 @@ class DeviceCore:
         if b is None:
             b = self._backends[key] = self._new_backend(key, self.port_of(key))
             self._note_port(key)
-            if self._tmf is not None:
+            if self.tmfs.busy:
                 b.pause(True)
         return b
 
@@ -575,6 +576,21 @@ class DeviceCore:
         self.commit(intent, None)
         self.snooper.state.mark_unverified(key)
         self.want_verify()
+
+    def pr_out_back(
+        self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,
+        r: Result | BaseException | None,
+    ) -> str | None:
+        """The one way back for a PR OUT, a guest's or the device's own:
+        snooped and journaled (``pr_out_answered``) or, with no answer, its
+        effect in doubt (``pr_out_lost``). Returns the reason of the
+        verification its outcome asks for, run before the answer is given."""
+        if not isinstance(r, Result):
+            self.pr_out_lost(key, intent)
+        elif self.pr_out_answered(guest, cdb, data, r, intent):
+            sa = cdb[1] & 0x1F if len(cdb) > 1 else -1
+            return f"after {PrOutAction(sa).name}" if sa in PrOutAction._value2member_map_ else "after a PR OUT"
+        return None
 
     def report(self, changes: tuple[StateChange, ...]) -> None:
         for c in changes:

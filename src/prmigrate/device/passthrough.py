@@ -25,46 +25,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..aio import chain, map_answer, on_answer, on_outcome, settle
 from ..iscsi.initiator import IscsiError
 from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
 from ..scsi.constants import PrOutAction, PrType
-from ..scsi.pr import (
-    pr_out_cdb,
-    pr_out_params,
-)
-from .core import (
-    CRASH_ENV,
-    MONITOR,
-    OWN_COMMANDS,
-    SPECIAL,
-    DeviceError,
-    Forward,
-    Held,
-    Kind,
-    Purpose,
-    UaRetry,
-)
+from ..scsi.pr import pr_out_cdb, pr_out_params
+from .core import CRASH_ENV, MONITOR, OWN_COMMANDS, SPECIAL, Forward, Held, Kind, Purpose, UaRetry
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
+from .errors import DeviceError
 from .identity import IdentityMode
 from .journal import Intent
 from .monitor import BackendMonitor
-from .sessions import (
-    Answer,
-    Link,
-    chain,
-    map_answer,
-    on_answer,
-    on_outcome,
-    settle,
-    submit_retrying,
-)
+from .sessions import Answer, Link, submit_retrying
 from .snapshot import DeviceSnapshot
 from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
 
 _GUEST = IdentityMode.GUEST
-_ACTIONS = frozenset(PrOutAction)
 
 
 class PassthroughDevice(BackendMonitor):
@@ -155,7 +133,7 @@ class PassthroughDevice(BackendMonitor):
                 try:
                     s.submit_then(self.lun, cdb, data_out, n, done)
                 except (IscsiError, ValueError) as exc:
-                    return self._not_forwarded(cdb, exc)
+                    return self.not_forwarded(cdb, exc)
                 return None
         r = self.execute(nexus, cdb, data_out)
         if isinstance(r, Result):
@@ -225,16 +203,10 @@ class PassthroughDevice(BackendMonitor):
     # ------------------------------------------------ the backend PR OUT port
     def _pr_out_back(self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,
                      r: Result | BaseException | None) -> asyncio.Task[None] | None:
-        """The one way back for a PR OUT, a guest's or the device's own:
-        snooped and journaled (``pr_out_answered``) or, with no answer, its
-        effect in doubt (``pr_out_lost``). Returns the verification its
-        outcome asks for, which runs before the answer is given."""
-        if not isinstance(r, Result):
-            self.pr_out_lost(key, intent)
-        elif self.pr_out_answered(guest, cdb, data, r, intent):
-            action = PrOutAction(cdb[1] & 0x1F) if len(cdb) > 1 and cdb[1] & 0x1F in _ACTIONS else None
-            return self._bg.spawn(self._verify_after(action.name if action is not None else "a PR OUT"))
-        return None
+        """The one way back for a PR OUT (``DeviceCore.pr_out_back``): the
+        verification its outcome asks for, run before the answer is given."""
+        why = self.pr_out_back(key, guest, cdb, data, intent, r)
+        return None if why is None else self._bg.spawn(self._verify_after(why))
 
     async def pr_out(self, guest: str, action: PrOutAction | int, rtype: PrType | int, rk: int, sark: int,
                      scope: int = 0, aptpl: bool = False, *, purpose: Purpose = Purpose.GUEST) -> Result:
@@ -272,7 +244,7 @@ class PassthroughDevice(BackendMonitor):
         that follows it."""
         while True:
             waits: list[Any] = list(self._inflight)
-            waits += [t for t in (self._verifying, self._tmf) if t is not None]
+            waits += [t for t in (self._verifying, self._tmf_task) if t is not None]
             waits += [b.opening for b in self._backends.values() if b.opening is not None]
             if waits:
                 await asyncio.wait(waits)
@@ -290,9 +262,7 @@ class PassthroughDevice(BackendMonitor):
                 continue  # its session ended meanwhile: nobody to answer
             chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.token)
         if was_held:
-            for b in self._backends.values():
-                if not b.frontends:
-                    self._close_if_unused(b)
+            self._do(self.resumed())
 
     def describe(self) -> dict[str, object]:
         """``query-devices`` entry."""

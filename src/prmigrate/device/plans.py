@@ -1,0 +1,116 @@
+"""Command plans the device runs on its monitor nexus: what to read from
+the backend and what the answers mean, without I/O.
+
+A plan is a generator: it yields a step (``PrIn``: a PERSISTENT RESERVE IN
+sent under the monitor's unit attention rule, ``core.OWN_COMMANDS``;
+``Call``: an initiator ``Session`` helper, called with ``lun=``), is sent
+the answer, or has the transport's ``IscsiError`` thrown in, and returns
+what was learnt. The shell (``monitor.py``) only runs the steps.
+
+* ``full_status_plan``: READ FULL STATUS (SPC-5 6.16.5), read again with
+  the allocation length the answer asks for until it is complete; None
+  when the backend does not implement it (``verify.Verification``).
+* ``keys_plan``: READ KEYS + READ RESERVATION (SPC-5 6.16.2, 6.16.3), the
+  fallback.
+* ``identity_plan``: standard INQUIRY, VPD pages 80h and 83h (SPC-5
+  7.7.3, 7.7.6; optional) and READ CAPACITY(16) (SBC-4 5.21; optional):
+  the backend LUN's identity (``identity.DeviceIdentity``), or
+  ``DeviceError`` when the target has no such logical unit.
+* ``tmfs_plan``: REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-5 6.40);
+  None when the backend does not implement it (tgt) or fails it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Generator
+from typing import Any, NamedTuple
+
+from ..iscsi.initiator_core import IscsiError
+from ..lun.types import Result
+from ..scsi.cdb import SupportedTmfs
+from ..scsi.constants import PrInAction
+from ..scsi.pr import ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
+from .errors import DeviceError
+from .identity import DeviceIdentity, no_logical_unit
+from .verify import PR_IN_ALLOC, Verification
+
+
+class PrIn(NamedTuple):
+    """A PERSISTENT RESERVE IN with allocation length ``alloc``."""
+
+    cdb: bytes
+    alloc: int
+
+
+class Call(NamedTuple):
+    """``Session.<method>(*args, lun=...)``."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+
+
+Step = PrIn | Call
+Plan = Generator[Step, Any, Any]
+
+
+def _pr_in(action: PrInAction, alloc: int = PR_IN_ALLOC) -> PrIn:
+    return PrIn(pr_in_cdb(action, alloc), alloc)
+
+
+def full_status_plan(v: Verification, log: Any) -> Generator[Step, Result, ReadFullStatus | None]:
+    if v.full_status is False:
+        return None
+    alloc: int | None = PR_IN_ALLOC
+    while alloc is not None:
+        known = v.full_status
+        r = yield _pr_in(PrInAction.READ_FULL_STATUS, alloc)
+        rfs, alloc = v.full_status_answer(r, alloc)
+        if rfs is not None:
+            return rfs
+        if v.full_status is False and known is None:
+            log.info("backend has no READ FULL STATUS: using READ KEYS + READ RESERVATION")
+    return None
+
+
+def keys_plan(v: Verification) -> Generator[Step, Result, tuple[ReadKeys, ReadReservation]]:
+    keys = v.keys_answer((yield _pr_in(PrInAction.READ_KEYS)))
+    rr = v.reservation_answer((yield _pr_in(PrInAction.READ_RESERVATION)))
+    return keys, rr
+
+
+def identity_plan(lun: int, backend: str, log: Any) -> Generator[Step, Any, DeviceIdentity]:
+    std = yield Call("inquiry", (None, 255))
+    vpd: dict[int, bytes] = {}
+    for page in (0x80, 0x83):
+        try:
+            vpd[page] = yield Call("inquiry", (page, 255))
+        except IscsiError:
+            pass
+    try:
+        blocks, size = yield Call("read_capacity16")
+        rc: bytes | None = struct.pack(">QI", blocks - 1, size)
+    except IscsiError:
+        rc = None
+    missing = no_logical_unit(std, rc)
+    if missing is not None:
+        raise DeviceError(f"backend {backend} has no logical unit {lun} ({missing})")
+    ident = DeviceIdentity.capture(std, vpd, rc)
+    log.info(
+        "backend LUN: %s %s serial %s, %d x %d bytes",
+        ident.vendor, ident.product, ident.serial, ident.capacity_blocks, ident.block_size,
+    )
+    return ident
+
+
+def tmfs_plan(log: Any) -> Generator[Step, Any, SupportedTmfs | None]:
+    try:
+        tmfs: SupportedTmfs = yield Call("report_supported_tmfs")
+    except IscsiError as exc:
+        log.info("backend task management functions unknown (target resets refused): %s", exc)
+        return None
+    log.info("backend task management functions: %s", ", ".join(tmfs.names()) or "none")
+    return tmfs
+
+
+__all__ = ["Call", "Plan", "PrIn", "Step", "full_status_plan", "identity_plan", "keys_plan", "tmfs_plan"]
