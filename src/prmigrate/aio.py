@@ -6,7 +6,7 @@ import asyncio
 import logging
 import selectors
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -140,6 +140,26 @@ def map_answer(src: asyncio.Future[T], dst: asyncio.Future[T], fn: Callable[[T],
     """``dst`` gets ``fn(value)`` of ``src``, or its error."""
     on_outcome(src, lambda r: settle(dst, r if r is None or isinstance(r, BaseException) else fn(r)))
     return dst
+
+
+async def run_plan(
+    plan: Generator[Any, Any, T], step: Callable[[Any], Awaitable[Any]],
+    errors: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+) -> T:
+    """Drive a sans-IO plan: a generator that yields steps, is sent each
+    step's outcome (``await step(s)``) or has its error (one of ``errors``)
+    thrown in, and returns the result."""
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            s = plan.send(answer) if error is None else plan.throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            answer, error = await step(s), None
+        except errors as exc:
+            answer, error = None, exc
 
 
 def loop_options_error(use_uvloop: bool, poll_us: int) -> str | None:

@@ -201,6 +201,18 @@ class UaRetry:
             self.owed.append(sense)
 
 
+class OwnPrOut(NamedTuple):
+    """One of the device's own PR OUTs in flight (``DeviceCore.own_pr_out``)."""
+
+    key: str
+    guest: str
+    cdb: bytes
+    data: bytes
+    intent: Intent | None
+    retry: UaRetry
+    tracked: bool
+
+
 class Backend(SharedNexus):
     """One backend I_T nexus (a guest's, or the shared one with identity=host),
     with the frontend nexuses sharing it (``SharedNexus``: ``frontends``,
@@ -592,6 +604,25 @@ class DeviceCore:
             return f"after {PrOutAction(sa).name}" if sa in PrOutAction._value2member_map_ else "after a PR OUT"
         return None
 
+    def own_pr_out(self, guest: str, cdb: bytes, data: bytes, purpose: Purpose) -> OwnPrOut:
+        """A PR OUT of the device's own on ``guest``'s backend nexus (the
+        backend PR OUT port), journaled first when ``OWN_COMMANDS[purpose]``
+        tracks it (DeviceError, and nothing sent, when it cannot be)."""
+        rule = OWN_COMMANDS[purpose]
+        key = self._backend(guest).key
+        intent = self.begin(key, cdb, data) if rule.tracked else None
+        return OwnPrOut(key, guest, cdb, data, intent, UaRetry(purpose), rule.tracked)
+
+    def own_pr_out_done(self, op: OwnPrOut, r: Result | BaseException | None, answered: bool = True) -> str | None:
+        """``op`` answered (``r``: the answer, or the transport's error;
+        ``answered`` False: abandoned): the unit attentions it met are owed
+        as its purpose says; a tracked one goes the way back of a guest's
+        (``pr_out_back``). Returns the reason of the verification it asks for."""
+        self.owe(op.key, op.retry.owed)
+        if not (op.tracked and answered):
+            return None
+        return self.pr_out_back(op.key, op.guest, op.cdb, op.data, op.intent, r)
+
     def report(self, changes: tuple[StateChange, ...]) -> None:
         for c in changes:
             self.log.info("PR state %s", c.describe())
@@ -718,6 +749,13 @@ class DeviceCore:
             self.snooper.state.mark_unverified(b.key)
             self.want_verify(f"unit attention {asc:02X}/{ascq:02X}")
 
+    def owe_all(self, b: Backend, senses: list[bytes]) -> None:
+        """Unit attentions the device met on ``b`` with a command that
+        reached no frontend (the RELEASE of a departed SCSI-2 holder):
+        every frontend of ``b`` gets them on its next command."""
+        for sense in senses:
+            self.fan_out(b, None, sense)
+
     def owe(self, key: str, senses: list[bytes]) -> None:
         """Unit attentions the device met on ``key``'s nexus with a command
         of its own and owes the guest (``UaRetry.owed``): reported to the
@@ -807,6 +845,16 @@ class DeviceCore:
         if held is not None:
             self.log.info("resuming; forwarding %d held command(s)", len(held))
         return held or []
+
+    def resume(self) -> list[Held]:
+        """Rollback: the queued commands whose frontend nexus is still there
+        (the others have nobody to answer), in arrival order."""
+        out = []
+        for h in self.take_held():
+            b = self._backends.get(self.backend_key(h.nexus))
+            if b is not None and h.nexus in b.frontends:
+                out.append(h)
+        return out
 
     def discard_held(self) -> int:
         """After a move: drop the queued commands unanswered (the guest
@@ -899,6 +947,7 @@ __all__ = [
     "Kind",
     "OWN_COMMANDS",
     "OwnCommand",
+    "OwnPrOut",
     "Purpose",
     "UaRetry",
     "owed",

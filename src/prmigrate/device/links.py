@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
 
+from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
 from ..iscsi.pdu import TmfFunction
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Status
@@ -113,6 +114,27 @@ class LinkTable(DeviceCore):
     def link(self, key: str) -> Link:
         """The link of ``key`` (a state key or a guest name), made if new."""
         return self._backend(key)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------ sessions
+    _session_options: dict[str, Any]  # the device's own session options (the shell's)
+
+    def session_options(self, on_event: Any = None, on_reconnect: Any = None) -> dict[str, Any]:
+        """The keyword arguments of a backend login: an outage of any length
+        is logged in again for as long as the device lives (``PERSISTENT``),
+        a guest command waits at most ``HOLD_TIMEOUT`` meanwhile, then gets
+        BUSY; the device's own options win."""
+        opts = {"queue_depth": 128, "reconnect_policy": PERSISTENT, "hold_timeout": HOLD_TIMEOUT, **self._session_options}
+        if on_reconnect is not None:
+            opts["on_reconnect"] = on_reconnect
+        if on_event is not None:
+            opts["on_async_event"] = on_event
+        return opts
+
+    def link_callbacks(self, b: Link) -> tuple[Any, Any]:
+        """What ``b``'s session reports: a unit attention in an answer
+        (``on_unit_attention``), one sent asynchronously (``on_async_event``)."""
+        return (lambda lun, sense: self.unit_attention_met(b, sense.asc, sense.ascq),
+                lambda message, sense: self.async_unit_attention(b, sense))
 
     # ------------------------------------------------------------ commands
     def queue(self, b: Link, cmd: Waiting) -> Actions:

@@ -17,13 +17,23 @@ import asyncio
 import time
 from typing import Any
 
+from ..aio import run_plan
 from ..iscsi.initiator import IscsiError, Session, link_state_of
 from ..scsi.cdb import SupportedTmfs
-from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation
+from ..scsi.pr import ReadFullStatus, ReadKeys, ReadReservation
 from .core import MONITOR, DeviceError, Purpose, UaRetry
 from .identity import DeviceIdentity, derive_isid
-from .plans import Plan, PrIn, full_status_plan, identity_plan, keys_plan, tmfs_plan
-from .reconcile import ReconcileError
+from .plans import (
+    Plan,
+    PrIn,
+    Step,
+    Verify,
+    full_status_plan,
+    identity_plan,
+    keys_plan,
+    tmfs_plan,
+    verify_plan,
+)
 from .sessions import BackendSessions, submit_retrying
 from .state import StateChange
 from .verify import VerifySchedule
@@ -51,26 +61,19 @@ class BackendMonitor(BackendSessions):
                              return_exceptions=True)
 
     async def _run(self, plan: Plan) -> Any:
-        """Run ``plan``'s steps on the monitor nexus (opened on first use)."""
+        """Run ``plan``, its reads on the monitor nexus (opened on first use)."""
+        return await run_plan(plan, self._step, (IscsiError, DeviceError))
+
+    async def _step(self, step: Step) -> Any:
+        if isinstance(step, Verify):
+            return await self.verify(step.reason)
         async with self._monitor_lock:
             if self._monitor is None:
                 self._monitor = await self._open_session(derive_isid(self.name, MONITOR), "monitor")
-            s = self._monitor
-        answer: Any = None
-        error: IscsiError | None = None
-        while True:
-            try:
-                step = plan.send(answer) if error is None else plan.throw(error)
-            except StopIteration as done:
-                return done.value
-            try:
-                if isinstance(step, PrIn):
-                    answer = await submit_retrying(s, self.lun, step.cdb, b"", UaRetry(Purpose.MONITOR), step.alloc)
-                else:
-                    answer = await getattr(s, step.method)(*step.args, lun=self.lun)
-                error = None
-            except IscsiError as exc:
-                answer, error = None, exc
+        s = self._monitor
+        if isinstance(step, PrIn):
+            return await submit_retrying(s, self.lun, step.cdb, b"", UaRetry(Purpose.MONITOR), step.alloc)
+        return await getattr(s, step.method)(*step.args, lun=self.lun)
 
     def want_verify(self, reason: str = "state in doubt") -> None:
         """One coalesced verification in the background."""
@@ -151,20 +154,11 @@ class BackendMonitor(BackendSessions):
 
     async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
         """Reconcile every tracked guest with the backend now (journaled)."""
-        self.note_ports()
-        before = self.snooper.state.to_dict()
-        try:
-            read: Any = await self.read_full_status()
-            if read is None:
-                read = await self.read_keys_and_reservation()
-            changes, how = self.verification.apply(self.snooper, read, time.time())
-        except (PrDecodeError, ReconcileError, IscsiError, DeviceError) as exc:
-            raise self.verify_failed(reason, exc, isinstance(exc, IscsiError)) from exc
+        changes = await self._run(verify_plan(self, reason, time.time))
         if self.schedule.succeeded() and self._verify_retry is not None:  # this one did it
             self._verify_retry.cancel()
             self._verify_retry = None
-        self.verified(reason, how, changes, before)
-        return changes
+        return changes  # type: ignore[no-any-return]
 
 
 __all__ = ["BackendMonitor", "submit_retrying"]

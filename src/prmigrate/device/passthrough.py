@@ -31,13 +31,14 @@ from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
 from ..scsi.constants import PrOutAction, PrType
 from ..scsi.pr import pr_out_cdb, pr_out_params
-from .core import CRASH_ENV, MONITOR, OWN_COMMANDS, SPECIAL, Forward, Held, Kind, Purpose, UaRetry
+from .core import CRASH_ENV, MONITOR, SPECIAL, Forward, Held, Kind, Purpose
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .errors import DeviceError
 from .identity import IdentityMode
 from .journal import Intent
 from .monitor import BackendMonitor
+from .plans import start_plan
 from .sessions import Answer, Link, submit_retrying
 from .snapshot import DeviceSnapshot
 from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
@@ -55,20 +56,7 @@ class PassthroughDevice(BackendMonitor):
         cannot be verified stops the start (DeviceError), another failed
         reconciliation is logged. A migration's given state is not
         reconciled: the backend shows it on the source's nexuses."""
-        self.load_journal()
-        if capture_identity:
-            self.adopt_identity(await self.capture_identity())
-            self.backend_tmfs = await self.capture_tmfs()
-        how = self.start_verify
-        if how == "start (journal)":
-            await self.verify(how)
-            if self.journal is not None:
-                self.journal.clear_intents(self.snooper.state)
-        elif how is not None and reconcile and capture_identity:
-            try:
-                await self.verify(how)
-            except DeviceError as exc:
-                self.log.warning("reconciliation at start failed: %s", exc)
+        await self._run(start_plan(self, capture_identity, reconcile))
 
     def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview = b"",
                 data_in_len: int | None = None) -> Answer:
@@ -102,9 +90,7 @@ class PassthroughDevice(BackendMonitor):
             if self.masks_pr_in(cdb) and not isinstance(sent, Result):
                 return map_answer(sent, self._future(), lambda r: self.mask_pr_in(cdb, r))
         elif f.kind is Kind.PR_OUT:
-            out = self._future()
-            self._inflight.add(out)
-            out.add_done_callback(self._inflight.discard)
+            out = self._pending()
             guest, data, intent = nexus.initiator, f.data_out, f.intent
 
             def answered(r: Result | BaseException | None) -> None:
@@ -145,17 +131,8 @@ class PassthroughDevice(BackendMonitor):
         """The read path (``Connection._fast_reads``): a READ(10)/(16) whose
         length is the EDTL goes to ``Session.submit_relay`` as is. False
         leaves it to ``execute_then`` (not ``sole``, held, UA owed...)."""
-        s = self._relay_session(nexus)
+        s = self._relay_session(nexus, cdb, 0x28, 0x88, edtl)
         if s is None:
-            return False
-        op = cdb[0]
-        if op == 0x28:
-            blocks = (cdb[7] << 8) | cdb[8]
-        elif op == 0x88:
-            blocks = int.from_bytes(cdb[10:14], "big")
-        else:
-            return False
-        if blocks * self.block_size != edtl:
             return False
         try:
             s.submit_relay(self.lun, cdb, edtl, sink, token)
@@ -169,17 +146,9 @@ class PassthroughDevice(BackendMonitor):
         that data, as is; the backend session sends it as its own login
         negotiated (immediate, unsolicited, R2T-solicited). Declined (False)
         as ``relay_read`` declines: ``execute_then`` answers it."""
-        s = self._relay_session(nexus)
+        n = len(data)
+        s = self._relay_session(nexus, cdb, 0x2A, 0x8A, n) if n else None
         if s is None:
-            return False
-        op = cdb[0]
-        if op == 0x2A:
-            blocks = (cdb[7] << 8) | cdb[8]
-        elif op == 0x8A:
-            blocks = int.from_bytes(cdb[10:14], "big")
-        else:
-            return False
-        if not blocks or blocks * self.block_size != len(data):
             return False
         try:
             s.submit_relay(self.lun, cdb, 0, sink, token, data)
@@ -187,18 +156,27 @@ class PassthroughDevice(BackendMonitor):
             return False  # execute_then answers it (and logs why)
         return True
 
-    def _relay_session(self, nexus: Nexus) -> Any:
+    def _relay_session(self, nexus: Nexus, cdb: bytes, op10: int, op16: int, length: int) -> Any:
         """The one eligibility rule of the relayed reads and writes: the
         guest's backend session when the command may be forwarded as is
         (guest identity, not held, no unit attention owed, ``nexus`` the
-        guest's sole frontend nexus, the session open), else None."""
+        guest's sole frontend nexus, the session open, ``cdb`` the 10- or
+        16-byte form ``op10`` / ``op16`` of SBC-4 READ / WRITE whose
+        TRANSFER LENGTH in blocks moves ``length`` bytes), else None."""
         b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
         if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
             return None
         s = b.session
         if s is None or b.closing is not None:
             return None
-        return s
+        op = cdb[0]
+        if op == op10:
+            blocks = (cdb[7] << 8) | cdb[8]
+        elif op == op16:
+            blocks = int.from_bytes(cdb[10:14], "big")
+        else:
+            return None
+        return s if blocks * self.block_size == length else None
 
     # ------------------------------------------------ the backend PR OUT port
     def _pr_out_back(self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,
@@ -218,24 +196,17 @@ class PassthroughDevice(BackendMonitor):
         cannot be journaled); ``Purpose.MIGRATION`` (the takeover,
         rollback, setup and cleanup ops, ``migration/pr_ops.py``): none of
         that, one round trip per send, the 2A/xx it causes not owed."""
-        rule = OWN_COMMANDS[purpose]
-        b = self._backend(guest)
         session = await self.backend_session(guest)
         cdb, data = pr_out_cdb(action, rtype, scope), pr_out_params(rk, sark, aptpl=aptpl)
-        intent = self.begin(b.key, cdb, data) if rule.tracked else None
-        retry = UaRetry(purpose)
+        op = self.own_pr_out(guest, cdb, data, purpose)
         try:
-            r = await submit_retrying(session, self.lun, cdb, data, retry)
-        except IscsiError as exc:
-            if rule.tracked:
-                self._pr_out_back(b.key, guest, cdb, data, intent, exc)
+            r = await submit_retrying(session, self.lun, cdb, data, op.retry)
+        except BaseException as exc:
+            self.own_pr_out_done(op, exc, answered=isinstance(exc, IscsiError))
             raise
-        finally:
-            self.owe(b.key, retry.owed)
-        if rule.tracked:
-            verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
-            if verifying is not None:
-                await verifying
+        why = self.own_pr_out_done(op, r)
+        if why is not None:
+            await self._bg.spawn(self._verify_after(why))
         return r
 
     # ------------------------------------------------------ migration hooks
@@ -256,11 +227,9 @@ class PassthroughDevice(BackendMonitor):
     def release_held(self) -> None:
         """Rollback: forward the queued commands in order and resume."""
         was_held = self.held
-        for h in self.take_held():
-            b = self._backends.get(self.backend_key(h.nexus))
-            if h.token.done() or b is None or h.nexus not in b.frontends:
-                continue  # its session ended meanwhile: nobody to answer
-            chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.token)
+        for h in self.resume():
+            if not h.token.done():
+                chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.token)
         if was_held:
             self._do(self.resumed())
 

@@ -18,22 +18,34 @@ what was learnt. The shell (``monitor.py``) only runs the steps.
   ``DeviceError`` when the target has no such logical unit.
 * ``tmfs_plan``: REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-5 6.40);
   None when the backend does not implement it (tgt) or fails it.
+* ``verify_plan``: one verification (``verify.py``): READ FULL STATUS or
+  the fallback, reconciled with the tracked state; the device learns the
+  outcome (``verified``) or why it failed (``verify_failed``, raised as
+  ``DeviceError``).
+* ``start_plan``: a device's start: the journal, the LUN's identity and
+  task management functions, the verification at start (``Verify``: one
+  the shell runs as any other, ``verify``).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Generator
-from typing import Any, NamedTuple
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..iscsi.initiator_core import IscsiError
 from ..lun.types import Result
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import PrInAction
-from ..scsi.pr import ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
+from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
 from .errors import DeviceError
 from .identity import DeviceIdentity, no_logical_unit
+from .reconcile import ReconcileError
+from .state import StateChange
 from .verify import PR_IN_ALLOC, Verification
+
+if TYPE_CHECKING:
+    from .core import DeviceCore
 
 
 class PrIn(NamedTuple):
@@ -50,7 +62,13 @@ class Call(NamedTuple):
     args: tuple[Any, ...] = ()
 
 
-Step = PrIn | Call
+class Verify(NamedTuple):
+    """A verification (``verify(reason)``), run by the shell."""
+
+    reason: str
+
+
+Step = PrIn | Call | Verify
 Plan = Generator[Step, Any, Any]
 
 
@@ -113,4 +131,44 @@ def tmfs_plan(log: Any) -> Generator[Step, Any, SupportedTmfs | None]:
     return tmfs
 
 
-__all__ = ["Call", "Plan", "PrIn", "Step", "full_status_plan", "identity_plan", "keys_plan", "tmfs_plan"]
+def verify_plan(dev: DeviceCore, reason: str, now: Callable[[], float]) -> Generator[Step, Any, tuple[StateChange, ...]]:
+    """Reconcile every tracked guest with the backend (journaled); ``now``:
+    the wall clock of the outcome."""
+    dev.note_ports()
+    before = dev.snooper.state.to_dict()
+    v = dev.verification
+    try:
+        read: Any = yield from full_status_plan(v, dev.log)
+        if read is None:
+            read = yield from keys_plan(v)
+        changes, how = v.apply(dev.snooper, read, now())
+    except (PrDecodeError, ReconcileError, IscsiError, DeviceError) as exc:
+        raise dev.verify_failed(reason, exc, isinstance(exc, IscsiError)) from exc
+    dev.verified(reason, how, changes, before)
+    return changes
+
+
+def start_plan(dev: DeviceCore, capture_identity: bool, reconcile: bool) -> Generator[Step, Any, None]:
+    """Load the journal, capture the LUN's identity (a migrated device must
+    front the same LUN) and task management functions, and reconcile:
+    journal state that cannot be verified stops the start (DeviceError),
+    another failed reconciliation is logged. A migration's given state is
+    not reconciled: the backend shows it on the source's nexuses."""
+    dev.load_journal()
+    if capture_identity:
+        dev.adopt_identity((yield from identity_plan(dev.lun, dev.config.backend_url, dev.log)))
+        dev.backend_tmfs = yield from tmfs_plan(dev.log)
+    how = dev.start_verify
+    if how == "start (journal)":
+        yield Verify(how)
+        if dev.journal is not None:
+            dev.journal.clear_intents(dev.snooper.state)
+    elif how is not None and reconcile and capture_identity:
+        try:
+            yield Verify(how)
+        except DeviceError as exc:
+            dev.log.warning("reconciliation at start failed: %s", exc)
+
+
+__all__ = ["Call", "Plan", "PrIn", "Step", "Verify", "full_status_plan", "identity_plan", "keys_plan",
+           "start_plan", "tmfs_plan", "verify_plan"]

@@ -106,16 +106,7 @@ class BackendSessions(LinkTable):
     # --------------------------------------------------------- sessions
     async def _open_session(self, isid: int, what: str, on_ua: Any = None, on_event: Any = None,
                             on_reconnect: Any = None) -> Session:
-        opts = dict(self._session_options)
-        opts.setdefault("queue_depth", 128)
-        # an outage of any length: log in again for as long as the device
-        # lives; a guest command waits at most HOLD_TIMEOUT, then gets BUSY
-        opts.setdefault("reconnect_policy", PERSISTENT)
-        opts.setdefault("hold_timeout", HOLD_TIMEOUT)
-        if on_reconnect is not None:
-            opts["on_reconnect"] = on_reconnect
-        if on_event is not None:
-            opts["on_async_event"] = on_event
+        opts = self.session_options(on_event, on_reconnect)
         session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, isid,
                                                on_unit_attention=on_ua, **opts)
         self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isid,
@@ -129,11 +120,8 @@ class BackendSessions(LinkTable):
             # the backend down: its commands wait (HOLD_TIMEOUT) as a
             # reconnecting session's do, then get BUSY, which guests retry
             b.session = await _initiator.login_within(
-                lambda: self._open_session(
-                    b.port.isid, f"guest {b.key}",
-                    lambda lun, sense: self.unit_attention_met(b, sense.asc, sense.ascq),
-                    lambda message, sense: self.async_unit_attention(b, sense),
-                    lambda: self._verify_after_login(b.key)),
+                lambda: self._open_session(b.port.isid, f"guest {b.key}", *self.link_callbacks(b),
+                                           lambda: self._verify_after_login(b.key)),
                 HOLD_TIMEOUT, PERSISTENT,
                 lambda exc: self.log.warning("backend nexus for %s: %s; trying again", b.key, exc),
             )
@@ -178,15 +166,20 @@ class BackendSessions(LinkTable):
             return self._submit_now(s, cdb, data_out, n)
         if self._closed:
             return ABORTED
-        fut = self._future()
-        self._inflight.add(fut)
-        fut.add_done_callback(self._inflight.discard)
+        fut = self._pending()
         self._do(self.queue(b, Waiting(cdb, data_out, n, fut)))
         return fut
 
     @staticmethod
     def _future() -> asyncio.Future[Result]:
         return asyncio.get_running_loop().create_future()
+
+    def _pending(self) -> asyncio.Future[Result]:
+        """A future for an answer ``drain`` waits for."""
+        fut = self._future()
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+        return fut
 
     # --------------------------------------------------- nexus events, TMFs
     def nexus_lost(self, nexus: Nexus) -> None:
@@ -206,10 +199,10 @@ class BackendSessions(LinkTable):
         try:
             if b.session is None:
                 raise IscsiError("backend nexus closed")
-            if tmf.release:
-                await self._release_for_lost(b, b.session, tmf)
-            else:
+            if not tmf.release:
                 await getattr(b.session, tmf.call)(self.lun)
+            elif b.closing is None:  # else the nexus loss releases the reservation
+                await self._release_for_lost(b, b.session, tmf)
             self.log.info("%s done on the backend", tmf.what)
         except IscsiError as exc:
             self.log.warning("backend %s failed: %s", tmf.what, exc)
@@ -219,8 +212,6 @@ class BackendSessions(LinkTable):
 
     async def _release_for_lost(self, b: Link, s: Session, tmf: Tmf) -> None:
         """RELEASE for a holder that left; its UAs reached no frontend: all get them."""
-        if b.closing is not None:
-            return  # the backend nexus ends: its loss releases the reservation
         retry = UaRetry(Purpose.RELEASE)
         try:
             r = await submit_retrying(s, self.lun, tmf.release, b"", retry)
@@ -228,20 +219,9 @@ class BackendSessions(LinkTable):
             self.log.warning("%s on the backend nexus of %s failed: %s", tmf.what, b.key, exc)
             return
         finally:
-            for sense in retry.owed:
-                self.fan_out(b, None, sense)
+            self.owe_all(b, retry.owed)
         self.log.info("%s on the backend nexus of %s -> %s", tmf.what, b.key, _initiator.describe_result(r))
 
 
-__all__ = [
-    "Answer",
-    "submit_retrying",
-    "BackendSessions",
-    "Connector",
-    "Link",
-    "chain",
-    "map_answer",
-    "on_answer",
-    "on_outcome",
-    "settle",
-]
+__all__ = ["Answer", "BackendSessions", "Connector", "Link", "chain", "map_answer", "on_answer", "on_outcome",
+           "settle", "submit_retrying"]
