@@ -21,19 +21,9 @@ from ..aio import run_plan
 from ..iscsi.initiator import IscsiError, Session, link_state_of
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.pr import ReadFullStatus, ReadKeys, ReadReservation
+from . import plans
 from .core import MONITOR, DeviceError, Purpose, UaRetry
 from .identity import DeviceIdentity, derive_isid
-from .plans import (
-    Plan,
-    PrIn,
-    Step,
-    Verify,
-    full_status_plan,
-    identity_plan,
-    keys_plan,
-    tmfs_plan,
-    verify_plan,
-)
 from .sessions import BackendSessions, submit_retrying
 from .state import StateChange
 from .verify import VerifySchedule
@@ -60,18 +50,18 @@ class BackendMonitor(BackendSessions):
         await asyncio.gather(super().close(), *(() if monitor is None else (monitor.close(),)),
                              return_exceptions=True)
 
-    async def _run(self, plan: Plan) -> Any:
+    async def _run(self, plan: plans.Plan) -> Any:
         """Run ``plan``, its reads on the monitor nexus (opened on first use)."""
         return await run_plan(plan, self._step, (IscsiError, DeviceError))
 
-    async def _step(self, step: Step) -> Any:
-        if isinstance(step, Verify):
+    async def _step(self, step: plans.Step) -> Any:
+        if isinstance(step, plans.Verify):
             return await self.verify(step.reason)
         async with self._monitor_lock:
             if self._monitor is None:
                 self._monitor = await self._open_session(derive_isid(self.name, MONITOR), "monitor")
         s = self._monitor
-        if isinstance(step, PrIn):
+        if isinstance(step, plans.PrIn):
             return await submit_retrying(s, self.lun, step.cdb, b"", UaRetry(Purpose.MONITOR), step.alloc)
         return await getattr(s, step.method)(*step.args, lun=self.lun)
 
@@ -138,23 +128,23 @@ class BackendMonitor(BackendSessions):
 
     async def read_full_status(self) -> ReadFullStatus | None:
         """READ FULL STATUS on the monitor nexus; None when not implemented."""
-        return await self._run(full_status_plan(self.verification, self.log))  # type: ignore[no-any-return]
+        return await self._run(plans.full_status_plan(self.verification, self.log))  # type: ignore[no-any-return]
 
     async def read_keys_and_reservation(self) -> tuple[ReadKeys, ReadReservation]:
         """READ KEYS and READ RESERVATION on the monitor nexus."""
-        return await self._run(keys_plan(self.verification))  # type: ignore[no-any-return]
+        return await self._run(plans.keys_plan(self.verification))  # type: ignore[no-any-return]
 
     async def capture_identity(self) -> DeviceIdentity:
         """Standard INQUIRY, VPD 80h/83h and READ CAPACITY(16) from the backend."""
-        return await self._run(identity_plan(self.lun, self.config.backend_url, self.log))  # type: ignore[no-any-return]
+        return await self._run(plans.identity_plan(self.lun, self.config.backend_url, self.log))  # type: ignore[no-any-return]
 
     async def capture_tmfs(self) -> SupportedTmfs | None:
         """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS from the backend LUN."""
-        return await self._run(tmfs_plan(self.log))  # type: ignore[no-any-return]
+        return await self._run(plans.tmfs_plan(self.log))  # type: ignore[no-any-return]
 
     async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
         """Reconcile every tracked guest with the backend now (journaled)."""
-        changes = await self._run(verify_plan(self, reason, time.time))
+        changes = await self._run(plans.verify_plan(self, reason, time.time))
         if self.schedule.succeeded() and self._verify_retry is not None:  # this one did it
             self._verify_retry.cancel()
             self._verify_retry = None
