@@ -119,6 +119,16 @@ def on_answer(r: Any, fn: Callable[[Any], Any]) -> None:
         r.add_done_callback(lambda f: None if f.cancelled() or f.exception() is not None else fn(f.result()))
 
 
+def deliver(r: Any, done: Callable[[Any], Any]) -> Any:
+    """``r`` when it is no future; else None and, once it is settled,
+    ``done(value or error)`` (a cancelled one as ``CancelledError``): the
+    LU contract's ``execute_then`` (``iscsi/lu.py``)."""
+    if not asyncio.isfuture(r):
+        return r
+    on_outcome(r, lambda x: done(asyncio.CancelledError() if x is None else x))
+    return None
+
+
 def settle(dst: asyncio.Future[T], r: T | BaseException | None) -> None:
     """Give ``dst`` the outcome ``r`` (None: cancelled) unless it has one."""
     if dst.done():
@@ -148,7 +158,8 @@ async def run_plan(
 ) -> T:
     """Drive a sans-IO plan: a generator that yields steps, is sent each
     step's outcome (``await step(s)``) or has its error (one of ``errors``)
-    thrown in, and returns the result."""
+    thrown in, and returns the result. Any other error of a step (a
+    cancellation) closes the plan and is raised."""
     answer: Any = None
     error: BaseException | None = None
     while True:
@@ -160,6 +171,9 @@ async def run_plan(
             answer, error = await step(s), None
         except errors as exc:
             answer, error = None, exc
+        except BaseException:
+            plan.close()  # its ``finally`` clauses run now (a cancelled plan)
+            raise
 
 
 def loop_options_error(use_uvloop: bool, poll_us: int) -> str | None:

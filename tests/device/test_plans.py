@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from prmigrate.device.errors import DeviceError
-from prmigrate.device.plans import Call, PrIn, full_status_plan, identity_plan, keys_plan, tmfs_plan
+from prmigrate.device.plans import Call, Own, full_status_plan, identity_plan, keys_plan, tmfs_plan
 from prmigrate.device.verify import PR_IN_ALLOC, Verification
 from prmigrate.iscsi.initiator_core import IscsiError
 from prmigrate.lun.types import Result
@@ -42,7 +42,7 @@ def test_read_full_status_grows_until_complete() -> None:
     v = Verification()
     steps, got = run(full_status_plan(v, LOG), [rfs(7, 9000), rfs(7, 0)])
     assert [s.alloc for s in steps] == [PR_IN_ALLOC, 9008]
-    assert all(isinstance(s, PrIn) and s.cdb[1] & 0x1F == PrInAction.READ_FULL_STATUS for s in steps)
+    assert all(isinstance(s, Own) and s.cdb[1] & 0x1F == PrInAction.READ_FULL_STATUS for s in steps)
     assert got is not None and got.generation == 7 and v.full_status is True
 
 

@@ -33,18 +33,20 @@ logout in progress (None: none); the table only asks whether one is.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
 
-from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
+from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT, IscsiError
 from ..iscsi.pdu import TmfFunction
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Status
 from ..scsi.sense import Sense, encode_sense
-from .core import Backend, DeviceCore
+from .core import Backend, DeviceCore, Purpose, UaRetry
 from .errors import DeviceError
-from .identity import BackendPort
+from .identity import BackendPort, IdentityMode
+from .plans import Call, Own, Step
 from .tmf import GUEST_TMFS, Tmf, backend_tmf, release
 
 _CHECK = Status.CHECK_CONDITION
@@ -114,6 +116,15 @@ class LinkTable(DeviceCore):
     def link(self, key: str) -> Link:
         """The link of ``key`` (a state key or a guest name), made if new."""
         return self._backend(key)  # type: ignore[return-value]
+
+    def link_for(self, nexus: Nexus) -> Link:
+        """The link of ``nexus``'s guest (made if new), ``nexus`` attached."""
+        b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
+        if b is None:
+            b = self.link(nexus.initiator)
+        if nexus not in b.frontends:
+            b.attach(nexus)
+        return b
 
     # ------------------------------------------------------------ sessions
     _session_options: dict[str, Any]  # the device's own session options (the shell's)
@@ -232,6 +243,33 @@ class LinkTable(DeviceCore):
             b.pause(True)
         start = self.tmfs.add(tmf)
         return [Action(Do.TMF, tmf=start)] if start is not None else []
+
+    def tmf_plan(self, tmf: Tmf) -> Generator[Step, Any, None]:
+        """Send ``tmf`` on its backend nexus (``Call``: the function; ``Own``:
+        the RELEASE of a departed holder, whose unit attentions reached no
+        frontend, so every frontend gets them). A failure is logged: the
+        guest has had its response already."""
+        b = self._backends[tmf.key]
+        try:
+            if b.session is None:
+                raise IscsiError("backend nexus closed")
+            if not tmf.release:
+                yield Call(tmf.call)
+            elif b.closing is None:  # else the nexus loss releases the reservation
+                retry = UaRetry(Purpose.RELEASE)
+                try:
+                    r = yield Own(tmf.release, b"", 0, retry)
+                except IscsiError as exc:
+                    r = exc
+                finally:
+                    self.owe_all(b, retry.owed)
+                if isinstance(r, IscsiError):
+                    self.log.warning("%s on the backend nexus of %s failed: %s", tmf.what, b.key, r)
+                else:
+                    self.log.info("%s on the backend nexus of %s -> %s", tmf.what, b.key, self.describe_result(r))
+            self.log.info("%s done on the backend", tmf.what)
+        except IscsiError as exc:
+            self.log.warning("backend %s failed: %s", tmf.what, exc)
 
     def tmf_done(self) -> Actions:
         """The running function was answered or failed: the next one, or,

@@ -22,7 +22,7 @@ from ..iscsi.initiator import IscsiError, Session, link_state_of
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.pr import ReadFullStatus, ReadKeys, ReadReservation
 from . import plans
-from .core import MONITOR, DeviceError, Purpose, UaRetry
+from .core import MONITOR, DeviceError
 from .identity import DeviceIdentity, derive_isid
 from .sessions import BackendSessions, submit_retrying
 from .state import StateChange
@@ -60,10 +60,7 @@ class BackendMonitor(BackendSessions):
         async with self._monitor_lock:
             if self._monitor is None:
                 self._monitor = await self._open_session(derive_isid(self.name, MONITOR), "monitor")
-        s = self._monitor
-        if isinstance(step, plans.PrIn):
-            return await submit_retrying(s, self.lun, step.cdb, b"", UaRetry(Purpose.MONITOR), step.alloc)
-        return await getattr(s, step.method)(*step.args, lun=self.lun)
+        return await self._step_on(self._monitor, step)
 
     def want_verify(self, reason: str = "state in doubt") -> None:
         """One coalesced verification in the background."""

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..aio import chain, map_answer, on_answer, on_outcome, settle
+from ..aio import chain, deliver, map_answer, on_answer, on_outcome, settle
 from ..iscsi.initiator import IscsiError
 from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
@@ -36,7 +36,6 @@ from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .errors import DeviceError
 from .identity import IdentityMode
-from .journal import Intent
 from .monitor import BackendMonitor
 from .plans import start_plan
 from .sessions import Answer, Link, submit_retrying
@@ -61,12 +60,7 @@ class PassthroughDevice(BackendMonitor):
     def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview = b"",
                 data_in_len: int | None = None) -> Answer:
         """The LU contract: forward ``cdb`` for the guest of ``nexus``."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
-        if b is None:
-            b = self._backend(nexus.initiator)  # type: ignore[assignment]
-            assert b is not None
-        if nexus not in b.frontends:
-            b.attach(nexus)
+        b = self.link_for(nexus)
         if self._held is not None:
             fut = self._future()
             self._held.append(Held(nexus, cdb, data_out, data_in_len, fut))
@@ -91,16 +85,7 @@ class PassthroughDevice(BackendMonitor):
                 return map_answer(sent, self._future(), lambda r: self.mask_pr_in(cdb, r))
         elif f.kind is Kind.PR_OUT:
             out = self._pending()
-            guest, data, intent = nexus.initiator, f.data_out, f.intent
-
-            def answered(r: Result | BaseException | None) -> None:
-                verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
-                if verifying is None:
-                    settle(out, r)
-                else:  # the guest has its answer once the state is verified
-                    verifying.add_done_callback(lambda _: settle(out, r))
-
-            on_outcome(sent, answered)
+            on_outcome(sent, lambda r: self._pr_out_back(out, b.key, nexus.initiator, cdb, f, r))
             return out
         return sent
 
@@ -121,11 +106,7 @@ class PassthroughDevice(BackendMonitor):
                 except (IscsiError, ValueError) as exc:
                     return self.not_forwarded(cdb, exc)
                 return None
-        r = self.execute(nexus, cdb, data_out)
-        if isinstance(r, Result):
-            return r
-        on_outcome(r, lambda x: done(asyncio.CancelledError() if x is None else x))
-        return None
+        return deliver(self.execute(nexus, cdb, data_out), done)
 
     def relay_read(self, nexus: Nexus, cdb: bytes, edtl: int, sink: RelaySink, token: Any) -> bool:
         """The read path (``Connection._fast_reads``): a READ(10)/(16) whose
@@ -179,12 +160,15 @@ class PassthroughDevice(BackendMonitor):
         return s if blocks * self.block_size == length else None
 
     # ------------------------------------------------ the backend PR OUT port
-    def _pr_out_back(self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,
-                     r: Result | BaseException | None) -> asyncio.Task[None] | None:
-        """The one way back for a PR OUT (``DeviceCore.pr_out_back``): the
-        verification its outcome asks for, run before the answer is given."""
-        why = self.pr_out_back(key, guest, cdb, data, intent, r)
-        return None if why is None else self._bg.spawn(self._verify_after(why))
+    def _pr_out_back(self, out: asyncio.Future[Result], key: str, guest: str, cdb: bytes, f: Forward,
+                     r: Result | BaseException | None) -> None:
+        """A guest's PR OUT answered (``DeviceCore.pr_out_back``): the guest
+        has its answer once the verification its outcome asks for is done."""
+        why = self.pr_out_back(key, guest, cdb, f.data_out, f.intent, r)
+        if why is None:
+            settle(out, r)
+        else:
+            self._bg.spawn(self._verify_after(why)).add_done_callback(lambda _: settle(out, r))
 
     async def pr_out(self, guest: str, action: PrOutAction | int, rtype: PrType | int, rk: int, sark: int,
                      scope: int = 0, aptpl: bool = False, *, purpose: Purpose = Purpose.GUEST) -> Result:

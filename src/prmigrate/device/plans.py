@@ -1,11 +1,14 @@
 """Command plans the device runs on its monitor nexus: what to read from
 the backend and what the answers mean, without I/O.
 
-A plan is a generator: it yields a step (``PrIn``: a PERSISTENT RESERVE IN
-sent under the monitor's unit attention rule, ``core.OWN_COMMANDS``;
-``Call``: an initiator ``Session`` helper, called with ``lun=``), is sent
-the answer, or has the transport's ``IscsiError`` thrown in, and returns
-what was learnt. The shell (``monitor.py``) only runs the steps.
+A plan is a generator: it yields a step (``Own``: one of the device's own
+commands, sent under the one unit attention rule, ``core.OWN_COMMANDS``;
+``Call``: an initiator ``Session`` helper, called with ``lun=``;
+``Verify``: a verification), is sent the answer, or has the transport's
+``IscsiError`` thrown in, and returns what was learnt. The shell
+(``monitor.py``, ``sessions.py``) only runs the steps. The task
+management plan of a backend nexus is the link table's
+(``LinkTable.tmf_plan``).
 
 * ``full_status_plan``: READ FULL STATUS (SPC-5 6.16.5), read again with
   the allocation length the answer asks for until it is complete; None
@@ -38,6 +41,7 @@ from ..lun.types import Result
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import PrInAction
 from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
+from .core import Purpose, UaRetry
 from .errors import DeviceError
 from .identity import DeviceIdentity, no_logical_unit
 from .reconcile import ReconcileError
@@ -48,11 +52,15 @@ if TYPE_CHECKING:
     from .core import DeviceCore
 
 
-class PrIn(NamedTuple):
-    """A PERSISTENT RESERVE IN with allocation length ``alloc``."""
+class Own(NamedTuple):
+    """One of the device's own commands (data-out ``data``, allocation
+    length ``alloc``), sent again on a unit attention with ``retry``
+    keeping the ones met (``core.UaRetry``)."""
 
     cdb: bytes
+    data: bytes
     alloc: int
+    retry: UaRetry
 
 
 class Call(NamedTuple):
@@ -68,12 +76,13 @@ class Verify(NamedTuple):
     reason: str
 
 
-Step = PrIn | Call | Verify
+Step = Own | Call | Verify
 Plan = Generator[Step, Any, Any]
 
 
-def _pr_in(action: PrInAction, alloc: int = PR_IN_ALLOC) -> PrIn:
-    return PrIn(pr_in_cdb(action, alloc), alloc)
+def _pr_in(action: PrInAction, alloc: int = PR_IN_ALLOC) -> Own:
+    """A PERSISTENT RESERVE IN on the monitor nexus: its unit attentions dropped."""
+    return Own(pr_in_cdb(action, alloc), b"", alloc, UaRetry(Purpose.MONITOR))
 
 
 def full_status_plan(v: Verification, log: Any) -> Generator[Step, Result, ReadFullStatus | None]:
@@ -170,5 +179,5 @@ def start_plan(dev: DeviceCore, capture_identity: bool, reconcile: bool) -> Gene
             dev.log.warning("reconciliation at start failed: %s", exc)
 
 
-__all__ = ["Call", "Plan", "PrIn", "Step", "Verify", "full_status_plan", "identity_plan", "keys_plan",
+__all__ = ["Call", "Own", "Plan", "Step", "Verify", "full_status_plan", "identity_plan", "keys_plan",
            "start_plan", "tmfs_plan", "verify_plan"]

@@ -16,11 +16,11 @@ re-login the PR state is checked before the held commands go
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ..aio import BackgroundTasks, chain, map_answer, on_answer, on_outcome, settle
+from ..aio import BackgroundTasks, chain, map_answer, on_answer, on_outcome, run_plan, settle
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
 from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
@@ -28,9 +28,10 @@ from ..iscsi.pdu import TmfFunction
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
 from .config import DeviceConfig
-from .core import UA_RETRIES, Backend, DeviceError, Purpose, UaRetry
+from .core import UA_RETRIES, Backend, DeviceError, UaRetry
 from .identity import DeviceIdentity
 from .links import ABORTED, Action, Do, Link, LinkTable, Waiting
+from .plans import Call, Own
 from .state import DevicePrState
 from .tmf import Tmf, guest_function
 
@@ -197,30 +198,16 @@ class BackendSessions(LinkTable):
     async def _run_tmf(self, tmf: Tmf) -> None:
         b = self._backends[tmf.key]
         try:
-            if b.session is None:
-                raise IscsiError("backend nexus closed")
-            if not tmf.release:
-                await getattr(b.session, tmf.call)(self.lun)
-            elif b.closing is None:  # else the nexus loss releases the reservation
-                await self._release_for_lost(b, b.session, tmf)
-            self.log.info("%s done on the backend", tmf.what)
-        except IscsiError as exc:
-            self.log.warning("backend %s failed: %s", tmf.what, exc)
+            await run_plan(self.tmf_plan(tmf), lambda step: self._step_on(b.session, step), IscsiError)
         finally:
             self._tmf_task = None
             self._do(self.tmf_done())
 
-    async def _release_for_lost(self, b: Link, s: Session, tmf: Tmf) -> None:
-        """RELEASE for a holder that left; its UAs reached no frontend: all get them."""
-        retry = UaRetry(Purpose.RELEASE)
-        try:
-            r = await submit_retrying(s, self.lun, tmf.release, b"", retry)
-        except IscsiError as exc:
-            self.log.warning("%s on the backend nexus of %s failed: %s", tmf.what, b.key, exc)
-            return
-        finally:
-            self.owe_all(b, retry.owed)
-        self.log.info("%s on the backend nexus of %s -> %s", tmf.what, b.key, _initiator.describe_result(r))
+    def _step_on(self, s: Session, step: Own | Call) -> Awaitable[Any]:
+        """One step of a plan (``plans.py``) on the session ``s``."""
+        if isinstance(step, Own):
+            return submit_retrying(s, self.lun, step.cdb, step.data, step.retry, step.alloc)
+        return getattr(s, step.method)(*step.args, lun=self.lun)  # type: ignore[no-any-return]
 
 
 __all__ = ["Answer", "BackendSessions", "Connector", "Link", "chain", "map_answer", "on_answer", "on_outcome",
