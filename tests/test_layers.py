@@ -213,8 +213,13 @@ DEVICE_CORE = frozenset({
     "__init__", "config", "core", "datain", "describe", "errors", "frontends", "identity", "journal",
     "links", "machine", "mask", "plans", "reconcile", "snapshot", "snoop", "state", "tmf", "verify",
 })
-# Issue 11: the device's asyncio shell at most about 300 code lines.
-DEVICE_SHELL_BOUND = 420
+# The device's asyncio shell in code lines (no blank line, comment or
+# docstring): 663 before its decisions moved to links.py, tmf.py, plans.py
+# and verify.py, 389 after (the fast paths, execute_then's plain forward
+# and the relayed reads and writes, are about 60 of them, imports about
+# 55). Issue 11 aims at about 300: lower the bound as the shell shrinks,
+# never raise it.
+DEVICE_SHELL_BOUND = 400
 IO_MODULES = frozenset({"asyncio", "socket", "time", "selectors", "threading"})
 
 

@@ -118,8 +118,8 @@ def test_the_last_frontend_closes_the_link_unless_held() -> None:
     b2.attach(n)
     t2.hold()
     assert t2.frontend_gone(n) == []  # the migration decides
-    t2.take_held()
-    assert dos(t2.resumed()) == [Do.CLOSE]
+    held, closing = t2.resumed()
+    assert held == [] and dos(closing) == [Do.CLOSE]
 
 
 def test_a_departed_scsi2_holder_gets_its_release_sent_like_a_function() -> None:

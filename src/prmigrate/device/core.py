@@ -216,8 +216,8 @@ class OwnPrOut(NamedTuple):
 class Backend(SharedNexus):
     """One backend I_T nexus (a guest's, or the shared one with identity=host),
     with the frontend nexuses sharing it (``SharedNexus``: ``frontends``,
-    their unit attention queues, the SCSI-2 reservation holder). The shell
-    adds its session and the commands waiting for it."""
+    their unit attention queues, the SCSI-2 reservation holder). The link
+    table (``links.Link``) adds its session and the commands waiting for it."""
 
     def __init__(self, key: str, port: BackendPort) -> None:
         super().__init__()

@@ -43,7 +43,7 @@ from ..iscsi.pdu import TmfFunction
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Status
 from ..scsi.sense import Sense, encode_sense
-from .core import Backend, DeviceCore, Purpose, UaRetry
+from .core import Backend, DeviceCore, Held, Purpose, UaRetry
 from .errors import DeviceError
 from .identity import BackendPort, IdentityMode
 from .plans import Call, Own, Step
@@ -214,9 +214,14 @@ class LinkTable(DeviceCore):
             out += self.unused(link)
         return out
 
-    def resumed(self) -> Actions:
-        """The device is not held any more: links left unused meanwhile close."""
-        return [a for b in self._backends.values() if not b.frontends for a in self.unused(b)]
+    def resumed(self) -> tuple[list[Held], Actions]:
+        """Rollback: the held commands to forward, in order (``resume``), and,
+        when the device was held, the links left unused meanwhile closing."""
+        was_held = self.held
+        held = self.resume()
+        if not was_held:
+            return held, []
+        return held, [a for b in self._backends.values() if not b.frontends for a in self.unused(b)]
 
     def shut(self) -> Actions:
         """The device closes: every waiting command fails."""

@@ -210,12 +210,11 @@ class PassthroughDevice(BackendMonitor):
 
     def release_held(self) -> None:
         """Rollback: forward the queued commands in order and resume."""
-        was_held = self.held
-        for h in self.resume():
+        held, closing = self.resumed()
+        for h in held:
             if not h.token.done():
                 chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.token)
-        if was_held:
-            self._do(self.resumed())
+        self._do(closing)
 
     def describe(self) -> dict[str, object]:
         """``query-devices`` entry."""
