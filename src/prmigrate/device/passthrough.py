@@ -4,8 +4,9 @@ One ``PassthroughDevice`` per ``--device``: a logical unit towards the guest
 (``execute``, ``execute_then``, ``relay_read``, ``relay_write``), initiator sessions towards
 the shared LUN (``sessions.py``), a monitor nexus for reading the backend
 (``monitor.py``). Every decision is the core's (``core.py``, which states
-the rules); this shell moves guest commands to backend sessions and answers
-back, and runs the verifications and their retry timer. The plain forward is
+the rules, ``links.py``, ``tmf.py``, ``plans.py``, ``verify.py``); this
+shell moves guest commands to backend sessions and answers back, and starts
+the device (``plans.start_plan``). The plain forward is
 one ``Session.submit`` / ``submit_then`` / ``submit_relay`` handed straight
 to the target: no Task, no callback of ours, no copy.
 
