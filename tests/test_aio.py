@@ -1,4 +1,5 @@
-"""aio.PollingSelector and run_loop: busy polling before the loop sleeps."""
+"""aio.PollingSelector and run_loop: busy polling before the loop sleeps;
+the answer helpers and run_plan."""
 
 from __future__ import annotations
 
@@ -7,11 +8,21 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
-from prmigrate.aio import PollingSelector, run_loop
+from prmigrate.aio import (
+    PollingSelector,
+    chain,
+    map_answer,
+    on_answer,
+    on_outcome,
+    run_loop,
+    run_plan,
+    settle,
+)
 
 
 @pytest.fixture
@@ -120,3 +131,53 @@ def test_loop_serves_a_connection_while_polling() -> None:
         return n
 
     assert run_loop(main(), poll_us=100) == 200
+
+
+def test_answers_known_at_once_or_later() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[Any] = []
+        on_outcome(1, seen.append)  # a value: at once
+        on_answer(2, seen.append)
+        assert seen == [1, 2]
+        f: asyncio.Future[int] = loop.create_future()
+        g: asyncio.Future[int] = loop.create_future()
+        on_outcome(f, seen.append)
+        on_answer(f, seen.append)
+        chain(f, g)
+        h = map_answer(f, loop.create_future(), lambda x: x * 10)
+        f.set_result(3)
+        await asyncio.sleep(0)
+        assert seen == [1, 2, 3, 3] and g.result() == 3 and h.result() == 30
+        e: asyncio.Future[int] = loop.create_future()
+        on_answer(e, seen.append)  # errors and cancellation skip it
+        on_outcome(e, seen.append)
+        e.cancel()
+        await asyncio.sleep(0)
+        assert seen[-1] is None and len(seen) == 5
+        dst: asyncio.Future[int] = loop.create_future()
+        settle(dst, ValueError("x"))
+        settle(dst, 4)  # settled already: kept
+        assert isinstance(dst.exception(), ValueError)
+
+    asyncio.run(main())
+
+
+def test_run_plan_sends_answers_and_throws_errors_in() -> None:
+    def plan() -> Generator[str, Any, list[Any]]:
+        got = [(yield "a")]
+        try:
+            yield "boom"
+        except KeyError as exc:
+            got.append(f"caught {exc.args[0]}")
+        got.append((yield "b"))
+        return got
+
+    async def step(s: str) -> str:
+        if s == "boom":
+            raise KeyError("k")
+        return s.upper()
+
+    assert asyncio.run(run_plan(plan(), step, KeyError)) == ["A", "caught k", "B"]
+    with pytest.raises(KeyError):  # not one of ``errors``: out of the plan
+        asyncio.run(run_plan(plan(), step, ValueError))

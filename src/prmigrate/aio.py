@@ -6,7 +6,7 @@ import asyncio
 import logging
 import selectors
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -88,6 +88,92 @@ class PollingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-typ
             if timeout <= 0:
                 return []
         return super().select(timeout)  # type: ignore[no-any-return]
+
+
+# Answers given as a value known at once or a future of one (the device's:
+# a ``Result`` or the ``Future`` of a ``Session.submit``).
+
+
+def on_outcome(r: Any, fn: Callable[[Any], Any]) -> None:
+    """``fn(value, error, or None when cancelled)`` once ``r`` is settled
+    (at once when it is no future)."""
+    if not asyncio.isfuture(r):
+        fn(r)
+        return
+
+    def settled(f: asyncio.Future[Any]) -> None:
+        fn(None if f.cancelled() else (f.exception() or f.result()))
+
+    r.add_done_callback(settled)
+
+
+def on_answer(r: Any, fn: Callable[[Any], Any]) -> None:
+    """``fn(value)`` once ``r`` has one (at once if it has: before whoever
+    awaits it can send the next command); errors and cancellation skip it."""
+    if not asyncio.isfuture(r):
+        fn(r)
+    elif r.done():
+        if not r.cancelled() and r.exception() is None:
+            fn(r.result())
+    else:
+        r.add_done_callback(lambda f: None if f.cancelled() or f.exception() is not None else fn(f.result()))
+
+
+def deliver(r: Any, done: Callable[[Any], Any]) -> Any:
+    """``r`` when it is no future; else None and, once it is settled,
+    ``done(value or error)`` (a cancelled one as ``CancelledError``): the
+    LU contract's ``execute_then`` (``iscsi/lu.py``)."""
+    if not asyncio.isfuture(r):
+        return r
+    on_outcome(r, lambda x: done(asyncio.CancelledError() if x is None else x))
+    return None
+
+
+def settle(dst: asyncio.Future[T], r: T | BaseException | None) -> None:
+    """Give ``dst`` the outcome ``r`` (None: cancelled) unless it has one."""
+    if dst.done():
+        return
+    if r is None:
+        dst.cancel()
+    elif isinstance(r, BaseException):
+        dst.set_exception(r)
+    else:
+        dst.set_result(r)
+
+
+def chain(src: Any, dst: asyncio.Future[Any]) -> None:
+    """``dst`` gets ``src``'s outcome."""
+    on_outcome(src, lambda r: settle(dst, r))
+
+
+def map_answer(src: asyncio.Future[T], dst: asyncio.Future[T], fn: Callable[[T], T]) -> asyncio.Future[T]:
+    """``dst`` gets ``fn(value)`` of ``src``, or its error."""
+    on_outcome(src, lambda r: settle(dst, r if r is None or isinstance(r, BaseException) else fn(r)))
+    return dst
+
+
+async def run_plan(
+    plan: Generator[Any, Any, T], step: Callable[[Any], Awaitable[Any]],
+    errors: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+) -> T:
+    """Drive a sans-IO plan: a generator that yields steps, is sent each
+    step's outcome (``await step(s)``) or has its error (one of ``errors``)
+    thrown in, and returns the result. Any other error of a step (a
+    cancellation) closes the plan and is raised."""
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            s = plan.send(answer) if error is None else plan.throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            answer, error = await step(s), None
+        except errors as exc:
+            answer, error = None, exc
+        except BaseException:
+            plan.close()  # its ``finally`` clauses run now (a cancelled plan)
+            raise
 
 
 def loop_options_error(use_uvloop: bool, poll_us: int) -> str | None:

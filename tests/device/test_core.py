@@ -60,7 +60,8 @@ def test_the_core_needs_no_event_loop_socket_or_clock() -> None:
 
     import prmigrate.device as pkg
 
-    for name in ("core", "verify", "describe", "snapshot", "datain", "frontends", "snoop", "errors"):
+    for name in ("core", "verify", "describe", "snapshot", "datain", "frontends", "snoop", "errors",
+                 "links", "tmf", "plans"):
         source = (Path(pkg.__file__).parent / f"{name}.py").read_text()
         for banned in ("import asyncio", "import socket", "import time", "from time ", "from asyncio "):
             assert banned not in source, (name, banned)

@@ -106,7 +106,7 @@ from typing import Any, NamedTuple
 from ..lun.types import Nexus, Result, unit_attention
 from ..lun.ua import UA_EXEMPT
 from ..scsi.cdb import SupportedTmfs, invalid_cdb
-from ..scsi.constants import Opcode, PrInAction, SenseKey, Status
+from ..scsi.constants import Opcode, PrInAction, PrOutAction, SenseKey, Status
 from ..scsi.sense import Sense, encode_sense, sense_triple
 from .config import DeviceConfig
 from .datain import DATA_IN_ONLY, expected_in_len
@@ -118,6 +118,7 @@ from .mask import PrFilter
 from .snapshot import DeviceSnapshot
 from .snoop import PrSnooper, puts_state_in_doubt
 from .state import DevicePrState, StateChange, describe_guest
+from .tmf import TmfQueue
 from .verify import Verification, failure_text, status_text
 
 log = logging.getLogger("prmigrate.device.passthrough")
@@ -200,11 +201,23 @@ class UaRetry:
             self.owed.append(sense)
 
 
+class OwnPrOut(NamedTuple):
+    """One of the device's own PR OUTs in flight (``DeviceCore.own_pr_out``)."""
+
+    key: str
+    guest: str
+    cdb: bytes
+    data: bytes
+    intent: Intent | None
+    retry: UaRetry
+    tracked: bool
+
+
 class Backend(SharedNexus):
     """One backend I_T nexus (a guest's, or the shared one with identity=host),
     with the frontend nexuses sharing it (``SharedNexus``: ``frontends``,
-    their unit attention queues, the SCSI-2 reservation holder). The shell
-    adds its session and the commands waiting for it."""
+    their unit attention queues, the SCSI-2 reservation holder). The link
+    table (``links.Link``) adds its session and the commands waiting for it."""
 
     def __init__(self, key: str, port: BackendPort) -> None:
         super().__init__()
@@ -299,9 +312,9 @@ class DeviceCore:
         self.verification = Verification(self.describe_result)
         self._backends: dict[str, Backend] = {}
         self._held: list[Held] | None = None
-        # a guest's task management function forwarded and not answered yet
-        # (the shell's handle): new backend nexuses start paused
-        self._tmf: Any = None
+        # the guests' task management functions forwarded and not answered
+        # yet (``tmf.py``): while there are, new backend nexuses start paused
+        self.tmfs = TmfQueue()
         self._closed = False
         self.on_state_change: Callable[[Any, tuple[StateChange, ...]], Any] | None = None
         # fn(device, reconciliation dict) after every reconciliation (verify)
@@ -355,7 +368,7 @@ class DeviceCore:
         if b is None:
             b = self._backends[key] = self._new_backend(key, self.port_of(key))
             self._note_port(key)
-            if self._tmf is not None:
+            if self.tmfs.busy:
                 b.pause(True)
         return b
 
@@ -584,6 +597,40 @@ class DeviceCore:
         self.snooper.state.mark_unverified(key)
         self.want_verify()
 
+    def pr_out_back(
+        self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,
+        r: Result | BaseException | None,
+    ) -> str | None:
+        """The one way back for a PR OUT, a guest's or the device's own:
+        snooped and journaled (``pr_out_answered``) or, with no answer, its
+        effect in doubt (``pr_out_lost``). Returns the reason of the
+        verification its outcome asks for, run before the answer is given."""
+        if not isinstance(r, Result):
+            self.pr_out_lost(key, intent)
+        elif self.pr_out_answered(guest, cdb, data, r, intent):
+            sa = cdb[1] & 0x1F if len(cdb) > 1 else -1
+            return f"after {PrOutAction(sa).name}" if sa in PrOutAction._value2member_map_ else "after a PR OUT"
+        return None
+
+    def own_pr_out(self, guest: str, cdb: bytes, data: bytes, purpose: Purpose) -> OwnPrOut:
+        """A PR OUT of the device's own on ``guest``'s backend nexus (the
+        backend PR OUT port), journaled first when ``OWN_COMMANDS[purpose]``
+        tracks it (DeviceError, and nothing sent, when it cannot be)."""
+        rule = OWN_COMMANDS[purpose]
+        key = self._backend(guest).key
+        intent = self.begin(key, cdb, data) if rule.tracked else None
+        return OwnPrOut(key, guest, cdb, data, intent, UaRetry(purpose), rule.tracked)
+
+    def own_pr_out_done(self, op: OwnPrOut, r: Result | BaseException | None, answered: bool = True) -> str | None:
+        """``op`` answered (``r``: the answer, or the transport's error;
+        ``answered`` False: abandoned): the unit attentions it met are owed
+        as its purpose says; a tracked one goes the way back of a guest's
+        (``pr_out_back``). Returns the reason of the verification it asks for."""
+        self.owe(op.key, op.retry.owed)
+        if not (op.tracked and answered):
+            return None
+        return self.pr_out_back(op.key, op.guest, op.cdb, op.data, op.intent, r)
+
     def report(self, changes: tuple[StateChange, ...]) -> None:
         for c in changes:
             self.log.info("PR state %s", c.describe())
@@ -710,6 +757,13 @@ class DeviceCore:
             self.snooper.state.mark_unverified(b.key)
             self.want_verify(f"unit attention {asc:02X}/{ascq:02X}")
 
+    def owe_all(self, b: Backend, senses: list[bytes]) -> None:
+        """Unit attentions the device met on ``b`` with a command that
+        reached no frontend (the RELEASE of a departed SCSI-2 holder):
+        every frontend of ``b`` gets them on its next command."""
+        for sense in senses:
+            self.fan_out(b, None, sense)
+
     def owe(self, key: str, senses: list[bytes]) -> None:
         """Unit attentions the device met on ``key``'s nexus with a command
         of its own and owes the guest (``UaRetry.owed``): reported to the
@@ -799,6 +853,16 @@ class DeviceCore:
         if held is not None:
             self.log.info("resuming; forwarding %d held command(s)", len(held))
         return held or []
+
+    def resume(self) -> list[Held]:
+        """Rollback: the queued commands whose frontend nexus is still there
+        (the others have nobody to answer), in arrival order."""
+        out = []
+        for h in self.take_held():
+            b = self._backends.get(self.backend_key(h.nexus))
+            if b is not None and h.nexus in b.frontends:
+                out.append(h)
+        return out
 
     def discard_held(self) -> int:
         """After a move: drop the queued commands unanswered (the guest
@@ -891,6 +955,7 @@ __all__ = [
     "Kind",
     "OWN_COMMANDS",
     "OwnCommand",
+    "OwnPrOut",
     "Purpose",
     "UaRetry",
     "owed",

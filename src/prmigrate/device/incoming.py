@@ -29,11 +29,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..aio import chain, deliver, on_outcome, settle
 from ..lun.conflicts import Access, classify
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Opcode, Status
 from ..scsi.sense import Sense, encode_sense
-from .sessions import Answer, chain, on_outcome, settle
+from .sessions import Answer
 
 if TYPE_CHECKING:
     from .passthrough import PassthroughDevice
@@ -147,11 +148,7 @@ class IncomingGate:
                      done: Callable[[Result | BaseException], Any]) -> Result | None:
         if self.arrived:
             return self.dev.execute_then(nexus, cdb, data_out, done)
-        r = self.execute(nexus, cdb, data_out)
-        if isinstance(r, Result):
-            return r
-        on_outcome(r, lambda x: done(asyncio.CancelledError() if x is None else x))
-        return None
+        return deliver(self.execute(nexus, cdb, data_out), done)  # type: ignore[no-any-return]
 
     def nexus_lost(self, nexus: Nexus) -> None:
         for w in [w for w in self._waiting if w.nexus == nexus]:

@@ -782,4 +782,17 @@ async def open_multipath(connect: Callable[..., Awaitable[Session]], urls: Seque
     return await mp.open()
 
 
-__all__ = ["MultipathSession", "PATH_HOLD_TIMEOUT", "WATCH_INTERVAL", "open_multipath"]
+async def open_paths_of(dev: Any, isids: Sequence[int], what: str, opts: dict[str, Any],
+                        on_ua: Callable[[int, Any], Any] | None, on_reconnect: Callable[[], Awaitable[Any]] | None) -> Any:
+    """The backend nexus ``what`` of the device ``dev`` (``BackendSessions``)
+    on each of its backends, path ``i`` with ISID ``isids[i]``; the monitor's
+    answers are not rewritten (it reads the LU as it is)."""
+    mp = await open_multipath(dev._connect, dev.config.backend_urls, dev.target_iqn, dev.host_initiator, isids,
+                              opts, rewrite_pr_in=what != "monitor", lun=dev.lun, logger=dev.log,
+                              peers=dev.path_sets, on_unit_attention=on_ua, on_reconnect=on_reconnect)
+    dev.log.info("backend nexus %s (%s) open on %d paths", ", ".join(
+        f"{dev.host_initiator},i,0x{i:012x}" for i in isids), what, len(isids))
+    return mp
+
+
+__all__ = ["MultipathSession", "PATH_HOLD_TIMEOUT", "WATCH_INTERVAL", "open_multipath", "open_paths_of"]

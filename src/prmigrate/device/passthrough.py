@@ -4,8 +4,9 @@ One ``PassthroughDevice`` per ``--device``: a logical unit towards the guest
 (``execute``, ``execute_then``, ``relay_read``, ``relay_write``), initiator sessions towards
 the shared LUN (``sessions.py``), a monitor nexus for reading the backend
 (``monitor.py``). Every decision is the core's (``core.py``, which states
-the rules); this shell moves guest commands to backend sessions and answers
-back, and runs the verifications and their retry timer. The plain forward is
+the rules, ``links.py``, ``tmf.py``, ``plans.py``, ``verify.py``); this
+shell moves guest commands to backend sessions and answers back, and starts
+the device (``plans.start_plan``). The plain forward is
 one ``Session.submit`` / ``submit_then`` / ``submit_relay`` handed straight
 to the target: no Task, no callback of ours, no copy.
 
@@ -25,46 +26,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..aio import chain, deliver, map_answer, on_answer, on_outcome, settle
 from ..iscsi.initiator import IscsiError
 from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
 from ..scsi.constants import PrOutAction, PrType
-from ..scsi.pr import (
-    pr_out_cdb,
-    pr_out_params,
-)
-from .core import (
-    CRASH_ENV,
-    MONITOR,
-    OWN_COMMANDS,
-    SPECIAL,
-    DeviceError,
-    Forward,
-    Held,
-    Kind,
-    Purpose,
-    UaRetry,
-)
+from ..scsi.pr import pr_out_cdb, pr_out_params
+from .core import CRASH_ENV, MONITOR, SPECIAL, Forward, Held, Kind, Purpose
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
+from .errors import DeviceError
 from .identity import IdentityMode
-from .journal import Intent
 from .monitor import BackendMonitor
-from .sessions import (
-    Answer,
-    Link,
-    chain,
-    map_answer,
-    on_answer,
-    on_outcome,
-    settle,
-    submit_retrying,
-)
+from .plans import start_plan
+from .sessions import Answer, Link, submit_retrying
 from .snapshot import DeviceSnapshot
 from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
 
 _GUEST = IdentityMode.GUEST
-_ACTIONS = frozenset(PrOutAction)
 
 
 class PassthroughDevice(BackendMonitor):
@@ -77,30 +56,12 @@ class PassthroughDevice(BackendMonitor):
         cannot be verified stops the start (DeviceError), another failed
         reconciliation is logged. A migration's given state is not
         reconciled: the backend shows it on the source's nexuses."""
-        self.load_journal()
-        if capture_identity:
-            self.adopt_identity(await self.capture_identity())
-            self.backend_tmfs = await self.capture_tmfs()
-        how = self.start_verify
-        if how == "start (journal)":
-            await self.verify(how)
-            if self.journal is not None:
-                self.journal.clear_intents(self.snooper.state)
-        elif how is not None and reconcile and capture_identity:
-            try:
-                await self.verify(how)
-            except DeviceError as exc:
-                self.log.warning("reconciliation at start failed: %s", exc)
+        await self._run(start_plan(self, capture_identity, reconcile))
 
     def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview = b"",
                 data_in_len: int | None = None) -> Answer:
         """The LU contract: forward ``cdb`` for the guest of ``nexus``."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
-        if b is None:
-            b = self._backend(nexus.initiator)  # type: ignore[assignment]
-            assert b is not None
-        if nexus not in b.frontends:
-            b.attach(nexus)
+        b = self.link_for(nexus)
         if self._held is not None:
             fut = self._future()
             self._held.append(Held(nexus, cdb, data_out, data_in_len, fut))
@@ -124,19 +85,8 @@ class PassthroughDevice(BackendMonitor):
             if self.masks_pr_in(cdb) and not isinstance(sent, Result):
                 return map_answer(sent, self._future(), lambda r: self.mask_pr_in(cdb, r))
         elif f.kind is Kind.PR_OUT:
-            out = self._future()
-            self._inflight.add(out)
-            out.add_done_callback(self._inflight.discard)
-            guest, data, intent = nexus.initiator, f.data_out, f.intent
-
-            def answered(r: Result | BaseException | None) -> None:
-                verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
-                if verifying is None:
-                    settle(out, r)
-                else:  # the guest has its answer once the state is verified
-                    verifying.add_done_callback(lambda _: settle(out, r))
-
-            on_outcome(sent, answered)
+            out = self._pending()
+            on_outcome(sent, lambda r: self._pr_out_back(out, b.key, nexus.initiator, cdb, f, r))
             return out
         return sent
 
@@ -155,29 +105,16 @@ class PassthroughDevice(BackendMonitor):
                 try:
                     s.submit_then(self.lun, cdb, data_out, n, done)
                 except (IscsiError, ValueError) as exc:
-                    return self._not_forwarded(cdb, exc)
+                    return self.not_forwarded(cdb, exc)
                 return None
-        r = self.execute(nexus, cdb, data_out)
-        if isinstance(r, Result):
-            return r
-        on_outcome(r, lambda x: done(asyncio.CancelledError() if x is None else x))
-        return None
+        return deliver(self.execute(nexus, cdb, data_out), done)
 
     def relay_read(self, nexus: Nexus, cdb: bytes, edtl: int, sink: RelaySink, token: Any) -> bool:
         """The read path (``Connection._fast_reads``): a READ(10)/(16) whose
         length is the EDTL goes to ``Session.submit_relay`` as is. False
         leaves it to ``execute_then`` (not ``sole``, held, UA owed...)."""
-        s = self._relay_session(nexus)
+        s = self._relay_session(nexus, cdb, 0x28, 0x88, edtl)
         if s is None:
-            return False
-        op = cdb[0]
-        if op == 0x28:
-            blocks = (cdb[7] << 8) | cdb[8]
-        elif op == 0x88:
-            blocks = int.from_bytes(cdb[10:14], "big")
-        else:
-            return False
-        if blocks * self.block_size != edtl:
             return False
         try:
             s.submit_relay(self.lun, cdb, edtl, sink, token)
@@ -191,17 +128,9 @@ class PassthroughDevice(BackendMonitor):
         that data, as is; the backend session sends it as its own login
         negotiated (immediate, unsolicited, R2T-solicited). Declined (False)
         as ``relay_read`` declines: ``execute_then`` answers it."""
-        s = self._relay_session(nexus)
+        n = len(data)
+        s = self._relay_session(nexus, cdb, 0x2A, 0x8A, n) if n else None
         if s is None:
-            return False
-        op = cdb[0]
-        if op == 0x2A:
-            blocks = (cdb[7] << 8) | cdb[8]
-        elif op == 0x8A:
-            blocks = int.from_bytes(cdb[10:14], "big")
-        else:
-            return False
-        if not blocks or blocks * self.block_size != len(data):
             return False
         try:
             s.submit_relay(self.lun, cdb, 0, sink, token, data)
@@ -209,32 +138,38 @@ class PassthroughDevice(BackendMonitor):
             return False  # execute_then answers it (and logs why)
         return True
 
-    def _relay_session(self, nexus: Nexus) -> Any:
+    def _relay_session(self, nexus: Nexus, cdb: bytes, op10: int, op16: int, length: int) -> Any:
         """The one eligibility rule of the relayed reads and writes: the
         guest's backend session when the command may be forwarded as is
         (guest identity, not held, no unit attention owed, ``nexus`` the
-        guest's sole frontend nexus, the session open), else None."""
+        guest's sole frontend nexus, the session open, ``cdb`` the 10- or
+        16-byte form ``op10`` / ``op16`` of SBC-4 READ / WRITE whose
+        TRANSFER LENGTH in blocks moves ``length`` bytes), else None."""
         b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
         if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
             return None
         s = b.session
         if s is None or b.closing is not None:
             return None
-        return s
+        op = cdb[0]
+        if op == op10:
+            blocks = (cdb[7] << 8) | cdb[8]
+        elif op == op16:
+            blocks = int.from_bytes(cdb[10:14], "big")
+        else:
+            return None
+        return s if blocks * self.block_size == length else None
 
     # ------------------------------------------------ the backend PR OUT port
-    def _pr_out_back(self, key: str, guest: str, cdb: bytes, data: bytes, intent: Intent | None,
-                     r: Result | BaseException | None) -> asyncio.Task[None] | None:
-        """The one way back for a PR OUT, a guest's or the device's own:
-        snooped and journaled (``pr_out_answered``) or, with no answer, its
-        effect in doubt (``pr_out_lost``). Returns the verification its
-        outcome asks for, which runs before the answer is given."""
-        if not isinstance(r, Result):
-            self.pr_out_lost(key, intent)
-        elif self.pr_out_answered(guest, cdb, data, r, intent):
-            action = PrOutAction(cdb[1] & 0x1F) if len(cdb) > 1 and cdb[1] & 0x1F in _ACTIONS else None
-            return self._bg.spawn(self._verify_after(action.name if action is not None else "a PR OUT"))
-        return None
+    def _pr_out_back(self, out: asyncio.Future[Result], key: str, guest: str, cdb: bytes, f: Forward,
+                     r: Result | BaseException | None) -> None:
+        """A guest's PR OUT answered (``DeviceCore.pr_out_back``): the guest
+        has its answer once the verification its outcome asks for is done."""
+        why = self.pr_out_back(key, guest, cdb, f.data_out, f.intent, r)
+        if why is None:
+            settle(out, r)
+        else:
+            self._bg.spawn(self._verify_after(why)).add_done_callback(lambda _: settle(out, r))
 
     async def pr_out(self, guest: str, action: PrOutAction | int, rtype: PrType | int, rk: int, sark: int,
                      scope: int = 0, aptpl: bool = False, *, purpose: Purpose = Purpose.GUEST,
@@ -249,25 +184,18 @@ class PassthroughDevice(BackendMonitor):
         that, one round trip per send, the 2A/xx it causes not owed.
         ``params``: another parameter list than the basic one of ``rk``,
         ``sark`` and ``aptpl`` (REGISTER AND MOVE's, ``scsi.pr``)."""
-        rule = OWN_COMMANDS[purpose]
-        b = self._backend(guest)
         session = await self.backend_session(guest)
         data = pr_out_params(rk, sark, aptpl=aptpl) if params is None else params
         cdb = pr_out_cdb(action, rtype, scope, len(data))
-        intent = self.begin(b.key, cdb, data) if rule.tracked else None
-        retry = UaRetry(purpose)
+        op = self.own_pr_out(guest, cdb, data, purpose)
         try:
-            r = await submit_retrying(session, self.lun, cdb, data, retry)
-        except IscsiError as exc:
-            if rule.tracked:
-                self._pr_out_back(b.key, guest, cdb, data, intent, exc)
+            r = await submit_retrying(session, self.lun, cdb, data, op.retry)
+        except BaseException as exc:
+            self.own_pr_out_done(op, exc, answered=isinstance(exc, IscsiError))
             raise
-        finally:
-            self.owe(b.key, retry.owed)
-        if rule.tracked:
-            verifying = self._pr_out_back(b.key, guest, cdb, data, intent, r)
-            if verifying is not None:
-                await verifying
+        why = self.own_pr_out_done(op, r)
+        if why is not None:
+            await self._bg.spawn(self._verify_after(why))
         return r
 
     # ------------------------------------------------------ migration hooks
@@ -276,7 +204,7 @@ class PassthroughDevice(BackendMonitor):
         that follows it."""
         while True:
             waits: list[Any] = list(self._inflight)
-            waits += [t for t in (self._verifying, self._tmf) if t is not None]
+            waits += [t for t in (self._verifying, self._tmf_task) if t is not None]
             waits += [b.opening for b in self._backends.values() if b.opening is not None]
             if waits:
                 await asyncio.wait(waits)
@@ -287,16 +215,11 @@ class PassthroughDevice(BackendMonitor):
 
     def release_held(self) -> None:
         """Rollback: forward the queued commands in order and resume."""
-        was_held = self.held
-        for h in self.take_held():
-            b = self._backends.get(self.backend_key(h.nexus))
-            if h.token.done() or b is None or h.nexus not in b.frontends:
-                continue  # its session ended meanwhile: nobody to answer
-            chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.token)
-        if was_held:
-            for b in self._backends.values():
-                if not b.frontends:
-                    self._close_if_unused(b)
+        held, closing = self.resumed()
+        for h in held:
+            if not h.token.done():
+                chain(self.execute(h.nexus, h.cdb, h.data_out, h.data_in_len), h.token)
+        self._do(closing)
 
     def describe(self) -> dict[str, object]:
         """``query-devices`` entry."""

@@ -142,7 +142,59 @@ class Verification:
         return delay
 
 
+class VerifySchedule:
+    """When the device verifies: one verification at a time, the wishes
+    that come meanwhile coalesced into one more; after a failure, again on
+    a backing-off timer (``Verification.next_retry``) unless another one is
+    wanted already. The shell runs the verifications and the timer (a
+    timer, not a task: a migration's ``drain`` does not wait for it)."""
+
+    __slots__ = ("verification", "running", "again", "reason", "retry_armed")
+
+    def __init__(self, verification: Verification) -> None:
+        self.verification = verification
+        self.running = False
+        self.again = False
+        self.reason = "unit attention"
+        self.retry_armed = False
+
+    def want(self, reason: str) -> bool:
+        """A verification is wanted: True when the shell starts running them."""
+        self.reason = reason
+        self.again = True
+        if self.running:
+            return False
+        self.running = True
+        return True
+
+    def next(self) -> str | None:
+        """The reason of the next verification to run; None: none wanted, stop."""
+        if self.again:
+            self.again = False
+            return self.reason
+        self.running = False
+        return None
+
+    def failed(self, coalescing: bool = False) -> float | None:
+        """A verification failed: the delay of the retry timer to arm (None:
+        armed already, or, ``coalescing``, another verification is wanted)."""
+        if (coalescing and self.again) or self.retry_armed:
+            return None
+        self.retry_armed = True
+        return self.verification.next_retry()
+
+    def due(self) -> None:
+        """The retry timer fired (then ``want`` the retry)."""
+        self.retry_armed = False
+
+    def succeeded(self) -> bool:
+        """A verification succeeded: True when the retry timer is to be cancelled."""
+        armed, self.retry_armed = self.retry_armed, False
+        return armed
+
+
 __all__ = [
+    "VerifySchedule",
     "FULL_STATUS_METHOD",
     "KEYS_METHOD",
     "KEYS_METHOD_LIMITS",

@@ -1,0 +1,45 @@
+"""Verification decisions (``device/verify.py``): the schedule, without I/O."""
+
+from __future__ import annotations
+
+from prmigrate.device.verify import (
+    VERIFY_RETRY_FIRST,
+    VERIFY_RETRY_MAX,
+    Verification,
+    VerifySchedule,
+)
+
+
+def test_wishes_while_one_runs_coalesce_into_one_more() -> None:
+    s = VerifySchedule(Verification())
+    assert s.want("a") is True  # the shell starts running them
+    assert s.next() == "a"
+    assert s.want("b") is False and s.want("c") is False  # running: coalesced
+    assert s.next() == "c"  # one more, with the last reason
+    assert s.next() is None and not s.running  # none wanted: stop
+    assert s.want("d") is True
+
+
+def test_a_failure_arms_one_backing_off_retry() -> None:
+    s = VerifySchedule(Verification())
+    assert s.failed() == VERIFY_RETRY_FIRST
+    assert s.failed() is None  # armed already
+    s.due()
+    assert s.failed() == VERIFY_RETRY_FIRST * 2
+    assert s.succeeded() is True  # the timer is to be cancelled
+    assert s.succeeded() is False
+    delays = []
+    for _ in range(10):
+        delays.append(s.failed())
+        s.due()
+    assert max(d for d in delays if d is not None) == VERIFY_RETRY_MAX
+
+
+def test_no_retry_timer_when_another_verification_is_wanted() -> None:
+    s = VerifySchedule(Verification())
+    s.want("a")
+    s.next()
+    s.want("b")  # wanted while "a" ran and failed
+    assert s.failed(coalescing=True) is None
+    assert s.next() == "b"
+    assert s.failed(coalescing=True) == VERIFY_RETRY_FIRST
