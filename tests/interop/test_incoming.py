@@ -358,3 +358,52 @@ def test_pulled_there_and_back_again(tmp_path: Path) -> None:
                 await a.close()
 
         _run(go())
+
+
+def test_a_two_path_device_is_pulled_by_a_write(tmp_path: Path) -> None:
+    """The same pull on a two-path device (``backend=`` twice, the target's
+    two portals): B's incoming device, added with both backends, is pulled
+    by its first WRITE; then both of B's path nexuses have the key, one
+    holds the WRITE EXCLUSIVE reservation, nothing of A is left on any
+    path, and the write went to the medium."""
+    from .migration_cluster import SHARED, free_port
+    from .test_multipath_migration import SECOND, path_entries
+
+    port2 = free_port(SECOND)
+    second = f"iscsi://{SECOND}:{port2}/{SHARED}/0"
+    with cluster(tmp_path, target_args=["--listen", f"{SECOND}:{port2}"], more_backends=[second]) as c:
+
+        async def go() -> None:
+            a = await guest_session(c.frontend_url("hosta"))
+            b = None
+            try:
+                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
+                ans = await c.call("hostb", "device-add", {
+                    "name": "vm1", "backend": [c.backend_url, second],
+                    "incoming-from": c.procs["hosta"].migrate_addr})
+                assert ans, ans
+                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
+                r = await submit_once_past_ua(b, TUR)
+                assert r.good, r
+                assert await path_entries(c, "hostb") == {}  # nothing moved yet
+                r = await submit_once_past_ua(b, _write10(21, 1), b"m" * 512)
+                assert r.good, r
+                seen: dict[int, tuple[int, bool, int]] = {}
+                for _ in range(50):  # B's other path registers again right after the takeover
+                    seen = await path_entries(c, "hostb")
+                    if set(seen) == {0, 1}:
+                        break
+                    await asyncio.sleep(0.1)
+                assert {p: k for p, (k, _, _) in seen.items()} == {0: KEY, 1: KEY}, seen
+                holders = [p for p, (_, h, _) in seen.items() if h]
+                assert len(holders) == 1 and seen[holders[0]][2] == PrType.WRITE_EXCLUSIVE, seen
+                assert await path_entries(c, "hosta") == {}
+                assert await b.read(21, 1) == b"m" * 512
+                for lba in range(22, 30):  # the holder's path carries the writes: no conflict
+                    assert (await b.submit(0, _write10(lba, 1), bytes([lba]) * 512)).good
+            finally:
+                if b is not None:
+                    await b.close()
+                await a.close()
+
+        _run(go())
