@@ -783,7 +783,7 @@ class Connection:
                             break  # the general path rejects it
                         data = seg if plen == edtl else seg[:edtl]
                     else:
-                        data = bytes(buf[at : at + edtl])
+                        data = buf[at : at + edtl]  # a copy, the backend session's (submit_relay)
                     if not wrelay(nexus, cdb, data, self, wtoken := (itt, edtl, True)):
                         break  # the general path runs it (execute_then)
                     # forwarded as is: answered by relay_data/relay_result
@@ -1412,8 +1412,20 @@ class Connection:
         if len(token) == 2:
             self._data_in_with_status(itt, status, data)  # data: a copy, queued as is
         else:
-            self._emit(pack_scsi_response(itt, status, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn,
-                                          0, 0, b""), b"")
+            # pack_scsi_response's BHS, StatSN and MaxCmdSN (see max_cmdsn) inline
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            exp = self.exp_cmdsn
+            want = (exp + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
+            adv = self._max_adv
+            d = (want - adv) & 0xFFFFFFFF
+            if d and d < _HALF:
+                self._max_adv = adv = want
+            bhs = _HDR_U32.pack(Opcode.SCSI_RESPONSE, 0x80, status, 0, 0, itt, 0, statsn, exp, adv, 0, 0, 0)
+            if self.hd:
+                frame_into(self.out, bhs, b"", True, self.dd)
+            else:
+                self.out.append(bhs)
         self._late_flush()
 
     def relay_result(self, token: tuple[int, ...], result: Any) -> None:
