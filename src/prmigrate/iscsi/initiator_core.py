@@ -178,7 +178,9 @@ class SessionConfig:
     immediate_data: bool = True
     max_recv_data_segment_length: int = 262144
     max_burst_length: int = 262144
-    first_burst_length: int = 65536
+    # offered as high as MaxBurstLength: a write up to it goes whole as
+    # immediate data (when the target agrees), without an R2T round trip
+    first_burst_length: int = 262144
     max_outstanding_r2t: int = 1
     queue_depth: int = 64
     max_retries: int = 3
