@@ -14,8 +14,8 @@ daemon, ``--rounds`` times, and prints the median IOPS of each and the
 ratio (goal: >= 70 % of direct at QD32); then ``qemu-img bench`` (another
 client, QEMU's libiscsi driver) for 4 KiB reads and writes at QD32, the
 same way, through the relay too, with the daemon's and the relay's CPU per
-read and per write and the ratios of writes to reads (daemon CPU, share of
-direct). Every process is stopped at the end.
+read and per write (and the target's, in the direct runs) and the ratios of
+writes to reads (daemon CPU, share of direct). Every process is stopped at the end.
 
 It also prints the CPU time each process spent per I/O at QD32 (from
 /proc and getrusage): the daemon's figure is the device's overhead in a
@@ -232,9 +232,11 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
     share: dict[bool, float] = {}
     cpu: dict[bool, tuple[float, float]] = {}
     for write in (False, True):
-        d2, v2, r2, vc, rc = [], [], [], [], []
+        d2, v2, r2, vc, rc, tc = [], [], [], [], [], []
         for _ in range(rounds):
+            before = process_cpu(pids["target"])
             d2.append(qemu_img_bench(direct, write, count, initiator=PERF_IQN))
+            tc.append((process_cpu(pids["target"]) - before) / count)
             before = process_cpu(pids["daemon"])
             v2.append(qemu_img_bench(via, write, count, initiator=PERF_IQN))
             vc.append((process_cpu(pids["daemon"]) - before) / count)
@@ -247,10 +249,13 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
         what = "writes" if write else "reads "
         print(f"  qemu-img bench QD32 4 KiB {what}: direct {md2:>8.0f}  via host {mv2:>8.0f}"
               f"  {share[write]:>6.1f}%  relay {mr2:>8.0f} {100 * mr2 / md2:>6.1f}%;"
-              f" CPU per request: daemon {cpu[write][0]:.1f} us, relay {cpu[write][1]:.1f} us", flush=True)
+              f" CPU per request: daemon {cpu[write][0]:.1f} us, relay {cpu[write][1]:.1f} us,"
+              f" target (direct) {1e6 * statistics.median(tc):.1f} us", flush=True)
     print(f"  daemon CPU per write / per read: {cpu[True][0] / cpu[False][0]:.2f}x (gate <= 1.2x);"
-          f" relay's {cpu[True][1] / cpu[False][1]:.2f}x; qemu-img writes - reads via host:"
-          f" {share[True] - share[False]:+.1f} points of direct (gate >= -5)", flush=True)
+          f" relay's {cpu[True][1] / cpu[False][1]:.2f}x; per write - per read: daemon"
+          f" {cpu[True][0] - cpu[False][0]:+.1f} us, relay {cpu[True][1] - cpu[False][1]:+.1f} us;"
+          f" qemu-img writes - reads via host: {share[True] - share[False]:+.1f} points of direct"
+          f" (gate >= -5)", flush=True)
 
 
 def bench_metrics(off: str, on: str, metrics: str, pids: dict[str, int], seconds: int, rounds: int,

@@ -22,7 +22,6 @@ from prmigrate.scsi.sense import Sense
 from .test_read_fast_path import BLOCKS, OTHER, Side, Stream, read10
 
 
-
 def write10(lba: int, n: int, flags: int = 0) -> bytes:
     return struct.pack(">BBIBHB", 0x2A, flags, lba, 0, n, 0)
 

@@ -1186,7 +1186,7 @@ class InitiatorCore:
                 0x01, 0xA0 | (cmd.attr & 7), 0, total, lun << 48 if lun < 256 else encode_lun(lun), itt, total,
                 cmdsn, self.exp_statsn, cmd.cdb.ljust(16, b"\0"),
             ))
-            out.append(cmd.data_out)
+            out.append(cmd.data_out)  # type: ignore[arg-type]  # joined by data_to_send
             if total & 3:
                 out.append(bytes(-total & 3))
             return

@@ -777,14 +777,15 @@ class Connection:
                     if itt in self.pending or itt in self.tasks:
                         break
                     at = pos + hlen
+                    wdata: bytes | bytearray
                     if dd:
                         seg = bytes(buf[at : at + plen])
                         if digest_bytes(seg) != buf[at + plen : at + plen + 4]:
                             break  # the general path rejects it
-                        data = seg if plen == edtl else seg[:edtl]
+                        wdata = seg if plen == edtl else seg[:edtl]
                     else:
-                        data = buf[at : at + edtl]  # a copy, the backend session's (submit_relay)
-                    if not wrelay(nexus, cdb, data, self, wtoken := (itt, edtl, True)):
+                        wdata = buf[at : at + edtl]  # a copy, the backend session's (submit_relay)
+                    if not wrelay(nexus, cdb, wdata, self, wtoken := (itt, edtl, True)):
                         break  # the general path runs it (execute_then)
                     # forwarded as is: answered by relay_data/relay_result
                     self.pending[itt] = (wtoken, lu)  # type: ignore[assignment]  # lu: wrelay is its
