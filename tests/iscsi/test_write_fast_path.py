@@ -9,6 +9,7 @@ the image must match."""
 
 from __future__ import annotations
 
+import errno
 import struct
 from pathlib import Path
 
@@ -147,3 +148,20 @@ def test_data_digest_error_matches(tmp_path: Path) -> None:
         return [good + bytes(bad) + s.wcmd(write10(16, 8), block(3, 8), cmdsn=s.cmdsn - 1)]
 
     run_all(tmp_path, script, hd=True, dd=True)
+
+
+def test_a_failing_write_is_answered_by_the_general_path(tmp_path: Path, caplog) -> None:
+    """A write the store refuses (ENOSPC) raises in ``write_fast``: the
+    general path runs it again and answers CHECK CONDITION, as it answers
+    it without the fast path; the connection keeps serving."""
+
+    def setup(lu: LogicalUnit, nexus: Nexus) -> None:
+        def full(offset: int, data: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        lu.store.write = full  # type: ignore[method-assign]
+
+    out = run_all(tmp_path, plain, setup=setup, fast=False)
+    assert out[0][0] & 0x3F == P.Opcode.SCSI_RESPONSE and out[0][3] == 0x02  # CHECK CONDITION
+    assert len(out[2]) == 4 * (48 + 4096)  # the reads after them are answered
+    assert "internal error" in caplog.text
