@@ -6,7 +6,8 @@ machine is loaded; this one measures the CPU time (``process_time``) the
 sans-IO target connection spends per command, in-process, with no
 socket: a real ``LogicalUnit`` on a file, a logged-in ``Connection``, fed
 batches of 32 and of 1 READ(10) of 4 KiB (the read fast path) and batches
-of 8 and of 1 WRITE(10) of 4 KiB with immediate data (the general path). Each source
+of 8 and of 1 WRITE(10) of 4 KiB with immediate data (the write fast path;
+the general path in trees before it). Each source
 tree runs in its own subprocess, alternating, ``--rounds`` times; medians
 and the ratio this tree / the other are printed.
 
@@ -113,8 +114,8 @@ def main() -> int:
     print(f"CPU ns per command, sans-IO connection, {args.rounds} rounds (median; each round's ratio)")
     for key, what in (("read_ns", "READ(10) 4 KiB, fast path, 32 a batch"),
                       ("read1_ns", "READ(10) 4 KiB, fast path, 1 a batch (QD1)"),
-                      ("write_ns", "WRITE(10) 4 KiB immediate data, general path, 8 a batch"),
-                      ("write1_ns", "WRITE(10) 4 KiB immediate data, general path, 1 a batch (QD1)")):
+                      ("write_ns", "WRITE(10) 4 KiB immediate data, 8 a batch"),
+                      ("write1_ns", "WRITE(10) 4 KiB immediate data, 1 a batch (QD1)")):
         this = statistics.median(r[key] for r in got["this"])
         base = statistics.median(r[key] for r in got["baseline"])
         ratios = [a[key] / b[key] for a, b in zip(got["this"], got["baseline"], strict=True)]

@@ -14,8 +14,8 @@ daemon, ``--rounds`` times, and prints the median IOPS of each and the
 ratio (goal: >= 70 % of direct at QD32); then ``qemu-img bench`` (another
 client, QEMU's libiscsi driver) for 4 KiB reads and writes at QD32, the
 same way, through the relay too, with the daemon's and the relay's CPU per
-read and per write and the ratios of writes to reads (daemon CPU, share of
-direct). Every process is stopped at the end.
+read and per write (and the target's, in the direct runs) and the ratios of
+writes to reads (daemon CPU, share of direct). Every process is stopped at the end.
 
 It also prints the CPU time each process spent per I/O at QD32 (from
 /proc and getrusage): the daemon's figure is the device's overhead in a
@@ -28,6 +28,10 @@ that copies bytes between the guest's and the target's sockets and does
 nothing else: what any forwarder costs by being in the data path on this
 machine (its socket reads and writes, its share of the cores). The daemon
 does that socket work and all of the device's on top.
+``--baseline-src DIR``: the qemu-img runs also go through a second daemon
+run from another source tree (the code before a change), in front of the
+same target, and its CPU per read and per write is printed next to this
+tree's.
 ``--metrics``: instead, two host daemons in front of the same ``prmigrate
 target``, one with ``--metrics`` (scraped every ``--scrape-interval`` s
 while iscsi-perf runs through it), alternating rounds; prints the IOPS of
@@ -130,7 +134,8 @@ def tgt_target(work: Path) -> Iterator[tuple[str, int]]:
 
 @contextlib.contextmanager
 def host_daemon(work: Path, backend: str, uvloop: bool, poll_us: int = 0, tag: str = "",
-                metrics: str | None = None) -> Iterator[tuple[str, int]]:
+                metrics: str | None = None, src: str | None = None) -> Iterator[tuple[str, int]]:
+    """A host daemon in front of ``backend``, run from this checkout or from ``src``."""
     host = f"127.0.0.{random.randint(2, 250)}"
     port = free_port(host)
     args = [sys.executable, "-m", "prmigrate.cli", "host", "--name", "bench" + tag,
@@ -144,8 +149,11 @@ def host_daemon(work: Path, backend: str, uvloop: bool, poll_us: int = 0, tag: s
         args += ["--poll-us", str(poll_us)]
     if metrics:
         args += ["--metrics", metrics]
+    e = env()
+    if src is not None:
+        e["PYTHONPATH"] = src
     with open(work / f"host{tag}.log", "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env())
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=e)
     try:
         wait_port(host, port, proc)
         yield f"iscsi://{host}:{port}/{FRONTEND}/0", proc.pid
@@ -187,7 +195,7 @@ class Measured:
 
 
 def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], seconds: int,
-          rounds: int) -> None:
+          rounds: int, base: str | None = None) -> None:
     print(f"\n{name}\n  direct:   {direct}\n  via host: {via}\n  relay:    {relay}")
     print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}"
           f" {'relay IOPS':>11} {'ratio':>7}")
@@ -231,26 +239,45 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
     count = 100000
     share: dict[bool, float] = {}
     cpu: dict[bool, tuple[float, float]] = {}
+    base_share: dict[bool, float] = {}
+    base_cpu: dict[bool, float] = {}
     for write in (False, True):
-        d2, v2, r2, vc, rc = [], [], [], [], []
+        d2, v2, r2, vc, rc, tc, b2, bc = [], [], [], [], [], [], [], []
         for _ in range(rounds):
+            before = process_cpu(pids["target"])
             d2.append(qemu_img_bench(direct, write, count, initiator=PERF_IQN))
+            tc.append((process_cpu(pids["target"]) - before) / count)
             before = process_cpu(pids["daemon"])
             v2.append(qemu_img_bench(via, write, count, initiator=PERF_IQN))
             vc.append((process_cpu(pids["daemon"]) - before) / count)
             before = process_cpu(pids["relay"])
             r2.append(qemu_img_bench(relay, write, count, initiator=PERF_IQN))
             rc.append((process_cpu(pids["relay"]) - before) / count)
+            if base is not None:
+                before = process_cpu(pids["baseline"])
+                b2.append(qemu_img_bench(base, write, count, initiator=PERF_IQN))
+                bc.append((process_cpu(pids["baseline"]) - before) / count)
         md2, mv2, mr2 = statistics.median(d2), statistics.median(v2), statistics.median(r2)
+        if base is not None:
+            base_share[write] = 100 * statistics.median(b2) / md2
+            base_cpu[write] = 1e6 * statistics.median(bc)
         share[write] = 100 * mv2 / md2
         cpu[write] = (1e6 * statistics.median(vc), 1e6 * statistics.median(rc))
         what = "writes" if write else "reads "
         print(f"  qemu-img bench QD32 4 KiB {what}: direct {md2:>8.0f}  via host {mv2:>8.0f}"
               f"  {share[write]:>6.1f}%  relay {mr2:>8.0f} {100 * mr2 / md2:>6.1f}%;"
-              f" CPU per request: daemon {cpu[write][0]:.1f} us, relay {cpu[write][1]:.1f} us", flush=True)
+              f" CPU per request: daemon {cpu[write][0]:.1f} us, relay {cpu[write][1]:.1f} us,"
+              f" target (direct) {1e6 * statistics.median(tc):.1f} us", flush=True)
     print(f"  daemon CPU per write / per read: {cpu[True][0] / cpu[False][0]:.2f}x (gate <= 1.2x);"
-          f" relay's {cpu[True][1] / cpu[False][1]:.2f}x; qemu-img writes - reads via host:"
-          f" {share[True] - share[False]:+.1f} points of direct (gate >= -5)", flush=True)
+          f" relay's {cpu[True][1] / cpu[False][1]:.2f}x; per write - per read: daemon"
+          f" {cpu[True][0] - cpu[False][0]:+.1f} us, relay {cpu[True][1] - cpu[False][1]:+.1f} us;"
+          f" qemu-img writes - reads via host: {share[True] - share[False]:+.1f} points of direct"
+          f" (gate >= -5)", flush=True)
+    if base is not None:
+        print(f"  baseline tree's daemon, same runs: CPU per read {base_cpu[False]:.1f} us, per write"
+              f" {base_cpu[True]:.1f} us ({base_cpu[True] / base_cpu[False]:.2f}x); qemu-img reads"
+              f" {base_share[False]:.1f}%, writes {base_share[True]:.1f}% of direct"
+              f" ({base_share[True] - base_share[False]:+.1f} points)", flush=True)
 
 
 def bench_metrics(off: str, on: str, metrics: str, pids: dict[str, int], seconds: int, rounds: int,
@@ -280,6 +307,16 @@ def bench_metrics(off: str, on: str, metrics: str, pids: dict[str, int], seconds
               flush=True)
 
 
+@contextlib.contextmanager
+def baseline(work: Path, direct: str, args: argparse.Namespace) -> Iterator[tuple[str | None, int]]:
+    """The ``--baseline-src`` daemon in front of ``direct``, or (None, -1)."""
+    if not args.baseline_src:
+        yield None, -1
+        return
+    with host_daemon(work, direct, args.uvloop, args.poll_us, tag="-baseline", src=args.baseline_src) as got:
+        yield got
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("prm", "tgt", "both"), default="prm")
@@ -293,6 +330,9 @@ def main() -> int:
     ap.add_argument("--metrics", action="store_true",
                     help="only compare a daemon with --metrics (scraped) against one without")
     ap.add_argument("--scrape-interval", type=float, default=1.0, metavar="S")
+    ap.add_argument("--baseline-src", metavar="DIR",
+                    help="also run qemu-img bench through a second daemon from another source tree"
+                         " (e.g. a checkout of the code before a change), in front of the same target")
     args = ap.parse_args()
     if args.poll_us and (args.uvloop or args.target_uvloop):
         print("--poll-us needs the asyncio loop, not uvloop", file=sys.stderr)
@@ -315,18 +355,22 @@ def main() -> int:
         if args.backend in ("prm", "both"):
             with prm_target(work, args.target_uvloop, args.poll_us) as (direct, tpid), \
                     host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \
-                    tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid):
+                    tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid), \
+                    baseline(work, direct, args) as (base, bpid):
                 bench("backend: prmigrate target", direct, via, relay,
-                      {"target": tpid, "daemon": hpid, "relay": rpid}, args.seconds, args.rounds)
+                      {"target": tpid, "daemon": hpid, "relay": rpid, "baseline": bpid}, args.seconds,
+                      args.rounds, base)
         if args.backend in ("tgt", "both"):
             if shutil.which("tgtd") is None:
                 print("tgtd not found (apt-get install tgt)", file=sys.stderr)
                 return 2
             with tgt_target(work) as (direct, tpid), \
                     host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \
-                    tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid):
-                bench("backend: tgt", direct, via, relay, {"target": tpid, "daemon": hpid, "relay": rpid},
-                      args.seconds, args.rounds)
+                    tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid), \
+                    baseline(work, direct, args) as (base, bpid):
+                bench("backend: tgt", direct, via, relay,
+                      {"target": tpid, "daemon": hpid, "relay": rpid, "baseline": bpid}, args.seconds,
+                      args.rounds, base)
     return 0
 
 

@@ -84,7 +84,7 @@ GUEST_DATA_OUT = {
 @pytest.mark.parametrize("kind", sorted(GUEST_DATA_OUT))
 @run
 async def test_writes_are_relayed_whatever_carried_their_data(tmp_path: Path, kind: str) -> None:
-    rig = Rig(tmp_path, lun_size=4 << 20)
+    rig = Rig(tmp_path, lun_size=8 << 20)
     await rig.start()
     counted = Counted(rig)
     frontend, guest = await frontend_and_guest(rig, **GUEST_DATA_OUT[kind])
@@ -98,6 +98,11 @@ async def test_writes_are_relayed_whatever_carried_their_data(tmp_path: Path, ki
             r = await guest.submit(0, cdb, data, 0)
             assert r.status == Status.GOOD and not r.sense
             written.append((lba, data))
+        # more than the backend session's FirstBurstLength (256 KiB): R2T-solicited there too
+        lba, data = 7296, os.urandom(1024 * 512)
+        r = await guest.submit(0, write16(lba, 1024), data, 0)
+        assert r.status == Status.GOOD and not r.sense
+        written.append((lba, data))
         # several at once: their answers may overtake each other
         batch = [(6144 + 64 * j, os.urandom(32 * 512)) for j in range(16)]
         rs = await asyncio.gather(*(guest.submit(0, write16(lba, 32), d, 0) for lba, d in batch))

@@ -261,13 +261,16 @@ def test_core_issues_commands_as_scsi_command_encodes_them() -> None:
                               "DataDigest": "CRC32C" if digests else "None"}).login()
         core.submit(300, b"\x28" + bytes(9), data_in_len=4096)
         core.submit(2, b"\x8a" + bytes(15), b"x" * 1001)
+        core.submit(300, b"\x2a" + bytes(9), b"y" * 4096)
         sent = core.data_to_send()
         itt, cmdsn = core._itt, core.cmdsn
         want = (
-            ScsiCommand(itt - 1, 300, b"\x28" + bytes(15), cmdsn - 2, core.exp_statsn, 4096, True, False, True)
+            ScsiCommand(itt - 2, 300, b"\x28" + bytes(15), cmdsn - 3, core.exp_statsn, 4096, True, False, True)
             .encode(digests, digests)
-            + ScsiCommand(itt, 2, b"\x8a" + bytes(15), cmdsn - 1, core.exp_statsn, 1001, False, True, True,
+            + ScsiCommand(itt - 1, 2, b"\x8a" + bytes(15), cmdsn - 2, core.exp_statsn, 1001, False, True, True,
                           data=b"x" * 1001).encode(digests, digests)
+            + ScsiCommand(itt, 300, b"\x2a" + bytes(15), cmdsn - 1, core.exp_statsn, 4096, False, True, True,
+                          data=b"y" * 4096).encode(digests, digests)
         )
         assert sent == want
 

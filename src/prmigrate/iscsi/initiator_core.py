@@ -178,7 +178,9 @@ class SessionConfig:
     immediate_data: bool = True
     max_recv_data_segment_length: int = 262144
     max_burst_length: int = 262144
-    first_burst_length: int = 65536
+    # offered as high as MaxBurstLength: a write up to it goes whole as
+    # immediate data (when the target agrees), without an R2T round trip
+    first_burst_length: int = 262144
     max_outstanding_r2t: int = 1
     queue_depth: int = 64
     max_retries: int = 3
@@ -1170,6 +1172,23 @@ class InitiatorCore:
                 lun << 48 if lun < 256 else encode_lun(lun), itt, cmd.data_in_len, cmdsn, self.exp_statsn,
                 cmd.cdb.ljust(16, b"\0"),
             ))
+            return
+        if (
+            p.immediate_data and total <= p.first_burst_length and total <= p.max_xmit_data_segment_length
+            and not p.header_digest and not p.data_digest
+        ):
+            # all the data as immediate data (the common write): F set, no
+            # Data-Out follows; the bytes of the general case below
+            self._active[itt] = cmd
+            lun = cmd.lun
+            out = self._out
+            out.append(SCSI_COMMAND.pack(
+                0x01, 0xA0 | (cmd.attr & 7), 0, total, lun << 48 if lun < 256 else encode_lun(lun), itt, total,
+                cmdsn, self.exp_statsn, cmd.cdb.ljust(16, b"\0"),
+            ))
+            out.append(cmd.data_out)  # type: ignore[arg-type]  # joined by data_to_send
+            if total & 3:
+                out.append(bytes(-total & 3))
             return
         immediate = min(total, p.first_burst_length, p.max_xmit_data_segment_length) if p.immediate_data else 0
         unsolicited_end = min(total, p.first_burst_length) if not p.initial_r2t else immediate

@@ -19,6 +19,11 @@ implements once (``contracts_of``), not per command:
     data (all of it, the EDTL's) is forwarded as is and answered through the
     connection as ``RelaySink`` (``relay_data`` with GOOD, or
     ``relay_result``); False: not taken, ``execute_then`` runs it.
+``WriteFast``
+    ``write_fast(nexus, cdb, data) -> bool``: a WRITE(10)/(16) whose data
+    (all of it, exactly what its CDB asks for) came as immediate data,
+    written at once when it ends GOOD with nothing to report; False: nothing
+    is written and ``execute`` runs it (``lun/unit.py``).
 ``ExecuteThen``
     ``execute_then(nexus, cdb, data_out, done) -> Result | None``: None when
     the answer comes later through ``done(result)`` (a callback instead of
@@ -54,6 +59,12 @@ class RelayWrite(Protocol):
 
 
 @runtime_checkable
+class WriteFast(Protocol):
+    def write_fast(self, nexus: Nexus, cdb: bytes, data: Any) -> bool:
+        ...
+
+
+@runtime_checkable
 class ExecuteThen(Protocol):
     def execute_then(
         self, nexus: Nexus, cdb: bytes, data_out: Any, done: Callable[[Any], None]
@@ -69,6 +80,7 @@ class LuContracts:
     relay_read: Callable[[Nexus, bytes, int, RelaySink, Any], bool] | None
     execute_then: Callable[[Nexus, bytes, Any, Callable[[Any], None]], Result | None] | None
     relay_write: Callable[[Nexus, bytes, Any, RelaySink, Any], bool] | None = None
+    write_fast: Callable[[Nexus, bytes, Any], bool] | None = None
 
 
 NONE = LuContracts(None, None, None, None)
@@ -83,4 +95,5 @@ def contracts_of(lu: object) -> LuContracts:
         lu.relay_read if isinstance(lu, RelayRead) else None,
         lu.execute_then if isinstance(lu, ExecuteThen) else None,
         lu.relay_write if isinstance(lu, RelayWrite) else None,
+        lu.write_fast if isinstance(lu, WriteFast) else None,
     )

@@ -466,6 +466,7 @@ class Connection:
         self._fast_fn: Callable[..., Any] | None = None  # its read_fast, if any
         self._fast_relay: Callable[..., bool] | None = None  # its relay_read, if any
         self._fast_wrelay: Callable[..., bool] | None = None  # its relay_write, if any
+        self._fast_wfast: Callable[..., bool] | None = None  # its write_fast, if any
         self._contracts: dict[int, tuple[object, LuContracts]] = {}  # id(LU) -> its optional contracts
         # metrics (counters.py): the shell's clock (ns), when the current
         # batch came, the counters of each LUN met, the answers of this batch
@@ -660,8 +661,10 @@ class Connection:
         ``read_fast`` goes straight to ``_execute``, as ``_scsi_command``
         would send it. A WRITE with F and W set whose data all came as
         immediate data (ImmediateData, within FirstBurstLength, digests
-        checked) is handed to the LU's ``relay_write`` when it has one; not
-        taken, it stops the run for the general path."""
+        checked) is handed to the LU's ``relay_write`` when it has one, else
+        written by its ``write_fast`` and answered with a SCSI Response GOOD
+        (what ``_respond`` sends for it); not taken, it stops the run for
+        the general path."""
         reader = self.reader
         buf, pos = reader.window()
         end = len(buf)
@@ -686,6 +689,7 @@ class Connection:
         fn = self._fast_fn
         relay = self._fast_relay
         wrelay = self._fast_wrelay
+        wfast = self._fast_wfast
         # a write may come whole as immediate data (what _scsi_command checks)
         imm = min(params.first_burst_length, reader.max_data_length) if params.immediate_data else 0
         ddlen = 4 if dd else 0
@@ -726,19 +730,62 @@ class Connection:
                     fn = self._fast_fn = contracts.read_fast
                     relay = self._fast_relay = contracts.relay_read
                     wrelay = self._fast_wrelay = contracts.relay_write
+                    wfast = self._fast_wfast = contracts.write_fast
                     fc = self._fast_counters = None if lu is None else self._counters_of(lun)
                 if b1 == 0xA0:
-                    if wrelay is None or itt in self.pending or itt in self.tasks:
+                    if wrelay is None:
+                        if wfast is None:
+                            break
+                        at = pos + hlen
+                        if dd:
+                            seg = bytes(buf[at : at + plen])
+                            if digest_bytes(seg) != buf[at + plen : at + plen + 4]:
+                                break  # the general path rejects it
+                            view = memoryview(seg)[:edtl]
+                        else:
+                            view = memoryview(buf)[at : at + edtl]  # written before the buffer moves
+                        try:
+                            ok = wfast(nexus, cdb, view)
+                        except Exception:  # the general path runs it again and answers
+                            ok = False
+                        finally:
+                            view.release()
+                        if not ok:
+                            break
+                        pos += total
+                        exp = (exp + 1) & 0xFFFFFFFF
+                        if failed:
+                            failed.discard(itt)
+                        fc.commands[WRITE] += 1  # type: ignore[union-attr]  # lu is set: wfast is its
+                        fc.bytes[WRITE] += edtl  # type: ignore[union-attr]
+                        fc.batch[WRITE] += 1  # type: ignore[union-attr]
+                        if not fc.in_batch:  # type: ignore[union-attr]
+                            fc.in_batch = True  # type: ignore[union-attr]
+                            self._batch.append(fc)  # type: ignore[arg-type]
+                        # the SCSI Response GOOD of _respond, MaxCmdSN as the reads'
+                        mx = (exp + base) & 0xFFFFFFFF
+                        d = (mx - adv) & 0xFFFFFFFF
+                        if d and d < _HALF:
+                            adv = mx
+                        bhs = pack(0x21, 0x80, 0, 0, 0, itt, 0, statsn, exp, adv, 0, 0, 0)
+                        statsn = (statsn + 1) & 0xFFFFFFFF
+                        if hd:
+                            frame(out, bhs, b"", hd, dd)
+                        else:
+                            out.append(bhs)
+                        continue
+                    if itt in self.pending or itt in self.tasks:
                         break
                     at = pos + hlen
+                    wdata: bytes | bytearray
                     if dd:
                         seg = bytes(buf[at : at + plen])
                         if digest_bytes(seg) != buf[at + plen : at + plen + 4]:
                             break  # the general path rejects it
-                        data = seg if plen == edtl else seg[:edtl]
+                        wdata = seg if plen == edtl else seg[:edtl]
                     else:
-                        data = bytes(buf[at : at + edtl])
-                    if not wrelay(nexus, cdb, data, self, wtoken := (itt, edtl, True)):
+                        wdata = buf[at : at + edtl]  # a copy, the backend session's (submit_relay)
+                    if not wrelay(nexus, cdb, wdata, self, wtoken := (itt, edtl, True)):
                         break  # the general path runs it (execute_then)
                     # forwarded as is: answered by relay_data/relay_result
                     self.pending[itt] = (wtoken, lu)  # type: ignore[assignment]  # lu: wrelay is its
@@ -1366,8 +1413,20 @@ class Connection:
         if len(token) == 2:
             self._data_in_with_status(itt, status, data)  # data: a copy, queued as is
         else:
-            self._emit(pack_scsi_response(itt, status, self._next_statsn(), self.exp_cmdsn, self.max_cmdsn,
-                                          0, 0, b""), b"")
+            # pack_scsi_response's BHS, StatSN and MaxCmdSN (see max_cmdsn) inline
+            statsn = self.statsn
+            self.statsn = (statsn + 1) & 0xFFFFFFFF
+            exp = self.exp_cmdsn
+            want = (exp + self.window - 1 - len(self.pending) - len(self.tasks)) & 0xFFFFFFFF
+            adv = self._max_adv
+            d = (want - adv) & 0xFFFFFFFF
+            if d and d < _HALF:
+                self._max_adv = adv = want
+            bhs = _HDR_U32.pack(Opcode.SCSI_RESPONSE, 0x80, status, 0, 0, itt, 0, statsn, exp, adv, 0, 0, 0)
+            if self.hd:
+                frame_into(self.out, bhs, b"", True, self.dd)
+            else:
+                self.out.append(bhs)
         self._late_flush()
 
     def relay_result(self, token: tuple[int, ...], result: Any) -> None:

@@ -395,6 +395,33 @@ class LogicalUnit:
         bs = self.block_size
         return os.pread(self._fd, n * bs, lba * bs)
 
+    def write_fast(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> bool:
+        """Write a WRITE(10)/WRITE(16) that ends GOOD with nothing to report
+        and return True, or return False with nothing written: then
+        ``execute`` must run it (UA pending, possible reservation conflict,
+        protection bits, FUA or write cache off (a flush), write protection,
+        range or length errors, data not exactly the CDB's length, other
+        opcodes). The checks are those of ``execute`` and ``_do_write``; a
+        write that raises is run again by ``execute``, which answers it."""
+        op = cdb[0]
+        if op == 0x2A and len(cdb) >= 10:
+            _, flags, lba, _g, n, _c = _RW10_unpack(cdb)
+        elif op == 0x8A and len(cdb) >= 16:
+            _, flags, lba, n, _g, _c = _RW16_unpack(cdb)
+        else:
+            return False
+        bs = self.block_size
+        if flags & (PROTECT_MASK | FUA) or lba + n > self.blocks or n > self._max_xfer or not n or len(data) != n * bs:
+            return False
+        q = self.ua._q
+        if q and nexus in q:
+            return False
+        modes = self.modes
+        if modes.swp or not modes.wce or self.pr.conflicts(nexus, cdb):
+            return False
+        self.store.write(lba * bs, data)
+        return True
+
     def _read12(self, nexus: Nexus, cdb: bytes, data: bytes | memoryview) -> Result:
         _, flags, lba, n, _g, _c = _RW12_unpack(cdb)
         return self._do_read(flags, lba, n)
