@@ -252,15 +252,13 @@ class PathSet:
         (SPC-5 5.14.8: the caller's nexus is unregistered): the guest is one
         nexus, so its other paths unregister too (REGISTER, RK = the key,
         SARK 0: SPC-5 5.14.11.2.2)."""
-        self.paths[path].registered = False
         ops = [Op(i, PrOutAction.REGISTER, PrType.NONE, self.key, 0)
                for i, p in enumerate(self.paths) if i != path and p.registered and p.state is not PathState.DOWN]
-        if not any(p.registered for p in self.paths):
-            self.key = 0
+        self.unregistered_on(path)
         return ops
 
     def unregistered_on(self, path: int) -> None:
-        """A follow-up unregistration answered GOOD on ``path``."""
+        """``path``'s nexus is unregistered; the guest has no key once none is."""
         self.paths[path].registered = False
         if not any(p.registered for p in self.paths):
             self.key = 0

@@ -733,19 +733,21 @@ class Connection:
                     wfast = self._fast_wfast = contracts.write_fast
                     fc = self._fast_counters = None if lu is None else self._counters_of(lun)
                 if b1 == 0xA0:
+                    if wrelay is None and wfast is None:
+                        break
+                    if wrelay is not None and (itt in self.pending or itt in self.tasks):
+                        break
+                    at = pos + hlen
+                    seg: bytes | None = None
+                    if dd:
+                        seg = bytes(buf[at : at + plen])
+                        if digest_bytes(seg) != buf[at + plen : at + plen + 4]:
+                            break  # the general path rejects it
                     if wrelay is None:
-                        if wfast is None:
-                            break
-                        at = pos + hlen
-                        if dd:
-                            seg = bytes(buf[at : at + plen])
-                            if digest_bytes(seg) != buf[at + plen : at + plen + 4]:
-                                break  # the general path rejects it
-                            view = memoryview(seg)[:edtl]
-                        else:
-                            view = memoryview(buf)[at : at + edtl]  # written before the buffer moves
+                        # written before the buffer moves
+                        view = memoryview(buf)[at : at + edtl] if seg is None else memoryview(seg)[:edtl]
                         try:
-                            ok = wfast(nexus, cdb, view)
+                            ok = wfast(nexus, cdb, view)  # type: ignore[misc]  # not None: checked above
                         except Exception:  # the general path runs it again and answers
                             ok = False
                         finally:
@@ -774,14 +776,8 @@ class Connection:
                         else:
                             out.append(bhs)
                         continue
-                    if itt in self.pending or itt in self.tasks:
-                        break
-                    at = pos + hlen
                     wdata: bytes | bytearray
-                    if dd:
-                        seg = bytes(buf[at : at + plen])
-                        if digest_bytes(seg) != buf[at + plen : at + plen + 4]:
-                            break  # the general path rejects it
+                    if seg is not None:
                         wdata = seg if plen == edtl else seg[:edtl]
                     else:
                         wdata = buf[at : at + edtl]  # a copy, the backend session's (submit_relay)
