@@ -366,12 +366,9 @@ def test_a_two_path_device_is_pulled_by_a_write(tmp_path: Path) -> None:
     by its first WRITE; then both of B's path nexuses have the key, one
     holds the WRITE EXCLUSIVE reservation, nothing of A is left on any
     path, and the write went to the medium."""
-    from .migration_cluster import SHARED, free_port
-    from .test_multipath_migration import SECOND, path_entries
+    from .test_multipath_migration import path_entries, settled, two_path_cluster
 
-    port2 = free_port(SECOND)
-    second = f"iscsi://{SECOND}:{port2}/{SHARED}/0"
-    with cluster(tmp_path, target_args=["--listen", f"{SECOND}:{port2}"], more_backends=[second]) as c:
+    with two_path_cluster(tmp_path) as (c, second):
 
         async def go() -> None:
             a = await guest_session(c.frontend_url("hosta"))
@@ -388,12 +385,7 @@ def test_a_two_path_device_is_pulled_by_a_write(tmp_path: Path) -> None:
                 assert await path_entries(c, "hostb") == {}  # nothing moved yet
                 r = await submit_once_past_ua(b, _write10(21, 1), b"m" * 512)
                 assert r.good, r
-                seen: dict[int, tuple[int, bool, int]] = {}
-                for _ in range(50):  # B's other path registers again right after the takeover
-                    seen = await path_entries(c, "hostb")
-                    if set(seen) == {0, 1}:
-                        break
-                    await asyncio.sleep(0.1)
+                seen = await settled(c, "hostb")  # B's other path registers again right after the takeover
                 assert {p: k for p, (k, _, _) in seen.items()} == {0: KEY, 1: KEY}, seen
                 holders = [p for p, (_, h, _) in seen.items() if h]
                 assert len(holders) == 1 and seen[holders[0]][2] == PrType.WRITE_EXCLUSIVE, seen

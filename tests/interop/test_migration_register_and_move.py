@@ -284,12 +284,9 @@ def test_a_two_path_device_moves_by_register_and_move(tmp_path: Path) -> None:
     after each move both of the new host's path nexuses have the key, one
     holds, nothing of the old host is left on any path, and the other
     host's registration is still there."""
-    from .migration_cluster import free_port
-    from .test_multipath_migration import SECOND, path_entries
+    from .test_multipath_migration import path_entries, settled, two_path_cluster
 
-    port2 = free_port(SECOND)
-    with cluster(tmp_path, target_args=["--listen", f"{SECOND}:{port2}"],
-                 more_backends=[f"iscsi://{SECOND}:{port2}/{SHARED}/0"]) as c:
+    with two_path_cluster(tmp_path) as (c, _):
 
         async def go() -> None:
             s = await guest_session(c.frontend_url("hosta"))
@@ -304,12 +301,7 @@ def test_a_two_path_device_moves_by_register_and_move(tmp_path: Path) -> None:
                     assert "PR round trips in the pause: 1" in out, out
                     await c.wait_device(dst, True)
                     await c.wait_device(src, False)
-                    seen: dict[int, tuple[int, bool, int]] = {}
-                    for _ in range(50):  # the source's other path unregisters right after the move
-                        seen, gone = await path_entries(c, dst), await path_entries(c, src)
-                        if set(seen) == {0, 1} and not gone:
-                            break
-                        await asyncio.sleep(0.1)
+                    seen = await settled(c, dst, gone=src)  # the source's other path unregisters right after
                     assert {p: k for p, (k, _, _) in seen.items()} == {0: KEY, 1: KEY}, seen
                     assert [p for p, (_, h, t) in seen.items() if h] == [0], seen
                     assert seen[0][2] == PrType.WRITE_EXCLUSIVE, seen

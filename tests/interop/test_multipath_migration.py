@@ -14,6 +14,8 @@ no write failed and every acknowledged write reads back.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ import pytest
 from prmigrate.device.identity import derive_isid
 from prmigrate.scsi.constants import PrType
 
-from .migration_cluster import GUEST, INITIATORS, SHARED, cluster, free_port
+from .migration_cluster import GUEST, INITIATORS, SHARED, ProcCluster, cluster, free_port
 from .test_migration_e2e import KEY, RTYPES, Writer, _run, guest_session, take_reservation
 
 pytestmark = pytest.mark.interop
@@ -41,22 +43,32 @@ async def path_entries(c, host: str) -> dict[int, tuple[int, bool, int]]:  # typ
     return out
 
 
-async def settled(c, host: str, rtype: PrType | None) -> dict[int, tuple[int, bool, int]]:  # type: ignore[no-untyped-def]
-    """The new host's paths once its other path registered again (right after the move)."""
+async def settled(c, host: str, rtype: PrType | None = None,  # type: ignore[no-untyped-def]
+                  gone: str | None = None) -> dict[int, tuple[int, bool, int]]:
+    """The new host's paths once its other path registered again (right
+    after the move) and, with ``gone``, nothing is left of that host's."""
     seen: dict[int, tuple[int, bool, int]] = {}
     for _ in range(50):
         seen = await path_entries(c, host)
-        if set(seen) == {0, 1}:
+        if set(seen) == {0, 1} and (gone is None or not await path_entries(c, gone)):
             return seen
         await asyncio.sleep(0.1)
     return seen
 
 
+@contextmanager
+def two_path_cluster(tmp_path: Path) -> Iterator[tuple[ProcCluster, str]]:
+    """The migration cluster with the target's second portal and the
+    device's second ``backend=`` on it: (the cluster, that URL)."""
+    port2 = free_port(SECOND)
+    second = f"iscsi://{SECOND}:{port2}/{SHARED}/0"
+    with cluster(tmp_path, target_args=["--listen", f"{SECOND}:{port2}"], more_backends=[second]) as c:
+        yield c, second
+
+
 @pytest.mark.parametrize("rtype", RTYPES, ids=lambda t: "register-only" if t is None else t.name)
 def test_two_path_device_moves_there_and_back(tmp_path: Path, rtype: PrType | None) -> None:
-    port2 = free_port(SECOND)
-    with cluster(tmp_path, target_args=["--listen", f"{SECOND}:{port2}"],
-                 more_backends=[f"iscsi://{SECOND}:{port2}/{SHARED}/0"]) as c:
+    with two_path_cluster(tmp_path) as (c, _):
 
         async def go() -> None:
             s = await guest_session(c.frontend_url("hosta"))
