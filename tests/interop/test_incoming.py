@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -38,14 +40,37 @@ def _run(coro, timeout: float = 120):  # type: ignore[no-untyped-def]
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def device_add(c: ProcCluster, source: str) -> tuple[int, str]:
-    """``prmigrate device add`` on B with the documented spec."""
-    spec = f"name=vm1,backend={c.backend_url},incoming-from={source}"
+async def device_add(c: ProcCluster, source: str | None = None) -> str:
+    """``prmigrate device add`` on B with the documented spec (from A unless ``source``): its output."""
+    spec = f"name=vm1,backend={c.backend_url},incoming-from={source or c.procs['hosta'].migrate_addr}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "prmigrate.cli", "device", "add", "--host", str(c.procs["hostb"].control), spec,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env())
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode(errors="replace")
+    out_b, _ = await asyncio.wait_for(proc.communicate(), 30)
+    out = out_b.decode(errors="replace")
+    assert proc.returncode == 0, out
+    return out
+
+
+@asynccontextmanager
+async def reserved_guest(c: ProcCluster, rtype: PrType = PrType.WRITE_EXCLUSIVE) -> AsyncIterator[Session]:
+    """The guest's session on A's frontend holding a ``rtype`` reservation; closed at the end."""
+    a = await guest_session(c.frontend_url("hosta"))
+    try:
+        await take_reservation(a, rtype)
+        yield a
+    finally:
+        await a.close()
+
+
+@asynccontextmanager
+async def destination_session(c: ProcCluster, host: str = "hostb", isid: int = B_ISID) -> AsyncIterator[Session]:
+    """The destination QEMU's session (the guest's initiator, a new ISID) on ``host``; closed at the end."""
+    b = await guest_session(c.frontend_url(host), isid=isid)
+    try:
+        yield b
+    finally:
+        await b.close()
 
 
 async def submit_once_past_ua(s: Session, cdb: bytes, data: bytes = b"", n: int = 0):  # type: ignore[no-untyped-def]
@@ -68,42 +93,34 @@ def test_answered_without_a_move_then_pulled_by_a_write(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            b = None
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
-                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
-                assert code == 0, out
+            async with reserved_guest(c) as a:
+                out = await device_add(c)
                 assert FRONTEND in out or "vm1" in out, out
-                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
-                for cdb, n in ((INQUIRY, 96), (READ_CAPACITY, 8), (TUR, 0)):
-                    r = await submit_once_past_ua(b, cdb, b"", n)
-                    assert r.good, (cdb.hex(), r)
-                # nothing moved
-                (on_a,) = await c.entries_of("hosta")
-                assert on_a.holder and on_a.key == KEY
-                assert await c.entries_of("hostb") == []
-                q = await c.call("hostb", "query-devices")
-                assert q[0]["incoming-from"] == c.procs["hosta"].migrate_addr
-                assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
-                # the first WRITE on B pulls the device, then runs
-                r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
-                assert r.good, r
-                assert await c.entries_of("hosta") == []
-                (on_b,) = await c.entries_of("hostb")
-                assert on_b.holder and on_b.key == KEY and int(on_b.rtype) == PrType.WRITE_EXCLUSIVE
-                assert await b.read(11, 1) == b"b" * 512
-                await c.wait_device("hosta", False)
-                # A's guest got the logout request and the redirect: it is on B now
-                r = await submit_once_past_ua(a, _write10(12, 1), b"c" * 512)
-                assert r.good, r
-                sessions = (await c.call("hostb", "query-devices"))[0]["frontend"]["sessions"]
-                assert any("0x23d000000042" in s for s in sessions), sessions
-                assert "incoming-from" not in (await c.call("hostb", "query-devices"))[0]
-            finally:
-                if b is not None:
-                    await b.close()
-                await a.close()
+                async with destination_session(c) as b:
+                    for cdb, n in ((INQUIRY, 96), (READ_CAPACITY, 8), (TUR, 0)):
+                        r = await submit_once_past_ua(b, cdb, b"", n)
+                        assert r.good, (cdb.hex(), r)
+                    # nothing moved
+                    (on_a,) = await c.entries_of("hosta")
+                    assert on_a.holder and on_a.key == KEY
+                    assert await c.entries_of("hostb") == []
+                    q = await c.call("hostb", "query-devices")
+                    assert q[0]["incoming-from"] == c.procs["hosta"].migrate_addr
+                    assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
+                    # the first WRITE on B pulls the device, then runs
+                    r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
+                    assert r.good, r
+                    assert await c.entries_of("hosta") == []
+                    (on_b,) = await c.entries_of("hostb")
+                    assert on_b.holder and on_b.key == KEY and int(on_b.rtype) == PrType.WRITE_EXCLUSIVE
+                    assert await b.read(11, 1) == b"b" * 512
+                    await c.wait_device("hosta", False)
+                    # A's guest got the logout request and the redirect: it is on B now
+                    r = await submit_once_past_ua(a, _write10(12, 1), b"c" * 512)
+                    assert r.good, r
+                    sessions = (await c.call("hostb", "query-devices"))[0]["frontend"]["sessions"]
+                    assert any("0x23d000000042" in s for s in sessions), sessions
+                    assert "incoming-from" not in (await c.call("hostb", "query-devices"))[0]
 
         _run(go())
 
@@ -115,31 +132,25 @@ def test_a_failed_pull_is_retried_by_the_next_command(tmp_path: Path) -> None:
             host, port = c.procs["hosta"].migrate_addr.rsplit(":", 1)
             proxy = StoppableProxy((host, int(port)))
             await proxy.start()
-            a = await guest_session(c.frontend_url("hosta"))
-            b = None
             try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
-                code, out = await device_add(c, f"127.0.0.1:{proxy.port}")
-                assert code == 0, out
-                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
-                assert (await submit_once_past_ua(b, TUR)).good
-                await proxy.stop()  # A's migration listener unreachable from B
-                r = await b.submit(0, _write10(11, 1), b"b" * 512)
-                assert r.status == Status.CHECK_CONDITION, r
-                s = decode_sense(bytes(r.sense))
-                assert (int(s.key), s.asc, s.ascq) == (0x02, 0x04, 0x0A)
-                (on_a,) = await c.entries_of("hosta")
-                assert on_a.holder  # the source keeps serving
-                assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
-                await proxy.start()
-                r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
-                assert r.good, r
-                assert await c.entries_of("hosta") == []
-                assert (await c.entries_of("hostb"))[0].holder
+                async with reserved_guest(c) as a:
+                    await device_add(c, f"127.0.0.1:{proxy.port}")
+                    async with destination_session(c) as b:
+                        assert (await submit_once_past_ua(b, TUR)).good
+                        await proxy.stop()  # A's migration listener unreachable from B
+                        r = await b.submit(0, _write10(11, 1), b"b" * 512)
+                        assert r.status == Status.CHECK_CONDITION, r
+                        s = decode_sense(bytes(r.sense))
+                        assert (int(s.key), s.asc, s.ascq) == (0x02, 0x04, 0x0A)
+                        (on_a,) = await c.entries_of("hosta")
+                        assert on_a.holder  # the source keeps serving
+                        assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
+                        await proxy.start()
+                        r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
+                        assert r.good, r
+                        assert await c.entries_of("hosta") == []
+                        assert (await c.entries_of("hostb"))[0].holder
             finally:
-                if b is not None:
-                    await b.close()
-                await a.close()
                 await proxy.stop()
 
         _run(go())
@@ -149,13 +160,11 @@ def test_the_source_hands_over_when_its_guest_quits(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            await take_reservation(a, PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY)
-            code, out = await device_add(c, c.procs["hosta"].migrate_addr)
-            assert code == 0, out
-            await asyncio.sleep(0.5)
-            assert (await c.entries_of("hosta"))[0].holder  # the guest is still on A
-            await a.close()  # the source QEMU quit after its migration
+            async with reserved_guest(c, PrType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY):
+                await device_add(c)
+                await asyncio.sleep(0.5)
+                assert (await c.entries_of("hosta"))[0].holder  # the guest is still on A
+            # the guest's session closed: the source QEMU quit after its migration
             await c.wait_device("hosta", False, timeout=15)
 
             async def on_b() -> bool:
@@ -172,14 +181,11 @@ def test_a_cancelled_vm_migration_moves_nothing(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
-                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
-                assert code == 0, out
-                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
-                assert (await submit_once_past_ua(b, INQUIRY, b"", 96)).good
-                await b.close()  # the destination QEMU is killed
+            async with reserved_guest(c) as a:
+                await device_add(c)
+                async with destination_session(c) as b:
+                    assert (await submit_once_past_ua(b, INQUIRY, b"", 96)).good
+                # B's session closed: the destination QEMU is killed
                 res = subprocess.run(
                     [sys.executable, "-m", "prmigrate.cli", "device", "list", "--host", str(c.procs["hostb"].control)],
                     capture_output=True, text=True, env=env(), timeout=30)
@@ -193,8 +199,6 @@ def test_a_cancelled_vm_migration_moves_nothing(tmp_path: Path) -> None:
                 (on_a,) = await c.entries_of("hosta")
                 assert on_a.holder and on_a.key == KEY
                 assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
-            finally:
-                await a.close()
 
         _run(go())
 
@@ -203,24 +207,16 @@ def test_migrate_pr_off_moves_the_device_not_the_reservation(tmp_path: Path) -> 
     with cluster(tmp_path, machine="pc-q35-10.2") as c:
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            b = None
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
-                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
-                assert code == 0, out
-                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
-                r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
-                # moved, but the reservation stayed with A's nexus (as a push)
-                assert r.status == Status.RESERVATION_CONFLICT, r
-                await c.wait_device("hosta", False)
-                (on_a,) = await c.entries_of("hosta")
-                assert on_a.holder
-                assert await c.entries_of("hostb") == []
-            finally:
-                if b is not None:
-                    await b.close()
-                await a.close()
+            async with reserved_guest(c):
+                await device_add(c)
+                async with destination_session(c) as b:
+                    r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
+                    # moved, but the reservation stayed with A's nexus (as a push)
+                    assert r.status == Status.RESERVATION_CONFLICT, r
+                    await c.wait_device("hosta", False)
+                    (on_a,) = await c.entries_of("hosta")
+                    assert on_a.holder
+                    assert await c.entries_of("hostb") == []
 
         _run(go())
 
@@ -245,11 +241,8 @@ def test_qemu_io_opens_without_a_move_and_its_write_pulls(tmp_path: Path) -> Non
             return proc.returncode or 0, out.decode(errors="replace")
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
-                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
-                assert code == 0, out
+            async with reserved_guest(c):
+                await device_add(c)
                 rc, out = await qemu_io("sleep 200")  # open and close the drive only
                 assert rc == 0, out
                 (on_a,) = await c.entries_of("hosta")
@@ -260,8 +253,6 @@ def test_qemu_io_opens_without_a_move_and_its_write_pulls(tmp_path: Path) -> Non
                 assert await c.entries_of("hosta") == []
                 (on_b,) = await c.entries_of("hostb")
                 assert on_b.holder and on_b.key == KEY
-            finally:
-                await a.close()
 
         _run(go())
 
@@ -270,26 +261,18 @@ def test_an_incoming_device_survives_a_restart_of_its_host(tmp_path: Path) -> No
     with cluster(tmp_path) as c:
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            b = None
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
-                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
-                assert code == 0, out
+            async with reserved_guest(c):
+                await device_add(c)
                 stop(c.procs["hostb"].proc, timeout=10)
                 c.restart_host("hostb")
                 await c.wait_device("hostb", True)
                 q = (await c.call("hostb", "query-devices"))[0]
                 assert q["incoming-from"] == c.procs["hosta"].migrate_addr  # described again, still incoming
                 assert (await c.entries_of("hosta"))[0].holder
-                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
-                r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
-                assert r.good, r
-                assert await c.entries_of("hosta") == [] and (await c.entries_of("hostb"))[0].holder
-            finally:
-                if b is not None:
-                    await b.close()
-                await a.close()
+                async with destination_session(c) as b:
+                    r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
+                    assert r.good, r
+                    assert await c.entries_of("hosta") == [] and (await c.entries_of("hostb"))[0].holder
 
         _run(go())
 
@@ -301,28 +284,20 @@ def test_a_refused_takeover_leaves_the_device_on_the_source(tmp_path: Path) -> N
     with cluster(tmp_path, refuse_preempt_from=INITIATORS["hostb"]) as c:
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            b = None
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
-                code, out = await device_add(c, c.procs["hosta"].migrate_addr)
-                assert code == 0, out
-                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
-                r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
-                assert r.status == Status.CHECK_CONDITION, r
-                s = decode_sense(bytes(r.sense))
-                assert (int(s.key), s.asc, s.ascq) == (0x02, 0x04, 0x0A)
-                assert "refusing PREEMPT" in c.procs["target"].log
-                (on_a,) = await c.entries_of("hosta")
-                assert on_a.holder and on_a.key == KEY
-                assert await c.entries_of("hostb") == []
-                assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
-                q = (await c.call("hostb", "query-devices"))[0]
-                assert "incoming-from" in q
-            finally:
-                if b is not None:
-                    await b.close()
-                await a.close()
+            async with reserved_guest(c) as a:
+                await device_add(c)
+                async with destination_session(c) as b:
+                    r = await submit_once_past_ua(b, _write10(11, 1), b"b" * 512)
+                    assert r.status == Status.CHECK_CONDITION, r
+                    s = decode_sense(bytes(r.sense))
+                    assert (int(s.key), s.asc, s.ascq) == (0x02, 0x04, 0x0A)
+                    assert "refusing PREEMPT" in c.procs["target"].log
+                    (on_a,) = await c.entries_of("hosta")
+                    assert on_a.holder and on_a.key == KEY
+                    assert await c.entries_of("hostb") == []
+                    assert (await a.submit(0, _write10(10, 1), b"a" * 512)).good
+                    q = (await c.call("hostb", "query-devices"))[0]
+                    assert "incoming-from" in q
 
         _run(go())
 
@@ -333,29 +308,23 @@ def test_pulled_there_and_back_again(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
+            async with reserved_guest(c) as a:
                 for i, (src, dst) in enumerate((("hosta", "hostb"), ("hostb", "hosta"))):
                     await c.wait_device(dst, False, timeout=15)
-                    code, out = await device_add(c, c.procs[src].migrate_addr) if dst == "hostb" else (
-                        0, str(await c.call(dst, "device-add", {"name": "vm1", "backend": c.backend_url,
-                                                                 "incoming-from": c.procs[src].migrate_addr})))
-                    assert code == 0, out
-                    s = await guest_session(c.frontend_url(dst), isid=B_ISID + i)
-                    try:
+                    if dst == "hostb":
+                        await device_add(c, c.procs[src].migrate_addr)
+                    else:
+                        await c.call(dst, "device-add", {"name": "vm1", "backend": c.backend_url,
+                                                         "incoming-from": c.procs[src].migrate_addr})
+                    async with destination_session(c, dst, B_ISID + i) as s:
                         r = await submit_once_past_ua(s, _write10(20 + i, 1), bytes([i]) * 512)
                         assert r.good, r
-                    finally:
-                        await s.close()
                     assert await c.entries_of(src) == []
                     (e,) = await c.entries_of(dst)
                     assert e.holder and e.key == KEY
                     # the first guest followed the device (logout request, redirect)
                     assert (await submit_once_past_ua(a, _write10(30 + i, 1), b"g" * 512)).good
                 assert "incoming-from" not in (await c.call("hosta", "query-devices"))[0]
-            finally:
-                await a.close()
 
         _run(go())
 
@@ -371,31 +340,24 @@ def test_a_two_path_device_is_pulled_by_a_write(tmp_path: Path) -> None:
     with two_path_cluster(tmp_path) as (c, second):
 
         async def go() -> None:
-            a = await guest_session(c.frontend_url("hosta"))
-            b = None
-            try:
-                await take_reservation(a, PrType.WRITE_EXCLUSIVE)
+            async with reserved_guest(c):
                 ans = await c.call("hostb", "device-add", {
                     "name": "vm1", "backend": [c.backend_url, second],
                     "incoming-from": c.procs["hosta"].migrate_addr})
                 assert ans, ans
-                b = await guest_session(c.frontend_url("hostb"), isid=B_ISID)
-                r = await submit_once_past_ua(b, TUR)
-                assert r.good, r
-                assert await path_entries(c, "hostb") == {}  # nothing moved yet
-                r = await submit_once_past_ua(b, _write10(21, 1), b"m" * 512)
-                assert r.good, r
-                seen = await settled(c, "hostb")  # B's other path registers again right after the takeover
-                assert {p: k for p, (k, _, _) in seen.items()} == {0: KEY, 1: KEY}, seen
-                holders = [p for p, (_, h, _) in seen.items() if h]
-                assert len(holders) == 1 and seen[holders[0]][2] == PrType.WRITE_EXCLUSIVE, seen
-                assert await path_entries(c, "hosta") == {}
-                assert await b.read(21, 1) == b"m" * 512
-                for lba in range(22, 30):  # the holder's path carries the writes: no conflict
-                    assert (await b.submit(0, _write10(lba, 1), bytes([lba]) * 512)).good
-            finally:
-                if b is not None:
-                    await b.close()
-                await a.close()
+                async with destination_session(c) as b:
+                    r = await submit_once_past_ua(b, TUR)
+                    assert r.good, r
+                    assert await path_entries(c, "hostb") == {}  # nothing moved yet
+                    r = await submit_once_past_ua(b, _write10(21, 1), b"m" * 512)
+                    assert r.good, r
+                    seen = await settled(c, "hostb")  # B's other path registers again right after the takeover
+                    assert {p: k for p, (k, _, _) in seen.items()} == {0: KEY, 1: KEY}, seen
+                    holders = [p for p, (_, h, _) in seen.items() if h]
+                    assert len(holders) == 1 and seen[holders[0]][2] == PrType.WRITE_EXCLUSIVE, seen
+                    assert await path_entries(c, "hosta") == {}
+                    assert await b.read(21, 1) == b"m" * 512
+                    for lba in range(22, 30):  # the holder's path carries the writes: no conflict
+                        assert (await b.submit(0, _write10(lba, 1), bytes([lba]) * 512)).good
 
         _run(go())
