@@ -249,8 +249,10 @@ class ProcCluster:
             raise
         return proc.returncode or 0, out.decode(errors="replace")
 
-    async def full_status(self) -> ReadFullStatus:
-        s = await connect(self.target_url, initiator_name=OBSERVER, isid=0x23D0000000FE,
+    async def full_status(self, lun: int = 0) -> ReadFullStatus:
+        """READ FULL STATUS of the target's LUN ``lun``, read from the observer's nexus."""
+        t = self.procs["target"]
+        s = await connect(f"iscsi://{t.host}:{t.port}/{SHARED}/{lun}", initiator_name=OBSERVER, isid=0x23D0000000FE,
                           reconnect=False, command_timeout=10)
         try:
             r = await s.pr_in(PrInAction.READ_FULL_STATUS, 8192)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from prmigrate.device.identity import derive_isid
-from prmigrate.iscsi.initiator import connect
+from prmigrate.iscsi.initiator import Session, connect
 from prmigrate.scsi.constants import PrType
 
 from .conftest import wait_listening
@@ -32,45 +35,74 @@ def _frontend(i: int) -> str:
     return f"iqn.2026-11.org.prmigrate:vm{i}"
 
 
-def _start(tmp_path: Path) -> ProcCluster:
+@contextmanager
+def batch_cluster(tmp_path: Path) -> Iterator[ProcCluster]:
+    """The target with one LUN per device, A serving vm1..vm10 and B empty; logs printed on failure, stopped at the end."""
     c = ProcCluster(tmp_path)
-    port = free_port(c.target_host)
-    luns = [a for i in range(DEVICES) for a in ("--lun", f"{i}={tmp_path / f'lun{i}.img'}")]
-    p = spawn("target", [sys.executable, "-m", "prmigrate.cli", "target", "--listen",
-                         f"{c.target_host}:{port}", "--iqn", SHARED, "--size", "16M", *luns,
-                         "--state-dir", str(tmp_path / "target-state")], tmp_path)
-    p.host, p.port = c.target_host, port
-    c.procs["target"] = p
-    wait_listening(p.host, p.port, p.proc)
-    base = f"iscsi://{p.host}:{port}/{SHARED}"
-    c.extra_devices = [f"name=vm{i},backend={base}/{i - 1},target={_frontend(i)},machine={c.machine}"
-                       for i in range(2, DEVICES + 1)]
-    c.start()
-    return c
+    try:
+        port = free_port(c.target_host)
+        luns = [a for i in range(DEVICES) for a in ("--lun", f"{i}={tmp_path / f'lun{i}.img'}")]
+        p = spawn("target", [sys.executable, "-m", "prmigrate.cli", "target", "--listen",
+                             f"{c.target_host}:{port}", "--iqn", SHARED, "--size", "16M", *luns,
+                             "--state-dir", str(tmp_path / "target-state")], tmp_path)
+        p.host, p.port = c.target_host, port
+        c.procs["target"] = p
+        wait_listening(p.host, p.port, p.proc)
+        base = f"iscsi://{p.host}:{port}/{SHARED}"
+        c.extra_devices = [f"name=vm{i},backend={base}/{i - 1},target={_frontend(i)},machine={c.machine}"
+                           for i in range(2, DEVICES + 1)]
+        c.start()
+        yield c
+    except BaseException:
+        print(c.dump_logs())
+        raise
+    finally:
+        c.stop()
+
+
+@asynccontextmanager
+async def reserved_guests(c: ProcCluster, rtype: PrType) -> AsyncIterator[list[Session]]:
+    """Each device's guest session on A's frontend, holding a ``rtype`` reservation; all closed at the end."""
+    a = c.procs["hosta"]
+    sessions: list[Session] = []
+    try:
+        for i in range(1, DEVICES + 1):
+            s = await connect(f"iscsi://{a.host}:{a.port}/{_frontend(i)}/0", initiator_name=GUEST,
+                              isid=0x23D000000042, command_timeout=30, reconnect_timeout=30)
+            sessions.append(s)
+            await take_reservation(s, rtype)
+        yield sessions
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+async def migrate_to_b(c: ProcCluster, *which: str) -> tuple[int | None, str]:
+    """``prmigrate migrate --control A <which> --to B`` as a subprocess: (exit status, output)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "prmigrate.cli", "migrate", "--control", str(c.procs["hosta"].control),
+        *which, "--to", c.procs["hostb"].migrate_addr,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env())
+    out_b, _ = await asyncio.wait_for(proc.communicate(), 90)
+    return proc.returncode, out_b.decode(errors="replace")
+
+
+async def guest_entries(c: ProcCluster, i: int) -> list[Any]:
+    """READ FULL STATUS entries of vm{i}'s guest nexus (its ISID, through any host) on LUN i-1."""
+    rfs = await c.full_status(i - 1)
+    isid = derive_isid(f"vm{i}", GUEST)
+    return [e for e in rfs.entries if e.transport_id.isid == isid]
 
 
 def test_migrate_all_moves_every_device_with_its_reservation(tmp_path: Path) -> None:
-    c = _start(tmp_path)
-    try:
+    with batch_cluster(tmp_path) as c:
+
         async def go() -> None:
-            a = c.procs["hosta"]
-            sessions = []
-            for i in range(1, DEVICES + 1):
-                s = await connect(f"iscsi://{a.host}:{a.port}/{_frontend(i)}/0", initiator_name=GUEST,
-                                  isid=0x23D000000042, command_timeout=30, reconnect_timeout=30)
-                sessions.append(s)
-                await take_reservation(s, PrType.WRITE_EXCLUSIVE)
-            writers = [Writer(s) for s in sessions]
-            try:
+            async with reserved_guests(c, PrType.WRITE_EXCLUSIVE) as sessions:
+                writers = [Writer(s) for s in sessions]
                 await asyncio.sleep(0.3)
-                control = c.procs["hosta"].control
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "prmigrate.cli", "migrate", "--control", str(control),
-                    "--all", "--to", c.procs["hostb"].migrate_addr,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env())
-                out_b, _ = await asyncio.wait_for(proc.communicate(), 90)
-                out = out_b.decode(errors="replace")
-                assert proc.returncode == 0, out
+                rc, out = await migrate_to_b(c, "--all")
+                assert rc == 0, out
                 assert f"{DEVICES} of {DEVICES} moved" in out, out
                 before = [len(w.acked) for w in writers]
                 await asyncio.sleep(0.5)
@@ -86,70 +118,32 @@ def test_migrate_all_moves_every_device_with_its_reservation(tmp_path: Path) -> 
                     assert sess, f"vm{i} not on B"
                 assert await c.call("hosta", "query-devices") == []
                 for i in range(1, DEVICES + 1):
-                    rfs = await _full_status(c, i - 1)
-                    isid = derive_isid(f"vm{i}", GUEST)
-                    mine = [e for e in rfs.entries if e.transport_id.isid == isid]
+                    mine = await guest_entries(c, i)
                     assert [e.transport_id.name.lower() for e in mine] == [INITIATORS["hostb"]], (i, mine)
                     assert mine[0].holder and int(mine[0].rtype) == PrType.WRITE_EXCLUSIVE
                 # each pause is printed; none is long
                 pauses = [float(m) for m in re.findall(r"\(pause ([\d.]+) ms\)", out)]
                 assert len(pauses) == DEVICES, out
                 print(out)
-            finally:
-                for s in sessions:
-                    await s.close()
 
         asyncio.run(asyncio.wait_for(go(), 180))
-    except BaseException:
-        print(c.dump_logs())
-        raise
-    finally:
-        c.stop()
-
-
-async def _full_status(c: ProcCluster, lun: int):  # type: ignore[no-untyped-def]
-    from prmigrate.scsi.constants import PrInAction
-    from prmigrate.scsi.pr import ReadFullStatus
-
-    t = c.procs["target"]
-    s = await connect(f"iscsi://{t.host}:{t.port}/{SHARED}/{lun}", initiator_name="iqn.2026-11.org.prmigrate:observer",
-                      isid=0x23D0000000FE, reconnect=False, command_timeout=10)
-    try:
-        r = await s.pr_in(PrInAction.READ_FULL_STATUS, 8192)
-        assert r.good, r
-        return ReadFullStatus.decode(bytes(r.data_in))
-    finally:
-        await s.close()
 
 
 def test_a_move_refused_in_a_batch_rolls_back_alone(tmp_path: Path) -> None:
     """B already has a device named vm3: that move fails in setup and vm3
     stays on A with its guest and reservation; the other nine move."""
-    c = _start(tmp_path)
-    try:
+    with batch_cluster(tmp_path) as c:
+
         async def go() -> None:
-            a = c.procs["hosta"]
             t = c.procs["target"]
             await c.call("hostb", "device-add", {
                 "name": "vm3", "backend": f"iscsi://{t.host}:{t.port}/{SHARED}/2",
                 "target": "iqn.2026-11.org.prmigrate:other-vm3"})
-            sessions = []
-            for i in range(1, DEVICES + 1):
-                s = await connect(f"iscsi://{a.host}:{a.port}/{_frontend(i)}/0", initiator_name=GUEST,
-                                  isid=0x23D000000042, command_timeout=30, reconnect_timeout=30)
-                sessions.append(s)
-                await take_reservation(s, PrType.EXCLUSIVE_ACCESS)
-            writers = [Writer(s) for s in sessions]
-            try:
+            async with reserved_guests(c, PrType.EXCLUSIVE_ACCESS) as sessions:
+                writers = [Writer(s) for s in sessions]
                 await asyncio.sleep(0.2)
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "prmigrate.cli", "migrate", "--control", str(a.control),
-                    *[x for i in range(1, DEVICES + 1) for x in ("--device", f"vm{i}")],
-                    "--to", c.procs["hostb"].migrate_addr,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env())
-                out_b, _ = await asyncio.wait_for(proc.communicate(), 90)
-                out = out_b.decode(errors="replace")
-                assert proc.returncode == 1, out  # the worst of the moves: one failed, stayed
+                rc, out = await migrate_to_b(c, *[x for i in range(1, DEVICES + 1) for x in ("--device", f"vm{i}")])
+                assert rc == 1, out  # the worst of the moves: one failed, stayed
                 assert f"{DEVICES - 1} of {DEVICES} moved" in out, out
                 assert re.search(r"^vm3: failed, stays on the source: .*already exists", out, re.M), out
                 await asyncio.sleep(0.3)
@@ -160,19 +154,9 @@ def test_a_move_refused_in_a_batch_rolls_back_alone(tmp_path: Path) -> None:
                 on_a = [d["name"] for d in await c.call("hosta", "query-devices")]
                 assert on_a == ["vm3"], on_a
                 for i in range(1, DEVICES + 1):
-                    rfs = await _full_status(c, i - 1)
-                    isid = derive_isid(f"vm{i}", GUEST)
-                    mine = [e for e in rfs.entries if e.transport_id.isid == isid]
+                    mine = await guest_entries(c, i)
                     host = "hosta" if i == 3 else "hostb"
                     assert [e.transport_id.name.lower() for e in mine] == [INITIATORS[host]], (i, mine)
                     assert mine[0].holder
-            finally:
-                for s in sessions:
-                    await s.close()
 
         asyncio.run(asyncio.wait_for(go(), 180))
-    except BaseException:
-        print(c.dump_logs())
-        raise
-    finally:
-        c.stop()
