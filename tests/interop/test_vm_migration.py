@@ -30,6 +30,8 @@ reservation on A's nexus: the device moves, its reservation does not.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +51,17 @@ def image() -> Path:
     return guest_image()
 
 
-def running(c: ProcCluster, workdir: Path, image: Path) -> VmRun:
-    start_cluster(c)
-    run = VmRun(c, image, workdir)
-    run.boot()
-    assert_held_by(c, "hosta", "hostb")
-    return run
-
-
-def test_vm_migrated_by_qemu_takes_its_reservation_along_there_and_back_then_fenced(
-        tmp_path: Path, image: Path) -> None:
-    c = ProcCluster(tmp_path)
+@contextmanager
+def running_vm(tmp_path: Path, image: Path, **kw: Any) -> Iterator[VmRun]:
+    """The cluster and the VM booted on A holding its reservation; logs printed on failure, all stopped at the end."""
+    c = ProcCluster(tmp_path, **kw)
     run = None
     try:
-        run = running(c, tmp_path, image)
-        for src, dst in (("hosta", "hostb"), ("hostb", "hosta"), ("hosta", "hostb")):
-            w = settle(run.move(dst).guest)
-            assert w["errors"] == 0 and w["mismatches"] == 0 and w["ops"] > 0, (src, dst, w)
-            assert_held_by(c, dst, src)
-        run.assert_clean()
-        fence_from_other_node(c, run.vm.guest)  # the VM, now on B, is fenced
+        start_cluster(c)
+        run = VmRun(c, image, tmp_path)
+        run.boot()
+        assert_held_by(c, "hosta", "hostb")
+        yield run
     except BaseException:
         print(run.dump() if run else c.dump_logs())
         raise
@@ -78,12 +71,22 @@ def test_vm_migrated_by_qemu_takes_its_reservation_along_there_and_back_then_fen
         c.stop()
 
 
+def test_vm_migrated_by_qemu_takes_its_reservation_along_there_and_back_then_fenced(
+        tmp_path: Path, image: Path) -> None:
+    with running_vm(tmp_path, image) as run:
+        c = run.c
+        for src, dst in (("hosta", "hostb"), ("hostb", "hosta"), ("hosta", "hostb")):
+            w = settle(run.move(dst).guest)
+            assert w["errors"] == 0 and w["mismatches"] == 0 and w["ops"] > 0, (src, dst, w)
+            assert_held_by(c, dst, src)
+        run.assert_clean()
+        fence_from_other_node(c, run.vm.guest)  # the VM, now on B, is fenced
+
+
 def test_vm_migrations_cancelled_before_switchover_leave_the_reservation_on_a(
         tmp_path: Path, image: Path) -> None:
-    c = ProcCluster(tmp_path)
-    run = None
-    try:
-        run = running(c, tmp_path, image)
+    with running_vm(tmp_path, image) as run:
+        c = run.c
         src = run.vm
         # 1. QMP migrate_cancel while paused in pre-switchover
         dst, sock = run.destination("hostb")
@@ -106,13 +109,6 @@ def test_vm_migrations_cancelled_before_switchover_leave_the_reservation_on_a(
         assert src.wait_migration({"failed", "cancelled"}) == "failed"
         check_still_on_a(c, run)
         run.assert_clean()
-    except BaseException:
-        print(run.dump() if run else c.dump_logs())
-        raise
-    finally:
-        if run:
-            run.stop()
-        c.stop()
 
 
 def check_still_on_a(c: ProcCluster, run: VmRun) -> None:
@@ -128,10 +124,8 @@ def check_still_on_a(c: ProcCluster, run: VmRun) -> None:
 
 
 def test_vm_migration_with_migrate_pr_off_leaves_the_reservation_on_a(tmp_path: Path, image: Path) -> None:
-    c = ProcCluster(tmp_path, machine="pc-q35-10.2")
-    run = None
-    try:
-        run = running(c, tmp_path, image)
+    with running_vm(tmp_path, image, machine="pc-q35-10.2") as run:
+        c = run.c
         settle(run.move("hostb").guest)
         _run(c.wait_device("hostb"))
         _run(c.wait_device("hosta", present=False))
@@ -146,10 +140,3 @@ def test_vm_migration_with_migrate_pr_off_leaves_the_reservation_on_a(tmp_path: 
         errors: list[dict[str, Any]] = run.vm.guest.lines_of("error")
         assert errors and {e["sg_status"] for e in errors} == {"0x18"}, errors
         assert not run.vm.guest.lines_of("mismatch")
-    except BaseException:
-        print(run.dump() if run else c.dump_logs())
-        raise
-    finally:
-        if run:
-            run.stop()
-        c.stop()
