@@ -22,8 +22,17 @@ from prmigrate.device.identity import derive_isid
 from prmigrate.iscsi.initiator import Session, connect
 from prmigrate.scsi.constants import PrType
 
-from .conftest import wait_listening
-from .migration_cluster import GUEST, INITIATORS, SHARED, ProcCluster, env, free_port, spawn
+from .conftest import stop, wait_listening
+from .migration_cluster import (
+    GUEST,
+    INITIATORS,
+    SHARED,
+    ProcCluster,
+    cluster,
+    env,
+    free_port,
+    spawn,
+)
 from .test_migration_e2e import Writer, take_reservation
 
 pytestmark = pytest.mark.interop
@@ -37,27 +46,24 @@ def _frontend(i: int) -> str:
 
 @contextmanager
 def batch_cluster(tmp_path: Path) -> Iterator[ProcCluster]:
-    """The target with one LUN per device, A serving vm1..vm10 and B empty; logs printed on failure, stopped at the end."""
-    c = ProcCluster(tmp_path)
+    """The target with one LUN per device, A serving vm1..vm10, B empty (as ``cluster``: logs on failure, all stopped)."""
+    host, port = "127.0.0.1", free_port("127.0.0.1")
+    luns = [a for i in range(DEVICES) for a in ("--lun", f"{i}={tmp_path / f'lun{i}.img'}")]
+    t = spawn("target", [sys.executable, "-m", "prmigrate.cli", "target", "--listen",
+                         f"{host}:{port}", "--iqn", SHARED, "--size", "16M", *luns,
+                         "--state-dir", str(tmp_path / "target-state")], tmp_path)
+    t.host, t.port = host, port
     try:
-        port = free_port(c.target_host)
-        luns = [a for i in range(DEVICES) for a in ("--lun", f"{i}={tmp_path / f'lun{i}.img'}")]
-        p = spawn("target", [sys.executable, "-m", "prmigrate.cli", "target", "--listen",
-                             f"{c.target_host}:{port}", "--iqn", SHARED, "--size", "16M", *luns,
-                             "--state-dir", str(tmp_path / "target-state")], tmp_path)
-        p.host, p.port = c.target_host, port
-        c.procs["target"] = p
-        wait_listening(p.host, p.port, p.proc)
-        base = f"iscsi://{p.host}:{port}/{SHARED}"
-        c.extra_devices = [f"name=vm{i},backend={base}/{i - 1},target={_frontend(i)},machine={c.machine}"
-                           for i in range(2, DEVICES + 1)]
-        c.start()
-        yield c
+        wait_listening(t.host, t.port, t.proc)
     except BaseException:
-        print(c.dump_logs())
+        stop(t.proc)
         raise
-    finally:
-        c.stop()
+    base = f"iscsi://{host}:{port}/{SHARED}"
+    machine = ProcCluster.machine  # the cluster's default machine type
+    devices = [f"name=vm{i},backend={base}/{i - 1},target={_frontend(i)},machine={machine}"
+               for i in range(2, DEVICES + 1)]
+    with cluster(tmp_path, procs={"target": t}, extra_devices=devices) as c:
+        yield c
 
 
 @asynccontextmanager
