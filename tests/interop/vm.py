@@ -22,6 +22,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -72,6 +73,7 @@ class Guest:
     memory: str = "256"
     time_limit: float = 900.0  # QEMU is killed after this long whatever happens to us
     proc: subprocess.Popen[bytes] | None = None
+    connects: ConnectWatch | None = None  # its TCP connections, when it has a network
     lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _seen: int = 0
@@ -187,30 +189,6 @@ class Guest:
         found = [(g, a) for t, g, a in self.stalls() if lo <= t <= hi]
         return max(found, key=lambda x: x[0], default=(0.0, None))
 
-
-    def iscsid_timer_waits(self) -> list[bool]:
-        """Per logout request iscsid received (one per move), whether its
-        reconnection waited for its own 1 s alarm ("Poll was woken by an
-        alarm", iscsid debug level 1). iscsid polls a new connection's TCP
-        connect for 1 ms and, if the handshake is not done by then, looks
-        again only when something wakes it, at the latest its next 1 s
-        alarm: under TCG on a busy host the guest's handshake sometimes
-        takes longer than 1 ms. A reconnection can also wait about 1 s
-        without that line (work iscsid queued for its next loop, run when
-        the next event wakes it); this tells only the visible case."""
-        waits: list[bool] = []
-        with self._cond:
-            lines = list(self.lines)
-        open_move = False
-        for ln in lines:
-            if "Target requests logout" in ln:
-                waits.append(False)
-                open_move = True
-            elif open_move and "Poll was woken by an alarm" in ln:
-                waits[-1] = True
-            elif "operational after recovery" in ln:
-                open_move = False
-        return waits
 
     def kill(self) -> None:
         """End QEMU now (a VM paused after its migration answers nothing)."""
@@ -347,6 +325,108 @@ def netns(taps: int = 1, prefix: str = "10.77.0", host_ids: tuple[int, ...] = (1
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10, check=False)
 
 
+@dataclass
+class Connect:
+    """One TCP connection the guest opened (our monotonic clock, seconds):
+    its SYN, the end of its handshake (the guest's first ACK) and its first
+    data (open-iscsi: iscsid's Login Request)."""
+
+    to: str  # "ADDR:PORT"
+    syn: float
+    answered: float | None = None  # the host's SYN-ACK, as it went into the tap
+    established: float | None = None
+    first_data: float | None = None
+
+    @property
+    def login_wait(self) -> float | None:
+        """How long the guest sat on an established connection before it
+        sent anything: iscsid polls a new connection's TCP connect for 1 ms
+        and, when the handshake took longer, looks again only at its next
+        1 s alarm, so this is about 1 s exactly when it waited for it."""
+        if self.established is None or self.first_data is None:
+            return None
+        return self.first_data - self.established
+
+
+class ConnectWatch:
+    """The TCP connections a guest opens, seen on its tap (an AF_PACKET
+    socket, so it must be made inside the guest's network namespace): the
+    guest's SYN, the host's SYN-ACK, the guest's first ACK and its first
+    frame carrying data."""
+
+    def __init__(self, ifname: str, guest_ip: str) -> None:
+        self._ip = socket.inet_aton(guest_ip)
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self._sock.bind((ifname, 0))
+        self._sock.settimeout(0.2)
+        self._open: dict[tuple[bytes, int, int], Connect] = {}
+        self.connects: list[Connect] = []
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                frame = self._sock.recv(96)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._frame(time.monotonic(), frame)
+
+    def _frame(self, t: float, f: bytes) -> None:
+        # Ethernet II, IPv4 (RFC 791), TCP (RFC 9293): the guest's frames and the SYN-ACKs to it
+        if len(f) < 54 or f[12:14] != b"\x08\x00" or f[23] != 6:
+            return
+        if f[30:34] == self._ip:  # to the guest: only a SYN-ACK matters
+            if f[14 + (f[14] & 0x0F) * 4 + 13] & 0x12 == 0x12:
+                self._syn_ack(t, f)
+            return
+        if f[26:30] != self._ip:
+            return
+        ihl = (f[14] & 0x0F) * 4
+        total = struct.unpack_from("!H", f, 16)[0]
+        tcp = 14 + ihl
+        if len(f) < tcp + 14:
+            return
+        sport, dport = struct.unpack_from("!HH", f, tcp)
+        flags, payload = f[tcp + 13], total - ihl - (f[tcp + 12] >> 4) * 4
+        key = (f[30:34], dport, sport)
+        with self._lock:
+            if flags & 0x12 == 0x02:  # SYN
+                c = Connect(f"{socket.inet_ntoa(f[30:34])}:{dport}", t)
+                self._open[key] = c
+                self.connects.append(c)
+                return
+            c = self._open.get(key)
+            if c is None:
+                return
+            if c.established is None and flags & 0x10:
+                c.established = t
+            if payload > 0:
+                c.first_data = t
+                del self._open[key]
+
+    def _syn_ack(self, t: float, f: bytes) -> None:
+        sport, dport = struct.unpack_from("!HH", f, 14 + (f[14] & 0x0F) * 4)
+        with self._lock:
+            c = self._open.get((f[26:30], sport, dport))
+            if c is not None and c.answered is None:
+                c.answered = t
+
+    def between(self, start: float, end: float) -> list[Connect]:
+        """The connections whose SYN went out between ``start`` and ``end``."""
+        with self._lock:
+            return [c for c in self.connects if start <= c.syn <= end]
+
+    def stop(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self._sock.close()
+
+
 # ------------------------------------------------------------ the cluster
 
 @dataclass
@@ -386,12 +466,13 @@ def open_iscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, 
         c.start()
         g = Guest(image, workdir, "open-iscsi", {
             "mode": "openiscsi", "ip": f"{net.addr(10)}/24", "portal": frontend_portal(c, "hosta"),
-            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "iscsid_debug": "1",
-            "neighbours": f"{net.addr(2)},{net.addr(3)}"},
+            "target": FRONTEND, "iqn": GUEST_IQN, "key": hex(GUEST_KEY), "neighbours": f"{net.addr(2)},{net.addr(3)}"},
             ["-netdev", f"tap,id=n0,ifname={net.taps[0]},script=no,downscript=no",
              "-device", "virtio-net-pci,netdev=n0,romfile=", "-nic", "none"])
+        g.connects = ConnectWatch(net.taps[0], net.addr(10))
         try:
             yield c, g.start()
         finally:
             g.stop()
+            g.connects.stop()
             c.stop()
