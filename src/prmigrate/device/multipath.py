@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..iscsi.initiator import IscsiError, LoginError, Session
+from ..iscsi.initiator import IscsiError, LoginError, Session, retry_unit_attentions
 from ..iscsi.initiator_core import HOLD_TIMEOUT, LinkState
 from ..lun.types import Result, unit_attention
 from ..scsi.constants import Opcode, PrInAction, PrOutAction, PrType, Status
@@ -560,14 +560,7 @@ class MultipathSession:
 
     async def submit_retrying(self, lun: int, cdb: bytes, data_out: Any = b"", data_in_len: int = 0, *,
                               tries: int = UA_RETRIES, on_retry: Callable[[Result], Any] | None = None) -> Result:
-        r = Result()
-        for _ in range(tries):
-            r = await self.submit(lun, cdb, data_out, data_in_len)
-            if unit_attention(r) is None:
-                break
-            if on_retry is not None:
-                on_retry(r)
-        return r
+        return await retry_unit_attentions(self.submit, lun, cdb, data_out, data_in_len, tries, on_retry)
 
     # ----------------------------------------------------------- PR OUT
     async def _pr_out(self, lun: int, cdb: bytes, data: bytes, fut: asyncio.Future[Result]) -> None:

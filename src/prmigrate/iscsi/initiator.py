@@ -632,14 +632,7 @@ class Session:
         prmigrate's initiator users (helpers below, the device's own commands:
         its PR OUT port, used by the migration too, its monitor and RELEASE,
         ``device/sessions.py``; the demo's guest and observer)."""
-        r = Result()
-        for _ in range(tries):
-            r = await self.submit(lun, cdb, data_out, data_in_len)
-            if unit_attention(r) is None:
-                break
-            if on_retry is not None:
-                on_retry(r)
-        return r
+        return await retry_unit_attentions(self.submit, lun, cdb, data_out, data_in_len, tries, on_retry)
 
     async def _run(self, lun: int | None, cdb: bytes, data_out: bytes | bytearray | memoryview = b"",
                    data_in_len: int = 0) -> Result:
@@ -718,6 +711,24 @@ class Session:
         from ..scsi.pr import pr_out_cdb
 
         return await self._run(lun, pr_out_cdb(action, rtype, scope, len(params)), params)
+
+
+async def retry_unit_attentions(
+    submit: Callable[[int, bytes, Any, int], Awaitable[Result]], lun: int, cdb: bytes, data_out: Any,
+    data_in_len: int, tries: int, on_retry: Callable[[Result], Any] | None,
+) -> Result:
+    """The one unit attention retry loop (``Session.submit_retrying``, and a
+    session that presents its interface, ``device/multipath.py``): up to
+    ``tries`` submissions through ``submit``, again after each UNIT
+    ATTENTION answer (SAM-5 5.14), which ``on_retry`` sees; the last answer."""
+    r = Result()
+    for _ in range(tries):
+        r = await submit(lun, cdb, data_out, data_in_len)
+        if unit_attention(r) is None:
+            break
+        if on_retry is not None:
+            on_retry(r)
+    return r
 
 
 async def login_within(
