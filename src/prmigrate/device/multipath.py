@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..aio import settle
 from ..iscsi.initiator import IscsiError, LoginError, Session, retry_unit_attentions
 from ..iscsi.initiator_core import HOLD_TIMEOUT, LinkState
 from ..lun.types import Result, unit_attention
@@ -534,16 +535,7 @@ class MultipathSession:
 
     def submit(self, lun: int, cdb: bytes, data_out: Any = b"", data_in_len: int = 0, **_: Any) -> asyncio.Future[Result]:
         fut: asyncio.Future[Result] = self._loop.create_future()
-
-        def done(r: Result | BaseException) -> None:
-            if fut.done():
-                return
-            if isinstance(r, BaseException):
-                fut.set_exception(r)
-            else:
-                fut.set_result(r)
-
-        self.submit_then(lun, cdb, data_out, data_in_len, done)
+        self.submit_then(lun, cdb, data_out, data_in_len, functools.partial(settle, fut))
         return fut
 
     def submit_relay(self, lun: int, cdb: bytes, data_in_len: int, sink: Any, token: Any,
@@ -575,7 +567,7 @@ class MultipathSession:
                 if fut.done():
                     return
                 if not isinstance(r, Result) or r.status != Status.GOOD or i is None:
-                    self._settle(fut, r)
+                    settle(fut, r)
                     return
                 action, rtype, scope = cdb[1] & 0x1F, cdb[2] & 0x0F, cdb[2] >> 4
                 try:
@@ -595,11 +587,11 @@ class MultipathSession:
                             self.log.warning("path %d: registration not carried (%s): it registers when it "
                                              "is back", op.path, a)
                             self.set.paths[op.path].registered = False
-                    self._settle(fut, r)
+                    settle(fut, r)
                     return
                 moved = _unreg(data) if action == PrOutAction.REGISTER_AND_MOVE else False
                 leave = self.set.unregister_others(i) if moved else []
-                self._settle(fut, r)
+                settle(fut, r)
                 if again:
                     await self._register_again(again)
                 elif leave:
@@ -607,7 +599,7 @@ class MultipathSession:
                 elif action in _READ_BACK:
                     await self._refresh()
         except Exception as exc:  # noqa: BLE001 - the guest gets the error as a path's answer
-            self._settle(fut, exc)
+            settle(fut, exc)
         finally:
             self._busy -= 1
             self._unpark()
@@ -641,15 +633,6 @@ class MultipathSession:
                 await self._resync()
                 continue
             return i, r
-
-    @staticmethod
-    def _settle(fut: asyncio.Future[Result], r: Result | BaseException) -> None:
-        if fut.done():
-            return
-        if isinstance(r, BaseException):
-            fut.set_exception(r)
-        else:
-            fut.set_result(r)
 
     # ----------------------------------------------------------- the rest of Session
     def _first(self) -> Session:
