@@ -15,7 +15,9 @@ ratio (goal: >= 70 % of direct at QD32); then ``qemu-img bench`` (another
 client, QEMU's libiscsi driver) for 4 KiB reads and writes at QD32, the
 same way, through the relay too, with the daemon's and the relay's CPU per
 read and per write (and the target's, in the direct runs) and the ratios of
-writes to reads (daemon CPU, share of direct). Every process is stopped at the end.
+writes to reads (daemon CPU, share of direct); each round runs a process's
+reads and writes back to back, and the write/read CPU ratio of every round
+is printed too. Every process is stopped at the end.
 
 It also prints the CPU time each process spent per I/O at QD32 (from
 /proc and getrusage): the daemon's figure is the device's overhead in a
@@ -235,49 +237,58 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
         print("  (qemu-img not found: no write figures; apt-get install qemu-utils qemu-block-extra)")
         return
     # a second client, and writes: qemu-img bench (QEMU's libiscsi driver);
-    # the daemon's and the relay's CPU per request from the same runs
+    # the daemon's and the relay's CPU per request from the same runs. Each
+    # round runs every process's reads and then its writes back to back, so
+    # a change of the machine's load falls on both halves of a round's
+    # write/read ratio, printed per round as well as from the medians.
     count = 100000
+    runs: dict[str, dict[bool, list[tuple[float, float]]]] = {}  # who -> write -> [(IOPS, CPU s per request)]
+    targets: dict[bool, list[float]] = {False: [], True: []}
+    who_urls = [("direct", direct, "target"), ("via", via, "daemon"), ("relay", relay, "relay")]
+    if base is not None:
+        who_urls.append(("base", base, "baseline"))
+    for _ in range(rounds):
+        for who, url, proc in who_urls:
+            for write in (False, True):
+                before = process_cpu(pids[proc])
+                iops = qemu_img_bench(url, write, count, initiator=PERF_IQN)
+                cpu_s = (process_cpu(pids[proc]) - before) / count
+                runs.setdefault(who, {False: [], True: []})[write].append((iops, cpu_s))
+                if who == "direct":
+                    targets[write].append(cpu_s)
+
+    def med_iops(who: str, write: bool) -> float:
+        return statistics.median(r[0] for r in runs[who][write])
+
+    def med_cpu(who: str, write: bool) -> float:
+        return 1e6 * statistics.median(r[1] for r in runs[who][write])
+
+    def per_round(who: str) -> str:
+        ratios = [w[1] / r[1] for r, w in zip(runs[who][False], runs[who][True], strict=True)]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}x per round"
+
     share: dict[bool, float] = {}
-    cpu: dict[bool, tuple[float, float]] = {}
-    base_share: dict[bool, float] = {}
-    base_cpu: dict[bool, float] = {}
     for write in (False, True):
-        d2, v2, r2, vc, rc, tc, b2, bc = [], [], [], [], [], [], [], []
-        for _ in range(rounds):
-            before = process_cpu(pids["target"])
-            d2.append(qemu_img_bench(direct, write, count, initiator=PERF_IQN))
-            tc.append((process_cpu(pids["target"]) - before) / count)
-            before = process_cpu(pids["daemon"])
-            v2.append(qemu_img_bench(via, write, count, initiator=PERF_IQN))
-            vc.append((process_cpu(pids["daemon"]) - before) / count)
-            before = process_cpu(pids["relay"])
-            r2.append(qemu_img_bench(relay, write, count, initiator=PERF_IQN))
-            rc.append((process_cpu(pids["relay"]) - before) / count)
-            if base is not None:
-                before = process_cpu(pids["baseline"])
-                b2.append(qemu_img_bench(base, write, count, initiator=PERF_IQN))
-                bc.append((process_cpu(pids["baseline"]) - before) / count)
-        md2, mv2, mr2 = statistics.median(d2), statistics.median(v2), statistics.median(r2)
-        if base is not None:
-            base_share[write] = 100 * statistics.median(b2) / md2
-            base_cpu[write] = 1e6 * statistics.median(bc)
+        md2, mv2, mr2 = med_iops("direct", write), med_iops("via", write), med_iops("relay", write)
         share[write] = 100 * mv2 / md2
-        cpu[write] = (1e6 * statistics.median(vc), 1e6 * statistics.median(rc))
         what = "writes" if write else "reads "
         print(f"  qemu-img bench QD32 4 KiB {what}: direct {md2:>8.0f}  via host {mv2:>8.0f}"
               f"  {share[write]:>6.1f}%  relay {mr2:>8.0f} {100 * mr2 / md2:>6.1f}%;"
-              f" CPU per request: daemon {cpu[write][0]:.1f} us, relay {cpu[write][1]:.1f} us,"
-              f" target (direct) {1e6 * statistics.median(tc):.1f} us", flush=True)
-    print(f"  daemon CPU per write / per read: {cpu[True][0] / cpu[False][0]:.2f}x (gate <= 1.2x);"
-          f" relay's {cpu[True][1] / cpu[False][1]:.2f}x; per write - per read: daemon"
-          f" {cpu[True][0] - cpu[False][0]:+.1f} us, relay {cpu[True][1] - cpu[False][1]:+.1f} us;"
-          f" qemu-img writes - reads via host: {share[True] - share[False]:+.1f} points of direct"
-          f" (gate >= -5)", flush=True)
+              f" CPU per request: daemon {med_cpu('via', write):.1f} us, relay {med_cpu('relay', write):.1f} us,"
+              f" target (direct) {1e6 * statistics.median(targets[write]):.1f} us", flush=True)
+    dr, dw, rr, rw = med_cpu("via", False), med_cpu("via", True), med_cpu("relay", False), med_cpu("relay", True)
+    print(f"  daemon CPU per write / per read: {dw / dr:.2f}x ({per_round('via')}; gate <= 1.2x);"
+          f" relay's {rw / rr:.2f}x ({per_round('relay')}); per write - per read: daemon"
+          f" {dw - dr:+.1f} us, relay {rw - rr:+.1f} us; daemon / relay: reads {dr / rr:.2f}x,"
+          f" writes {dw / rw:.2f}x; qemu-img writes - reads via host: {share[True] - share[False]:+.1f}"
+          f" points of direct (gate >= -5)", flush=True)
     if base is not None:
-        print(f"  baseline tree's daemon, same runs: CPU per read {base_cpu[False]:.1f} us, per write"
-              f" {base_cpu[True]:.1f} us ({base_cpu[True] / base_cpu[False]:.2f}x); qemu-img reads"
-              f" {base_share[False]:.1f}%, writes {base_share[True]:.1f}% of direct"
-              f" ({base_share[True] - base_share[False]:+.1f} points)", flush=True)
+        br, bw = med_cpu("base", False), med_cpu("base", True)
+        bs = {w: 100 * med_iops("base", w) / med_iops("direct", w) for w in (False, True)}
+        print(f"  baseline tree's daemon, same runs: CPU per read {br:.1f} us, per write"
+              f" {bw:.1f} us ({bw / br:.2f}x, {per_round('base')}); qemu-img reads"
+              f" {bs[False]:.1f}%, writes {bs[True]:.1f}% of direct"
+              f" ({bs[True] - bs[False]:+.1f} points)", flush=True)
 
 
 def bench_metrics(off: str, on: str, metrics: str, pids: dict[str, int], seconds: int, rounds: int,

@@ -218,6 +218,44 @@ def test_digests_round_trip(hd, dd):
     assert got == ALL_PDUS
 
 
+@pytest.mark.parametrize("hd,dd", [(False, False), (True, False), (False, True), (True, True)])
+def test_missing_counts_down_to_each_whole_pdu(hd, dd):
+    """Fed one byte at a time, ``missing`` is the bytes still to come of
+    the head PDU's BHS and, once its BHS is in, of the whole PDU; 0 exactly
+    when ``next_pdu`` returns it."""
+    wire = b"".join(p.encode(hd, dd) for p in ALL_PDUS)
+    reader = P.PduReader(max_data_length=1 << 20, header_digest=hd, data_digest=dd)
+    ends = []
+    at = 0
+    for p in ALL_PDUS:
+        at += len(p.encode(hd, dd))
+        ends.append(at)
+    assert reader.missing() == 48
+    got = []
+    for i in range(len(wire)):
+        reader.feed(wire[i : i + 1])
+        end = next(e for e in ends if e > i)
+        start = max([0] + [e for e in ends if e <= i])
+        assert reader.missing() == (start + 48 if i + 1 < start + 48 else end) - i - 1
+        raw = reader.next_pdu()
+        assert (raw is None) == (end != i + 1)
+        if raw is not None:
+            got.append(P.decode_pdu(raw))
+            assert reader.missing() == 48
+    assert got == ALL_PDUS
+
+
+def test_missing_is_0_for_a_header_next_pdu_refuses():
+    wire = bytearray(GOLDEN[0][2])
+    wire[5:8] = b"\xff\xff\xff"  # a data segment above max_data_length: next_pdu raises
+    reader = P.PduReader(max_data_length=8192)
+    reader.feed(wire)
+    assert reader.missing() == 0
+    with pytest.raises(P.ProtocolError):
+        reader.next_pdu()
+    assert reader.missing() == 0  # the stream failed: next_pdu raises again
+
+
 def test_header_digest_golden():
     pdu = GOLDEN[0][1]
     wire = pdu.encode(header_digest=True)

@@ -165,3 +165,88 @@ def test_a_failing_write_is_answered_by_the_general_path(tmp_path: Path, caplog)
     assert out[0][0] & 0x3F == P.Opcode.SCSI_RESPONSE and out[0][3] == 0x02  # CHECK CONDITION
     assert len(out[2]) == 4 * (48 + 4096)  # the reads after them are answered
     assert "internal error" in caplog.text
+
+
+def _response_status(out: bytes, hd: bool) -> int:
+    """The status of the one SCSI Response in ``out``."""
+    assert len(out) == 48 + (4 if hd else 0)
+    assert out[0] & 0x3F == P.Opcode.SCSI_RESPONSE and out[2] == 0  # COMMAND COMPLETED
+    return out[3]
+
+
+@pytest.mark.parametrize("hd,dd", [(False, False), (True, False), (True, True)])
+def test_a_write_split_at_any_byte_is_taken_once_whole_and_reads_back(tmp_path: Path, hd: bool, dd: bool) -> None:
+    """libiscsi sends a write's BHS and its data in two system calls, so a
+    read of the frontend often ends between them: a write split at every
+    byte (in the BHS, after it, in the data, in the digests) is answered
+    nothing before its last byte, then GOOD by the fast path, and a read
+    gives its data back."""
+    side = WSide(tmp_path, "split", True, hd, dd)
+    s = WStream(hd, dd)
+    size = len(s.wcmd(write10(0, 1), block(0)))
+    s.cmdsn -= 1  # that one was not sent
+    for k in range(1, size):
+        data = block(k)
+        wire = s.wcmd(write10(3, 1), data)
+        assert len(wire) == size
+        assert side.feed(wire[:k]) == b""
+        assert _response_status(side.feed(wire[k:]), hd) == 0
+        back = side.feed(s.cmd(read10(3, 1), 512))
+        at = 48 + (4 if hd else 0)
+        assert back[0] & 0x3F == P.Opcode.DATA_IN and back[at : at + 512] == data
+    assert side.fast_writes == size - 1
+
+
+class RelayingUnit:
+    """An LU that relays every plain write as the passthrough device does
+    (``relay_write``), recording what it was handed; answered later with
+    ``Connection.relay_data`` as the backend session answers."""
+
+    block_size = 512
+
+    def __init__(self) -> None:
+        self.relayed: list[tuple[bytes, bytes, object]] = []
+
+    def relay_write(self, nexus: Nexus, cdb: bytes, data: object, sink: object, token: object) -> bool:
+        self.relayed.append((bytes(cdb), bytes(data), token))  # type: ignore[call-overload]
+        return True
+
+    def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes = b"") -> object:
+        raise AssertionError(f"not relayed: {bytes(cdb[:1]).hex()}")
+
+    def attach(self, nexus: Nexus) -> None:
+        pass
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        pass
+
+    def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
+        pass
+
+    def clear_task_set(self, nexus: Nexus) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hd,dd", [(False, False), (True, True)])
+def test_a_relayed_write_split_at_any_byte_goes_on_once_whole(tmp_path: Path, hd: bool, dd: bool) -> None:
+    """The same split writes in front of a relaying LU: each is handed to
+    ``relay_write`` once, whole, with exactly its data, and its GOOD from
+    the backend comes back as one SCSI Response."""
+    side = WSide(tmp_path, "relay", True, hd, dd)
+    unit = RelayingUnit()
+    side.conn.luns[0] = unit  # type: ignore[index]
+    s = WStream(hd, dd)
+    size = len(s.wcmd(write10(0, 1), block(0)))
+    s.cmdsn -= 1  # that one was not sent
+    for k in range(1, size):
+        data = block(k)
+        wire = s.wcmd(write10(5, 1), data)
+        assert side.feed(wire[:k]) == b"" and not unit.relayed
+        assert side.feed(wire[k:]) == b""  # answered by the backend, later
+        ((cdb, got, token),) = unit.relayed
+        assert cdb[:9] == write10(5, 1)[:9] and got == data
+        unit.relayed.clear()
+        side.sent.clear()
+        side.conn.relay_data(token, 0, bytearray())  # type: ignore[arg-type]
+        assert _response_status(b"".join(side.sent), hd) == 0
+    assert not side.conn.pending

@@ -259,6 +259,7 @@ SCSI_COMMAND_TAIL = struct.Struct(">III16s")  # EDTL, CmdSN, ExpStatSN, CDB
 SCSI_COMMAND = struct.Struct(">BBHIQIIII16s")  # whole BHS, LUN as u64
 _SEQ = struct.Struct(">IIIIIII")  # 7 u32 after ITT
 _HDR_U32 = struct.Struct(">BBHIQI7I")  # whole BHS with LUN + 7 u32 tail
+_U32 = struct.Struct(">I")
 _AHS_HDR = struct.Struct(">HB")
 
 
@@ -1138,6 +1139,31 @@ class PduReader:
     def consumed(self, pos: int) -> None:
         """Everything before ``pos`` of :meth:`window`'s buffer was taken."""
         self._pos = pos
+
+    def missing(self) -> int:
+        """How many more bytes the PDU at the head needs before
+        :meth:`next_pdu` can return it: 0 when it is whole, and also when
+        its header is one that :meth:`next_pdu` refuses (so that it raises)
+        or the stream has failed. A caller with nothing to do until a whole
+        PDU is in (a write's BHS read before its data) checks this first."""
+        if self._failed:
+            return 0
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < BHS_LEN:
+            return BHS_LEN - avail
+        word = _U32.unpack_from(buf, pos + 4)[0]
+        ahs_len = (word >> 24) * 4
+        dlen = word & 0xFFFFFF
+        if ahs_len > self.max_ahs_length or dlen > self.max_data_length:
+            return 0
+        total = BHS_LEN + ahs_len + dlen + (-dlen & 3)
+        if self.header_digest:
+            total += DIGEST_LEN
+        if self.data_digest and dlen:
+            total += DIGEST_LEN
+        return total - avail if avail < total else 0
 
     def __iter__(self) -> Iterator[RawPdu]:
         """Every complete PDU buffered; a ProtocolError ends the iteration."""

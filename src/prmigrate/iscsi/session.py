@@ -564,15 +564,23 @@ class Connection:
     def data_received(self, data: bytes | memoryview) -> None:
         if self.state == Connection.CLOSED:
             return
+        reader = self.reader
+        reader.feed(data)
+        if reader.missing():
+            # the PDU at the head is not whole (libiscsi sends a write's BHS
+            # and its data in two system calls, so a read often ends between
+            # them): nothing can be taken before the rest comes
+            if self.out or self._close_after_flush:
+                self.flush()
+            return
         self._in_batch = True
         self._t_in = self._now()
         try:
-            self.reader.feed(data)
             while self.state != Connection.CLOSED and not self._close_after_flush:
                 if self.state == Connection.FULL_FEATURE and not self.queued and not self._skip_cmdsn:
                     self._fast_reads()
                 try:
-                    raw = self.reader.next_pdu()
+                    raw = reader.next_pdu()
                 except ProtocolError as exc:
                     self._protocol_error(exc)
                     continue
@@ -615,13 +623,14 @@ class Connection:
         if len(self._late) > len(self.pending) + 256:  # records of aborted tasks
             self._late = {itt: r for itt, r in self._late.items() if itt in self.pending}
 
-    def _count_reads(self, c: LuCounters | None, n: int, nbytes: int, good: int) -> None:
-        """What ``_fast_reads`` took for one LU: ``n`` reads, ``good`` of them answered."""
+    def _count_fast(self, c: LuCounters | None, kind: int, n: int, nbytes: int, good: int) -> None:
+        """What ``_fast_reads`` took for one LU: ``n`` reads or writes
+        (``kind``), ``good`` of them answered."""
         if c is not None and n:
-            c.commands[READ] += n
-            c.bytes[READ] += nbytes
+            c.commands[kind] += n
+            c.bytes[kind] += nbytes
             if good:
-                c.batch[READ] += good
+                c.batch[kind] += good
                 if not c.in_batch:
                     c.in_batch = True
                     self._batch.append(c)
@@ -697,7 +706,8 @@ class Connection:
         fc = self._fast_counters
         late = self._late
         t_in = self._t_in
-        nread = nbytes = ngood = 0  # counted into fc at the end or when the LU changes
+        # counted into fc at the end or when the LU changes (_count_fast)
+        nread = nbytes = ngood = nwrite = nwbytes = nwgood = 0
         try:
             while end - pos >= hlen and buf[pos] == 0x01:
                 b1 = buf[pos + 1] & 0xE0
@@ -723,8 +733,11 @@ class Connection:
                 lu = luns.get(lun)
                 if lu is not last_lu:
                     if nread:
-                        self._count_reads(fc, nread, nbytes, ngood)
+                        self._count_fast(fc, READ, nread, nbytes, ngood)
                         nread = nbytes = ngood = 0
+                    if nwrite:
+                        self._count_fast(fc, WRITE, nwrite, nwbytes, nwgood)
+                        nwrite = nwbytes = nwgood = 0
                     last_lu = self._fast_lu = lu
                     contracts = self._contracts_of(lu)
                     fn = self._fast_fn = contracts.read_fast
@@ -758,12 +771,9 @@ class Connection:
                         exp = (exp + 1) & 0xFFFFFFFF
                         if failed:
                             failed.discard(itt)
-                        fc.commands[WRITE] += 1  # type: ignore[union-attr]  # lu is set: wfast is its
-                        fc.bytes[WRITE] += edtl  # type: ignore[union-attr]
-                        fc.batch[WRITE] += 1  # type: ignore[union-attr]
-                        if not fc.in_batch:  # type: ignore[union-attr]
-                            fc.in_batch = True  # type: ignore[union-attr]
-                            self._batch.append(fc)  # type: ignore[arg-type]
+                        nwrite += 1
+                        nwbytes += edtl
+                        nwgood += 1
                         # the SCSI Response GOOD of _respond, MaxCmdSN as the reads'
                         mx = (exp + base) & 0xFFFFFFFF
                         d = (mx - adv) & 0xFFFFFFFF
@@ -786,8 +796,8 @@ class Connection:
                     # forwarded as is: answered by relay_data/relay_result
                     self.pending[itt] = (wtoken, lu)  # type: ignore[assignment]  # lu: wrelay is its
                     late[itt] = (fc, WRITE, t_in, -1)  # type: ignore[assignment]  # fc: lu is set
-                    fc.commands[WRITE] += 1  # type: ignore[union-attr]
-                    fc.bytes[WRITE] += edtl  # type: ignore[union-attr]
+                    nwrite += 1
+                    nwbytes += edtl
                     pos += total
                     exp = (exp + 1) & 0xFFFFFFFF
                     if failed:
@@ -861,7 +871,7 @@ class Connection:
         finally:
             self.exp_cmdsn, self._max_adv, self.statsn = exp, adv, statsn
             reader.consumed(pos)
-            if nread and fc is not None:  # _count_reads, inline
+            if nread and fc is not None:  # _count_fast, inline
                 fc.commands[READ] += nread
                 fc.bytes[READ] += nbytes
                 if ngood:
@@ -869,6 +879,8 @@ class Connection:
                     if not fc.in_batch:
                         fc.in_batch = True
                         self._batch.append(fc)
+            if nwrite:
+                self._count_fast(fc, WRITE, nwrite, nwbytes, nwgood)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         hdr = exc.header or b""
