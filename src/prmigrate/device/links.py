@@ -60,6 +60,7 @@ BUSY = Result(Status.BUSY, b"", b"")
 NOT_FORWARDED: dict[type[Exception], Result] = {
     ValueError: Result(_CHECK, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB)),
 }
+_GUEST = IdentityMode.GUEST
 
 
 class Waiting(NamedTuple):
@@ -125,6 +126,36 @@ class LinkTable(DeviceCore):
         if nexus not in b.frontends:
             b.attach(nexus)
         return b
+
+    def relay_session(self, nexus: Nexus, cdb: bytes, op10: int, op16: int, length: int) -> Any:
+        """The one eligibility rule of the relayed reads and writes (the
+        shell's ``relay_read`` / ``relay_write``): the guest's backend
+        session when the command may be forwarded as is (guest identity,
+        not held, no unit attention owed, ``nexus`` the guest's sole
+        frontend nexus, ``SharedNexus.sole``, the link open and not
+        closing, ``cdb`` the 10- or 16-byte form ``op10`` / ``op16`` of
+        SBC-4 READ / WRITE whose TRANSFER LENGTH in blocks moves ``length``
+        bytes), else None. On the data path: one call per command, nothing
+        it calls in turn but the table lookups."""
+        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
+        if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
+            return None
+        s = b.session
+        if s is None or b.closing is not None:
+            return None
+        op = cdb[0]
+        if op == op10:
+            blocks = (cdb[7] << 8) | cdb[8]
+        elif op == op16:
+            blocks = int.from_bytes(cdb[10:14], "big")
+        else:
+            return None
+        return s if blocks * self.block_size == length else None
+
+    def connected(self, b: Backend) -> bool:
+        """Whether ``b``'s backend session is logged in."""
+        s = getattr(b, "session", None)
+        return s is not None and s.logged_in
 
     # ------------------------------------------------------------ sessions
     _session_options: dict[str, Any]  # the device's own session options (the shell's)

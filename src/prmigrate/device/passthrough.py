@@ -113,7 +113,7 @@ class PassthroughDevice(BackendMonitor):
         """The read path (``Connection._fast_reads``): a READ(10)/(16) whose
         length is the EDTL goes to ``Session.submit_relay`` as is. False
         leaves it to ``execute_then`` (not ``sole``, held, UA owed...)."""
-        s = self._relay_session(nexus, cdb, 0x28, 0x88, edtl)
+        s = self.relay_session(nexus, cdb, 0x28, 0x88, edtl)
         if s is None:
             return False
         try:
@@ -129,7 +129,7 @@ class PassthroughDevice(BackendMonitor):
         negotiated (immediate, unsolicited, R2T-solicited). Declined (False)
         as ``relay_read`` declines: ``execute_then`` answers it."""
         n = len(data)
-        s = self._relay_session(nexus, cdb, 0x2A, 0x8A, n) if n else None
+        s = self.relay_session(nexus, cdb, 0x2A, 0x8A, n) if n else None
         if s is None:
             return False
         try:
@@ -137,28 +137,6 @@ class PassthroughDevice(BackendMonitor):
         except (IscsiError, ValueError):
             return False  # execute_then answers it (and logs why)
         return True
-
-    def _relay_session(self, nexus: Nexus, cdb: bytes, op10: int, op16: int, length: int) -> Any:
-        """The one eligibility rule of the relayed reads and writes: the
-        guest's backend session when the command may be forwarded as is
-        (guest identity, not held, no unit attention owed, ``nexus`` the
-        guest's sole frontend nexus, the session open, ``cdb`` the 10- or
-        16-byte form ``op10`` / ``op16`` of SBC-4 READ / WRITE whose
-        TRANSFER LENGTH in blocks moves ``length`` bytes), else None."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
-        if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
-            return None
-        s = b.session
-        if s is None or b.closing is not None:
-            return None
-        op = cdb[0]
-        if op == op10:
-            blocks = (cdb[7] << 8) | cdb[8]
-        elif op == op16:
-            blocks = int.from_bytes(cdb[10:14], "big")
-        else:
-            return None
-        return s if blocks * self.block_size == length else None
 
     # ------------------------------------------------ the backend PR OUT port
     def _pr_out_back(self, out: asyncio.Future[Result], key: str, guest: str, cdb: bytes, f: Forward,

@@ -69,10 +69,6 @@ class BackendSessions(LinkTable):
         self._tmf_task: asyncio.Task[None] | None = None
         self.path_sets: list[Any] = []  # with several backends: every guest's (device/multipath.py)
 
-    def connected(self, b: Backend) -> bool:
-        s = getattr(b, "session", None)
-        return s is not None and s.logged_in
-
     def link_state(self, b: Backend) -> dict[str, Any] | None:
         """``Session.link_state()`` of ``b``'s backend session (None: none)."""
         return _initiator.link_state_of(getattr(b, "session", None))
