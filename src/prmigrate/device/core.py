@@ -251,11 +251,19 @@ class Kind(Enum):
 
 
 class Forward(NamedTuple):
+    """How to forward a guest command (``DeviceCore.route``): its CDB,
+    data-out and data-in length; a PR OUT's journal ``intent``; what the
+    core learns from the backend's answer (``seen``) and the answer the
+    guest gets instead of the backend's (``mapped``), both per ``Kind``
+    (``DeviceCore._watched``)."""
+
     kind: Kind
     cdb: bytes
     data_out: Any
     data_in_len: int
     intent: Intent | None = None
+    seen: Callable[[Result], None] | None = None
+    mapped: Callable[[Result], Result] | None = None
 
 
 # Opcodes with a handler of their own; REPORT LUNS is answered by the core.
@@ -493,7 +501,19 @@ class DeviceCore:
             except DeviceError:  # fail closed: what cannot be journaled is not done
                 return Result(_CHECK, b"", encode_sense(Sense.INSUFFICIENT_REGISTRATION_RESOURCES))
             return Forward(kind, bytes(cdb), data, 0, intent)
-        return Forward(kind, cdb, data_out, data_in_len)
+        return self._watched(kind, b, nexus, cdb, data_out, data_in_len)
+
+    def _watched(self, kind: Kind, b: Backend, nexus: Nexus, cdb: bytes, data_out: Any, data_in_len: int) -> Forward:
+        """RESERVE / RELEASE: the answer tells which frontend holds the
+        SCSI-2 reservation (``scsi2_answered``). PR IN: the PRgeneration in
+        the answer is watched once one is known (``generation_seen``), and
+        REPORT CAPABILITIES is masked with migrate-pr on (``mask_pr_in``)."""
+        c = bytes(cdb)
+        if kind is Kind.SCSI2:
+            return Forward(kind, cdb, data_out, data_in_len, seen=lambda r: self.scsi2_answered(b, nexus, c, r))
+        seen = None if self.snooper.state.generation is None else (lambda r: self.generation_seen(b, c, r))
+        mapped = (lambda r: self.mask_pr_in(c, r)) if self.masks_pr_in(c) else None
+        return Forward(kind, cdb, data_out, data_in_len, seen=seen, mapped=mapped)
 
     def _report_luns(self, b: Backend, nexus: Nexus, cdb: bytes) -> Result:
         """SPC-5 6.33, answered by the device: the guest's one LUN."""

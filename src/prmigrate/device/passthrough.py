@@ -76,18 +76,14 @@ class PassthroughDevice(BackendMonitor):
 
     def _forward(self, b: Link, nexus: Nexus, f: Forward) -> Answer:
         sent = self._submit(b, f.cdb, f.data_out, f.data_in_len)
-        cdb = bytes(f.cdb)
-        if f.kind is Kind.SCSI2:
-            on_answer(sent, lambda r: self.scsi2_answered(b, nexus, cdb, r))
-        elif f.kind is Kind.PR_IN:
-            if self.snooper.state.generation is not None:
-                on_answer(sent, lambda r: self.generation_seen(b, cdb, r))
-            if self.masks_pr_in(cdb) and not isinstance(sent, Result):
-                return map_answer(sent, self._future(), lambda r: self.mask_pr_in(cdb, r))
-        elif f.kind is Kind.PR_OUT:
+        if f.kind is Kind.PR_OUT:
             out = self._pending()
-            on_outcome(sent, lambda r: self._pr_out_back(out, b.key, nexus.initiator, cdb, f, r))
+            on_outcome(sent, lambda r: self._pr_out_back(out, b.key, nexus.initiator, f, r))
             return out
+        if f.seen is not None:
+            on_answer(sent, f.seen)
+        if f.mapped is not None and not isinstance(sent, Result):
+            return map_answer(sent, self._future(), f.mapped)
         return sent
 
     def execute_then(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview,
@@ -139,11 +135,11 @@ class PassthroughDevice(BackendMonitor):
         return True
 
     # ------------------------------------------------ the backend PR OUT port
-    def _pr_out_back(self, out: asyncio.Future[Result], key: str, guest: str, cdb: bytes, f: Forward,
+    def _pr_out_back(self, out: asyncio.Future[Result], key: str, guest: str, f: Forward,
                      r: Result | BaseException | None) -> None:
         """A guest's PR OUT answered (``DeviceCore.pr_out_back``): the guest
         has its answer once the verification its outcome asks for is done."""
-        why = self.pr_out_back(key, guest, cdb, f.data_out, f.intent, r)
+        why = self.pr_out_back(key, guest, f.cdb, f.data_out, f.intent, r)
         if why is None:
             settle(out, r)
         else:
