@@ -55,14 +55,20 @@ class BackendMonitor(BackendSessions):
         """Run ``plan``, its reads on the monitor nexus (opened on first use)."""
         return await run_plan(plan, self._step, (IscsiError, DeviceError))
 
-    async def _step(self, step: plans.Step) -> Any:
+    async def _step(self, step: plans.Step, session: Session | None = None) -> Any:
+        """One step of a plan: a verification, or a command on ``session``
+        (None: the monitor's, opened on first use)."""
         if isinstance(step, plans.Verify):
+            if step.after:  # a PR OUT's: the answer goes once it is done
+                return await self._bg.spawn(self._verify_after(step.reason))
             return await self.verify(step.reason)
-        async with self._monitor_lock:
-            if self._monitor is None:
-                self._monitor = await self._open_session(derive_isid(self.name, MONITOR), "monitor", isids=tuple(
-                    derive_isid(self.name, MONITOR, p) for p in range(len(self.config.backend_urls))))
-        return await self._step_on(self._monitor, step)
+        if session is None:
+            async with self._monitor_lock:
+                if self._monitor is None:
+                    self._monitor = await self._open_session(derive_isid(self.name, MONITOR), "monitor", isids=tuple(
+                        derive_isid(self.name, MONITOR, p) for p in range(len(self.config.backend_urls))))
+            session = self._monitor
+        return await self._step_on(session, step)
 
     def want_verify(self, reason: str = "state in doubt") -> None:
         """One coalesced verification in the background."""

@@ -26,20 +26,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..aio import chain, deliver, map_answer, on_answer, on_outcome, settle
+from ..aio import chain, deliver, map_answer, on_answer, on_outcome, run_plan, settle
 from ..iscsi.initiator import IscsiError
 from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
 from ..scsi.constants import PrOutAction, PrType
-from ..scsi.pr import pr_out_cdb, pr_out_params
+from . import plans
 from .core import CRASH_ENV, MONITOR, SPECIAL, Forward, Held, Kind, Purpose
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .errors import DeviceError
 from .identity import IdentityMode
 from .monitor import BackendMonitor
-from .plans import start_plan
-from .sessions import Answer, Link, submit_retrying
+from .sessions import Answer, Link
 from .snapshot import DeviceSnapshot
 from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
 
@@ -56,7 +55,7 @@ class PassthroughDevice(BackendMonitor):
         cannot be verified stops the start (DeviceError), another failed
         reconciliation is logged. A migration's given state is not
         reconciled: the backend shows it on the source's nexuses."""
-        await self._run(start_plan(self, capture_identity, reconcile))
+        await self._run(plans.start_plan(self, capture_identity, reconcile))
 
     def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview = b"",
                 data_in_len: int | None = None) -> Answer:
@@ -159,18 +158,8 @@ class PassthroughDevice(BackendMonitor):
         ``params``: another parameter list than the basic one of ``rk``,
         ``sark`` and ``aptpl`` (REGISTER AND MOVE's, ``scsi.pr``)."""
         session = await self.backend_session(guest)
-        data = pr_out_params(rk, sark, aptpl=aptpl) if params is None else params
-        cdb = pr_out_cdb(action, rtype, scope, len(data))
-        op = self.own_pr_out(guest, cdb, data, purpose)
-        try:
-            r = await submit_retrying(session, self.lun, cdb, data, op.retry)
-        except BaseException as exc:
-            self.own_pr_out_done(op, exc, answered=isinstance(exc, IscsiError))
-            raise
-        why = self.own_pr_out_done(op, r)
-        if why is not None:
-            await self._bg.spawn(self._verify_after(why))
-        return r
+        plan = plans.pr_out_plan(self, guest, action, rtype, rk, sark, scope, aptpl, purpose, params)
+        return await run_plan(plan, lambda step: self._step(step, session), IscsiError)
 
     # ------------------------------------------------------ migration hooks
     async def drain(self) -> None:
