@@ -112,14 +112,21 @@ from .config import DeviceConfig
 from .datain import DATA_IN_ONLY, expected_in_len
 from .errors import DeviceError
 from .frontends import SharedNexus, Verdict, drops_scsi2, request_sense_data
-from .identity import BackendPort, DeviceIdentity, IdentityMode, backend_port, state_key
+from .identity import (
+    BackendPort,
+    DeviceIdentity,
+    IdentityMode,
+    backend_port,
+    derive_isid,
+    state_key,
+)
 from .journal import Intent, JournalError, PrJournal
 from .mask import PrFilter
 from .snapshot import DeviceSnapshot
 from .snoop import PrSnooper, puts_state_in_doubt
 from .state import DevicePrState, StateChange, describe_guest
 from .tmf import TmfQueue
-from .verify import Verification, failure_text, status_text
+from .verify import Verification, VerifySchedule, failure_text, status_text
 
 log = logging.getLogger("prmigrate.device.passthrough")
 
@@ -318,6 +325,8 @@ class DeviceCore:
             self.journal = PrJournal(Path(state_dir) / f"{config.name}.pr.json", fsync=fsync)
         self.log = logging.LoggerAdapter(log, {"device": config.name})
         self.verification = Verification(self.describe_result)
+        # when the shell verifies (one at a time, coalesced, a retry timer)
+        self.schedule = VerifySchedule(self.verification)
         self._backends: dict[str, Backend] = {}
         self._held: list[Held] | None = None
         # the guests' task management functions forwarded and not answered
@@ -356,6 +365,12 @@ class DeviceCore:
     def path_isids(self, key: str) -> tuple[int, ...]:
         """The ISID of ``key``'s nexus on each path (one: single path)."""
         return tuple(self.port_of(key, p).isid for p in range(len(self.config.backend_urls)))
+
+    @property
+    def monitor_isids(self) -> tuple[int, ...]:
+        """The ISID of the monitor nexus on each path (``derive_isid(device,
+        MONITOR)``; one: single path): no guest's nexus, never registered."""
+        return tuple(derive_isid(self.name, MONITOR, p) for p in range(len(self.config.backend_urls)))
 
     def _note_port(self, key: str) -> None:
         self.snooper.transport_ids[key] = self.port_of(key).transport_id

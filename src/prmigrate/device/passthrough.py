@@ -15,7 +15,9 @@ Migration hooks: ``hold()``, ``await drain()``, ``release_held()``,
 identity=None, pending_uas=None)``, ``await backend_session(guest)``,
 ``await pr_out(guest, action, rtype, rk, sark, scope=0, aptpl=False,
 purpose=Purpose.GUEST)`` (the one backend PR OUT port; the migration's ops
-with ``Purpose.MIGRATION``), ``await read_full_status()``, ``await verify()``,
+with ``Purpose.MIGRATION``), ``await run(plan)`` (a command plan on the
+monitor nexus, ``plans.full_status_plan``, ``keys_plan``, ``command_plan``),
+``await verify()``,
 ``await close()``.
 """
 
@@ -55,7 +57,7 @@ class PassthroughDevice(BackendMonitor):
         cannot be verified stops the start (DeviceError), another failed
         reconciliation is logged. A migration's given state is not
         reconciled: the backend shows it on the source's nexuses."""
-        await self._run(plans.start_plan(self, capture_identity, reconcile))
+        await self.run(plans.start_plan(self, capture_identity, reconcile))
 
     def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview = b"",
                 data_in_len: int | None = None) -> Answer:
