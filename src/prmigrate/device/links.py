@@ -36,17 +36,21 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT, IscsiError
 from ..iscsi.pdu import TmfFunction
+from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
 from ..scsi.constants import Status
 from ..scsi.sense import Sense, encode_sense
+from .config import DeviceConfig
 from .core import Backend, DeviceCore, Held, Purpose, UaRetry
 from .errors import DeviceError
-from .identity import BackendPort, IdentityMode
+from .identity import BackendPort, DeviceIdentity, IdentityMode
 from .plans import Call, Own, Step
+from .state import DevicePrState
 from .tmf import GUEST_TMFS, Tmf, backend_tmf, release
 
 _CHECK = Status.CHECK_CONDITION
@@ -111,6 +115,20 @@ class LinkTable(DeviceCore):
 
     _backends: dict[str, Link]  # type: ignore[assignment]
 
+    def __init__(self, config: DeviceConfig, host_initiator: str, *, state_dir: str | Path | None = None,
+                 identity: DeviceIdentity | None = None, state: DevicePrState | None = None,
+                 frontend_lun: int = 0, session_options: dict[str, Any] | None = None, fsync: bool = True) -> None:
+        """``DeviceCore``'s arguments; ``session_options``: the device's own
+        keyword arguments of a backend login (``session_options``)."""
+        super().__init__(config, host_initiator, state_dir=state_dir, identity=identity, state=state,
+                         frontend_lun=frontend_lun, fsync=fsync)
+        self.url = parse_url(config.backend_url, require_lun=False)
+        self.portal, self.target_iqn = self.url.portal, config.target_iqn
+        self._session_options = dict(session_options or {})
+        # with several backends: every guest's path set (``paths.PathSet``), which
+        # a PR IN answer on any of them lists (``paths.rewrite_pr_in``, multipath.py)
+        self.path_sets: list[Any] = []
+
     def _new_backend(self, key: str, port: BackendPort) -> Link:
         return Link(key, port)
 
@@ -158,8 +176,6 @@ class LinkTable(DeviceCore):
         return s is not None and s.logged_in
 
     # ------------------------------------------------------------ sessions
-    _session_options: dict[str, Any]  # the device's own session options (the shell's)
-
     def session_options(self, on_event: Any = None, on_reconnect: Any = None) -> dict[str, Any]:
         """The keyword arguments of a backend login: an outage of any length
         is logged in again for as long as the device lives (``PERSISTENT``),

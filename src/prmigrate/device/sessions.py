@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from ..aio import BackgroundTasks, chain, map_answer, on_answer, on_outcome, run_plan, settle
@@ -25,14 +24,10 @@ from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
 from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
 from ..iscsi.pdu import TmfFunction
-from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
-from .config import DeviceConfig
 from .core import UA_RETRIES, Backend, DeviceError, UaRetry
-from .identity import DeviceIdentity
 from .links import ABORTED, Action, Do, Link, LinkTable, Waiting
 from .plans import Call, Own
-from .state import DevicePrState
 from .tmf import Tmf, guest_function
 
 Connector = Callable[..., Any]  # iscsi.initiator.connect's signature
@@ -54,20 +49,14 @@ class BackendSessions(LinkTable):
 
     describe_result = staticmethod(_initiator.describe_result)
 
-    def __init__(self, config: DeviceConfig, host_initiator: str, *, state_dir: str | Path | None = None,
-                 identity: DeviceIdentity | None = None, state: DevicePrState | None = None,
-                 frontend_lun: int = 0, connect: Connector | None = None,
-                 session_options: dict[str, Any] | None = None, fsync: bool = True) -> None:
-        super().__init__(config, host_initiator, state_dir=state_dir, identity=identity, state=state,
-                         frontend_lun=frontend_lun, fsync=fsync)
-        self.url = parse_url(config.backend_url, require_lun=False)
-        self.portal, self.target_iqn = self.url.portal, config.target_iqn
+    def __init__(self, *args: Any, connect: Connector | None = None, **kwargs: Any) -> None:
+        """``LinkTable``'s arguments; ``connect``: how to log in
+        (``iscsi.initiator.connect``'s signature; a test's fake backend)."""
+        super().__init__(*args, **kwargs)
         self._connect = connect or _initiator.connect
-        self._session_options = dict(session_options or {})
         self._inflight: set[asyncio.Future[Any]] = set()
         self._bg = BackgroundTasks(self, "background task")
         self._tmf_task: asyncio.Task[None] | None = None
-        self.path_sets: list[Any] = []  # with several backends: every guest's (device/multipath.py)
 
     def link_state(self, b: Backend) -> dict[str, Any] | None:
         """``Session.link_state()`` of ``b``'s backend session (None: none)."""
