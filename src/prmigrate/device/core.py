@@ -882,6 +882,15 @@ class DeviceCore:
             self._held = []
             self.log.info("holding guest commands")
 
+    def hold_back(self, h: Held) -> Any:
+        """While held: ``h`` waits in the queue, in arrival order, for
+        ``release_held`` (rollback) or ``discard_held`` (moved). Returns its
+        token (the shell's handle of the guest's answer)."""
+        if self._held is None:
+            raise DeviceError(f"device {self.name}: not held")
+        self._held.append(h)
+        return h.token
+
     def take_held(self) -> list[Held]:
         """Rollback: the queued commands, in arrival order; not held any more."""
         held, self._held = self._held, None

@@ -188,11 +188,19 @@ class LinkTable(DeviceCore):
             opts["on_async_event"] = on_event
         return opts
 
-    def link_callbacks(self, b: Link) -> tuple[Any, Any]:
+    def link_callbacks(self, b: Link) -> tuple[Any, Any, Any]:
         """What ``b``'s session reports: a unit attention in an answer
-        (``on_unit_attention``), one sent asynchronously (``on_async_event``)."""
+        (``on_unit_attention``), one sent asynchronously (``on_async_event``),
+        a login again after a lost connection (``on_reconnect``: the LUN may
+        have changed meanwhile, so the PR state is checked before the
+        commands the session held go, ``_verify_after_login``)."""
         return (lambda lun, sense: self.unit_attention_met(b, sense.asc, sense.ascq),
-                lambda message, sense: self.async_unit_attention(b, sense))
+                lambda message, sense: self.async_unit_attention(b, sense),
+                lambda: self._verify_after_login(b.key))
+
+    async def _verify_after_login(self, key: str) -> None:
+        """The shell's: awaited by ``key``'s backend session after it logged
+        in again, before its held commands go (it checks the PR state)."""
 
     # ------------------------------------------------------------ commands
     def queue(self, b: Link, cmd: Waiting) -> Actions:
@@ -225,8 +233,11 @@ class LinkTable(DeviceCore):
         (then it goes when that is answered, ``tmf_done``)."""
         return [] if self.tmfs.busy else self._send(b)
 
-    def open_failed(self, b: Link) -> Actions:
-        """``b`` could not log in within the hold timeout: BUSY to what waited."""
+    def open_failed(self, b: Link, exc: BaseException | None = None) -> Actions:
+        """``b`` could not log in within the hold timeout (``exc``: why):
+        BUSY to what waited."""
+        if exc is not None:
+            self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
         waiting, b.waiting = b.waiting, []
         return [Action(Do.ANSWER, b, tuple(waiting), BUSY)] if waiting else []
 

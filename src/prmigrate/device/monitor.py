@@ -21,7 +21,7 @@ from ..aio import run_plan
 from ..iscsi.initiator import IscsiError, Session, link_state_of
 from . import plans
 from .core import DeviceError
-from .sessions import BackendSessions, submit_retrying
+from .sessions import BackendSessions
 from .state import StateChange
 
 
@@ -61,8 +61,7 @@ class BackendMonitor(BackendSessions):
         if session is None:
             async with self._monitor_lock:
                 if self._monitor is None:
-                    isids = self.monitor_isids
-                    self._monitor = await self._open_session(isids[0], "monitor", isids=isids)
+                    self._monitor = await self._open_session(self.monitor_isids, "monitor")
             session = self._monitor
         return await self._step_on(session, step)
 
@@ -134,4 +133,4 @@ class BackendMonitor(BackendSessions):
         return changes  # type: ignore[no-any-return]
 
 
-__all__ = ["BackendMonitor", "submit_retrying"]
+__all__ = ["BackendMonitor"]

@@ -34,15 +34,14 @@ from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
 from ..scsi.constants import PrOutAction, PrType
 from . import plans
-from .core import CRASH_ENV, MONITOR, SPECIAL, Forward, Held, Kind, Purpose
+from .core import CRASH_ENV, SPECIAL, Forward, Held, Kind, Purpose
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .errors import DeviceError
 from .identity import IdentityMode
 from .monitor import BackendMonitor
 from .sessions import Answer, Link
-from .snapshot import DeviceSnapshot
-from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
+from .verify import FULL_STATUS_METHOD, KEYS_METHOD
 
 _GUEST = IdentityMode.GUEST
 
@@ -64,9 +63,7 @@ class PassthroughDevice(BackendMonitor):
         """The LU contract: forward ``cdb`` for the guest of ``nexus``."""
         b = self.link_for(nexus)
         if self._held is not None:
-            fut = self._future()
-            self._held.append(Held(nexus, cdb, data_out, data_in_len, fut))
-            return fut
+            return self.hold_back(Held(nexus, cdb, data_out, data_in_len, self._future()))
         f = self.route(b, nexus, cdb, data_out, data_in_len)
         if isinstance(f, Result):
             return f  # the device's own answer: no backend UA in it
@@ -191,5 +188,4 @@ class PassthroughDevice(BackendMonitor):
         return describe_device(self, time.time())
 
 
-__all__ = ["CRASH_ENV", "DeviceError", "DeviceSnapshot", "MONITOR", "PassthroughDevice", "expected_in_len",
-           "FULL_STATUS_METHOD", "KEYS_METHOD", "KEYS_METHOD_LIMITS"]
+__all__ = ["CRASH_ENV", "DeviceError", "FULL_STATUS_METHOD", "KEYS_METHOD", "PassthroughDevice", "expected_in_len"]

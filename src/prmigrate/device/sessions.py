@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..aio import BackgroundTasks, chain, map_answer, on_answer, on_outcome, run_plan, settle
+from ..aio import BackgroundTasks, chain, run_plan, settle
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
 from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
@@ -91,15 +91,16 @@ class BackendSessions(LinkTable):
                 self._tmf_task = self._bg.spawn(self._run_tmf(a.tmf))  # type: ignore[arg-type]
 
     # --------------------------------------------------------- sessions
-    async def _open_session(self, isid: int, what: str, on_ua: Any = None, on_event: Any = None,
-                            on_reconnect: Any = None, isids: tuple[int, ...] = ()) -> Session:
+    async def _open_session(self, isids: tuple[int, ...], what: str, on_ua: Any = None, on_event: Any = None,
+                            on_reconnect: Any = None) -> Session:
+        """Log in the backend nexus ``what``, ISID ``isids[i]`` on path ``i``."""
         opts = self.session_options(on_event, on_reconnect)
         if len(isids) > 1:  # several backend= : one nexus per path (device/multipath.py)
             from .multipath import open_paths_of
             return await open_paths_of(self, isids, what, opts, on_ua, on_reconnect)
-        session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, isid,
+        session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, isids[0],
                                                on_unit_attention=on_ua, **opts)
-        self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isid,
+        self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isids[0],
                       self.target_iqn, what)
         return session
 
@@ -110,22 +111,16 @@ class BackendSessions(LinkTable):
             # the backend down: its commands wait (HOLD_TIMEOUT) as a
             # reconnecting session's do, then get BUSY, which guests retry
             b.session = await _initiator.login_within(
-                lambda: self._open_session(b.port.isid, f"guest {b.key}", *self.link_callbacks(b),
-                                           lambda: self._verify_after_login(b.key), self.path_isids(b.key)),
+                lambda: self._open_session(self.path_isids(b.key), f"guest {b.key}", *self.link_callbacks(b)),
                 HOLD_TIMEOUT, PERSISTENT,
                 lambda exc: self.log.warning("backend nexus for %s: %s; trying again", b.key, exc),
             )
         except (IscsiError, OSError, TimeoutError) as exc:
-            self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
-            self._do(self.open_failed(b))
+            self._do(self.open_failed(b, exc))
             return
         finally:
             b.opening = None
         self._do(self.opened(b))
-
-    async def _verify_after_login(self, key: str) -> None:
-        """Awaited by ``key``'s backend session after it logged in again,
-        before its held commands go (``BackendMonitor`` checks the PR state)."""
 
     async def _close_backend(self, b: Link) -> None:
         session = self.closing_started(b)
@@ -199,5 +194,4 @@ class BackendSessions(LinkTable):
         return getattr(s, step.method)(*step.args, lun=self.lun)  # type: ignore[no-any-return]
 
 
-__all__ = ["Answer", "BackendSessions", "Connector", "Link", "chain", "map_answer", "on_answer", "on_outcome",
-           "settle", "submit_retrying"]
+__all__ = ["Answer", "BackendSessions", "Connector", "Link", "submit_retrying"]
