@@ -813,6 +813,12 @@ class DeviceCore:
         return self.verification.method
 
     @property
+    def verify_retry_at(self) -> float | None:
+        """When the retry after a failed verification is due (the shell's
+        loop time; None: none armed)."""
+        return self.schedule.retry_at
+
+    @property
     def last_verified(self) -> float | None:
         return self.verification.last_verified
 
@@ -842,6 +848,7 @@ class DeviceCore:
             self.report(changes)
         if changes or self.snooper.state.to_dict() != before:
             self.save()
+        self.schedule.succeeded()  # a retry armed after a failure is not due any more
         self._reconciled(reason, how, changes, list(self.verification.unknown), None)
 
     def verify_failed(self, reason: str, exc: BaseException, unreachable: bool) -> DeviceError:

@@ -282,8 +282,10 @@ class LinkTable(DeviceCore):
         return held, [a for b in self._backends.values() if not b.frontends for a in self.unused(b)]
 
     def shut(self) -> Actions:
-        """The device closes: every waiting command fails."""
+        """The device closes: every waiting command fails, no verification
+        is retried."""
         self._closed = True
+        self.schedule.stop()
         out = [Action(Do.ANSWER, b, tuple(b.waiting), DeviceError("device closed"))
                for b in self._backends.values() if b.waiting]
         for b in self._backends.values():

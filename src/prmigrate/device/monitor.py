@@ -34,13 +34,9 @@ class BackendMonitor(BackendSessions):
         self._monitor: Session | None = None
         self._monitor_lock = asyncio.Lock()
         self._verifying: asyncio.Task[Any] | None = None
-        self._verify_retry: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
         """Log out of every backend session and the monitor's."""
-        if self._verify_retry is not None:
-            self._verify_retry.cancel()
-            self._verify_retry = None
         monitor, self._monitor = self._monitor, None
         await asyncio.gather(super().close(), *(() if monitor is None else (monitor.close(),)),
                              return_exceptions=True)
@@ -109,28 +105,19 @@ class BackendMonitor(BackendSessions):
         return link_state_of(self._monitor)
 
     def _retry_verify_later(self, coalescing: bool = False) -> None:
-        delay = None if self._closed else self.schedule.failed(coalescing)
+        loop = asyncio.get_running_loop()
+        delay = None if self._closed else self.schedule.failed(coalescing, loop.time())
         if delay is not None:
             self.log.info("verifying again in %.1f s", delay)
-            self._verify_retry = asyncio.get_running_loop().call_later(delay, self._retry_due)
+            loop.call_later(delay, self._retry_due, self.schedule.retry_at)
 
-    def _retry_due(self) -> None:
-        self._verify_retry = None
-        self.schedule.due()
-        self.want_verify("retry after a failed verification")
-
-    @property
-    def verify_retry_at(self) -> float | None:
-        """Loop time of the pending retry after a failed verification."""
-        return None if self._verify_retry is None else self._verify_retry.when()
+    def _retry_due(self, at: float | None) -> None:
+        if self.schedule.due(at):
+            self.want_verify("retry after a failed verification")
 
     async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
         """Reconcile every tracked guest with the backend now (journaled)."""
-        changes = await self.run(plans.verify_plan(self, reason, time.time))
-        if self.schedule.succeeded() and self._verify_retry is not None:  # this one did it
-            self._verify_retry.cancel()
-            self._verify_retry = None
-        return changes  # type: ignore[no-any-return]
+        return await self.run(plans.verify_plan(self, reason, time.time))  # type: ignore[no-any-return]
 
 
 __all__ = ["BackendMonitor"]
