@@ -328,6 +328,10 @@ class DeviceCore:
         # when the shell verifies (one at a time, coalesced, a retry timer)
         self.schedule = VerifySchedule(self.verification)
         self._backends: dict[str, Backend] = {}
+        # the fast paths' lookup by guest name: the backend nexuses
+        # themselves with identity=guest (keyed by guest name), none with
+        # identity=host (one shared nexus, every command through route)
+        self._by_guest: dict[str, Backend] = self._backends if self.mode is IdentityMode.GUEST else {}
         self._held: list[Held] | None = None
         # the guests' task management functions forwarded and not answered
         # yet (``tmf.py``): while there are, new backend nexuses start paused

@@ -33,13 +33,13 @@ logout in progress (None: none); the table only asks whether one is.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT, IscsiError
+from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT, IscsiError, ReconnectPolicy
 from ..iscsi.pdu import TmfFunction
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
@@ -48,7 +48,7 @@ from ..scsi.sense import Sense, encode_sense
 from .config import DeviceConfig
 from .core import Backend, DeviceCore, Held, Purpose, UaRetry
 from .errors import DeviceError
-from .identity import BackendPort, DeviceIdentity, IdentityMode
+from .identity import BackendPort, DeviceIdentity
 from .plans import Call, Own, Step
 from .state import DevicePrState
 from .tmf import GUEST_TMFS, Tmf, backend_tmf, release
@@ -64,7 +64,6 @@ BUSY = Result(Status.BUSY, b"", b"")
 NOT_FORWARDED: dict[type[Exception], Result] = {
     ValueError: Result(_CHECK, b"", encode_sense(Sense.INVALID_FIELD_IN_CDB)),
 }
-_GUEST = IdentityMode.GUEST
 
 
 class Waiting(NamedTuple):
@@ -114,6 +113,7 @@ class LinkTable(DeviceCore):
     """The device core with its link table (see the module's table)."""
 
     _backends: dict[str, Link]  # type: ignore[assignment]
+    _by_guest: dict[str, Link]  # type: ignore[assignment]
 
     def __init__(self, config: DeviceConfig, host_initiator: str, *, state_dir: str | Path | None = None,
                  identity: DeviceIdentity | None = None, state: DevicePrState | None = None,
@@ -138,7 +138,7 @@ class LinkTable(DeviceCore):
 
     def link_for(self, nexus: Nexus) -> Link:
         """The link of ``nexus``'s guest (made if new), ``nexus`` attached."""
-        b = self._backends.get(nexus.initiator) if self.mode is IdentityMode.GUEST else None
+        b = self._by_guest.get(nexus.initiator)
         if b is None:
             b = self.link(nexus.initiator)
         if nexus not in b.frontends:
@@ -155,7 +155,7 @@ class LinkTable(DeviceCore):
         SBC-4 READ / WRITE whose TRANSFER LENGTH in blocks moves ``length``
         bytes), else None. On the data path: one call per command, nothing
         it calls in turn but the table lookups."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
+        b = self._by_guest.get(nexus.initiator)
         if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
             return None
         s = b.session
@@ -187,6 +187,15 @@ class LinkTable(DeviceCore):
         if on_event is not None:
             opts["on_async_event"] = on_event
         return opts
+
+    def first_login(self, b: Link) -> tuple[float, ReconnectPolicy, Callable[[BaseException], None]]:
+        """How ``b``'s first login is tried (``initiator.login_within``):
+        a guest whose backend is down waits as a reconnecting session's
+        commands do, with the reconnect backoff (``PERSISTENT``) for up to
+        ``HOLD_TIMEOUT``, its first failure logged; then what waited gets
+        BUSY (``open_failed``), which guests retry."""
+        return HOLD_TIMEOUT, PERSISTENT, lambda exc: self.log.warning(
+            "backend nexus for %s: %s; trying again", b.key, exc)
 
     def link_callbacks(self, b: Link) -> tuple[Any, Any, Any]:
         """What ``b``'s session reports: a unit attention in an answer

@@ -38,12 +38,9 @@ from .core import CRASH_ENV, SPECIAL, Forward, Held, Kind, Purpose
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .errors import DeviceError
-from .identity import IdentityMode
 from .monitor import BackendMonitor
 from .sessions import Answer, Link
 from .verify import FULL_STATUS_METHOD, KEYS_METHOD
-
-_GUEST = IdentityMode.GUEST
 
 
 class PassthroughDevice(BackendMonitor):
@@ -90,7 +87,7 @@ class PassthroughDevice(BackendMonitor):
         Result when known at once, else None and ``done(result or error)``
         later. The plain forward (``SharedNexus.sole``, not held, no special
         case, data direction as sent) goes to ``Session.submit_then``."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
+        b = self._by_guest.get(nexus.initiator)
         if b is not None and self._held is None and not b.owed_uas and b.sole is nexus:
             s = b.session
             op = cdb[0] if cdb else -1

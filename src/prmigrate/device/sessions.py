@@ -22,7 +22,6 @@ from typing import Any
 from ..aio import BackgroundTasks, chain, run_plan, settle
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
-from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
 from ..iscsi.pdu import TmfFunction
 from ..lun.types import Nexus, Result
 from .core import UA_RETRIES, Backend, DeviceError, UaRetry
@@ -108,13 +107,9 @@ class BackendSessions(LinkTable):
         try:
             if b.closing is not None:
                 await asyncio.shield(b.closing)
-            # the backend down: its commands wait (HOLD_TIMEOUT) as a
-            # reconnecting session's do, then get BUSY, which guests retry
             b.session = await _initiator.login_within(
                 lambda: self._open_session(self.path_isids(b.key), f"guest {b.key}", *self.link_callbacks(b)),
-                HOLD_TIMEOUT, PERSISTENT,
-                lambda exc: self.log.warning("backend nexus for %s: %s; trying again", b.key, exc),
-            )
+                *self.first_login(b))
         except (IscsiError, OSError, TimeoutError) as exc:
             self._do(self.open_failed(b, exc))
             return
