@@ -51,7 +51,7 @@ from .errors import DeviceError
 from .identity import BackendPort, DeviceIdentity
 from .plans import Call, Own, Step
 from .state import DevicePrState
-from .tmf import GUEST_TMFS, Tmf, backend_tmf, release
+from .tmf import GUEST_TMFS, Tmf, backend_tmf, guest_function, release
 
 _CHECK = Status.CHECK_CONDITION
 # the backend could not be reached for this command
@@ -95,6 +95,20 @@ class Do(Enum):
     SEND = "send"  # send ``commands`` in order on the link's session
     ANSWER = "answer"  # answer ``commands`` with ``result`` (a Result or an error)
     TMF = "tmf"  # send the task management function ``tmf``
+
+
+class Login(NamedTuple):
+    """A backend login the link table asks for: the nexus ``what`` (a
+    guest's, or the monitor's), ISID ``isids[i]`` on path ``i`` (several:
+    one nexus per path, ``multipath.py``), the session's keyword arguments
+    (``options``: ``session_options`` with the callbacks) and who hears of
+    a unit attention in an answer (``on_ua``; None: nobody, the monitor's
+    own retry drops them)."""
+
+    isids: tuple[int, ...]
+    what: str
+    options: dict[str, Any]
+    on_ua: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +201,17 @@ class LinkTable(DeviceCore):
         if on_event is not None:
             opts["on_async_event"] = on_event
         return opts
+
+    def guest_login(self, b: Link) -> Login:
+        """``b``'s login: its guest's ISID on each path, with the link's
+        callbacks (``link_callbacks``)."""
+        on_ua, on_event, on_reconnect = self.link_callbacks(b)
+        return Login(self.path_isids(b.key), f"guest {b.key}", self.session_options(on_event, on_reconnect), on_ua)
+
+    def monitor_login(self) -> Login:
+        """The monitor nexus's login (``monitor_isids``): it reports nothing
+        to the device, its unit attentions are its own."""
+        return Login(self.monitor_isids, "monitor", self.session_options())
 
     def first_login(self, b: Link) -> tuple[float, ReconnectPolicy, Callable[[BaseException], None]]:
         """How ``b``'s first login is tried (``initiator.login_within``):
@@ -301,6 +326,24 @@ class LinkTable(DeviceCore):
             b.waiting = []
         return out
 
+    # ------------------------------------- the LU contract's nexus events
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """A frontend nexus ended (I_T nexus loss, ``frontend_gone``)."""
+        self._do(self.frontend_gone(nexus))
+
+    def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
+        """A guest's LOGICAL UNIT / TARGET RESET: a LOGICAL UNIT RESET of the
+        backend LUN (the frontend refuses a target reset the backend does
+        not report, ``target_reset_supported``)."""
+        self._do(self.guest_tmf(nexus, guest_function(target_reset, cold)))
+
+    def clear_task_set(self, nexus: Nexus) -> None:
+        """A guest's CLEAR TASK SET: forwarded as is (``tmf.GUEST_TMFS``)."""
+        self._do(self.guest_tmf(nexus, TmfFunction.CLEAR_TASK_SET))
+
+    def _do(self, actions: Actions) -> None:
+        """The shell's: execute what the link table asks for."""
+
     # ------------------------------------------------- task management
     def guest_tmf(self, nexus: Nexus, function: TmfFunction) -> Actions:
         """A guest's task management function (``tmf.GUEST_TMFS``), sent
@@ -361,4 +404,4 @@ class LinkTable(DeviceCore):
         return out
 
 
-__all__ = ["ABORTED", "BUSY", "NOT_FORWARDED", "Action", "Actions", "Do", "Link", "LinkTable", "Waiting"]
+__all__ = ["ABORTED", "BUSY", "NOT_FORWARDED", "Action", "Actions", "Do", "Link", "LinkTable", "Login", "Waiting"]

@@ -57,7 +57,7 @@ class BackendMonitor(BackendSessions):
         if session is None:
             async with self._monitor_lock:
                 if self._monitor is None:
-                    self._monitor = await self._open_session(self.monitor_isids, "monitor")
+                    self._monitor = await self._open_session(self.monitor_login())
             session = self._monitor
         return await self._step_on(session, step)
 

@@ -22,14 +22,12 @@ from typing import Any
 from ..aio import BackgroundTasks, chain, run_plan, settle
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
-from ..iscsi.pdu import TmfFunction
-from ..lun.types import Nexus, Result
+from ..lun.types import Result
 from .core import UA_RETRIES, Backend, DeviceError, UaRetry
-from .links import ABORTED, Action, Do, Link, LinkTable, Waiting
+from .links import ABORTED, Action, Do, Link, LinkTable, Login, Waiting
 from .plans import Call, Own
-from .tmf import Tmf, guest_function
+from .tmf import Tmf
 
-Connector = Callable[..., Any]  # iscsi.initiator.connect's signature
 Answer = Result | asyncio.Future[Result]
 
 
@@ -48,7 +46,7 @@ class BackendSessions(LinkTable):
 
     describe_result = staticmethod(_initiator.describe_result)
 
-    def __init__(self, *args: Any, connect: Connector | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connect: Callable[..., Any] | None = None, **kwargs: Any) -> None:
         """``LinkTable``'s arguments; ``connect``: how to log in
         (``iscsi.initiator.connect``'s signature; a test's fake backend)."""
         super().__init__(*args, **kwargs)
@@ -73,7 +71,7 @@ class BackendSessions(LinkTable):
             b.session = None
 
     def _do(self, actions: list[Action]) -> None:
-        """Execute what the link table asks for."""
+        """Execute what the link table asks for (its events' answers)."""
         for a in actions:
             b: Any = a.link
             if a.do is Do.SEND:
@@ -90,26 +88,23 @@ class BackendSessions(LinkTable):
                 self._tmf_task = self._bg.spawn(self._run_tmf(a.tmf))  # type: ignore[arg-type]
 
     # --------------------------------------------------------- sessions
-    async def _open_session(self, isids: tuple[int, ...], what: str, on_ua: Any = None, on_event: Any = None,
-                            on_reconnect: Any = None) -> Session:
-        """Log in the backend nexus ``what``, ISID ``isids[i]`` on path ``i``."""
-        opts = self.session_options(on_event, on_reconnect)
-        if len(isids) > 1:  # several backend= : one nexus per path (device/multipath.py)
+    async def _open_session(self, login: Login) -> Session:
+        """Log in as the link table's ``login`` says."""
+        if len(login.isids) > 1:  # several backend= : one nexus per path (device/multipath.py)
             from .multipath import open_paths_of
-            return await open_paths_of(self, isids, what, opts, on_ua, on_reconnect)
-        session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, isids[0],
-                                               on_unit_attention=on_ua, **opts)
-        self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isids[0],
-                      self.target_iqn, what)
+            return await open_paths_of(self, login)
+        session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, login.isids[0],
+                                               on_unit_attention=login.on_ua, **login.options)
+        self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, login.isids[0],
+                      self.target_iqn, login.what)
         return session
 
     async def _open(self, b: Link) -> None:
         try:
             if b.closing is not None:
                 await asyncio.shield(b.closing)
-            b.session = await _initiator.login_within(
-                lambda: self._open_session(self.path_isids(b.key), f"guest {b.key}", *self.link_callbacks(b)),
-                *self.first_login(b))
+            b.session = await _initiator.login_within(lambda: self._open_session(self.guest_login(b)),
+                                                      *self.first_login(b))
         except (IscsiError, OSError, TimeoutError) as exc:
             self._do(self.open_failed(b, exc))
             return
@@ -161,19 +156,7 @@ class BackendSessions(LinkTable):
         fut.add_done_callback(self._inflight.discard)
         return fut
 
-    # --------------------------------------------------- nexus events, TMFs
-    def nexus_lost(self, nexus: Nexus) -> None:
-        self._do(self.frontend_gone(nexus))
-
-    def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
-        """A guest's LOGICAL UNIT / TARGET RESET: a LOGICAL UNIT RESET of the
-        backend LUN (the frontend refuses a target reset the backend does
-        not report, ``target_reset_supported``)."""
-        self._do(self.guest_tmf(nexus, guest_function(target_reset, cold)))
-
-    def clear_task_set(self, nexus: Nexus) -> None:
-        self._do(self.guest_tmf(nexus, TmfFunction.CLEAR_TASK_SET))
-
+    # ------------------------------------------------------------- TMFs
     async def _run_tmf(self, tmf: Tmf) -> None:
         b = self._backends[tmf.key]
         try:
@@ -189,4 +172,4 @@ class BackendSessions(LinkTable):
         return getattr(s, step.method)(*step.args, lun=self.lun)  # type: ignore[no-any-return]
 
 
-__all__ = ["Answer", "BackendSessions", "Connector", "Link", "submit_retrying"]
+__all__ = ["Answer", "BackendSessions", "Link", "submit_retrying"]
