@@ -103,6 +103,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..iscsi.initiator_core import describe_result
 from ..lun.types import Nexus, Result, unit_attention
 from ..lun.ua import UA_EXEMPT
 from ..scsi.cdb import SupportedTmfs, invalid_cdb
@@ -126,7 +127,7 @@ from .snapshot import DeviceSnapshot
 from .snoop import PrSnooper, puts_state_in_doubt
 from .state import DevicePrState, StateChange, describe_guest
 from .tmf import TmfQueue
-from .verify import Verification, VerifySchedule, failure_text, status_text
+from .verify import Verification, VerifySchedule, failure_text
 
 log = logging.getLogger("prmigrate.device.passthrough")
 
@@ -351,7 +352,8 @@ class DeviceCore:
                 self._note_port(state_key(self.mode, guest))
 
     # ----------------------------------------------------- shell's hooks
-    describe_result: Callable[[Result], str] = staticmethod(status_text)  # the shell's adds the sense
+    # one description of a backend answer, the initiator's (status and sense)
+    describe_result: Callable[[Result], str] = staticmethod(describe_result)
 
     def want_verify(self, reason: str = "state in doubt") -> None:
         """The tracked state must be verified (the shell schedules it)."""

@@ -39,7 +39,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT, IscsiError, ReconnectPolicy
+from ..iscsi.initiator_core import (
+    HOLD_TIMEOUT,
+    PERSISTENT,
+    IscsiError,
+    ReconnectPolicy,
+    link_state_of,
+)
 from ..iscsi.pdu import TmfFunction
 from ..iscsi.url import parse_url
 from ..lun.types import Nexus, Result
@@ -183,6 +189,10 @@ class LinkTable(DeviceCore):
         else:
             return None
         return s if blocks * self.block_size == length else None
+
+    def link_state(self, b: Backend) -> dict[str, Any] | None:
+        """``Session.link_state()`` of ``b``'s backend session (None: none)."""
+        return link_state_of(getattr(b, "session", None))
 
     def connected(self, b: Backend) -> bool:
         """Whether ``b``'s backend session is logged in."""

@@ -23,7 +23,7 @@ from ..aio import BackgroundTasks, chain, run_plan, settle
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
 from ..lun.types import Result
-from .core import UA_RETRIES, Backend, DeviceError, UaRetry
+from .core import UA_RETRIES, DeviceError, UaRetry
 from .links import ABORTED, Action, Do, Link, LinkTable, Login, Waiting
 from .plans import Call, Own
 from .tmf import Tmf
@@ -44,8 +44,6 @@ class BackendSessions(LinkTable):
     """The link table with its backend sessions: logging in and out, the
     commands that waited, task management functions and nexus events."""
 
-    describe_result = staticmethod(_initiator.describe_result)
-
     def __init__(self, *args: Any, connect: Callable[..., Any] | None = None, **kwargs: Any) -> None:
         """``LinkTable``'s arguments; ``connect``: how to log in
         (``iscsi.initiator.connect``'s signature; a test's fake backend)."""
@@ -54,10 +52,6 @@ class BackendSessions(LinkTable):
         self._inflight: set[asyncio.Future[Any]] = set()
         self._bg = BackgroundTasks(self, "background task")
         self._tmf_task: asyncio.Task[None] | None = None
-
-    def link_state(self, b: Backend) -> dict[str, Any] | None:
-        """``Session.link_state()`` of ``b``'s backend session (None: none)."""
-        return _initiator.link_state_of(getattr(b, "session", None))
 
     async def close(self) -> None:
         """Log out of every backend session; pending guest commands fail."""
