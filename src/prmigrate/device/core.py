@@ -263,7 +263,9 @@ class Forward(NamedTuple):
     data-out and data-in length; a PR OUT's journal ``intent``; what the
     core learns from the backend's answer (``seen``) and the answer the
     guest gets instead of the backend's (``mapped``), both per ``Kind``
-    (``DeviceCore._watched``)."""
+    (``DeviceCore._watched``); a PR OUT's way back (``back``: its answer,
+    or the transport's error, to ``pr_out_back``, which returns the reason
+    of the verification to run before the guest has the answer)."""
 
     kind: Kind
     cdb: bytes
@@ -272,6 +274,7 @@ class Forward(NamedTuple):
     intent: Intent | None = None
     seen: Callable[[Result], None] | None = None
     mapped: Callable[[Result], Result] | None = None
+    back: Callable[[Result | BaseException | None], str | None] = lambda r: None
 
 
 # Opcodes with a handler of their own; REPORT LUNS is answered by the core.
@@ -516,12 +519,13 @@ class DeviceCore:
                     nexus.initiator,
                 )
                 return Result(_CHECK, b"", refusal.encode())
-            data = bytes(data_out)
+            c, data = bytes(cdb), bytes(data_out)
             try:
-                intent = self.begin(b.key, bytes(cdb), data)
+                intent = self.begin(b.key, c, data)
             except DeviceError:  # fail closed: what cannot be journaled is not done
                 return Result(_CHECK, b"", encode_sense(Sense.INSUFFICIENT_REGISTRATION_RESOURCES))
-            return Forward(kind, bytes(cdb), data, 0, intent)
+            key, guest = b.key, nexus.initiator
+            return Forward(kind, c, data, 0, intent, back=lambda r: self.pr_out_back(key, guest, c, data, intent, r))
         return self._watched(kind, b, nexus, cdb, data_out, data_in_len)
 
     def _watched(self, kind: Kind, b: Backend, nexus: Nexus, cdb: bytes, data_out: Any, data_in_len: int) -> Forward:

@@ -73,7 +73,7 @@ class PassthroughDevice(BackendMonitor):
         sent = self._submit(b, f.cdb, f.data_out, f.data_in_len)
         if f.kind is Kind.PR_OUT:
             out = self._pending()
-            on_outcome(sent, lambda r: self._pr_out_back(out, b.key, nexus.initiator, f, r))
+            on_outcome(sent, lambda r: self._pr_out_back(out, f, r))
             return out
         if f.seen is not None:
             on_answer(sent, f.seen)
@@ -130,11 +130,10 @@ class PassthroughDevice(BackendMonitor):
         return True
 
     # ------------------------------------------------ the backend PR OUT port
-    def _pr_out_back(self, out: asyncio.Future[Result], key: str, guest: str, f: Forward,
-                     r: Result | BaseException | None) -> None:
-        """A guest's PR OUT answered (``DeviceCore.pr_out_back``): the guest
-        has its answer once the verification its outcome asks for is done."""
-        why = self.pr_out_back(key, guest, f.cdb, f.data_out, f.intent, r)
+    def _pr_out_back(self, out: asyncio.Future[Result], f: Forward, r: Result | BaseException | None) -> None:
+        """A guest's PR OUT answered (``Forward.back``, ``DeviceCore.pr_out_back``):
+        the guest has its answer once the verification its outcome asks for is done."""
+        why = f.back(r)
         if why is None:
             settle(out, r)
         else:
