@@ -25,7 +25,12 @@ guest retries), a frontend nexus gone (``frontend_gone``: the last one
 closes the link unless the device is held; a departed SCSI-2 holder gets
 its RELEASE), a guest's task management function (``guest_tmf``) and its
 answer (``tmf_done``: what waited goes, ``tmf.py``), the device resumed
-after a hold (``resumed``) or closed (``shut``).
+after a hold (``resumed``) or closed (``shut``). The LU contract's nexus
+events (``nexus_lost``, ``reset``, ``clear_task_set``) come here too and
+hand their actions to the shell's executor (``_do``). A login is a
+``Login`` the table builds (``guest_login``, ``monitor_login``, tried as
+``first_login`` says); the relayed reads and writes go as is when
+``relay_session`` finds the link ready for them.
 
 ``opening`` and ``closing`` hold the shell's handles of the login and the
 logout in progress (None: none); the table only asks whether one is.

@@ -4,11 +4,16 @@ One ``PassthroughDevice`` per ``--device``: a logical unit towards the guest
 (``execute``, ``execute_then``, ``relay_read``, ``relay_write``), initiator sessions towards
 the shared LUN (``sessions.py``), a monitor nexus for reading the backend
 (``monitor.py``). Every decision is the core's (``core.py``, which states
-the rules, ``links.py``, ``tmf.py``, ``plans.py``, ``verify.py``); this
-shell moves guest commands to backend sessions and answers back, and starts
-the device (``plans.start_plan``). The plain forward is
+the rules, ``links.py``, ``tmf.py``, ``plans.py``, ``verify.py``): how each
+command goes and what is learnt from its answer (``route``, ``Forward``),
+which relayed read or write may go as is (``relay_session``), the PR OUT
+port (``plans.pr_out_plan``); this shell moves guest commands to backend
+sessions and answers back, and runs the plans. The plain forward is
 one ``Session.submit`` / ``submit_then`` / ``submit_relay`` handed straight
-to the target: no Task, no callback of ours, no copy.
+to the target: no Task, no callback of ours, no copy. ``execute_then``'s
+test for it is written out in place (the conditions of ``relay_session``
+with the opcode's instead of the length's), so that path makes no call of
+its own per command.
 
 Migration hooks: ``hold()``, ``await drain()``, ``release_held()``,
 ``discard_held()``, ``snapshot() -> DeviceSnapshot``, ``restore(state,
@@ -151,7 +156,9 @@ class PassthroughDevice(BackendMonitor):
         rollback, setup and cleanup ops, ``migration/pr_ops.py``): none of
         that, one round trip per send, the 2A/xx it causes not owed.
         ``params``: another parameter list than the basic one of ``rk``,
-        ``sark`` and ``aptpl`` (REGISTER AND MOVE's, ``scsi.pr``)."""
+        ``sark`` and ``aptpl`` (REGISTER AND MOVE's, ``scsi.pr``). The
+        decisions are ``plans.pr_out_plan``'s, run on the guest's backend
+        session."""
         session = await self.backend_session(guest)
         plan = plans.pr_out_plan(self, guest, action, rtype, rk, sark, scope, aptpl, purpose, params)
         return await run_plan(plan, lambda step: self._step(step, session), IscsiError)
