@@ -15,7 +15,7 @@ the core's commands are taken (``data_to_send``) and the backend's answers
 before the clock runs) fed back, ending in the frontend's answers to the
 guest, sent with one write as the daemon's ``flushpoint`` sends them. A
 read batch and a write batch in turn, ``--rounds`` times; medians, each
-round's write / read ratio. The device's eligibility check (``PassthroughDevice._relay_session``)
+round's write / read ratio. The device's eligibility check (``LinkTable.relay_session``)
 and the asyncio shells are not in it.
 
     python benchmarks/bench_relay_path.py [--rounds 7] [--batches 2000]

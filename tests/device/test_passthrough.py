@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from prmigrate.device import plans
 from prmigrate.device.config import DeviceConfig
 from prmigrate.device.core import Purpose
 from prmigrate.device.identity import derive_isid
@@ -743,7 +744,7 @@ async def test_takeover_hooks_and_journal(tmp_path: Path) -> None:
     assert r.status == Status.GOOD
     r = await dst.pr_out(G1, PRE, EA, 0xAB, 0xAB)
     assert r.status == Status.GOOD
-    rfs = await dst.read_full_status()
+    rfs = await dst.run(plans.full_status_plan(dst.verification, dst.log))
     assert rfs is not None
     holders = [e for e in rfs.entries if e.holder]
     assert len(holders) == 1 and holders[0].transport_id.name == "iqn.2026-11.org.prmigrate:hostb"
@@ -1330,7 +1331,7 @@ async def test_scsi2_reservation_and_pr_state_doubt(tmp_path: Path) -> None:
     assert not rig.dev.snooper.state.unverified
     key = rig.dev.snooper.key_of(G1)
     rig.dev.snooper.state.mark_unverified(key)  # doubt from elsewhere (a unit attention, say)
-    rig.dev.schedule_verify("test")
+    rig.dev.want_verify("test")
     await rig.dev.drain()
     assert key in rig.dev.snooper.state.unverified  # READ FULL STATUS conflicted
     assert (await rig.cmd(G1, RELEASE6)).good
@@ -1355,7 +1356,7 @@ async def test_verification_refused_by_another_hosts_scsi2_reservation_is_retrie
     assert rig.lu.execute(rig.other, RESERVE6).good
     key = rig.dev.snooper.key_of(G1)
     rig.dev.snooper.state.mark_unverified(key)  # doubt from elsewhere (a unit attention, say)
-    rig.dev.schedule_verify("test")
+    rig.dev.want_verify("test")
     loop = asyncio.get_running_loop()
     await rig.dev.drain()
     retry_at = rig.dev.verify_retry_at

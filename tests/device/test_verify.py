@@ -43,3 +43,21 @@ def test_no_retry_timer_when_another_verification_is_wanted() -> None:
     assert s.failed(coalescing=True) is None
     assert s.next() == "b"
     assert s.failed(coalescing=True) == VERIFY_RETRY_FIRST
+
+
+def test_a_timer_for_a_retry_no_longer_armed_does_nothing() -> None:
+    """The shell never cancels a retry timer: ``due`` tells a stale one."""
+    s = VerifySchedule(Verification())
+    assert s.failed(now=10.0) == VERIFY_RETRY_FIRST
+    first = s.retry_at
+    assert first == 10.0 + VERIFY_RETRY_FIRST
+    assert s.succeeded() is True and s.retry_at is None
+    assert s.due(first) is False  # a verification succeeded meanwhile
+    s.failed(now=20.0)
+    second = s.retry_at
+    assert second is not None and second != first
+    assert s.due(first) is False and s.retry_at == second  # another retry is armed
+    assert s.due(second) is True and s.retry_at is None
+    s.failed(now=30.0)
+    s.stop()  # the device closed
+    assert s.retry_at is None and s.due(30.0 + VERIFY_RETRY_FIRST) is False

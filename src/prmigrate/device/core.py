@@ -103,6 +103,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..iscsi.initiator_core import describe_result
 from ..lun.types import Nexus, Result, unit_attention
 from ..lun.ua import UA_EXEMPT
 from ..scsi.cdb import SupportedTmfs, invalid_cdb
@@ -112,14 +113,21 @@ from .config import DeviceConfig
 from .datain import DATA_IN_ONLY, expected_in_len
 from .errors import DeviceError
 from .frontends import SharedNexus, Verdict, drops_scsi2, request_sense_data
-from .identity import BackendPort, DeviceIdentity, IdentityMode, backend_port, state_key
+from .identity import (
+    BackendPort,
+    DeviceIdentity,
+    IdentityMode,
+    backend_port,
+    derive_isid,
+    state_key,
+)
 from .journal import Intent, JournalError, PrJournal
 from .mask import PrFilter
 from .snapshot import DeviceSnapshot
 from .snoop import PrSnooper, puts_state_in_doubt
 from .state import DevicePrState, StateChange, describe_guest
 from .tmf import TmfQueue
-from .verify import Verification, failure_text, status_text
+from .verify import Verification, VerifySchedule, failure_text
 
 log = logging.getLogger("prmigrate.device.passthrough")
 
@@ -251,11 +259,22 @@ class Kind(Enum):
 
 
 class Forward(NamedTuple):
+    """How to forward a guest command (``DeviceCore.route``): its CDB,
+    data-out and data-in length; a PR OUT's journal ``intent``; what the
+    core learns from the backend's answer (``seen``) and the answer the
+    guest gets instead of the backend's (``mapped``), both per ``Kind``
+    (``DeviceCore._watched``); a PR OUT's way back (``back``: its answer,
+    or the transport's error, to ``pr_out_back``, which returns the reason
+    of the verification to run before the guest has the answer)."""
+
     kind: Kind
     cdb: bytes
     data_out: Any
     data_in_len: int
     intent: Intent | None = None
+    seen: Callable[[Result], None] | None = None
+    mapped: Callable[[Result], Result] | None = None
+    back: Callable[[Result | BaseException | None], str | None] = lambda r: None
 
 
 # Opcodes with a handler of their own; REPORT LUNS is answered by the core.
@@ -310,7 +329,13 @@ class DeviceCore:
             self.journal = PrJournal(Path(state_dir) / f"{config.name}.pr.json", fsync=fsync)
         self.log = logging.LoggerAdapter(log, {"device": config.name})
         self.verification = Verification(self.describe_result)
+        # when the shell verifies (one at a time, coalesced, a retry timer)
+        self.schedule = VerifySchedule(self.verification)
         self._backends: dict[str, Backend] = {}
+        # the fast paths' lookup by guest name: the backend nexuses
+        # themselves with identity=guest (keyed by guest name), none with
+        # identity=host (one shared nexus, every command through route)
+        self._by_guest: dict[str, Backend] = self._backends if self.mode is IdentityMode.GUEST else {}
         self._held: list[Held] | None = None
         # the guests' task management functions forwarded and not answered
         # yet (``tmf.py``): while there are, new backend nexuses start paused
@@ -330,7 +355,8 @@ class DeviceCore:
                 self._note_port(state_key(self.mode, guest))
 
     # ----------------------------------------------------- shell's hooks
-    describe_result: Callable[[Result], str] = staticmethod(status_text)  # the shell's adds the sense
+    # one description of a backend answer, the initiator's (status and sense)
+    describe_result: Callable[[Result], str] = staticmethod(describe_result)
 
     def want_verify(self, reason: str = "state in doubt") -> None:
         """The tracked state must be verified (the shell schedules it)."""
@@ -348,6 +374,12 @@ class DeviceCore:
     def path_isids(self, key: str) -> tuple[int, ...]:
         """The ISID of ``key``'s nexus on each path (one: single path)."""
         return tuple(self.port_of(key, p).isid for p in range(len(self.config.backend_urls)))
+
+    @property
+    def monitor_isids(self) -> tuple[int, ...]:
+        """The ISID of the monitor nexus on each path (``derive_isid(device,
+        MONITOR)``; one: single path): no guest's nexus, never registered."""
+        return tuple(derive_isid(self.name, MONITOR, p) for p in range(len(self.config.backend_urls)))
 
     def _note_port(self, key: str) -> None:
         self.snooper.transport_ids[key] = self.port_of(key).transport_id
@@ -487,13 +519,26 @@ class DeviceCore:
                     nexus.initiator,
                 )
                 return Result(_CHECK, b"", refusal.encode())
-            data = bytes(data_out)
+            c, data = bytes(cdb), bytes(data_out)
             try:
-                intent = self.begin(b.key, bytes(cdb), data)
+                intent = self.begin(b.key, c, data)
             except DeviceError:  # fail closed: what cannot be journaled is not done
                 return Result(_CHECK, b"", encode_sense(Sense.INSUFFICIENT_REGISTRATION_RESOURCES))
-            return Forward(kind, bytes(cdb), data, 0, intent)
-        return Forward(kind, cdb, data_out, data_in_len)
+            key, guest = b.key, nexus.initiator
+            return Forward(kind, c, data, 0, intent, back=lambda r: self.pr_out_back(key, guest, c, data, intent, r))
+        return self._watched(kind, b, nexus, cdb, data_out, data_in_len)
+
+    def _watched(self, kind: Kind, b: Backend, nexus: Nexus, cdb: bytes, data_out: Any, data_in_len: int) -> Forward:
+        """RESERVE / RELEASE: the answer tells which frontend holds the
+        SCSI-2 reservation (``scsi2_answered``). PR IN: the PRgeneration in
+        the answer is watched once one is known (``generation_seen``), and
+        REPORT CAPABILITIES is masked with migrate-pr on (``mask_pr_in``)."""
+        c = bytes(cdb)
+        if kind is Kind.SCSI2:
+            return Forward(kind, cdb, data_out, data_in_len, seen=lambda r: self.scsi2_answered(b, nexus, c, r))
+        seen = None if self.snooper.state.generation is None else (lambda r: self.generation_seen(b, c, r))
+        mapped = (lambda r: self.mask_pr_in(c, r)) if self.masks_pr_in(c) else None
+        return Forward(kind, cdb, data_out, data_in_len, seen=seen, mapped=mapped)
 
     def _report_luns(self, b: Backend, nexus: Nexus, cdb: bytes) -> Result:
         """SPC-5 6.33, answered by the device: the guest's one LUN."""
@@ -778,6 +823,12 @@ class DeviceCore:
         return self.verification.method
 
     @property
+    def verify_retry_at(self) -> float | None:
+        """When the retry after a failed verification is due (the shell's
+        loop time; None: none armed)."""
+        return self.schedule.retry_at
+
+    @property
     def last_verified(self) -> float | None:
         return self.verification.last_verified
 
@@ -807,6 +858,7 @@ class DeviceCore:
             self.report(changes)
         if changes or self.snooper.state.to_dict() != before:
             self.save()
+        self.schedule.succeeded()  # a retry armed after a failure is not due any more
         self._reconciled(reason, how, changes, list(self.verification.unknown), None)
 
     def verify_failed(self, reason: str, exc: BaseException, unreachable: bool) -> DeviceError:
@@ -846,6 +898,15 @@ class DeviceCore:
         if self._held is None:
             self._held = []
             self.log.info("holding guest commands")
+
+    def hold_back(self, h: Held) -> Any:
+        """While held: ``h`` waits in the queue, in arrival order, for
+        ``release_held`` (rollback) or ``discard_held`` (moved). Returns its
+        token (the shell's handle of the guest's answer)."""
+        if self._held is None:
+            raise DeviceError(f"device {self.name}: not held")
+        self._held.append(h)
+        return h.token
 
     def take_held(self) -> list[Held]:
         """Rollback: the queued commands, in arrival order; not held any more."""

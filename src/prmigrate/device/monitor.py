@@ -19,15 +19,10 @@ from typing import Any
 
 from ..aio import run_plan
 from ..iscsi.initiator import IscsiError, Session, link_state_of
-from ..lun.types import Result
-from ..scsi.cdb import SupportedTmfs
-from ..scsi.pr import ReadFullStatus, ReadKeys, ReadReservation
 from . import plans
-from .core import MONITOR, DeviceError
-from .identity import DeviceIdentity, derive_isid
-from .sessions import BackendSessions, submit_retrying
+from .core import DeviceError
+from .sessions import BackendSessions
 from .state import StateChange
-from .verify import VerifySchedule
 
 
 class BackendMonitor(BackendSessions):
@@ -38,38 +33,38 @@ class BackendMonitor(BackendSessions):
         super().__init__(*args, **kwargs)
         self._monitor: Session | None = None
         self._monitor_lock = asyncio.Lock()
-        self.schedule = VerifySchedule(self.verification)
         self._verifying: asyncio.Task[Any] | None = None
-        self._verify_retry: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
         """Log out of every backend session and the monitor's."""
-        if self._verify_retry is not None:
-            self._verify_retry.cancel()
-            self._verify_retry = None
         monitor, self._monitor = self._monitor, None
         await asyncio.gather(super().close(), *(() if monitor is None else (monitor.close(),)),
                              return_exceptions=True)
 
-    async def _run(self, plan: plans.Plan) -> Any:
-        """Run ``plan``, its reads on the monitor nexus (opened on first use)."""
+    async def run(self, plan: plans.Plan) -> Any:
+        """Run ``plan`` (``plans.py``: ``full_status_plan``, ``keys_plan``,
+        ``command_plan``, ...), its commands on the monitor nexus (opened on
+        first use): what it returns, or its ``IscsiError`` / ``DeviceError``."""
         return await run_plan(plan, self._step, (IscsiError, DeviceError))
 
-    async def _step(self, step: plans.Step) -> Any:
+    async def _step(self, step: plans.Step, session: Session | None = None) -> Any:
+        """One step of a plan: a verification, or a command on ``session``
+        (None: the monitor's, opened on first use)."""
         if isinstance(step, plans.Verify):
+            if step.after:  # a PR OUT's: the answer goes once it is done
+                return await self._bg.spawn(self._verify_after(step.reason))
             return await self.verify(step.reason)
-        async with self._monitor_lock:
-            if self._monitor is None:
-                self._monitor = await self._open_session(derive_isid(self.name, MONITOR), "monitor", isids=tuple(
-                    derive_isid(self.name, MONITOR, p) for p in range(len(self.config.backend_urls))))
-        return await self._step_on(self._monitor, step)
+        if session is None:
+            async with self._monitor_lock:
+                if self._monitor is None:
+                    self._monitor = await self._open_session(self.monitor_login())
+            session = self._monitor
+        return await self._step_on(session, step)
 
     def want_verify(self, reason: str = "state in doubt") -> None:
         """One coalesced verification in the background."""
         if not self._closed and self.schedule.want(reason):
             self._verifying = self._bg.spawn(self._verify_loop())
-
-    schedule_verify = want_verify
 
     async def _verify_loop(self) -> None:
         try:
@@ -110,49 +105,19 @@ class BackendMonitor(BackendSessions):
         return link_state_of(self._monitor)
 
     def _retry_verify_later(self, coalescing: bool = False) -> None:
-        delay = None if self._closed else self.schedule.failed(coalescing)
+        loop = asyncio.get_running_loop()
+        delay = None if self._closed else self.schedule.failed(coalescing, loop.time())
         if delay is not None:
             self.log.info("verifying again in %.1f s", delay)
-            self._verify_retry = asyncio.get_running_loop().call_later(delay, self._retry_due)
+            loop.call_later(delay, self._retry_due, self.schedule.retry_at)
 
-    def _retry_due(self) -> None:
-        self._verify_retry = None
-        self.schedule.due()
-        self.want_verify("retry after a failed verification")
-
-    @property
-    def verify_retry_at(self) -> float | None:
-        """Loop time of the pending retry after a failed verification."""
-        return None if self._verify_retry is None else self._verify_retry.when()
-
-    async def read_full_status(self) -> ReadFullStatus | None:
-        """READ FULL STATUS on the monitor nexus; None when not implemented."""
-        return await self._run(plans.full_status_plan(self.verification, self.log))  # type: ignore[no-any-return]
-
-    async def read_keys_and_reservation(self) -> tuple[ReadKeys, ReadReservation]:
-        """READ KEYS and READ RESERVATION on the monitor nexus."""
-        return await self._run(plans.keys_plan(self.verification))  # type: ignore[no-any-return]
-
-    async def capture_identity(self) -> DeviceIdentity:
-        """Standard INQUIRY, VPD 80h/83h and READ CAPACITY(16) from the backend."""
-        return await self._run(plans.identity_plan(self.lun, self.config.backend_url, self.log))  # type: ignore[no-any-return]
-
-    async def capture_tmfs(self) -> SupportedTmfs | None:
-        """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS from the backend LUN."""
-        return await self._run(plans.tmfs_plan(self.log))  # type: ignore[no-any-return]
-
-    async def monitor_command(self, cdb: bytes, alloc: int) -> Result:
-        """A command of the device's own on the monitor nexus (a probe, e.g.
-        REPORT SUPPORTED OPERATION CODES); unit attentions met are retried."""
-        return await self._run(plans.command_plan(cdb, alloc))  # type: ignore[no-any-return]
+    def _retry_due(self, at: float | None) -> None:
+        if self.schedule.due(at):
+            self.want_verify("retry after a failed verification")
 
     async def verify(self, reason: str = "on demand") -> tuple[StateChange, ...]:
         """Reconcile every tracked guest with the backend now (journaled)."""
-        changes = await self._run(plans.verify_plan(self, reason, time.time))
-        if self.schedule.succeeded() and self._verify_retry is not None:  # this one did it
-            self._verify_retry.cancel()
-            self._verify_retry = None
-        return changes  # type: ignore[no-any-return]
+        return await self.run(plans.verify_plan(self, reason, time.time))  # type: ignore[no-any-return]
 
 
-__all__ = ["BackendMonitor", "submit_retrying"]
+__all__ = ["BackendMonitor"]

@@ -48,6 +48,7 @@ from ..scsi.pr import (
 )
 from ..scsi.sense import Sense, encode_sense
 from ..scsi.transport_id import TransportId
+from .links import Login
 from .paths import HOLDER_ONLY_TYPES, Op, Path, PathSet, PathState, Route, rewrite_pr_in, same_lu
 
 log = logging.getLogger("prmigrate.device.multipath")
@@ -758,16 +759,18 @@ async def open_multipath(connect: Callable[..., Awaitable[Session]], urls: Seque
     return await mp.open()
 
 
-async def open_paths_of(dev: Any, isids: Sequence[int], what: str, opts: dict[str, Any],
-                        on_ua: Callable[[int, Any], Any] | None, on_reconnect: Callable[[], Awaitable[Any]] | None) -> Any:
-    """The backend nexus ``what`` of the device ``dev`` (``BackendSessions``)
-    on each of its backends, path ``i`` with ISID ``isids[i]``; the monitor's
-    answers are not rewritten (it reads the LU as it is)."""
+async def open_paths_of(dev: Any, login: Login) -> Any:
+    """The backend nexus ``login.what`` of the device ``dev``
+    (``BackendSessions``) on each of its backends, path ``i`` with ISID
+    ``login.isids[i]`` (``links.Login``); the monitor's answers are not
+    rewritten (it reads the LU as it is)."""
+    isids, opts = login.isids, login.options
     mp = await open_multipath(dev._connect, dev.config.backend_urls, dev.target_iqn, dev.host_initiator, isids,
-                              opts, rewrite_pr_in=what != "monitor", lun=dev.lun, logger=dev.log,
-                              peers=dev.path_sets, on_unit_attention=on_ua, on_reconnect=on_reconnect)
+                              opts, rewrite_pr_in=login.what != "monitor", lun=dev.lun, logger=dev.log,
+                              peers=dev.path_sets, on_unit_attention=login.on_ua,
+                              on_reconnect=opts.get("on_reconnect"))
     dev.log.info("backend nexus %s (%s) open on %d paths", ", ".join(
-        f"{dev.host_initiator},i,0x{i:012x}" for i in isids), what, len(isids))
+        f"{dev.host_initiator},i,0x{i:012x}" for i in isids), login.what, len(isids))
     return mp
 
 

@@ -4,18 +4,25 @@ One ``PassthroughDevice`` per ``--device``: a logical unit towards the guest
 (``execute``, ``execute_then``, ``relay_read``, ``relay_write``), initiator sessions towards
 the shared LUN (``sessions.py``), a monitor nexus for reading the backend
 (``monitor.py``). Every decision is the core's (``core.py``, which states
-the rules, ``links.py``, ``tmf.py``, ``plans.py``, ``verify.py``); this
-shell moves guest commands to backend sessions and answers back, and starts
-the device (``plans.start_plan``). The plain forward is
+the rules, ``links.py``, ``tmf.py``, ``plans.py``, ``verify.py``): how each
+command goes and what is learnt from its answer (``route``, ``Forward``),
+which relayed read or write may go as is (``relay_session``), the PR OUT
+port (``plans.pr_out_plan``); this shell moves guest commands to backend
+sessions and answers back, and runs the plans. The plain forward is
 one ``Session.submit`` / ``submit_then`` / ``submit_relay`` handed straight
-to the target: no Task, no callback of ours, no copy.
+to the target: no Task, no callback of ours, no copy. ``execute_then``'s
+test for it is written out in place (the conditions of ``relay_session``
+with the opcode's instead of the length's), so that path makes no call of
+its own per command.
 
 Migration hooks: ``hold()``, ``await drain()``, ``release_held()``,
 ``discard_held()``, ``snapshot() -> DeviceSnapshot``, ``restore(state,
 identity=None, pending_uas=None)``, ``await backend_session(guest)``,
 ``await pr_out(guest, action, rtype, rk, sark, scope=0, aptpl=False,
 purpose=Purpose.GUEST)`` (the one backend PR OUT port; the migration's ops
-with ``Purpose.MIGRATION``), ``await read_full_status()``, ``await verify()``,
+with ``Purpose.MIGRATION``), ``await run(plan)`` (a command plan on the
+monitor nexus, ``plans.full_status_plan``, ``keys_plan``, ``command_plan``),
+``await verify()``,
 ``await close()``.
 """
 
@@ -26,24 +33,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..aio import chain, deliver, map_answer, on_answer, on_outcome, settle
+from ..aio import chain, deliver, map_answer, on_answer, on_outcome, run_plan, settle
 from ..iscsi.initiator import IscsiError
 from ..iscsi.initiator_core import RelaySink
 from ..lun.types import Nexus, Result
 from ..scsi.constants import PrOutAction, PrType
-from ..scsi.pr import pr_out_cdb, pr_out_params
-from .core import CRASH_ENV, MONITOR, SPECIAL, Forward, Held, Kind, Purpose
+from . import plans
+from .core import CRASH_ENV, SPECIAL, Forward, Held, Kind, Purpose
 from .datain import DATA_IN_ONLY, expected_in_len
 from .describe import describe_device
 from .errors import DeviceError
-from .identity import IdentityMode
 from .monitor import BackendMonitor
-from .plans import start_plan
-from .sessions import Answer, Link, submit_retrying
-from .snapshot import DeviceSnapshot
-from .verify import FULL_STATUS_METHOD, KEYS_METHOD, KEYS_METHOD_LIMITS
-
-_GUEST = IdentityMode.GUEST
+from .sessions import Answer, Link
+from .verify import FULL_STATUS_METHOD, KEYS_METHOD
 
 
 class PassthroughDevice(BackendMonitor):
@@ -56,16 +58,14 @@ class PassthroughDevice(BackendMonitor):
         cannot be verified stops the start (DeviceError), another failed
         reconciliation is logged. A migration's given state is not
         reconciled: the backend shows it on the source's nexuses."""
-        await self._run(start_plan(self, capture_identity, reconcile))
+        await self.run(plans.start_plan(self, capture_identity, reconcile))
 
     def execute(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview = b"",
                 data_in_len: int | None = None) -> Answer:
         """The LU contract: forward ``cdb`` for the guest of ``nexus``."""
         b = self.link_for(nexus)
         if self._held is not None:
-            fut = self._future()
-            self._held.append(Held(nexus, cdb, data_out, data_in_len, fut))
-            return fut
+            return self.hold_back(Held(nexus, cdb, data_out, data_in_len, self._future()))
         f = self.route(b, nexus, cdb, data_out, data_in_len)
         if isinstance(f, Result):
             return f  # the device's own answer: no backend UA in it
@@ -76,18 +76,14 @@ class PassthroughDevice(BackendMonitor):
 
     def _forward(self, b: Link, nexus: Nexus, f: Forward) -> Answer:
         sent = self._submit(b, f.cdb, f.data_out, f.data_in_len)
-        cdb = bytes(f.cdb)
-        if f.kind is Kind.SCSI2:
-            on_answer(sent, lambda r: self.scsi2_answered(b, nexus, cdb, r))
-        elif f.kind is Kind.PR_IN:
-            if self.snooper.state.generation is not None:
-                on_answer(sent, lambda r: self.generation_seen(b, cdb, r))
-            if self.masks_pr_in(cdb) and not isinstance(sent, Result):
-                return map_answer(sent, self._future(), lambda r: self.mask_pr_in(cdb, r))
-        elif f.kind is Kind.PR_OUT:
+        if f.kind is Kind.PR_OUT:
             out = self._pending()
-            on_outcome(sent, lambda r: self._pr_out_back(out, b.key, nexus.initiator, cdb, f, r))
+            on_outcome(sent, lambda r: self._pr_out_back(out, f, r))
             return out
+        if f.seen is not None:
+            on_answer(sent, f.seen)
+        if f.mapped is not None and not isinstance(sent, Result):
+            return map_answer(sent, self._future(), f.mapped)
         return sent
 
     def execute_then(self, nexus: Nexus, cdb: bytes, data_out: bytes | memoryview,
@@ -96,7 +92,7 @@ class PassthroughDevice(BackendMonitor):
         Result when known at once, else None and ``done(result or error)``
         later. The plain forward (``SharedNexus.sole``, not held, no special
         case, data direction as sent) goes to ``Session.submit_then``."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
+        b = self._by_guest.get(nexus.initiator)
         if b is not None and self._held is None and not b.owed_uas and b.sole is nexus:
             s = b.session
             op = cdb[0] if cdb else -1
@@ -113,7 +109,7 @@ class PassthroughDevice(BackendMonitor):
         """The read path (``Connection._fast_reads``): a READ(10)/(16) whose
         length is the EDTL goes to ``Session.submit_relay`` as is. False
         leaves it to ``execute_then`` (not ``sole``, held, UA owed...)."""
-        s = self._relay_session(nexus, cdb, 0x28, 0x88, edtl)
+        s = self.relay_session(nexus, cdb, 0x28, 0x88, edtl)
         if s is None:
             return False
         try:
@@ -129,7 +125,7 @@ class PassthroughDevice(BackendMonitor):
         negotiated (immediate, unsolicited, R2T-solicited). Declined (False)
         as ``relay_read`` declines: ``execute_then`` answers it."""
         n = len(data)
-        s = self._relay_session(nexus, cdb, 0x2A, 0x8A, n) if n else None
+        s = self.relay_session(nexus, cdb, 0x2A, 0x8A, n) if n else None
         if s is None:
             return False
         try:
@@ -138,34 +134,11 @@ class PassthroughDevice(BackendMonitor):
             return False  # execute_then answers it (and logs why)
         return True
 
-    def _relay_session(self, nexus: Nexus, cdb: bytes, op10: int, op16: int, length: int) -> Any:
-        """The one eligibility rule of the relayed reads and writes: the
-        guest's backend session when the command may be forwarded as is
-        (guest identity, not held, no unit attention owed, ``nexus`` the
-        guest's sole frontend nexus, the session open, ``cdb`` the 10- or
-        16-byte form ``op10`` / ``op16`` of SBC-4 READ / WRITE whose
-        TRANSFER LENGTH in blocks moves ``length`` bytes), else None."""
-        b = self._backends.get(nexus.initiator) if self.mode is _GUEST else None
-        if b is None or self._held is not None or b.owed_uas or b.sole is not nexus:
-            return None
-        s = b.session
-        if s is None or b.closing is not None:
-            return None
-        op = cdb[0]
-        if op == op10:
-            blocks = (cdb[7] << 8) | cdb[8]
-        elif op == op16:
-            blocks = int.from_bytes(cdb[10:14], "big")
-        else:
-            return None
-        return s if blocks * self.block_size == length else None
-
     # ------------------------------------------------ the backend PR OUT port
-    def _pr_out_back(self, out: asyncio.Future[Result], key: str, guest: str, cdb: bytes, f: Forward,
-                     r: Result | BaseException | None) -> None:
-        """A guest's PR OUT answered (``DeviceCore.pr_out_back``): the guest
-        has its answer once the verification its outcome asks for is done."""
-        why = self.pr_out_back(key, guest, cdb, f.data_out, f.intent, r)
+    def _pr_out_back(self, out: asyncio.Future[Result], f: Forward, r: Result | BaseException | None) -> None:
+        """A guest's PR OUT answered (``Forward.back``, ``DeviceCore.pr_out_back``):
+        the guest has its answer once the verification its outcome asks for is done."""
+        why = f.back(r)
         if why is None:
             settle(out, r)
         else:
@@ -183,20 +156,12 @@ class PassthroughDevice(BackendMonitor):
         rollback, setup and cleanup ops, ``migration/pr_ops.py``): none of
         that, one round trip per send, the 2A/xx it causes not owed.
         ``params``: another parameter list than the basic one of ``rk``,
-        ``sark`` and ``aptpl`` (REGISTER AND MOVE's, ``scsi.pr``)."""
+        ``sark`` and ``aptpl`` (REGISTER AND MOVE's, ``scsi.pr``). The
+        decisions are ``plans.pr_out_plan``'s, run on the guest's backend
+        session."""
         session = await self.backend_session(guest)
-        data = pr_out_params(rk, sark, aptpl=aptpl) if params is None else params
-        cdb = pr_out_cdb(action, rtype, scope, len(data))
-        op = self.own_pr_out(guest, cdb, data, purpose)
-        try:
-            r = await submit_retrying(session, self.lun, cdb, data, op.retry)
-        except BaseException as exc:
-            self.own_pr_out_done(op, exc, answered=isinstance(exc, IscsiError))
-            raise
-        why = self.own_pr_out_done(op, r)
-        if why is not None:
-            await self._bg.spawn(self._verify_after(why))
-        return r
+        plan = plans.pr_out_plan(self, guest, action, rtype, rk, sark, scope, aptpl, purpose, params)
+        return await run_plan(plan, lambda step: self._step(step, session), IscsiError)
 
     # ------------------------------------------------------ migration hooks
     async def drain(self) -> None:
@@ -226,5 +191,4 @@ class PassthroughDevice(BackendMonitor):
         return describe_device(self, time.time())
 
 
-__all__ = ["CRASH_ENV", "DeviceError", "DeviceSnapshot", "MONITOR", "PassthroughDevice", "expected_in_len",
-           "FULL_STATUS_METHOD", "KEYS_METHOD", "KEYS_METHOD_LIMITS"]
+__all__ = ["CRASH_ENV", "DeviceError", "FULL_STATUS_METHOD", "KEYS_METHOD", "PassthroughDevice", "expected_in_len"]

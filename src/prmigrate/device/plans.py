@@ -25,6 +25,9 @@ management plan of a backend nexus is the link table's
   the fallback, reconciled with the tracked state; the device learns the
   outcome (``verified``) or why it failed (``verify_failed``, raised as
   ``DeviceError``).
+* ``pr_out_plan``: a PR OUT of the device's own on a guest's backend
+  nexus (the backend PR OUT port), its outcome as its ``Purpose`` says,
+  and the verification it asks for (``Verify(after=True)``).
 * ``start_plan``: a device's start: the journal, the LUN's identity and
   task management functions, the verification at start (``Verify``: one
   the shell runs as any other, ``verify``).
@@ -40,7 +43,15 @@ from ..iscsi.initiator_core import IscsiError
 from ..lun.types import Result
 from ..scsi.cdb import SupportedTmfs
 from ..scsi.constants import PrInAction
-from ..scsi.pr import PrDecodeError, ReadFullStatus, ReadKeys, ReadReservation, pr_in_cdb
+from ..scsi.pr import (
+    PrDecodeError,
+    ReadFullStatus,
+    ReadKeys,
+    ReadReservation,
+    pr_in_cdb,
+    pr_out_cdb,
+    pr_out_params,
+)
 from .core import Purpose, UaRetry
 from .errors import DeviceError
 from .identity import DeviceIdentity, no_logical_unit
@@ -71,9 +82,12 @@ class Call(NamedTuple):
 
 
 class Verify(NamedTuple):
-    """A verification (``verify(reason)``), run by the shell."""
+    """A verification (``verify(reason)``), run by the shell; ``after``:
+    the one a PR OUT's outcome asks for before its answer goes, whose
+    failure is logged and retried later (the answer still goes)."""
 
     reason: str
+    after: bool = False
 
 
 Step = Own | Call | Verify
@@ -163,6 +177,34 @@ def verify_plan(dev: DeviceCore, reason: str, now: Callable[[], float]) -> Gener
     return changes
 
 
+def pr_out_plan(dev: DeviceCore, guest: str, action: int, rtype: int, rk: int, sark: int, scope: int = 0,
+                aptpl: bool = False, purpose: Purpose = Purpose.GUEST,
+                params: bytes | None = None) -> Generator[Step, Any, Result]:
+    """The backend PR OUT port (``PassthroughDevice.pr_out``): PERSISTENT
+    RESERVE OUT (SPC-5 6.17) with the basic parameter list of ``rk``,
+    ``sark`` and ``aptpl`` or ``params`` (REGISTER AND MOVE's), sent on
+    ``guest``'s backend nexus under the one unit attention rule; its
+    outcome goes the way ``OWN_COMMANDS[purpose]`` says
+    (``DeviceCore.own_pr_out``, ``own_pr_out_done``: DeviceError, and
+    nothing sent, when a tracked one cannot be journaled), then the
+    verification it asks for. A send abandoned (``GeneratorExit``: the
+    caller cancelled, a CDB the session refused) still owes the unit
+    attentions met; only a transport's ``IscsiError`` puts the effect in
+    doubt. Returns the answer."""
+    data = pr_out_params(rk, sark, aptpl=aptpl) if params is None else params
+    cdb = pr_out_cdb(action, rtype, scope, len(data))
+    op = dev.own_pr_out(guest, cdb, data, purpose)
+    try:
+        r = yield Own(cdb, data, 0, op.retry)
+    except BaseException as exc:
+        dev.own_pr_out_done(op, exc, answered=isinstance(exc, IscsiError))
+        raise
+    why = dev.own_pr_out_done(op, r)
+    if why is not None:
+        yield Verify(why, after=True)
+    return r  # type: ignore[no-any-return]
+
+
 def start_plan(dev: DeviceCore, capture_identity: bool, reconcile: bool) -> Generator[Step, Any, None]:
     """Load the journal, capture the LUN's identity (a migrated device must
     front the same LUN) and task management functions, and reconcile:
@@ -186,4 +228,4 @@ def start_plan(dev: DeviceCore, capture_identity: bool, reconcile: bool) -> Gene
 
 
 __all__ = ["Call", "Own", "Plan", "Step", "Verify", "full_status_plan", "identity_plan", "keys_plan",
-           "start_plan", "tmfs_plan", "verify_plan"]
+           "pr_out_plan", "start_plan", "tmfs_plan", "verify_plan"]

@@ -17,25 +17,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-from ..aio import BackgroundTasks, chain, map_answer, on_answer, on_outcome, run_plan, settle
+from ..aio import BackgroundTasks, chain, run_plan, settle
 from ..iscsi import initiator as _initiator
 from ..iscsi.initiator import IscsiError, Session
-from ..iscsi.initiator_core import HOLD_TIMEOUT, PERSISTENT
-from ..iscsi.pdu import TmfFunction
-from ..iscsi.url import parse_url
-from ..lun.types import Nexus, Result
-from .config import DeviceConfig
-from .core import UA_RETRIES, Backend, DeviceError, UaRetry
-from .identity import DeviceIdentity
-from .links import ABORTED, Action, Do, Link, LinkTable, Waiting
+from ..lun.types import Result
+from .core import UA_RETRIES, DeviceError, UaRetry
+from .links import ABORTED, Action, Do, Link, LinkTable, Login, Waiting
 from .plans import Call, Own
-from .state import DevicePrState
-from .tmf import Tmf, guest_function
+from .tmf import Tmf
 
-Connector = Callable[..., Any]  # iscsi.initiator.connect's signature
 Answer = Result | asyncio.Future[Result]
 
 
@@ -52,30 +44,14 @@ class BackendSessions(LinkTable):
     """The link table with its backend sessions: logging in and out, the
     commands that waited, task management functions and nexus events."""
 
-    describe_result = staticmethod(_initiator.describe_result)
-
-    def __init__(self, config: DeviceConfig, host_initiator: str, *, state_dir: str | Path | None = None,
-                 identity: DeviceIdentity | None = None, state: DevicePrState | None = None,
-                 frontend_lun: int = 0, connect: Connector | None = None,
-                 session_options: dict[str, Any] | None = None, fsync: bool = True) -> None:
-        super().__init__(config, host_initiator, state_dir=state_dir, identity=identity, state=state,
-                         frontend_lun=frontend_lun, fsync=fsync)
-        self.url = parse_url(config.backend_url, require_lun=False)
-        self.portal, self.target_iqn = self.url.portal, config.target_iqn
+    def __init__(self, *args: Any, connect: Callable[..., Any] | None = None, **kwargs: Any) -> None:
+        """``LinkTable``'s arguments; ``connect``: how to log in
+        (``iscsi.initiator.connect``'s signature; a test's fake backend)."""
+        super().__init__(*args, **kwargs)
         self._connect = connect or _initiator.connect
-        self._session_options = dict(session_options or {})
         self._inflight: set[asyncio.Future[Any]] = set()
         self._bg = BackgroundTasks(self, "background task")
         self._tmf_task: asyncio.Task[None] | None = None
-        self.path_sets: list[Any] = []  # with several backends: every guest's (device/multipath.py)
-
-    def connected(self, b: Backend) -> bool:
-        s = getattr(b, "session", None)
-        return s is not None and s.logged_in
-
-    def link_state(self, b: Backend) -> dict[str, Any] | None:
-        """``Session.link_state()`` of ``b``'s backend session (None: none)."""
-        return _initiator.link_state_of(getattr(b, "session", None))
 
     async def close(self) -> None:
         """Log out of every backend session; pending guest commands fail."""
@@ -89,7 +65,7 @@ class BackendSessions(LinkTable):
             b.session = None
 
     def _do(self, actions: list[Action]) -> None:
-        """Execute what the link table asks for."""
+        """Execute what the link table asks for (its events' answers)."""
         for a in actions:
             b: Any = a.link
             if a.do is Do.SEND:
@@ -106,41 +82,29 @@ class BackendSessions(LinkTable):
                 self._tmf_task = self._bg.spawn(self._run_tmf(a.tmf))  # type: ignore[arg-type]
 
     # --------------------------------------------------------- sessions
-    async def _open_session(self, isid: int, what: str, on_ua: Any = None, on_event: Any = None,
-                            on_reconnect: Any = None, isids: tuple[int, ...] = ()) -> Session:
-        opts = self.session_options(on_event, on_reconnect)
-        if len(isids) > 1:  # several backend= : one nexus per path (device/multipath.py)
+    async def _open_session(self, login: Login) -> Session:
+        """Log in as the link table's ``login`` says."""
+        if len(login.isids) > 1:  # several backend= : one nexus per path (device/multipath.py)
             from .multipath import open_paths_of
-            return await open_paths_of(self, isids, what, opts, on_ua, on_reconnect)
-        session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, isid,
-                                               on_unit_attention=on_ua, **opts)
-        self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, isid,
-                      self.target_iqn, what)
+            return await open_paths_of(self, login)
+        session: Session = await self._connect(self.url, self.target_iqn, self.host_initiator, login.isids[0],
+                                               on_unit_attention=login.on_ua, **login.options)
+        self.log.info("backend nexus %s,i,0x%012x -> %s (%s) open", self.host_initiator, login.isids[0],
+                      self.target_iqn, login.what)
         return session
 
     async def _open(self, b: Link) -> None:
         try:
             if b.closing is not None:
                 await asyncio.shield(b.closing)
-            # the backend down: its commands wait (HOLD_TIMEOUT) as a
-            # reconnecting session's do, then get BUSY, which guests retry
-            b.session = await _initiator.login_within(
-                lambda: self._open_session(b.port.isid, f"guest {b.key}", *self.link_callbacks(b),
-                                           lambda: self._verify_after_login(b.key), self.path_isids(b.key)),
-                HOLD_TIMEOUT, PERSISTENT,
-                lambda exc: self.log.warning("backend nexus for %s: %s; trying again", b.key, exc),
-            )
+            b.session = await _initiator.login_within(lambda: self._open_session(self.guest_login(b)),
+                                                      *self.first_login(b))
         except (IscsiError, OSError, TimeoutError) as exc:
-            self.log.error("cannot open backend nexus for %s: %s", b.key, exc)
-            self._do(self.open_failed(b))
+            self._do(self.open_failed(b, exc))
             return
         finally:
             b.opening = None
         self._do(self.opened(b))
-
-    async def _verify_after_login(self, key: str) -> None:
-        """Awaited by ``key``'s backend session after it logged in again,
-        before its held commands go (``BackendMonitor`` checks the PR state)."""
 
     async def _close_backend(self, b: Link) -> None:
         session = self.closing_started(b)
@@ -186,19 +150,7 @@ class BackendSessions(LinkTable):
         fut.add_done_callback(self._inflight.discard)
         return fut
 
-    # --------------------------------------------------- nexus events, TMFs
-    def nexus_lost(self, nexus: Nexus) -> None:
-        self._do(self.frontend_gone(nexus))
-
-    def reset(self, nexus: Nexus, cold: bool = False, target_reset: bool = False) -> None:
-        """A guest's LOGICAL UNIT / TARGET RESET: a LOGICAL UNIT RESET of the
-        backend LUN (the frontend refuses a target reset the backend does
-        not report, ``target_reset_supported``)."""
-        self._do(self.guest_tmf(nexus, guest_function(target_reset, cold)))
-
-    def clear_task_set(self, nexus: Nexus) -> None:
-        self._do(self.guest_tmf(nexus, TmfFunction.CLEAR_TASK_SET))
-
+    # ------------------------------------------------------------- TMFs
     async def _run_tmf(self, tmf: Tmf) -> None:
         b = self._backends[tmf.key]
         try:
@@ -214,5 +166,4 @@ class BackendSessions(LinkTable):
         return getattr(s, step.method)(*step.args, lun=self.lun)  # type: ignore[no-any-return]
 
 
-__all__ = ["Answer", "BackendSessions", "Connector", "Link", "chain", "map_answer", "on_answer", "on_outcome",
-           "settle", "submit_retrying"]
+__all__ = ["Answer", "BackendSessions", "Link", "submit_retrying"]

@@ -146,17 +146,21 @@ class VerifySchedule:
     """When the device verifies: one verification at a time, the wishes
     that come meanwhile coalesced into one more; after a failure, again on
     a backing-off timer (``Verification.next_retry``) unless another one is
-    wanted already. The shell runs the verifications and the timer (a
-    timer, not a task: a migration's ``drain`` does not wait for it)."""
+    wanted already. The shell runs the verifications and arms the timer for
+    ``retry_at`` (a timer, not a task: a migration's ``drain`` does not wait
+    for it); the clock is the shell's, given to ``failed``. A timer is
+    never cancelled: one that fires for a retry no longer armed (a
+    verification succeeded meanwhile, the device closed) does nothing
+    (``due``)."""
 
-    __slots__ = ("verification", "running", "again", "reason", "retry_armed")
+    __slots__ = ("verification", "running", "again", "reason", "retry_at")
 
     def __init__(self, verification: Verification) -> None:
         self.verification = verification
         self.running = False
         self.again = False
         self.reason = "unit attention"
-        self.retry_armed = False
+        self.retry_at: float | None = None  # when the armed retry is due (None: none armed)
 
     def want(self, reason: str) -> bool:
         """A verification is wanted: True when the shell starts running them."""
@@ -175,22 +179,33 @@ class VerifySchedule:
         self.running = False
         return None
 
-    def failed(self, coalescing: bool = False) -> float | None:
-        """A verification failed: the delay of the retry timer to arm (None:
-        armed already, or, ``coalescing``, another verification is wanted)."""
-        if (coalescing and self.again) or self.retry_armed:
+    def failed(self, coalescing: bool = False, now: float = 0.0) -> float | None:
+        """A verification failed at ``now``: the delay of the retry timer to
+        arm, for ``retry_at`` (None: armed already, or, ``coalescing``,
+        another verification is wanted)."""
+        if (coalescing and self.again) or self.retry_at is not None:
             return None
-        self.retry_armed = True
-        return self.verification.next_retry()
+        delay = self.verification.next_retry()
+        self.retry_at = now + delay
+        return delay
 
-    def due(self) -> None:
-        """The retry timer fired (then ``want`` the retry)."""
-        self.retry_armed = False
+    def due(self, at: float | None = None) -> bool:
+        """The retry timer armed for ``at`` (None: the armed one) fired:
+        True when that retry is still armed (then ``want`` the retry)."""
+        if self.retry_at is None or (at is not None and at != self.retry_at):
+            return False
+        self.retry_at = None
+        return True
 
     def succeeded(self) -> bool:
-        """A verification succeeded: True when the retry timer is to be cancelled."""
-        armed, self.retry_armed = self.retry_armed, False
+        """A verification succeeded: True when a retry was armed (it is not
+        any more: its timer does nothing when it fires)."""
+        armed, self.retry_at = self.retry_at is not None, None
         return armed
+
+    def stop(self) -> None:
+        """The device closes: no retry is armed any more."""
+        self.retry_at = None
 
 
 __all__ = [

@@ -71,6 +71,8 @@ from .initiator_core import (
     TextDone,
     TmfDone,
     UnitAttention,
+    describe_result,
+    link_state_of,
 )
 from .login import LoginError, SessionParams
 from .pdu import AsyncMessage, LoginStatus, TaskAttribute, TmfFunction, TmfResponse
@@ -97,7 +99,9 @@ __all__ = [
     "Session",
     "TmfError",
     "connect",
+    "describe_result",
     "discover",
+    "link_state_of",
 ]
 
 
@@ -117,23 +121,6 @@ class TmfError(IscsiError):
             name = f"0x{response:02x}"
         super().__init__(f"task management function failed: {name}")
         self.response = response
-
-
-def describe_result(result: Result) -> str:
-    """``GOOD`` / ``RESERVATION CONFLICT`` / ``CHECK CONDITION: ILLEGAL
-    REQUEST: INVALID FIELD IN CDB``."""
-    from ..scsi.sense import SenseDecodeError, decode_sense
-
-    try:
-        text = Status(result.status).name.replace("_", " ")
-    except ValueError:
-        text = f"status 0x{int(result.status):02x}"
-    if result.status == Status.CHECK_CONDITION:
-        try:
-            text += ": " + decode_sense(result.sense).describe()
-        except SenseDecodeError:
-            text += " (no valid sense data)"
-    return text
 
 
 _RECV_BUFFER = 256 * 1024
@@ -755,13 +742,6 @@ async def login_within(
             if failed == 1 and on_first_failure is not None:
                 on_first_failure(exc)
             await asyncio.sleep(delay)
-
-
-def link_state_of(session: object) -> dict[str, Any] | None:
-    """``Session.link_state()`` of ``session``; None for no session or an
-    object without one (a test's stand-in)."""
-    fn = getattr(session, "link_state", None)
-    return fn() if callable(fn) else None
 
 
 async def connect(

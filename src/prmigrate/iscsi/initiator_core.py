@@ -113,6 +113,28 @@ def sn_le(a: int, b: int) -> bool:
     return a == b or sn_lt(a, b)
 
 
+def describe_result(result: Result) -> str:
+    """``GOOD`` / ``RESERVATION CONFLICT`` / ``CHECK CONDITION: ILLEGAL
+    REQUEST: INVALID FIELD IN CDB``."""
+    try:
+        text = Status(result.status).name.replace("_", " ")
+    except ValueError:
+        text = f"status 0x{int(result.status):02x}"
+    if result.status == Status.CHECK_CONDITION:
+        try:
+            text += ": " + decode_sense(result.sense).describe()
+        except SenseDecodeError:
+            text += " (no valid sense data)"
+    return text
+
+
+def link_state_of(session: object) -> dict[str, Any] | None:
+    """``Session.link_state()`` of ``session``; None for no session or an
+    object without one (a test's stand-in)."""
+    fn = getattr(session, "link_state", None)
+    return fn() if callable(fn) else None
+
+
 # --------------------------------------------------------------------- errors
 
 

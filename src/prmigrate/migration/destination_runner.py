@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..device.identity import backend_port
 from ..device.passthrough import DeviceError
+from ..device.plans import command_plan, full_status_plan, keys_plan
 from ..iscsi.initiator import IscsiError, ScsiError, describe_result
 from ..scsi.cdb import CommandSupport, one_command_support, supports_service_action
 from ..scsi.constants import Opcode, PrOutAction, PrType, Status
@@ -154,7 +155,7 @@ class DestinationRunner(Runner):
         source's, each with its relative target port."""
         ports: dict[str, MovePort] = {}
         source_ports: dict[str, MovePort] = {}
-        r = await dev.monitor_command(supports_service_action(Opcode.PERSISTENT_RESERVE_OUT, PrOutAction.REGISTER_AND_MOVE), 64)
+        r = await dev.run(command_plan(supports_service_action(Opcode.PERSISTENT_RESERVE_OUT, PrOutAction.REGISTER_AND_MOVE), 64))
         support = one_command_support(bytes(r.data_in)) if r.status == Status.GOOD else None
         if support not in (CommandSupport.SUPPORTED, CommandSupport.SUPPORTED_VENDOR):
             self.log.info("backend REGISTER AND MOVE: not supported (REPORT SUPPORTED OPERATION CODES: %s)",
@@ -188,7 +189,7 @@ class DestinationRunner(Runner):
         """The relative target port identifier when REPORT TARGET PORT
         GROUPS (SPC-5 6.36) names exactly one target port in all its groups
         (then every nexus reaches the LUN through it); None otherwise."""
-        r = await dev.monitor_command(ReportTpgCdb.encode(1024), 1024)
+        r = await dev.run(command_plan(ReportTpgCdb.encode(1024), 1024))
         if r.status != Status.GOOD:
             return None
         try:
@@ -199,7 +200,7 @@ class DestinationRunner(Runner):
 
     async def _observe(self, dev: PassthroughDevice, snap: DeviceSnapshot) -> tuple[Observed, TargetTraits]:
         """The target's PR state as seen from here (outside the pause)."""
-        rfs = await dev.read_full_status()
+        rfs = await dev.run(full_status_plan(dev.verification, dev.log))
         self._rfs_entries = rfs.entries if rfs is not None else ()
         if rfs is not None:
             holders = [e for e in rfs.entries if e.holder]
@@ -233,7 +234,7 @@ class DestinationRunner(Runner):
         # attention (tgt reports POWER ON RESET on each) is retried there and
         # none meant for a guest is consumed.
         try:
-            keys, rr = await dev.read_keys_and_reservation()
+            keys, rr = await dev.run(keys_plan(dev.verification))
         except PrDecodeError as e:
             raise IscsiError(f"PR IN: {e}") from e
         except DeviceError as e:
