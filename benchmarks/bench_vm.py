@@ -95,11 +95,12 @@ def measure_move(g: Guest, go: Any) -> dict[str, Any]:
     time.sleep(SETTLE_S)
     w: dict[str, Any] = dict(g.mark())
     stall, after = g.stall_during(t0, t1)
-    conns = [] if g.connects is None else g.connects.between(t0, time.monotonic())
-    waits = [c.login_wait for c in conns if c.login_wait is not None]
+    t2 = time.monotonic()
+    conns = [] if g.connects is None else g.connects.between(t0, t2)
     answers = [c.answered - c.syn for c in conns if c.answered is not None]
     w.update(move=label, cli_s=t1 - t0, stall_s=stall, after_s=after,
-             login_wait_s=max(waits, default=None), syn_ack_s=max(answers, default=None))
+             login_wait_s=None if g.connects is None else g.connects.longest_login_wait(t0, t2),
+             syn_ack_s=max(answers, default=None))
     return w
 
 

@@ -26,7 +26,7 @@ def test_a_failure_arms_one_backing_off_retry() -> None:
     assert s.failed() is None  # armed already
     s.due()
     assert s.failed() == VERIFY_RETRY_FIRST * 2
-    assert s.succeeded() is True  # the timer is to be cancelled
+    assert s.succeeded() is True  # a retry was armed: its timer now does nothing
     assert s.succeeded() is False
     delays = []
     for _ in range(10):

@@ -380,19 +380,22 @@ class ConnectWatch:
         # Ethernet II, IPv4 (RFC 791), TCP (RFC 9293): the guest's frames and the SYN-ACKs to it
         if len(f) < 54 or f[12:14] != b"\x08\x00" or f[23] != 6:
             return
-        if f[30:34] == self._ip:  # to the guest: only a SYN-ACK matters
-            if f[14 + (f[14] & 0x0F) * 4 + 13] & 0x12 == 0x12:
-                self._syn_ack(t, f)
-            return
-        if f[26:30] != self._ip:
-            return
         ihl = (f[14] & 0x0F) * 4
-        total = struct.unpack_from("!H", f, 16)[0]
         tcp = 14 + ihl
         if len(f) < tcp + 14:
             return
         sport, dport = struct.unpack_from("!HH", f, tcp)
-        flags, payload = f[tcp + 13], total - ihl - (f[tcp + 12] >> 4) * 4
+        flags = f[tcp + 13]
+        if f[30:34] == self._ip:  # to the guest: only a SYN-ACK matters
+            if flags & 0x12 == 0x12:
+                with self._lock:
+                    c = self._open.get((f[26:30], sport, dport))
+                    if c is not None and c.answered is None:
+                        c.answered = t
+            return
+        if f[26:30] != self._ip:
+            return
+        payload = struct.unpack_from("!H", f, 16)[0] - ihl - (f[tcp + 12] >> 4) * 4
         key = (f[30:34], dport, sport)
         with self._lock:
             if flags & 0x12 == 0x02:  # SYN
@@ -409,17 +412,15 @@ class ConnectWatch:
                 c.first_data = t
                 del self._open[key]
 
-    def _syn_ack(self, t: float, f: bytes) -> None:
-        sport, dport = struct.unpack_from("!HH", f, 14 + (f[14] & 0x0F) * 4)
-        with self._lock:
-            c = self._open.get((f[26:30], sport, dport))
-            if c is not None and c.answered is None:
-                c.answered = t
-
     def between(self, start: float, end: float) -> list[Connect]:
         """The connections whose SYN went out between ``start`` and ``end``."""
         with self._lock:
             return [c for c in self.connects if start <= c.syn <= end]
+
+    def longest_login_wait(self, start: float, end: float) -> float | None:
+        """The longest ``login_wait`` of the connections opened between
+        ``start`` and ``end`` (None: none got that far)."""
+        return max((w for c in self.between(start, end) if (w := c.login_wait) is not None), default=None)
 
     def stop(self) -> None:
         self._stop = True

@@ -174,6 +174,13 @@ def _response_status(out: bytes, hd: bool) -> int:
     return out[3]
 
 
+def _one_block_write_size(s: WStream) -> int:
+    """The bytes of a one-block WRITE(10) on ``s``'s wire (built, not sent)."""
+    size = len(s.wcmd(write10(0, 1), block(0)))
+    s.cmdsn -= 1  # that one was not sent
+    return size
+
+
 @pytest.mark.parametrize("hd,dd", [(False, False), (True, False), (True, True)])
 def test_a_write_split_at_any_byte_is_taken_once_whole_and_reads_back(tmp_path: Path, hd: bool, dd: bool) -> None:
     """libiscsi sends a write's BHS and its data in two system calls, so a
@@ -183,8 +190,7 @@ def test_a_write_split_at_any_byte_is_taken_once_whole_and_reads_back(tmp_path: 
     gives its data back."""
     side = WSide(tmp_path, "split", True, hd, dd)
     s = WStream(hd, dd)
-    size = len(s.wcmd(write10(0, 1), block(0)))
-    s.cmdsn -= 1  # that one was not sent
+    size = _one_block_write_size(s)
     for k in range(1, size):
         data = block(k)
         wire = s.wcmd(write10(3, 1), data)
@@ -236,8 +242,7 @@ def test_a_relayed_write_split_at_any_byte_goes_on_once_whole(tmp_path: Path, hd
     unit = RelayingUnit()
     side.conn.luns[0] = unit  # type: ignore[index]
     s = WStream(hd, dd)
-    size = len(s.wcmd(write10(0, 1), block(0)))
-    s.cmdsn -= 1  # that one was not sent
+    size = _one_block_write_size(s)
     for k in range(1, size):
         data = block(k)
         wire = s.wcmd(write10(5, 1), data)
