@@ -1378,6 +1378,25 @@ async def test_verification_refused_by_another_hosts_scsi2_reservation_is_retrie
     await rig.close()
 
 
+@run
+async def test_closing_the_device_cancels_an_armed_verification_retry(tmp_path: Path) -> None:
+    """A retry armed after a failed verification waits in a background task
+    of the device: closing the device cancels it (nothing keeps the closed
+    device, and no verification runs after the close)."""
+    rig = Rig(tmp_path, fake=True)
+    await rig.start()
+    await rig.cmd(G1, bytes(6))
+    assert rig.lu.execute(rig.other, RESERVE6).good  # the verification's READ FULL STATUS conflicts
+    rig.dev.snooper.state.mark_unverified(rig.dev.snooper.key_of(G1))
+    rig.dev.want_verify("test")
+    await rig.dev.drain()
+    assert rig.dev.verify_retry_at is not None and len(rig.dev._bg) == 1  # the retry's wait
+    await rig.close()
+    await asyncio.sleep(0)
+    assert len(rig.dev._bg) == 0 and rig.dev.verify_retry_at is None
+    assert rig.dev._verifying is None
+
+
 @pytest.mark.parametrize("fake", [True, False], ids=["fake", "iscsi"])
 @run
 async def test_pr_out_not_journaled_is_not_forwarded(tmp_path: Path, fake: bool, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]

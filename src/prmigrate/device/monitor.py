@@ -7,8 +7,8 @@ attention meant for the guest. Unit attentions met here are the monitor's
 own: retried (``UaRetry``) and dropped. What to read and what the answers
 mean is decided by the plans (``plans.py``) and ``verify.Verification``,
 when to verify by ``verify.VerifySchedule``, what is learnt by the core
-(``verified``, ``verify_failed``); this module sends, and arms the retry
-timer.
+(``verified``, ``verify_failed``); this module sends, and waits out the
+retry's delay.
 """
 
 from __future__ import annotations
@@ -105,13 +105,15 @@ class BackendMonitor(BackendSessions):
         return link_state_of(self._monitor)
 
     def _retry_verify_later(self, coalescing: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        delay = None if self._closed else self.schedule.failed(coalescing, loop.time())
-        if delay is not None:
+        now = asyncio.get_running_loop().time()
+        if (delay := None if self._closed else self.schedule.failed(coalescing, now)) is not None:
             self.log.info("verifying again in %.1f s", delay)
-            loop.call_later(delay, self._retry_due, self.schedule.retry_at)
+            self._bg.spawn(self._retry_after(delay, self.schedule.retry_at))
 
-    def _retry_due(self, at: float | None) -> None:
+    async def _retry_after(self, delay: float, at: float | None) -> None:
+        """The retry's wait: a background task (closing the device cancels
+        it; a migration's ``drain`` does not wait for it)."""
+        await asyncio.sleep(delay)
         if self.schedule.due(at):
             self.want_verify("retry after a failed verification")
 

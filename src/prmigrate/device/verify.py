@@ -146,12 +146,11 @@ class VerifySchedule:
     """When the device verifies: one verification at a time, the wishes
     that come meanwhile coalesced into one more; after a failure, again on
     a backing-off timer (``Verification.next_retry``) unless another one is
-    wanted already. The shell runs the verifications and arms the timer for
-    ``retry_at`` (a timer, not a task: a migration's ``drain`` does not wait
-    for it); the clock is the shell's, given to ``failed``. A timer is
-    never cancelled: one that fires for a retry no longer armed (a
-    verification succeeded meanwhile, the device closed) does nothing
-    (``due``)."""
+    wanted already. The shell runs the verifications and waits until
+    ``retry_at`` (in a background task that closing the device cancels and
+    a migration's ``drain`` does not wait for); the clock is the shell's,
+    given to ``failed``. A wait that ends for a retry no longer armed (a
+    verification succeeded meanwhile) does nothing (``due``)."""
 
     __slots__ = ("verification", "running", "again", "reason", "retry_at")
 
