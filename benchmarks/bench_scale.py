@@ -23,7 +23,10 @@ Parts (``--part``):
     touches no PR state). The measurement runs in rounds; each round times
     every command on every target in turn, and each figure is the best
     round (a busy machine's preemptions only add, and they hit every column
-    alike). The same commands are also timed on the engine alone
+    alike). Every process runs on one CPU (``--no-pin``: where the
+    scheduler puts them): at QD1 a wake-up across CPUs costs tens of
+    microseconds here, and the target that happened to share the client's
+    CPU would otherwise be faster in every column. The same commands are also timed on the engine alone
     (``lun.pr.ReservationTable`` in this process, no transport), where a
     scan over the registrants would show plainly. Gate: REGISTER at 10,000
     registrants takes at most 1.5x its time at 100, over iSCSI and on the
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -324,6 +328,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=400, help="commands timed per figure (default 400)")
     p.add_argument("--sessions", type=int, default=32,
                    help="registered sessions logged in besides the measuring ones, per target (default 32)")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="pr: leave the processes where the scheduler puts them (default: all on one CPU)")
     args = p.parse_args()
     if args.part == "moves":
         if not 1 <= args.devices <= 200:
@@ -336,6 +342,16 @@ def main() -> int:
         p.error(f"counts start at {MEASURING_SESSIONS} (the measuring sessions); --repeat at least 2")
     if not 0 <= args.sessions <= 256:
         p.error("--sessions is 0..256 (the sessions stay bounded)")
+    if args.pin:
+        # every target and this client on one CPU, inherited by the target
+        # processes: at QD1 a wake-up across CPUs costs tens of microseconds
+        # on a virtual machine, and which target the scheduler happens to put
+        # on the client's CPU would otherwise decide its column (seen: a
+        # target 1.5-2x slower on TEST UNIT READY, a command that reads no
+        # PR state, in one run and not the next)
+        cpu = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
+        print(f"all processes on CPU {cpu} (--no-pin: where the scheduler puts them)")
     return part_pr(counts, args.repeat, args.sessions)
 
 
