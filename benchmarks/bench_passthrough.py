@@ -34,6 +34,10 @@ does that socket work and all of the device's on top.
 run from another source tree (the code before a change), in front of the
 same target, and its CPU per read and per write is printed next to this
 tree's.
+``--pin one``: every process on one CPU; ``--pin split``: the daemons and
+the relay on one CPU, the target and the clients on another (the default,
+``none``, leaves them where the scheduler puts them; the write/read ratio
+moves with how many wake-ups cross CPUs).
 ``--metrics``: instead, two host daemons in front of the same ``prmigrate
 target``, one with ``--metrics`` (scraped every ``--scrape-interval`` s
 while iscsi-perf runs through it), alternating rounds; prints the IOPS of
@@ -328,6 +332,14 @@ def baseline(work: Path, direct: str, args: argparse.Namespace) -> Iterator[tupl
         yield got
 
 
+def place(pids: tuple[int, ...], cpu: int) -> None:
+    """Every thread of each of ``pids`` (-1: not running) on ``cpu``."""
+    for pid in pids:
+        if pid >= 0:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {cpu})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("prm", "tgt", "both"), default="prm")
@@ -341,6 +353,10 @@ def main() -> int:
     ap.add_argument("--metrics", action="store_true",
                     help="only compare a daemon with --metrics (scraped) against one without")
     ap.add_argument("--scrape-interval", type=float, default=1.0, metavar="S")
+    ap.add_argument("--pin", choices=("none", "one", "split"), default="none",
+                    help="where the processes run: none: where the scheduler puts them; one: all on one"
+                         " CPU; split: the daemons and the relay on one CPU, the target and the clients"
+                         " on another")
     ap.add_argument("--baseline-src", metavar="DIR",
                     help="also run qemu-img bench through a second daemon from another source tree"
                          " (e.g. a checkout of the code before a change), in front of the same target")
@@ -351,8 +367,16 @@ def main() -> int:
     if shutil.which("iscsi-perf") is None:
         print("iscsi-perf not found (apt-get install libiscsi-bin)", file=sys.stderr)
         return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin == "split" and len(cpus) < 2:
+        print("--pin split needs two CPUs", file=sys.stderr)
+        return 2
+    if args.pin != "none":  # the target and the clients inherit it
+        os.sched_setaffinity(0, {cpus[0]})
     poll = f", busy-polling {args.poll_us} us before sleeping" if args.poll_us else ""
-    print(f"{os.cpu_count()} CPUs; 4 KiB random reads; daemon on {'uvloop' if args.uvloop else 'asyncio'}{poll}")
+    where = {"none": "", "one": f"; every process on CPU {cpus[0]}",
+             "split": f"; daemons and relay on CPU {cpus[-1]}, target and clients on CPU {cpus[0]}"}[args.pin]
+    print(f"{os.cpu_count()} CPUs; 4 KiB random reads; daemon on {'uvloop' if args.uvloop else 'asyncio'}{poll}{where}")
     with tempfile.TemporaryDirectory(prefix="prm-bench-") as tmp:
         work = Path(tmp)
         if args.metrics:
@@ -368,6 +392,8 @@ def main() -> int:
                     host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \
                     tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid), \
                     baseline(work, direct, args) as (base, bpid):
+                if args.pin == "split":
+                    place((hpid, rpid, bpid), cpus[-1])
                 bench("backend: prmigrate target", direct, via, relay,
                       {"target": tpid, "daemon": hpid, "relay": rpid, "baseline": bpid}, args.seconds,
                       args.rounds, base)
@@ -379,6 +405,8 @@ def main() -> int:
                     host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \
                     tcp_relay(direct, args.uvloop, args.poll_us) as (relay, rpid), \
                     baseline(work, direct, args) as (base, bpid):
+                if args.pin == "split":
+                    place((hpid, rpid, bpid), cpus[-1])
                 bench("backend: tgt", direct, via, relay,
                       {"target": tpid, "daemon": hpid, "relay": rpid, "baseline": bpid}, args.seconds,
                       args.rounds, base)
