@@ -343,12 +343,8 @@ def main() -> int:
     if not 0 <= args.sessions <= 256:
         p.error("--sessions is 0..256 (the sessions stay bounded)")
     if args.pin:
-        # every target and this client on one CPU, inherited by the target
-        # processes: at QD1 a wake-up across CPUs costs tens of microseconds
-        # on a virtual machine, and which target the scheduler happens to put
-        # on the client's CPU would otherwise decide its column (seen: a
-        # target 1.5-2x slower on TEST UNIT READY, a command that reads no
-        # PR state, in one run and not the next)
+        # this client and, inheriting it, every target on one CPU (why: the
+        # module docstring, part ``pr``)
         cpu = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})
         print(f"all processes on CPU {cpu} (--no-pin: where the scheduler puts them)")

@@ -100,10 +100,10 @@ def measure_move(g: Guest, go: Any) -> dict[str, Any]:
     t2 = time.monotonic()
     conns = [] if g.connects is None else g.connects.between(t0, t2)
     answers = [c.answered - c.syn for c in conns if c.answered is not None]
-    waits = [c.login_wait for c in conns if c.login_wait is not None]
+    waits = None if g.connects is None else g.connects.login_waits(t0, t2)
     w.update(move=label, cli_s=t1 - t0, stall_s=stall, after_s=after,
-             login_wait_s=None if g.connects is None else g.connects.longest_login_wait(t0, t2),
-             waits_s=None if g.connects is None else sum(waits),
+             login_wait_s=None if waits is None else max(waits, default=None),
+             waits_s=None if waits is None else sum(waits),
              syn_ack_s=max(answers, default=None))
     return w
 

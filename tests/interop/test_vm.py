@@ -113,9 +113,9 @@ def move_and_measure(c: ProcCluster, g: Guest, moves: int = len(MOVES)) -> list[
         w = settle(g)
         w["stall_us"] = int(g.stall_during(t0, t1)[0] * 1e6)
         if g.connects is not None:  # how long the guest sat on its new connections before its logins
-            t2 = time.monotonic()
-            w["login_wait_us"] = int((g.connects.longest_login_wait(t0, t2) or 0.0) * 1e6)
-            w["waits_us"] = int(sum(c.login_wait or 0.0 for c in g.connects.between(t0, t2)) * 1e6)
+            waits = g.connects.login_waits(t0, time.monotonic())
+            w["login_wait_us"] = int(max(waits, default=0.0) * 1e6)
+            w["waits_us"] = int(sum(waits) * 1e6)
         windows.append(w)
         assert w["errors"] == 0 and w["mismatches"] == 0, (src, dst, w, g.console_tail())
         assert w["ops"] > 0, (src, dst, w)

@@ -417,10 +417,11 @@ class ConnectWatch:
         with self._lock:
             return [c for c in self.connects if start <= c.syn <= end]
 
-    def longest_login_wait(self, start: float, end: float) -> float | None:
-        """The longest ``login_wait`` of the connections opened between
-        ``start`` and ``end`` (None: none got that far)."""
-        return max((w for c in self.between(start, end) if (w := c.login_wait) is not None), default=None)
+    def login_waits(self, start: float, end: float) -> list[float]:
+        """The ``login_wait`` of each connection opened between ``start``
+        and ``end`` that got that far (its longest is the one to mark, their
+        sum what the guest itself spent of a move)."""
+        return [w for c in self.between(start, end) if (w := c.login_wait) is not None]
 
     def stop(self) -> None:
         self._stop = True
