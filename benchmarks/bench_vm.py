@@ -20,13 +20,15 @@ through its console), and the latency of the command that followed it
 minus the guest's median latency (the added latency of its first command
 after the move). The yardstick, same run, same guest: the same measure over
 an interval as long as the move, with no move (what TCG on this machine
-costs anyway), and the median latency. For the open-iscsi guest also the
-longest time it sat on a new, established TCP connection before sending its
-Login Request (seen on its tap): iscsid polls a connect for 1 ms and, when
-the handshake took longer (under TCG on a busy host it now and then does),
-looks again only at its next 1 s alarm; such a move is marked, and the
-summary gives the stall less those waits (what is left of it once the
-guest's own connect polling is taken out) next to the stall.
+costs anyway), and the median latency. The open-iscsi guest's QEMU runs
+ahead of the host's other processes (``--guest-nice``, default -10; 0 runs
+it as they run), and for it also the longest time it sat on a new,
+established TCP connection before sending its Login Request (seen on its
+tap): iscsid polls a connect for 1 ms and, when the handshake took longer
+(under TCG on a busy host it now and then does), looks again only at its
+next 1 s alarm; such a move is marked, and the summary gives the stall
+less those waits (what is left of it once the guest's own connect polling
+is taken out) next to the stall.
 
 ``--pull`` adds the libiscsi VM migrated by QEMU itself (QMP ``migrate`` to
 a QEMU started with ``-incoming`` on the destination host's URL of an
@@ -38,7 +40,8 @@ the pull), the added latency of its first command there, and QEMU's own
 downtime figure of the switchover (query-migrate), next to the pushed
 moves of the same guest.
 
-    python benchmarks/bench_vm.py [--moves 4] [--guest both|libiscsi|open-iscsi] [--pull] [--json]
+    python benchmarks/bench_vm.py [--moves 4] [--guest both|libiscsi|open-iscsi] [--pull]
+                                  [--guest-nice -10] [--json]
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from tests.interop.vm import (  # noqa: E402
     BOOT_TIMEOUT,
     GUEST_IQN,
     GUEST_KEY,
+    OPEN_ISCSI_NICE,
     Guest,
     guest_image,
     open_iscsi_guest,
@@ -122,32 +126,36 @@ def measure_quiet(g: Guest, length: float) -> dict[str, Any]:
     return w
 
 
-def run_guest(kind: str, image: Path, moves: int) -> dict[str, Any]:
-    starter = libiscsi_guest if kind == "libiscsi" else open_iscsi_guest
-    with tempfile.TemporaryDirectory(prefix=f"bench-vm-{kind}-") as d, starter(image, Path(d)) as (c, g):
-        g.wait("ready", BOOT_TIMEOUT)
-        g.wait("io")
-        for _ in range(3):
-            g.mark()
-        hosts = ["hosta", "hostb"]
-        moved, quiet = [], []
-        for i in range(moves):
-            src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+def run_guest(kind: str, image: Path, moves: int, nice: int = OPEN_ISCSI_NICE) -> dict[str, Any]:
+    """``nice``: the open-iscsi guest's QEMU (the libiscsi VM's runs at 0)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-vm-{kind}-") as d:
+        started = (libiscsi_guest(image, Path(d)) if kind == "libiscsi"
+                   else open_iscsi_guest(image, Path(d), nice))
+        with started as (c, g):
+            g.wait("ready", BOOT_TIMEOUT)
+            g.wait("io")
+            for _ in range(3):
+                g.mark()
+            hosts = ["hosta", "hostb"]
+            moved, quiet = [], []
+            for i in range(moves):
+                src, dst = hosts[i % 2], hosts[(i + 1) % 2]
 
-            def go(src: str = src, dst: str = dst) -> str:
-                rc, text = asyncio.run(c.migrate(src, dst))
-                if rc != 0:
-                    raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
-                return f"{src} -> {dst}"
+                def go(src: str = src, dst: str = dst) -> str:
+                    rc, text = asyncio.run(c.migrate(src, dst))
+                    if rc != 0:
+                        raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
+                    return f"{src} -> {dst}"
 
-            moved.append(measure_move(g, go))
-            quiet.append(measure_quiet(g, moved[-1]["cli_s"]))
-        bad = [w for w in moved + quiet if w["errors"] or w["mismatches"] or not w["ops"]]
-        if bad:
-            raise RuntimeError(f"{kind}: I/O errors, mismatches or no I/O: {bad}\n{g.console_tail()}")
+                moved.append(measure_move(g, go))
+                quiet.append(measure_quiet(g, moved[-1]["cli_s"]))
+            bad = [w for w in moved + quiet if w["errors"] or w["mismatches"] or not w["ops"]]
+            if bad:
+                raise RuntimeError(f"{kind}: I/O errors, mismatches or no I/O: {bad}\n{g.console_tail()}")
     median = statistics.median(w["median_us"] for w in quiet) / 1e6
     return {
         "guest": kind,
+        "qemu_nice": nice if kind == "open-iscsi" else 0,
         # stall_ms 0.0: no gap of 20 ms or more began during the move
         "moves": [{"move": w["move"], "stall_ms": w["stall_s"] * 1000,
                    "first_after_ms": None if w["after_s"] is None else w["after_s"] * 1000,
@@ -221,6 +229,8 @@ def report(results: list[dict[str, Any]]) -> str:
         stalls = [m["stall_ms"] for m in r["moves"]]
         added = [m["added_first_ms"] for m in r["moves"] if m["added_first_ms"] is not None]
         how = ("VM migrated by QEMU, device pulled" if r.get("kind") == "pulled" else "pushed moves")
+        if r.get("qemu_nice"):
+            how += f", its QEMU at nice {r['qemu_nice']}"
         lines.append(f"== {r['guest']} guest ({how}; median I/O latency {r['median_latency_ms']:.2f} ms, "
                      f"{r['ops_per_s_quiet']} completions/s)")
         for m in r["moves"]:
@@ -255,13 +265,16 @@ def main() -> int:
     ap.add_argument("--guest", choices=["both", "libiscsi", "open-iscsi"], default="both")
     ap.add_argument("--pull", action="store_true",
                     help="also the libiscsi VM migrated by QEMU, its device pulled by an incoming device")
+    ap.add_argument("--guest-nice", type=int, default=OPEN_ISCSI_NICE,
+                    help="the open-iscsi guest's QEMU's nice value (default %(default)s: ahead of the "
+                         "daemons, the target and the CLI; 0: as they are)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.moves < 1:
         ap.error("--moves must be at least 1")
     image = guest_image()  # outside the network namespace: the build downloads packages
     kinds = ["libiscsi", "open-iscsi"] if a.guest == "both" else [a.guest]
-    results = [run_guest(k, image, a.moves) for k in kinds]
+    results = [run_guest(k, image, a.moves, a.guest_nice) for k in kinds]
     if a.pull:
         results.append(run_pulled(image, a.moves))
     print(json.dumps(results, indent=2) if a.json else report(results))
