@@ -40,8 +40,11 @@ the pull), the added latency of its first command there, and QEMU's own
 downtime figure of the switchover (query-migrate), next to the pushed
 moves of the same guest.
 
+``--tap-only`` counts just those waits over many moves: the open-iscsi
+guest alone, its moves back to back, no I/O stall measured.
+
     python benchmarks/bench_vm.py [--moves 4] [--guest both|libiscsi|open-iscsi] [--pull]
-                                  [--guest-nice -10] [--json]
+                                  [--guest-nice -10] [--tap-only] [--json]
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ from tests.interop.vm import (  # noqa: E402
 from tests.interop.vm_migration import VmRun, start_cluster  # noqa: E402
 
 SETTLE_S = 1.5  # each window: the move (or nothing) and this long after it
+TAP_ONLY_GAP_S = 0.4  # --tap-only: between one move's end and the next
 
 
 @contextlib.contextmanager
@@ -219,6 +223,48 @@ def run_pulled(image: Path, moves: int) -> dict[str, Any]:
     }
 
 
+def run_connects(image: Path, moves: int, nice: int) -> dict[str, Any]:
+    """``--tap-only``: the open-iscsi guest's moves back to back (each
+    TAP_ONLY_GAP_S after the last), counting from its tap only: per TCP
+    connection it opened, the end of its handshake after the host's SYN-ACK
+    and iscsid's wait before its Login Request, 900 ms or more being its
+    1 s alarm."""
+    with tempfile.TemporaryDirectory(prefix="bench-vm-tap-") as d, \
+            open_iscsi_guest(image, Path(d), nice) as (c, g):
+        assert g.connects is not None
+        g.wait("ready", BOOT_TIMEOUT)
+        g.wait("io")
+        t0 = time.monotonic()
+        for i in range(moves):
+            src, dst = ("hosta", "hostb")[i % 2], ("hostb", "hosta")[i % 2]
+            rc, text = asyncio.run(c.migrate(src, dst))
+            if rc != 0:
+                raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
+            time.sleep(TAP_ONLY_GAP_S)
+        time.sleep(SETTLE_S)
+        conns = [x for x in g.connects.between(t0, time.monotonic())
+                 if x.answered is not None and x.established is not None and x.login_wait is not None]
+    hs = sorted((x.established - x.answered) * 1000 for x in conns)  # type: ignore[operator]
+    waits = [x.login_wait * 1000 for x in conns]  # type: ignore[operator]
+    return {"guest": "open-iscsi", "kind": "tap-only", "qemu_nice": nice, "moves": moves,
+            "connections": len(conns), "alarms": sum(1 for w in waits if w >= 900),
+            "handshake_ms": {"median": statistics.median(hs), "p99": hs[min(len(hs) - 1, int(len(hs) * 0.99))],
+                             "max": hs[-1], "over_1ms": sum(1 for h in hs if h > 1.0)},
+            "login_wait_ms": {"median": statistics.median(waits),
+                              "max_without_alarm": max((w for w in waits if w < 900), default=None)}}
+
+
+def report_connects(r: dict[str, Any]) -> str:
+    h, w = r["handshake_ms"], r["login_wait_ms"]
+    return (f"== open-iscsi guest, its tap only (moves back to back; its QEMU at nice {r['qemu_nice']})\n"
+            f"  {r['moves']} moves; connections that met iscsid's 1 s alarm: "
+            f"{r['alarms']} of {r['connections']}\n"
+            f"  the guest's handshake after the host's SYN-ACK: median {h['median']:.2f} ms, "
+            f"99th percentile {h['p99']:.2f} ms, max {h['max']:.2f} ms ({h['over_1ms']} over 1 ms)\n"
+            f"  iscsid's wait before its Login Request: median {w['median']:.2f} ms, "
+            f"max {_ms(w['max_without_alarm'], '.2f')} ms without the alarm")
+
+
 def _ms(v: float | None, fmt: str = "6.2f") -> str:
     return "   n/a" if v is None else format(v, fmt)
 
@@ -268,11 +314,18 @@ def main() -> int:
     ap.add_argument("--guest-nice", type=int, default=OPEN_ISCSI_NICE,
                     help="the open-iscsi guest's QEMU's nice value (default %(default)s: ahead of the "
                          "daemons, the target and the CLI; 0: as they are)")
+    ap.add_argument("--tap-only", action="store_true",
+                    help="only the open-iscsi guest, its moves back to back, counted from its tap: "
+                         "its handshakes and iscsid's waits before its logins (no I/O stall measured)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.moves < 1:
         ap.error("--moves must be at least 1")
     image = guest_image()  # outside the network namespace: the build downloads packages
+    if a.tap_only:
+        r = run_connects(image, a.moves, a.guest_nice)
+        print(json.dumps(r, indent=2) if a.json else report_connects(r))
+        return 0
     kinds = ["libiscsi", "open-iscsi"] if a.guest == "both" else [a.guest]
     results = [run_guest(k, image, a.moves, a.guest_nice) for k in kinds]
     if a.pull:
