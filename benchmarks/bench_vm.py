@@ -242,12 +242,14 @@ def run_connects(image: Path, moves: int, nice: int) -> dict[str, Any]:
                 raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
             time.sleep(TAP_ONLY_GAP_S)
         time.sleep(SETTLE_S)
-        conns = [x for x in g.connects.between(t0, time.monotonic())
-                 if x.answered is not None and x.established is not None and x.login_wait is not None]
-    hs = sorted((x.established - x.answered) * 1000 for x in conns)  # type: ignore[operator]
-    waits = [x.login_wait * 1000 for x in conns]  # type: ignore[operator]
+        seen = [((x.established - x.answered) * 1000, w * 1000) for x in g.connects.between(t0, time.monotonic())
+                if x.answered is not None and x.established is not None and (w := x.login_wait) is not None]
+    if not seen:
+        raise RuntimeError("no connection of the guest's was seen on its tap")
+    hs = sorted(h for h, _ in seen)
+    waits = [w for _, w in seen]
     return {"guest": "open-iscsi", "kind": "tap-only", "qemu_nice": nice, "moves": moves,
-            "connections": len(conns), "alarms": sum(1 for w in waits if w >= 900),
+            "connections": len(seen), "alarms": sum(1 for w in waits if w >= 900),
             "handshake_ms": {"median": statistics.median(hs), "p99": hs[min(len(hs) - 1, int(len(hs) * 0.99))],
                              "max": hs[-1], "over_1ms": sum(1 for h in hs if h > 1.0)},
             "login_wait_ms": {"median": statistics.median(waits),

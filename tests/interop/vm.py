@@ -41,10 +41,11 @@ BOOT_TIMEOUT = 90.0  # TCG on a loaded 2-core machine: the boot takes 3-10 s
 # The open-iscsi guest's QEMU runs ahead of the host's other processes. Its
 # TCP handshakes are emulated (TCG), and iscsid polls a new connection's
 # connect for 1 ms and, when it is not done by then, looks again only at its
-# next 1 s alarm: at nice 0, a handshake held up while the daemons, the
-# target and the CLI take both cores meets that alarm in about 1 move of
-# 120 on a quiet machine, and in 1 of 6-12 beside two CPU-bound processes.
-# (Under KVM a handshake takes microseconds.)
+# next 1 s alarm. A handshake held up while other work takes both cores
+# meets that alarm: beside two CPU-bound processes 1 connection in 13 at
+# nice 0, 1 in 74 at this value; with nothing else running, 1 in 450-900 at
+# either (bench_vm.py --tap-only, README "VM moves"). Under KVM a handshake
+# takes microseconds.
 OPEN_ISCSI_NICE = -10
 
 
