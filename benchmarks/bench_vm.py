@@ -69,6 +69,7 @@ from tests.interop.vm import (  # noqa: E402
     BOOT_TIMEOUT,
     GUEST_IQN,
     GUEST_KEY,
+    ISCSID_ALARM_S,
     OPEN_ISCSI_NICE,
     Guest,
     guest_image,
@@ -76,6 +77,7 @@ from tests.interop.vm import (  # noqa: E402
 )
 from tests.interop.vm_migration import VmRun, start_cluster  # noqa: E402
 
+ALARM_MS = ISCSID_ALARM_S * 1000
 SETTLE_S = 1.5  # each window: the move (or nothing) and this long after it
 TAP_ONLY_GAP_S = 0.4  # --tap-only: between one move's end and the next
 
@@ -93,6 +95,16 @@ def libiscsi_guest(image: Path, workdir: Path) -> Iterator[tuple[ProcCluster, Gu
     finally:
         g.stop()
         c.stop()
+
+
+def push(c: ProcCluster, i: int) -> str:
+    """Move ``i`` of a run with ``prmigrate migrate``: A -> B when ``i`` is
+    even, B -> A when it is odd; its label."""
+    src, dst = ("hosta", "hostb")[i % 2], ("hostb", "hosta")[i % 2]
+    rc, text = asyncio.run(c.migrate(src, dst))
+    if rc != 0:
+        raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
+    return f"{src} -> {dst}"
 
 
 def measure_move(g: Guest, go: Any) -> dict[str, Any]:
@@ -140,18 +152,9 @@ def run_guest(kind: str, image: Path, moves: int, nice: int = OPEN_ISCSI_NICE) -
             g.wait("io")
             for _ in range(3):
                 g.mark()
-            hosts = ["hosta", "hostb"]
             moved, quiet = [], []
             for i in range(moves):
-                src, dst = hosts[i % 2], hosts[(i + 1) % 2]
-
-                def go(src: str = src, dst: str = dst) -> str:
-                    rc, text = asyncio.run(c.migrate(src, dst))
-                    if rc != 0:
-                        raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
-                    return f"{src} -> {dst}"
-
-                moved.append(measure_move(g, go))
+                moved.append(measure_move(g, lambda i=i: push(c, i)))
                 quiet.append(measure_quiet(g, moved[-1]["cli_s"]))
             bad = [w for w in moved + quiet if w["errors"] or w["mismatches"] or not w["ops"]]
             if bad:
@@ -227,7 +230,7 @@ def run_connects(image: Path, moves: int, nice: int) -> dict[str, Any]:
     """``--tap-only``: the open-iscsi guest's moves back to back (each
     TAP_ONLY_GAP_S after the last), counting from its tap only: per TCP
     connection it opened, the end of its handshake after the host's SYN-ACK
-    and iscsid's wait before its Login Request, 900 ms or more being its
+    and iscsid's wait before its Login Request, ALARM_MS or more being its
     1 s alarm."""
     with tempfile.TemporaryDirectory(prefix="bench-vm-tap-") as d, \
             open_iscsi_guest(image, Path(d), nice) as (c, g):
@@ -236,10 +239,7 @@ def run_connects(image: Path, moves: int, nice: int) -> dict[str, Any]:
         g.wait("io")
         t0 = time.monotonic()
         for i in range(moves):
-            src, dst = ("hosta", "hostb")[i % 2], ("hostb", "hosta")[i % 2]
-            rc, text = asyncio.run(c.migrate(src, dst))
-            if rc != 0:
-                raise RuntimeError(f"migrate {src} -> {dst} failed:\n{text}")
+            push(c, i)
             time.sleep(TAP_ONLY_GAP_S)
         time.sleep(SETTLE_S)
         seen = [((x.established - x.answered) * 1000, w * 1000) for x in g.connects.between(t0, time.monotonic())
@@ -249,11 +249,11 @@ def run_connects(image: Path, moves: int, nice: int) -> dict[str, Any]:
     hs = sorted(h for h, _ in seen)
     waits = [w for _, w in seen]
     return {"guest": "open-iscsi", "kind": "tap-only", "qemu_nice": nice, "moves": moves,
-            "connections": len(seen), "alarms": sum(1 for w in waits if w >= 900),
+            "connections": len(seen), "alarms": sum(1 for w in waits if w >= ALARM_MS),
             "handshake_ms": {"median": statistics.median(hs), "p99": hs[min(len(hs) - 1, int(len(hs) * 0.99))],
                              "max": hs[-1], "over_1ms": sum(1 for h in hs if h > 1.0)},
             "login_wait_ms": {"median": statistics.median(waits),
-                              "max_without_alarm": max((w for w in waits if w < 900), default=None)}}
+                              "max_without_alarm": max((w for w in waits if w < ALARM_MS), default=None)}}
 
 
 def report_connects(r: dict[str, Any]) -> str:
@@ -287,7 +287,7 @@ def report(results: list[dict[str, Any]]) -> str:
                          f"{_ms(m['first_after_ms'])} ms (+{_ms(m['added_first_ms'], '.2f')} ms)"
                          + (f"   QEMU downtime {m['qemu_downtime_ms']} ms" if "qemu_downtime_ms" in m else "")
                          + (f"   SYN-ACK {_ms(m['syn_ack_ms'], '.2f')} ms, login {m['login_wait_ms']:.0f} ms after the handshake"
-                            + (" [iscsid's 1 s alarm]" if m["login_wait_ms"] >= 900 else "")
+                            + (" [iscsid's 1 s alarm]" if m["login_wait_ms"] >= ALARM_MS else "")
                             if m["login_wait_ms"] is not None else ""))
         stalls = [st or 20.0 for st in stalls]  # "< 20" counted as 20
         lines.append(f"  stall per move (< 20 counted as 20): median {statistics.median(stalls):.1f} ms, "
@@ -296,7 +296,7 @@ def report(results: list[dict[str, Any]]) -> str:
                      f"{_ms(statistics.median(added) if added else None, '.2f')} ms")
         less = [m["stall_less_waits_ms"] or 20.0 for m in r["moves"] if m.get("login_wait_ms") is not None]
         if less:
-            slow = sum(1 for m in r["moves"] if (m["login_wait_ms"] or 0) >= 900)
+            slow = sum(1 for m in r["moves"] if (m["login_wait_ms"] or 0) >= ALARM_MS)
             lines.append(f"  stall less iscsid's waits on its established connections (< 20 counted as 20): "
                          f"median {statistics.median(less):.1f} ms, max {max(less):.1f} ms; "
                          f"moves with iscsid's 1 s alarm: {slow} of {len(r['moves'])}")

@@ -47,6 +47,9 @@ BOOT_TIMEOUT = 90.0  # TCG on a loaded 2-core machine: the boot takes 3-10 s
 # either (bench_vm.py --tap-only, README "VM moves"). Under KVM a handshake
 # takes microseconds.
 OPEN_ISCSI_NICE = -10
+# A Connect.login_wait this long or longer is iscsid's 1 s alarm (its other
+# waits are milliseconds).
+ISCSID_ALARM_S = 0.9
 
 
 def guest_image() -> Path:
