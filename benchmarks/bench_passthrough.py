@@ -34,6 +34,14 @@ does that socket work and all of the device's on top.
 run from another source tree (the code before a change), in front of the
 same target, and its CPU per read and per write is printed next to this
 tree's.
+``--qemu-rounds N``: only the qemu-img part, N rounds (reads first in even
+rounds, writes first in odd ones), for the CPU per write / per read figure
+with a 95 % bootstrap interval over the rounds; no iscsi-perf runs.
+``--loop-rounds N``: only the daemon, reads at QD16, 24 and 32 and writes
+at QD32 and 64 (``qemu-img bench``), its CPU per request against its event
+loop iterations per request (``epoll_wait`` calls, counted by ``perf
+stat``), and the least-squares line through the reads' points: whether a
+write costs more than a read at the same iterations per request.
 ``--pin one``: every process on one CPU; ``--pin split``: the daemons and
 the relay on one CPU, the target and the clients on another (the default,
 ``none``, leaves them where the scheduler puts them; the write/read ratio
@@ -53,6 +61,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -200,13 +209,26 @@ class Measured:
         self.cpu["guest"] = (children_cpu() - guest) / ios
 
 
+def ratio_interval(pairs: list[tuple[float, float]], resamples: int = 4000) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of median(second) / median(first)
+    over ``pairs`` (one per round, resampled whole so that a round's read and
+    write stay together); seeded, so the same rounds give the same interval."""
+    rng = random.Random(15)
+    n = len(pairs)
+    got = sorted(
+        statistics.median(pairs[i][1] for i in pick) / statistics.median(pairs[i][0] for i in pick)
+        for pick in ([rng.randrange(n) for _ in range(n)] for _ in range(resamples)))
+    return got[int(0.025 * resamples)], got[int(0.975 * resamples) - 1]
+
+
 def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], seconds: int,
-          rounds: int, base: str | None = None) -> None:
+          rounds: int, base: str | None = None, qemu_rounds: int | None = None) -> None:
     print(f"\n{name}\n  direct:   {direct}\n  via host: {via}\n  relay:    {relay}")
-    print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}"
-          f" {'relay IOPS':>11} {'ratio':>7}")
     cores = os.cpu_count() or 1
-    for qd in (1, 32):
+    if qemu_rounds is None:
+        print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}"
+              f" {'relay IOPS':>11} {'ratio':>7}")
+    for qd in (1, 32) if qemu_rounds is None else ():
         d: list[Measured] = []
         v: list[Measured] = []
         r: list[Measured] = []
@@ -242,18 +264,20 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
         return
     # a second client, and writes: qemu-img bench (QEMU's libiscsi driver);
     # the daemon's and the relay's CPU per request from the same runs. Each
-    # round runs every process's reads and then its writes back to back, so
-    # a change of the machine's load falls on both halves of a round's
-    # write/read ratio, printed per round as well as from the medians.
+    # round runs every process's reads and its writes back to back (reads
+    # first in even rounds, writes first in odd ones, so that neither half
+    # always follows the other), so a change of the machine's load falls on
+    # both halves of a round's write/read ratio, printed per round as well
+    # as from the medians, with a bootstrap interval over the rounds.
     count = 100000
     runs: dict[str, dict[bool, list[tuple[float, float]]]] = {}  # who -> write -> [(IOPS, CPU s per request)]
     targets: dict[bool, list[float]] = {False: [], True: []}
     who_urls = [("direct", direct, "target"), ("via", via, "daemon"), ("relay", relay, "relay")]
     if base is not None:
         who_urls.append(("base", base, "baseline"))
-    for _ in range(rounds):
+    for n in range(rounds if qemu_rounds is None else qemu_rounds):
         for who, url, proc in who_urls:
-            for write in (False, True):
+            for write in (False, True) if n % 2 == 0 else (True, False):
                 before = process_cpu(pids[proc])
                 iops = qemu_img_bench(url, write, count, initiator=PERF_IQN)
                 cpu_s = (process_cpu(pids[proc]) - before) / count
@@ -268,8 +292,13 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
         return 1e6 * statistics.median(r[1] for r in runs[who][write])
 
     def per_round(who: str) -> str:
-        ratios = [w[1] / r[1] for r, w in zip(runs[who][False], runs[who][True], strict=True)]
-        return f"{min(ratios):.2f}-{max(ratios):.2f}x per round"
+        pairs = [(r[1], w[1]) for r, w in zip(runs[who][False], runs[who][True], strict=True)]
+        ratios = [w / r for r, w in pairs]
+        text = f"{min(ratios):.2f}-{max(ratios):.2f}x per round"
+        if len(pairs) >= 5:
+            lo, hi = ratio_interval(pairs)
+            text += f", median of rounds {statistics.median(ratios):.2f}x, 95 % interval {lo:.2f}-{hi:.2f}x"
+        return text
 
     share: dict[bool, float] = {}
     for write in (False, True):
@@ -293,6 +322,60 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
               f" {bw:.1f} us ({bw / br:.2f}x, {per_round('base')}); qemu-img reads"
               f" {bs[False]:.1f}%, writes {bs[True]:.1f}% of direct"
               f" ({bs[True] - bs[False]:+.1f} points)", flush=True)
+
+
+# (write, queue depth) of the loop-count runs: reads at three depths span the
+# loop iterations per request that writes at QD32 and QD64 give
+LOOP_POINTS = ((False, 16), (False, 24), (False, 32), (True, 32), (True, 64))
+
+
+def counted_bench(url: str, pid: int, write: bool, qd: int, count: int = 100000) -> tuple[float, float, float]:
+    """``qemu-img bench`` on ``url`` with ``perf stat`` counting the
+    daemon's (``pid``) ``epoll_wait`` calls: (IOPS, CPU seconds per request,
+    epoll_wait calls, that is, event loop iterations, per request)."""
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "syscalls:sys_enter_epoll_wait", "-p", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # perf attached before the first request
+        before = process_cpu(pid)
+        iops = qemu_img_bench(url, write, count, qd=qd, initiator=PERF_IQN)
+        cpu_s = (process_cpu(pid) - before) / count
+    finally:
+        perf.send_signal(signal.SIGINT)
+        _, err = perf.communicate(timeout=30)
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].endswith("epoll_wait") and fields[0].isdigit():
+            return iops, cpu_s, int(fields[0]) / count
+    raise RuntimeError(f"perf stat gave no epoll_wait count: {err[-300:]}")
+
+
+def bench_loops(via: str, pid: int, rounds: int) -> None:
+    """The daemon's CPU per request against its event loop iterations per
+    request, for reads and writes at several queue depths (``LOOP_POINTS``),
+    and the least-squares line through the reads': if a write cost more than
+    a read at the same iterations per request, the writes would sit above
+    it."""
+    got: dict[tuple[bool, int], list[tuple[float, float, float]]] = {pt: [] for pt in LOOP_POINTS}
+    rng = random.Random(15)
+    for _ in range(rounds):
+        for pt in rng.sample(LOOP_POINTS, len(LOOP_POINTS)):
+            got[pt].append(counted_bench(via, pid, *pt))
+    print(f"\n  daemon CPU per request against its event loop iterations (epoll_wait) per request,"
+          f" qemu-img bench 4 KiB through the host, {rounds} rounds (medians):")
+    med = {pt: tuple(statistics.median(r[k] for r in rs) for k in range(3)) for pt, rs in got.items()}
+    reads = [m for (write, _), m in med.items() if not write]
+    xs = [m[2] for m in reads]
+    ys = [1e6 * m[1] for m in reads]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    base = my - slope * mx
+    for (write, qd), (iops, cpu_s, loops) in med.items():
+        fit = base + slope * loops
+        print(f"    {'writes' if write else 'reads '} QD{qd:<3} {iops:>8.0f} IOPS  {loops:.3f} iterations per request"
+              f" ({1 / loops:.1f} requests each)  {1e6 * cpu_s:5.1f} us per request"
+              f" (reads' line {fit:5.1f} us, {1e6 * cpu_s - fit:+.1f})", flush=True)
+    print(f"    the reads' line: {base:.1f} us per request + {slope:.0f} us per iteration", flush=True)
 
 
 def bench_metrics(off: str, on: str, metrics: str, pids: dict[str, int], seconds: int, rounds: int,
@@ -357,10 +440,22 @@ def main() -> int:
                     help="where the processes run: none: where the scheduler puts them; one: all on one"
                          " CPU; split: the daemons and the relay on one CPU, the target and the clients"
                          " on another")
+    ap.add_argument("--qemu-rounds", type=int, metavar="N",
+                    help="only the qemu-img bench part (the CPU per write / per read gate), N rounds,"
+                         " with a bootstrap interval of the ratios; no iscsi-perf runs")
+    ap.add_argument("--loop-rounds", type=int, metavar="N",
+                    help="only the daemon's CPU per request against its event loop iterations per request"
+                         " (counted with perf stat), reads at QD16/24/32 and writes at QD32/64, N rounds")
     ap.add_argument("--baseline-src", metavar="DIR",
                     help="also run qemu-img bench through a second daemon from another source tree"
                          " (e.g. a checkout of the code before a change), in front of the same target")
     args = ap.parse_args()
+    if args.qemu_rounds is not None and args.qemu_rounds < 1:
+        print("--qemu-rounds needs at least one round", file=sys.stderr)
+        return 2
+    if args.loop_rounds is not None and (args.loop_rounds < 1 or shutil.which("perf") is None):
+        print("--loop-rounds needs at least one round and perf (apt-get install linux-perf)", file=sys.stderr)
+        return 2
     if args.poll_us and (args.uvloop or args.target_uvloop):
         print("--poll-us needs the asyncio loop, not uvloop", file=sys.stderr)
         return 2
@@ -387,6 +482,12 @@ def main() -> int:
                 bench_metrics(off, on, addr, {"off": opid, "on": npid}, args.seconds, args.rounds,
                               args.scrape_interval)
             return 0
+        if args.loop_rounds is not None:
+            with prm_target(work, args.target_uvloop, args.poll_us) as (direct, tpid), \
+                    host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid):
+                qemu_img_bench(via, False, 20000, initiator=PERF_IQN)  # warm
+                bench_loops(via, hpid, args.loop_rounds)
+            return 0
         if args.backend in ("prm", "both"):
             with prm_target(work, args.target_uvloop, args.poll_us) as (direct, tpid), \
                     host_daemon(work, direct, args.uvloop, args.poll_us) as (via, hpid), \
@@ -396,7 +497,7 @@ def main() -> int:
                     place((hpid, rpid, bpid), cpus[-1])
                 bench("backend: prmigrate target", direct, via, relay,
                       {"target": tpid, "daemon": hpid, "relay": rpid, "baseline": bpid}, args.seconds,
-                      args.rounds, base)
+                      args.rounds, base, args.qemu_rounds)
         if args.backend in ("tgt", "both"):
             if shutil.which("tgtd") is None:
                 print("tgtd not found (apt-get install tgt)", file=sys.stderr)
@@ -409,7 +510,7 @@ def main() -> int:
                     place((hpid, rpid, bpid), cpus[-1])
                 bench("backend: tgt", direct, via, relay,
                       {"target": tpid, "daemon": hpid, "relay": rpid, "baseline": bpid}, args.seconds,
-                      args.rounds, base)
+                      args.rounds, base, args.qemu_rounds)
     return 0
 
 
