@@ -6,6 +6,8 @@ directly against the same target, in the same run.
     python benchmarks/bench_passthrough.py --backend tgt    # tgtd backend
     python benchmarks/bench_passthrough.py --backend both --seconds 10 --uvloop
     python benchmarks/bench_passthrough.py --poll-us 50     # target and daemon busy-poll
+    python benchmarks/bench_passthrough.py --qemu-rounds 30 # the write/read CPU gate, with an interval
+    python benchmarks/bench_passthrough.py --loop-rounds 10 # CPU per request against loop iterations (perf)
 
 For each backend it starts the target and a ``prmigrate host`` daemon with
 one device in front of it (all on 127.0.0.x), then runs ``iscsi-perf -r``
