@@ -41,8 +41,8 @@ rounds, writes first in odd ones), for the CPU per write / per read figure
 with a 95 % bootstrap interval over the rounds; no iscsi-perf runs.
 ``--loop-rounds N``: only the daemon, reads at QD16, 24 and 32 and writes
 at QD32 and 64 (``qemu-img bench``), its CPU per request against its event
-loop iterations per request (``epoll_wait`` calls, counted by ``perf
-stat``), and the least-squares line through the reads' points: whether a
+loop iterations per request (``epoll_wait`` and ``epoll_pwait`` calls,
+counted by ``perf stat``), and the least-squares line through the reads' points: whether a
 write costs more than a read at the same iterations per request.
 ``--pin one``: every process on one CPU; ``--pin split``: the daemons and
 the relay on one CPU, the target and the clients on another (the default,
@@ -329,14 +329,16 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
 # (write, queue depth) of the loop-count runs: reads at three depths span the
 # loop iterations per request that writes at QD32 and QD64 give
 LOOP_POINTS = ((False, 16), (False, 24), (False, 32), (True, 32), (True, 64))
+EPOLL_CALLS = ("epoll_wait", "epoll_pwait")
 
 
 def counted_bench(url: str, pid: int, write: bool, qd: int, count: int = 100000) -> tuple[float, float, float]:
     """``qemu-img bench`` on ``url`` with ``perf stat`` counting the
-    daemon's (``pid``) ``epoll_wait`` calls: (IOPS, CPU seconds per request,
-    epoll_wait calls, that is, event loop iterations, per request)."""
-    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "syscalls:sys_enter_epoll_wait", "-p", str(pid)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    daemon's (``pid``) ``epoll_wait`` and ``epoll_pwait`` calls (asyncio's
+    loop makes the first, uvloop's the second): (IOPS, CPU seconds per
+    request, those calls, that is, event loop iterations, per request)."""
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", ",".join(f"syscalls:sys_enter_{c}" for c in EPOLL_CALLS),
+                             "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.3)  # perf attached before the first request
         before = process_cpu(pid)
@@ -345,11 +347,11 @@ def counted_bench(url: str, pid: int, write: bool, qd: int, count: int = 100000)
     finally:
         perf.send_signal(signal.SIGINT)
         _, err = perf.communicate(timeout=30)
-    for line in err.splitlines():
-        fields = line.split(",")
-        if len(fields) > 2 and fields[2].endswith("epoll_wait") and fields[0].isdigit():
-            return iops, cpu_s, int(fields[0]) / count
-    raise RuntimeError(f"perf stat gave no epoll_wait count: {err[-300:]}")
+    calls = [int(f[0]) for f in (line.split(",") for line in err.splitlines())
+             if len(f) > 2 and f[2].rpartition("sys_enter_")[2] in EPOLL_CALLS and f[0].isdigit()]
+    if len(calls) != len(EPOLL_CALLS):
+        raise RuntimeError(f"perf stat gave no epoll counts: {err[-300:]}")
+    return iops, cpu_s, sum(calls) / count
 
 
 def bench_loops(via: str, pid: int, rounds: int) -> None:
@@ -363,7 +365,7 @@ def bench_loops(via: str, pid: int, rounds: int) -> None:
     for _ in range(rounds):
         for pt in rng.sample(LOOP_POINTS, len(LOOP_POINTS)):
             got[pt].append(counted_bench(via, pid, *pt))
-    print(f"\n  daemon CPU per request against its event loop iterations (epoll_wait) per request,"
+    print(f"\n  daemon CPU per request against its event loop iterations (epoll_wait, epoll_pwait) per request,"
           f" qemu-img bench 4 KiB through the host, {rounds} rounds (medians):")
     med = {pt: tuple(statistics.median(r[k] for r in rs) for k in range(3)) for pt, rs in got.items()}
     reads = [m for (write, _), m in med.items() if not write]
