@@ -225,12 +225,20 @@ def ratio_interval(pairs: list[tuple[float, float]], resamples: int = 4000) -> t
 
 def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], seconds: int,
           rounds: int, base: str | None = None, qemu_rounds: int | None = None) -> None:
+    """The iscsi-perf reads, then the qemu-img reads and writes (only the
+    latter, ``qemu_rounds`` rounds of them, when that is given)."""
     print(f"\n{name}\n  direct:   {direct}\n  via host: {via}\n  relay:    {relay}")
-    cores = os.cpu_count() or 1
     if qemu_rounds is None:
-        print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}"
-              f" {'relay IOPS':>11} {'ratio':>7}")
-    for qd in (1, 32) if qemu_rounds is None else ():
+        bench_reads(direct, via, relay, pids, seconds, rounds)
+    bench_qemu_img(direct, via, relay, pids, rounds if qemu_rounds is None else qemu_rounds, base)
+
+
+def bench_reads(direct: str, via: str, relay: str, pids: dict[str, int], seconds: int, rounds: int) -> None:
+    """iscsi-perf reads at QD1 and QD32: IOPS, and at QD32 each process's CPU per I/O."""
+    print(f"  {'queue depth':<12} {'direct IOPS':>12} {'via host IOPS':>14} {'ratio':>7}"
+          f" {'relay IOPS':>11} {'ratio':>7}")
+    cores = os.cpu_count() or 1
+    for qd in (1, 32):
         d: list[Measured] = []
         v: list[Measured] = []
         r: list[Measured] = []
@@ -261,6 +269,12 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
         print(f"  byte relay (tcp_relay.py, no iSCSI work): relay {us(r, 'relay'):.1f} us per I/O,"
               f" ceiling {cores * 1e6 / relay_sum:.0f} IOPS ({100 * direct_sum / relay_sum:.0f}% of direct);"
               f" the daemon moved {100 * mv / mr:.0f}% of the relay's IOPS", flush=True)
+
+
+def bench_qemu_img(direct: str, via: str, relay: str, pids: dict[str, int], rounds: int,
+                   base: str | None) -> None:
+    """qemu-img bench reads and writes at QD32, ``rounds`` rounds: IOPS as
+    a share of direct, and the daemon's and the relay's CPU per request."""
     if shutil.which("qemu-img") is None:
         print("  (qemu-img not found: no write figures; apt-get install qemu-utils qemu-block-extra)")
         return
@@ -277,7 +291,7 @@ def bench(name: str, direct: str, via: str, relay: str, pids: dict[str, int], se
     who_urls = [("direct", direct, "target"), ("via", via, "daemon"), ("relay", relay, "relay")]
     if base is not None:
         who_urls.append(("base", base, "baseline"))
-    for n in range(rounds if qemu_rounds is None else qemu_rounds):
+    for n in range(rounds):
         for who, url, proc in who_urls:
             for write in (False, True) if n % 2 == 0 else (True, False):
                 before = process_cpu(pids[proc])
